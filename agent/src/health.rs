@@ -1,0 +1,183 @@
+//! Health checks: each check in an app's policy must pass, and keep passing
+//! for `min_healthy_time`, before `healthy_deadline` runs out.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use convoy_common::spec::{CheckKind, HealthCheck, HealthPolicy};
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::time::{sleep, timeout, Instant};
+
+use crate::systemd::Systemd;
+
+/// A check's verdict, with the reason an operator reads.
+pub type Verdict = Result<String, String>;
+
+/// Restart counts taken right after the restart, so that a unit systemd
+/// restarts on its own during the window counts as unhealthy.
+pub type RestartBaseline = HashMap<String, u32>;
+
+pub async fn baseline(systemd: &Systemd, policy: &HealthPolicy) -> RestartBaseline {
+    let mut out = HashMap::new();
+    for c in &policy.checks {
+        if let CheckKind::Systemd { unit } = &c.kind {
+            if let Ok(s) = systemd.state(unit).await {
+                if let Some(n) = s.n_restarts {
+                    out.insert(unit.clone(), n);
+                }
+            }
+        }
+    }
+    out
+}
+
+pub async fn run_check(systemd: &Systemd, check: &HealthCheck, base: &RestartBaseline) -> Verdict {
+    let what = check.kind.describe();
+    match timeout(check.timeout, run_inner(systemd, &check.kind, base)).await {
+        Ok(v) => v,
+        Err(_) => Err(format!("{what}: no answer within {:?}", check.timeout)),
+    }
+}
+
+async fn run_inner(systemd: &Systemd, kind: &CheckKind, base: &RestartBaseline) -> Verdict {
+    match kind {
+        CheckKind::Http {
+            url,
+            expect_status,
+            body_contains,
+        } => http_check(url, *expect_status, body_contains.as_deref()).await,
+        CheckKind::Systemd { unit } => {
+            let s = systemd
+                .state(unit)
+                .await
+                .map_err(|e| format!("systemd {unit}: {e}"))?;
+            if s.active != "active" {
+                return Err(format!(
+                    "systemd {unit}: ActiveState is {} ({})",
+                    s.active, s.sub
+                ));
+            }
+            if let (Some(now), Some(before)) = (s.n_restarts, base.get(unit)) {
+                if now != *before {
+                    return Err(format!(
+                        "systemd {unit}: restarted by systemd {} time(s) during the check window",
+                        now - before
+                    ));
+                }
+            }
+            Ok(format!("systemd {unit}: active"))
+        }
+    }
+}
+
+async fn http_check(url: &str, expect: u16, body_contains: Option<&str>) -> Verdict {
+    let err = |m: String| format!("http {url}: {m}");
+    let uri: hyper::Uri = url.parse().map_err(|e| err(format!("bad URL: {e}")))?;
+    let host = uri
+        .host()
+        .ok_or_else(|| err("URL has no host".into()))?
+        .to_owned();
+    let port = uri.port_u16().unwrap_or(80);
+    let stream = TcpStream::connect((host.as_str(), port))
+        .await
+        .map_err(|e| err(format!("connect: {e}")))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| err(format!("handshake: {e}")))?;
+    tokio::spawn(conn);
+    let req = hyper::Request::get(uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"))
+        .header(hyper::header::HOST, format!("{host}:{port}"))
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| err(e.to_string()))?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| err(format!("request: {e}")))?;
+    let status = resp.status().as_u16();
+    if status != expect {
+        return Err(err(format!("status {status}, expected {expect}")));
+    }
+    if let Some(needle) = body_contains {
+        let body = Limited::new(resp.into_body(), 64 * 1024)
+            .collect()
+            .await
+            .map_err(|e| err(format!("reading body: {e}")))?
+            .to_bytes();
+        if !String::from_utf8_lossy(&body).contains(needle) {
+            return Err(err(format!("body does not contain {needle:?}")));
+        }
+    }
+    Ok(format!("http {url}: {status}"))
+}
+
+/// Waits until every check passes continuously for `min_healthy_time`;
+/// fails with the last reason once `healthy_deadline` passes. `progress`
+/// hears each change of verdict.
+pub async fn wait_healthy(
+    systemd: &Systemd,
+    policy: &HealthPolicy,
+    base: &RestartBaseline,
+    mut progress: impl FnMut(&Verdict),
+) -> Verdict {
+    let start = Instant::now();
+    let deadline = start + policy.healthy_deadline;
+    let tick = policy
+        .checks
+        .iter()
+        .map(|c| c.interval)
+        .min()
+        .unwrap_or(Duration::from_millis(500));
+    let mut healthy_since: Option<Instant> = None;
+    let mut last: Option<Verdict> = None;
+    loop {
+        let mut verdict: Verdict = Ok(String::new());
+        let mut passed = Vec::new();
+        for c in &policy.checks {
+            match run_check(systemd, c, base).await {
+                Ok(m) => passed.push(m),
+                Err(m) => {
+                    verdict = Err(m);
+                    break;
+                }
+            }
+        }
+        if verdict.is_ok() {
+            verdict = Ok(if passed.is_empty() {
+                "no health checks declared".to_owned()
+            } else {
+                passed.join("; ")
+            });
+        }
+        let now = Instant::now();
+        match &verdict {
+            Ok(_) => {
+                let since = *healthy_since.get_or_insert(now);
+                if now - since >= policy.min_healthy_time {
+                    return Ok(format!(
+                        "{} (healthy for {:?})",
+                        verdict.unwrap_or_default(),
+                        policy.min_healthy_time
+                    ));
+                }
+            }
+            Err(_) => healthy_since = None,
+        }
+        if last.as_ref() != Some(&verdict) {
+            progress(&verdict);
+            last = Some(verdict.clone());
+        }
+        if now >= deadline {
+            return Err(match verdict {
+                Err(m) => format!("{m} (deadline {:?} passed)", policy.healthy_deadline),
+                Ok(_) => format!(
+                    "healthy, but not for min_healthy_time {:?} before the deadline {:?}",
+                    policy.min_healthy_time, policy.healthy_deadline
+                ),
+            });
+        }
+        sleep(tick.min(deadline - now)).await;
+    }
+}

@@ -1,0 +1,261 @@
+//! The on-host layout under the state directory, and each app's journal.
+//!
+//! ```text
+//! <state_dir>/apps/<app>/releases/<version>/   complete, verified trees
+//! <state_dir>/apps/<app>/meta/<version>.json   digest of each release
+//! <state_dir>/apps/<app>/staging/              partial downloads and unpacks
+//! <state_dir>/apps/<app>/journal.json          current, previous, in-flight op
+//! <state_dir>/unreported.json                  results no controller has seen
+//! ```
+//!
+//! The journal is replaced atomically and fsynced before every step of an
+//! activation, so that after a crash `recover` knows exactly what to undo.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use convoy_common::fsutil;
+use convoy_common::ops::{AppStatus, Health, OpReport};
+use convoy_common::spec::InstallSpec;
+use convoy_common::{AppName, Digest, Version};
+use serde::{Deserialize, Serialize};
+
+/// How far an in-flight activation got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Fetching and unpacking; nothing live has changed.
+    Staging,
+    /// About to switch or switched: the install path may point at `to`.
+    Switched,
+    /// Putting `from` back.
+    Restoring,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Inflight {
+    pub op_id: String,
+    pub from: Option<Version>,
+    pub to: Version,
+    pub phase: Phase,
+    pub spec: InstallSpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Journal {
+    pub current: Option<Version>,
+    pub previous: Option<Version>,
+    pub last_known_good: Option<Version>,
+    pub health: Health,
+    pub health_reason: String,
+    /// The spec the current release was activated with.
+    pub spec: Option<InstallSpec>,
+    pub inflight: Option<Inflight>,
+    pub last_op: Option<OpReport>,
+}
+
+impl Default for Journal {
+    fn default() -> Self {
+        Self {
+            current: None,
+            previous: None,
+            last_known_good: None,
+            health: Health::Unknown,
+            health_reason: String::new(),
+            spec: None,
+            inflight: None,
+            last_op: None,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ReleaseMeta {
+    pub digest: Digest,
+    pub size: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path}: corrupt journal: {source}")]
+    Corrupt {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+fn io_at(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Store {
+    root: PathBuf,
+}
+
+/// Paths of one app.
+#[derive(Debug, Clone)]
+pub struct AppDirs {
+    pub releases: PathBuf,
+    pub meta: PathBuf,
+    pub staging: PathBuf,
+    pub journal: PathBuf,
+}
+
+impl AppDirs {
+    pub fn release(&self, v: &Version) -> PathBuf {
+        self.releases.join(v.as_str())
+    }
+    fn meta_file(&self, v: &Version) -> PathBuf {
+        self.meta.join(format!("{v}.json"))
+    }
+}
+
+impl Store {
+    pub fn open(root: &Path) -> Result<Self, StoreError> {
+        fs::create_dir_all(root.join("apps")).map_err(io_at(root))?;
+        Ok(Self {
+            root: root.to_owned(),
+        })
+    }
+
+    pub fn app(&self, app: &AppName) -> AppDirs {
+        let root = self.root.join("apps").join(app.as_str());
+        AppDirs {
+            releases: root.join("releases"),
+            meta: root.join("meta"),
+            staging: root.join("staging"),
+            journal: root.join("journal.json"),
+        }
+    }
+
+    /// Creates an app's directories; idempotent.
+    pub fn ensure_app(&self, app: &AppName) -> Result<AppDirs, StoreError> {
+        let d = self.app(app);
+        for p in [&d.releases, &d.meta, &d.staging] {
+            fs::create_dir_all(p).map_err(io_at(p))?;
+        }
+        Ok(d)
+    }
+
+    pub fn apps(&self) -> Result<Vec<AppName>, StoreError> {
+        let dir = self.root.join("apps");
+        let mut out = Vec::new();
+        for e in fs::read_dir(&dir).map_err(io_at(&dir))? {
+            let e = e.map_err(io_at(&dir))?;
+            if let Some(name) = e.file_name().to_str().and_then(|n| AppName::new(n).ok()) {
+                out.push(name);
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    pub fn load_journal(&self, app: &AppName) -> Result<Journal, StoreError> {
+        let path = self.app(app).journal;
+        match fs::read(&path) {
+            Ok(data) => {
+                serde_json::from_slice(&data).map_err(|source| StoreError::Corrupt { path, source })
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Journal::default()),
+            Err(e) => Err(io_at(&path)(e)),
+        }
+    }
+
+    /// Durably replaces the journal (write, fsync, rename, fsync dir).
+    pub fn save_journal(&self, app: &AppName, j: &Journal) -> Result<(), StoreError> {
+        let d = self.ensure_app(app)?;
+        let data = serde_json::to_vec_pretty(j).expect("journal serialises");
+        fsutil::write_atomic(&d.journal, &data, 0o600).map_err(io_at(&d.journal))
+    }
+
+    pub fn releases(&self, app: &AppName) -> Vec<Version> {
+        let dir = self.app(app).releases;
+        let mut out: Vec<Version> = fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().and_then(|n| Version::new(n).ok()))
+            .collect();
+        out.sort();
+        out
+    }
+
+    pub fn release_meta(&self, app: &AppName, v: &Version) -> Option<ReleaseMeta> {
+        let path = self.app(app).meta_file(v);
+        serde_json::from_slice(&fs::read(path).ok()?).ok()
+    }
+
+    pub fn write_release_meta(
+        &self,
+        app: &AppName,
+        v: &Version,
+        m: &ReleaseMeta,
+    ) -> Result<(), StoreError> {
+        let path = self.app(app).meta_file(v);
+        let data = serde_json::to_vec(m).expect("meta serialises");
+        fsutil::write_atomic(&path, &data, 0o644).map_err(io_at(&path))
+    }
+
+    pub fn status(&self, app: &AppName) -> Result<AppStatus, StoreError> {
+        let j = self.load_journal(app)?;
+        Ok(AppStatus {
+            app: app.clone(),
+            current: j.current,
+            previous: j.previous,
+            last_known_good: j.last_known_good,
+            releases: self.releases(app),
+            health: j.health,
+            health_reason: j.health_reason,
+            inflight_op: j.inflight.map(|i| i.op_id),
+        })
+    }
+
+    pub fn all_status(&self) -> Vec<AppStatus> {
+        self.apps()
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|a| self.status(a).ok())
+            .collect()
+    }
+
+    fn unreported_path(&self) -> PathBuf {
+        self.root.join("unreported.json")
+    }
+
+    /// Remembers a result no controller has acknowledged (bounded).
+    pub fn push_unreported(&self, report: &OpReport) -> Result<(), StoreError> {
+        let mut all = self.read_unreported();
+        all.retain(|r| r.op_id != report.op_id);
+        all.push(report.clone());
+        let keep = all.len().saturating_sub(32);
+        all.drain(..keep);
+        let path = self.unreported_path();
+        fsutil::write_atomic(&path, &serde_json::to_vec(&all).expect("serialises"), 0o600)
+            .map_err(io_at(&path))
+    }
+
+    fn read_unreported(&self) -> Vec<OpReport> {
+        fs::read(self.unreported_path())
+            .ok()
+            .and_then(|d| serde_json::from_slice(&d).ok())
+            .unwrap_or_default()
+    }
+
+    /// The latest results, repeated in every hello so that none is lost
+    /// to a dropped session; the controller ignores those it has seen.
+    pub fn unreported(&self) -> Vec<OpReport> {
+        self.read_unreported()
+    }
+}

@@ -1,0 +1,18 @@
+//! Domain types and logic shared by the agent and the controller: names,
+//! digests, app specs, the artifact format and its safe extraction, peer
+//! identities, and the shape of operations and their reports.
+//!
+//! Architecture invariant: this crate knows nothing about gRPC. It depends
+//! on neither tonic nor prost; wire types are converted at the edge.
+#![forbid(unsafe_code)]
+
+pub mod archive;
+pub mod digest;
+pub mod fsutil;
+pub mod identity;
+pub mod names;
+pub mod ops;
+pub mod spec;
+
+pub use digest::Digest;
+pub use names::{AppName, HostName, Version};

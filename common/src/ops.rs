@@ -1,0 +1,160 @@
+//! Operations an agent performs for the controller, the events it streams
+//! while doing them, and the reports it ends them with.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::digest::Digest;
+use crate::names::{AppName, Version};
+use crate::spec::InstallSpec;
+
+/// Activate `version` of an app: stage, back up, switch, restart, check,
+/// then commit or restore.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActivateCommand {
+    pub op_id: String,
+    pub spec: InstallSpec,
+    pub version: Version,
+    pub digest: Digest,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Health {
+    Unknown,
+    Healthy,
+    Unhealthy,
+}
+
+/// One app's state on one host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppStatus {
+    pub app: AppName,
+    pub current: Option<Version>,
+    pub previous: Option<Version>,
+    pub last_known_good: Option<Version>,
+    pub releases: Vec<Version>,
+    pub health: Health,
+    pub health_reason: String,
+    pub inflight_op: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    Started,
+    Succeeded,
+    Failed,
+    Info,
+}
+
+/// The steps of an activation, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Step {
+    Stage,
+    Backup,
+    Switch,
+    Restart,
+    Check,
+    Commit,
+    Restore,
+    Recover,
+}
+
+impl Step {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Step::Stage => "stage",
+            Step::Backup => "backup",
+            Step::Switch => "switch",
+            Step::Restart => "restart",
+            Step::Check => "check",
+            Step::Commit => "commit",
+            Step::Restore => "restore",
+            Step::Recover => "recover",
+        }
+    }
+}
+
+impl fmt::Display for Step {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Step {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "stage" => Step::Stage,
+            "backup" => Step::Backup,
+            "switch" => Step::Switch,
+            "restart" => Step::Restart,
+            "check" => Step::Check,
+            "commit" => Step::Commit,
+            "restore" => Step::Restore,
+            "recover" => Step::Recover,
+            other => return Err(format!("unknown step {other:?}")),
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepEvent {
+    pub op_id: String,
+    pub app: AppName,
+    pub step: Step,
+    pub kind: EventKind,
+    pub message: String,
+    pub at_unix_ms: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Succeeded,
+    /// Failed; the previous release was restored and is healthy.
+    FailedRestored,
+    /// Failed, and the restore failed too: the host needs attention.
+    FailedRestoreFailed,
+    /// Refused before anything was touched (busy, bad input, digest).
+    Refused,
+}
+
+impl Outcome {
+    pub fn is_success(self) -> bool {
+        self == Outcome::Succeeded
+    }
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Outcome::Succeeded => "succeeded",
+            Outcome::FailedRestored => "failed, previous release restored",
+            Outcome::FailedRestoreFailed => "failed, and restoring the previous release failed",
+            Outcome::Refused => "refused",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpReport {
+    pub op_id: String,
+    pub app: AppName,
+    pub version: Version,
+    pub outcome: Outcome,
+    pub reason: String,
+    pub restore_detail: String,
+    pub state: AppStatus,
+}
+
+pub fn now_unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,374 @@
+//! App specs: how an app is installed, restarted and checked on a host, and
+//! which environments it moves through. Written by operators as TOML on the
+//! controller; the install part travels to agents with every activation.
+
+use std::collections::BTreeMap;
+use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::names::{AppName, InvalidName};
+
+/// The default ordered environments.
+pub const DEFAULT_ENVIRONMENTS: [&str; 3] = ["development", "staging", "production"];
+
+/// What the agent needs to install and check one app.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstallSpec {
+    pub app: AppName,
+    /// Always resolves to one complete release (a symlink convoy owns).
+    pub install_path: PathBuf,
+    /// systemd units restarted on every switch, in order.
+    pub units: Vec<String>,
+    pub health: HealthPolicy,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthPolicy {
+    pub checks: Vec<HealthCheck>,
+    /// Every check must stay passing this long...
+    pub min_healthy_time: Duration,
+    /// ...before this deadline, counted from the restart.
+    pub healthy_deadline: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthCheck {
+    pub kind: CheckKind,
+    pub interval: Duration,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CheckKind {
+    /// GET `url`; passes on `expect_status` and, if set, a body containing
+    /// `body_contains`.
+    Http {
+        url: String,
+        expect_status: u16,
+        body_contains: Option<String>,
+    },
+    /// The unit is active.
+    Systemd { unit: String },
+}
+
+impl CheckKind {
+    pub fn describe(&self) -> String {
+        match self {
+            CheckKind::Http { url, .. } => format!("http {url}"),
+            CheckKind::Systemd { unit } => format!("systemd {unit}"),
+        }
+    }
+}
+
+/// The full spec, as the controller keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppSpec {
+    pub install: InstallSpec,
+    pub environments: Vec<String>,
+    /// Labels a host must carry, beyond `env`, to be a target of this app.
+    pub selector: BTreeMap<String, String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error("{file}: {message}")]
+    Syntax { file: String, message: String },
+    #[error("{file}: {field}: {message}")]
+    Invalid {
+        file: String,
+        field: String,
+        message: String,
+    },
+}
+
+// The TOML shape, kept apart from the domain types so that defaults and
+// validation live in one place.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSpec {
+    name: String,
+    install_path: PathBuf,
+    units: Vec<String>,
+    #[serde(default)]
+    environments: Option<Vec<String>>,
+    #[serde(default)]
+    selector: BTreeMap<String, String>,
+    #[serde(default)]
+    health: RawHealth,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    min_healthy_time: Option<String>,
+    healthy_deadline: Option<String>,
+    #[serde(default)]
+    checks: Vec<RawCheck>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCheck {
+    #[serde(rename = "type")]
+    kind: String,
+    url: Option<String>,
+    expect_status: Option<u16>,
+    body_contains: Option<String>,
+    unit: Option<String>,
+    interval: Option<String>,
+    timeout: Option<String>,
+}
+
+pub fn valid_unit_name(unit: &str) -> bool {
+    const SUFFIXES: [&str; 4] = [".service", ".socket", ".target", ".timer"];
+    SUFFIXES
+        .iter()
+        .any(|s| unit.ends_with(s) && unit.len() > s.len())
+        && unit.len() <= 255
+        && unit
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.@:\\".contains(c))
+}
+
+impl AppSpec {
+    /// Parses and validates a spec; `file` names it in errors.
+    pub fn parse(file: &str, text: &str) -> Result<Self, SpecError> {
+        let raw: RawSpec = toml::from_str(text).map_err(|e| SpecError::Syntax {
+            file: file.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        let invalid = |field: &str, message: String| SpecError::Invalid {
+            file: file.to_owned(),
+            field: field.to_owned(),
+            message,
+        };
+        let from_name = |field: &str, e: InvalidName| invalid(field, e.to_string());
+
+        let app = AppName::new(raw.name).map_err(|e| from_name("name", e))?;
+        check_install_path(&raw.install_path).map_err(|m| invalid("install_path", m))?;
+        if raw.units.is_empty() {
+            return Err(invalid(
+                "units",
+                "at least one systemd unit is required".into(),
+            ));
+        }
+        for (i, u) in raw.units.iter().enumerate() {
+            if !valid_unit_name(u) {
+                return Err(invalid(
+                    &format!("units[{i}]"),
+                    format!("{u:?} is not a systemd unit name (e.g. \"{app}.service\")"),
+                ));
+            }
+        }
+        let environments: Vec<String> = raw
+            .environments
+            .unwrap_or_else(|| DEFAULT_ENVIRONMENTS.iter().map(|s| s.to_string()).collect());
+        if environments.is_empty() {
+            return Err(invalid("environments", "must list at least one".into()));
+        }
+        for (i, e) in environments.iter().enumerate() {
+            crate::names::AppName::new(e.clone())
+                .map_err(|err| invalid(&format!("environments[{i}]"), err.why.to_string()))?;
+            if environments[..i].contains(e) {
+                return Err(invalid(
+                    &format!("environments[{i}]"),
+                    format!("{e:?} is listed twice"),
+                ));
+            }
+        }
+        if raw.selector.contains_key("env") {
+            return Err(invalid(
+                "selector.env",
+                "the environment is chosen with --env at deploy time, not in the selector".into(),
+            ));
+        }
+
+        let dur = |field: &str, v: Option<String>, default: Duration| match v {
+            None => Ok(default),
+            Some(s) => humantime::parse_duration(&s)
+                .map_err(|e| invalid(field, format!("{s:?} is not a duration ({e}); try \"5s\""))),
+        };
+        let min_healthy_time = dur(
+            "health.min_healthy_time",
+            raw.health.min_healthy_time,
+            Duration::from_secs(1),
+        )?;
+        let healthy_deadline = dur(
+            "health.healthy_deadline",
+            raw.health.healthy_deadline,
+            Duration::from_secs(30),
+        )?;
+        if healthy_deadline <= min_healthy_time {
+            return Err(invalid(
+                "health.healthy_deadline",
+                format!(
+                    "must be longer than min_healthy_time ({})",
+                    humantime::format_duration(min_healthy_time)
+                ),
+            ));
+        }
+        let mut checks = Vec::new();
+        for (i, c) in raw.health.checks.into_iter().enumerate() {
+            let field = |f: &str| format!("health.checks[{i}].{f}");
+            let interval = dur(&field("interval"), c.interval, Duration::from_millis(500))?;
+            let timeout = dur(&field("timeout"), c.timeout, Duration::from_secs(2))?;
+            if interval.is_zero() || timeout.is_zero() {
+                return Err(invalid(
+                    &field("interval"),
+                    "interval and timeout must be above zero".into(),
+                ));
+            }
+            let kind = match c.kind.as_str() {
+                "http" => {
+                    let url = c.url.ok_or_else(|| {
+                        invalid(&field("url"), "required for an http check".into())
+                    })?;
+                    if !url.starts_with("http://") || url.len() <= "http://".len() {
+                        return Err(invalid(
+                            &field("url"),
+                            format!("{url:?} must be an http:// URL (the agent checks the app on its own host)"),
+                        ));
+                    }
+                    let expect_status = c.expect_status.unwrap_or(200);
+                    if !(100..=599).contains(&expect_status) {
+                        return Err(invalid(
+                            &field("expect_status"),
+                            format!("{expect_status} is not an HTTP status"),
+                        ));
+                    }
+                    CheckKind::Http {
+                        url,
+                        expect_status,
+                        body_contains: c.body_contains,
+                    }
+                }
+                "systemd" => {
+                    let unit = c.unit.ok_or_else(|| {
+                        invalid(&field("unit"), "required for a systemd check".into())
+                    })?;
+                    if !valid_unit_name(&unit) {
+                        return Err(invalid(
+                            &field("unit"),
+                            format!("{unit:?} is not a systemd unit name"),
+                        ));
+                    }
+                    CheckKind::Systemd { unit }
+                }
+                other => {
+                    return Err(invalid(
+                        &field("type"),
+                        format!("unknown check type {other:?} (expected \"http\" or \"systemd\")"),
+                    ))
+                }
+            };
+            checks.push(HealthCheck {
+                kind,
+                interval,
+                timeout,
+            });
+        }
+        Ok(AppSpec {
+            install: InstallSpec {
+                app,
+                install_path: raw.install_path,
+                units: raw.units,
+                health: HealthPolicy {
+                    checks,
+                    min_healthy_time,
+                    healthy_deadline,
+                },
+            },
+            environments,
+            selector: raw.selector,
+        })
+    }
+}
+
+/// An install path must be absolute, normalised, and not a system directory.
+pub fn check_install_path(p: &Path) -> Result<(), String> {
+    if !p.is_absolute() {
+        return Err(format!("{} must be an absolute path", p.display()));
+    }
+    if p.components()
+        .any(|c| matches!(c, Component::ParentDir | Component::CurDir))
+    {
+        return Err(format!("{} must not contain '.' or '..'", p.display()));
+    }
+    const PROTECTED: [&str; 12] = [
+        "/", "/bin", "/boot", "/dev", "/etc", "/lib", "/proc", "/run", "/sbin", "/sys", "/usr",
+        "/var",
+    ];
+    if PROTECTED.iter().any(|s| p == Path::new(s)) || p.starts_with("/var/lib/convoy") {
+        return Err(format!("{} is a system or convoy directory", p.display()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+name = "demo"
+install_path = "/opt/demo"
+units = ["demo.service"]
+
+[health]
+min_healthy_time = "1s"
+healthy_deadline = "15s"
+
+[[health.checks]]
+type = "http"
+url = "http://127.0.0.1:8080/health"
+interval = "200ms"
+"#;
+
+    #[test]
+    fn parses_good_spec_with_defaults() {
+        let s = AppSpec::parse("demo.toml", GOOD).unwrap();
+        assert_eq!(s.install.app.as_str(), "demo");
+        assert_eq!(s.environments, DEFAULT_ENVIRONMENTS);
+        assert_eq!(s.install.health.checks.len(), 1);
+        assert_eq!(
+            s.install.health.checks[0].interval,
+            Duration::from_millis(200)
+        );
+        assert_eq!(s.install.health.checks[0].timeout, Duration::from_secs(2));
+    }
+
+    /// Each bad spec must fail with an error naming the field.
+    fn check_err(replace: (&str, &str), expect: &str) {
+        let text = GOOD.replace(replace.0, replace.1);
+        let err = AppSpec::parse("demo.toml", &text).unwrap_err().to_string();
+        assert!(
+            err.contains(expect),
+            "error {err:?} should contain {expect:?}"
+        );
+        assert!(err.starts_with("demo.toml: "), "{err}");
+    }
+
+    #[test]
+    fn bad_specs_name_the_problem() {
+        check_err(
+            ("/opt/demo", "opt/demo"),
+            "install_path: opt/demo must be an absolute path",
+        );
+        check_err(("/opt/demo", "/etc"), "install_path: /etc is a system");
+        check_err(("/opt/demo", "/opt/../etc"), "install_path");
+        check_err(("demo.service", "demo"), "units[0]");
+        check_err(("\"demo\"", "\"de mo\""), "name: invalid app name");
+        check_err(("\"15s\"", "\"fifteen\""), "health.healthy_deadline");
+        check_err(
+            ("\"15s\"", "\"500ms\""),
+            "must be longer than min_healthy_time",
+        );
+        check_err(
+            ("type = \"http\"", "type = \"smtp\""),
+            "health.checks[0].type",
+        );
+        check_err(("http://127", "https://127"), "health.checks[0].url");
+        check_err(("units =", "unitz ="), "unknown field `unitz`");
+    }
+}

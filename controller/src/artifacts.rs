@@ -1,0 +1,76 @@
+//! Content-addressed artifact storage: `<data_dir>/artifacts/<sha256>`.
+//! A blob is written under a temporary name while it is hashed and renamed
+//! to its digest only once complete, so a stored name always matches.
+
+use std::path::{Path, PathBuf};
+
+use convoy_common::digest::Hasher;
+use convoy_common::{fsutil, Digest};
+use tokio::io::AsyncWriteExt;
+
+pub struct Artifacts {
+    dir: PathBuf,
+}
+
+/// A blob being received.
+pub struct Incoming {
+    tmp: PathBuf,
+    file: tokio::fs::File,
+    hasher: Hasher,
+    size: u64,
+}
+
+impl Artifacts {
+    pub fn open(data_dir: &Path) -> std::io::Result<Self> {
+        let dir = data_dir.join("artifacts");
+        std::fs::create_dir_all(&dir)?;
+        // Leftovers of interrupted uploads.
+        for e in std::fs::read_dir(&dir)?.flatten() {
+            if e.file_name().to_string_lossy().ends_with(".upload") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        Ok(Self { dir })
+    }
+
+    pub fn path(&self, digest: &Digest) -> PathBuf {
+        self.dir.join(digest.to_hex())
+    }
+
+    pub async fn begin(&self) -> std::io::Result<Incoming> {
+        let tmp = self.dir.join(format!("{}.upload", uuid::Uuid::new_v4()));
+        let file = tokio::fs::File::create(&tmp).await?;
+        Ok(Incoming {
+            tmp,
+            file,
+            hasher: Hasher::new(),
+            size: 0,
+        })
+    }
+
+    /// Completes an upload: fsync, then rename to the digest.
+    pub async fn commit(&self, mut inc: Incoming) -> std::io::Result<(Digest, u64)> {
+        inc.file.flush().await?;
+        inc.file.sync_all().await?;
+        let digest = inc.hasher.finish();
+        tokio::fs::rename(&inc.tmp, self.path(&digest)).await?;
+        fsutil::fsync_dir(&self.dir)?;
+        Ok((digest, inc.size))
+    }
+}
+
+impl Incoming {
+    pub async fn write(&mut self, data: &[u8]) -> std::io::Result<()> {
+        self.hasher.update(data);
+        self.size += data.len() as u64;
+        self.file.write_all(data).await
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub async fn abort(self) {
+        let _ = tokio::fs::remove_file(&self.tmp).await;
+    }
+}

@@ -1,0 +1,347 @@
+//! Operator commands: clients of the controller's operator API.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use convoy_common::ops::{AppStatus, Outcome};
+use convoy_proto::operator_service_client::OperatorServiceClient;
+use convoy_proto::{
+    push_request, rollout_event, DeployRequest, PushHeader, PushRequest, StatusRequest,
+};
+use serde::Serialize;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+/// Exit codes, documented in README.md.
+pub mod exit {
+    pub const OK: u8 = 0;
+    /// The rollout failed; the failing host was restored to its previous release.
+    pub const FAILED: u8 = 1;
+    /// Bad usage: unknown command, bad arguments (clap uses 2 too).
+    pub const USAGE: u8 = 2;
+    /// The rollout failed and restoring the failing host failed too.
+    pub const RESTORE_FAILED: u8 = 3;
+    /// Refused before anything changed (unknown release, no hosts, busy, bad spec).
+    pub const REFUSED: u8 = 4;
+    /// The controller could not be reached.
+    pub const UNREACHABLE: u8 = 5;
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct Conn {
+    /// Controller URL.
+    #[arg(long, env = "CONVOY_CONTROLLER", global = true)]
+    pub controller: Option<String>,
+    /// The fleet CA certificate.
+    #[arg(long, env = "CONVOY_CA", global = true)]
+    pub ca: Option<PathBuf>,
+    /// Your operator certificate.
+    #[arg(long, env = "CONVOY_CERT", global = true)]
+    pub cert: Option<PathBuf>,
+    /// Your operator key (mode 0600).
+    #[arg(long, env = "CONVOY_KEY", global = true)]
+    pub key: Option<PathBuf>,
+    /// Name in the controller's certificate, when it differs from the URL's host.
+    #[arg(long, env = "CONVOY_SERVER_NAME", global = true)]
+    pub server_name: Option<String>,
+}
+
+/// A CLI failure with the exit code it maps to.
+pub struct Failure {
+    pub code: u8,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn new(code: u8, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<tonic::Status> for Failure {
+    fn from(s: tonic::Status) -> Self {
+        use tonic::Code;
+        let code = match s.code() {
+            Code::Unavailable => exit::UNREACHABLE,
+            Code::InvalidArgument => exit::USAGE,
+            Code::FailedPrecondition
+            | Code::NotFound
+            | Code::AlreadyExists
+            | Code::Aborted
+            | Code::PermissionDenied
+            | Code::Unauthenticated => exit::REFUSED,
+            _ => exit::FAILED,
+        };
+        Failure::new(code, s.message().to_owned())
+    }
+}
+
+pub fn report(r: Result<(), Failure>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::from(exit::OK),
+        Err(f) => {
+            eprintln!("convoy: {}", f.message);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+impl Conn {
+    pub async fn connect(&self) -> Result<OperatorServiceClient<Channel>, Failure> {
+        let need = |v: &Option<PathBuf>, flag: &str, env: &str| {
+            v.clone()
+                .ok_or_else(|| Failure::new(exit::USAGE, format!("{flag} (or {env}) is required")))
+        };
+        let url = self.controller.clone().ok_or_else(|| {
+            Failure::new(
+                exit::USAGE,
+                "--controller (or CONVOY_CONTROLLER) is required",
+            )
+        })?;
+        let ca = need(&self.ca, "--ca", "CONVOY_CA")?;
+        let cert = need(&self.cert, "--cert", "CONVOY_CERT")?;
+        let key = need(&self.key, "--key", "CONVOY_KEY")?;
+        let usage = |e: convoy_common::identity::PemError| Failure::new(exit::USAGE, e.to_string());
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(
+                convoy_common::identity::read_cert_pem(&ca).map_err(usage)?,
+            ))
+            .identity(Identity::from_pem(
+                convoy_common::identity::read_cert_pem(&cert).map_err(usage)?,
+                convoy_common::identity::read_key_pem(&key).map_err(usage)?,
+            ));
+        if let Some(n) = &self.server_name {
+            tls = tls.domain_name(n.clone());
+        }
+        let endpoint = Endpoint::from_shared(url.clone())
+            .map_err(|e| Failure::new(exit::USAGE, format!("--controller {url:?}: {e}")))?
+            .tls_config(tls)
+            .map_err(|e| Failure::new(exit::USAGE, format!("TLS: {e}")))?
+            .connect_timeout(Duration::from_secs(5));
+        let channel = endpoint.connect().await.map_err(|e| {
+            Failure::new(
+                exit::UNREACHABLE,
+                format!("cannot reach the controller at {url}: {}", error_chain(&e)),
+            )
+        })?;
+        Ok(OperatorServiceClient::new(channel).max_decoding_message_size(64 << 20))
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+pub async fn push(conn: &Conn, app: String, version: String, file: PathBuf) -> Result<(), Failure> {
+    convoy_common::AppName::new(app.clone())
+        .map_err(|e| Failure::new(exit::USAGE, e.to_string()))?;
+    convoy_common::Version::new(version.clone())
+        .map_err(|e| Failure::new(exit::USAGE, e.to_string()))?;
+    let data = std::fs::read(&file)
+        .map_err(|e| Failure::new(exit::USAGE, format!("{}: {e}", file.display())))?;
+    if !data.starts_with(&[0x1f, 0x8b]) {
+        return Err(Failure::new(
+            exit::USAGE,
+            format!(
+                "{}: not a gzip file; an artifact is a .tar.gz of the release tree",
+                file.display()
+            ),
+        ));
+    }
+    let mut client = conn.connect().await?;
+    let size = data.len() as u64;
+    let header = PushRequest {
+        body: Some(push_request::Body::Header(PushHeader {
+            app: app.clone(),
+            version: version.clone(),
+            size,
+        })),
+    };
+    let chunks: Vec<PushRequest> = std::iter::once(header)
+        .chain(data.chunks(convoy_proto::CHUNK_SIZE).map(|c| PushRequest {
+            body: Some(push_request::Body::Data(c.to_vec())),
+        }))
+        .collect();
+    let reply = client
+        .push_release(tokio_stream::iter(chunks))
+        .await?
+        .into_inner();
+    if reply.already_present {
+        println!(
+            "{app} {version} was already pushed (sha256 {}, {} bytes)",
+            reply.digest, reply.size
+        );
+    } else {
+        println!(
+            "pushed {app} {version}: sha256 {}, {} bytes",
+            reply.digest, reply.size
+        );
+    }
+    Ok(())
+}
+
+pub async fn deploy(conn: &Conn, app: String, version: String, env: String) -> Result<(), Failure> {
+    let mut client = conn.connect().await?;
+    let mut stream = client
+        .deploy(DeployRequest {
+            app: app.clone(),
+            version: version.clone(),
+            environment: env.clone(),
+        })
+        .await?
+        .into_inner();
+    let started = std::time::Instant::now();
+    let mut hosts = 0;
+    while let Some(ev) = stream.message().await? {
+        match ev.body {
+            Some(rollout_event::Body::Plan(p)) => {
+                hosts = p.hosts.len();
+                println!(
+                    "rollout {}: {app} {version} to {env}, {} host(s) in order: {}",
+                    ev.rollout_id,
+                    hosts,
+                    p.hosts.join(", ")
+                );
+                println!("  artifact sha256 {}", p.digest);
+                if !p.skipped_hosts.is_empty() {
+                    println!("  skipped (not connected): {}", p.skipped_hosts.join(", "));
+                }
+            }
+            Some(rollout_event::Body::HostEvent(h)) => {
+                if let Some(e) = h.event {
+                    let kind = convoy_proto::EventKind::try_from(e.kind)
+                        .map(|k| k.as_str_name())
+                        .unwrap_or("?");
+                    let kind = kind.trim_start_matches("EVENT_KIND_").to_lowercase();
+                    println!("  [{}] {:<8} {:<9} {}", h.host, e.step, kind, e.message);
+                }
+            }
+            Some(rollout_event::Body::HostResult(h)) => {
+                if let Some(r) = h.result {
+                    let outcome = convoy_proto::Outcome::try_from(r.outcome)
+                        .map(|o| o.as_str_name())
+                        .unwrap_or("?");
+                    println!(
+                        "  [{}] => {}",
+                        h.host,
+                        outcome.trim_start_matches("OUTCOME_").to_lowercase()
+                    );
+                }
+            }
+            Some(rollout_event::Body::Done(d)) => {
+                let secs = started.elapsed().as_secs_f64();
+                if d.succeeded {
+                    println!(
+                        "rollout {} succeeded: {hosts} host(s) on {app} {version} in {secs:.1}s",
+                        ev.rollout_id
+                    );
+                    return Ok(());
+                }
+                let mut msg = format!(
+                    "rollout {} failed on {}: {}",
+                    ev.rollout_id, d.failed_host, d.reason
+                );
+                if !d.untouched_hosts.is_empty() {
+                    msg.push_str(&format!(
+                        "\nhosts not touched: {}",
+                        d.untouched_hosts.join(", ")
+                    ));
+                }
+                let code = if d
+                    .reason
+                    .starts_with(&Outcome::FailedRestoreFailed.to_string())
+                {
+                    exit::RESTORE_FAILED
+                } else {
+                    exit::FAILED
+                };
+                return Err(Failure::new(code, msg));
+            }
+            None => {}
+        }
+    }
+    Err(Failure::new(exit::UNREACHABLE, "the controller closed the stream before the rollout finished; the rollout goes on, check `convoy status`"))
+}
+
+/// The `--output json` shape of `convoy status`: stable, documented in README.md.
+#[derive(Serialize)]
+struct StatusJson {
+    app: String,
+    hosts: Vec<HostJson>,
+}
+
+#[derive(Serialize)]
+struct HostJson {
+    host: String,
+    connected: bool,
+    labels: std::collections::BTreeMap<String, String>,
+    last_seen_unix_ms: i64,
+    /// null when the app was never installed on this host.
+    app: Option<AppStatus>,
+}
+
+pub async fn status(conn: &Conn, app: String, json: bool) -> Result<(), Failure> {
+    let mut client = conn.connect().await?;
+    let reply = client
+        .status(StatusRequest { app: app.clone() })
+        .await?
+        .into_inner();
+    let hosts: Vec<HostJson> = reply
+        .hosts
+        .into_iter()
+        .map(|h| HostJson {
+            host: h.host,
+            connected: h.connected,
+            labels: h.labels.into_iter().collect(),
+            last_seen_unix_ms: h.last_seen_unix_ms,
+            app: h.app.and_then(|a| AppStatus::try_from(a).ok()),
+        })
+        .collect();
+    if json {
+        let out = StatusJson { app, hosts };
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&out).expect("serialises")
+        );
+        return Ok(());
+    }
+    println!(
+        "{:<16} {:<12} {:<12} {:<12} {:<12} {:<10} REASON",
+        "HOST", "CONNECTED", "ENV", "CURRENT", "PREVIOUS", "HEALTH"
+    );
+    for h in hosts {
+        let v = |v: Option<&convoy_common::Version>| {
+            v.map(|v| v.to_string()).unwrap_or_else(|| "-".into())
+        };
+        let (cur, prev, health, reason) = match &h.app {
+            Some(a) => (
+                v(a.current.as_ref()),
+                v(a.previous.as_ref()),
+                format!("{:?}", a.health).to_lowercase(),
+                a.health_reason.clone(),
+            ),
+            None => ("-".into(), "-".into(), "-".into(), String::new()),
+        };
+        println!(
+            "{:<16} {:<12} {:<12} {:<12} {:<12} {:<10} {}",
+            h.host,
+            if h.connected { "yes" } else { "no" },
+            h.labels.get("env").map(String::as_str).unwrap_or("-"),
+            cur,
+            prev,
+            health,
+            reason
+        );
+    }
+    Ok(())
+}

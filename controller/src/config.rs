@@ -1,0 +1,93 @@
+//! The controller's configuration file (TOML), validated on load.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    listen: String,
+    data_dir: PathBuf,
+    apps_dir: PathBuf,
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    #[serde(default = "default_host_timeout")]
+    host_timeout: String,
+    #[serde(default)]
+    log_level: Option<String>,
+}
+
+fn default_host_timeout() -> String {
+    "10m".into()
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    /// SQLite database and artifacts.
+    pub data_dir: PathBuf,
+    /// One `<app>.toml` spec per app.
+    pub apps_dir: PathBuf,
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Longest a single host's activation may take before it counts as failed.
+    pub host_timeout: Duration,
+    pub log_level: Option<String>,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{file}: {e}"))?;
+        Self::parse(&file, &text)
+    }
+
+    pub fn parse(file: &str, text: &str) -> anyhow::Result<Self> {
+        let raw: Raw = toml::from_str(text)
+            .map_err(|e| anyhow::anyhow!("{file}: {}", e.to_string().trim_end()))?;
+        let listen = raw.listen.parse().map_err(|e| {
+            anyhow::anyhow!(
+                "{file}: listen: {:?} is not an address:port ({e})",
+                raw.listen
+            )
+        })?;
+        let host_timeout = humantime::parse_duration(&raw.host_timeout)
+            .map_err(|e| anyhow::anyhow!("{file}: host_timeout: {:?}: {e}", raw.host_timeout))?;
+        Ok(Config {
+            listen,
+            data_dir: raw.data_dir,
+            apps_dir: raw.apps_dir,
+            ca: raw.ca,
+            cert: raw.cert,
+            key: raw.key,
+            host_timeout,
+            log_level: raw.log_level,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_listen_is_named() {
+        let text = r#"
+listen = "localhost"
+data_dir = "/d"
+apps_dir = "/a"
+ca = "/c"
+cert = "/c"
+key = "/k"
+"#;
+        let err = Config::parse("controller.toml", text)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("controller.toml: listen"), "{err}");
+    }
+}

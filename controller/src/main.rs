@@ -1,0 +1,191 @@
+//! `convoy`: the controller daemon (`convoy serve`) and the operator CLI.
+#![forbid(unsafe_code)]
+
+mod artifacts;
+mod cli;
+mod config;
+mod db;
+mod pki;
+mod server;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use convoy_common::identity::PeerKind;
+
+/// convoy: roll releases out to a fleet of hosts, safely.
+#[derive(Parser)]
+#[command(version, propagate_version = true)]
+struct Cli {
+    #[command(flatten)]
+    conn: cli::Conn,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the controller daemon.
+    Serve {
+        #[arg(long, default_value = "/etc/convoy/controller.toml")]
+        config: PathBuf,
+    },
+    /// Manage the fleet's certificate authority.
+    #[command(subcommand)]
+    Pki(PkiCmd),
+    /// Manage releases.
+    #[command(subcommand)]
+    Release(ReleaseCmd),
+    /// Roll a pushed release out to an environment, host by host.
+    Deploy {
+        app: String,
+        #[arg(value_name = "VERSION")]
+        release: String,
+        #[arg(long)]
+        env: String,
+    },
+    /// Show each host's version and health for an app.
+    Status {
+        app: String,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum PkiCmd {
+    /// Create a CA in DIR (ca.pem, ca.key).
+    Init {
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
+    /// Issue a certificate for NAME signed by the CA in DIR.
+    Issue {
+        #[arg(value_parser = parse_kind)]
+        kind: PeerKind,
+        name: String,
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// Where to write NAME.pem and NAME.key (default: DIR).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Extra DNS names or IP addresses (controller certificates).
+        #[arg(long)]
+        san: Vec<String>,
+        #[arg(long, default_value_t = 365)]
+        days: i64,
+    },
+}
+
+fn parse_kind(s: &str) -> Result<PeerKind, String> {
+    s.parse()
+}
+
+#[derive(Subcommand)]
+enum ReleaseCmd {
+    /// Upload FILE (a .tar.gz of the release tree) as VERSION of APP.
+    Push {
+        app: String,
+        #[arg(value_name = "VERSION")]
+        release: String,
+        file: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    match cli.cmd {
+        Cmd::Serve { config } => rt.block_on(serve(config)),
+        Cmd::Pki(PkiCmd::Init { dir }) => cli::report(
+            pki::init(&dir)
+                .map(|p| println!("created CA {}", p.display()))
+                .map_err(|e| cli::Failure::new(cli::exit::REFUSED, format!("{e:#}"))),
+        ),
+        Cmd::Pki(PkiCmd::Issue {
+            kind,
+            name,
+            dir,
+            out,
+            san,
+            days,
+        }) => cli::report(
+            pki::issue(
+                &dir,
+                kind,
+                &name,
+                &san,
+                out.as_deref().unwrap_or(&dir),
+                days,
+            )
+            .map(|(c, k)| {
+                println!(
+                    "issued {kind} certificate {} (key {})",
+                    c.display(),
+                    k.display()
+                )
+            })
+            .map_err(|e| cli::Failure::new(cli::exit::REFUSED, format!("{e:#}"))),
+        ),
+        Cmd::Release(ReleaseCmd::Push { app, release, file }) => {
+            cli::report(rt.block_on(cli::push(&cli.conn, app, release, file)))
+        }
+        Cmd::Deploy { app, release, env } => {
+            cli::report(rt.block_on(cli::deploy(&cli.conn, app, release, env)))
+        }
+        Cmd::Status { app, output } => {
+            cli::report(rt.block_on(cli::status(&cli.conn, app, matches!(output, Output::Json))))
+        }
+    }
+}
+
+async fn serve(path: PathBuf) -> ExitCode {
+    let cfg = match config::Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("convoy serve: {e:#}");
+            return ExitCode::from(cli::exit::USAGE);
+        }
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CONVOY_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(cfg.log_level.as_deref().unwrap_or("info"))
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .init();
+    match server::serve(cfg, shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("convoy serve: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("shutting down");
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cli_definition_is_valid() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,192 @@
+//! The agent-facing gRPC service: sessions and artifact downloads.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use convoy_common::identity::PeerKind;
+use convoy_common::ops::{AppStatus, OpReport, StepEvent};
+use convoy_common::{Digest, HostName};
+use convoy_proto::agent_service_server::AgentService;
+use convoy_proto::{
+    agent_message, controller_message, AgentMessage, Chunk, ControllerMessage, FetchRequest,
+    Welcome,
+};
+use futures::Stream;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::registry::Update;
+use super::{peer, Shared};
+
+/// A session with no message for this long is considered dead.
+const SESSION_IDLE: Duration = Duration::from_secs(45);
+const HEARTBEAT_SECS: u32 = 10;
+
+pub struct AgentApi {
+    pub shared: Arc<Shared>,
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+fn apps_from_wire(host: &HostName, apps: Vec<convoy_proto::AppState>) -> Vec<AppStatus> {
+    apps.into_iter()
+        .filter_map(|a| match AppStatus::try_from(a) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(%host, error = %e, "ignoring malformed app state");
+                None
+            }
+        })
+        .collect()
+}
+
+#[tonic::async_trait]
+impl AgentService for AgentApi {
+    type SessionStream = BoxStream<ControllerMessage>;
+    type FetchArtifactStream = BoxStream<Chunk>;
+
+    async fn session(
+        &self,
+        req: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let id = peer(&req, &[PeerKind::Agent])?;
+        let host = id.name;
+        let mut inbound = req.into_inner();
+        let first = tokio::time::timeout(Duration::from_secs(10), inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no Hello within 10s"))??
+            .ok_or_else(|| Status::invalid_argument("session ended before Hello"))?;
+        let Some(agent_message::Body::Hello(hello)) = first.body else {
+            return Err(Status::invalid_argument(
+                "the first message of a session must be Hello",
+            ));
+        };
+        let labels: BTreeMap<String, String> = hello.labels.into_iter().collect();
+        let apps = apps_from_wire(&host, hello.apps);
+        let (tx, rx) = mpsc::channel(64);
+        let registry = self.shared.registry.clone();
+        let session = registry.connect(&host, labels.clone(), apps, tx.clone());
+        tracing::info!(%host, ?labels, agent_version = %hello.agent_version, "agent connected");
+        let welcome = ControllerMessage {
+            body: Some(controller_message::Body::Welcome(Welcome {
+                host: host.to_string(),
+                heartbeat_secs: HEARTBEAT_SECS,
+            })),
+        };
+        tx.send(Ok(welcome))
+            .await
+            .map_err(|_| Status::unavailable("session closed"))?;
+        for r in hello.recent_results {
+            if let Ok(report) = OpReport::try_from(r) {
+                let op_id = report.op_id.clone();
+                registry.deliver(&host, &op_id, Update::Result(Box::new(report)));
+            }
+        }
+
+        tokio::spawn(async move {
+            loop {
+                let msg = match tokio::time::timeout(SESSION_IDLE, inbound.message()).await {
+                    Err(_) => {
+                        tracing::warn!(%host, "no heartbeat for {SESSION_IDLE:?}; dropping session");
+                        break;
+                    }
+                    Ok(Err(e)) => {
+                        tracing::info!(%host, error = %e, "session ended");
+                        break;
+                    }
+                    Ok(Ok(None)) => break,
+                    Ok(Ok(Some(m))) => m,
+                };
+                match msg.body {
+                    Some(agent_message::Body::Heartbeat(hb)) => {
+                        registry.update_apps(&host, apps_from_wire(&host, hb.apps))
+                    }
+                    Some(agent_message::Body::Event(e)) => match StepEvent::try_from(e) {
+                        Ok(ev) => {
+                            let op = ev.op_id.clone();
+                            registry.deliver(&host, &op, Update::Event(ev));
+                        }
+                        Err(err) => tracing::warn!(%host, error = %err, "malformed event"),
+                    },
+                    Some(agent_message::Body::Result(r)) => match OpReport::try_from(r) {
+                        Ok(rep) => {
+                            let op = rep.op_id.clone();
+                            registry.deliver(&host, &op, Update::Result(Box::new(rep)));
+                        }
+                        Err(err) => tracing::warn!(%host, error = %err, "malformed result"),
+                    },
+                    Some(agent_message::Body::Hello(_)) => {
+                        tracing::warn!(%host, "second Hello ignored")
+                    }
+                    None => {}
+                }
+            }
+            registry.disconnect(&host, session);
+            tracing::info!(%host, "agent disconnected");
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn fetch_artifact(
+        &self,
+        req: Request<FetchRequest>,
+    ) -> Result<Response<Self::FetchArtifactStream>, Status> {
+        let id = peer(&req, &[PeerKind::Agent])?;
+        let r = req.into_inner();
+        let digest =
+            Digest::parse(&r.digest).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if !self
+            .shared
+            .db
+            .digest_known(&digest)
+            .map_err(super::internal)?
+        {
+            return Err(Status::not_found(format!(
+                "no artifact with sha256 {digest}"
+            )));
+        }
+        let path = self.shared.artifacts.path(&digest);
+        let mut file = tokio::fs::File::open(&path)
+            .await
+            .map_err(|e| Status::not_found(format!("artifact {digest}: {e}")))?;
+        let total = file.metadata().await.map_err(super::internal)?.len();
+        if r.offset > total {
+            return Err(Status::out_of_range(format!(
+                "offset {} is past the end ({total} bytes)",
+                r.offset
+            )));
+        }
+        file.seek(std::io::SeekFrom::Start(r.offset))
+            .await
+            .map_err(super::internal)?;
+        tracing::debug!(host = %id.name, %digest, offset = r.offset, "streaming artifact");
+        // Pulled lazily: the client's flow-control window paces disk reads.
+        let stream =
+            futures::stream::unfold((file, r.offset), move |(mut file, offset)| async move {
+                if offset >= total {
+                    return None;
+                }
+                let want = (total - offset).min(convoy_proto::CHUNK_SIZE as u64) as usize;
+                let mut buf = vec![0u8; want];
+                match file.read_exact(&mut buf).await {
+                    Ok(_) => Some((
+                        Ok(Chunk {
+                            offset,
+                            data: buf,
+                            total_size: total,
+                        }),
+                        (file, offset + want as u64),
+                    )),
+                    Err(e) => Some((
+                        Err(Status::internal(format!("reading artifact: {e}"))),
+                        (file, total),
+                    )),
+                }
+            });
+        Ok(Response::new(Box::pin(stream)))
+    }
+}

@@ -1,0 +1,171 @@
+//! The operator-facing gRPC service: push releases, deploy, status.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use convoy_common::identity::PeerKind;
+use convoy_common::spec::AppSpec;
+use convoy_common::{AppName, Version};
+use convoy_proto::operator_service_server::OperatorService;
+use convoy_proto::{
+    push_request, DeployRequest, HostStatus, PushReply, PushRequest, RolloutEvent, StatusReply,
+    StatusRequest,
+};
+use futures::Stream;
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::{internal, peer, rollout, Shared};
+use crate::db::{DbError, Release};
+
+pub struct OperatorApi {
+    pub shared: Arc<Shared>,
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// Largest artifact accepted by push.
+const MAX_ARTIFACT: u64 = 16 << 30;
+
+pub fn load_spec(shared: &Shared, app: &AppName) -> Result<AppSpec, Status> {
+    let path = shared.cfg.apps_dir.join(format!("{app}.toml"));
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        Status::failed_precondition(format!("no app spec for {app}: {}: {e}", path.display()))
+    })?;
+    let spec = AppSpec::parse(&path.display().to_string(), &text)
+        .map_err(|e| Status::failed_precondition(e.to_string()))?;
+    if spec.install.app != *app {
+        return Err(Status::failed_precondition(format!(
+            "{}: name is {:?} but the file is named for {app}",
+            path.display(),
+            spec.install.app.as_str()
+        )));
+    }
+    Ok(spec)
+}
+
+fn arg<T>(field: &str, r: Result<T, convoy_common::names::InvalidName>) -> Result<T, Status> {
+    r.map_err(|e| Status::invalid_argument(format!("{field}: {e}")))
+}
+
+#[tonic::async_trait]
+impl OperatorService for OperatorApi {
+    type DeployStream = BoxStream<RolloutEvent>;
+
+    async fn push_release(
+        &self,
+        req: Request<Streaming<PushRequest>>,
+    ) -> Result<Response<PushReply>, Status> {
+        let id = peer(&req, &[PeerKind::Operator])?;
+        let mut inbound = req.into_inner();
+        let header = match inbound.message().await? {
+            Some(PushRequest {
+                body: Some(push_request::Body::Header(h)),
+            }) => h,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first push message must be the header",
+                ))
+            }
+        };
+        let app = arg("app", AppName::new(header.app))?;
+        let version = arg("version", Version::new(header.version))?;
+        load_spec(&self.shared, &app)?;
+        if header.size > MAX_ARTIFACT {
+            return Err(Status::invalid_argument(format!(
+                "artifact of {} bytes is over the {MAX_ARTIFACT} byte limit",
+                header.size
+            )));
+        }
+        if let Some(existing) = self.shared.db.release(&app, &version).map_err(internal)? {
+            // Fail fast, before the bytes travel, unless it is a retry.
+            if existing.size != header.size {
+                return Err(Status::already_exists(format!(
+                    "version {version} of {app} was already pushed with sha256 {}; versions are immutable, push a new version",
+                    existing.digest
+                )));
+            }
+        }
+        let mut inc = self.shared.artifacts.begin().await.map_err(internal)?;
+        let result: Result<(), Status> = async {
+            while let Some(msg) = inbound.message().await? {
+                match msg.body {
+                    Some(push_request::Body::Data(d)) => {
+                        if inc.size() + d.len() as u64 > header.size {
+                            return Err(Status::invalid_argument(format!(
+                                "more bytes than the {} the header announced",
+                                header.size
+                            )));
+                        }
+                        inc.write(&d).await.map_err(internal)?;
+                    }
+                    _ => return Err(Status::invalid_argument("only data may follow the header")),
+                }
+            }
+            if inc.size() != header.size {
+                return Err(Status::invalid_argument(format!(
+                    "upload ended at {} of {} bytes",
+                    inc.size(),
+                    header.size
+                )));
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = result {
+            inc.abort().await;
+            return Err(e);
+        }
+        let (digest, size) = self.shared.artifacts.commit(inc).await.map_err(internal)?;
+        let added = self
+            .shared
+            .db
+            .add_release(&app, &version, &Release { digest, size }, &id.to_string())
+            .map_err(|e| match e {
+                DbError::VersionTaken { .. } => Status::already_exists(e.to_string()),
+                other => internal(other),
+            })?;
+        tracing::info!(%app, %version, %digest, size, by = %id, new = added, "release pushed");
+        Ok(Response::new(PushReply {
+            digest: digest.to_hex(),
+            size,
+            already_present: !added,
+        }))
+    }
+
+    async fn deploy(
+        &self,
+        req: Request<DeployRequest>,
+    ) -> Result<Response<Self::DeployStream>, Status> {
+        let id = peer(&req, &[PeerKind::Operator])?;
+        let r = req.into_inner();
+        let app = arg("app", AppName::new(r.app))?;
+        let version = arg("version", Version::new(r.version))?;
+        let rx = rollout::start(&self.shared, id, app, version, r.environment)?;
+        let stream =
+            tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(|item| match item {
+                Ok(ev) => Some(Ok(ev)),
+                Err(_lagged) => None,
+            });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn status(&self, req: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
+        peer(&req, &[PeerKind::Operator])?;
+        let app = arg("app", AppName::new(req.into_inner().app))?;
+        let hosts = self
+            .shared
+            .registry
+            .hosts()
+            .into_iter()
+            .map(|h| HostStatus {
+                host: h.name.to_string(),
+                connected: h.session.is_some(),
+                labels: h.labels.clone().into_iter().collect(),
+                app: h.apps.get(&app).map(Into::into),
+                last_seen_unix_ms: h.last_seen_ms,
+            })
+            .collect();
+        Ok(Response::new(StatusReply { hosts }))
+    }
+}

@@ -1,0 +1,9 @@
+//! Generates the gRPC code from `proto/convoy.proto` with protox, a pure-Rust
+//! protobuf compiler, so a fresh machine needs nothing but cargo.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=proto/convoy.proto");
+    let fds = protox::compile(["convoy.proto"], ["proto"])?;
+    tonic_prost_build::configure().compile_fds(fds)?;
+    Ok(())
+}

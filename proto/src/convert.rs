@@ -1,0 +1,404 @@
+//! Conversions between wire types and `convoy-common` domain types.
+//!
+//! Incoming wire data is validated here, once: a bad field becomes an
+//! `InvalidMessage` naming the field, which the services turn into
+//! `InvalidArgument`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use convoy_common::ops::{
+    ActivateCommand, AppStatus, EventKind, Health, OpReport, Outcome, Step, StepEvent,
+};
+use convoy_common::spec::{self, CheckKind, HealthCheck, HealthPolicy, InstallSpec};
+use convoy_common::{AppName, Digest, Version};
+
+use crate::v1 as pb;
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid {message_type}.{field}: {why}")]
+pub struct InvalidMessage {
+    pub message_type: &'static str,
+    pub field: &'static str,
+    pub why: String,
+}
+
+fn bad(message_type: &'static str, field: &'static str, why: impl ToString) -> InvalidMessage {
+    InvalidMessage {
+        message_type,
+        field,
+        why: why.to_string(),
+    }
+}
+
+fn opt_version(
+    message_type: &'static str,
+    field: &'static str,
+    s: String,
+) -> Result<Option<Version>, InvalidMessage> {
+    if s.is_empty() {
+        Ok(None)
+    } else {
+        Version::new(s)
+            .map(Some)
+            .map_err(|e| bad(message_type, field, e))
+    }
+}
+
+fn ms(d: Duration) -> u64 {
+    d.as_millis().min(u64::MAX as u128) as u64
+}
+
+// ── install spec ──────────────────────────────────────────────────────
+
+impl From<&InstallSpec> for pb::InstallSpec {
+    fn from(s: &InstallSpec) -> Self {
+        pb::InstallSpec {
+            app: s.app.to_string(),
+            install_path: s.install_path.display().to_string(),
+            units: s.units.clone(),
+            checks: s
+                .health
+                .checks
+                .iter()
+                .map(|c| pb::HealthCheck {
+                    kind: Some(match &c.kind {
+                        CheckKind::Http {
+                            url,
+                            expect_status,
+                            body_contains,
+                        } => pb::health_check::Kind::Http(pb::HttpCheck {
+                            url: url.clone(),
+                            expect_status: u32::from(*expect_status),
+                            body_contains: body_contains.clone().unwrap_or_default(),
+                        }),
+                        CheckKind::Systemd { unit } => {
+                            pb::health_check::Kind::Systemd(pb::SystemdCheck { unit: unit.clone() })
+                        }
+                    }),
+                    interval_ms: ms(c.interval),
+                    timeout_ms: ms(c.timeout),
+                })
+                .collect(),
+            min_healthy_ms: ms(s.health.min_healthy_time),
+            healthy_deadline_ms: ms(s.health.healthy_deadline),
+        }
+    }
+}
+
+impl TryFrom<pb::InstallSpec> for InstallSpec {
+    type Error = InvalidMessage;
+    fn try_from(s: pb::InstallSpec) -> Result<Self, InvalidMessage> {
+        const T: &str = "InstallSpec";
+        let app = AppName::new(s.app).map_err(|e| bad(T, "app", e))?;
+        let install_path = PathBuf::from(s.install_path);
+        spec::check_install_path(&install_path).map_err(|e| bad(T, "install_path", e))?;
+        if s.units.is_empty() {
+            return Err(bad(T, "units", "empty"));
+        }
+        if let Some(u) = s.units.iter().find(|u| !spec::valid_unit_name(u)) {
+            return Err(bad(T, "units", format!("{u:?} is not a unit name")));
+        }
+        let mut checks = Vec::with_capacity(s.checks.len());
+        for c in s.checks {
+            if c.interval_ms == 0 || c.timeout_ms == 0 {
+                return Err(bad(
+                    "HealthCheck",
+                    "interval_ms",
+                    "interval and timeout must be above zero",
+                ));
+            }
+            let kind = match c.kind {
+                Some(pb::health_check::Kind::Http(h)) => {
+                    if !h.url.starts_with("http://") {
+                        return Err(bad("HttpCheck", "url", "must be an http:// URL"));
+                    }
+                    CheckKind::Http {
+                        url: h.url,
+                        expect_status: u16::try_from(h.expect_status)
+                            .ok()
+                            .filter(|s| (100..=599).contains(s))
+                            .ok_or_else(|| {
+                                bad("HttpCheck", "expect_status", "not an HTTP status")
+                            })?,
+                        body_contains: Some(h.body_contains).filter(|b| !b.is_empty()),
+                    }
+                }
+                Some(pb::health_check::Kind::Systemd(sd)) => {
+                    if !spec::valid_unit_name(&sd.unit) {
+                        return Err(bad("SystemdCheck", "unit", "not a unit name"));
+                    }
+                    CheckKind::Systemd { unit: sd.unit }
+                }
+                None => return Err(bad("HealthCheck", "kind", "missing")),
+            };
+            checks.push(HealthCheck {
+                kind,
+                interval: Duration::from_millis(c.interval_ms),
+                timeout: Duration::from_millis(c.timeout_ms),
+            });
+        }
+        if s.healthy_deadline_ms <= s.min_healthy_ms {
+            return Err(bad(T, "healthy_deadline_ms", "must exceed min_healthy_ms"));
+        }
+        Ok(InstallSpec {
+            app,
+            install_path,
+            units: s.units,
+            health: HealthPolicy {
+                checks,
+                min_healthy_time: Duration::from_millis(s.min_healthy_ms),
+                healthy_deadline: Duration::from_millis(s.healthy_deadline_ms),
+            },
+        })
+    }
+}
+
+// ── activate ──────────────────────────────────────────────────────────
+
+impl From<&ActivateCommand> for pb::Activate {
+    fn from(c: &ActivateCommand) -> Self {
+        pb::Activate {
+            op_id: c.op_id.clone(),
+            spec: Some((&c.spec).into()),
+            version: c.version.to_string(),
+            digest: c.digest.to_hex(),
+            size: c.size,
+        }
+    }
+}
+
+impl TryFrom<pb::Activate> for ActivateCommand {
+    type Error = InvalidMessage;
+    fn try_from(a: pb::Activate) -> Result<Self, InvalidMessage> {
+        const T: &str = "Activate";
+        if a.op_id.is_empty() || a.op_id.len() > 128 {
+            return Err(bad(T, "op_id", "must be 1 to 128 characters"));
+        }
+        Ok(ActivateCommand {
+            op_id: a.op_id,
+            spec: a
+                .spec
+                .ok_or_else(|| bad(T, "spec", "missing"))?
+                .try_into()?,
+            version: Version::new(a.version).map_err(|e| bad(T, "version", e))?,
+            digest: Digest::parse(&a.digest).map_err(|e| bad(T, "digest", e))?,
+            size: a.size,
+        })
+    }
+}
+
+// ── app status ────────────────────────────────────────────────────────
+
+impl From<Health> for pb::Health {
+    fn from(h: Health) -> Self {
+        match h {
+            Health::Unknown => pb::Health::Unknown,
+            Health::Healthy => pb::Health::Healthy,
+            Health::Unhealthy => pb::Health::Unhealthy,
+        }
+    }
+}
+
+impl From<pb::Health> for Health {
+    fn from(h: pb::Health) -> Self {
+        match h {
+            pb::Health::Unknown => Health::Unknown,
+            pb::Health::Healthy => Health::Healthy,
+            pb::Health::Unhealthy => Health::Unhealthy,
+        }
+    }
+}
+
+impl From<&AppStatus> for pb::AppState {
+    fn from(s: &AppStatus) -> Self {
+        let v = |v: &Option<Version>| v.as_ref().map(|v| v.to_string()).unwrap_or_default();
+        pb::AppState {
+            app: s.app.to_string(),
+            current: v(&s.current),
+            previous: v(&s.previous),
+            last_known_good: v(&s.last_known_good),
+            releases: s.releases.iter().map(|r| r.to_string()).collect(),
+            health: pb::Health::from(s.health) as i32,
+            health_reason: s.health_reason.clone(),
+            inflight_op: s.inflight_op.clone().unwrap_or_default(),
+        }
+    }
+}
+
+impl TryFrom<pb::AppState> for AppStatus {
+    type Error = InvalidMessage;
+    fn try_from(s: pb::AppState) -> Result<Self, InvalidMessage> {
+        const T: &str = "AppState";
+        Ok(AppStatus {
+            app: AppName::new(s.app).map_err(|e| bad(T, "app", e))?,
+            current: opt_version(T, "current", s.current)?,
+            previous: opt_version(T, "previous", s.previous)?,
+            last_known_good: opt_version(T, "last_known_good", s.last_known_good)?,
+            releases: s
+                .releases
+                .into_iter()
+                .map(|r| Version::new(r).map_err(|e| bad(T, "releases", e)))
+                .collect::<Result<_, _>>()?,
+            health: pb::Health::try_from(s.health)
+                .unwrap_or(pb::Health::Unknown)
+                .into(),
+            health_reason: s.health_reason,
+            inflight_op: Some(s.inflight_op).filter(|o| !o.is_empty()),
+        })
+    }
+}
+
+// ── events and reports ────────────────────────────────────────────────
+
+impl From<EventKind> for pb::EventKind {
+    fn from(k: EventKind) -> Self {
+        match k {
+            EventKind::Started => pb::EventKind::Started,
+            EventKind::Succeeded => pb::EventKind::Succeeded,
+            EventKind::Failed => pb::EventKind::Failed,
+            EventKind::Info => pb::EventKind::Info,
+        }
+    }
+}
+
+impl From<&StepEvent> for pb::OpEvent {
+    fn from(e: &StepEvent) -> Self {
+        pb::OpEvent {
+            op_id: e.op_id.clone(),
+            app: e.app.to_string(),
+            step: e.step.as_str().to_owned(),
+            kind: pb::EventKind::from(e.kind) as i32,
+            message: e.message.clone(),
+            at_unix_ms: e.at_unix_ms,
+        }
+    }
+}
+
+impl TryFrom<pb::OpEvent> for StepEvent {
+    type Error = InvalidMessage;
+    fn try_from(e: pb::OpEvent) -> Result<Self, InvalidMessage> {
+        const T: &str = "OpEvent";
+        Ok(StepEvent {
+            op_id: e.op_id,
+            app: AppName::new(e.app).map_err(|err| bad(T, "app", err))?,
+            step: e.step.parse::<Step>().map_err(|err| bad(T, "step", err))?,
+            kind: match pb::EventKind::try_from(e.kind) {
+                Ok(pb::EventKind::Started) => EventKind::Started,
+                Ok(pb::EventKind::Succeeded) => EventKind::Succeeded,
+                Ok(pb::EventKind::Failed) => EventKind::Failed,
+                Ok(pb::EventKind::Info) => EventKind::Info,
+                _ => return Err(bad(T, "kind", format!("unknown value {}", e.kind))),
+            },
+            message: e.message,
+            at_unix_ms: e.at_unix_ms,
+        })
+    }
+}
+
+impl From<Outcome> for pb::Outcome {
+    fn from(o: Outcome) -> Self {
+        match o {
+            Outcome::Succeeded => pb::Outcome::Succeeded,
+            Outcome::FailedRestored => pb::Outcome::FailedRestored,
+            Outcome::FailedRestoreFailed => pb::Outcome::FailedRestoreFailed,
+            Outcome::Refused => pb::Outcome::Refused,
+        }
+    }
+}
+
+impl From<&OpReport> for pb::OpResult {
+    fn from(r: &OpReport) -> Self {
+        pb::OpResult {
+            op_id: r.op_id.clone(),
+            app: r.app.to_string(),
+            version: r.version.to_string(),
+            outcome: pb::Outcome::from(r.outcome) as i32,
+            reason: r.reason.clone(),
+            restore_detail: r.restore_detail.clone(),
+            state: Some((&r.state).into()),
+        }
+    }
+}
+
+impl TryFrom<pb::OpResult> for OpReport {
+    type Error = InvalidMessage;
+    fn try_from(r: pb::OpResult) -> Result<Self, InvalidMessage> {
+        const T: &str = "OpResult";
+        Ok(OpReport {
+            op_id: r.op_id,
+            app: AppName::new(r.app).map_err(|e| bad(T, "app", e))?,
+            version: Version::new(r.version).map_err(|e| bad(T, "version", e))?,
+            outcome: match pb::Outcome::try_from(r.outcome) {
+                Ok(pb::Outcome::Succeeded) => Outcome::Succeeded,
+                Ok(pb::Outcome::FailedRestored) => Outcome::FailedRestored,
+                Ok(pb::Outcome::FailedRestoreFailed) => Outcome::FailedRestoreFailed,
+                Ok(pb::Outcome::Refused) => Outcome::Refused,
+                _ => return Err(bad(T, "outcome", format!("unknown value {}", r.outcome))),
+            },
+            reason: r.reason,
+            restore_detail: r.restore_detail,
+            state: r
+                .state
+                .ok_or_else(|| bad(T, "state", "missing"))?
+                .try_into()?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> InstallSpec {
+        convoy_common::spec::AppSpec::parse(
+            "t.toml",
+            r#"
+name = "demo"
+install_path = "/opt/demo"
+units = ["demo.service"]
+[[health.checks]]
+type = "http"
+url = "http://127.0.0.1:8080/health"
+[[health.checks]]
+type = "systemd"
+unit = "demo.service"
+"#,
+        )
+        .unwrap()
+        .install
+    }
+
+    #[test]
+    fn activate_round_trips() {
+        let cmd = ActivateCommand {
+            op_id: "op-1".into(),
+            spec: spec(),
+            version: Version::new("2.0.0").unwrap(),
+            digest: Digest::of_bytes(b"x"),
+            size: 42,
+        };
+        let wire = pb::Activate::from(&cmd);
+        assert_eq!(ActivateCommand::try_from(wire).unwrap(), cmd);
+    }
+
+    #[test]
+    fn hostile_activate_is_refused_at_the_edge() {
+        let cmd = ActivateCommand {
+            op_id: "op-1".into(),
+            spec: spec(),
+            version: Version::new("2.0.0").unwrap(),
+            digest: Digest::of_bytes(b"x"),
+            size: 42,
+        };
+        let mut wire = pb::Activate::from(&cmd);
+        wire.version = "../../etc".into();
+        let err = ActivateCommand::try_from(wire).unwrap_err();
+        assert_eq!(err.field, "version");
+
+        let mut wire = pb::Activate::from(&cmd);
+        wire.spec.as_mut().unwrap().install_path = "/etc".into();
+        let err = ActivateCommand::try_from(wire).unwrap_err();
+        assert_eq!(err.field, "install_path");
+    }
+}

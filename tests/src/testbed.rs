@@ -1,0 +1,581 @@
+//! Boots and tears down a fleet of test hosts and one controller.
+
+use std::fs;
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+/// Port of the controller on the bridge.
+const CONTROLLER_PORT: u16 = 7443;
+/// Port the demo app listens on inside each host.
+pub const DEMO_PORT: u16 = 8080;
+
+/// Directory holding the workspace's built binaries (target/debug).
+pub fn bin_dir() -> PathBuf {
+    if let Ok(d) = std::env::var("CONVOY_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    // target/debug/deps/<test> or target/debug/<bin>
+    let exe = std::env::current_exe().expect("current exe");
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace")
+        .to_path_buf()
+}
+
+/// The cached Debian root filesystem the hosts boot from.
+pub fn rootfs() -> PathBuf {
+    std::env::var("CONVOY_TESTBED_ROOTFS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| workspace_root().join("target/testbed/rootfs"))
+}
+
+fn run(cmd: &mut Command) -> Result<Output> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    Ok(out)
+}
+
+fn run_ok(cmd: &mut Command) -> Result<String> {
+    let out = run(cmd)?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Result<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if start.elapsed() > timeout {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// One booted host.
+pub struct Host {
+    /// The name in its certificate: host1, host2, ...
+    pub name: String,
+    /// nspawn machine name (unique on this machine).
+    pub machine: String,
+    pub ip: Ipv4Addr,
+    nspawn: Child,
+    /// PID of the host's systemd (PID 1 inside).
+    pub leader: u32,
+}
+
+impl Host {
+    /// Runs a command inside the host (all namespaces).
+    pub fn exec(&self, args: &[&str]) -> Result<Output> {
+        run(Command::new("nsenter")
+            .arg("-t")
+            .arg(self.leader.to_string())
+            .arg("-a")
+            .args(args))
+    }
+
+    pub fn exec_ok(&self, args: &[&str]) -> Result<String> {
+        run_ok(
+            Command::new("nsenter")
+                .arg("-t")
+                .arg(self.leader.to_string())
+                .arg("-a")
+                .args(args),
+        )
+    }
+
+    /// A systemd property of a unit inside the host.
+    pub fn unit_property(&self, unit: &str, prop: &str) -> Result<String> {
+        Ok(self
+            .exec_ok(&["systemctl", "show", "-p", prop, "--value", unit])?
+            .trim()
+            .to_owned())
+    }
+
+    /// GET http://<host>:8080<path> over the bridge; `None` when nothing answers.
+    pub fn http_get(&self, path: &str) -> Option<(u16, String)> {
+        use std::io::{Read, Write};
+        let addr = SocketAddr::from((self.ip, DEMO_PORT));
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            self.ip
+        )
+        .ok()?;
+        let mut buf = String::new();
+        s.read_to_string(&mut buf).ok()?;
+        let status = buf.split_whitespace().nth(1)?.parse().ok()?;
+        let body = buf
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        Some((status, body))
+    }
+
+    /// The version the demo app serves, if it answers.
+    pub fn serving(&self) -> Option<String> {
+        let (status, body) = self.http_get("/")?;
+        (status == 200).then(|| body.trim().trim_start_matches("demo ").to_owned())
+    }
+}
+
+pub struct Testbed {
+    pub dir: tempfile::TempDir,
+    pub bridge: String,
+    pub subnet: u8,
+    pub hosts: Vec<Host>,
+    controller: Option<Child>,
+    bins: PathBuf,
+}
+
+/// Result of a CLI call.
+#[derive(Debug)]
+pub struct CliOutput {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Testbed {
+    /// Boots `n` hosts labelled env=staging, a controller, and waits until
+    /// every agent is connected.
+    pub fn boot(n: usize) -> Result<Testbed> {
+        Self::boot_with(n, |_| "staging".to_owned())
+    }
+
+    pub fn boot_with(n: usize, env_of: impl Fn(usize) -> String) -> Result<Testbed> {
+        let bins = bin_dir();
+        for b in ["convoy", "convoy-agent", "demo-app"] {
+            if !bins.join(b).exists() {
+                bail!(
+                    "{} is missing: run `cargo build --workspace --bins` first",
+                    bins.join(b).display()
+                );
+            }
+        }
+        if !rootfs().join("usr/lib/systemd/systemd").exists()
+            && !rootfs().join("lib/systemd/systemd").exists()
+        {
+            bail!(
+                "no test-bed rootfs at {}: run scripts/testbed-setup",
+                rootfs().display()
+            );
+        }
+        let (bridge, subnet) = allocate_bridge()?;
+        let mut bed = Testbed {
+            dir: tempfile::Builder::new()
+                .prefix("convoy-testbed-")
+                .tempdir()?,
+            bridge,
+            subnet,
+            hosts: Vec::new(),
+            controller: None,
+            bins,
+        };
+        bed.setup(n, &env_of)?;
+        Ok(bed)
+    }
+
+    pub fn controller_ip(&self) -> Ipv4Addr {
+        Ipv4Addr::new(198, 18, self.subnet, 1)
+    }
+
+    fn pki(&self) -> PathBuf {
+        self.dir.path().join("pki")
+    }
+
+    fn setup(&mut self, n: usize, env_of: &dyn Fn(usize) -> String) -> Result<()> {
+        let pki = self.pki();
+        let ip = self.controller_ip().to_string();
+        self.convoy_ok(&["pki", "init", "--dir", pki.to_str().unwrap()])?;
+        self.convoy_ok(&[
+            "pki",
+            "issue",
+            "controller",
+            "controller",
+            "--dir",
+            pki.to_str().unwrap(),
+            "--san",
+            &ip,
+        ])?;
+        self.convoy_ok(&[
+            "pki",
+            "issue",
+            "operator",
+            "operator",
+            "--dir",
+            pki.to_str().unwrap(),
+        ])?;
+
+        // Controller
+        let cdir = self.dir.path().join("controller");
+        fs::create_dir_all(cdir.join("apps"))?;
+        fs::copy(
+            workspace_root().join("tests/testbed/demo.toml"),
+            cdir.join("apps/demo.toml"),
+        )?;
+        fs::write(
+            cdir.join("controller.toml"),
+            format!(
+                "listen = \"{ip}:{CONTROLLER_PORT}\"\ndata_dir = \"{d}/data\"\napps_dir = \"{d}/apps\"\nca = \"{p}/ca.pem\"\ncert = \"{p}/controller.pem\"\nkey = \"{p}/controller.key\"\nhost_timeout = \"2m\"\n",
+                d = cdir.display(),
+                p = pki.display()
+            ),
+        )?;
+        self.start_controller()?;
+
+        for i in 1..=n {
+            let host = self.boot_host(i, &env_of(i))?;
+            self.hosts.push(host);
+        }
+        for h in &self.hosts {
+            h.exec_ok(&["systemctl", "start", "convoy-agent.service"])?;
+        }
+        self.wait_connected(n)?;
+        Ok(())
+    }
+
+    /// Starts (or restarts) the controller process.
+    pub fn start_controller(&mut self) -> Result<()> {
+        let cdir = self.dir.path().join("controller");
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(cdir.join("controller.log"))?;
+        let child = Command::new(self.bins.join("convoy"))
+            .args(["serve", "--config"])
+            .arg(cdir.join("controller.toml"))
+            .env("CONVOY_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        self.controller = Some(child);
+        let addr = SocketAddr::from((self.controller_ip(), CONTROLLER_PORT));
+        wait_for("the controller to listen", Duration::from_secs(20), || {
+            TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()
+        })?;
+        Ok(())
+    }
+
+    fn boot_host(&self, i: usize, env: &str) -> Result<Host> {
+        let name = format!("host{i}");
+        let machine = format!("cv{}h{i}", self.subnet);
+        let ip = Ipv4Addr::new(198, 18, self.subnet, 10 + i as u8);
+        let pki = self.pki();
+        let etc = self.dir.path().join("hosts").join(&name);
+        fs::create_dir_all(&etc)?;
+        self.convoy_ok(&[
+            "pki",
+            "issue",
+            "agent",
+            &name,
+            "--dir",
+            pki.to_str().unwrap(),
+            "--out",
+            etc.to_str().unwrap(),
+        ])?;
+        fs::copy(pki.join("ca.pem"), etc.join("ca.pem"))?;
+        fs::write(
+            etc.join("agent.toml"),
+            format!(
+                "controller = \"https://{}:{CONTROLLER_PORT}\"\nserver_name = \"controller\"\nca = \"/etc/convoy/ca.pem\"\ncert = \"/etc/convoy/{name}.pem\"\nkey = \"/etc/convoy/{name}.key\"\nunit_timeout = \"30s\"\n\n[labels]\nenv = \"{env}\"\nzone = \"z{}\"\n",
+                self.controller_ip(),
+                i % 2
+            ),
+        )?;
+        let console = fs::File::create(self.dir.path().join(format!("{name}.console.log")))?;
+        let bind = |from: &Path, to: &str| format!("--bind-ro={}:{to}", from.display());
+        let nspawn = Command::new("systemd-nspawn")
+            .arg("-D")
+            .arg(rootfs())
+            .args([
+                "-M",
+                &machine,
+                "--boot",
+                "--register=no",
+                "--keep-unit",
+                "--volatile=overlay",
+                "-q",
+                "--console=read-only",
+            ])
+            .arg(format!("--network-bridge={}", self.bridge))
+            .arg(bind(
+                &self.bins.join("convoy-agent"),
+                "/usr/bin/convoy-agent",
+            ))
+            .arg(bind(&etc, "/etc/convoy"))
+            .arg(bind(
+                &workspace_root().join("packaging/convoy-agent.service"),
+                "/etc/systemd/system/convoy-agent.service",
+            ))
+            .arg(bind(
+                &workspace_root().join("tests/testbed/demo.service"),
+                "/etc/systemd/system/demo.service",
+            ))
+            .stdin(Stdio::null())
+            .stdout(console.try_clone()?)
+            .stderr(console)
+            .spawn()
+            .context("starting systemd-nspawn")?;
+        let nspawn_pid = nspawn.id();
+        let mut host = Host {
+            name,
+            machine,
+            ip,
+            nspawn,
+            leader: 0,
+        };
+        host.leader = wait_for(
+            "the host's systemd to start",
+            Duration::from_secs(30),
+            || find_child_systemd(nspawn_pid),
+        )?;
+        wait_for(
+            "the host to finish booting",
+            Duration::from_secs(60),
+            || {
+                let out = host.exec(&["systemctl", "is-system-running"]).ok()?;
+                let s = String::from_utf8_lossy(&out.stdout);
+                (s.trim() == "running" || s.trim() == "degraded").then_some(())
+            },
+        )?;
+        host.exec_ok(&["ip", "addr", "add", &format!("{ip}/24"), "dev", "host0"])?;
+        host.exec_ok(&["ip", "link", "set", "host0", "up"])?;
+        Ok(host)
+    }
+
+    /// Waits until the controller reports `n` connected hosts.
+    pub fn wait_connected(&self, n: usize) -> Result<()> {
+        wait_for("all agents to connect", Duration::from_secs(30), || {
+            let out = self.convoy(&["status", "demo", "--output", "json"]).ok()?;
+            let v: serde_json::Value = serde_json::from_str(&out.stdout).ok()?;
+            let connected = v["hosts"]
+                .as_array()?
+                .iter()
+                .filter(|h| h["connected"] == true)
+                .count();
+            (connected == n).then_some(())
+        })
+    }
+
+    /// Runs the `convoy` CLI as the operator.
+    pub fn convoy(&self, args: &[&str]) -> Result<CliOutput> {
+        let pki = self.pki();
+        let out = Command::new(self.bins.join("convoy"))
+            .args(args)
+            .env(
+                "CONVOY_CONTROLLER",
+                format!("https://{}:{CONTROLLER_PORT}", self.controller_ip()),
+            )
+            .env("CONVOY_SERVER_NAME", "controller")
+            .env("CONVOY_CA", pki.join("ca.pem"))
+            .env("CONVOY_CERT", pki.join("operator.pem"))
+            .env("CONVOY_KEY", pki.join("operator.key"))
+            .output()?;
+        Ok(CliOutput {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
+    }
+
+    pub fn convoy_ok(&self, args: &[&str]) -> Result<String> {
+        let out = self.convoy(args)?;
+        if out.code != 0 {
+            bail!(
+                "convoy {args:?} exited {}: {}{}",
+                out.code,
+                out.stdout,
+                out.stderr
+            );
+        }
+        Ok(out.stdout)
+    }
+
+    /// Packs the demo app as `version` with `mode` (healthy, unhealthy,
+    /// crash) and returns the artifact's path.
+    pub fn pack_demo(&self, version: &str, mode: &str) -> Result<PathBuf> {
+        let tree = self.dir.path().join(format!("pack-{version}"));
+        fs::create_dir_all(tree.join("bin"))?;
+        fs::copy(self.bins.join("demo-app"), tree.join("bin/demo-app"))?;
+        fs::write(
+            tree.join("release.toml"),
+            format!("version = \"{version}\"\nmode = \"{mode}\"\nport = {DEMO_PORT}\n"),
+        )?;
+        let out = self.dir.path().join(format!("demo-{version}.tar.gz"));
+        convoy_common::archive::pack_dir(&tree, fs::File::create(&out)?)?;
+        Ok(out)
+    }
+
+    /// Packs and pushes the demo app.
+    pub fn push_demo(&self, version: &str, mode: &str) -> Result<()> {
+        let file = self.pack_demo(version, mode)?;
+        self.convoy_ok(&["release", "push", "demo", version, file.to_str().unwrap()])?;
+        Ok(())
+    }
+
+    /// `convoy status demo --output json`, parsed.
+    pub fn status(&self) -> Result<serde_json::Value> {
+        let out = self.convoy_ok(&["status", "demo", "--output", "json"])?;
+        Ok(serde_json::from_str(&out)?)
+    }
+
+    pub fn host_status<'a>(
+        status: &'a serde_json::Value,
+        host: &str,
+    ) -> Result<&'a serde_json::Value> {
+        status["hosts"]
+            .as_array()
+            .and_then(|a| a.iter().find(|h| h["host"] == host))
+            .ok_or_else(|| anyhow!("{host} not in status: {status}"))
+    }
+
+    pub fn controller_log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("controller/controller.log")).unwrap_or_default()
+    }
+
+    /// Kills the controller (SIGKILL) and waits for it.
+    pub fn kill_controller(&mut self) {
+        if let Some(mut c) = self.controller.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn dump_diagnostics(&self) {
+        eprintln!(
+            "──── controller log ────\n{}",
+            tail(&self.controller_log(), 80)
+        );
+        for h in &self.hosts {
+            if let Ok(o) = h.exec(&[
+                "journalctl",
+                "--no-pager",
+                "-n",
+                "60",
+                "-u",
+                "convoy-agent",
+                "-u",
+                "demo",
+            ]) {
+                eprintln!(
+                    "──── {} journal ────\n{}",
+                    h.name,
+                    String::from_utf8_lossy(&o.stdout)
+                );
+            }
+        }
+    }
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        if std::thread::panicking() || std::env::var_os("CONVOY_TESTBED_VERBOSE").is_some() {
+            self.dump_diagnostics();
+        }
+        for h in &mut self.hosts {
+            // SIGTERM asks nspawn to shut the host down cleanly.
+            let _ = nix_kill(h.nspawn.id(), "TERM");
+        }
+        let deadline = Instant::now() + Duration::from_secs(15);
+        for h in &mut self.hosts {
+            loop {
+                match h.nspawn.try_wait() {
+                    Ok(Some(_)) => break,
+                    _ if Instant::now() > deadline => {
+                        let _ = h.nspawn.kill();
+                        let _ = h.nspawn.wait();
+                        break;
+                    }
+                    _ => std::thread::sleep(Duration::from_millis(100)),
+                }
+            }
+        }
+        self.kill_controller();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .output();
+    }
+}
+
+fn nix_kill(pid: u32, sig: &str) -> std::io::Result<()> {
+    Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .output()
+        .map(|_| ())
+}
+
+/// Finds the `systemd` process nspawn started (the host's PID 1).
+fn find_child_systemd(root: u32) -> Option<u32> {
+    let mut stack = vec![root];
+    while let Some(pid) = stack.pop() {
+        for task in fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
+            let children = fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            for c in children
+                .split_whitespace()
+                .filter_map(|c| c.parse::<u32>().ok())
+            {
+                let comm = fs::read_to_string(format!("/proc/{c}/comm")).unwrap_or_default();
+                if comm.trim() == "systemd" {
+                    return Some(c);
+                }
+                stack.push(c);
+            }
+        }
+    }
+    None
+}
+
+/// Creates a bridge no other test bed uses: convoybr<N> with
+/// 198.18.<N>.1/24. Creating the link is atomic, so concurrent test beds
+/// never share one.
+fn allocate_bridge() -> Result<(String, u8)> {
+    for n in 0u8..=200 {
+        let name = format!("convoybr{n}");
+        let out = Command::new("ip")
+            .args(["link", "add", &name, "type", "bridge"])
+            .output()?;
+        if !out.status.success() {
+            continue;
+        }
+        run_ok(Command::new("ip").args([
+            "addr",
+            "add",
+            &format!("198.18.{n}.1/24"),
+            "dev",
+            &name,
+        ]))?;
+        run_ok(Command::new("ip").args(["link", "set", &name, "up"]))?;
+        return Ok((name, n));
+    }
+    bail!("no free convoybr<N> bridge name; run scripts/testbed-clean")
+}

@@ -1,0 +1,163 @@
+//! End-to-end scenarios on booted hosts with real systemd (see TESTBED.md).
+//! Each test boots its own fleet on its own bridge.
+
+use anyhow::Result;
+use convoy_tests::Testbed;
+
+fn all_serve(bed: &Testbed, version: &str) {
+    for h in &bed.hosts {
+        assert_eq!(
+            h.serving().as_deref(),
+            Some(version),
+            "{} should serve {version}",
+            h.name
+        );
+    }
+}
+
+fn assert_current(bed: &Testbed, host: &str, current: &str, previous: Option<&str>) -> Result<()> {
+    let status = bed.status()?;
+    let h = Testbed::host_status(&status, host)?;
+    assert_eq!(h["connected"], true, "{host}: {h}");
+    assert_eq!(h["app"]["current"], current, "{host}: {h}");
+    if let Some(p) = previous {
+        assert_eq!(h["app"]["previous"], p, "{host}: {h}");
+    }
+    Ok(())
+}
+
+/// (a) v1 then v2, host by host: every host serves v2 and status says so.
+#[test]
+fn scenario_a_rolling_v1_then_v2() -> Result<()> {
+    let bed = Testbed::boot(3)?;
+    bed.push_demo("1.0.0", "healthy")?;
+    let out = bed.convoy_ok(&["deploy", "demo", "1.0.0", "--env", "staging"])?;
+    assert!(out.contains("succeeded: 3 host(s)"), "{out}");
+    all_serve(&bed, "1.0.0");
+
+    bed.push_demo("2.0.0", "healthy")?;
+    let out = bed.convoy_ok(&["deploy", "demo", "2.0.0", "--env", "staging"])?;
+    // Host by host: host1 commits before host2 starts.
+    let h1_commit = out.find("[host1] commit").expect("host1 commit");
+    let h2_stage = out.find("[host2] stage").expect("host2 stage");
+    assert!(h1_commit < h2_stage, "not host by host:\n{out}");
+    all_serve(&bed, "2.0.0");
+    for h in ["host1", "host2", "host3"] {
+        assert_current(&bed, h, "2.0.0", Some("1.0.0"))?;
+    }
+    let status = bed.status()?;
+    let h = Testbed::host_status(&status, "host2")?;
+    assert_eq!(h["app"]["health"], "healthy");
+    assert_eq!(h["app"]["releases"], serde_json::json!(["1.0.0", "2.0.0"]));
+
+    // The text view says the same.
+    let text = bed.convoy_ok(&["status", "demo"])?;
+    assert_eq!(
+        text.lines()
+            .filter(|l| l.contains("2.0.0") && l.contains("healthy"))
+            .count(),
+        3,
+        "{text}"
+    );
+    Ok(())
+}
+
+/// (b) v3's health check fails: host1 is restored to v2 and serves it
+/// again, the rollout halts, hosts 2 and 3 are never switched, and the CLI
+/// exits non-zero naming the host and the failed check.
+#[test]
+fn scenario_b_failed_health_check_restores_and_halts() -> Result<()> {
+    let bed = Testbed::boot(3)?;
+    bed.push_demo("2.0.0", "healthy")?;
+    bed.convoy_ok(&["deploy", "demo", "2.0.0", "--env", "staging"])?;
+    all_serve(&bed, "2.0.0");
+
+    bed.push_demo("3.0.0", "unhealthy")?;
+    let out = bed.convoy(&["deploy", "demo", "3.0.0", "--env", "staging"])?;
+    assert_eq!(out.code, 1, "exit code: {out:?}");
+    assert!(out.stderr.contains("failed on host1"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains(
+            "health check failed: http http://127.0.0.1:8080/health: status 500, expected 200"
+        ),
+        "{}",
+        out.stderr
+    );
+    assert!(out.stderr.contains("restored 2.0.0"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("hosts not touched: host2, host3"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        !out.stdout.contains("[host2]"),
+        "host2 must not be touched:\n{}",
+        out.stdout
+    );
+
+    all_serve(&bed, "2.0.0");
+    assert_current(&bed, "host1", "2.0.0", None)?;
+    let status = bed.status()?;
+    for h in ["host2", "host3"] {
+        let s = Testbed::host_status(&status, h)?;
+        assert_eq!(s["app"]["current"], "2.0.0");
+        assert_eq!(
+            s["app"]["releases"],
+            serde_json::json!(["2.0.0"]),
+            "{h} must never have staged 3.0.0"
+        );
+    }
+    let h1 = Testbed::host_status(&status, "host1")?;
+    assert_eq!(h1["app"]["health"], "healthy", "{h1}");
+    // The install path on host1 points at 2.0.0 again.
+    let link = bed.hosts[0].exec_ok(&["readlink", "/opt/demo"])?;
+    assert!(link.trim().ends_with("/releases/2.0.0"), "{link}");
+    Ok(())
+}
+
+/// (c) The agent is killed and restarted by systemd while connected: it
+/// reconnects and reports the same versions, and the fleet still deploys.
+#[test]
+fn scenario_c_agent_restarted_by_systemd_reconnects() -> Result<()> {
+    let bed = Testbed::boot(3)?;
+    bed.push_demo("1.0.0", "healthy")?;
+    bed.convoy_ok(&["deploy", "demo", "1.0.0", "--env", "staging"])?;
+
+    let host = &bed.hosts[1];
+    let pid_before = host.unit_property("convoy-agent.service", "MainPID")?;
+    let restarts_before: u32 = host
+        .unit_property("convoy-agent.service", "NRestarts")?
+        .parse()?;
+    // SIGKILL the agent's main process; systemd sees it die.
+    host.exec_ok(&["sh", "-c", &format!("kill -KILL {pid_before}")])?;
+
+    // systemd restarts it (Restart=always) ...
+    let start = std::time::Instant::now();
+    loop {
+        let restarts: u32 = host
+            .unit_property("convoy-agent.service", "NRestarts")?
+            .parse()?;
+        let pid = host.unit_property("convoy-agent.service", "MainPID")?;
+        if restarts == restarts_before + 1 && pid != pid_before && pid != "0" {
+            break;
+        }
+        assert!(
+            start.elapsed().as_secs() < 20,
+            "systemd did not restart the agent"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // ... and it reconnects, reporting the same versions.
+    bed.wait_connected(3)?;
+    assert_current(&bed, "host2", "1.0.0", None)?;
+    assert_eq!(
+        host.serving().as_deref(),
+        Some("1.0.0"),
+        "the app kept running"
+    );
+
+    bed.push_demo("2.0.0", "healthy")?;
+    bed.convoy_ok(&["deploy", "demo", "2.0.0", "--env", "staging"])?;
+    all_serve(&bed, "2.0.0");
+    Ok(())
+}
