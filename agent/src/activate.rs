@@ -18,6 +18,7 @@ use convoy_common::AppName;
 use tonic::transport::Channel;
 
 use crate::agent::Agent;
+use crate::crash::crash_point;
 use crate::fetch;
 use crate::health;
 use crate::store::{AppDirs, Inflight, Journal, Phase, ReleaseMeta};
@@ -68,6 +69,27 @@ pub async fn activate(agent: Arc<Agent>, channel: Channel, cmd: ActivateCommand)
     };
     let from = j.current.clone();
     let to = cmd.version.clone();
+    if from.as_ref() == Some(&to)
+        && agent
+            .store
+            .release_meta(&app, &to)
+            .is_some_and(|m| m.digest == cmd.digest)
+        && fs::read_link(&cmd.spec.install_path).is_ok_and(|l| l == dirs.release(&to))
+    {
+        op.event(
+            Step::Commit,
+            EventKind::Succeeded,
+            format!("{to} is already current; nothing to do"),
+        );
+        return finish(
+            &agent,
+            &cmd,
+            j,
+            Outcome::Succeeded,
+            String::new(),
+            "already current".into(),
+        );
+    }
 
     // ── stage ──
     j.inflight = Some(Inflight {
@@ -80,6 +102,7 @@ pub async fn activate(agent: Arc<Agent>, channel: Channel, cmd: ActivateCommand)
     if let Err(e) = agent.store.save_journal(&app, &j) {
         return refuse(&agent, &cmd, e.to_string());
     }
+    crash_point("stage-begin");
     op.event(
         Step::Stage,
         EventKind::Started,
@@ -97,31 +120,21 @@ pub async fn activate(agent: Arc<Agent>, channel: Channel, cmd: ActivateCommand)
             return finish(&agent, &cmd, j, Outcome::FailedRestored, reason, detail);
         }
     }
+    crash_point("after-stage");
 
     // ── switch ──
     set_phase(&agent, &app, &mut j, Phase::Switched);
-    op.event(
-        Step::Switch,
-        EventKind::Started,
-        format!(
-            "{} -> {to}",
-            from.as_ref().map_or("nothing".into(), |v| v.to_string())
-        ),
-    );
+    crash_point("before-switch");
+    let from_name = from.as_ref().map_or("nothing".into(), |v| v.to_string());
+    op.event(Step::Switch, EventKind::Started, format!("{from_name} -> {to}"));
     if let Err(e) = fsutil::replace_symlink(&dirs.release(&to), &cmd.spec.install_path) {
         let reason = format!("switching {} to {to}: {e}", cmd.spec.install_path.display());
         op.event(Step::Switch, EventKind::Failed, &reason);
         return restore(&agent, &op, cmd, j, reason).await;
     }
-    op.event(
-        Step::Switch,
-        EventKind::Succeeded,
-        format!(
-            "{} -> {}",
-            cmd.spec.install_path.display(),
-            dirs.release(&to).display()
-        ),
-    );
+    let switched = format!("{} -> {}", cmd.spec.install_path.display(), dirs.release(&to).display());
+    op.event(Step::Switch, EventKind::Succeeded, switched);
+    crash_point("after-switch");
 
     // ── restart ──
     for unit in &cmd.spec.units {
@@ -133,6 +146,7 @@ pub async fn activate(agent: Arc<Agent>, channel: Channel, cmd: ActivateCommand)
         }
         op.event(Step::Restart, EventKind::Succeeded, unit.clone());
     }
+    crash_point("after-restart");
 
     // ── check ──
     op.event(Step::Check, EventKind::Started, describe_policy(&cmd.spec));
@@ -140,16 +154,11 @@ pub async fn activate(agent: Arc<Agent>, channel: Channel, cmd: ActivateCommand)
         Ok(msg) => op.event(Step::Check, EventKind::Succeeded, msg),
         Err(reason) => {
             op.event(Step::Check, EventKind::Failed, &reason);
-            return restore(
-                &agent,
-                &op,
-                cmd,
-                j,
-                format!("health check failed: {reason}"),
-            )
-            .await;
+            let reason = format!("health check failed: {reason}");
+            return restore(&agent, &op, cmd, j, reason).await;
         }
     }
+    crash_point("after-check");
 
     // ── commit ──
     j.previous = from;
@@ -159,28 +168,14 @@ pub async fn activate(agent: Arc<Agent>, channel: Channel, cmd: ActivateCommand)
     j.health_reason = "passed health checks after activation".into();
     j.spec = Some(cmd.spec.clone());
     j.inflight = None;
-    op.event(
-        Step::Commit,
-        EventKind::Succeeded,
-        format!("{to} is current"),
-    );
-    finish(
-        &agent,
-        &cmd,
-        j,
-        Outcome::Succeeded,
-        String::new(),
-        String::new(),
-    )
+    op.event(Step::Commit, EventKind::Succeeded, format!("{to} is current"));
+    let report = finish(&agent, &cmd, j, Outcome::Succeeded, String::new(), String::new());
+    crash_point("after-commit");
+    report
 }
 
 fn describe_policy(spec: &InstallSpec) -> String {
-    let checks: Vec<String> = spec
-        .health
-        .checks
-        .iter()
-        .map(|c| c.kind.describe())
-        .collect();
+    let checks: Vec<String> = spec.health.checks.iter().map(|c| c.kind.describe()).collect();
     format!(
         "{} (healthy for {:?} within {:?})",
         if checks.is_empty() {
@@ -197,11 +192,7 @@ async fn check(agent: &Agent, op: &Op<'_>, spec: &InstallSpec) -> Result<String,
     let base = health::baseline(&agent.systemd, &spec.health).await;
     health::wait_healthy(&agent.systemd, &spec.health, &base, |v| {
         if let Err(m) = v {
-            op.event(
-                Step::Check,
-                EventKind::Info,
-                format!("not yet healthy: {m}"),
-            );
+            op.event(Step::Check, EventKind::Info, format!("not yet healthy: {m}"));
         }
     })
     .await
@@ -225,12 +216,7 @@ fn check_install_path(path: &Path) -> Result<(), String> {
 }
 
 /// Fetches, verifies and unpacks the release into `releases/<version>`.
-async fn stage(
-    agent: &Agent,
-    channel: &Channel,
-    cmd: &ActivateCommand,
-    dirs: &AppDirs,
-) -> Result<String, String> {
+async fn stage(agent: &Agent, channel: &Channel, cmd: &ActivateCommand, dirs: &AppDirs) -> Result<String, String> {
     let app = &cmd.spec.app;
     let release = dirs.release(&cmd.version);
     if release.exists() {
@@ -240,29 +226,28 @@ async fn stage(
                 "version {} is already on this host with sha256 {}, not {}; versions are immutable, push a new one",
                 cmd.version, m.digest, cmd.digest
             )),
-            None => Err(format!("{} exists without metadata; remove it by hand", release.display())),
+            None => Err(format!(
+                "{} exists without metadata; remove it by hand",
+                release.display()
+            )),
         };
     }
     let part = dirs.staging.join(format!("{}.part", cmd.digest));
     let fetched = fetch::fetch(channel.clone(), cmd.digest, cmd.size, &part, |_, _| {})
         .await
         .map_err(|e| e.to_string())?;
+    crash_point("after-fetch");
 
     let unpack_dir = dirs.staging.join(format!("{}.unpack", cmd.version));
     let _ = fs::remove_dir_all(&unpack_dir);
     let (part2, dir2) = (part.clone(), unpack_dir.clone());
     let stats = tokio::task::spawn_blocking(move || -> Result<archive::UnpackStats, String> {
         let f = fs::File::open(&part2).map_err(|e| format!("{}: {e}", part2.display()))?;
-        let stats = archive::unpack(
-            io::BufReader::with_capacity(1 << 20, f),
-            &dir2,
-            &Limits::default(),
-        )
-        .map_err(|e| format!("unsafe or corrupt archive: {e}"))?;
+        let stats = archive::unpack(io::BufReader::with_capacity(1 << 20, f), &dir2, &Limits::default())
+            .map_err(|e| format!("unsafe or corrupt archive: {e}"))?;
         // One syncfs makes the whole tree durable before it becomes visible.
         let d = fs::File::open(&dir2).map_err(|e| e.to_string())?;
-        nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&d))
-            .map_err(|e| format!("syncfs: {e}"))?;
+        nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&d)).map_err(|e| format!("syncfs: {e}"))?;
         Ok(stats)
     })
     .await
@@ -274,6 +259,7 @@ async fn stage(
             return Err(e);
         }
     };
+    crash_point("after-unpack");
     agent
         .store
         .write_release_meta(
@@ -307,23 +293,12 @@ fn set_phase(agent: &Agent, app: &AppName, j: &mut Journal, phase: Phase) {
 
 /// Puts the previous release back, restarts it and checks it. Used after a
 /// failed activation and by crash recovery.
-async fn restore(
-    agent: &Agent,
-    op: &Op<'_>,
-    cmd: ActivateCommand,
-    mut j: Journal,
-    reason: String,
-) -> OpReport {
+async fn restore(agent: &Agent, op: &Op<'_>, cmd: ActivateCommand, mut j: Journal, reason: String) -> OpReport {
     let (outcome, detail) = restore_inner(agent, op, &cmd.spec, &mut j).await;
     finish(agent, &cmd, j, outcome, reason, detail)
 }
 
-async fn restore_inner(
-    agent: &Agent,
-    op: &Op<'_>,
-    spec: &InstallSpec,
-    j: &mut Journal,
-) -> (Outcome, String) {
+async fn restore_inner(agent: &Agent, op: &Op<'_>, spec: &InstallSpec, j: &mut Journal) -> (Outcome, String) {
     let app = &spec.app;
     let from = j.inflight.as_ref().and_then(|i| i.from.clone());
     set_phase(agent, app, j, Phase::Restoring);
@@ -332,15 +307,13 @@ async fn restore_inner(
     let dirs = agent.store.app(app);
     let out = match from {
         Some(prev) => {
-            op.event(
-                Step::Restore,
-                EventKind::Started,
-                format!("switching back to {prev}"),
-            );
+            op.event(Step::Restore, EventKind::Started, format!("switching back to {prev}"));
+            crash_point("restore-begin");
             let mut problems = Vec::new();
             if let Err(e) = fsutil::replace_symlink(&dirs.release(&prev), &spec.install_path) {
                 problems.push(format!("switch back: {e}"));
             }
+            crash_point("restore-after-switch");
             for unit in &prev_spec.units {
                 if let Err(e) = agent.systemd.restart(unit, agent.unit_timeout).await {
                     problems.push(format!("restart {unit}: {e}"));
@@ -443,11 +416,7 @@ pub async fn recover_all(agent: &Agent) -> Vec<OpReport> {
             restore_inner(agent, &op, &inflight.spec, &mut j).await
         };
         let report = finish(agent, &cmd_like, j, outcome, reason, detail);
-        op.event(
-            Step::Recover,
-            EventKind::Succeeded,
-            report.outcome.to_string(),
-        );
+        op.event(Step::Recover, EventKind::Succeeded, report.outcome.to_string());
         reports.push(report);
     }
     reports

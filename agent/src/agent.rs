@@ -36,12 +36,7 @@ impl Drop for OpGuard {
 }
 
 impl Agent {
-    pub fn new(
-        store: Store,
-        systemd: Systemd,
-        labels: BTreeMap<String, String>,
-        unit_timeout: Duration,
-    ) -> Self {
+    pub fn new(store: Store, systemd: Systemd, labels: BTreeMap<String, String>, unit_timeout: Duration) -> Self {
         Self {
             reporter: Reporter::new(store.clone()),
             store,

@@ -60,10 +60,7 @@ pub enum ConfigError {
 }
 
 fn valid_label_part(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    !s.is_empty() && s.len() <= 63 && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
 }
 
 impl Config {
@@ -80,14 +77,11 @@ impl Config {
             path: file.to_owned(),
             message,
         };
-        let raw: Raw =
-            toml::from_str(text).map_err(|e| invalid(e.to_string().trim_end().to_owned()))?;
-        let rest = raw.controller.strip_prefix("https://").ok_or_else(|| {
-            invalid(format!(
-                "controller: {:?} must start with https://",
-                raw.controller
-            ))
-        })?;
+        let raw: Raw = toml::from_str(text).map_err(|e| invalid(e.to_string().trim_end().to_owned()))?;
+        let rest = raw
+            .controller
+            .strip_prefix("https://")
+            .ok_or_else(|| invalid(format!("controller: {:?} must start with https://", raw.controller)))?;
         let host = rest.rsplit_once(':').map(|(h, _)| h).unwrap_or(rest);
         let host = host.trim_start_matches('[').trim_end_matches(']');
         if host.is_empty() {
@@ -149,10 +143,6 @@ env = "staging"
         check_err("https://198", "http://198", "must start with https://");
         check_err("env = \"staging\"", "env = \"stag ing\"", "labels.env");
         check_err("ca =", "cax =", "unknown field `cax`");
-        check_err(
-            "[labels]",
-            "unit_timeout = \"soon\"\n[labels]",
-            "unit_timeout",
-        );
+        check_err("[labels]", "unit_timeout = \"soon\"\n[labels]", "unit_timeout");
     }
 }

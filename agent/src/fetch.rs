@@ -86,14 +86,9 @@ pub async fn fetch(
                     return Err(format!("size changed: {} != {size}", chunk.total_size));
                 }
                 if chunk.offset != offset {
-                    return Err(format!(
-                        "chunk at offset {} where {offset} was expected",
-                        chunk.offset
-                    ));
+                    return Err(format!("chunk at offset {} where {offset} was expected", chunk.offset));
                 }
-                file.write_all(&chunk.data)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                file.write_all(&chunk.data).await.map_err(|e| e.to_string())?;
                 offset += chunk.data.len() as u64;
                 fetched += chunk.data.len() as u64;
                 progress(offset, size);

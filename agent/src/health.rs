@@ -50,15 +50,9 @@ async fn run_inner(systemd: &Systemd, kind: &CheckKind, base: &RestartBaseline) 
             body_contains,
         } => http_check(url, *expect_status, body_contains.as_deref()).await,
         CheckKind::Systemd { unit } => {
-            let s = systemd
-                .state(unit)
-                .await
-                .map_err(|e| format!("systemd {unit}: {e}"))?;
+            let s = systemd.state(unit).await.map_err(|e| format!("systemd {unit}: {e}"))?;
             if s.active != "active" {
-                return Err(format!(
-                    "systemd {unit}: ActiveState is {} ({})",
-                    s.active, s.sub
-                ));
+                return Err(format!("systemd {unit}: ActiveState is {} ({})", s.active, s.sub));
             }
             if let (Some(now), Some(before)) = (s.n_restarts, base.get(unit)) {
                 if now != *before {
@@ -76,10 +70,7 @@ async fn run_inner(systemd: &Systemd, kind: &CheckKind, base: &RestartBaseline) 
 async fn http_check(url: &str, expect: u16, body_contains: Option<&str>) -> Verdict {
     let err = |m: String| format!("http {url}: {m}");
     let uri: hyper::Uri = url.parse().map_err(|e| err(format!("bad URL: {e}")))?;
-    let host = uri
-        .host()
-        .ok_or_else(|| err("URL has no host".into()))?
-        .to_owned();
+    let host = uri.host().ok_or_else(|| err("URL has no host".into()))?.to_owned();
     let port = uri.port_u16().unwrap_or(80);
     let stream = TcpStream::connect((host.as_str(), port))
         .await

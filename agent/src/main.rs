@@ -4,6 +4,7 @@
 mod activate;
 mod agent;
 mod config;
+mod crash;
 mod fetch;
 mod health;
 mod session;
@@ -22,11 +23,7 @@ use clap::Parser;
 #[command(version)]
 struct Args {
     /// Path of the agent's configuration file.
-    #[arg(
-        long,
-        default_value = "/etc/convoy/agent.toml",
-        env = "CONVOY_AGENT_CONFIG"
-    )]
+    #[arg(long, default_value = "/etc/convoy/agent.toml", env = "CONVOY_AGENT_CONFIG")]
     config: PathBuf,
 }
 
@@ -41,6 +38,8 @@ async fn main() -> std::process::ExitCode {
         }
     };
     init_tracing(cfg.log_level.as_deref());
+    // Reads FAILPOINTS; does nothing unless built with `--features failpoints`.
+    let _failpoints = fail::FailScenario::setup();
     match run(cfg).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -66,12 +65,7 @@ async fn run(cfg: config::Config) -> anyhow::Result<()> {
     let systemd = systemd::Systemd::connect()
         .await
         .context("connecting to systemd on the system bus")?;
-    let agent = Arc::new(agent::Agent::new(
-        store,
-        systemd,
-        cfg.labels.clone(),
-        cfg.unit_timeout,
-    ));
+    let agent = Arc::new(agent::Agent::new(store, systemd, cfg.labels.clone(), cfg.unit_timeout));
     let recovered = activate::recover_all(&agent).await;
     if !recovered.is_empty() {
         tracing::warn!(count = recovered.len(), "recovered interrupted operations");

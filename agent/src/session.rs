@@ -145,10 +145,7 @@ fn start_activation(agent: &Arc<Agent>, channel: Channel, cmd: ActivateCommand) 
                 app: cmd.spec.app.clone(),
                 version: cmd.version.clone(),
                 outcome: Outcome::Refused,
-                reason: format!(
-                    "busy: operation {running} is running for app {}",
-                    cmd.spec.app
-                ),
+                reason: format!("busy: operation {running} is running for app {}", cmd.spec.app),
                 restore_detail: String::new(),
                 state,
             };

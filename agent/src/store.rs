@@ -125,9 +125,7 @@ impl AppDirs {
 impl Store {
     pub fn open(root: &Path) -> Result<Self, StoreError> {
         fs::create_dir_all(root.join("apps")).map_err(io_at(root))?;
-        Ok(Self {
-            root: root.to_owned(),
-        })
+        Ok(Self { root: root.to_owned() })
     }
 
     pub fn app(&self, app: &AppName) -> AppDirs {
@@ -165,9 +163,7 @@ impl Store {
     pub fn load_journal(&self, app: &AppName) -> Result<Journal, StoreError> {
         let path = self.app(app).journal;
         match fs::read(&path) {
-            Ok(data) => {
-                serde_json::from_slice(&data).map_err(|source| StoreError::Corrupt { path, source })
-            }
+            Ok(data) => serde_json::from_slice(&data).map_err(|source| StoreError::Corrupt { path, source }),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Journal::default()),
             Err(e) => Err(io_at(&path)(e)),
         }
@@ -197,12 +193,7 @@ impl Store {
         serde_json::from_slice(&fs::read(path).ok()?).ok()
     }
 
-    pub fn write_release_meta(
-        &self,
-        app: &AppName,
-        v: &Version,
-        m: &ReleaseMeta,
-    ) -> Result<(), StoreError> {
+    pub fn write_release_meta(&self, app: &AppName, v: &Version, m: &ReleaseMeta) -> Result<(), StoreError> {
         let path = self.app(app).meta_file(v);
         let data = serde_json::to_vec(m).expect("meta serialises");
         fsutil::write_atomic(&path, &data, 0o644).map_err(io_at(&path))
@@ -242,8 +233,7 @@ impl Store {
         let keep = all.len().saturating_sub(32);
         all.drain(..keep);
         let path = self.unreported_path();
-        fsutil::write_atomic(&path, &serde_json::to_vec(&all).expect("serialises"), 0o600)
-            .map_err(io_at(&path))
+        fsutil::write_atomic(&path, &serde_json::to_vec(&all).expect("serialises"), 0o600).map_err(io_at(&path))
     }
 
     fn read_unreported(&self) -> Vec<OpReport> {

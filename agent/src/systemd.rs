@@ -20,13 +20,7 @@ trait Manager {
     fn load_unit(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
     fn reset_failed_unit(&self, name: &str) -> zbus::Result<()>;
     #[zbus(signal)]
-    fn job_removed(
-        &self,
-        id: u32,
-        job: OwnedObjectPath,
-        unit: String,
-        result: String,
-    ) -> zbus::Result<()>;
+    fn job_removed(&self, id: u32, job: OwnedObjectPath, unit: String, result: String) -> zbus::Result<()>;
 }
 
 #[zbus::proxy(
@@ -96,12 +90,7 @@ impl Systemd {
         Ok(ManagerProxy::new(&self.conn).await?)
     }
 
-    async fn run_job(
-        &self,
-        unit: &str,
-        verb: &'static str,
-        timeout: Duration,
-    ) -> Result<(), SystemdError> {
+    async fn run_job(&self, unit: &str, verb: &'static str, timeout: Duration) -> Result<(), SystemdError> {
         let mgr = self.manager().await?;
         // Listen before asking, so the job's end cannot be missed.
         let mut removed = mgr.receive_job_removed().await?;
@@ -123,14 +112,13 @@ impl Systemd {
             }
             Err(zbus::Error::Failure("JobRemoved stream ended".into()))
         };
-        let result =
-            tokio::time::timeout(timeout, wait)
-                .await
-                .map_err(|_| SystemdError::JobTimeout {
-                    unit: unit.to_owned(),
-                    verb,
-                    timeout,
-                })??;
+        let result = tokio::time::timeout(timeout, wait)
+            .await
+            .map_err(|_| SystemdError::JobTimeout {
+                unit: unit.to_owned(),
+                verb,
+                timeout,
+            })??;
         if result == "done" {
             Ok(())
         } else {

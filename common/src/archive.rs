@@ -47,15 +47,11 @@ pub enum ArchiveError {
     EmptyPath { entry: String },
     #[error("entry {entry:?}: link target {target:?} escapes the release root")]
     LinkEscapes { entry: String, target: String },
-    #[error(
-        "entry {entry:?}: hard link target {target:?} is not a regular file extracted earlier"
-    )]
+    #[error("entry {entry:?}: hard link target {target:?} is not a regular file extracted earlier")]
     BadHardLink { entry: String, target: String },
     #[error("entry {entry:?}: {kind} entries are not allowed")]
     SpecialFile { entry: String, kind: &'static str },
-    #[error(
-        "entry {entry:?}: setuid/setgid bits (mode {mode:o}) are not allowed by this app's spec"
-    )]
+    #[error("entry {entry:?}: setuid/setgid bits (mode {mode:o}) are not allowed by this app's spec")]
     SetId { entry: String, mode: u32 },
     #[error("entry {entry:?}: appears twice in the archive")]
     Duplicate { entry: String },
@@ -96,9 +92,7 @@ fn clean_path(raw: &Path) -> Result<PathBuf, ArchiveError> {
             Component::Normal(p) => out.push(p),
             Component::CurDir => {}
             Component::ParentDir => return Err(ArchiveError::ParentDir { entry: entry() }),
-            Component::RootDir | Component::Prefix(_) => {
-                return Err(ArchiveError::AbsolutePath { entry: entry() })
-            }
+            Component::RootDir | Component::Prefix(_) => return Err(ArchiveError::AbsolutePath { entry: entry() }),
         }
     }
     Ok(out)
@@ -144,11 +138,7 @@ enum Kind {
 /// Unpacks a gzip-compressed tar from `reader` into `dest`, which must not
 /// exist yet. On error, whatever was written stays inside `dest` and the
 /// caller removes `dest`.
-pub fn unpack(
-    reader: impl Read,
-    dest: &Path,
-    limits: &Limits,
-) -> Result<UnpackStats, ArchiveError> {
+pub fn unpack(reader: impl Read, dest: &Path, limits: &Limits) -> Result<UnpackStats, ArchiveError> {
     match fs::create_dir(dest) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
@@ -191,11 +181,7 @@ pub fn unpack(
         }
         // Every ancestor must be a directory this archive created (or be
         // created now); never a symlink, never a file.
-        let ancestors: Vec<&Path> = rel
-            .ancestors()
-            .skip(1)
-            .filter(|a| !a.as_os_str().is_empty())
-            .collect();
+        let ancestors: Vec<&Path> = rel.ancestors().skip(1).filter(|a| !a.as_os_str().is_empty()).collect();
         for a in ancestors.iter().rev() {
             match kinds.get(*a) {
                 Some(Kind::Dir) => {}
@@ -255,8 +241,7 @@ pub fn unpack(
                     .map_err(io_err)?;
                 let written = copy_bounded(&mut entry, &mut f).map_err(io_err)?;
                 stats.bytes += written;
-                f.set_permissions(fs::Permissions::from_mode(mode))
-                    .map_err(io_err)?;
+                f.set_permissions(fs::Permissions::from_mode(mode)).map_err(io_err)?;
                 stats.files += 1;
                 kinds.insert(rel, Kind::File);
             }
@@ -264,9 +249,7 @@ pub fn unpack(
                 let link = entry
                     .link_name()
                     .map_err(ArchiveError::Corrupt)?
-                    .ok_or_else(|| ArchiveError::EmptyPath {
-                        entry: name.clone(),
-                    })?
+                    .ok_or_else(|| ArchiveError::EmptyPath { entry: name.clone() })?
                     .into_owned();
                 if resolve_inside(&rel, &link).is_none() {
                     return Err(ArchiveError::LinkEscapes {
@@ -281,9 +264,7 @@ pub fn unpack(
                 let link = entry
                     .link_name()
                     .map_err(ArchiveError::Corrupt)?
-                    .ok_or_else(|| ArchiveError::EmptyPath {
-                        entry: name.clone(),
-                    })?
+                    .ok_or_else(|| ArchiveError::EmptyPath { entry: name.clone() })?
                     .into_owned();
                 let bad = || ArchiveError::BadHardLink {
                     entry: name.clone(),
@@ -311,11 +292,9 @@ pub fn unpack(
     // Directory modes last, so a read-only directory does not stop us
     // writing its children.
     for (dir, mode) in dir_modes.into_iter().rev() {
-        fs::set_permissions(&dir, fs::Permissions::from_mode(mode)).map_err(|source| {
-            ArchiveError::Io {
-                entry: dir.display().to_string(),
-                source,
-            }
+        fs::set_permissions(&dir, fs::Permissions::from_mode(mode)).map_err(|source| ArchiveError::Io {
+            entry: dir.display().to_string(),
+            source,
         })?;
     }
     Ok(stats)
@@ -388,11 +367,7 @@ mod tests {
         let src = tempfile::tempdir().unwrap();
         fs::create_dir_all(src.path().join("bin")).unwrap();
         fs::write(src.path().join("bin/app"), b"#!/bin/sh\n").unwrap();
-        fs::set_permissions(
-            src.path().join("bin/app"),
-            fs::Permissions::from_mode(0o755),
-        )
-        .unwrap();
+        fs::set_permissions(src.path().join("bin/app"), fs::Permissions::from_mode(0o755)).unwrap();
         std::os::unix::fs::symlink("bin/app", src.path().join("run")).unwrap();
         let mut buf = Vec::new();
         pack_dir(src.path(), &mut buf).unwrap();
@@ -402,16 +377,9 @@ mod tests {
         assert_eq!(stats.files, 1);
         assert_eq!(fs::read(dest.join("bin/app")).unwrap(), b"#!/bin/sh\n");
         assert_eq!(
-            fs::metadata(dest.join("bin/app"))
-                .unwrap()
-                .permissions()
-                .mode()
-                & 0o777,
+            fs::metadata(dest.join("bin/app")).unwrap().permissions().mode() & 0o777,
             0o755
         );
-        assert_eq!(
-            fs::read_link(dest.join("run")).unwrap(),
-            Path::new("bin/app")
-        );
+        assert_eq!(fs::read_link(dest.join("run")).unwrap(), Path::new("bin/app"));
     }
 }

@@ -81,8 +81,7 @@ pub enum IdentityError {
 
 /// Reads the identity from a DER certificate the TLS layer already verified.
 pub fn identity_from_der(der: &[u8]) -> Result<PeerIdentity, IdentityError> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der)
-        .map_err(|e| IdentityError::Parse(e.to_string()))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| IdentityError::Parse(e.to_string()))?;
     let subject = cert.subject();
     let cn = subject
         .iter_common_name()
@@ -108,9 +107,7 @@ pub enum PemError {
         #[source]
         source: io::Error,
     },
-    #[error(
-        "{path}: private key is readable by group or others (mode {mode:o}); run chmod 600 {path}"
-    )]
+    #[error("{path}: private key is readable by group or others (mode {mode:o}); run chmod 600 {path}")]
     KeyTooOpen { path: PathBuf, mode: u32 },
     #[error("{path}: no PEM {what} found")]
     Empty { path: PathBuf, what: &'static str },
@@ -122,9 +119,7 @@ pub fn read_cert_pem(path: &Path) -> Result<Vec<u8>, PemError> {
         path: path.to_owned(),
         source,
     })?;
-    let count = rustls_pemfile::certs(&mut &data[..])
-        .filter(|c| c.is_ok())
-        .count();
+    let count = rustls_pemfile::certs(&mut &data[..]).filter(|c| c.is_ok()).count();
     if count == 0 {
         return Err(PemError::Empty {
             path: path.to_owned(),

@@ -30,10 +30,7 @@ fn check(what: &'static str, value: &str, extra: &[char]) -> Result<(), InvalidN
     if value.starts_with(['.', '-']) {
         return err("must not start with '.' or '-'");
     }
-    if !value
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || extra.contains(&c))
-    {
+    if !value.chars().all(|c| c.is_ascii_alphanumeric() || extra.contains(&c)) {
         return err("may only contain ASCII letters, digits and the characters listed in the docs");
     }
     Ok(())

@@ -123,13 +123,9 @@ struct RawCheck {
 
 pub fn valid_unit_name(unit: &str) -> bool {
     const SUFFIXES: [&str; 4] = [".service", ".socket", ".target", ".timer"];
-    SUFFIXES
-        .iter()
-        .any(|s| unit.ends_with(s) && unit.len() > s.len())
+    SUFFIXES.iter().any(|s| unit.ends_with(s) && unit.len() > s.len())
         && unit.len() <= 255
-        && unit
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.@:\\".contains(c))
+        && unit.chars().all(|c| c.is_ascii_alphanumeric() || "-_.@:\\".contains(c))
 }
 
 impl AppSpec {
@@ -149,10 +145,7 @@ impl AppSpec {
         let app = AppName::new(raw.name).map_err(|e| from_name("name", e))?;
         check_install_path(&raw.install_path).map_err(|m| invalid("install_path", m))?;
         if raw.units.is_empty() {
-            return Err(invalid(
-                "units",
-                "at least one systemd unit is required".into(),
-            ));
+            return Err(invalid("units", "at least one systemd unit is required".into()));
         }
         for (i, u) in raw.units.iter().enumerate() {
             if !valid_unit_name(u) {
@@ -172,10 +165,7 @@ impl AppSpec {
             crate::names::AppName::new(e.clone())
                 .map_err(|err| invalid(&format!("environments[{i}]"), err.why.to_string()))?;
             if environments[..i].contains(e) {
-                return Err(invalid(
-                    &format!("environments[{i}]"),
-                    format!("{e:?} is listed twice"),
-                ));
+                return Err(invalid(&format!("environments[{i}]"), format!("{e:?} is listed twice")));
             }
         }
         if raw.selector.contains_key("env") {
@@ -222,9 +212,9 @@ impl AppSpec {
             }
             let kind = match c.kind.as_str() {
                 "http" => {
-                    let url = c.url.ok_or_else(|| {
-                        invalid(&field("url"), "required for an http check".into())
-                    })?;
+                    let url = c
+                        .url
+                        .ok_or_else(|| invalid(&field("url"), "required for an http check".into()))?;
                     if !url.starts_with("http://") || url.len() <= "http://".len() {
                         return Err(invalid(
                             &field("url"),
@@ -245,14 +235,11 @@ impl AppSpec {
                     }
                 }
                 "systemd" => {
-                    let unit = c.unit.ok_or_else(|| {
-                        invalid(&field("unit"), "required for a systemd check".into())
-                    })?;
+                    let unit = c
+                        .unit
+                        .ok_or_else(|| invalid(&field("unit"), "required for a systemd check".into()))?;
                     if !valid_unit_name(&unit) {
-                        return Err(invalid(
-                            &field("unit"),
-                            format!("{unit:?} is not a systemd unit name"),
-                        ));
+                        return Err(invalid(&field("unit"), format!("{unit:?} is not a systemd unit name")));
                     }
                     CheckKind::Systemd { unit }
                 }
@@ -297,8 +284,7 @@ pub fn check_install_path(p: &Path) -> Result<(), String> {
         return Err(format!("{} must not contain '.' or '..'", p.display()));
     }
     const PROTECTED: [&str; 12] = [
-        "/", "/bin", "/boot", "/dev", "/etc", "/lib", "/proc", "/run", "/sbin", "/sys", "/usr",
-        "/var",
+        "/", "/bin", "/boot", "/dev", "/etc", "/lib", "/proc", "/run", "/sbin", "/sys", "/usr", "/var",
     ];
     if PROTECTED.iter().any(|s| p == Path::new(s)) || p.starts_with("/var/lib/convoy") {
         return Err(format!("{} is a system or convoy directory", p.display()));
@@ -331,10 +317,7 @@ interval = "200ms"
         assert_eq!(s.install.app.as_str(), "demo");
         assert_eq!(s.environments, DEFAULT_ENVIRONMENTS);
         assert_eq!(s.install.health.checks.len(), 1);
-        assert_eq!(
-            s.install.health.checks[0].interval,
-            Duration::from_millis(200)
-        );
+        assert_eq!(s.install.health.checks[0].interval, Duration::from_millis(200));
         assert_eq!(s.install.health.checks[0].timeout, Duration::from_secs(2));
     }
 
@@ -342,10 +325,7 @@ interval = "200ms"
     fn check_err(replace: (&str, &str), expect: &str) {
         let text = GOOD.replace(replace.0, replace.1);
         let err = AppSpec::parse("demo.toml", &text).unwrap_err().to_string();
-        assert!(
-            err.contains(expect),
-            "error {err:?} should contain {expect:?}"
-        );
+        assert!(err.contains(expect), "error {err:?} should contain {expect:?}");
         assert!(err.starts_with("demo.toml: "), "{err}");
     }
 
@@ -360,14 +340,8 @@ interval = "200ms"
         check_err(("demo.service", "demo"), "units[0]");
         check_err(("\"demo\"", "\"de mo\""), "name: invalid app name");
         check_err(("\"15s\"", "\"fifteen\""), "health.healthy_deadline");
-        check_err(
-            ("\"15s\"", "\"500ms\""),
-            "must be longer than min_healthy_time",
-        );
-        check_err(
-            ("type = \"http\"", "type = \"smtp\""),
-            "health.checks[0].type",
-        );
+        check_err(("\"15s\"", "\"500ms\""), "must be longer than min_healthy_time");
+        check_err(("type = \"http\"", "type = \"smtp\""), "health.checks[0].type");
         check_err(("http://127", "https://127"), "health.checks[0].url");
         check_err(("units =", "unitz ="), "unknown field `unitz`");
     }

@@ -6,9 +6,7 @@ use std::time::Duration;
 
 use convoy_common::ops::{AppStatus, Outcome};
 use convoy_proto::operator_service_client::OperatorServiceClient;
-use convoy_proto::{
-    push_request, rollout_event, DeployRequest, PushHeader, PushRequest, StatusRequest,
-};
+use convoy_proto::{push_request, rollout_event, DeployRequest, PushHeader, PushRequest, StatusRequest};
 use serde::Serialize;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
@@ -95,12 +93,10 @@ impl Conn {
             v.clone()
                 .ok_or_else(|| Failure::new(exit::USAGE, format!("{flag} (or {env}) is required")))
         };
-        let url = self.controller.clone().ok_or_else(|| {
-            Failure::new(
-                exit::USAGE,
-                "--controller (or CONVOY_CONTROLLER) is required",
-            )
-        })?;
+        let url = self
+            .controller
+            .clone()
+            .ok_or_else(|| Failure::new(exit::USAGE, "--controller (or CONVOY_CONTROLLER) is required"))?;
         let ca = need(&self.ca, "--ca", "CONVOY_CA")?;
         let cert = need(&self.cert, "--cert", "CONVOY_CERT")?;
         let key = need(&self.key, "--key", "CONVOY_KEY")?;
@@ -143,12 +139,9 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 pub async fn push(conn: &Conn, app: String, version: String, file: PathBuf) -> Result<(), Failure> {
-    convoy_common::AppName::new(app.clone())
-        .map_err(|e| Failure::new(exit::USAGE, e.to_string()))?;
-    convoy_common::Version::new(version.clone())
-        .map_err(|e| Failure::new(exit::USAGE, e.to_string()))?;
-    let data = std::fs::read(&file)
-        .map_err(|e| Failure::new(exit::USAGE, format!("{}: {e}", file.display())))?;
+    convoy_common::AppName::new(app.clone()).map_err(|e| Failure::new(exit::USAGE, e.to_string()))?;
+    convoy_common::Version::new(version.clone()).map_err(|e| Failure::new(exit::USAGE, e.to_string()))?;
+    let data = std::fs::read(&file).map_err(|e| Failure::new(exit::USAGE, format!("{}: {e}", file.display())))?;
     if !data.starts_with(&[0x1f, 0x8b]) {
         return Err(Failure::new(
             exit::USAGE,
@@ -172,20 +165,14 @@ pub async fn push(conn: &Conn, app: String, version: String, file: PathBuf) -> R
             body: Some(push_request::Body::Data(c.to_vec())),
         }))
         .collect();
-    let reply = client
-        .push_release(tokio_stream::iter(chunks))
-        .await?
-        .into_inner();
+    let reply = client.push_release(tokio_stream::iter(chunks)).await?.into_inner();
     if reply.already_present {
         println!(
             "{app} {version} was already pushed (sha256 {}, {} bytes)",
             reply.digest, reply.size
         );
     } else {
-        println!(
-            "pushed {app} {version}: sha256 {}, {} bytes",
-            reply.digest, reply.size
-        );
+        println!("pushed {app} {version}: sha256 {}, {} bytes", reply.digest, reply.size);
     }
     Ok(())
 }
@@ -247,20 +234,11 @@ pub async fn deploy(conn: &Conn, app: String, version: String, env: String) -> R
                     );
                     return Ok(());
                 }
-                let mut msg = format!(
-                    "rollout {} failed on {}: {}",
-                    ev.rollout_id, d.failed_host, d.reason
-                );
+                let mut msg = format!("rollout {} failed on {}: {}", ev.rollout_id, d.failed_host, d.reason);
                 if !d.untouched_hosts.is_empty() {
-                    msg.push_str(&format!(
-                        "\nhosts not touched: {}",
-                        d.untouched_hosts.join(", ")
-                    ));
+                    msg.push_str(&format!("\nhosts not touched: {}", d.untouched_hosts.join(", ")));
                 }
-                let code = if d
-                    .reason
-                    .starts_with(&Outcome::FailedRestoreFailed.to_string())
-                {
+                let code = if d.reason.starts_with(&Outcome::FailedRestoreFailed.to_string()) {
                     exit::RESTORE_FAILED
                 } else {
                     exit::FAILED
@@ -270,7 +248,10 @@ pub async fn deploy(conn: &Conn, app: String, version: String, env: String) -> R
             None => {}
         }
     }
-    Err(Failure::new(exit::UNREACHABLE, "the controller closed the stream before the rollout finished; the rollout goes on, check `convoy status`"))
+    Err(Failure::new(
+        exit::UNREACHABLE,
+        "the controller closed the stream before the rollout finished; the rollout goes on, check `convoy status`",
+    ))
 }
 
 /// The `--output json` shape of `convoy status`: stable, documented in README.md.
@@ -292,10 +273,7 @@ struct HostJson {
 
 pub async fn status(conn: &Conn, app: String, json: bool) -> Result<(), Failure> {
     let mut client = conn.connect().await?;
-    let reply = client
-        .status(StatusRequest { app: app.clone() })
-        .await?
-        .into_inner();
+    let reply = client.status(StatusRequest { app: app.clone() }).await?.into_inner();
     let hosts: Vec<HostJson> = reply
         .hosts
         .into_iter()
@@ -309,10 +287,7 @@ pub async fn status(conn: &Conn, app: String, json: bool) -> Result<(), Failure>
         .collect();
     if json {
         let out = StatusJson { app, hosts };
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&out).expect("serialises")
-        );
+        println!("{}", serde_json::to_string_pretty(&out).expect("serialises"));
         return Ok(());
     }
     println!(
@@ -320,9 +295,7 @@ pub async fn status(conn: &Conn, app: String, json: bool) -> Result<(), Failure>
         "HOST", "CONNECTED", "ENV", "CURRENT", "PREVIOUS", "HEALTH"
     );
     for h in hosts {
-        let v = |v: Option<&convoy_common::Version>| {
-            v.map(|v| v.to_string()).unwrap_or_else(|| "-".into())
-        };
+        let v = |v: Option<&convoy_common::Version>| v.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
         let (cur, prev, health, reason) = match &h.app {
             Some(a) => (
                 v(a.current.as_ref()),

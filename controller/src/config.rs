@@ -48,14 +48,11 @@ impl Config {
     }
 
     pub fn parse(file: &str, text: &str) -> anyhow::Result<Self> {
-        let raw: Raw = toml::from_str(text)
-            .map_err(|e| anyhow::anyhow!("{file}: {}", e.to_string().trim_end()))?;
-        let listen = raw.listen.parse().map_err(|e| {
-            anyhow::anyhow!(
-                "{file}: listen: {:?} is not an address:port ({e})",
-                raw.listen
-            )
-        })?;
+        let raw: Raw = toml::from_str(text).map_err(|e| anyhow::anyhow!("{file}: {}", e.to_string().trim_end()))?;
+        let listen = raw
+            .listen
+            .parse()
+            .map_err(|e| anyhow::anyhow!("{file}: listen: {:?} is not an address:port ({e})", raw.listen))?;
         let host_timeout = humantime::parse_duration(&raw.host_timeout)
             .map_err(|e| anyhow::anyhow!("{file}: host_timeout: {:?}: {e}", raw.host_timeout))?;
         Ok(Config {
@@ -85,9 +82,7 @@ ca = "/c"
 cert = "/c"
 key = "/k"
 "#;
-        let err = Config::parse("controller.toml", text)
-            .unwrap_err()
-            .to_string();
+        let err = Config::parse("controller.toml", text).unwrap_err().to_string();
         assert!(err.contains("controller.toml: listen"), "{err}");
     }
 }

@@ -55,20 +55,12 @@ impl Db {
     pub fn open(path: &Path) -> Result<Self, DbError> {
         let conn = Connection::open(path)?;
         conn.execute_batch(SCHEMA)?;
-        Ok(Self {
-            conn: Mutex::new(conn),
-        })
+        Ok(Self { conn: Mutex::new(conn) })
     }
 
     /// Records a pushed release; `Ok(false)` when it was already there with
     /// the same digest.
-    pub fn add_release(
-        &self,
-        app: &AppName,
-        version: &Version,
-        rel: &Release,
-        by: &str,
-    ) -> Result<bool, DbError> {
+    pub fn add_release(&self, app: &AppName, version: &Version, rel: &Release, by: &str) -> Result<bool, DbError> {
         let conn = self.conn.lock().unwrap();
         if let Some(existing) = get_release(&conn, app, version)? {
             if existing.digest == rel.digest {
@@ -126,12 +118,7 @@ impl Db {
         Ok(())
     }
 
-    pub fn record_event(
-        &self,
-        rollout: &str,
-        host: &HostName,
-        e: &StepEvent,
-    ) -> Result<(), DbError> {
+    pub fn record_event(&self, rollout: &str, host: &HostName, e: &StepEvent) -> Result<(), DbError> {
         self.conn.lock().unwrap().execute(
             "INSERT INTO events (rollout_id, host, op_id, step, kind, message, at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             params![rollout, host.as_str(), e.op_id, e.step.as_str(), format!("{:?}", e.kind).to_lowercase(), e.message, e.at_unix_ms],
@@ -139,12 +126,7 @@ impl Db {
         Ok(())
     }
 
-    pub fn record_host_result(
-        &self,
-        rollout: &str,
-        host: &HostName,
-        r: &OpReport,
-    ) -> Result<(), DbError> {
+    pub fn record_host_result(&self, rollout: &str, host: &HostName, r: &OpReport) -> Result<(), DbError> {
         self.conn.lock().unwrap().execute(
             "INSERT INTO rollout_hosts (rollout_id, host, op_id, outcome, reason, restore_detail, finished_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             params![rollout, host.as_str(), r.op_id, serde_json::to_string(&r.outcome).unwrap_or_default(), r.reason, r.restore_detail, convoy_common::ops::now_unix_ms()],
@@ -153,11 +135,7 @@ impl Db {
     }
 }
 
-fn get_release(
-    conn: &Connection,
-    app: &AppName,
-    version: &Version,
-) -> Result<Option<Release>, DbError> {
+fn get_release(conn: &Connection, app: &AppName, version: &Version) -> Result<Option<Release>, DbError> {
     let row: Option<(String, i64)> = conn
         .query_row(
             "SELECT digest, size FROM releases WHERE app = ?1 AND version = ?2",

@@ -117,29 +117,14 @@ fn main() -> ExitCode {
             san,
             days,
         }) => cli::report(
-            pki::issue(
-                &dir,
-                kind,
-                &name,
-                &san,
-                out.as_deref().unwrap_or(&dir),
-                days,
-            )
-            .map(|(c, k)| {
-                println!(
-                    "issued {kind} certificate {} (key {})",
-                    c.display(),
-                    k.display()
-                )
-            })
-            .map_err(|e| cli::Failure::new(cli::exit::REFUSED, format!("{e:#}"))),
+            pki::issue(&dir, kind, &name, &san, out.as_deref().unwrap_or(&dir), days)
+                .map(|(c, k)| println!("issued {kind} certificate {} (key {})", c.display(), k.display()))
+                .map_err(|e| cli::Failure::new(cli::exit::REFUSED, format!("{e:#}"))),
         ),
         Cmd::Release(ReleaseCmd::Push { app, release, file }) => {
             cli::report(rt.block_on(cli::push(&cli.conn, app, release, file)))
         }
-        Cmd::Deploy { app, release, env } => {
-            cli::report(rt.block_on(cli::deploy(&cli.conn, app, release, env)))
-        }
+        Cmd::Deploy { app, release, env } => cli::report(rt.block_on(cli::deploy(&cli.conn, app, release, env))),
         Cmd::Status { app, output } => {
             cli::report(rt.block_on(cli::status(&cli.conn, app, matches!(output, Output::Json))))
         }
@@ -154,9 +139,8 @@ async fn serve(path: PathBuf) -> ExitCode {
             return ExitCode::from(cli::exit::USAGE);
         }
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("CONVOY_LOG").unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new(cfg.log_level.as_deref().unwrap_or("info"))
-    });
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CONVOY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(cfg.log_level.as_deref().unwrap_or("info")));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)

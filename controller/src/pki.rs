@@ -13,8 +13,8 @@ use anyhow::{bail, Context};
 use convoy_common::identity::PeerKind;
 use convoy_common::HostName;
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
 };
 
 const CA_CERT: &str = "ca.pem";
@@ -48,10 +48,7 @@ fn validity(params: &mut CertificateParams, days: i64) {
 pub fn init(dir: &Path) -> anyhow::Result<PathBuf> {
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     if dir.join(CA_KEY).exists() || dir.join(CA_CERT).exists() {
-        bail!(
-            "{} already holds a CA; refusing to overwrite it",
-            dir.display()
-        );
+        bail!("{} already holds a CA; refusing to overwrite it", dir.display());
     }
     let key = KeyPair::generate()?;
     let mut params = CertificateParams::default();
@@ -82,8 +79,8 @@ pub fn issue(
     days: i64,
 ) -> anyhow::Result<(PathBuf, PathBuf)> {
     let name = HostName::new(name)?;
-    let ca_pem = fs::read_to_string(dir.join(CA_CERT))
-        .with_context(|| format!("reading {}", dir.join(CA_CERT).display()))?;
+    let ca_pem =
+        fs::read_to_string(dir.join(CA_CERT)).with_context(|| format!("reading {}", dir.join(CA_CERT).display()))?;
     let ca_key_pem = convoy_common::identity::read_key_pem(&dir.join(CA_KEY))?;
     let ca_key = KeyPair::from_pem(std::str::from_utf8(&ca_key_pem)?)?;
     let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)?;
@@ -96,10 +93,7 @@ pub fn issue(
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = match kind {
-        PeerKind::Controller => vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ],
+        PeerKind::Controller => vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth],
         _ => vec![ExtendedKeyUsagePurpose::ClientAuth],
     };
     let mut alt = vec![name.to_string()];
@@ -107,11 +101,7 @@ pub fn issue(
     for s in alt {
         params.subject_alt_names.push(match s.parse::<IpAddr>() {
             Ok(ip) => SanType::IpAddress(ip),
-            Err(_) => SanType::DnsName(
-                s.clone()
-                    .try_into()
-                    .with_context(|| format!("bad SAN {s:?}"))?,
-            ),
+            Err(_) => SanType::DnsName(s.clone().try_into().with_context(|| format!("bad SAN {s:?}"))?),
         });
     }
     validity(&mut params, days);
@@ -133,12 +123,8 @@ mod tests {
     fn issued_certificates_carry_identity() {
         let dir = tempfile::tempdir().unwrap();
         init(dir.path()).unwrap();
-        assert!(
-            init(dir.path()).is_err(),
-            "a second init must not overwrite the CA"
-        );
-        let (cert, _key) =
-            issue(dir.path(), PeerKind::Agent, "host1", &[], dir.path(), 30).unwrap();
+        assert!(init(dir.path()).is_err(), "a second init must not overwrite the CA");
+        let (cert, _key) = issue(dir.path(), PeerKind::Agent, "host1", &[], dir.path(), 30).unwrap();
         let pem = fs::read(cert).unwrap();
         let der = rustls_pemfile_first(&pem);
         let id = convoy_common::identity::identity_from_der(&der).unwrap();
@@ -147,10 +133,6 @@ mod tests {
     }
 
     fn rustls_pemfile_first(pem: &[u8]) -> Vec<u8> {
-        rustls_pemfile::certs(&mut &pem[..])
-            .next()
-            .unwrap()
-            .unwrap()
-            .to_vec()
+        rustls_pemfile::certs(&mut &pem[..]).next().unwrap().unwrap().to_vec()
     }
 }

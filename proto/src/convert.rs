@@ -7,9 +7,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use convoy_common::ops::{
-    ActivateCommand, AppStatus, EventKind, Health, OpReport, Outcome, Step, StepEvent,
-};
+use convoy_common::ops::{ActivateCommand, AppStatus, EventKind, Health, OpReport, Outcome, Step, StepEvent};
 use convoy_common::spec::{self, CheckKind, HealthCheck, HealthPolicy, InstallSpec};
 use convoy_common::{AppName, Digest, Version};
 
@@ -31,17 +29,11 @@ fn bad(message_type: &'static str, field: &'static str, why: impl ToString) -> I
     }
 }
 
-fn opt_version(
-    message_type: &'static str,
-    field: &'static str,
-    s: String,
-) -> Result<Option<Version>, InvalidMessage> {
+fn opt_version(message_type: &'static str, field: &'static str, s: String) -> Result<Option<Version>, InvalidMessage> {
     if s.is_empty() {
         Ok(None)
     } else {
-        Version::new(s)
-            .map(Some)
-            .map_err(|e| bad(message_type, field, e))
+        Version::new(s).map(Some).map_err(|e| bad(message_type, field, e))
     }
 }
 
@@ -118,9 +110,7 @@ impl TryFrom<pb::InstallSpec> for InstallSpec {
                         expect_status: u16::try_from(h.expect_status)
                             .ok()
                             .filter(|s| (100..=599).contains(s))
-                            .ok_or_else(|| {
-                                bad("HttpCheck", "expect_status", "not an HTTP status")
-                            })?,
+                            .ok_or_else(|| bad("HttpCheck", "expect_status", "not an HTTP status"))?,
                         body_contains: Some(h.body_contains).filter(|b| !b.is_empty()),
                     }
                 }
@@ -177,10 +167,7 @@ impl TryFrom<pb::Activate> for ActivateCommand {
         }
         Ok(ActivateCommand {
             op_id: a.op_id,
-            spec: a
-                .spec
-                .ok_or_else(|| bad(T, "spec", "missing"))?
-                .try_into()?,
+            spec: a.spec.ok_or_else(|| bad(T, "spec", "missing"))?.try_into()?,
             version: Version::new(a.version).map_err(|e| bad(T, "version", e))?,
             digest: Digest::parse(&a.digest).map_err(|e| bad(T, "digest", e))?,
             size: a.size,
@@ -240,9 +227,7 @@ impl TryFrom<pb::AppState> for AppStatus {
                 .into_iter()
                 .map(|r| Version::new(r).map_err(|e| bad(T, "releases", e)))
                 .collect::<Result<_, _>>()?,
-            health: pb::Health::try_from(s.health)
-                .unwrap_or(pb::Health::Unknown)
-                .into(),
+            health: pb::Health::try_from(s.health).unwrap_or(pb::Health::Unknown).into(),
             health_reason: s.health_reason,
             inflight_op: Some(s.inflight_op).filter(|o| !o.is_empty()),
         })
@@ -338,10 +323,7 @@ impl TryFrom<pb::OpResult> for OpReport {
             },
             reason: r.reason,
             restore_detail: r.restore_detail,
-            state: r
-                .state
-                .ok_or_else(|| bad(T, "state", "missing"))?
-                .try_into()?,
+            state: r.state.ok_or_else(|| bad(T, "state", "missing"))?.try_into()?,
         })
     }
 }

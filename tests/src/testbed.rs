@@ -134,6 +134,38 @@ impl Host {
         Some((status, body))
     }
 
+    /// Restarts the agent with the failpoint `name` armed (see
+    /// agent/src/crash.rs), or with none.
+    pub fn set_failpoint(&self, name: Option<&str>) -> Result<()> {
+        let dropin = "/run/systemd/system/convoy-agent.service.d";
+        let script = match name {
+            Some(n) => format!(
+                "mkdir -p {dropin} && printf '[Service]\\nEnvironment=FAILPOINTS={n}=return\\n' > {dropin}/failpoint.conf"
+            ),
+            None => format!("rm -f {dropin}/failpoint.conf"),
+        };
+        self.exec_ok(&["sh", "-c", &script])?;
+        self.exec_ok(&["systemctl", "daemon-reload"])?;
+        self.exec_ok(&["systemctl", "restart", "convoy-agent.service"])?;
+        Ok(())
+    }
+
+    /// Whether the failpoint `name` fired on this host since it booted.
+    pub fn failpoint_fired(&self, name: &str) -> bool {
+        self.exec(&["test", "-e", &format!("/run/convoy-failpoint.{name}")])
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    }
+
+    /// SIGKILLs the agent's main process; systemd restarts it.
+    pub fn kill_agent(&self) -> Result<()> {
+        let pid = self.unit_property("convoy-agent.service", "MainPID")?;
+        if pid != "0" {
+            self.exec_ok(&["sh", "-c", &format!("kill -KILL {pid}")])?;
+        }
+        Ok(())
+    }
+
     /// The version the demo app serves, if it answers.
     pub fn serving(&self) -> Option<String> {
         let (status, body) = self.http_get("/")?;
@@ -175,9 +207,7 @@ impl Testbed {
                 );
             }
         }
-        if !rootfs().join("usr/lib/systemd/systemd").exists()
-            && !rootfs().join("lib/systemd/systemd").exists()
-        {
+        if !rootfs().join("usr/lib/systemd/systemd").exists() && !rootfs().join("lib/systemd/systemd").exists() {
             bail!(
                 "no test-bed rootfs at {}: run scripts/testbed-setup",
                 rootfs().display()
@@ -185,9 +215,7 @@ impl Testbed {
         }
         let (bridge, subnet) = allocate_bridge()?;
         let mut bed = Testbed {
-            dir: tempfile::Builder::new()
-                .prefix("convoy-testbed-")
-                .tempdir()?,
+            dir: tempfile::Builder::new().prefix("convoy-testbed-").tempdir()?,
             bridge,
             subnet,
             hosts: Vec::new(),
@@ -220,22 +248,28 @@ impl Testbed {
             "--san",
             &ip,
         ])?;
-        self.convoy_ok(&[
-            "pki",
-            "issue",
-            "operator",
-            "operator",
-            "--dir",
-            pki.to_str().unwrap(),
-        ])?;
+        self.convoy_ok(&["pki", "issue", "operator", "operator", "--dir", pki.to_str().unwrap()])?;
 
         // Controller
         let cdir = self.dir.path().join("controller");
         fs::create_dir_all(cdir.join("apps"))?;
-        fs::copy(
-            workspace_root().join("tests/testbed/demo.toml"),
-            cdir.join("apps/demo.toml"),
-        )?;
+        // The spec's environments: the defaults and every label in use.
+        let mut envs: Vec<String> = ["development", "staging", "production"].map(String::from).to_vec();
+        for i in 1..=n {
+            let e = env_of(i);
+            if !envs.contains(&e) {
+                envs.push(e);
+            }
+        }
+        let spec = fs::read_to_string(workspace_root().join("tests/testbed/demo.toml"))?;
+        let spec: String = spec
+            .lines()
+            .map(|l| match l.starts_with("environments") {
+                true => format!("environments = {envs:?}\n"),
+                false => format!("{l}\n"),
+            })
+            .collect();
+        fs::write(cdir.join("apps/demo.toml"), spec)?;
         fs::write(
             cdir.join("controller.toml"),
             format!(
@@ -322,10 +356,7 @@ impl Testbed {
                 "--console=read-only",
             ])
             .arg(format!("--network-bridge={}", self.bridge))
-            .arg(bind(
-                &self.bins.join("convoy-agent"),
-                "/usr/bin/convoy-agent",
-            ))
+            .arg(bind(&self.bins.join("convoy-agent"), "/usr/bin/convoy-agent"))
             .arg(bind(&etc, "/etc/convoy"))
             .arg(bind(
                 &workspace_root().join("packaging/convoy-agent.service"),
@@ -348,20 +379,14 @@ impl Testbed {
             nspawn,
             leader: 0,
         };
-        host.leader = wait_for(
-            "the host's systemd to start",
-            Duration::from_secs(30),
-            || find_child_systemd(nspawn_pid),
-        )?;
-        wait_for(
-            "the host to finish booting",
-            Duration::from_secs(60),
-            || {
-                let out = host.exec(&["systemctl", "is-system-running"]).ok()?;
-                let s = String::from_utf8_lossy(&out.stdout);
-                (s.trim() == "running" || s.trim() == "degraded").then_some(())
-            },
-        )?;
+        host.leader = wait_for("the host's systemd to start", Duration::from_secs(30), || {
+            find_child_systemd(nspawn_pid)
+        })?;
+        wait_for("the host to finish booting", Duration::from_secs(60), || {
+            let out = host.exec(&["systemctl", "is-system-running"]).ok()?;
+            let s = String::from_utf8_lossy(&out.stdout);
+            (s.trim() == "running" || s.trim() == "degraded").then_some(())
+        })?;
         host.exec_ok(&["ip", "addr", "add", &format!("{ip}/24"), "dev", "host0"])?;
         host.exec_ok(&["ip", "link", "set", "host0", "up"])?;
         Ok(host)
@@ -372,29 +397,22 @@ impl Testbed {
         wait_for("all agents to connect", Duration::from_secs(30), || {
             let out = self.convoy(&["status", "demo", "--output", "json"]).ok()?;
             let v: serde_json::Value = serde_json::from_str(&out.stdout).ok()?;
-            let connected = v["hosts"]
-                .as_array()?
-                .iter()
-                .filter(|h| h["connected"] == true)
-                .count();
+            let connected = v["hosts"].as_array()?.iter().filter(|h| h["connected"] == true).count();
             (connected == n).then_some(())
+        })
+    }
+
+    /// Waits until the controller reports `host` connected.
+    pub fn wait_host_connected(&self, host: &str) -> Result<()> {
+        wait_for(&format!("{host} to connect"), Duration::from_secs(30), || {
+            let status = self.status().ok()?;
+            (Self::host_status(&status, host).ok()?["connected"] == true).then_some(())
         })
     }
 
     /// Runs the `convoy` CLI as the operator.
     pub fn convoy(&self, args: &[&str]) -> Result<CliOutput> {
-        let pki = self.pki();
-        let out = Command::new(self.bins.join("convoy"))
-            .args(args)
-            .env(
-                "CONVOY_CONTROLLER",
-                format!("https://{}:{CONTROLLER_PORT}", self.controller_ip()),
-            )
-            .env("CONVOY_SERVER_NAME", "controller")
-            .env("CONVOY_CA", pki.join("ca.pem"))
-            .env("CONVOY_CERT", pki.join("operator.pem"))
-            .env("CONVOY_KEY", pki.join("operator.key"))
-            .output()?;
+        let out = self.convoy_spawn(args)?.wait_with_output()?;
         Ok(CliOutput {
             code: out.status.code().unwrap_or(-1),
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -402,15 +420,27 @@ impl Testbed {
         })
     }
 
+    /// Starts the `convoy` CLI as the operator without waiting for it.
+    pub fn convoy_spawn(&self, args: &[&str]) -> Result<Child> {
+        let pki = self.pki();
+        let url = format!("https://{}:{CONTROLLER_PORT}", self.controller_ip());
+        Ok(Command::new(self.bins.join("convoy"))
+            .args(args)
+            .env("CONVOY_CONTROLLER", url)
+            .env("CONVOY_SERVER_NAME", "controller")
+            .env("CONVOY_CA", pki.join("ca.pem"))
+            .env("CONVOY_CERT", pki.join("operator.pem"))
+            .env("CONVOY_KEY", pki.join("operator.key"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?)
+    }
+
     pub fn convoy_ok(&self, args: &[&str]) -> Result<String> {
         let out = self.convoy(args)?;
         if out.code != 0 {
-            bail!(
-                "convoy {args:?} exited {}: {}{}",
-                out.code,
-                out.stdout,
-                out.stderr
-            );
+            bail!("convoy {args:?} exited {}: {}{}", out.code, out.stdout, out.stderr);
         }
         Ok(out.stdout)
     }
@@ -443,10 +473,7 @@ impl Testbed {
         Ok(serde_json::from_str(&out)?)
     }
 
-    pub fn host_status<'a>(
-        status: &'a serde_json::Value,
-        host: &str,
-    ) -> Result<&'a serde_json::Value> {
+    pub fn host_status<'a>(status: &'a serde_json::Value, host: &str) -> Result<&'a serde_json::Value> {
         status["hosts"]
             .as_array()
             .and_then(|a| a.iter().find(|h| h["host"] == host))
@@ -466,10 +493,7 @@ impl Testbed {
     }
 
     fn dump_diagnostics(&self) {
-        eprintln!(
-            "──── controller log ────\n{}",
-            tail(&self.controller_log(), 80)
-        );
+        eprintln!("──── controller log ────\n{}", tail(&self.controller_log(), 80));
         for h in &self.hosts {
             if let Ok(o) = h.exec(&[
                 "journalctl",
@@ -481,11 +505,7 @@ impl Testbed {
                 "-u",
                 "demo",
             ]) {
-                eprintln!(
-                    "──── {} journal ────\n{}",
-                    h.name,
-                    String::from_utf8_lossy(&o.stdout)
-                );
+                eprintln!("──── {} journal ────\n{}", h.name, String::from_utf8_lossy(&o.stdout));
             }
         }
     }
@@ -520,9 +540,7 @@ impl Drop for Testbed {
             }
         }
         self.kill_controller();
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.bridge])
-            .output();
+        let _ = Command::new("ip").args(["link", "del", &self.bridge]).output();
     }
 }
 
@@ -540,10 +558,7 @@ fn find_child_systemd(root: u32) -> Option<u32> {
     while let Some(pid) = stack.pop() {
         for task in fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
             let children = fs::read_to_string(task.path().join("children")).unwrap_or_default();
-            for c in children
-                .split_whitespace()
-                .filter_map(|c| c.parse::<u32>().ok())
-            {
+            for c in children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()) {
                 let comm = fs::read_to_string(format!("/proc/{c}/comm")).unwrap_or_default();
                 if comm.trim() == "systemd" {
                     return Some(c);
@@ -567,13 +582,7 @@ fn allocate_bridge() -> Result<(String, u8)> {
         if !out.status.success() {
             continue;
         }
-        run_ok(Command::new("ip").args([
-            "addr",
-            "add",
-            &format!("198.18.{n}.1/24"),
-            "dev",
-            &name,
-        ]))?;
+        run_ok(Command::new("ip").args(["addr", "add", &format!("198.18.{n}.1/24"), "dev", &name]))?;
         run_ok(Command::new("ip").args(["link", "set", &name, "up"]))?;
         return Ok((name, n));
     }

@@ -9,10 +9,7 @@ use convoy_common::identity::PeerKind;
 use convoy_common::ops::{AppStatus, OpReport, StepEvent};
 use convoy_common::{Digest, HostName};
 use convoy_proto::agent_service_server::AgentService;
-use convoy_proto::{
-    agent_message, controller_message, AgentMessage, Chunk, ControllerMessage, FetchRequest,
-    Welcome,
-};
+use convoy_proto::{agent_message, controller_message, AgentMessage, Chunk, ControllerMessage, FetchRequest, Welcome};
 use futures::Stream;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::mpsc;
@@ -49,10 +46,7 @@ impl AgentService for AgentApi {
     type SessionStream = BoxStream<ControllerMessage>;
     type FetchArtifactStream = BoxStream<Chunk>;
 
-    async fn session(
-        &self,
-        req: Request<Streaming<AgentMessage>>,
-    ) -> Result<Response<Self::SessionStream>, Status> {
+    async fn session(&self, req: Request<Streaming<AgentMessage>>) -> Result<Response<Self::SessionStream>, Status> {
         let id = peer(&req, &[PeerKind::Agent])?;
         let host = id.name;
         let mut inbound = req.into_inner();
@@ -61,9 +55,7 @@ impl AgentService for AgentApi {
             .map_err(|_| Status::deadline_exceeded("no Hello within 10s"))??
             .ok_or_else(|| Status::invalid_argument("session ended before Hello"))?;
         let Some(agent_message::Body::Hello(hello)) = first.body else {
-            return Err(Status::invalid_argument(
-                "the first message of a session must be Hello",
-            ));
+            return Err(Status::invalid_argument("the first message of a session must be Hello"));
         };
         let labels: BTreeMap<String, String> = hello.labels.into_iter().collect();
         let apps = apps_from_wire(&host, hello.apps);
@@ -80,11 +72,19 @@ impl AgentService for AgentApi {
         tx.send(Ok(welcome))
             .await
             .map_err(|_| Status::unavailable("session closed"))?;
+        let mut answered = Vec::new();
         for r in hello.recent_results {
             if let Ok(report) = OpReport::try_from(r) {
                 let op_id = report.op_id.clone();
                 registry.deliver(&host, &op_id, Update::Result(Box::new(report)));
+                answered.push(op_id);
             }
+        }
+        for cmd in registry.pending_for(&host, &answered) {
+            tracing::info!(%host, "re-sending a command the host has not answered");
+            tx.send(Ok(cmd))
+                .await
+                .map_err(|_| Status::unavailable("session closed"))?;
         }
 
         tokio::spawn(async move {
@@ -131,23 +131,12 @@ impl AgentService for AgentApi {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn fetch_artifact(
-        &self,
-        req: Request<FetchRequest>,
-    ) -> Result<Response<Self::FetchArtifactStream>, Status> {
+    async fn fetch_artifact(&self, req: Request<FetchRequest>) -> Result<Response<Self::FetchArtifactStream>, Status> {
         let id = peer(&req, &[PeerKind::Agent])?;
         let r = req.into_inner();
-        let digest =
-            Digest::parse(&r.digest).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        if !self
-            .shared
-            .db
-            .digest_known(&digest)
-            .map_err(super::internal)?
-        {
-            return Err(Status::not_found(format!(
-                "no artifact with sha256 {digest}"
-            )));
+        let digest = Digest::parse(&r.digest).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if !self.shared.db.digest_known(&digest).map_err(super::internal)? {
+            return Err(Status::not_found(format!("no artifact with sha256 {digest}")));
         }
         let path = self.shared.artifacts.path(&digest);
         let mut file = tokio::fs::File::open(&path)
@@ -165,28 +154,24 @@ impl AgentService for AgentApi {
             .map_err(super::internal)?;
         tracing::debug!(host = %id.name, %digest, offset = r.offset, "streaming artifact");
         // Pulled lazily: the client's flow-control window paces disk reads.
-        let stream =
-            futures::stream::unfold((file, r.offset), move |(mut file, offset)| async move {
-                if offset >= total {
-                    return None;
-                }
-                let want = (total - offset).min(convoy_proto::CHUNK_SIZE as u64) as usize;
-                let mut buf = vec![0u8; want];
-                match file.read_exact(&mut buf).await {
-                    Ok(_) => Some((
-                        Ok(Chunk {
-                            offset,
-                            data: buf,
-                            total_size: total,
-                        }),
-                        (file, offset + want as u64),
-                    )),
-                    Err(e) => Some((
-                        Err(Status::internal(format!("reading artifact: {e}"))),
-                        (file, total),
-                    )),
-                }
-            });
+        let stream = futures::stream::unfold((file, r.offset), move |(mut file, offset)| async move {
+            if offset >= total {
+                return None;
+            }
+            let want = (total - offset).min(convoy_proto::CHUNK_SIZE as u64) as usize;
+            let mut buf = vec![0u8; want];
+            match file.read_exact(&mut buf).await {
+                Ok(_) => Some((
+                    Ok(Chunk {
+                        offset,
+                        data: buf,
+                        total_size: total,
+                    }),
+                    (file, offset + want as u64),
+                )),
+                Err(e) => Some((Err(Status::internal(format!("reading artifact: {e}"))), (file, total))),
+            }
+        });
         Ok(Response::new(Box::pin(stream)))
     }
 }

@@ -46,11 +46,7 @@ pub fn peer<T>(req: &Request<T>, allowed: &[PeerKind]) -> Result<PeerIdentity, S
     if !allowed.contains(&id.kind) {
         return Err(Status::permission_denied(format!(
             "{id} may not call this API (needs a {} certificate)",
-            allowed
-                .iter()
-                .map(|k| k.as_str())
-                .collect::<Vec<_>>()
-                .join(" or ")
+            allowed.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(" or ")
         )));
     }
     Ok(id)
@@ -62,12 +58,8 @@ pub fn internal(e: impl std::fmt::Display) -> Status {
 }
 
 /// Runs the controller until `shutdown` resolves.
-pub async fn serve(
-    cfg: Config,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&cfg.data_dir)
-        .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
+pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating {}", cfg.data_dir.display()))?;
     let db = Db::open(&cfg.data_dir.join("convoy.db"))?;
     let artifacts = Artifacts::open(&cfg.data_dir)?;
     let ca = convoy_common::identity::read_cert_pem(&cfg.ca)?;
@@ -92,9 +84,7 @@ pub async fn serve(
         .tls_config(tls)?
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(15)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
-        .add_service(AgentServiceServer::new(agents::AgentApi {
-            shared: shared.clone(),
-        }))
+        .add_service(AgentServiceServer::new(agents::AgentApi { shared: shared.clone() }))
         .add_service(OperatorServiceServer::new(operator::OperatorApi { shared }))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await?;

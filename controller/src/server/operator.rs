@@ -8,8 +8,7 @@ use convoy_common::spec::AppSpec;
 use convoy_common::{AppName, Version};
 use convoy_proto::operator_service_server::OperatorService;
 use convoy_proto::{
-    push_request, DeployRequest, HostStatus, PushReply, PushRequest, RolloutEvent, StatusReply,
-    StatusRequest,
+    push_request, DeployRequest, HostStatus, PushReply, PushRequest, RolloutEvent, StatusReply, StatusRequest,
 };
 use futures::Stream;
 use tokio_stream::StreamExt;
@@ -29,11 +28,10 @@ const MAX_ARTIFACT: u64 = 16 << 30;
 
 pub fn load_spec(shared: &Shared, app: &AppName) -> Result<AppSpec, Status> {
     let path = shared.cfg.apps_dir.join(format!("{app}.toml"));
-    let text = std::fs::read_to_string(&path).map_err(|e| {
-        Status::failed_precondition(format!("no app spec for {app}: {}: {e}", path.display()))
-    })?;
-    let spec = AppSpec::parse(&path.display().to_string(), &text)
-        .map_err(|e| Status::failed_precondition(e.to_string()))?;
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| Status::failed_precondition(format!("no app spec for {app}: {}: {e}", path.display())))?;
+    let spec =
+        AppSpec::parse(&path.display().to_string(), &text).map_err(|e| Status::failed_precondition(e.to_string()))?;
     if spec.install.app != *app {
         return Err(Status::failed_precondition(format!(
             "{}: name is {:?} but the file is named for {app}",
@@ -52,21 +50,14 @@ fn arg<T>(field: &str, r: Result<T, convoy_common::names::InvalidName>) -> Resul
 impl OperatorService for OperatorApi {
     type DeployStream = BoxStream<RolloutEvent>;
 
-    async fn push_release(
-        &self,
-        req: Request<Streaming<PushRequest>>,
-    ) -> Result<Response<PushReply>, Status> {
+    async fn push_release(&self, req: Request<Streaming<PushRequest>>) -> Result<Response<PushReply>, Status> {
         let id = peer(&req, &[PeerKind::Operator])?;
         let mut inbound = req.into_inner();
         let header = match inbound.message().await? {
             Some(PushRequest {
                 body: Some(push_request::Body::Header(h)),
             }) => h,
-            _ => {
-                return Err(Status::invalid_argument(
-                    "the first push message must be the header",
-                ))
-            }
+            _ => return Err(Status::invalid_argument("the first push message must be the header")),
         };
         let app = arg("app", AppName::new(header.app))?;
         let version = arg("version", Version::new(header.version))?;
@@ -133,20 +124,16 @@ impl OperatorService for OperatorApi {
         }))
     }
 
-    async fn deploy(
-        &self,
-        req: Request<DeployRequest>,
-    ) -> Result<Response<Self::DeployStream>, Status> {
+    async fn deploy(&self, req: Request<DeployRequest>) -> Result<Response<Self::DeployStream>, Status> {
         let id = peer(&req, &[PeerKind::Operator])?;
         let r = req.into_inner();
         let app = arg("app", AppName::new(r.app))?;
         let version = arg("version", Version::new(r.version))?;
         let rx = rollout::start(&self.shared, id, app, version, r.environment)?;
-        let stream =
-            tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(|item| match item {
-                Ok(ev) => Some(Ok(ev)),
-                Err(_lagged) => None,
-            });
+        let stream = tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(|item| match item {
+            Ok(ev) => Some(Ok(ev)),
+            Err(_lagged) => None,
+        });
         Ok(Response::new(Box::pin(stream)))
     }
 

@@ -32,10 +32,18 @@ pub struct HostEntry {
     pub last_seen_ms: i64,
 }
 
+/// Someone waiting for an operation's end, and the command that started
+/// it, re-sent if the host comes back without having heard it.
+struct Waiter {
+    host: HostName,
+    tx: mpsc::Sender<Update>,
+    command: ControllerMessage,
+}
+
 #[derive(Default)]
 pub struct Registry {
     hosts: Mutex<BTreeMap<HostName, HostEntry>>,
-    waiters: Mutex<HashMap<String, (HostName, mpsc::Sender<Update>)>>,
+    waiters: Mutex<HashMap<String, Waiter>>,
     next_session: AtomicU64,
 }
 
@@ -91,13 +99,29 @@ impl Registry {
     }
 
     /// Registers interest in an operation's events and result.
-    pub fn wait_for(&self, op_id: &str, host: &HostName) -> mpsc::Receiver<Update> {
+    pub fn wait_for(&self, op_id: &str, host: &HostName, command: ControllerMessage) -> mpsc::Receiver<Update> {
         let (tx, rx) = mpsc::channel(256);
+        let w = Waiter {
+            host: host.clone(),
+            tx,
+            command,
+        };
+        self.waiters.lock().unwrap().insert(op_id.to_owned(), w);
+        rx
+    }
+
+    /// Commands for `host` still waiting for a result, except those in
+    /// `answered`. Sent again when the host opens a new session: an agent
+    /// killed before it journaled a command never heard it, and the agent
+    /// answers a repeated operation id with its recorded result.
+    pub fn pending_for(&self, host: &HostName, answered: &[String]) -> Vec<ControllerMessage> {
         self.waiters
             .lock()
             .unwrap()
-            .insert(op_id.to_owned(), (host.clone(), tx));
-        rx
+            .iter()
+            .filter(|(op, w)| w.host == *host && !answered.contains(op))
+            .map(|(_, w)| w.command.clone())
+            .collect()
     }
 
     pub fn forget(&self, op_id: &str) {
@@ -112,7 +136,7 @@ impl Registry {
             self.update_apps(host, vec![r.state.clone()]);
         }
         let waiters = self.waiters.lock().unwrap();
-        if let Some((owner, tx)) = waiters.get(op_id) {
+        if let Some(Waiter { host: owner, tx, .. }) = waiters.get(op_id) {
             if owner == host {
                 if tx.try_send(update).is_err() {
                     tracing::warn!(%host, op_id, "waiter is full or gone; update dropped");

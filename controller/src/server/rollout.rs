@@ -10,8 +10,7 @@ use convoy_common::identity::PeerIdentity;
 use convoy_common::ops::{ActivateCommand, OpReport};
 use convoy_common::{AppName, HostName, Version};
 use convoy_proto::{
-    controller_message, rollout_event, ControllerMessage, HostEvent, HostResult, RolloutDone,
-    RolloutEvent, RolloutPlan,
+    controller_message, rollout_event, ControllerMessage, HostEvent, HostResult, RolloutDone, RolloutEvent, RolloutPlan,
 };
 use tokio::sync::broadcast;
 use tonic::Status;
@@ -45,20 +44,17 @@ pub fn start(
             spec.environments.join(", ")
         )));
     }
-    let release = shared
-        .db
-        .release(&app, &version)
-        .map_err(internal)?
-        .ok_or_else(|| Status::not_found(format!("{app} {version} has not been pushed; run `convoy release push {app} {version} FILE`")))?;
+    let release = shared.db.release(&app, &version).map_err(internal)?.ok_or_else(|| {
+        Status::not_found(format!(
+            "{app} {version} has not been pushed; run `convoy release push {app} {version} FILE`"
+        ))
+    })?;
 
     let mut targets = Vec::new();
     let mut skipped = Vec::new();
     for h in shared.registry.hosts() {
         let in_env = h.labels.get("env") == Some(&env);
-        let selected = spec
-            .selector
-            .iter()
-            .all(|(k, v)| h.labels.get(k) == Some(v));
+        let selected = spec.selector.iter().all(|(k, v)| h.labels.get(k) == Some(v));
         if in_env && selected {
             if h.session.is_some() {
                 targets.push(h.name);
@@ -88,15 +84,8 @@ pub fn start(
         }
         running.insert(key, id.clone());
     }
-    if let Err(e) = shared
-        .db
-        .start_rollout(&id, &app, &version, &env, &who.to_string())
-    {
-        shared
-            .running
-            .lock()
-            .unwrap()
-            .remove(&(app.to_string(), env.clone()));
+    if let Err(e) = shared.db.start_rollout(&id, &app, &version, &env, &who.to_string()) {
+        shared.running.lock().unwrap().remove(&(app.to_string(), env.clone()));
         return Err(internal(e));
     }
     let (tx, rx) = broadcast::channel(4096);
@@ -124,11 +113,7 @@ pub fn start(
     let shared = shared.clone();
     tokio::spawn(async move {
         let done = r.run(&shared).await;
-        let state = if done.succeeded {
-            "succeeded"
-        } else {
-            "failed"
-        };
+        let state = if done.succeeded { "succeeded" } else { "failed" };
         if let Err(e) = shared.db.finish_rollout(&r.id, state, &done.reason) {
             tracing::error!(rollout = %r.id, error = %e, "could not record rollout end");
         }
@@ -171,10 +156,7 @@ impl Rollout {
                     succeeded: false,
                     failed_host: host.to_string(),
                     reason,
-                    untouched_hosts: self.targets[i + 1..]
-                        .iter()
-                        .map(|h| h.to_string())
-                        .collect(),
+                    untouched_hosts: self.targets[i + 1..].iter().map(|h| h.to_string()).collect(),
                 };
             }
         }
@@ -189,18 +171,14 @@ impl Rollout {
         let op_id = format!("{}-{host}", self.id);
         let mut cmd = self.cmd.clone();
         cmd.op_id = op_id.clone();
-        let mut updates = shared.registry.wait_for(&op_id, host);
-        let _forget = Forget(&shared.registry, op_id.clone());
-        let tx = shared
-            .registry
-            .command_tx(host)
-            .ok_or_else(|| format!("{host} disconnected before it could be activated"))?;
         let msg = ControllerMessage {
             body: Some(controller_message::Body::Activate((&cmd).into())),
         };
-        tx.send(Ok(msg))
-            .await
-            .map_err(|_| format!("{host} disconnected before it could be activated"))?;
+        let mut updates = shared.registry.wait_for(&op_id, host, msg.clone());
+        let _forget = Forget(&shared.registry, op_id.clone());
+        let disconnected = || format!("{host} disconnected before it could be activated");
+        let tx = shared.registry.command_tx(host).ok_or_else(disconnected)?;
+        tx.send(Ok(msg)).await.map_err(|_| disconnected())?;
 
         let deadline = tokio::time::Instant::now() + shared.cfg.host_timeout;
         loop {

@@ -21,11 +21,7 @@ fn main() -> Result<()> {
     for h in &bed.hosts {
         println!("  {} at {} (agent connected)", h.name, h.ip);
     }
-    for (v, mode) in [
-        ("1.0.0", "healthy"),
-        ("2.0.0", "healthy"),
-        ("3.0.0", "unhealthy"),
-    ] {
+    for (v, mode) in [("1.0.0", "healthy"), ("2.0.0", "healthy"), ("3.0.0", "unhealthy")] {
         let file = bed.pack_demo(v, mode)?;
         show(
             &format!("convoy release push demo {v} demo-{v}.tar.gz   # packed as {mode}"),

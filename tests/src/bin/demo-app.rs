@@ -25,24 +25,19 @@ fn main() {
     let exe = std::env::current_exe().expect("current exe");
     // <release>/bin/demo-app → <release>/release.toml; the install path is a
     // symlink, so resolve from argv[0]'s directory as systemd started it.
-    let root = std::env::args()
-        .nth(1)
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            exe.parent()
-                .and_then(|p| p.parent())
-                .expect("release root")
-                .to_path_buf()
-        });
+    let root = std::env::args().nth(1).map(PathBuf::from).unwrap_or_else(|| {
+        exe.parent()
+            .and_then(|p| p.parent())
+            .expect("release root")
+            .to_path_buf()
+    });
     let text = std::fs::read_to_string(root.join("release.toml")).unwrap_or_else(|e| {
         eprintln!("demo-app: {}: {e}", root.join("release.toml").display());
         std::process::exit(1)
     });
     let version = field(&text, "version").unwrap_or("unknown").to_owned();
     let mode = field(&text, "mode").unwrap_or("healthy").to_owned();
-    let port: u16 = field(&text, "port")
-        .and_then(|p| p.parse().ok())
-        .unwrap_or(8080);
+    let port: u16 = field(&text, "port").and_then(|p| p.parse().ok()).unwrap_or(8080);
     if mode == "crash" {
         eprintln!("demo-app {version}: crashing on start, as packed");
         std::process::exit(3);
@@ -66,9 +61,7 @@ fn main() {
         }
         let path = line.split_whitespace().nth(1).unwrap_or("/");
         let (status, body) = match path {
-            "/health" if mode == "unhealthy" => {
-                ("500 Internal Server Error", "unhealthy\n".to_owned())
-            }
+            "/health" if mode == "unhealthy" => ("500 Internal Server Error", "unhealthy\n".to_owned()),
             "/health" => ("200 OK", "ok\n".to_owned()),
             _ => ("200 OK", format!("demo {version}\n")),
         };

@@ -1,0 +1,358 @@
+//! The hostile-archive corpus: each archive is refused with a precise error
+//! and nothing is written outside the extraction directory.
+//!
+//! `cargo test -p convoy-common --test hostile_archives -- --nocapture`
+//! prints the table of cases and errors.
+
+use std::fs;
+use std::io::Write;
+
+use convoy_common::archive::{unpack, Limits};
+use flate2::write::GzEncoder;
+use tar::{EntryType, Header};
+
+/// One raw tar entry; names and link targets are written byte for byte, so
+/// the archive can say anything a hostile one could.
+struct E {
+    kind: EntryType,
+    name: Vec<u8>,
+    link: Vec<u8>,
+    mode: u32,
+    data: Vec<u8>,
+}
+
+fn file(name: &str, data: &str) -> E {
+    E {
+        kind: EntryType::Regular,
+        name: name.into(),
+        link: vec![],
+        mode: 0o644,
+        data: data.into(),
+    }
+}
+fn dir(name: &str) -> E {
+    E {
+        kind: EntryType::Directory,
+        name: name.into(),
+        link: vec![],
+        mode: 0o755,
+        data: vec![],
+    }
+}
+fn symlink(name: &str, target: &str) -> E {
+    E {
+        kind: EntryType::Symlink,
+        name: name.into(),
+        link: target.into(),
+        mode: 0o777,
+        data: vec![],
+    }
+}
+fn hardlink(name: &str, target: &str) -> E {
+    E {
+        kind: EntryType::Link,
+        name: name.into(),
+        link: target.into(),
+        mode: 0o644,
+        data: vec![],
+    }
+}
+fn special(name: &str, kind: EntryType) -> E {
+    E {
+        kind,
+        name: name.into(),
+        link: vec![],
+        mode: 0o644,
+        data: vec![],
+    }
+}
+fn with_mode(mut e: E, mode: u32) -> E {
+    e.mode = mode;
+    e
+}
+
+fn raw_header(e: &E) -> Header {
+    let mut h = Header::new_gnu();
+    {
+        let old = h.as_old_mut();
+        let n = e.name.len().min(100);
+        old.name[..n].copy_from_slice(&e.name[..n]);
+        let l = e.link.len().min(100);
+        old.linkname[..l].copy_from_slice(&e.link[..l]);
+    }
+    h.set_entry_type(e.kind);
+    h.set_mode(e.mode);
+    h.set_size(e.data.len() as u64);
+    h.set_mtime(1_700_000_000);
+    h.set_cksum();
+    h
+}
+
+fn tar_bytes(entries: &[E]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for e in entries {
+        out.extend_from_slice(raw_header(e).as_bytes());
+        out.extend_from_slice(&e.data);
+        out.resize(out.len().div_ceil(512) * 512, 0);
+    }
+    out.extend_from_slice(&[0u8; 1024]);
+    out
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut gz = GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(data).unwrap();
+    gz.finish().unwrap()
+}
+
+/// A GNU long-name entry ('L') carrying `name`, followed by `e`.
+fn long_name(name: &str, mut e: E) -> Vec<E> {
+    let mut n = name.as_bytes().to_vec();
+    n.push(0);
+    e.name = b"placeholder".to_vec();
+    vec![
+        E {
+            kind: EntryType::GNULongName,
+            name: b"././@LongLink".to_vec(),
+            link: vec![],
+            mode: 0o644,
+            data: n,
+        },
+        e,
+    ]
+}
+
+/// A PAX extended header ('x') setting `key=value`, followed by `e`.
+fn pax(key: &str, value: &str, e: E) -> Vec<E> {
+    let body = format!(" {key}={value}\n");
+    let mut len = body.len();
+    len += len.to_string().len();
+    let rec = format!("{len}{body}");
+    vec![
+        E {
+            kind: EntryType::XHeader,
+            name: b"pax".to_vec(),
+            link: vec![],
+            mode: 0o644,
+            data: rec.into(),
+        },
+        e,
+    ]
+}
+
+/// Unpacks `archive` and checks the error and that nothing escaped.
+fn check(case: &str, archive: Vec<u8>, limits: Limits, expect: &str) {
+    let sandbox = tempfile::tempdir().unwrap();
+    let dest = sandbox.path().join("staging").join("release");
+    fs::create_dir_all(dest.parent().unwrap()).unwrap();
+    let err = match unpack(&archive[..], &dest, &limits) {
+        Ok(stats) => panic!("{case}: hostile archive was accepted ({stats:?})"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains(expect), "{case}: error {err:?} should contain {expect:?}");
+    // Nothing beside the destination, in the sandbox.
+    let top: Vec<_> = fs::read_dir(sandbox.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(top, vec!["staging"], "{case}: wrote outside staging");
+    let staging: Vec<_> = fs::read_dir(sandbox.path().join("staging"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(
+        staging.iter().all(|n| n == "release"),
+        "{case}: wrote beside the release dir: {staging:?}"
+    );
+    println!("| {case} | `{err}` |");
+}
+
+fn check_entries(case: &str, entries: Vec<E>, expect: &str) {
+    check(case, gzip(&tar_bytes(&entries)), Limits::default(), expect);
+}
+
+#[test]
+fn hostile_corpus_is_refused() {
+    use EntryType::*;
+    println!("| case | error |\n| --- | --- |");
+    check_entries(
+        "absolute path",
+        vec![file("/etc/cron.d/evil", "x")],
+        "absolute paths are not allowed",
+    );
+    check_entries(
+        "parent dir",
+        vec![file("../evil", "x")],
+        "'..' components are not allowed",
+    );
+    check_entries(
+        "nested parent dir",
+        vec![dir("a/"), file("a/../../evil", "x")],
+        "'..' components are not allowed",
+    );
+    check_entries(
+        "symlink escaping with ..",
+        vec![symlink("link", "../../etc")],
+        "escapes the release root",
+    );
+    check_entries(
+        "symlink to absolute path",
+        vec![symlink("link", "/etc/passwd")],
+        "escapes the release root",
+    );
+    check_entries(
+        "deep symlink escaping",
+        vec![dir("a/"), dir("a/b/"), symlink("a/b/l", "../../../x")],
+        "escapes the release root",
+    );
+    check_entries(
+        "write through inner symlink",
+        vec![dir("sub/"), symlink("link", "sub"), file("link/evil", "x")],
+        "would be written through the symlink",
+    );
+    check_entries(
+        "write through a symlink to the root",
+        vec![symlink("l", "."), file("l/x", "x")],
+        "would be written through the symlink",
+    );
+    check_entries(
+        "hard link to absolute path",
+        vec![hardlink("h", "/etc/shadow")],
+        "hard link target",
+    );
+    check_entries(
+        "hard link with ..",
+        vec![hardlink("h", "../outside")],
+        "hard link target",
+    );
+    check_entries(
+        "hard link to a later entry",
+        vec![hardlink("h", "later"), file("later", "x")],
+        "hard link target",
+    );
+    check_entries(
+        "hard link to a symlink",
+        vec![symlink("s", "f"), hardlink("h", "s")],
+        "hard link target",
+    );
+    check_entries(
+        "character device",
+        vec![special("dev", Char)],
+        "character device entries are not allowed",
+    );
+    check_entries(
+        "block device",
+        vec![special("sda", Block)],
+        "block device entries are not allowed",
+    );
+    check_entries("fifo", vec![special("pipe", Fifo)], "FIFO entries are not allowed");
+    check_entries(
+        "setuid file",
+        vec![with_mode(file("su", "x"), 0o4755)],
+        "setuid/setgid bits",
+    );
+    check_entries(
+        "setgid directory",
+        vec![with_mode(dir("d/"), 0o2755)],
+        "setuid/setgid bits",
+    );
+    check_entries("duplicate entry", vec![file("a", "1"), file("a", "2")], "appears twice");
+    check_entries(
+        "duplicate via ./",
+        vec![file("a", "1"), file("./a", "2")],
+        "appears twice",
+    );
+    check_entries(
+        "file used as a directory",
+        vec![file("a", "1"), file("a/b", "2")],
+        "is not a directory in the archive",
+    );
+    check_entries("empty name", vec![file("", "x")], "empty path");
+    let long = format!("{}/../../../../etc/evil", "a".repeat(120));
+    check_entries(
+        "GNU long name with ..",
+        long_name(&long, file("x", "x")),
+        "'..' components are not allowed",
+    );
+    check_entries(
+        "PAX path that is absolute",
+        pax("path", "/etc/evil", file("x", "x")),
+        "absolute paths are not allowed",
+    );
+    check_entries(
+        "PAX linkpath escaping",
+        pax("linkpath", "../../../etc", symlink("l", "ok")),
+        "escapes the release root",
+    );
+
+    let many: Vec<E> = (0..11).map(|i| file(&format!("f{i}"), "x")).collect();
+    check(
+        "too many entries",
+        gzip(&tar_bytes(&many)),
+        Limits {
+            max_entries: 10,
+            ..Limits::default()
+        },
+        "more than 10 entries",
+    );
+    check(
+        "too large",
+        gzip(&tar_bytes(&[file("big", &"x".repeat(5000))])),
+        Limits {
+            max_total_bytes: 4096,
+            ..Limits::default()
+        },
+        "more than 4096 bytes",
+    );
+    check(
+        "not gzip",
+        b"PK\x03\x04 this is a zip".to_vec(),
+        Limits::default(),
+        "corrupt or not a gzip-compressed tar",
+    );
+    let good = gzip(&tar_bytes(&[file("a", &"y".repeat(100_000))]));
+    check(
+        "truncated",
+        good[..good.len() / 2].to_vec(),
+        Limits::default(),
+        "entry \"a\"",
+    );
+}
+
+#[test]
+fn setuid_is_kept_when_the_spec_allows_it() {
+    use std::os::unix::fs::PermissionsExt;
+    let sandbox = tempfile::tempdir().unwrap();
+    let dest = sandbox.path().join("r");
+    let archive = gzip(&tar_bytes(&[with_mode(file("su", "x"), 0o4755)]));
+    unpack(
+        &archive[..],
+        &dest,
+        &Limits {
+            allow_setid: true,
+            ..Limits::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        fs::metadata(dest.join("su")).unwrap().permissions().mode() & 0o7777,
+        0o4755
+    );
+}
+
+#[test]
+fn links_inside_the_release_are_fine() {
+    let sandbox = tempfile::tempdir().unwrap();
+    let dest = sandbox.path().join("r");
+    let archive = gzip(&tar_bytes(&[
+        dir("a/"),
+        file("a/f", "data"),
+        symlink("cur", "a/f"),
+        hardlink("h", "a/f"),
+        symlink("a/up", "../cur"),
+    ]));
+    let stats = unpack(&archive[..], &dest, &Limits::default()).unwrap();
+    assert_eq!(stats.files, 2);
+    assert_eq!(fs::read(dest.join("h")).unwrap(), b"data");
+    assert_eq!(fs::read(dest.join("cur")).unwrap(), b"data");
+}

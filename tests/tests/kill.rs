@@ -1,0 +1,262 @@
+//! Kill tests: the agent is killed with SIGKILL at every step boundary of an
+//! activation and of a restore (failpoints, agent built with
+//! `--features failpoints`), and at random instants, over more than 50
+//! activations on booted hosts. After each kill systemd restarts the agent;
+//! the host must end on a complete release that passes its health check,
+//! and the rollout must end with an honest result.
+
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use convoy_tests::{Host, Testbed};
+
+/// Every step boundary of an activation (agent/src/activate.rs).
+const ACTIVATION_POINTS: [&str; 9] = [
+    "stage-begin",
+    "after-fetch",
+    "after-unpack",
+    "after-stage",
+    "before-switch",
+    "after-switch",
+    "after-restart",
+    "after-check",
+    "after-commit",
+];
+/// Step boundaries of a restore; reached by deploying an unhealthy release.
+const RESTORE_POINTS: [&str; 2] = ["restore-begin", "restore-after-switch"];
+const RANDOM_KILLS_PER_HOST: u64 = 6;
+const HOSTS: usize = 3;
+
+const GOOD: [&str; 2] = ["1.0.0", "2.0.0"];
+const BAD: &str = "9.9.9";
+
+#[derive(Debug)]
+enum Kill {
+    At(&'static str),
+    AfterMs(u64),
+}
+
+struct CaseResult {
+    host: String,
+    kill: String,
+    from: String,
+    target: String,
+    exit: i32,
+    end: String,
+    problem: Option<String>,
+}
+
+fn host_app(bed: &Testbed, host: &str) -> Result<serde_json::Value> {
+    let status = bed.status()?;
+    Ok(Testbed::host_status(&status, host)?.clone())
+}
+
+fn wait_deploy(mut child: Child, timeout: Duration) -> Result<(i32, String)> {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait()? {
+            let out = child.wait_with_output()?;
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            return Ok((status.code().unwrap_or(-1), text));
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            bail!("deploy did not finish within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The end state every kill must leave: connected, no operation in flight,
+/// the install path on the journal's current release, the unit active, the
+/// app serving that version and healthy.
+fn check_end_state(bed: &Testbed, host: &Host, allowed: &[&str]) -> Result<String> {
+    let start = Instant::now();
+    let app = loop {
+        let h = host_app(bed, &host.name)?;
+        if h["connected"] == true && h["app"]["inflight_op"].is_null() {
+            break h["app"].clone();
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            bail!("host did not settle: {h}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let current = app["current"].as_str().context("no current release")?.to_owned();
+    if !allowed.contains(&current.as_str()) {
+        bail!("ended on {current}, expected one of {allowed:?}");
+    }
+    let link = host.exec_ok(&["readlink", "/opt/demo"])?;
+    if link.trim() != format!("/var/lib/convoy/apps/demo/releases/{current}") {
+        bail!("/opt/demo -> {} but the journal says {current}", link.trim());
+    }
+    let tree = host.exec_ok(&[
+        "cat",
+        &format!("/var/lib/convoy/apps/demo/releases/{current}/release.toml"),
+    ])?;
+    if !tree.contains(&format!("version = \"{current}\"")) {
+        bail!("release tree of {current} is incomplete: {tree}");
+    }
+    // The unit may still be settling after a restore; give it the app's deadline.
+    let start = Instant::now();
+    loop {
+        let active = host.unit_property("demo.service", "ActiveState")?;
+        let serving = host.serving();
+        let health = host.http_get("/health").map(|(s, _)| s);
+        if active == "active" && serving.as_deref() == Some(current.as_str()) && health == Some(200) {
+            return Ok(current);
+        }
+        if start.elapsed() > Duration::from_secs(15) {
+            bail!("unit {active}, serving {serving:?}, /health {health:?}; expected {current} healthy");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn run_case(bed: &Testbed, host: &Host, env: &str, kill: Kill) -> Result<CaseResult> {
+    let from = host_app(bed, &host.name)?["app"]["current"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned();
+    let restore_case = matches!(kill, Kill::At(p) if RESTORE_POINTS.contains(&p));
+    let target = if restore_case {
+        BAD.to_owned()
+    } else {
+        GOOD.iter().find(|v| **v != from).unwrap().to_string()
+    };
+    match kill {
+        Kill::At(point) => host.set_failpoint(Some(point))?,
+        Kill::AfterMs(_) => host.set_failpoint(None)?,
+    }
+    bed.wait_host_connected(&host.name)?;
+    let child = bed.convoy_spawn(&["deploy", "demo", &target, "--env", env])?;
+    if let Kill::AfterMs(ms) = kill {
+        std::thread::sleep(Duration::from_millis(ms));
+        host.kill_agent()?;
+    }
+    let (exit, output) = wait_deploy(child, Duration::from_secs(120))?;
+    let mut problem = None;
+    if let Kill::At(point) = kill {
+        if !host.failpoint_fired(point) {
+            problem = Some(format!("failpoint {point} never fired"));
+        }
+    }
+    if exit != 0 && exit != 1 {
+        problem = Some(format!("deploy exited {exit}: {output}"));
+    }
+    let allowed: Vec<&str> = if restore_case {
+        vec![&from]
+    } else {
+        vec![&from, &target]
+    };
+    let end = match check_end_state(bed, host, &allowed) {
+        Ok(v) => v,
+        Err(e) => {
+            problem.get_or_insert(format!("bad end state: {e:#}\n{output}"));
+            "?".into()
+        }
+    };
+    // The deploy's exit code must match where the host ended.
+    if problem.is_none() && (exit == 0) != (end == target) {
+        problem = Some(format!("deploy exited {exit} but the host ended on {end}:\n{output}"));
+    }
+    Ok(CaseResult {
+        host: host.name.clone(),
+        kill: match kill {
+            Kill::At(p) => format!("failpoint {p}"),
+            Kill::AfterMs(ms) => format!("kill -9 after {ms} ms"),
+        },
+        from,
+        target,
+        exit,
+        end,
+        problem,
+    })
+}
+
+/// A small deterministic generator, so a failing run can be repeated.
+fn delays(seed: u64, n: u64) -> Vec<u64> {
+    let mut x = seed;
+    (0..n)
+        .map(|_| {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (x >> 33) % 4000
+        })
+        .collect()
+}
+
+#[test]
+fn kill_agent_at_every_step_and_at_random_instants() -> Result<()> {
+    let bed = Testbed::boot_with(HOSTS, |i| format!("kill{i}"))?;
+    for v in GOOD {
+        bed.push_demo(v, "healthy")?;
+    }
+    bed.push_demo(BAD, "unhealthy")?;
+    for i in 1..=HOSTS {
+        bed.convoy_ok(&["deploy", "demo", GOOD[0], "--env", &format!("kill{i}")])?;
+    }
+    let seed = std::env::var("CONVOY_KILL_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20261122);
+    println!("random kill seed {seed} (set CONVOY_KILL_SEED to repeat)");
+
+    let results: Vec<CaseResult> = std::thread::scope(|scope| {
+        let handles: Vec<_> = bed
+            .hosts
+            .iter()
+            .enumerate()
+            .map(|(i, host)| {
+                let bed = &bed;
+                scope.spawn(move || -> Result<Vec<CaseResult>> {
+                    let env = format!("kill{}", i + 1);
+                    let mut cases: Vec<Kill> = ACTIVATION_POINTS
+                        .iter()
+                        .chain(&RESTORE_POINTS)
+                        .map(|p| Kill::At(p))
+                        .collect();
+                    cases.extend(
+                        delays(seed + i as u64, RANDOM_KILLS_PER_HOST)
+                            .into_iter()
+                            .map(Kill::AfterMs),
+                    );
+                    cases.into_iter().map(|k| run_case(bed, host, &env, k)).collect()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("host thread"))
+            .collect::<Result<Vec<_>>>()
+    })?
+    .into_iter()
+    .flatten()
+    .collect();
+
+    println!("| host | injection | from | to | deploy exit | ended on | verdict |");
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    for r in &results {
+        let verdict = r
+            .problem
+            .as_deref()
+            .map(|p| p.lines().next().unwrap_or("").to_owned())
+            .unwrap_or("ok".into());
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            r.host, r.kill, r.from, r.target, r.exit, r.end, verdict
+        );
+    }
+    let bad: Vec<&CaseResult> = results.iter().filter(|r| r.problem.is_some()).collect();
+    println!("injections: {}, bad end states: {}", results.len(), bad.len());
+    assert!(results.len() >= 50, "at least 50 activations");
+    for b in &bad {
+        eprintln!("{} / {}: {}", b.host, b.kill, b.problem.as_deref().unwrap_or(""));
+    }
+    assert!(bad.is_empty(), "{} bad end states", bad.len());
+    Ok(())
+}
