@@ -1,9 +1,14 @@
-//! The activation state machine: stage → switch → restart → check → commit,
-//! or restore the previous release on any failure.
+//! The activation state machine:
+//!
+//! stage → before_install → backup → switch → unit files → after_install →
+//! before_activate → restart → after_activate → check → validate → commit
+//!
+//! and, on any failure after the switch, restore: before_rollback, switch
+//! back, unit files and backup put back, restart, check the old release.
 //!
 //! The journal is saved (fsync) before every step that changes what runs,
-//! so `recover` can always bring an interrupted activation back to a whole
-//! release: the old one, restarted and checked.
+//! so `recover_all` can always bring an interrupted activation back to a
+//! whole release: the old one, restarted and checked.
 
 use std::fs;
 use std::io;
@@ -13,15 +18,15 @@ use std::sync::Arc;
 use convoy_common::archive::{self, Limits};
 use convoy_common::fsutil;
 use convoy_common::ops::{ActivateCommand, EventKind, Health, OpReport, Outcome, Step, StepEvent};
-use convoy_common::spec::InstallSpec;
-use convoy_common::AppName;
+use convoy_common::spec::{HookPoint, InstallSpec};
+use convoy_common::{AppName, Version};
 use tonic::transport::Channel;
 
 use crate::agent::Agent;
 use crate::crash::crash_point;
-use crate::fetch;
-use crate::health;
+use crate::fetch::{self, FetchError};
 use crate::store::{AppDirs, Inflight, Journal, Phase, ReleaseMeta};
+use crate::{backup, health, hooks, switch, units};
 
 /// Emits step events for one operation.
 struct Op<'a> {
@@ -47,6 +52,7 @@ impl Op<'_> {
 /// the journal as `last_op`). The caller holds the app's operation lock.
 pub async fn activate(agent: Arc<Agent>, channel: Channel, cmd: ActivateCommand) -> OpReport {
     let app = cmd.spec.app.clone();
+    let spec = &cmd.spec;
     let op = Op {
         agent: &agent,
         op_id: cmd.op_id.clone(),
@@ -60,7 +66,7 @@ pub async fn activate(agent: Arc<Agent>, channel: Channel, cmd: ActivateCommand)
         // A retried command: answer with what already happened.
         return last.clone();
     }
-    if let Err(reason) = check_install_path(&cmd.spec.install_path) {
+    if let Err(reason) = switch::check_install_path(spec) {
         return refuse(&agent, &cmd, reason);
     }
     let dirs = match agent.store.ensure_app(&app) {
@@ -74,7 +80,7 @@ pub async fn activate(agent: Arc<Agent>, channel: Channel, cmd: ActivateCommand)
             .store
             .release_meta(&app, &to)
             .is_some_and(|m| m.digest == cmd.digest)
-        && fs::read_link(&cmd.spec.install_path).is_ok_and(|l| l == dirs.release(&to))
+        && switch::live_version(spec).as_ref() == Some(&to)
     {
         op.event(
             Step::Commit,
@@ -90,6 +96,10 @@ pub async fn activate(agent: Arc<Agent>, channel: Channel, cmd: ActivateCommand)
             "already current".into(),
         );
     }
+    let not_switched = |from: &Option<Version>| match from {
+        Some(v) => format!("nothing was switched; {v} still runs"),
+        None => "nothing was switched".to_owned(),
+    };
 
     // ── stage ──
     j.inflight = Some(Inflight {
@@ -97,7 +107,9 @@ pub async fn activate(agent: Arc<Agent>, channel: Channel, cmd: ActivateCommand)
         from: from.clone(),
         to: to.clone(),
         phase: Phase::Staging,
-        spec: cmd.spec.clone(),
+        spec: spec.clone(),
+        backup: None,
+        unit_snapshot: None,
     });
     if let Err(e) = agent.store.save_journal(&app, &j) {
         return refuse(&agent, &cmd, e.to_string());
@@ -113,50 +125,130 @@ pub async fn activate(agent: Arc<Agent>, channel: Channel, cmd: ActivateCommand)
         Err(reason) => {
             op.event(Step::Stage, EventKind::Failed, &reason);
             j.inflight = None;
-            let detail = match &from {
-                Some(v) => format!("nothing was switched; {v} still runs"),
-                None => "nothing was switched".to_owned(),
-            };
-            return finish(&agent, &cmd, j, Outcome::FailedRestored, reason, detail);
+            return finish(&agent, &cmd, j, Outcome::FailedRestored, reason, not_switched(&from));
         }
     }
     crash_point("after-stage");
+
+    // ── before_install, backup, unit snapshot: nothing live changes yet ──
+    let new_tree = dirs.release(&to);
+    let prepared: Result<_, String> = async {
+        run_hooks(
+            &agent,
+            &op,
+            spec,
+            HookPoint::BeforeInstall,
+            &to,
+            from.as_ref(),
+            &new_tree,
+        )
+        .await?;
+        let backup = take_backup(&op, spec, &dirs).await?;
+        let shipped = units::shipped(&new_tree).map_err(|e| format!("unit files: {e}"))?;
+        let snap = units::snapshot(&agent.unit_dir, &shipped, &j.unit_files)
+            .map_err(|e| format!("reading unit files: {e}"))?;
+        Ok((backup, shipped, snap))
+    }
+    .await;
+    let (backup_path, shipped, snap) = match prepared {
+        Ok(p) => p,
+        Err(reason) => {
+            j.inflight = None;
+            return finish(&agent, &cmd, j, Outcome::FailedRestored, reason, not_switched(&from));
+        }
+    };
+    if let Some(i) = j.inflight.as_mut() {
+        i.backup = backup_path;
+        i.unit_snapshot = Some(snap.clone());
+    }
 
     // ── switch ──
     set_phase(&agent, &app, &mut j, Phase::Switched);
     crash_point("before-switch");
     let from_name = from.as_ref().map_or("nothing".into(), |v| v.to_string());
     op.event(Step::Switch, EventKind::Started, format!("{from_name} -> {to}"));
-    if let Err(e) = fsutil::replace_symlink(&dirs.release(&to), &cmd.spec.install_path) {
-        let reason = format!("switching {} to {to}: {e}", cmd.spec.install_path.display());
+    if let Err(e) = switch::switch_to(spec, &dirs, &to) {
+        let reason = format!("switching {} to {to}: {e}", spec.install_path.display());
         op.event(Step::Switch, EventKind::Failed, &reason);
-        return restore(&agent, &op, cmd, j, reason).await;
+        return restore(&agent, &op, &cmd, j, reason).await;
     }
-    let switched = format!("{} -> {}", cmd.spec.install_path.display(), dirs.release(&to).display());
-    op.event(Step::Switch, EventKind::Succeeded, switched);
+    let live_tree = switch::tree_of(spec, &dirs, &to);
+    op.event(
+        Step::Switch,
+        EventKind::Succeeded,
+        format!("{} -> {to}", spec.install_path.display()),
+    );
     crash_point("after-switch");
 
-    // ── restart ──
-    for unit in &cmd.spec.units {
-        op.event(Step::Restart, EventKind::Started, unit.clone());
-        if let Err(e) = agent.systemd.restart(unit, agent.unit_timeout).await {
-            let reason = format!("restart {unit}: {e}");
-            op.event(Step::Restart, EventKind::Failed, &reason);
-            return restore(&agent, &op, cmd, j, reason).await;
+    // ── unit files, hooks, restart, check, validate ──
+    let live: Result<String, String> = async {
+        if units::install(&agent.unit_dir, &shipped, &snap).map_err(|e| format!("installing unit files: {e}"))? {
+            agent
+                .systemd
+                .daemon_reload()
+                .await
+                .map_err(|e| format!("daemon-reload: {e}"))?;
+            op.event(
+                Step::Switch,
+                EventKind::Info,
+                format!("unit files installed: {}", join_keys(&shipped)),
+            );
         }
-        op.event(Step::Restart, EventKind::Succeeded, unit.clone());
+        run_hooks(
+            &agent,
+            &op,
+            spec,
+            HookPoint::AfterInstall,
+            &to,
+            from.as_ref(),
+            &live_tree,
+        )
+        .await?;
+        run_hooks(
+            &agent,
+            &op,
+            spec,
+            HookPoint::BeforeActivate,
+            &to,
+            from.as_ref(),
+            &live_tree,
+        )
+        .await?;
+        for unit in &spec.units {
+            op.event(Step::Restart, EventKind::Started, unit.clone());
+            if let Err(e) = agent.systemd.restart(unit, agent.unit_timeout).await {
+                let reason = format!("restart {unit}: {e}");
+                op.event(Step::Restart, EventKind::Failed, &reason);
+                return Err(reason);
+            }
+            op.event(Step::Restart, EventKind::Succeeded, unit.clone());
+        }
+        crash_point("after-restart");
+        run_hooks(
+            &agent,
+            &op,
+            spec,
+            HookPoint::AfterActivate,
+            &to,
+            from.as_ref(),
+            &live_tree,
+        )
+        .await?;
+        op.event(Step::Check, EventKind::Started, describe_policy(spec));
+        let msg = match check(&agent, &op, spec, &live_tree).await {
+            Ok(msg) => msg,
+            Err(reason) => {
+                op.event(Step::Check, EventKind::Failed, &reason);
+                return Err(format!("health check failed: {reason}"));
+            }
+        };
+        op.event(Step::Check, EventKind::Succeeded, &msg);
+        run_hooks(&agent, &op, spec, HookPoint::Validate, &to, from.as_ref(), &live_tree).await?;
+        Ok(msg)
     }
-    crash_point("after-restart");
-
-    // ── check ──
-    op.event(Step::Check, EventKind::Started, describe_policy(&cmd.spec));
-    match check(&agent, &op, &cmd.spec).await {
-        Ok(msg) => op.event(Step::Check, EventKind::Succeeded, msg),
-        Err(reason) => {
-            op.event(Step::Check, EventKind::Failed, &reason);
-            let reason = format!("health check failed: {reason}");
-            return restore(&agent, &op, cmd, j, reason).await;
-        }
+    .await;
+    if let Err(reason) = live {
+        return restore(&agent, &op, &cmd, j, reason).await;
     }
     crash_point("after-check");
 
@@ -166,31 +258,131 @@ pub async fn activate(agent: Arc<Agent>, channel: Channel, cmd: ActivateCommand)
     j.last_known_good = Some(to.clone());
     j.health = Health::Healthy;
     j.health_reason = "passed health checks after activation".into();
-    j.spec = Some(cmd.spec.clone());
+    j.spec = Some(spec.clone());
+    j.unit_files = shipped.keys().cloned().collect();
+    j.push_history(&to);
     j.inflight = None;
     op.event(Step::Commit, EventKind::Succeeded, format!("{to} is current"));
-    let report = finish(&agent, &cmd, j, Outcome::Succeeded, String::new(), String::new());
+    let report = finish(
+        &agent,
+        &cmd,
+        j.clone(),
+        Outcome::Succeeded,
+        String::new(),
+        String::new(),
+    );
     crash_point("after-commit");
+    apply_retention(&agent, &op, spec, &j, &dirs);
     report
+}
+
+fn join_keys<V>(m: &std::collections::BTreeMap<String, V>) -> String {
+    m.keys().cloned().collect::<Vec<_>>().join(", ")
+}
+
+/// Keeps `keep_releases` releases and `keep_backups` backups.
+fn apply_retention(agent: &Agent, op: &Op<'_>, spec: &InstallSpec, j: &Journal, dirs: &AppDirs) {
+    match agent
+        .store
+        .prune_releases(&spec.app, j, spec.keep_releases as usize, None)
+    {
+        Ok(gone) if !gone.is_empty() => {
+            let names: Vec<String> = gone.iter().map(|v| v.to_string()).collect();
+            op.event(
+                Step::Commit,
+                EventKind::Info,
+                format!("retention removed releases {}", names.join(", ")),
+            );
+        }
+        Ok(_) => {}
+        Err(e) => op.event(Step::Commit, EventKind::Info, format!("retention: {e}")),
+    }
+    if let Err(e) = backup::prune(&dirs.backups, spec.keep_backups as usize) {
+        op.event(Step::Commit, EventKind::Info, format!("backup retention: {e}"));
+    }
+}
+
+async fn take_backup(op: &Op<'_>, spec: &InstallSpec, dirs: &AppDirs) -> Result<Option<std::path::PathBuf>, String> {
+    if spec.backup_paths.is_empty() {
+        return Ok(None);
+    }
+    let out = dirs.backups.join(format!("{}.tar.gz", op.op_id));
+    op.event(
+        Step::Backup,
+        EventKind::Started,
+        format!("{} path(s)", spec.backup_paths.len()),
+    );
+    let (paths, out2) = (spec.backup_paths.clone(), out.clone());
+    let size = tokio::task::spawn_blocking(move || backup::create(&paths, &out2))
+        .await
+        .map_err(|e| format!("backup task: {e}"))?
+        .map_err(|e| {
+            let reason = format!("backup of {:?} failed: {e}", spec.backup_paths);
+            op.event(Step::Backup, EventKind::Failed, &reason);
+            reason
+        })?;
+    op.event(
+        Step::Backup,
+        EventKind::Succeeded,
+        format!("{} ({size} bytes)", out.display()),
+    );
+    Ok(Some(out))
+}
+
+/// Runs the hooks declared for `point`, streaming their output.
+async fn run_hooks(
+    agent: &Agent,
+    op: &Op<'_>,
+    spec: &InstallSpec,
+    point: HookPoint,
+    version: &Version,
+    previous: Option<&Version>,
+    root: &Path,
+) -> Result<(), String> {
+    for h in spec.hooks.iter().filter(|h| h.point == point) {
+        let name = point.as_str();
+        op.event(Step::Hook, EventKind::Started, format!("{name}: {}", h.argv.join(" ")));
+        let previous = previous.map(|v| v.to_string()).unwrap_or_default();
+        let env = hooks::HookEnv {
+            app: spec.app.as_str(),
+            version: version.as_str(),
+            previous: &previous,
+            environment: agent.labels.get("env").map(String::as_str).unwrap_or(""),
+            release_dir: root,
+            install_path: &spec.install_path,
+            op_id: &op.op_id,
+        };
+        let result = hooks::run(h, &env, root, |line| {
+            op.event(Step::Hook, EventKind::Info, format!("{name}: {line}"))
+        })
+        .await;
+        match result {
+            Ok(m) => op.event(Step::Hook, EventKind::Succeeded, m),
+            Err(m) => {
+                op.event(Step::Hook, EventKind::Failed, &m);
+                return Err(m);
+            }
+        }
+    }
+    Ok(())
 }
 
 fn describe_policy(spec: &InstallSpec) -> String {
     let checks: Vec<String> = spec.health.checks.iter().map(|c| c.kind.describe()).collect();
+    let checks = if checks.is_empty() {
+        "no checks".to_owned()
+    } else {
+        checks.join(", ")
+    };
     format!(
-        "{} (healthy for {:?} within {:?})",
-        if checks.is_empty() {
-            "no checks".to_owned()
-        } else {
-            checks.join(", ")
-        },
-        spec.health.min_healthy_time,
-        spec.health.healthy_deadline
+        "{checks} (healthy for {:?} within {:?})",
+        spec.health.min_healthy_time, spec.health.healthy_deadline
     )
 }
 
-async fn check(agent: &Agent, op: &Op<'_>, spec: &InstallSpec) -> Result<String, String> {
+async fn check(agent: &Agent, op: &Op<'_>, spec: &InstallSpec, root: &Path) -> Result<String, String> {
     let base = health::baseline(&agent.systemd, &spec.health).await;
-    health::wait_healthy(&agent.systemd, &spec.health, &base, |v| {
+    health::wait_healthy(&agent.systemd, &spec.health, &base, root, |v| {
         if let Err(m) = v {
             op.event(Step::Check, EventKind::Info, format!("not yet healthy: {m}"));
         }
@@ -198,28 +390,12 @@ async fn check(agent: &Agent, op: &Op<'_>, spec: &InstallSpec) -> Result<String,
     .await
 }
 
-/// The install path must be absent or a symlink: convoy never replaces a
-/// real directory or file it did not create.
-fn check_install_path(path: &Path) -> Result<(), String> {
-    match fs::symlink_metadata(path) {
-        Ok(m) if !m.file_type().is_symlink() => Err(format!(
-            "install path {} exists and is not a symlink; convoy will not replace it (move it away first)",
-            path.display()
-        )),
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => match path.parent() {
-            Some(p) => fs::create_dir_all(p).map_err(|e| format!("creating {}: {e}", p.display())),
-            None => Ok(()),
-        },
-        Err(e) => Err(format!("install path {}: {e}", path.display())),
-    }
-}
-
 /// Fetches, verifies and unpacks the release into `releases/<version>`.
 async fn stage(agent: &Agent, channel: &Channel, cmd: &ActivateCommand, dirs: &AppDirs) -> Result<String, String> {
     let app = &cmd.spec.app;
     let release = dirs.release(&cmd.version);
-    if release.exists() {
+    let held = release.exists() || switch::live_version(&cmd.spec).as_ref() == Some(&cmd.version);
+    if held {
         return match agent.store.release_meta(app, &cmd.version) {
             Some(m) if m.digest == cmd.digest => Ok(format!("{} already on this host", cmd.version)),
             Some(m) => Err(format!(
@@ -233,18 +409,30 @@ async fn stage(agent: &Agent, channel: &Channel, cmd: &ActivateCommand, dirs: &A
         };
     }
     let part = dirs.staging.join(format!("{}.part", cmd.digest));
-    let fetched = fetch::fetch(channel.clone(), cmd.digest, cmd.size, &part, |_, _| {})
-        .await
-        .map_err(|e| e.to_string())?;
+    let fetched = match fetch::fetch(channel.clone(), cmd.digest, cmd.size, &part, |_, _| {}).await {
+        Ok(n) => n,
+        // A network failure keeps the partial file so the next try resumes;
+        // anything else (disk full, bad digest) leaves staging clean.
+        Err(e @ FetchError::GaveUp { .. }) => return Err(e.to_string()),
+        Err(e) => {
+            let _ = fs::remove_file(&part);
+            return Err(e.to_string());
+        }
+    };
     crash_point("after-fetch");
 
     let unpack_dir = dirs.staging.join(format!("{}.unpack", cmd.version));
     let _ = fs::remove_dir_all(&unpack_dir);
-    let (part2, dir2) = (part.clone(), unpack_dir.clone());
+    let (part2, dir2, version) = (part.clone(), unpack_dir.clone(), cmd.version.clone());
+    let limits = Limits {
+        allow_setid: cmd.spec.allow_setid,
+        ..Limits::default()
+    };
     let stats = tokio::task::spawn_blocking(move || -> Result<archive::UnpackStats, String> {
         let f = fs::File::open(&part2).map_err(|e| format!("{}: {e}", part2.display()))?;
-        let stats = archive::unpack(io::BufReader::with_capacity(1 << 20, f), &dir2, &Limits::default())
+        let stats = archive::unpack(io::BufReader::with_capacity(1 << 20, f), &dir2, &limits)
             .map_err(|e| format!("unsafe or corrupt archive: {e}"))?;
+        switch::write_marker(&dir2, &version).map_err(|e| format!("writing release marker: {e}"))?;
         // One syncfs makes the whole tree durable before it becomes visible.
         let d = fs::File::open(&dir2).map_err(|e| e.to_string())?;
         nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&d)).map_err(|e| format!("syncfs: {e}"))?;
@@ -256,6 +444,7 @@ async fn stage(agent: &Agent, channel: &Channel, cmd: &ActivateCommand, dirs: &A
         Ok(s) => s,
         Err(e) => {
             let _ = fs::remove_dir_all(&unpack_dir);
+            let _ = fs::remove_file(&part);
             return Err(e);
         }
     };
@@ -293,46 +482,96 @@ fn set_phase(agent: &Agent, app: &AppName, j: &mut Journal, phase: Phase) {
 
 /// Puts the previous release back, restarts it and checks it. Used after a
 /// failed activation and by crash recovery.
-async fn restore(agent: &Agent, op: &Op<'_>, cmd: ActivateCommand, mut j: Journal, reason: String) -> OpReport {
-    let (outcome, detail) = restore_inner(agent, op, &cmd.spec, &mut j).await;
-    finish(agent, &cmd, j, outcome, reason, detail)
+async fn restore(agent: &Agent, op: &Op<'_>, cmd: &ActivateCommand, mut j: Journal, reason: String) -> OpReport {
+    let (outcome, detail) = restore_inner(agent, op, &mut j).await;
+    finish(agent, cmd, j, outcome, reason, detail)
 }
 
-async fn restore_inner(agent: &Agent, op: &Op<'_>, spec: &InstallSpec, j: &mut Journal) -> (Outcome, String) {
+async fn restore_inner(agent: &Agent, op: &Op<'_>, j: &mut Journal) -> (Outcome, String) {
+    let inflight = j.inflight.clone().expect("restore runs for an in-flight operation");
+    let spec = &inflight.spec;
     let app = &spec.app;
-    let from = j.inflight.as_ref().and_then(|i| i.from.clone());
     set_phase(agent, app, j, Phase::Restoring);
+    let dirs = agent.store.app(app);
+    let mut problems = Vec::new();
+    if let Err(e) = switch::normalize(spec, &dirs) {
+        problems.push(format!("normalise releases: {e}"));
+    }
+    let failing_tree = switch::tree_of(spec, &dirs, &inflight.to);
+    if let Err(e) = run_hooks(
+        agent,
+        op,
+        spec,
+        HookPoint::BeforeRollback,
+        &inflight.to,
+        inflight.from.as_ref(),
+        &failing_tree,
+    )
+    .await
+    {
+        // The restore goes on: a broken hook must not keep a broken release.
+        problems.push(e);
+    }
     // The previous release is restarted with the spec it ran under.
     let prev_spec = j.spec.clone().unwrap_or_else(|| spec.clone());
-    let dirs = agent.store.app(app);
-    let out = match from {
-        Some(prev) => {
-            op.event(Step::Restore, EventKind::Started, format!("switching back to {prev}"));
-            crash_point("restore-begin");
-            let mut problems = Vec::new();
-            if let Err(e) = fsutil::replace_symlink(&dirs.release(&prev), &spec.install_path) {
-                problems.push(format!("switch back: {e}"));
+    let target = inflight.from.clone();
+    op.event(
+        Step::Restore,
+        EventKind::Started,
+        match &target {
+            Some(prev) => format!("switching back to {prev}"),
+            None => "no previous release: removing the install path".into(),
+        },
+    );
+    crash_point("restore-begin");
+    let switched = match &target {
+        Some(prev) => switch::switch_to(spec, &dirs, prev),
+        None => switch::remove_install_path(spec, &dirs),
+    };
+    if let Err(e) = switched {
+        problems.push(format!("switch back: {e}"));
+    }
+    crash_point("restore-after-switch");
+    if let Some(snap) = &inflight.unit_snapshot {
+        match units::put_back(&agent.unit_dir, snap) {
+            Ok(true) => {
+                if let Err(e) = agent.systemd.daemon_reload().await {
+                    problems.push(format!("daemon-reload: {e}"));
+                }
             }
-            crash_point("restore-after-switch");
+            Ok(false) => {}
+            Err(e) => problems.push(format!("putting unit files back: {e}")),
+        }
+    }
+    if let Some(b) = inflight.backup.clone() {
+        match tokio::task::spawn_blocking(move || backup::restore(&b)).await {
+            Ok(Ok(n)) => op.event(Step::Restore, EventKind::Info, format!("backup restored ({n} entries)")),
+            Ok(Err(e)) => problems.push(format!("restoring backup: {e}")),
+            Err(e) => problems.push(format!("restoring backup: {e}")),
+        }
+    }
+    let out = match &target {
+        Some(prev) => {
             for unit in &prev_spec.units {
                 if let Err(e) = agent.systemd.restart(unit, agent.unit_timeout).await {
                     problems.push(format!("restart {unit}: {e}"));
                 }
             }
-            let verdict = if problems.is_empty() {
-                check(agent, op, &prev_spec).await
-            } else {
-                Err(problems.join("; "))
-            };
+            let root = switch::tree_of(spec, &dirs, prev);
+            let verdict = check(agent, op, &prev_spec, &root).await;
             match verdict {
-                Ok(msg) => {
+                Ok(msg) if problems.is_empty() => {
                     j.health = Health::Healthy;
                     j.health_reason = format!("restored; {msg}");
                     let d = format!("restored {prev}; healthy again ({msg})");
                     op.event(Step::Restore, EventKind::Succeeded, &d);
                     (Outcome::FailedRestored, d)
                 }
-                Err(m) => {
+                verdict => {
+                    if let Err(m) = verdict {
+                        problems.push(m);
+                    }
+                    let m = problems.join("; ");
                     j.health = Health::Unhealthy;
                     j.health_reason = m.clone();
                     let d = format!("restoring {prev} failed: {m}");
@@ -342,17 +581,6 @@ async fn restore_inner(agent: &Agent, op: &Op<'_>, spec: &InstallSpec, j: &mut J
             }
         }
         None => {
-            op.event(
-                Step::Restore,
-                EventKind::Started,
-                "no previous release: removing the install path",
-            );
-            let mut problems = Vec::new();
-            match fs::remove_file(&spec.install_path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => problems.push(format!("remove {}: {e}", spec.install_path.display())),
-            }
             for unit in &spec.units {
                 if let Err(e) = agent.systemd.stop(unit, agent.unit_timeout).await {
                     problems.push(format!("stop {unit}: {e}"));
@@ -385,9 +613,7 @@ pub async fn recover_all(agent: &Agent) -> Vec<OpReport> {
         let Ok(mut j) = agent.store.load_journal(&app) else {
             continue;
         };
-        let Some(inflight) = j.inflight.clone() else {
-            continue;
-        };
+        let Some(inflight) = j.inflight.clone() else { continue };
         let op = Op {
             agent,
             op_id: inflight.op_id.clone(),
@@ -410,10 +636,10 @@ pub async fn recover_all(agent: &Agent) -> Vec<OpReport> {
             j.inflight = None;
             (
                 Outcome::FailedRestored,
-                "interrupted while staging; nothing had been switched".to_owned(),
+                "interrupted before the switch; nothing had been switched".to_owned(),
             )
         } else {
-            restore_inner(agent, &op, &inflight.spec, &mut j).await
+            restore_inner(agent, &op, &mut j).await
         };
         let report = finish(agent, &cmd_like, j, outcome, reason, detail);
         op.event(Step::Recover, EventKind::Succeeded, report.outcome.to_string());
@@ -422,7 +648,8 @@ pub async fn recover_all(agent: &Agent) -> Vec<OpReport> {
     reports
 }
 
-/// Removes half-unpacked trees; keeps partial downloads so they resume.
+/// Removes half-unpacked trees and half-written backups; keeps partial
+/// downloads so they resume.
 fn clean_staging(dirs: &AppDirs) {
     for e in fs::read_dir(&dirs.staging).into_iter().flatten().flatten() {
         let p = e.path();
@@ -434,6 +661,11 @@ fn clean_staging(dirs: &AppDirs) {
         } else {
             fs::remove_file(&p)
         };
+    }
+    for e in fs::read_dir(&dirs.backups).into_iter().flatten().flatten() {
+        if e.path().extension().is_some_and(|x| x == "tmp") {
+            let _ = fs::remove_file(e.path());
+        }
     }
 }
 

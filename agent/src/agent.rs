@@ -2,6 +2,7 @@
 //! operation lock and the reporter that streams events to the controller.
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,6 +20,8 @@ pub struct Agent {
     pub reporter: Reporter,
     pub labels: BTreeMap<String, String>,
     pub unit_timeout: Duration,
+    /// Where unit files shipped in releases are installed.
+    pub unit_dir: PathBuf,
     /// app → id of the operation running for it.
     running: Mutex<HashMap<AppName, String>>,
 }
@@ -27,6 +30,28 @@ pub struct Agent {
 pub struct OpGuard {
     agent: Arc<Agent>,
     app: AppName,
+    _lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+/// Why an app cannot take another operation now.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Busy {
+    /// This agent runs the operation with this id for the app.
+    Running(String),
+    /// Another process (`convoy-agent prune`) holds the app's lock.
+    Locked,
+    /// The lock could not be taken at all.
+    Error(String),
+}
+
+impl std::fmt::Display for Busy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Busy::Running(op) => write!(f, "busy: operation {op} is running for this app"),
+            Busy::Locked => write!(f, "busy: another convoy-agent process (prune) holds this app's lock"),
+            Busy::Error(e) => write!(f, "cannot lock the app: {e}"),
+        }
+    }
 }
 
 impl Drop for OpGuard {
@@ -36,27 +61,40 @@ impl Drop for OpGuard {
 }
 
 impl Agent {
-    pub fn new(store: Store, systemd: Systemd, labels: BTreeMap<String, String>, unit_timeout: Duration) -> Self {
+    pub fn new(
+        store: Store,
+        systemd: Systemd,
+        labels: BTreeMap<String, String>,
+        unit_timeout: Duration,
+        unit_dir: PathBuf,
+    ) -> Self {
         Self {
             reporter: Reporter::new(store.clone()),
             store,
             systemd,
             labels,
             unit_timeout,
+            unit_dir,
             running: Mutex::new(HashMap::new()),
         }
     }
 
     /// Claims the app for one operation, or names the one already running.
-    pub fn try_begin(self: &Arc<Self>, app: &AppName, op_id: &str) -> Result<OpGuard, String> {
+    pub fn try_begin(self: &Arc<Self>, app: &AppName, op_id: &str) -> Result<OpGuard, Busy> {
         let mut running = self.running.lock().unwrap();
         if let Some(other) = running.get(app) {
-            return Err(other.clone());
+            return Err(Busy::Running(other.clone()));
         }
+        let lock = match self.store.lock_app(app) {
+            Ok(Some(l)) => l,
+            Ok(None) => return Err(Busy::Locked),
+            Err(e) => return Err(Busy::Error(e.to_string())),
+        };
         running.insert(app.clone(), op_id.to_owned());
         Ok(OpGuard {
             agent: self.clone(),
             app: app.clone(),
+            _lock: lock,
         })
     }
 }

@@ -22,6 +22,12 @@ struct Raw {
     unit_timeout: String,
     #[serde(default)]
     log_level: Option<String>,
+    #[serde(default = "default_unit_dir")]
+    unit_dir: PathBuf,
+}
+
+fn default_unit_dir() -> PathBuf {
+    PathBuf::from("/etc/systemd/system")
 }
 
 fn default_state_dir() -> PathBuf {
@@ -45,6 +51,8 @@ pub struct Config {
     pub labels: BTreeMap<String, String>,
     pub unit_timeout: Duration,
     pub log_level: Option<String>,
+    /// Where unit files shipped in releases (`systemd/`) are installed.
+    pub unit_dir: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -106,6 +114,7 @@ impl Config {
             labels: raw.labels,
             unit_timeout,
             log_level: raw.log_level,
+            unit_dir: raw.unit_dir,
         })
     }
 }

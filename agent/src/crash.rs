@@ -7,6 +7,7 @@
 //! boot, so the restarted agent can recover without dying again. Without the
 //! feature, `crash_point` compiles to nothing.
 
+#[cfg_attr(not(feature = "failpoints"), allow(unused_variables))]
 pub fn crash_point(name: &str) {
     fail::fail_point!(name, |_| {
         let marker = std::path::PathBuf::from(format!("/run/convoy-failpoint.{name}"));

@@ -67,42 +67,48 @@ pub async fn fetch(
         if offset == size {
             break;
         }
-        let result: Result<(), String> = async {
+        // Err(Ok(msg)): the transfer broke, try again from the offset.
+        // Err(Err(io)): the disk failed; retrying cannot help.
+        let result: Result<(), Result<String, std::io::Error>> = async {
             let mut stream = client
                 .fetch_artifact(FetchRequest {
                     digest: digest.to_hex(),
                     offset,
                 })
                 .await
-                .map_err(|s| format!("{}: {}", s.code(), s.message()))?
+                .map_err(|s| Ok(format!("{}: {}", s.code(), s.message())))?
                 .into_inner();
             loop {
                 let next = timeout(IDLE_TIMEOUT, stream.message())
                     .await
-                    .map_err(|_| format!("no data for {IDLE_TIMEOUT:?}"))?
-                    .map_err(|s| format!("{}: {}", s.code(), s.message()))?;
+                    .map_err(|_| Ok(format!("no data for {IDLE_TIMEOUT:?}")))?
+                    .map_err(|s| Ok(format!("{}: {}", s.code(), s.message())))?;
                 let Some(chunk) = next else { break };
                 if chunk.total_size != size {
-                    return Err(format!("size changed: {} != {size}", chunk.total_size));
+                    return Err(Ok(format!("size changed: {} != {size}", chunk.total_size)));
                 }
                 if chunk.offset != offset {
-                    return Err(format!("chunk at offset {} where {offset} was expected", chunk.offset));
+                    return Err(Ok(format!(
+                        "chunk at offset {} where {offset} was expected",
+                        chunk.offset
+                    )));
                 }
-                file.write_all(&chunk.data).await.map_err(|e| e.to_string())?;
+                file.write_all(&chunk.data).await.map_err(Err)?;
                 offset += chunk.data.len() as u64;
                 fetched += chunk.data.len() as u64;
                 progress(offset, size);
             }
-            file.flush().await.map_err(|e| e.to_string())?;
+            file.flush().await.map_err(Err)?;
             if offset != size {
-                return Err(format!("stream ended at {offset} of {size} bytes"));
+                return Err(Ok(format!("stream ended at {offset} of {size} bytes")));
             }
             Ok(())
         }
         .await;
         match result {
             Ok(()) => break,
-            Err(e) => {
+            Err(Err(e)) => return Err(io_err(e)),
+            Err(Ok(e)) => {
                 tracing::warn!(attempt, error = %e, "artifact fetch interrupted; will resume");
                 if attempt == ATTEMPTS {
                     return Err(FetchError::GaveUp {

@@ -2,6 +2,7 @@
 //! for `min_healthy_time`, before `healthy_deadline` runs out.
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::time::Duration;
 
 use convoy_common::spec::{CheckKind, HealthCheck, HealthPolicy};
@@ -34,15 +35,15 @@ pub async fn baseline(systemd: &Systemd, policy: &HealthPolicy) -> RestartBaseli
     out
 }
 
-pub async fn run_check(systemd: &Systemd, check: &HealthCheck, base: &RestartBaseline) -> Verdict {
+pub async fn run_check(systemd: &Systemd, check: &HealthCheck, base: &RestartBaseline, root: &Path) -> Verdict {
     let what = check.kind.describe();
-    match timeout(check.timeout, run_inner(systemd, &check.kind, base)).await {
+    match timeout(check.timeout, run_inner(systemd, &check.kind, base, root)).await {
         Ok(v) => v,
         Err(_) => Err(format!("{what}: no answer within {:?}", check.timeout)),
     }
 }
 
-async fn run_inner(systemd: &Systemd, kind: &CheckKind, base: &RestartBaseline) -> Verdict {
+async fn run_inner(systemd: &Systemd, kind: &CheckKind, base: &RestartBaseline, root: &Path) -> Verdict {
     match kind {
         CheckKind::Http {
             url,
@@ -63,6 +64,28 @@ async fn run_inner(systemd: &Systemd, kind: &CheckKind, base: &RestartBaseline) 
                 }
             }
             Ok(format!("systemd {unit}: active"))
+        }
+        CheckKind::Tcp { address } => {
+            TcpStream::connect(address.as_str())
+                .await
+                .map_err(|e| format!("tcp {address}: connect: {e}"))?;
+            Ok(format!("tcp {address}: connected"))
+        }
+        CheckKind::Command { argv } => {
+            let what = format!("command {}", argv.join(" "));
+            let out = crate::hooks::command(argv, root)
+                .stdin(std::process::Stdio::null())
+                .kill_on_drop(true)
+                .output()
+                .await
+                .map_err(|e| format!("{what}: {e}"))?;
+            if out.status.success() {
+                Ok(format!("{what}: exit 0"))
+            } else {
+                let stderr = String::from_utf8_lossy(&out.stderr);
+                let last = stderr.lines().last().unwrap_or("").trim();
+                Err(format!("{what}: {} {last}", out.status).trim_end().to_owned())
+            }
         }
     }
 }
@@ -111,6 +134,7 @@ pub async fn wait_healthy(
     systemd: &Systemd,
     policy: &HealthPolicy,
     base: &RestartBaseline,
+    root: &Path,
     mut progress: impl FnMut(&Verdict),
 ) -> Verdict {
     let start = Instant::now();
@@ -127,7 +151,7 @@ pub async fn wait_healthy(
         let mut verdict: Verdict = Ok(String::new());
         let mut passed = Vec::new();
         for c in &policy.checks {
-            match run_check(systemd, c, base).await {
+            match run_check(systemd, c, base, root).await {
                 Ok(m) => passed.push(m),
                 Err(m) => {
                     verdict = Err(m);

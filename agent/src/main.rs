@@ -3,13 +3,17 @@
 
 mod activate;
 mod agent;
+mod backup;
 mod config;
 mod crash;
 mod fetch;
 mod health;
+mod hooks;
 mod session;
 mod store;
+mod switch;
 mod systemd;
+mod units;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -25,6 +29,21 @@ struct Args {
     /// Path of the agent's configuration file.
     #[arg(long, default_value = "/etc/convoy/agent.toml", env = "CONVOY_AGENT_CONFIG")]
     config: PathBuf,
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(clap::Subcommand)]
+enum Cmd {
+    /// Remove old releases and backups now, keeping the newest KEEP
+    /// releases (never the current, previous or last-known-good one).
+    Prune {
+        /// The app to prune.
+        app: String,
+        /// Releases to keep (default: the app's keep_releases, or 5).
+        #[arg(long)]
+        keep: Option<usize>,
+    },
 }
 
 #[tokio::main]
@@ -38,6 +57,15 @@ async fn main() -> std::process::ExitCode {
         }
     };
     init_tracing(cfg.log_level.as_deref());
+    if let Some(Cmd::Prune { app, keep }) = args.cmd {
+        return match prune(&cfg, &app, keep) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("convoy-agent prune: {e:#}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     // Reads FAILPOINTS; does nothing unless built with `--features failpoints`.
     let _failpoints = fail::FailScenario::setup();
     match run(cfg).await {
@@ -56,6 +84,8 @@ fn init_tracing(level: Option<&str>) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
 
@@ -65,7 +95,13 @@ async fn run(cfg: config::Config) -> anyhow::Result<()> {
     let systemd = systemd::Systemd::connect()
         .await
         .context("connecting to systemd on the system bus")?;
-    let agent = Arc::new(agent::Agent::new(store, systemd, cfg.labels.clone(), cfg.unit_timeout));
+    let agent = Arc::new(agent::Agent::new(
+        store,
+        systemd,
+        cfg.labels.clone(),
+        cfg.unit_timeout,
+        cfg.unit_dir.clone(),
+    ));
     let recovered = activate::recover_all(&agent).await;
     if !recovered.is_empty() {
         tracing::warn!(count = recovered.len(), "recovered interrupted operations");
@@ -77,6 +113,38 @@ async fn run(cfg: config::Config) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `convoy-agent prune`: retention by hand, under the app's lock so it
+/// never races an activation.
+fn prune(cfg: &config::Config, app: &str, keep: Option<usize>) -> anyhow::Result<()> {
+    let app = convoy_common::AppName::new(app)?;
+    let store = store::Store::open(&cfg.state_dir)?;
+    if !store.apps()?.contains(&app) {
+        anyhow::bail!("no app {app} on this host (state in {})", cfg.state_dir.display());
+    }
+    let _lock = store
+        .lock_app(&app)?
+        .ok_or_else(|| anyhow::anyhow!("{app} is busy: an operation is running; try again when it ends"))?;
+    let j = store.load_journal(&app)?;
+    let spec = j.spec.as_ref();
+    let keep = keep.or(spec.map(|s| s.keep_releases as usize)).unwrap_or(5);
+    let gone = store.prune_releases(&app, &j, keep, j.inflight.as_ref().map(|i| &i.to))?;
+    let backups = backup::prune(&store.app(&app).backups, spec.map_or(5, |s| s.keep_backups as usize))?;
+    let names: Vec<String> = gone.iter().map(|v| v.to_string()).collect();
+    println!(
+        "{app}: removed {} release(s) [{}] and {} backup(s); kept {}",
+        gone.len(),
+        names.join(", "),
+        backups.len(),
+        store
+            .releases(&app)
+            .iter()
+            .map(|v| v.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok(())
 }
 
 async fn shutdown_signal() {

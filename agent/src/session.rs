@@ -13,7 +13,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::activate;
-use crate::agent::Agent;
+use crate::agent::{Agent, Busy};
 use crate::config::Config;
 
 const HEARTBEAT: Duration = Duration::from_secs(10);
@@ -132,10 +132,10 @@ fn start_activation(agent: &Arc<Agent>, channel: Channel, cmd: ActivateCommand) 
                 activate::activate(agent, channel, cmd).await;
             });
         }
-        Err(running) if running == cmd.op_id => {
+        Err(Busy::Running(running)) if running == cmd.op_id => {
             tracing::info!(op_id = %cmd.op_id, "operation already running; its result will follow");
         }
-        Err(running) => {
+        Err(busy) => {
             let state = agent
                 .store
                 .status(&cmd.spec.app)
@@ -145,7 +145,7 @@ fn start_activation(agent: &Arc<Agent>, channel: Channel, cmd: ActivateCommand) 
                 app: cmd.spec.app.clone(),
                 version: cmd.version.clone(),
                 outcome: Outcome::Refused,
-                reason: format!("busy: operation {running} is running for app {}", cmd.spec.app),
+                reason: busy.to_string(),
                 restore_detail: String::new(),
                 state,
             };

@@ -40,6 +40,12 @@ pub struct Inflight {
     pub to: Version,
     pub phase: Phase,
     pub spec: InstallSpec,
+    /// Backup of the declared paths taken before the switch.
+    #[serde(default)]
+    pub backup: Option<PathBuf>,
+    /// Unit files as they were before the switch touched them.
+    #[serde(default)]
+    pub unit_snapshot: Option<crate::units::Snapshot>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -53,6 +59,20 @@ pub struct Journal {
     pub spec: Option<InstallSpec>,
     pub inflight: Option<Inflight>,
     pub last_op: Option<OpReport>,
+    /// Unit files the current release installed.
+    #[serde(default)]
+    pub unit_files: Vec<String>,
+    /// Versions in the order they were last made current (newest last).
+    #[serde(default)]
+    pub history: Vec<Version>,
+}
+
+impl Journal {
+    /// Records `v` as the newest current release.
+    pub fn push_history(&mut self, v: &Version) {
+        self.history.retain(|h| h != v);
+        self.history.push(v.clone());
+    }
 }
 
 impl Default for Journal {
@@ -66,6 +86,8 @@ impl Default for Journal {
             spec: None,
             inflight: None,
             last_op: None,
+            unit_files: Vec::new(),
+            history: Vec::new(),
         }
     }
 }
@@ -107,6 +129,8 @@ pub struct Store {
 /// Paths of one app.
 #[derive(Debug, Clone)]
 pub struct AppDirs {
+    pub backups: PathBuf,
+    pub lock: PathBuf,
     pub releases: PathBuf,
     pub meta: PathBuf,
     pub staging: PathBuf,
@@ -131,6 +155,8 @@ impl Store {
     pub fn app(&self, app: &AppName) -> AppDirs {
         let root = self.root.join("apps").join(app.as_str());
         AppDirs {
+            backups: root.join("backups"),
+            lock: root.join("lock"),
             releases: root.join("releases"),
             meta: root.join("meta"),
             staging: root.join("staging"),
@@ -141,7 +167,7 @@ impl Store {
     /// Creates an app's directories; idempotent.
     pub fn ensure_app(&self, app: &AppName) -> Result<AppDirs, StoreError> {
         let d = self.app(app);
-        for p in [&d.releases, &d.meta, &d.staging] {
+        for p in [&d.releases, &d.meta, &d.staging, &d.backups] {
             fs::create_dir_all(p).map_err(io_at(p))?;
         }
         Ok(d)
@@ -186,6 +212,55 @@ impl Store {
             .collect();
         out.sort();
         out
+    }
+
+    /// Removes releases beyond the newest `keep`, never the current,
+    /// previous or last-known-good one, nor `also_keep`. Returns what went.
+    pub fn prune_releases(
+        &self,
+        app: &AppName,
+        j: &Journal,
+        keep: usize,
+        also_keep: Option<&Version>,
+    ) -> Result<Vec<Version>, StoreError> {
+        let dirs = self.app(app);
+        let protected: Vec<&Version> = [&j.current, &j.previous, &j.last_known_good]
+            .into_iter()
+            .flatten()
+            .chain(also_keep)
+            .collect();
+        // Oldest first: never-activated releases, then by history.
+        let mut all = self.releases(app);
+        all.sort_by_key(|v| j.history.iter().position(|h| h == v).map_or(0, |p| p + 1));
+        let excess = all.len().saturating_sub(keep);
+        let mut removed = Vec::new();
+        for v in all.into_iter().filter(|v| !protected.contains(&v)).take(excess) {
+            let path = dirs.release(&v);
+            fs::remove_dir_all(&path).map_err(io_at(&path))?;
+            let _ = fs::remove_file(dirs.meta_file(&v));
+            removed.push(v);
+        }
+        if !removed.is_empty() {
+            fsutil::fsync_dir(&dirs.releases).map_err(io_at(&dirs.releases))?;
+        }
+        Ok(removed)
+    }
+
+    /// Takes the app's lock file, shared by the agent daemon and the
+    /// `convoy-agent prune` command, so they never work on an app at once.
+    pub fn lock_app(&self, app: &AppName) -> Result<Option<nix::fcntl::Flock<fs::File>>, StoreError> {
+        let d = self.ensure_app(app)?;
+        let f = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&d.lock)
+            .map_err(io_at(&d.lock))?;
+        match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(l) => Ok(Some(l)),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+            Err((_, e)) => Err(io_at(&d.lock)(e.into())),
+        }
     }
 
     pub fn release_meta(&self, app: &AppName, v: &Version) -> Option<ReleaseMeta> {

@@ -19,6 +19,7 @@ trait Manager {
     fn stop_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
     fn load_unit(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
     fn reset_failed_unit(&self, name: &str) -> zbus::Result<()>;
+    fn reload(&self) -> zbus::Result<()>;
     #[zbus(signal)]
     fn job_removed(&self, id: u32, job: OwnedObjectPath, unit: String, result: String) -> zbus::Result<()>;
 }
@@ -144,6 +145,11 @@ impl Systemd {
 
     pub async fn stop(&self, unit: &str, timeout: Duration) -> Result<(), SystemdError> {
         self.run_job(unit, "stop", timeout).await
+    }
+
+    /// `systemctl daemon-reload`: returns once systemd has re-read its units.
+    pub async fn daemon_reload(&self) -> Result<(), SystemdError> {
+        Ok(self.manager().await?.reload().await?)
     }
 
     async fn unit_path(&self, unit: &str) -> Result<OwnedObjectPath, SystemdError> {

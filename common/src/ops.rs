@@ -55,6 +55,7 @@ pub enum EventKind {
 #[serde(rename_all = "snake_case")]
 pub enum Step {
     Stage,
+    Hook,
     Backup,
     Switch,
     Restart,
@@ -68,6 +69,7 @@ impl Step {
     pub fn as_str(self) -> &'static str {
         match self {
             Step::Stage => "stage",
+            Step::Hook => "hook",
             Step::Backup => "backup",
             Step::Switch => "switch",
             Step::Restart => "restart",
@@ -90,6 +92,7 @@ impl std::str::FromStr for Step {
     fn from_str(s: &str) -> Result<Self, String> {
         Ok(match s {
             "stage" => Step::Stage,
+            "hook" => Step::Hook,
             "backup" => Step::Backup,
             "switch" => Step::Switch,
             "restart" => Step::Restart,

@@ -17,11 +17,86 @@ pub const DEFAULT_ENVIRONMENTS: [&str; 3] = ["development", "staging", "producti
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InstallSpec {
     pub app: AppName,
-    /// Always resolves to one complete release (a symlink convoy owns).
+    /// Always resolves to one complete release.
     pub install_path: PathBuf,
+    pub switch: SwitchMode,
     /// systemd units restarted on every switch, in order.
     pub units: Vec<String>,
     pub health: HealthPolicy,
+    pub hooks: Vec<Hook>,
+    /// Files and directories outside the install path (configuration,
+    /// state) archived before every switch and restored on failure.
+    pub backup_paths: Vec<PathBuf>,
+    /// Releases kept on each host (the current and last-known-good ones are
+    /// always kept).
+    pub keep_releases: u32,
+    pub keep_backups: u32,
+    /// Keep setuid/setgid bits from the archive instead of refusing them.
+    pub allow_setid: bool,
+}
+
+/// How the install path is switched to a new release.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SwitchMode {
+    /// `install_path` is a symlink, replaced by renaming a new symlink over it.
+    Symlink,
+    /// `install_path` is a real directory, swapped with the new tree by
+    /// `renameat2(RENAME_EXCHANGE)`.
+    Exchange,
+}
+
+/// When a hook runs, in activation order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HookPoint {
+    /// The new tree is staged, nothing live has changed.
+    BeforeInstall,
+    /// The install path points at the new tree; units not yet restarted.
+    AfterInstall,
+    /// Right before the restart (e.g. migrations).
+    BeforeActivate,
+    /// Right after the restart, before the health checks.
+    AfterActivate,
+    /// After the health checks passed; failure restores the old release.
+    Validate,
+    /// Before switching back to the previous release.
+    BeforeRollback,
+}
+
+impl HookPoint {
+    pub const ALL: [HookPoint; 6] = [
+        HookPoint::BeforeInstall,
+        HookPoint::AfterInstall,
+        HookPoint::BeforeActivate,
+        HookPoint::AfterActivate,
+        HookPoint::Validate,
+        HookPoint::BeforeRollback,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HookPoint::BeforeInstall => "before_install",
+            HookPoint::AfterInstall => "after_install",
+            HookPoint::BeforeActivate => "before_activate",
+            HookPoint::AfterActivate => "after_activate",
+            HookPoint::Validate => "validate",
+            HookPoint::BeforeRollback => "before_rollback",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|h| h.as_str() == s)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hook {
+    pub point: HookPoint,
+    /// Program and arguments; relative programs resolve against the new
+    /// release's root.
+    pub argv: Vec<String>,
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -49,8 +124,12 @@ pub enum CheckKind {
         expect_status: u16,
         body_contains: Option<String>,
     },
-    /// The unit is active.
+    /// The unit is active and systemd did not restart it in the window.
     Systemd { unit: String },
+    /// A TCP connection to `address` (host:port) succeeds.
+    Tcp { address: String },
+    /// The command exits 0.
+    Command { argv: Vec<String> },
 }
 
 impl CheckKind {
@@ -58,6 +137,8 @@ impl CheckKind {
         match self {
             CheckKind::Http { url, .. } => format!("http {url}"),
             CheckKind::Systemd { unit } => format!("systemd {unit}"),
+            CheckKind::Tcp { address } => format!("tcp {address}"),
+            CheckKind::Command { argv } => format!("command {}", argv.join(" ")),
         }
     }
 }
@@ -97,6 +178,25 @@ struct RawSpec {
     selector: BTreeMap<String, String>,
     #[serde(default)]
     health: RawHealth,
+    #[serde(default)]
+    switch: Option<String>,
+    #[serde(default)]
+    hooks: BTreeMap<String, RawHook>,
+    #[serde(default)]
+    backup_paths: Vec<PathBuf>,
+    #[serde(default)]
+    keep_releases: Option<u32>,
+    #[serde(default)]
+    keep_backups: Option<u32>,
+    #[serde(default)]
+    allow_setid: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHook {
+    command: Vec<String>,
+    timeout: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -117,6 +217,8 @@ struct RawCheck {
     expect_status: Option<u16>,
     body_contains: Option<String>,
     unit: Option<String>,
+    address: Option<String>,
+    command: Option<Vec<String>>,
     interval: Option<String>,
     timeout: Option<String>,
 }
@@ -243,10 +345,36 @@ impl AppSpec {
                     }
                     CheckKind::Systemd { unit }
                 }
+                "tcp" => {
+                    let address = c
+                        .address
+                        .ok_or_else(|| invalid(&field("address"), "required for a tcp check".into()))?;
+                    match address.rsplit_once(':') {
+                        Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0) => {}
+                        _ => {
+                            return Err(invalid(
+                                &field("address"),
+                                format!("{address:?} must be host:port, e.g. \"127.0.0.1:5432\""),
+                            ))
+                        }
+                    }
+                    CheckKind::Tcp { address }
+                }
+                "command" => {
+                    let argv = c
+                        .command
+                        .ok_or_else(|| invalid(&field("command"), "required for a command check".into()))?;
+                    if argv.is_empty() || argv[0].is_empty() {
+                        return Err(invalid(&field("command"), "must name a program".into()));
+                    }
+                    CheckKind::Command { argv }
+                }
                 other => {
                     return Err(invalid(
                         &field("type"),
-                        format!("unknown check type {other:?} (expected \"http\" or \"systemd\")"),
+                        format!(
+                            "unknown check type {other:?} (expected \"http\", \"tcp\", \"systemd\" or \"command\")"
+                        ),
                     ))
                 }
             };
@@ -256,16 +384,85 @@ impl AppSpec {
                 timeout,
             });
         }
+        let switch = match raw.switch.as_deref() {
+            None | Some("symlink") => SwitchMode::Symlink,
+            Some("exchange") => SwitchMode::Exchange,
+            Some(other) => {
+                return Err(invalid(
+                    "switch",
+                    format!("unknown switch mode {other:?} (expected \"symlink\" or \"exchange\")"),
+                ))
+            }
+        };
+        let mut hooks = Vec::new();
+        for (name, h) in raw.hooks {
+            let field = format!("hooks.{name}");
+            let point = HookPoint::parse(&name).ok_or_else(|| {
+                let all: Vec<&str> = HookPoint::ALL.iter().map(|h| h.as_str()).collect();
+                invalid(&field, format!("unknown hook (expected one of {})", all.join(", ")))
+            })?;
+            if h.command.is_empty() || h.command[0].is_empty() {
+                return Err(invalid(&format!("{field}.command"), "must name a program".into()));
+            }
+            let timeout = dur(&format!("{field}.timeout"), h.timeout, Duration::from_secs(60))?;
+            if timeout.is_zero() {
+                return Err(invalid(&format!("{field}.timeout"), "must be above zero".into()));
+            }
+            hooks.push(Hook {
+                point,
+                argv: h.command,
+                timeout,
+            });
+        }
+        hooks.sort_by_key(|h| h.point);
+        for (i, p) in raw.backup_paths.iter().enumerate() {
+            let field = format!("backup_paths[{i}]");
+            if !p.is_absolute()
+                || p.components()
+                    .any(|c| matches!(c, Component::ParentDir | Component::CurDir))
+            {
+                return Err(invalid(
+                    &field,
+                    format!("{} must be an absolute, normalised path", p.display()),
+                ));
+            }
+            if p.starts_with(&raw.install_path) || raw.install_path.starts_with(p) {
+                return Err(invalid(
+                    &field,
+                    format!("{} overlaps the install path; releases are kept already", p.display()),
+                ));
+            }
+            if p == Path::new("/")
+                || p.starts_with("/var/lib/convoy")
+                || p.starts_with("/proc")
+                || p.starts_with("/sys")
+            {
+                return Err(invalid(&field, format!("{} cannot be backed up", p.display())));
+            }
+        }
+        let keep_releases = raw.keep_releases.unwrap_or(5);
+        if keep_releases < 2 {
+            return Err(invalid(
+                "keep_releases",
+                "must be at least 2 (the current release and one to roll back to)".into(),
+            ));
+        }
         Ok(AppSpec {
             install: InstallSpec {
                 app,
                 install_path: raw.install_path,
+                switch,
                 units: raw.units,
                 health: HealthPolicy {
                     checks,
                     min_healthy_time,
                     healthy_deadline,
                 },
+                hooks,
+                backup_paths: raw.backup_paths,
+                keep_releases,
+                keep_backups: raw.keep_backups.unwrap_or(5).max(1),
+                allow_setid: raw.allow_setid,
             },
             environments,
             selector: raw.selector,
@@ -344,5 +541,52 @@ interval = "200ms"
         check_err(("type = \"http\"", "type = \"smtp\""), "health.checks[0].type");
         check_err(("http://127", "https://127"), "health.checks[0].url");
         check_err(("units =", "unitz ="), "unknown field `unitz`");
+        check_err(
+            ("[health]", "switch = \"copy\"\n[health]"),
+            "switch: unknown switch mode",
+        );
+        check_err(
+            ("[health]", "keep_releases = 1\n[health]"),
+            "keep_releases: must be at least 2",
+        );
+        check_err(
+            ("[health]", "backup_paths = [\"etc/demo\"]\n[health]"),
+            "backup_paths[0]",
+        );
+        check_err(
+            ("[health]", "backup_paths = [\"/opt/demo/conf\"]\n[health]"),
+            "overlaps the install path",
+        );
+        check_err(
+            ("[health]", "[hooks.before_deploy]\ncommand = [\"x\"]\n[health]"),
+            "hooks.before_deploy: unknown hook",
+        );
+        check_err(
+            ("[health]", "[hooks.validate]\ncommand = []\n[health]"),
+            "hooks.validate.command",
+        );
+        check_err(
+            ("type = \"http\"", "type = \"tcp\"\naddress = \"nope\""),
+            "health.checks[0].address",
+        );
+    }
+
+    #[test]
+    fn hooks_and_backups_parse() {
+        let text = GOOD.replace(
+            "[health]",
+            "backup_paths = [\"/etc/demo\"]\nkeep_releases = 3\n\n[hooks.validate]\ncommand = [\"bin/check\", \"--quick\"]\ntimeout = \"5s\"\n\n[hooks.before_install]\ncommand = [\"true\"]\n\n[health]",
+        );
+        let s = AppSpec::parse("demo.toml", &text).unwrap().install;
+        assert_eq!(s.hooks.len(), 2);
+        assert_eq!(
+            s.hooks[0].point,
+            HookPoint::BeforeInstall,
+            "hooks are sorted in activation order"
+        );
+        assert_eq!(s.hooks[1].timeout, Duration::from_secs(5));
+        assert_eq!(s.backup_paths, vec![PathBuf::from("/etc/demo")]);
+        assert_eq!(s.keep_releases, 3);
+        assert_eq!(s.switch, SwitchMode::Symlink);
     }
 }

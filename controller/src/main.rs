@@ -132,6 +132,8 @@ fn main() -> ExitCode {
 }
 
 async fn serve(path: PathBuf) -> ExitCode {
+    // Reads FAILPOINTS; does nothing unless built with `--features failpoints`.
+    let _failpoints = fail::FailScenario::setup();
     let cfg = match config::Config::load(&path) {
         Ok(c) => c,
         Err(e) => {
@@ -144,6 +146,8 @@ async fn serve(path: PathBuf) -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match server::serve(cfg, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,

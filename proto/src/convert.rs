@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use convoy_common::ops::{ActivateCommand, AppStatus, EventKind, Health, OpReport, Outcome, Step, StepEvent};
-use convoy_common::spec::{self, CheckKind, HealthCheck, HealthPolicy, InstallSpec};
+use convoy_common::spec::{self, CheckKind, HealthCheck, HealthPolicy, Hook, HookPoint, InstallSpec, SwitchMode};
 use convoy_common::{AppName, Digest, Version};
 
 use crate::v1 as pb;
@@ -67,6 +67,12 @@ impl From<&InstallSpec> for pb::InstallSpec {
                         CheckKind::Systemd { unit } => {
                             pb::health_check::Kind::Systemd(pb::SystemdCheck { unit: unit.clone() })
                         }
+                        CheckKind::Tcp { address } => pb::health_check::Kind::Tcp(pb::TcpCheck {
+                            address: address.clone(),
+                        }),
+                        CheckKind::Command { argv } => {
+                            pb::health_check::Kind::Command(pb::CommandCheck { argv: argv.clone() })
+                        }
                     }),
                     interval_ms: ms(c.interval),
                     timeout_ms: ms(c.timeout),
@@ -74,6 +80,23 @@ impl From<&InstallSpec> for pb::InstallSpec {
                 .collect(),
             min_healthy_ms: ms(s.health.min_healthy_time),
             healthy_deadline_ms: ms(s.health.healthy_deadline),
+            hooks: s
+                .hooks
+                .iter()
+                .map(|h| pb::Hook {
+                    point: h.point.as_str().to_owned(),
+                    argv: h.argv.clone(),
+                    timeout_ms: ms(h.timeout),
+                })
+                .collect(),
+            backup_paths: s.backup_paths.iter().map(|p| p.display().to_string()).collect(),
+            keep_releases: s.keep_releases,
+            keep_backups: s.keep_backups,
+            allow_setid: s.allow_setid,
+            switch_mode: match s.switch {
+                SwitchMode::Symlink => pb::SwitchMode::Symlink,
+                SwitchMode::Exchange => pb::SwitchMode::Exchange,
+            } as i32,
         }
     }
 }
@@ -120,6 +143,18 @@ impl TryFrom<pb::InstallSpec> for InstallSpec {
                     }
                     CheckKind::Systemd { unit: sd.unit }
                 }
+                Some(pb::health_check::Kind::Tcp(t)) => {
+                    if !t.address.contains(':') {
+                        return Err(bad("TcpCheck", "address", "must be host:port"));
+                    }
+                    CheckKind::Tcp { address: t.address }
+                }
+                Some(pb::health_check::Kind::Command(c)) => {
+                    if c.argv.first().is_none_or(|p| p.is_empty()) {
+                        return Err(bad("CommandCheck", "argv", "must name a program"));
+                    }
+                    CheckKind::Command { argv: c.argv }
+                }
                 None => return Err(bad("HealthCheck", "kind", "missing")),
             };
             checks.push(HealthCheck {
@@ -131,15 +166,49 @@ impl TryFrom<pb::InstallSpec> for InstallSpec {
         if s.healthy_deadline_ms <= s.min_healthy_ms {
             return Err(bad(T, "healthy_deadline_ms", "must exceed min_healthy_ms"));
         }
+        let mut hooks = Vec::with_capacity(s.hooks.len());
+        for h in s.hooks {
+            let point =
+                HookPoint::parse(&h.point).ok_or_else(|| bad("Hook", "point", format!("unknown {:?}", h.point)))?;
+            if h.argv.first().is_none_or(|p| p.is_empty()) || h.timeout_ms == 0 {
+                return Err(bad("Hook", "argv", "must name a program and have a timeout"));
+            }
+            hooks.push(Hook {
+                point,
+                argv: h.argv,
+                timeout: Duration::from_millis(h.timeout_ms),
+            });
+        }
+        let mut backup_paths = Vec::with_capacity(s.backup_paths.len());
+        for p in s.backup_paths {
+            let p = PathBuf::from(p);
+            if !p.is_absolute() || p == std::path::Path::new("/") || p.starts_with("/var/lib/convoy") {
+                return Err(bad(T, "backup_paths", format!("{} cannot be backed up", p.display())));
+            }
+            backup_paths.push(p);
+        }
+        if s.keep_releases < 2 {
+            return Err(bad(T, "keep_releases", "must be at least 2"));
+        }
         Ok(InstallSpec {
             app,
             install_path,
+            switch: match pb::SwitchMode::try_from(s.switch_mode) {
+                Ok(pb::SwitchMode::Symlink) => SwitchMode::Symlink,
+                Ok(pb::SwitchMode::Exchange) => SwitchMode::Exchange,
+                Err(_) => return Err(bad(T, "switch_mode", format!("unknown value {}", s.switch_mode))),
+            },
             units: s.units,
             health: HealthPolicy {
                 checks,
                 min_healthy_time: Duration::from_millis(s.min_healthy_ms),
                 healthy_deadline: Duration::from_millis(s.healthy_deadline_ms),
             },
+            hooks,
+            backup_paths,
+            keep_releases: s.keep_releases,
+            keep_backups: s.keep_backups.max(1),
+            allow_setid: s.allow_setid,
         })
     }
 }
@@ -345,6 +414,14 @@ url = "http://127.0.0.1:8080/health"
 [[health.checks]]
 type = "systemd"
 unit = "demo.service"
+[[health.checks]]
+type = "tcp"
+address = "127.0.0.1:8080"
+[[health.checks]]
+type = "command"
+command = ["/bin/true"]
+[hooks.validate]
+command = ["bin/check"]
 "#,
         )
         .unwrap()

@@ -179,6 +179,8 @@ pub struct Testbed {
     pub subnet: u8,
     pub hosts: Vec<Host>,
     controller: Option<Child>,
+    /// Extra environment for the controller process (e.g. FAILPOINTS).
+    pub controller_env: Vec<(String, String)>,
     bins: PathBuf,
 }
 
@@ -198,6 +200,13 @@ impl Testbed {
     }
 
     pub fn boot_with(n: usize, env_of: impl Fn(usize) -> String) -> Result<Testbed> {
+        let spec = fs::read_to_string(workspace_root().join("tests/testbed/demo.toml"))?;
+        Self::boot_spec(n, env_of, &spec)
+    }
+
+    /// Boots with `spec` as the demo app's spec (its `environments` line is
+    /// replaced by the defaults and the labels in use).
+    pub fn boot_spec(n: usize, env_of: impl Fn(usize) -> String, spec: &str) -> Result<Testbed> {
         let bins = bin_dir();
         for b in ["convoy", "convoy-agent", "demo-app"] {
             if !bins.join(b).exists() {
@@ -220,9 +229,10 @@ impl Testbed {
             subnet,
             hosts: Vec::new(),
             controller: None,
+            controller_env: Vec::new(),
             bins,
         };
-        bed.setup(n, &env_of)?;
+        bed.setup(n, &env_of, spec)?;
         Ok(bed)
     }
 
@@ -234,7 +244,7 @@ impl Testbed {
         self.dir.path().join("pki")
     }
 
-    fn setup(&mut self, n: usize, env_of: &dyn Fn(usize) -> String) -> Result<()> {
+    fn setup(&mut self, n: usize, env_of: &dyn Fn(usize) -> String, spec: &str) -> Result<()> {
         let pki = self.pki();
         let ip = self.controller_ip().to_string();
         self.convoy_ok(&["pki", "init", "--dir", pki.to_str().unwrap()])?;
@@ -261,7 +271,6 @@ impl Testbed {
                 envs.push(e);
             }
         }
-        let spec = fs::read_to_string(workspace_root().join("tests/testbed/demo.toml"))?;
         let spec: String = spec
             .lines()
             .map(|l| match l.starts_with("environments") {
@@ -302,6 +311,7 @@ impl Testbed {
             .args(["serve", "--config"])
             .arg(cdir.join("controller.toml"))
             .env("CONVOY_LOG", "info")
+            .envs(self.controller_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -448,8 +458,20 @@ impl Testbed {
     /// Packs the demo app as `version` with `mode` (healthy, unhealthy,
     /// crash) and returns the artifact's path.
     pub fn pack_demo(&self, version: &str, mode: &str) -> Result<PathBuf> {
+        self.pack_demo_with(version, mode, &[])
+    }
+
+    /// Like `pack_demo`, with extra files: (path in the release, content, mode).
+    pub fn pack_demo_with(&self, version: &str, mode: &str, extra: &[(&str, &[u8], u32)]) -> Result<PathBuf> {
+        use std::os::unix::fs::PermissionsExt;
         let tree = self.dir.path().join(format!("pack-{version}"));
         fs::create_dir_all(tree.join("bin"))?;
+        for (path, content, mode) in extra {
+            let p = tree.join(path);
+            fs::create_dir_all(p.parent().expect("relative path"))?;
+            fs::write(&p, content)?;
+            fs::set_permissions(&p, fs::Permissions::from_mode(*mode))?;
+        }
         fs::copy(self.bins.join("demo-app"), tree.join("bin/demo-app"))?;
         fs::write(
             tree.join("release.toml"),
@@ -458,6 +480,17 @@ impl Testbed {
         let out = self.dir.path().join(format!("demo-{version}.tar.gz"));
         convoy_common::archive::pack_dir(&tree, fs::File::create(&out)?)?;
         Ok(out)
+    }
+
+    /// Pushes an artifact file as a version of the demo app.
+    pub fn push_file(&self, version: &str, file: &Path) -> Result<()> {
+        self.convoy_ok(&["release", "push", "demo", version, file.to_str().unwrap()])?;
+        Ok(())
+    }
+
+    /// The controller's artifact store.
+    pub fn artifact_path(&self, digest: &str) -> PathBuf {
+        self.dir.path().join("controller/data/artifacts").join(digest)
     }
 
     /// Packs and pushes the demo app.

@@ -41,6 +41,13 @@ fn apps_from_wire(host: &HostName, apps: Vec<convoy_proto::AppState>) -> Vec<App
         .collect()
 }
 
+/// Test builds only: `FAILPOINTS=fetch-cut=1*return` ends one artifact
+/// stream after its first chunk, to prove that agents resume at the offset.
+fn cut_stream() -> bool {
+    fail::fail_point!("fetch-cut", |_| true);
+    false
+}
+
 #[tonic::async_trait]
 impl AgentService for AgentApi {
     type SessionStream = BoxStream<ControllerMessage>;
@@ -152,11 +159,18 @@ impl AgentService for AgentApi {
         file.seek(std::io::SeekFrom::Start(r.offset))
             .await
             .map_err(super::internal)?;
-        tracing::debug!(host = %id.name, %digest, offset = r.offset, "streaming artifact");
+        tracing::info!(host = %id.name, %digest, offset = r.offset, total, "streaming artifact");
         // Pulled lazily: the client's flow-control window paces disk reads.
+        let start = r.offset;
         let stream = futures::stream::unfold((file, r.offset), move |(mut file, offset)| async move {
             if offset >= total {
                 return None;
+            }
+            if offset > start && cut_stream() {
+                return Some((
+                    Err(Status::unavailable("stream cut by the fetch-cut failpoint")),
+                    (file, total),
+                ));
             }
             let want = (total - offset).min(convoy_proto::CHUNK_SIZE as u64) as usize;
             let mut buf = vec![0u8; want];
