@@ -22,13 +22,40 @@ pub struct Agent {
     pub unit_timeout: Duration,
     /// Where unit files shipped in releases are installed.
     pub unit_dir: PathBuf,
+    pub ops: Arc<OpLocks>,
+}
+
+impl Agent {
+    pub fn new(
+        store: Store,
+        systemd: Systemd,
+        labels: BTreeMap<String, String>,
+        unit_timeout: Duration,
+        unit_dir: PathBuf,
+    ) -> Self {
+        Self {
+            reporter: Reporter::new(store.clone()),
+            ops: Arc::new(OpLocks::new(store.clone())),
+            store,
+            systemd,
+            labels,
+            unit_timeout,
+            unit_dir,
+        }
+    }
+}
+
+/// One operation per app: an in-process claim naming the running operation,
+/// plus the app's lock file, which keeps `convoy-agent prune` out too.
+pub struct OpLocks {
+    store: Store,
     /// app → id of the operation running for it.
     running: Mutex<HashMap<AppName, String>>,
 }
 
 /// Held while an operation runs for an app; dropping it frees the app.
 pub struct OpGuard {
-    agent: Arc<Agent>,
+    locks: Arc<OpLocks>,
     app: AppName,
     _lock: nix::fcntl::Flock<std::fs::File>,
 }
@@ -56,30 +83,19 @@ impl std::fmt::Display for Busy {
 
 impl Drop for OpGuard {
     fn drop(&mut self) {
-        self.agent.running.lock().unwrap().remove(&self.app);
+        self.locks.running.lock().unwrap().remove(&self.app);
     }
 }
 
-impl Agent {
-    pub fn new(
-        store: Store,
-        systemd: Systemd,
-        labels: BTreeMap<String, String>,
-        unit_timeout: Duration,
-        unit_dir: PathBuf,
-    ) -> Self {
+impl OpLocks {
+    pub fn new(store: Store) -> Self {
         Self {
-            reporter: Reporter::new(store.clone()),
             store,
-            systemd,
-            labels,
-            unit_timeout,
-            unit_dir,
             running: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Claims the app for one operation, or names the one already running.
+    /// Claims the app for one operation, or says who holds it.
     pub fn try_begin(self: &Arc<Self>, app: &AppName, op_id: &str) -> Result<OpGuard, Busy> {
         let mut running = self.running.lock().unwrap();
         if let Some(other) = running.get(app) {
@@ -92,7 +108,7 @@ impl Agent {
         };
         running.insert(app.clone(), op_id.to_owned());
         Ok(OpGuard {
-            agent: self.clone(),
+            locks: self.clone(),
             app: app.clone(),
             _lock: lock,
         })
@@ -156,5 +172,33 @@ impl Reporter {
             tracing::error!(error = %e, "could not record result on disk");
         }
         self.send(agent_message::Body::Result(r.into()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_operation_per_app() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let locks = Arc::new(OpLocks::new(store.clone()));
+        let (demo, other) = (AppName::new("demo").unwrap(), AppName::new("other").unwrap());
+        let guard = locks.try_begin(&demo, "op-1").unwrap();
+        assert_eq!(locks.try_begin(&demo, "op-2").err(), Some(Busy::Running("op-1".into())));
+        assert_eq!(
+            locks.try_begin(&demo, "op-2").err().unwrap().to_string(),
+            "busy: operation op-1 is running for this app"
+        );
+        let _other = locks.try_begin(&other, "op-3").expect("another app is independent");
+        drop(guard);
+        let guard = locks.try_begin(&demo, "op-2").expect("free again once the first ends");
+        // Another process holding the lock file (as `convoy-agent prune` does).
+        drop(guard);
+        let held = store.lock_app(&demo).unwrap().unwrap();
+        assert_eq!(locks.try_begin(&demo, "op-4").err(), Some(Busy::Locked));
+        drop(held);
+        assert!(locks.try_begin(&demo, "op-4").is_ok());
     }
 }

@@ -123,7 +123,7 @@ impl Drop for AbortOnDrop {
 }
 
 fn start_activation(agent: &Arc<Agent>, channel: Channel, cmd: ActivateCommand) {
-    match agent.try_begin(&cmd.spec.app, &cmd.op_id) {
+    match agent.ops.try_begin(&cmd.spec.app, &cmd.op_id) {
         Ok(guard) => {
             let agent = agent.clone();
             // The activation runs on its own: a lost session does not stop it.

@@ -354,3 +354,63 @@ fn disk_full_while_staging_and_busy_lock() -> Result<()> {
         .ok();
     Ok(())
 }
+
+/// Directory mode: the install path stays a real directory, swapped with
+/// renameat2(RENAME_EXCHANGE); a failed release and an agent killed between
+/// the exchange and the rename that follows both end on a whole release.
+#[test]
+fn exchange_mode_switches_a_real_directory() -> Result<()> {
+    let spec = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/testbed/demo.toml"))?
+        .replace("units = [", "switch = \"exchange\"\nunits = [");
+    let bed = Testbed::boot_spec(1, |_| "staging".into(), &spec)?;
+    let host = &bed.hosts[0];
+    let kind = |h: &Host| {
+        h.exec_ok(&["stat", "-c", "%F", "/opt/demo"])
+            .map(|s| s.trim().to_owned())
+    };
+    for v in ["1.0.0", "2.0.0"] {
+        bed.push_demo(v, "healthy")?;
+        bed.convoy_ok(&["deploy", "demo", v, "--env", "staging"])?;
+        assert_eq!(host.serving().as_deref(), Some(v));
+        assert_eq!(kind(host)?, "directory");
+        assert_eq!(host.exec_ok(&["cat", "/opt/demo/.convoy-release"])?.trim(), v);
+    }
+    // The live tree is at the install path; the others under releases/.
+    assert_eq!(releases(host)?, "1.0.0");
+
+    bed.push_demo("3.0.0", "unhealthy")?;
+    let out = bed.convoy(&["deploy", "demo", "3.0.0", "--env", "staging"])?;
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("restored 2.0.0"), "{}", out.stderr);
+    assert_eq!(kind(host)?, "directory");
+    assert_eq!(host.serving().as_deref(), Some("2.0.0"));
+    assert_eq!(releases(host)?, "1.0.0 3.0.0");
+
+    // Killed right after the exchange: releases/4.0.0 briefly holds 2.0.0's
+    // tree; recovery renames it back and restores 2.0.0.
+    host.set_failpoint(Some("exchange-between-renames"))?;
+    bed.wait_host_connected("host1")?;
+    bed.push_demo("4.0.0", "healthy")?;
+    let out = bed.convoy(&["deploy", "demo", "4.0.0", "--env", "staging"])?;
+    assert!(host.failpoint_fired("exchange-between-renames"));
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr.contains("agent restarted during the activation of 4.0.0"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(host.serving().as_deref(), Some("2.0.0"));
+    assert_eq!(host.exec_ok(&["cat", "/opt/demo/.convoy-release"])?.trim(), "2.0.0");
+    assert_eq!(releases(host)?, "1.0.0 3.0.0 4.0.0");
+    for v in ["1.0.0", "3.0.0", "4.0.0"] {
+        let marker = host.exec_ok(&[
+            "cat",
+            &format!("/var/lib/convoy/apps/demo/releases/{v}/.convoy-release"),
+        ])?;
+        assert_eq!(marker.trim(), v, "every tree under its own name");
+    }
+    // And the next deploy of 4.0.0 goes through.
+    bed.convoy_ok(&["deploy", "demo", "4.0.0", "--env", "staging"])?;
+    assert_eq!(host.serving().as_deref(), Some("4.0.0"));
+    Ok(())
+}
