@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use convoy_common::archive::{self, Limits};
 use convoy_common::fsutil;
-use convoy_common::ops::{ActivateCommand, EventKind, Health, OpReport, Outcome, Step, StepEvent};
+use convoy_common::ops::{ActivateCommand, EventKind, Health, OpReport, Outcome, RollbackCommand, Step, StepEvent};
 use convoy_common::spec::{HookPoint, InstallSpec};
 use convoy_common::{AppName, Version};
 use tonic::transport::Channel;
@@ -96,10 +96,6 @@ pub async fn activate(agent: Arc<Agent>, channel: Channel, cmd: ActivateCommand)
             "already current".into(),
         );
     }
-    let not_switched = |from: &Option<Version>| match from {
-        Some(v) => format!("nothing was switched; {v} still runs"),
-        None => "nothing was switched".to_owned(),
-    };
 
     // ── stage ──
     j.inflight = Some(Inflight {
@@ -274,6 +270,101 @@ pub async fn activate(agent: Arc<Agent>, channel: Channel, cmd: ActivateCommand)
     crash_point("after-commit");
     apply_retention(&agent, &op, spec, &j, &dirs);
     report
+}
+
+/// Pre-staging: fetch, verify and unpack only. Nothing live changes, so
+/// the rolling phase that follows only switches and checks.
+pub async fn stage_only(agent: Arc<Agent>, channel: Channel, cmd: ActivateCommand) -> OpReport {
+    let app = cmd.spec.app.clone();
+    let op = Op {
+        agent: &agent,
+        op_id: cmd.op_id.clone(),
+        app: app.clone(),
+    };
+    let j = match agent.store.load_journal(&app) {
+        Ok(j) => j,
+        Err(e) => return refuse(&agent, &cmd, format!("cannot read journal: {e}")),
+    };
+    if let Some(last) = j.last_op.as_ref().filter(|r| r.op_id == cmd.op_id) {
+        return last.clone();
+    }
+    let dirs = match agent.store.ensure_app(&app) {
+        Ok(d) => d,
+        Err(e) => return refuse(&agent, &cmd, e.to_string()),
+    };
+    op.event(
+        Step::Stage,
+        EventKind::Started,
+        format!("pre-staging {}: {} bytes", cmd.version, cmd.size),
+    );
+    match stage(&agent, &channel, &cmd, &dirs).await {
+        Ok(msg) => {
+            op.event(Step::Stage, EventKind::Succeeded, &msg);
+            finish(
+                &agent,
+                &cmd,
+                j,
+                Outcome::Succeeded,
+                String::new(),
+                "staged; nothing switched".into(),
+            )
+        }
+        Err(reason) => {
+            op.event(Step::Stage, EventKind::Failed, &reason);
+            let detail = not_switched(&j.current);
+            finish(&agent, &cmd, j, Outcome::FailedRestored, reason, detail)
+        }
+    }
+}
+
+/// Turns a rollback into an activation of a release this host holds, or
+/// a refusal that says why it cannot be done here.
+pub fn rollback_command(store: &crate::store::Store, cmd: &RollbackCommand) -> Result<ActivateCommand, Box<OpReport>> {
+    let refusal = |version: Option<Version>, reason: String| {
+        let state = store
+            .status(&cmd.app)
+            .unwrap_or_else(|_| crate::agent::empty_status(&cmd.app));
+        let version = version
+            .or_else(|| state.current.clone())
+            .unwrap_or_else(|| Version::new("none").expect("valid"));
+        Box::new(OpReport {
+            op_id: cmd.op_id.clone(),
+            app: cmd.app.clone(),
+            version,
+            outcome: Outcome::Refused,
+            reason,
+            restore_detail: String::new(),
+            state,
+        })
+    };
+    let j = store.load_journal(&cmd.app).map_err(|e| refusal(None, e.to_string()))?;
+    let spec = j
+        .spec
+        .clone()
+        .ok_or_else(|| refusal(None, format!("{} is not installed on this host", cmd.app)))?;
+    let to = cmd
+        .to
+        .clone()
+        .or(j.previous.clone())
+        .ok_or_else(|| refusal(None, "no previous release to roll back to".into()))?;
+    let held = store.releases(&cmd.app).contains(&to) || switch::live_version(&spec).as_ref() == Some(&to);
+    let meta = store.release_meta(&cmd.app, &to).filter(|_| held);
+    let meta = meta.ok_or_else(|| refusal(Some(to.clone()), format!("this host no longer holds release {to}")))?;
+    Ok(ActivateCommand {
+        op_id: cmd.op_id.clone(),
+        spec,
+        version: to,
+        digest: meta.digest,
+        size: meta.size,
+    })
+}
+
+/// What a failure before the switch leaves running.
+fn not_switched(current: &Option<Version>) -> String {
+    match current {
+        Some(v) => format!("nothing was switched; {v} still runs"),
+        None => "nothing was switched".to_owned(),
+    }
 }
 
 fn join_keys<V>(m: &std::collections::BTreeMap<String, V>) -> String {

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use convoy_common::ops::{ActivateCommand, OpReport, Outcome};
+use convoy_common::ops::{ActivateCommand, OpReport, Outcome, RollbackCommand};
 use convoy_proto::agent_service_client::AgentServiceClient;
 use convoy_proto::{agent_message, controller_message, AgentMessage, Heartbeat, Hello};
 use tokio::sync::mpsc;
@@ -99,15 +99,18 @@ async fn session(agent: &Arc<Agent>, endpoint: &Endpoint) -> anyhow::Result<()> 
             Some(controller_message::Body::Welcome(w)) => {
                 tracing::info!(host = %w.host, "connected to controller");
             }
-            Some(controller_message::Body::Activate(a)) => {
-                let op_id = a.op_id.clone();
-                match ActivateCommand::try_from(a) {
-                    Ok(cmd) => start_activation(agent, channel.clone(), cmd),
-                    Err(e) => {
-                        tracing::error!(%op_id, error = %e, "refusing malformed activate command")
-                    }
-                }
-            }
+            Some(controller_message::Body::Activate(a)) => match ActivateCommand::try_from(a) {
+                Ok(cmd) => start(agent, Work::Activate(channel.clone(), cmd)),
+                Err(e) => tracing::error!(error = %e, "refusing malformed activate command"),
+            },
+            Some(controller_message::Body::Stage(a)) => match ActivateCommand::try_from(a) {
+                Ok(cmd) => start(agent, Work::Stage(channel.clone(), cmd)),
+                Err(e) => tracing::error!(error = %e, "refusing malformed stage command"),
+            },
+            Some(controller_message::Body::Rollback(r)) => match RollbackCommand::try_from(r) {
+                Ok(cmd) => start(agent, Work::Rollback(channel.clone(), cmd)),
+                Err(e) => tracing::error!(error = %e, "refusing malformed rollback command"),
+            },
             None => tracing::warn!("empty message from controller"),
         }
     }
@@ -122,28 +125,62 @@ impl Drop for AbortOnDrop {
     }
 }
 
-fn start_activation(agent: &Arc<Agent>, channel: Channel, cmd: ActivateCommand) {
-    match agent.ops.try_begin(&cmd.spec.app, &cmd.op_id) {
+/// A command from the controller, run under the app's operation lock.
+enum Work {
+    Activate(Channel, ActivateCommand),
+    Stage(Channel, ActivateCommand),
+    Rollback(Channel, RollbackCommand),
+}
+
+impl Work {
+    fn ids(&self) -> (&convoy_common::AppName, &str) {
+        match self {
+            Work::Activate(_, c) | Work::Stage(_, c) => (&c.spec.app, &c.op_id),
+            Work::Rollback(_, c) => (&c.app, &c.op_id),
+        }
+    }
+}
+
+fn start(agent: &Arc<Agent>, work: Work) {
+    let (app, op_id) = work.ids();
+    let (app, op_id) = (app.clone(), op_id.to_owned());
+    match agent.ops.try_begin(&app, &op_id) {
         Ok(guard) => {
             let agent = agent.clone();
-            // The activation runs on its own: a lost session does not stop it.
+            // The operation runs on its own: a lost session does not stop it.
             tokio::spawn(async move {
                 let _guard = guard;
-                activate::activate(agent, channel, cmd).await;
+                match work {
+                    Work::Activate(ch, cmd) => drop(activate::activate(agent, ch, cmd).await),
+                    Work::Stage(ch, cmd) => drop(activate::stage_only(agent, ch, cmd).await),
+                    Work::Rollback(ch, cmd) => match activate::rollback_command(&agent.store, &cmd) {
+                        Ok(act) => drop(activate::activate(agent, ch, act).await),
+                        Err(report) => agent.reporter.result(&report),
+                    },
+                }
             });
         }
-        Err(Busy::Running(running)) if running == cmd.op_id => {
-            tracing::info!(op_id = %cmd.op_id, "operation already running; its result will follow");
+        Err(Busy::Running(running)) if running == op_id => {
+            tracing::info!(%op_id, "operation already running; its result will follow");
         }
         Err(busy) => {
             let state = agent
                 .store
-                .status(&cmd.spec.app)
-                .unwrap_or_else(|_| crate::agent::empty_status(&cmd.spec.app));
+                .status(&app)
+                .unwrap_or_else(|_| crate::agent::empty_status(&app));
+            let version = match &work {
+                Work::Activate(_, c) | Work::Stage(_, c) => c.version.clone(),
+                Work::Rollback(_, c) => {
+                    c.to.clone()
+                        .or(state.previous.clone())
+                        .or(state.current.clone())
+                        .unwrap_or_else(|| convoy_common::Version::new("unknown").expect("valid"))
+                }
+            };
             let report = OpReport {
-                op_id: cmd.op_id.clone(),
-                app: cmd.spec.app.clone(),
-                version: cmd.version.clone(),
+                op_id,
+                app,
+                version,
                 outcome: Outcome::Refused,
                 reason: busy.to_string(),
                 restore_detail: String::new(),

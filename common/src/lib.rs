@@ -12,6 +12,7 @@ pub mod fsutil;
 pub mod identity;
 pub mod names;
 pub mod ops;
+pub mod rollout;
 pub mod spec;
 
 pub use digest::Digest;

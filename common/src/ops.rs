@@ -20,6 +20,15 @@ pub struct ActivateCommand {
     pub size: u64,
 }
 
+/// Switch an app back to a release the host already holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RollbackCommand {
+    pub op_id: String,
+    pub app: AppName,
+    /// `None`: the host's previous release.
+    pub to: Option<Version>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Health {
@@ -119,7 +128,8 @@ pub struct StepEvent {
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
     Succeeded,
-    /// Failed; the previous release was restored and is healthy.
+    /// Failed; the previous release runs (never switched away, or restored
+    /// and healthy again).
     FailedRestored,
     /// Failed, and the restore failed too: the host needs attention.
     FailedRestoreFailed,
@@ -137,7 +147,7 @@ impl fmt::Display for Outcome {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Outcome::Succeeded => "succeeded",
-            Outcome::FailedRestored => "failed, previous release restored",
+            Outcome::FailedRestored => "failed; the previous release runs",
             Outcome::FailedRestoreFailed => "failed, and restoring the previous release failed",
             Outcome::Refused => "refused",
         })

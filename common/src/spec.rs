@@ -150,6 +150,9 @@ pub struct AppSpec {
     pub environments: Vec<String>,
     /// Labels a host must carry, beyond `env`, to be a target of this app.
     pub selector: BTreeMap<String, String>,
+    /// A version enters an environment only after it completed in the one
+    /// listed before (default); false for independent environments.
+    pub promotion: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -190,6 +193,8 @@ struct RawSpec {
     keep_backups: Option<u32>,
     #[serde(default)]
     allow_setid: bool,
+    #[serde(default)]
+    promotion: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -466,6 +471,7 @@ impl AppSpec {
             },
             environments,
             selector: raw.selector,
+            promotion: raw.promotion.unwrap_or(true),
         })
     }
 }

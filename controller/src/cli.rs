@@ -4,9 +4,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use convoy_common::ops::{AppStatus, Outcome};
+use convoy_common::ops::AppStatus;
 use convoy_proto::operator_service_client::OperatorServiceClient;
-use convoy_proto::{push_request, rollout_event, DeployRequest, PushHeader, PushRequest, StatusRequest};
+use convoy_proto::{
+    push_request, rollout_event, DeployRequest, HistoryRequest, PushHeader, PushRequest, RollbackRequest, StatusRequest,
+};
 use serde::Serialize;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
@@ -177,33 +179,127 @@ pub async fn push(conn: &Conn, app: String, version: String, file: PathBuf) -> R
     Ok(())
 }
 
-pub async fn deploy(conn: &Conn, app: String, version: String, env: String) -> Result<(), Failure> {
+/// `convoy deploy` options.
+#[derive(clap::Args, Debug, Clone)]
+pub struct DeployArgs {
+    pub app: String,
+    #[arg(value_name = "VERSION")]
+    pub release: String,
+    #[arg(long)]
+    pub env: String,
+    /// rolling, canary or all-at-once.
+    #[arg(long, default_value = "rolling")]
+    pub strategy: String,
+    /// Rolling: hosts per batch, a count or a percentage (default 1).
+    #[arg(long)]
+    pub batch_size: Option<String>,
+    /// Canary: cumulative stages, e.g. 1,10%,50%,100%.
+    #[arg(long)]
+    pub stages: Option<String>,
+    /// Canary: wait after each stage but the last, e.g. 10m.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub bake: Option<std::time::Duration>,
+    /// Failed hosts tolerated before the rollout halts: a count or a percentage (default 0).
+    #[arg(long)]
+    pub failure_budget: Option<String>,
+    /// On halt, leave the hosts this rollout moved where they are.
+    #[arg(long)]
+    pub no_rollback: bool,
+    /// Skip the promotion rule (the version completed in the environment before).
+    #[arg(long, requires = "reason")]
+    pub hotfix: bool,
+    /// Why the hotfix skips promotion; kept in the audit trail.
+    #[arg(long)]
+    pub reason: Option<String>,
+    /// These hosts first, in this order (comma-separated), e.g. a canary group.
+    #[arg(long, value_delimiter = ',')]
+    pub order: Vec<String>,
+    /// Only hosts with these labels, e.g. --select zone=eu1 (repeatable).
+    #[arg(long, value_parser = parse_label)]
+    pub select: Vec<(String, String)>,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
+}
+
+pub async fn deploy(conn: &Conn, a: DeployArgs) -> Result<(), Failure> {
     let mut client = conn.connect().await?;
-    let mut stream = client
+    let stream = client
         .deploy(DeployRequest {
-            app: app.clone(),
-            version: version.clone(),
-            environment: env.clone(),
+            app: a.app.clone(),
+            version: a.release.clone(),
+            environment: a.env.clone(),
+            strategy: a.strategy.clone(),
+            batch_size: a.batch_size.clone().unwrap_or_default(),
+            stages: a.stages.clone().unwrap_or_default(),
+            bake_ms: a.bake.map(|d| d.as_millis() as u64).unwrap_or(0),
+            failure_budget: a.failure_budget.clone().unwrap_or_default(),
+            no_rollback: a.no_rollback,
+            hotfix: a.hotfix,
+            reason: a.reason.clone().unwrap_or_default(),
+            order: a.order.clone(),
+            select: a.select.iter().cloned().collect(),
         })
         .await?
         .into_inner();
+    follow(stream, &format!("{} {} to {}", a.app, a.release, a.env)).await
+}
+
+pub async fn rollback(
+    conn: &Conn,
+    app: String,
+    env: String,
+    to: Option<String>,
+    hosts: Vec<String>,
+) -> Result<(), Failure> {
+    let mut client = conn.connect().await?;
+    let target = to.clone().unwrap_or_else(|| "each host's previous release".into());
+    let stream = client
+        .rollback(RollbackRequest {
+            app: app.clone(),
+            environment: env.clone(),
+            to_version: to.unwrap_or_default(),
+            hosts,
+        })
+        .await?
+        .into_inner();
+    follow(stream, &format!("rollback of {app} in {env} to {target}")).await
+}
+
+/// Prints a rollout's events as they come and maps its end to an exit code.
+async fn follow(mut stream: tonic::Streaming<convoy_proto::RolloutEvent>, title: &str) -> Result<(), Failure> {
     let started = std::time::Instant::now();
     let mut hosts = 0;
     while let Some(ev) = stream.message().await? {
         match ev.body {
             Some(rollout_event::Body::Plan(p)) => {
                 hosts = p.hosts.len();
-                println!(
-                    "rollout {}: {app} {version} to {env}, {} host(s) in order: {}",
-                    ev.rollout_id,
-                    hosts,
-                    p.hosts.join(", ")
-                );
-                println!("  artifact sha256 {}", p.digest);
+                println!("rollout {}: {title}, {} host(s), {}", ev.rollout_id, hosts, p.strategy);
+                for (i, b) in p.batches.iter().enumerate() {
+                    let bake = if b.bake_ms > 0 {
+                        format!(
+                            ", then bake {}",
+                            humantime::format_duration(std::time::Duration::from_millis(b.bake_ms))
+                        )
+                    } else {
+                        String::new()
+                    };
+                    println!("  batch {}: {}{bake}", i + 1, b.hosts.join(", "));
+                }
+                if p.failure_budget > 0 {
+                    println!("  failure budget: {} host(s)", p.failure_budget);
+                }
+                if !p.digest.is_empty() {
+                    println!("  artifact sha256 {}", p.digest);
+                }
                 if !p.skipped_hosts.is_empty() {
                     println!("  skipped (not connected): {}", p.skipped_hosts.join(", "));
                 }
             }
+            Some(rollout_event::Body::Note(n)) => println!("-- {}", n.message),
             Some(rollout_event::Body::HostEvent(h)) => {
                 if let Some(e) = h.event {
                     let kind = convoy_proto::EventKind::try_from(e.kind)
@@ -228,17 +324,34 @@ pub async fn deploy(conn: &Conn, app: String, version: String, env: String) -> R
             Some(rollout_event::Body::Done(d)) => {
                 let secs = started.elapsed().as_secs_f64();
                 if d.succeeded {
-                    println!(
-                        "rollout {} succeeded: {hosts} host(s) on {app} {version} in {secs:.1}s",
-                        ev.rollout_id
-                    );
-                    return Ok(());
+                    let mut msg = format!("rollout {} succeeded: {hosts} host(s) in {secs:.1}s", ev.rollout_id);
+                    if !d.failed_hosts.is_empty() {
+                        msg.push_str(&format!(
+                            "; within the failure budget, failed: {}",
+                            d.failed_hosts.join(", ")
+                        ));
+                    }
+                    println!("{msg}");
+                    return if d.rollback_failed {
+                        Err(Failure::new(
+                            exit::RESTORE_FAILED,
+                            "a host could not be restored; it needs attention",
+                        ))
+                    } else {
+                        Ok(())
+                    };
                 }
                 let mut msg = format!("rollout {} failed on {}: {}", ev.rollout_id, d.failed_host, d.reason);
+                if d.failed_hosts.len() > 1 {
+                    msg.push_str(&format!("\nfailed hosts: {}", d.failed_hosts.join(", ")));
+                }
+                if !d.rolled_back_hosts.is_empty() {
+                    msg.push_str(&format!("\nrolled back: {}", d.rolled_back_hosts.join(", ")));
+                }
                 if !d.untouched_hosts.is_empty() {
                     msg.push_str(&format!("\nhosts not touched: {}", d.untouched_hosts.join(", ")));
                 }
-                let code = if d.reason.starts_with(&Outcome::FailedRestoreFailed.to_string()) {
+                let code = if d.rollback_failed {
                     exit::RESTORE_FAILED
                 } else {
                     exit::FAILED
@@ -252,6 +365,175 @@ pub async fn deploy(conn: &Conn, app: String, version: String, env: String) -> R
         exit::UNREACHABLE,
         "the controller closed the stream before the rollout finished; the rollout goes on, check `convoy status`",
     ))
+}
+
+/// The `--output json` shape of `convoy history`.
+#[derive(Serialize)]
+struct HistoryJson {
+    rollouts: Vec<RolloutJson>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    hosts: Vec<HostRecordJson>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    events: Vec<EventJson>,
+}
+
+#[derive(Serialize)]
+struct RolloutJson {
+    id: String,
+    app: String,
+    version: String,
+    environment: String,
+    kind: String,
+    strategy: String,
+    operator: String,
+    state: String,
+    reason: String,
+    hotfix_reason: Option<String>,
+    started_at_unix_ms: i64,
+    finished_at_unix_ms: Option<i64>,
+}
+
+#[derive(Serialize)]
+struct HostRecordJson {
+    host: String,
+    op_id: String,
+    outcome: String,
+    reason: String,
+    restore_detail: String,
+    finished_at_unix_ms: i64,
+}
+
+#[derive(Serialize)]
+struct EventJson {
+    host: String,
+    step: String,
+    kind: String,
+    message: String,
+    at_unix_ms: i64,
+}
+
+fn when(ms: i64) -> String {
+    if ms <= 0 {
+        return "-".into();
+    }
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+pub async fn history(
+    conn: &Conn,
+    app: Option<String>,
+    rollout: Option<String>,
+    limit: u32,
+    json: bool,
+) -> Result<(), Failure> {
+    if app.is_none() && rollout.is_none() {
+        return Err(Failure::new(exit::USAGE, "name an APP, or a rollout with --rollout ID"));
+    }
+    let mut client = conn.connect().await?;
+    let reply = client
+        .history(HistoryRequest {
+            app: app.unwrap_or_default(),
+            rollout_id: rollout.unwrap_or_default(),
+            limit,
+        })
+        .await?
+        .into_inner();
+    let out = HistoryJson {
+        rollouts: reply
+            .rollouts
+            .into_iter()
+            .map(|r| RolloutJson {
+                id: r.id,
+                app: r.app,
+                version: r.version,
+                environment: r.environment,
+                kind: r.kind,
+                strategy: r.strategy,
+                operator: r.operator,
+                state: r.state,
+                reason: r.reason,
+                hotfix_reason: Some(r.hotfix_reason).filter(|h| !h.is_empty()),
+                started_at_unix_ms: r.started_at_unix_ms,
+                finished_at_unix_ms: Some(r.finished_at_unix_ms).filter(|t| *t > 0),
+            })
+            .collect(),
+        hosts: reply
+            .hosts
+            .into_iter()
+            .map(|h| HostRecordJson {
+                host: h.host,
+                op_id: h.op_id,
+                outcome: h.outcome,
+                reason: h.reason,
+                restore_detail: h.restore_detail,
+                finished_at_unix_ms: h.finished_at_unix_ms,
+            })
+            .collect(),
+        events: reply
+            .events
+            .into_iter()
+            .map(|e| EventJson {
+                host: e.host,
+                step: e.step,
+                kind: e.kind,
+                message: e.message,
+                at_unix_ms: e.at_unix_ms,
+            })
+            .collect(),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&out).expect("serialises"));
+        return Ok(());
+    }
+    println!(
+        "{:<13} {:<21} {:<9} {:<10} {:<12} {:<12} {:<20} REASON",
+        "ROLLOUT", "STARTED", "KIND", "VERSION", "ENV", "STATE", "OPERATOR"
+    );
+    for r in &out.rollouts {
+        let mut reason = r.reason.clone();
+        if let Some(h) = &r.hotfix_reason {
+            reason = format!(
+                "hotfix: {h}{}",
+                if reason.is_empty() {
+                    String::new()
+                } else {
+                    format!("; {reason}")
+                }
+            );
+        }
+        println!(
+            "{:<13} {:<21} {:<9} {:<10} {:<12} {:<12} {:<20} {}",
+            r.id,
+            when(r.started_at_unix_ms),
+            r.kind,
+            r.version,
+            r.environment,
+            r.state,
+            r.operator,
+            reason
+        );
+    }
+    if !out.hosts.is_empty() {
+        println!("\n{:<16} {:<24} REASON", "HOST", "OUTCOME");
+        for h in &out.hosts {
+            println!("{:<16} {:<24} {} {}", h.host, h.outcome, h.reason, h.restore_detail);
+        }
+    }
+    if !out.events.is_empty() {
+        println!();
+        for e in &out.events {
+            println!(
+                "{} [{}] {:<8} {:<9} {}",
+                when(e.at_unix_ms),
+                e.host,
+                e.step,
+                e.kind,
+                e.message
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The `--output json` shape of `convoy status`: stable, documented in README.md.

@@ -27,8 +27,10 @@ CREATE TABLE IF NOT EXISTS releases (
     PRIMARY KEY (app, version));
 CREATE TABLE IF NOT EXISTS rollouts (
     id TEXT PRIMARY KEY, app TEXT NOT NULL, version TEXT NOT NULL, environment TEXT NOT NULL,
+    kind TEXT NOT NULL, strategy TEXT NOT NULL, hotfix_reason TEXT NOT NULL DEFAULT '',
     operator TEXT NOT NULL, state TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '',
     started_at_ms INTEGER NOT NULL, finished_at_ms INTEGER);
+CREATE INDEX IF NOT EXISTS rollouts_by_app ON rollouts (app, started_at_ms);
 CREATE TABLE IF NOT EXISTS rollout_hosts (
     rollout_id TEXT NOT NULL, host TEXT NOT NULL, op_id TEXT NOT NULL, outcome TEXT NOT NULL,
     reason TEXT NOT NULL, restore_detail TEXT NOT NULL, finished_at_ms INTEGER NOT NULL);
@@ -95,19 +97,93 @@ impl Db {
             .is_some())
     }
 
-    pub fn start_rollout(
-        &self,
-        id: &str,
-        app: &AppName,
-        version: &Version,
-        env: &str,
-        operator: &str,
-    ) -> Result<(), DbError> {
+    pub fn start_rollout(&self, r: &NewRollout<'_>) -> Result<(), DbError> {
         self.conn.lock().unwrap().execute(
-            "INSERT INTO rollouts (id, app, version, environment, operator, state, started_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, 'running', ?6)",
-            params![id, app.as_str(), version.as_str(), env, operator, convoy_common::ops::now_unix_ms()],
+            "INSERT INTO rollouts (id, app, version, environment, kind, strategy, hotfix_reason, operator, state, started_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'running', ?9)",
+            params![
+                r.id,
+                r.app.as_str(),
+                r.version,
+                r.env,
+                r.kind,
+                r.strategy,
+                r.hotfix_reason,
+                r.operator,
+                convoy_common::ops::now_unix_ms()
+            ],
         )?;
         Ok(())
+    }
+
+    /// Whether `version` of `app` completed a deploy in `env`.
+    pub fn completed_in(&self, app: &AppName, version: &Version, env: &str) -> Result<bool, DbError> {
+        let conn = self.conn.lock().unwrap();
+        Ok(conn
+            .query_row(
+                "SELECT 1 FROM rollouts WHERE app = ?1 AND version = ?2 AND environment = ?3
+                 AND kind = 'deploy' AND state = 'succeeded' LIMIT 1",
+                params![app.as_str(), version.as_str(), env],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some())
+    }
+
+    /// Rollouts of `app`, newest first.
+    pub fn history(&self, app: &AppName, limit: u32) -> Result<Vec<RolloutRow>, DbError> {
+        let conn = self.conn.lock().unwrap();
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE app = ?1 ORDER BY started_at_ms DESC, rowid DESC LIMIT ?2"
+        ))?;
+        let rows = stmt.query_map(params![app.as_str(), limit], rollout_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn rollout(&self, id: &str) -> Result<Option<RolloutRow>, DbError> {
+        let conn = self.conn.lock().unwrap();
+        Ok(conn
+            .query_row(
+                &format!("SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE id = ?1"),
+                [id],
+                rollout_row,
+            )
+            .optional()?)
+    }
+
+    pub fn rollout_hosts(&self, id: &str) -> Result<Vec<HostRow>, DbError> {
+        let conn = self.conn.lock().unwrap();
+        let mut stmt = conn.prepare(
+            "SELECT host, op_id, outcome, reason, restore_detail, finished_at_ms FROM rollout_hosts
+             WHERE rollout_id = ?1 ORDER BY rowid",
+        )?;
+        let rows = stmt.query_map([id], |r| {
+            Ok(HostRow {
+                host: r.get(0)?,
+                op_id: r.get(1)?,
+                outcome: r.get(2)?,
+                reason: r.get(3)?,
+                restore_detail: r.get(4)?,
+                finished_at_ms: r.get(5)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn rollout_events(&self, id: &str) -> Result<Vec<EventRow>, DbError> {
+        let conn = self.conn.lock().unwrap();
+        let mut stmt =
+            conn.prepare("SELECT host, step, kind, message, at_ms FROM events WHERE rollout_id = ?1 ORDER BY id")?;
+        let rows = stmt.query_map([id], |r| {
+            Ok(EventRow {
+                host: r.get(0)?,
+                step: r.get(1)?,
+                kind: r.get(2)?,
+                message: r.get(3)?,
+                at_ms: r.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     pub fn finish_rollout(&self, id: &str, state: &str, reason: &str) -> Result<(), DbError> {
@@ -129,10 +205,80 @@ impl Db {
     pub fn record_host_result(&self, rollout: &str, host: &HostName, r: &OpReport) -> Result<(), DbError> {
         self.conn.lock().unwrap().execute(
             "INSERT INTO rollout_hosts (rollout_id, host, op_id, outcome, reason, restore_detail, finished_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![rollout, host.as_str(), r.op_id, serde_json::to_string(&r.outcome).unwrap_or_default(), r.reason, r.restore_detail, convoy_common::ops::now_unix_ms()],
+            params![rollout, host.as_str(), r.op_id, outcome_name(r.outcome), r.reason, r.restore_detail, convoy_common::ops::now_unix_ms()],
         )?;
         Ok(())
     }
+}
+
+/// A rollout about to start.
+pub struct NewRollout<'a> {
+    pub id: &'a str,
+    pub app: &'a AppName,
+    /// The version deployed, or rolled back to ("previous" when each host
+    /// goes back to its own previous release).
+    pub version: &'a str,
+    pub env: &'a str,
+    /// "deploy" or "rollback".
+    pub kind: &'a str,
+    pub strategy: &'a str,
+    pub hotfix_reason: &'a str,
+    pub operator: &'a str,
+}
+
+#[derive(Debug, Clone)]
+pub struct RolloutRow {
+    pub id: String,
+    pub app: String,
+    pub version: String,
+    pub env: String,
+    pub kind: String,
+    pub strategy: String,
+    pub hotfix_reason: String,
+    pub operator: String,
+    pub state: String,
+    pub reason: String,
+    pub started_at_ms: i64,
+    pub finished_at_ms: Option<i64>,
+}
+
+const ROLLOUT_COLUMNS: &str =
+    "id, app, version, environment, kind, strategy, hotfix_reason, operator, state, reason, started_at_ms, finished_at_ms";
+
+fn rollout_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RolloutRow> {
+    Ok(RolloutRow {
+        id: r.get(0)?,
+        app: r.get(1)?,
+        version: r.get(2)?,
+        env: r.get(3)?,
+        kind: r.get(4)?,
+        strategy: r.get(5)?,
+        hotfix_reason: r.get(6)?,
+        operator: r.get(7)?,
+        state: r.get(8)?,
+        reason: r.get(9)?,
+        started_at_ms: r.get(10)?,
+        finished_at_ms: r.get(11)?,
+    })
+}
+
+#[derive(Debug, Clone)]
+pub struct HostRow {
+    pub host: String,
+    pub op_id: String,
+    pub outcome: String,
+    pub reason: String,
+    pub restore_detail: String,
+    pub finished_at_ms: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct EventRow {
+    pub host: String,
+    pub step: String,
+    pub kind: String,
+    pub message: String,
+    pub at_ms: i64,
 }
 
 fn get_release(conn: &Connection, app: &AppName, version: &Version) -> Result<Option<Release>, DbError> {
@@ -150,6 +296,13 @@ fn get_release(conn: &Connection, app: &AppName, version: &Version) -> Result<Op
         })
     })
     .transpose()
+}
+
+fn outcome_name(o: convoy_common::ops::Outcome) -> String {
+    serde_json::to_value(o)
+        .ok()
+        .and_then(|v| v.as_str().map(String::from))
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

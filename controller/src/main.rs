@@ -37,13 +37,30 @@ enum Cmd {
     /// Manage releases.
     #[command(subcommand)]
     Release(ReleaseCmd),
-    /// Roll a pushed release out to an environment, host by host.
-    Deploy {
+    /// Roll a pushed release out to an environment (pre-stage everywhere,
+    /// then batch by batch; halt and roll back past the failure budget).
+    Deploy(cli::DeployArgs),
+    /// Switch hosts back to a release they still hold (no download).
+    Rollback {
         app: String,
-        #[arg(value_name = "VERSION")]
-        release: String,
         #[arg(long)]
         env: String,
+        /// The release to go to (default: each host's previous release).
+        #[arg(long)]
+        to: Option<String>,
+        /// Only these hosts (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        hosts: Vec<String>,
+    },
+    /// Rollouts of an app, newest first; or one rollout in detail.
+    History {
+        app: Option<String>,
+        #[arg(long)]
+        rollout: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
     },
     /// Show each host's version and health for an app.
     Status {
@@ -124,7 +141,22 @@ fn main() -> ExitCode {
         Cmd::Release(ReleaseCmd::Push { app, release, file }) => {
             cli::report(rt.block_on(cli::push(&cli.conn, app, release, file)))
         }
-        Cmd::Deploy { app, release, env } => cli::report(rt.block_on(cli::deploy(&cli.conn, app, release, env))),
+        Cmd::Deploy(args) => cli::report(rt.block_on(cli::deploy(&cli.conn, args))),
+        Cmd::Rollback { app, env, to, hosts } => {
+            cli::report(rt.block_on(cli::rollback(&cli.conn, app, env, to, hosts)))
+        }
+        Cmd::History {
+            app,
+            rollout,
+            limit,
+            output,
+        } => cli::report(rt.block_on(cli::history(
+            &cli.conn,
+            app,
+            rollout,
+            limit,
+            matches!(output, Output::Json),
+        ))),
         Cmd::Status { app, output } => {
             cli::report(rt.block_on(cli::status(&cli.conn, app, matches!(output, Output::Json))))
         }

@@ -7,7 +7,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use convoy_common::ops::{ActivateCommand, AppStatus, EventKind, Health, OpReport, Outcome, Step, StepEvent};
+use convoy_common::ops::{
+    ActivateCommand, AppStatus, EventKind, Health, OpReport, Outcome, RollbackCommand, Step, StepEvent,
+};
 use convoy_common::spec::{self, CheckKind, HealthCheck, HealthPolicy, Hook, HookPoint, InstallSpec, SwitchMode};
 use convoy_common::{AppName, Digest, Version};
 
@@ -240,6 +242,31 @@ impl TryFrom<pb::Activate> for ActivateCommand {
             version: Version::new(a.version).map_err(|e| bad(T, "version", e))?,
             digest: Digest::parse(&a.digest).map_err(|e| bad(T, "digest", e))?,
             size: a.size,
+        })
+    }
+}
+
+impl From<&RollbackCommand> for pb::Rollback {
+    fn from(c: &RollbackCommand) -> Self {
+        pb::Rollback {
+            op_id: c.op_id.clone(),
+            app: c.app.to_string(),
+            to_version: c.to.as_ref().map(|v| v.to_string()).unwrap_or_default(),
+        }
+    }
+}
+
+impl TryFrom<pb::Rollback> for RollbackCommand {
+    type Error = InvalidMessage;
+    fn try_from(r: pb::Rollback) -> Result<Self, InvalidMessage> {
+        const T: &str = "Rollback";
+        if r.op_id.is_empty() || r.op_id.len() > 128 {
+            return Err(bad(T, "op_id", "must be 1 to 128 characters"));
+        }
+        Ok(RollbackCommand {
+            op_id: r.op_id,
+            app: AppName::new(r.app).map_err(|e| bad(T, "app", e))?,
+            to: opt_version(T, "to_version", r.to_version)?,
         })
     }
 }

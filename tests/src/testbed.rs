@@ -263,10 +263,12 @@ impl Testbed {
         // Controller
         let cdir = self.dir.path().join("controller");
         fs::create_dir_all(cdir.join("apps"))?;
-        // The spec's environments: the defaults and every label in use.
-        let mut envs: Vec<String> = ["development", "staging", "production"].map(String::from).to_vec();
-        for i in 1..=n {
-            let e = env_of(i);
+        // The environments in use come first, so the first needs no promotion.
+        let mut envs: Vec<String> = Vec::new();
+        for e in (1..=n)
+            .map(env_of)
+            .chain(["development", "staging", "production"].map(String::from))
+        {
             if !envs.contains(&e) {
                 envs.push(e);
             }

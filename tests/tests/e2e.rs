@@ -37,10 +37,12 @@ fn scenario_a_rolling_v1_then_v2() -> Result<()> {
 
     bed.push_demo("2.0.0", "healthy")?;
     let out = bed.convoy_ok(&["deploy", "demo", "2.0.0", "--env", "staging"])?;
-    // Host by host: host1 commits before host2 starts.
+    // Pre-staged everywhere first, then host by host: host1 commits
+    // before host2 switches.
+    let staged = out.find("-- pre-staged on 3 host(s)").expect("pre-staging");
     let h1_commit = out.find("[host1] commit").expect("host1 commit");
-    let h2_stage = out.find("[host2] stage").expect("host2 stage");
-    assert!(h1_commit < h2_stage, "not host by host:\n{out}");
+    let h2_switch = out.find("[host2] switch").expect("host2 switch");
+    assert!(staged < h1_commit && h1_commit < h2_switch, "not host by host:\n{out}");
     all_serve(&bed, "2.0.0");
     for h in ["host1", "host2", "host3"] {
         assert_current(&bed, h, "2.0.0", Some("1.0.0"))?;
@@ -63,8 +65,9 @@ fn scenario_a_rolling_v1_then_v2() -> Result<()> {
 }
 
 /// (b) v3's health check fails: host1 is restored to v2 and serves it
-/// again, the rollout halts, hosts 2 and 3 are never switched, and the CLI
-/// exits non-zero naming the host and the failed check.
+/// again, the rollout halts, hosts 2 and 3 are never switched (they hold
+/// v3 pre-staged), and the CLI exits non-zero naming the host and the
+/// failed check.
 #[test]
 fn scenario_b_failed_health_check_restores_and_halts() -> Result<()> {
     let bed = Testbed::boot(3)?;
@@ -84,11 +87,14 @@ fn scenario_b_failed_health_check_restores_and_halts() -> Result<()> {
     );
     assert!(out.stderr.contains("restored 2.0.0"), "{}", out.stderr);
     assert!(out.stderr.contains("hosts not touched: host2, host3"), "{}", out.stderr);
-    assert!(
-        !out.stdout.contains("[host2]"),
-        "host2 must not be touched:\n{}",
-        out.stdout
-    );
+    for h in ["host2", "host3"] {
+        let switched = format!("[{h}] switch");
+        assert!(
+            !out.stdout.contains(&switched),
+            "{h} must never be switched:\n{}",
+            out.stdout
+        );
+    }
 
     all_serve(&bed, "2.0.0");
     assert_current(&bed, "host1", "2.0.0", None)?;
@@ -96,11 +102,9 @@ fn scenario_b_failed_health_check_restores_and_halts() -> Result<()> {
     for h in ["host2", "host3"] {
         let s = Testbed::host_status(&status, h)?;
         assert_eq!(s["app"]["current"], "2.0.0");
-        assert_eq!(
-            s["app"]["releases"],
-            serde_json::json!(["2.0.0"]),
-            "{h} must never have staged 3.0.0"
-        );
+        // Pre-staged, never switched.
+        assert_eq!(s["app"]["releases"], serde_json::json!(["2.0.0", "3.0.0"]), "{h}");
+        assert!(s["app"]["previous"].is_null(), "{h} was never switched: {s}");
     }
     let h1 = Testbed::host_status(&status, "host1")?;
     assert_eq!(h1["app"]["health"], "healthy", "{h1}");

@@ -28,7 +28,14 @@ const RESTORE_POINTS: [&str; 2] = ["restore-begin", "restore-after-switch"];
 const RANDOM_KILLS_PER_HOST: u64 = 6;
 const HOSTS: usize = 3;
 
-const GOOD: [&str; 2] = ["1.0.0", "2.0.0"];
+/// Every case deploys a fresh version, so every case fetches and unpacks
+/// (a version staged by an earlier case would skip those steps).
+const FIRST: &str = "1.0.0";
+const CASES_PER_HOST: usize = ACTIVATION_POINTS.len() + RESTORE_POINTS.len() + RANDOM_KILLS_PER_HOST as usize;
+
+fn fresh(case: usize) -> String {
+    format!("2.0.{case}")
+}
 const BAD: &str = "9.9.9";
 
 #[derive(Debug)]
@@ -118,17 +125,13 @@ fn check_end_state(bed: &Testbed, host: &Host, allowed: &[&str]) -> Result<Strin
     }
 }
 
-fn run_case(bed: &Testbed, host: &Host, env: &str, kill: Kill) -> Result<CaseResult> {
+fn run_case(bed: &Testbed, host: &Host, env: &str, case: usize, kill: Kill) -> Result<CaseResult> {
     let from = host_app(bed, &host.name)?["app"]["current"]
         .as_str()
         .unwrap_or("")
         .to_owned();
     let restore_case = matches!(kill, Kill::At(p) if RESTORE_POINTS.contains(&p));
-    let target = if restore_case {
-        BAD.to_owned()
-    } else {
-        GOOD.iter().find(|v| **v != from).unwrap().to_string()
-    };
+    let target = if restore_case { BAD.to_owned() } else { fresh(case) };
     match kill {
         Kill::At(point) => host.set_failpoint(Some(point))?,
         Kill::AfterMs(_) => host.set_failpoint(None)?,
@@ -192,13 +195,17 @@ fn delays(seed: u64, n: u64) -> Vec<u64> {
 
 #[test]
 fn kill_agent_at_every_step_and_at_random_instants() -> Result<()> {
-    let bed = Testbed::boot_with(HOSTS, |i| format!("kill{i}"))?;
-    for v in GOOD {
-        bed.push_demo(v, "healthy")?;
+    // One environment per host, so the hosts are killed independently.
+    let spec = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/testbed/demo.toml"))?
+        .replace("units = [", "promotion = false\nunits = [");
+    let bed = Testbed::boot_spec(HOSTS, |i| format!("kill{i}"), &spec)?;
+    bed.push_demo(FIRST, "healthy")?;
+    for case in 0..CASES_PER_HOST {
+        bed.push_demo(&fresh(case), "healthy")?;
     }
     bed.push_demo(BAD, "unhealthy")?;
     for i in 1..=HOSTS {
-        bed.convoy_ok(&["deploy", "demo", GOOD[0], "--env", &format!("kill{i}")])?;
+        bed.convoy_ok(&["deploy", "demo", FIRST, "--env", &format!("kill{i}")])?;
     }
     let seed = std::env::var("CONVOY_KILL_SEED")
         .ok()
@@ -225,7 +232,11 @@ fn kill_agent_at_every_step_and_at_random_instants() -> Result<()> {
                             .into_iter()
                             .map(Kill::AfterMs),
                     );
-                    cases.into_iter().map(|k| run_case(bed, host, &env, k)).collect()
+                    cases
+                        .into_iter()
+                        .enumerate()
+                        .map(|(c, k)| run_case(bed, host, &env, c, k))
+                        .collect()
                 })
             })
             .collect();

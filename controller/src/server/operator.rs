@@ -8,7 +8,8 @@ use convoy_common::spec::AppSpec;
 use convoy_common::{AppName, Version};
 use convoy_proto::operator_service_server::OperatorService;
 use convoy_proto::{
-    push_request, DeployRequest, HostStatus, PushReply, PushRequest, RolloutEvent, StatusReply, StatusRequest,
+    push_request, DeployRequest, EventRecord, HistoryReply, HistoryRequest, HostRecord, HostStatus, PushReply,
+    PushRequest, RollbackRequest, RolloutEvent, RolloutRecord, StatusReply, StatusRequest,
 };
 use futures::Stream;
 use tokio_stream::StreamExt;
@@ -25,6 +26,11 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 
 /// Largest artifact accepted by push.
 const MAX_ARTIFACT: u64 = 16 << 30;
+
+/// A rollout's events as a gRPC stream; a slow reader skips what it missed.
+fn event_stream(rx: tokio::sync::broadcast::Receiver<RolloutEvent>) -> BoxStream<RolloutEvent> {
+    Box::pin(tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(|item| item.ok().map(Ok)))
+}
 
 pub fn load_spec(shared: &Shared, app: &AppName) -> Result<AppSpec, Status> {
     let path = shared.cfg.apps_dir.join(format!("{app}.toml"));
@@ -49,6 +55,7 @@ fn arg<T>(field: &str, r: Result<T, convoy_common::names::InvalidName>) -> Resul
 #[tonic::async_trait]
 impl OperatorService for OperatorApi {
     type DeployStream = BoxStream<RolloutEvent>;
+    type RollbackStream = BoxStream<RolloutEvent>;
 
     async fn push_release(&self, req: Request<Streaming<PushRequest>>) -> Result<Response<PushReply>, Status> {
         let id = peer(&req, &[PeerKind::Operator])?;
@@ -127,14 +134,83 @@ impl OperatorService for OperatorApi {
     async fn deploy(&self, req: Request<DeployRequest>) -> Result<Response<Self::DeployStream>, Status> {
         let id = peer(&req, &[PeerKind::Operator])?;
         let r = req.into_inner();
+        let app = arg("app", AppName::new(r.app.clone()))?;
+        let version = arg("version", Version::new(r.version.clone()))?;
+        let rx = rollout::start_deploy(&self.shared, id, app, version, r)?;
+        Ok(Response::new(event_stream(rx)))
+    }
+
+    async fn rollback(&self, req: Request<RollbackRequest>) -> Result<Response<Self::RollbackStream>, Status> {
+        let id = peer(&req, &[PeerKind::Operator])?;
+        let r = req.into_inner();
+        let app = arg("app", AppName::new(r.app.clone()))?;
+        let rx = rollout::start_rollback(&self.shared, id, app, r)?;
+        Ok(Response::new(event_stream(rx)))
+    }
+
+    async fn history(&self, req: Request<HistoryRequest>) -> Result<Response<HistoryReply>, Status> {
+        peer(&req, &[PeerKind::Operator])?;
+        let r = req.into_inner();
+        let db = &self.shared.db;
+        let record = |row: crate::db::RolloutRow| RolloutRecord {
+            id: row.id,
+            app: row.app,
+            version: row.version,
+            environment: row.env,
+            kind: row.kind,
+            strategy: row.strategy,
+            operator: row.operator,
+            state: row.state,
+            reason: row.reason,
+            hotfix_reason: row.hotfix_reason,
+            started_at_unix_ms: row.started_at_ms,
+            finished_at_unix_ms: row.finished_at_ms.unwrap_or(0),
+        };
+        if !r.rollout_id.is_empty() {
+            let row = db
+                .rollout(&r.rollout_id)
+                .map_err(internal)?
+                .ok_or_else(|| Status::not_found(format!("no rollout {}", r.rollout_id)))?;
+            let hosts = db.rollout_hosts(&r.rollout_id).map_err(internal)?;
+            let events = db.rollout_events(&r.rollout_id).map_err(internal)?;
+            return Ok(Response::new(HistoryReply {
+                rollouts: vec![record(row)],
+                hosts: hosts
+                    .into_iter()
+                    .map(|h| HostRecord {
+                        host: h.host,
+                        op_id: h.op_id,
+                        outcome: h.outcome,
+                        reason: h.reason,
+                        restore_detail: h.restore_detail,
+                        finished_at_unix_ms: h.finished_at_ms,
+                    })
+                    .collect(),
+                events: events
+                    .into_iter()
+                    .map(|e| EventRecord {
+                        host: e.host,
+                        step: e.step,
+                        kind: e.kind,
+                        message: e.message,
+                        at_unix_ms: e.at_ms,
+                    })
+                    .collect(),
+            }));
+        }
         let app = arg("app", AppName::new(r.app))?;
-        let version = arg("version", Version::new(r.version))?;
-        let rx = rollout::start(&self.shared, id, app, version, r.environment)?;
-        let stream = tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(|item| match item {
-            Ok(ev) => Some(Ok(ev)),
-            Err(_lagged) => None,
-        });
-        Ok(Response::new(Box::pin(stream)))
+        let limit = if r.limit == 0 { 50 } else { r.limit.min(1000) };
+        let rollouts = db
+            .history(&app, limit)
+            .map_err(internal)?
+            .into_iter()
+            .map(record)
+            .collect();
+        Ok(Response::new(HistoryReply {
+            rollouts,
+            hosts: vec![],
+            events: vec![],
+        }))
     }
 
     async fn status(&self, req: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {

@@ -1,134 +1,369 @@
-//! The rollout engine: plan the targets of (app, version, environment),
-//! then activate them host by host, halting at the first failure.
+//! The rollout engine.
+//!
+//! A deploy: plan the targets (environment, labels, order) and the batches
+//! (strategy) → pre-stage the artifact on every target in parallel
+//! (bounded) → activate batch by batch, baking between canary stages →
+//! done. When more hosts fail than the failure budget allows, the rollout
+//! halts and, unless told otherwise, the hosts it moved go back to their
+//! previous release in parallel, without replaying any stage.
+//!
+//! A manual rollback switches hosts to a release they still hold, all at
+//! once; it is refused before anything changes if one of them does not.
 //!
 //! A rollout runs as its own task; callers only watch its event stream, so
 //! an operator's CLI going away does not stop or corrupt it.
 
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use convoy_common::identity::PeerIdentity;
-use convoy_common::ops::{ActivateCommand, OpReport};
+use convoy_common::ops::{ActivateCommand, OpReport, Outcome, RollbackCommand};
+use convoy_common::rollout::{Amount, Strategy};
 use convoy_common::{AppName, HostName, Version};
 use convoy_proto::{
-    controller_message, rollout_event, ControllerMessage, HostEvent, HostResult, RolloutDone, RolloutEvent, RolloutPlan,
+    controller_message, rollout_event, Batch, ControllerMessage, DeployRequest, HostEvent, HostResult, RollbackRequest,
+    RolloutDone, RolloutEvent, RolloutNote, RolloutPlan,
 };
-use tokio::sync::broadcast;
+use futures::future::join_all;
+use tokio::sync::{broadcast, Semaphore};
 use tonic::Status;
 
 use super::operator::load_spec;
-use super::registry::Update;
+use super::registry::{HostEntry, Update};
 use super::{internal, Shared};
+use crate::db::NewRollout;
+
+/// Hosts staged at once during pre-staging.
+const PRESTAGE_PARALLEL: usize = 8;
+
+enum Kind {
+    Deploy {
+        cmd: Box<ActivateCommand>,
+        strategy: Strategy,
+        budget: usize,
+        rollback_on_halt: bool,
+    },
+    Rollback {
+        to: Option<Version>,
+    },
+}
 
 struct Rollout {
     id: String,
     app: AppName,
-    version: Version,
     env: String,
+    kind: Kind,
     targets: Vec<HostName>,
-    cmd: ActivateCommand,
+    /// What each target ran before this rollout, to roll it back to.
+    before: HashMap<HostName, Option<Version>>,
     tx: broadcast::Sender<RolloutEvent>,
 }
 
-/// Validates and starts a rollout; returns its event stream.
-pub fn start(
+fn invalid(e: impl ToString) -> Status {
+    Status::invalid_argument(e.to_string())
+}
+
+fn parse_budget(s: &str, n: usize) -> Result<usize, Status> {
+    if s.is_empty() {
+        return Ok(0);
+    }
+    match Amount::parse(s).map_err(|e| invalid(format!("--failure-budget: {e}")))? {
+        Amount::Percent(p) => Ok(n * p as usize / 100),
+        Amount::Count(c) => Ok(c),
+    }
+}
+
+/// Hosts of `env` that match the spec's and the request's labels; returns
+/// (connected, not connected), sorted by name.
+fn hosts_in(
+    shared: &Shared,
+    env: &str,
+    selector: &std::collections::BTreeMap<String, String>,
+    select: &HashMap<String, String>,
+) -> (Vec<HostEntry>, Vec<HostEntry>) {
+    shared
+        .registry
+        .hosts()
+        .into_iter()
+        .filter(|h| h.labels.get("env").map(String::as_str) == Some(env))
+        .filter(|h| {
+            selector
+                .iter()
+                .chain(select.iter())
+                .all(|(k, v)| h.labels.get(k) == Some(v))
+        })
+        .partition(|h| h.session.is_some())
+}
+
+/// Validates and starts a deploy; returns its event stream.
+pub fn start_deploy(
     shared: &Arc<Shared>,
     who: PeerIdentity,
     app: AppName,
     version: Version,
-    env: String,
+    r: DeployRequest,
 ) -> Result<broadcast::Receiver<RolloutEvent>, Status> {
+    let env = r.environment.clone();
     let spec = load_spec(shared, &app)?;
-    if !spec.environments.contains(&env) {
-        return Err(Status::invalid_argument(format!(
+    let Some(pos) = spec.environments.iter().position(|e| *e == env) else {
+        return Err(invalid(format!(
             "environment {env:?} is not one of {app}'s environments ({})",
             spec.environments.join(", ")
         )));
-    }
+    };
     let release = shared.db.release(&app, &version).map_err(internal)?.ok_or_else(|| {
         Status::not_found(format!(
             "{app} {version} has not been pushed; run `convoy release push {app} {version} FILE`"
         ))
     })?;
-
-    let mut targets = Vec::new();
-    let mut skipped = Vec::new();
-    for h in shared.registry.hosts() {
-        let in_env = h.labels.get("env") == Some(&env);
-        let selected = spec.selector.iter().all(|(k, v)| h.labels.get(k) == Some(v));
-        if in_env && selected {
-            if h.session.is_some() {
-                targets.push(h.name);
-            } else {
-                skipped.push(h.name.to_string());
-            }
+    // Promotion: a version enters an environment only after it completed
+    // in the one before, unless this is a recorded hotfix.
+    if r.hotfix && r.reason.trim().is_empty() {
+        return Err(invalid(
+            "--hotfix needs --reason TEXT, which is kept in the audit trail",
+        ));
+    }
+    if spec.promotion && pos > 0 && !r.hotfix {
+        let before = &spec.environments[pos - 1];
+        if !shared.db.completed_in(&app, &version, before).map_err(internal)? {
+            return Err(Status::failed_precondition(format!(
+                "{app} {version} has not completed in {before}, which comes before {env}; deploy it there first, \
+                 or pass --hotfix --reason TEXT"
+            )));
         }
     }
-    if targets.is_empty() {
+    let strategy = Strategy::from_flags(
+        if r.strategy.is_empty() { "rolling" } else { &r.strategy },
+        Some(r.batch_size.as_str()).filter(|s| !s.is_empty()),
+        Some(r.stages.as_str()).filter(|s| !s.is_empty()),
+        (r.bake_ms > 0).then(|| Duration::from_millis(r.bake_ms)),
+    )
+    .map_err(invalid)?;
+
+    let (connected, missing) = hosts_in(shared, &env, &spec.selector, &r.select);
+    if connected.is_empty() {
         return Err(Status::failed_precondition(format!(
             "no connected host has label env={env}{}",
             spec.selector
                 .iter()
+                .chain(r.select.iter())
                 .map(|(k, v)| format!(", {k}={v}"))
                 .collect::<String>()
         )));
     }
-
-    let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
-    {
-        let mut running = shared.running.lock().unwrap();
-        let key = (app.to_string(), env.clone());
-        if let Some(other) = running.get(&key) {
-            return Err(Status::aborted(format!(
-                "rollout {other} of {app} to {env} is still running"
+    // Explicit order first, then the rest by name.
+    let mut targets: Vec<HostEntry> = Vec::new();
+    let mut rest = connected;
+    for name in &r.order {
+        let Some(i) = rest.iter().position(|h| h.name.as_str() == name) else {
+            return Err(invalid(format!(
+                "--order names {name}, which is not a connected target of this rollout"
             )));
-        }
-        running.insert(key, id.clone());
+        };
+        targets.push(rest.remove(i));
     }
-    if let Err(e) = shared.db.start_rollout(&id, &app, &version, &env, &who.to_string()) {
-        shared.running.lock().unwrap().remove(&(app.to_string(), env.clone()));
-        return Err(internal(e));
-    }
-    let (tx, rx) = broadcast::channel(4096);
-    let r = Rollout {
-        cmd: ActivateCommand {
-            op_id: String::new(),
-            spec: spec.install.clone(),
-            version: version.clone(),
-            digest: release.digest,
-            size: release.size,
-        },
-        id,
-        app,
-        version,
-        env,
-        targets,
-        tx,
+    targets.extend(rest);
+    let budget = parse_budget(&r.failure_budget, targets.len())?;
+
+    // Each host's command gets its own operation id when it is sent.
+    let cmd = ActivateCommand {
+        op_id: String::new(),
+        spec: spec.install.clone(),
+        version: version.clone(),
+        digest: release.digest,
+        size: release.size,
     };
-    tracing::info!(rollout = %r.id, app = %r.app, version = %r.version, env = %r.env, by = %who, hosts = r.targets.len(), "rollout started");
-    r.emit(rollout_event::Body::Plan(RolloutPlan {
-        hosts: r.targets.iter().map(|h| h.to_string()).collect(),
+    let kind = Kind::Deploy {
+        cmd: Box::new(cmd),
+        strategy: strategy.clone(),
+        budget,
+        rollback_on_halt: !r.no_rollback,
+    };
+    let rollout = Rollout::new(shared, &app, &env, kind, targets)?;
+    shared
+        .db
+        .start_rollout(&NewRollout {
+            id: &rollout.id,
+            app: &app,
+            version: version.as_str(),
+            env: &env,
+            kind: "deploy",
+            strategy: &strategy.describe(),
+            hotfix_reason: if r.hotfix { r.reason.trim() } else { "" },
+            operator: &who.to_string(),
+        })
+        .map_err(|e| rollout.release_slot(shared, internal(e)))?;
+    let plan = RolloutPlan {
+        hosts: rollout.targets.iter().map(|h| h.to_string()).collect(),
         digest: release.digest.to_hex(),
-        skipped_hosts: skipped,
-    }));
-    let shared = shared.clone();
-    tokio::spawn(async move {
-        let done = r.run(&shared).await;
-        let state = if done.succeeded { "succeeded" } else { "failed" };
-        if let Err(e) = shared.db.finish_rollout(&r.id, state, &done.reason) {
-            tracing::error!(rollout = %r.id, error = %e, "could not record rollout end");
+        skipped_hosts: missing.iter().map(|h| h.name.to_string()).collect(),
+        batches: strategy
+            .batches(rollout.targets.len())
+            .into_iter()
+            .map(|(range, bake)| Batch {
+                hosts: rollout.targets[range].iter().map(|h| h.to_string()).collect(),
+                bake_ms: bake.as_millis() as u64,
+            })
+            .collect(),
+        strategy: strategy.describe(),
+        failure_budget: budget as u32,
+    };
+    tracing::info!(rollout = %rollout.id, %app, %version, %env, by = %who, hotfix = r.hotfix, "deploy started");
+    Ok(rollout.spawn(shared, plan))
+}
+
+/// Validates and starts a manual rollback; returns its event stream.
+pub fn start_rollback(
+    shared: &Arc<Shared>,
+    who: PeerIdentity,
+    app: AppName,
+    r: RollbackRequest,
+) -> Result<broadcast::Receiver<RolloutEvent>, Status> {
+    let env = r.environment.clone();
+    let spec = load_spec(shared, &app)?;
+    if !spec.environments.contains(&env) {
+        return Err(invalid(format!(
+            "environment {env:?} is not one of {app}'s environments"
+        )));
+    }
+    let to = Some(r.to_version.as_str())
+        .filter(|v| !v.is_empty())
+        .map(Version::new)
+        .transpose()
+        .map_err(|e| invalid(format!("--to: {e}")))?;
+    let (connected, missing) = hosts_in(shared, &env, &spec.selector, &HashMap::new());
+    let mut targets: Vec<HostEntry> = connected;
+    if !r.hosts.is_empty() {
+        for h in &r.hosts {
+            if !targets.iter().any(|t| t.name.as_str() == h) && !missing.iter().any(|t| t.name.as_str() == h) {
+                return Err(invalid(format!(
+                    "--hosts names {h}, which is not a host of {app} in {env}"
+                )));
+            }
         }
+        targets.retain(|t| r.hosts.iter().any(|h| h == t.name.as_str()));
+    }
+    // Every host must hold its target: checked for all before any is touched.
+    let mut problems: Vec<String> = missing
+        .iter()
+        .filter(|h| r.hosts.is_empty() || r.hosts.iter().any(|n| n == h.name.as_str()))
+        .map(|h| format!("{} is not connected", h.name))
+        .collect();
+    for h in &targets {
+        let state = h.apps.get(&app);
+        let want = to.clone().or_else(|| state.and_then(|s| s.previous.clone()));
+        match (want, state) {
+            (None, _) => problems.push(format!("{} has no previous release of {app}", h.name)),
+            (Some(v), Some(s)) if s.releases.contains(&v) || s.current.as_ref() == Some(&v) => {}
+            (Some(v), _) => problems.push(format!("{} no longer holds {app} {v}", h.name)),
+        }
+    }
+    if targets.is_empty() && problems.is_empty() {
+        problems.push(format!("no host of {app} in {env}"));
+    }
+    if !problems.is_empty() {
+        return Err(Status::failed_precondition(format!(
+            "rollback refused, nothing was changed: {}",
+            problems.join("; ")
+        )));
+    }
+    let targets_n = targets.len();
+    let rollout = Rollout::new(shared, &app, &env, Kind::Rollback { to: to.clone() }, targets)?;
+    let version = to.as_ref().map(|v| v.to_string()).unwrap_or_else(|| "previous".into());
+    shared
+        .db
+        .start_rollout(&NewRollout {
+            id: &rollout.id,
+            app: &app,
+            version: &version,
+            env: &env,
+            kind: "rollback",
+            strategy: "all at once",
+            hotfix_reason: "",
+            operator: &who.to_string(),
+        })
+        .map_err(|e| rollout.release_slot(shared, internal(e)))?;
+    let hosts: Vec<String> = rollout.targets.iter().map(|h| h.to_string()).collect();
+    let plan = RolloutPlan {
+        hosts: hosts.clone(),
+        digest: String::new(),
+        skipped_hosts: vec![],
+        batches: vec![Batch { hosts, bake_ms: 0 }],
+        strategy: format!("rollback to {version}, all at once"),
+        failure_budget: targets_n as u32,
+    };
+    tracing::info!(rollout = %rollout.id, %app, %env, to = %version, by = %who, "rollback started");
+    Ok(rollout.spawn(shared, plan))
+}
+
+impl Rollout {
+    /// Claims the (app, environment) slot: one rollout at a time there.
+    fn new(shared: &Shared, app: &AppName, env: &str, kind: Kind, targets: Vec<HostEntry>) -> Result<Self, Status> {
+        let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
+        {
+            let mut running = shared.running.lock().unwrap();
+            let key = (app.to_string(), env.to_owned());
+            if let Some(other) = running.get(&key) {
+                return Err(Status::aborted(format!(
+                    "rollout {other} of {app} to {env} is still running"
+                )));
+            }
+            running.insert(key, id.clone());
+        }
+        let before = targets
+            .iter()
+            .map(|h| (h.name.clone(), h.apps.get(app).and_then(|s| s.current.clone())))
+            .collect();
+        let (tx, _) = broadcast::channel(4096);
+        Ok(Rollout {
+            id,
+            app: app.clone(),
+            env: env.to_owned(),
+            kind,
+            targets: targets.into_iter().map(|h| h.name).collect(),
+            before,
+            tx,
+        })
+    }
+
+    fn release_slot(&self, shared: &Shared, e: Status) -> Status {
         shared
             .running
             .lock()
             .unwrap()
-            .remove(&(r.app.to_string(), r.env.clone()));
-        tracing::info!(rollout = %r.id, state, reason = %done.reason, "rollout finished");
-        r.emit(rollout_event::Body::Done(done));
-    });
-    Ok(rx)
-}
+            .remove(&(self.app.to_string(), self.env.clone()));
+        e
+    }
 
-impl Rollout {
+    fn spawn(self, shared: &Arc<Shared>, plan: RolloutPlan) -> broadcast::Receiver<RolloutEvent> {
+        let rx = self.tx.subscribe();
+        self.emit(rollout_event::Body::Plan(plan));
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let done = match &self.kind {
+                Kind::Deploy { .. } => self.run_deploy(&shared).await,
+                Kind::Rollback { .. } => self.run_rollback(&shared).await,
+            };
+            let state = match (done.succeeded, done.rolled_back_hosts.is_empty()) {
+                (true, _) => "succeeded",
+                (false, true) => "failed",
+                (false, false) => "rolled_back",
+            };
+            if let Err(e) = shared.db.finish_rollout(&self.id, state, &done.reason) {
+                tracing::error!(rollout = %self.id, error = %e, "could not record rollout end");
+            }
+            shared
+                .running
+                .lock()
+                .unwrap()
+                .remove(&(self.app.to_string(), self.env.clone()));
+            tracing::info!(rollout = %self.id, state, reason = %done.reason, "rollout finished");
+            self.emit(rollout_event::Body::Done(done));
+        });
+        rx
+    }
+
     fn emit(&self, body: rollout_event::Body) {
         // No receiver is fine: nobody is watching.
         let _ = self.tx.send(RolloutEvent {
@@ -137,46 +372,216 @@ impl Rollout {
         });
     }
 
-    async fn run(&self, shared: &Shared) -> RolloutDone {
-        for (i, host) in self.targets.iter().enumerate() {
-            let report = self.activate(shared, host).await;
-            let ok = report.as_ref().is_ok_and(|r| r.outcome.is_success());
-            if !ok {
-                let reason = match report {
-                    Ok(r) => {
-                        let mut s = format!("{}: {}", r.outcome, r.reason);
-                        if !r.restore_detail.is_empty() {
-                            s.push_str(&format!("; {}", r.restore_detail));
-                        }
-                        s
-                    }
-                    Err(e) => e,
-                };
-                return RolloutDone {
-                    succeeded: false,
-                    failed_host: host.to_string(),
-                    reason,
-                    untouched_hosts: self.targets[i + 1..].iter().map(|h| h.to_string()).collect(),
-                };
+    fn note(&self, message: String) {
+        tracing::info!(rollout = %self.id, "{message}");
+        self.emit(rollout_event::Body::Note(RolloutNote { message }));
+    }
+
+    async fn run_deploy(&self, shared: &Shared) -> RolloutDone {
+        let Kind::Deploy {
+            cmd,
+            strategy,
+            budget,
+            rollback_on_halt,
+        } = &self.kind
+        else {
+            unreachable!("run_deploy runs deploys")
+        };
+        let mut failed: Vec<(HostName, String)> = Vec::new();
+        let mut restore_failed = false;
+
+        // ── pre-stage everywhere, bounded ──
+        self.note(format!("pre-staging {} on {} host(s)", cmd.version, self.targets.len()));
+        let gate = &Semaphore::new(PRESTAGE_PARALLEL);
+        let staged = join_all(self.targets.iter().map(|h| async move {
+            let _permit = gate.acquire().await.expect("semaphore open");
+            let mut c = ActivateCommand::clone(cmd);
+            c.op_id = format!("{}-stage-{h}", self.id);
+            let msg = controller_message::Body::Stage((&c).into());
+            (h.clone(), self.run_op(shared, h, &c.op_id, msg).await)
+        }))
+        .await;
+        for (h, r) in staged {
+            if let Err(reason) = verdict(r) {
+                failed.push((h, format!("pre-staging: {reason}")));
+            }
+        }
+        if failed.len() > *budget {
+            return self.halt(shared, failed, vec![], 0, false, *rollback_on_halt).await;
+        }
+        self.note(format!("pre-staged on {} host(s)", self.targets.len() - failed.len()));
+
+        // ── batches ──
+        let batches = strategy.batches(self.targets.len());
+        let mut moved: Vec<HostName> = Vec::new();
+        for (i, (range, bake)) in batches.iter().enumerate() {
+            let hosts: Vec<&HostName> = self.targets[range.clone()]
+                .iter()
+                .filter(|h| !failed.iter().any(|(f, _)| f == *h))
+                .collect();
+            let names: Vec<&str> = hosts.iter().map(|h| h.as_str()).collect();
+            self.note(format!("batch {}/{}: {}", i + 1, batches.len(), names.join(", ")));
+            let results = join_all(hosts.iter().map(|h| async move {
+                let mut c = ActivateCommand::clone(cmd);
+                c.op_id = format!("{}-{h}", self.id);
+                let msg = controller_message::Body::Activate((&c).into());
+                ((*h).clone(), self.run_op(shared, h, &c.op_id, msg).await)
+            }))
+            .await;
+            for (h, r) in results {
+                if could_not_restore(&r) {
+                    restore_failed = true;
+                }
+                match verdict(r) {
+                    Ok(()) => moved.push(h),
+                    Err(reason) => failed.push((h, reason)),
+                }
+            }
+            if failed.len() > *budget {
+                return self
+                    .halt(shared, failed, moved, range.end, restore_failed, *rollback_on_halt)
+                    .await;
+            }
+            if !bake.is_zero() {
+                self.note(format!("baking for {}", humantime::format_duration(*bake)));
+                tokio::time::sleep(*bake).await;
             }
         }
         RolloutDone {
             succeeded: true,
+            reason: if failed.is_empty() {
+                String::new()
+            } else {
+                format!("{} host(s) failed within the failure budget of {budget}", failed.len())
+            },
+            failed_hosts: failed.iter().map(|(h, _)| h.to_string()).collect(),
+            rollback_failed: restore_failed,
             ..Default::default()
         }
     }
 
-    /// Activates one host and waits for its report.
-    async fn activate(&self, shared: &Shared, host: &HostName) -> Result<OpReport, String> {
-        let op_id = format!("{}-{host}", self.id);
-        let mut cmd = self.cmd.clone();
-        cmd.op_id = op_id.clone();
-        let msg = ControllerMessage {
-            body: Some(controller_message::Body::Activate((&cmd).into())),
+    /// Stops a deploy that went over its failure budget and, unless told
+    /// not to, rolls the hosts it moved back to their previous release.
+    async fn halt(
+        &self,
+        shared: &Shared,
+        failed: Vec<(HostName, String)>,
+        moved: Vec<HostName>,
+        reached: usize,
+        mut rollback_failed: bool,
+        rollback: bool,
+    ) -> RolloutDone {
+        let (first, reason) = failed.first().cloned().expect("halted with a failure");
+        let mut rolled_back = Vec::new();
+        if rollback && !moved.is_empty() {
+            self.note(format!(
+                "failure budget exceeded; rolling back {} moved host(s) in parallel",
+                moved.len()
+            ));
+            let results = join_all(moved.iter().map(|h| async move {
+                let r = match self.before.get(h).cloned().flatten() {
+                    Some(to) => {
+                        self.rollback_host(shared, h, format!("{}-rollback-{h}", self.id), Some(to))
+                            .await
+                    }
+                    None => Err("no previous release to go back to".to_owned()),
+                };
+                (h.clone(), r)
+            }))
+            .await;
+            for (h, r) in results {
+                match verdict(r) {
+                    Ok(()) => rolled_back.push(h.to_string()),
+                    Err(e) => {
+                        rollback_failed = true;
+                        tracing::error!(rollout = %self.id, host = %h, error = %e, "rollback failed");
+                    }
+                }
+            }
+        }
+        RolloutDone {
+            succeeded: false,
+            failed_host: first.to_string(),
+            reason,
+            untouched_hosts: self.targets[reached..]
+                .iter()
+                .filter(|h| !failed.iter().any(|(f, _)| f == *h))
+                .map(|h| h.to_string())
+                .collect(),
+            failed_hosts: failed.iter().map(|(h, _)| h.to_string()).collect(),
+            rolled_back_hosts: rolled_back,
+            rollback_failed,
+        }
+    }
+
+    async fn run_rollback(&self, shared: &Shared) -> RolloutDone {
+        let Kind::Rollback { to } = &self.kind else {
+            unreachable!("run_rollback runs rollbacks")
         };
-        let mut updates = shared.registry.wait_for(&op_id, host, msg.clone());
-        let _forget = Forget(&shared.registry, op_id.clone());
-        let disconnected = || format!("{host} disconnected before it could be activated");
+        let results = join_all(self.targets.iter().map(|h| async move {
+            (
+                h.clone(),
+                self.rollback_host(shared, h, format!("{}-{h}", self.id), to.clone())
+                    .await,
+            )
+        }))
+        .await;
+        let mut failed = Vec::new();
+        let mut restore_failed = false;
+        for (h, r) in results {
+            if could_not_restore(&r) {
+                restore_failed = true;
+            }
+            if let Err(e) = verdict(r) {
+                failed.push((h, e));
+            }
+        }
+        match failed.first() {
+            None => RolloutDone {
+                succeeded: true,
+                ..Default::default()
+            },
+            Some((h, reason)) => RolloutDone {
+                succeeded: false,
+                failed_host: h.to_string(),
+                reason: reason.clone(),
+                failed_hosts: failed.iter().map(|(h, _)| h.to_string()).collect(),
+                rollback_failed: restore_failed,
+                ..Default::default()
+            },
+        }
+    }
+
+    /// Switches `host` back to `to` (its previous release when `None`).
+    async fn rollback_host(
+        &self,
+        shared: &Shared,
+        host: &HostName,
+        op_id: String,
+        to: Option<Version>,
+    ) -> Result<OpReport, String> {
+        let c = RollbackCommand {
+            op_id: op_id.clone(),
+            app: self.app.clone(),
+            to,
+        };
+        self.run_op(shared, host, &op_id, controller_message::Body::Rollback((&c).into()))
+            .await
+    }
+
+    /// Sends one command to `host` and waits for its report, forwarding
+    /// and recording its events.
+    async fn run_op(
+        &self,
+        shared: &Shared,
+        host: &HostName,
+        op_id: &str,
+        body: controller_message::Body,
+    ) -> Result<OpReport, String> {
+        let msg = ControllerMessage { body: Some(body) };
+        let mut updates = shared.registry.wait_for(op_id, host, msg.clone());
+        let _forget = Forget(&shared.registry, op_id.to_owned());
+        let disconnected = || format!("{host} disconnected before the command could be sent");
         let tx = shared.registry.command_tx(host).ok_or_else(disconnected)?;
         tx.send(Ok(msg)).await.map_err(|_| disconnected())?;
 
@@ -208,6 +613,26 @@ impl Rollout {
                 }
             }
         }
+    }
+}
+
+/// Whether a host failed and could not put its previous release back.
+fn could_not_restore(r: &Result<OpReport, String>) -> bool {
+    matches!(r, Ok(rep) if rep.outcome == Outcome::FailedRestoreFailed)
+}
+
+/// A host's result as success or the reason it failed.
+fn verdict(r: Result<OpReport, String>) -> Result<(), String> {
+    match r {
+        Ok(rep) if rep.outcome.is_success() => Ok(()),
+        Ok(rep) => {
+            let mut s = format!("{}: {}", rep.outcome, rep.reason);
+            if !rep.restore_detail.is_empty() {
+                s.push_str(&format!("; {}", rep.restore_detail));
+            }
+            Err(s)
+        }
+        Err(e) => Err(e),
     }
 }
 

@@ -8,7 +8,10 @@
 //! port = 8080
 //! ```
 //!
-//! `GET /` answers `demo <version>`; `GET /health` answers 200 `ok`.
+//! `GET /` answers `demo <version>`; `GET /health` answers 200 `ok`, or
+//! 500 when packed `unhealthy` or while `/etc/demo-unhealthy` on the host
+//! lists this version on a line of its own (to make one host of a fleet fail
+//! one release).
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
@@ -19,6 +22,10 @@ fn field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
         let (k, v) = l.split_once('=')?;
         (k.trim() == key).then(|| v.trim().trim_matches('"'))
     })
+}
+
+fn failing_here(version: &str) -> bool {
+    std::fs::read_to_string("/etc/demo-unhealthy").is_ok_and(|t| t.lines().any(|l| l.trim() == version))
 }
 
 fn main() {
@@ -61,7 +68,9 @@ fn main() {
         }
         let path = line.split_whitespace().nth(1).unwrap_or("/");
         let (status, body) = match path {
-            "/health" if mode == "unhealthy" => ("500 Internal Server Error", "unhealthy\n".to_owned()),
+            "/health" if mode == "unhealthy" || failing_here(&version) => {
+                ("500 Internal Server Error", "unhealthy\n".to_owned())
+            }
             "/health" => ("200 OK", "ok\n".to_owned()),
             _ => ("200 OK", format!("demo {version}\n")),
         };

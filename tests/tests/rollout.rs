@@ -1,0 +1,199 @@
+//! Rollout strategies, failure budget, manual rollback, promotion and the
+//! audit trail, on five booted hosts.
+
+use anyhow::Result;
+use convoy_tests::Testbed;
+
+fn serving(bed: &Testbed) -> Vec<String> {
+    bed.hosts
+        .iter()
+        .map(|h| h.serving().unwrap_or_else(|| "-".into()))
+        .collect()
+}
+
+fn fetches(bed: &Testbed) -> usize {
+    bed.controller_log()
+        .lines()
+        .filter(|l| l.contains("streaming artifact"))
+        .count()
+}
+
+fn history(bed: &Testbed, args: &[&str]) -> Result<serde_json::Value> {
+    let mut all = vec!["history"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--output", "json"]);
+    Ok(serde_json::from_str(&bed.convoy_ok(&all)?)?)
+}
+
+#[test]
+fn canary_budget_halt_and_manual_rollback() -> Result<()> {
+    let bed = Testbed::boot(5)?;
+    for v in ["1.0.0", "2.0.0", "3.0.0"] {
+        bed.push_demo(v, "healthy")?;
+    }
+    // All at once, pre-staged everywhere before anything switches.
+    let out = bed.convoy_ok(&[
+        "deploy",
+        "demo",
+        "1.0.0",
+        "--env",
+        "staging",
+        "--strategy",
+        "all-at-once",
+    ])?;
+    let staged = out.find("-- pre-staged on 5 host(s)").expect(&out);
+    assert!(
+        out.find("switch   started").unwrap() > staged,
+        "switched before pre-staging ended:\n{out}"
+    );
+    assert_eq!(serving(&bed), ["1.0.0"; 5]);
+
+    // Canary: 20% (one host), bake, then the rest.
+    let out = bed.convoy_ok(&[
+        "deploy",
+        "demo",
+        "2.0.0",
+        "--env",
+        "staging",
+        "--strategy",
+        "canary",
+        "--stages",
+        "20%,100%",
+        "--bake",
+        "2s",
+    ])?;
+    assert!(out.contains("batch 1: host1, then bake 2s"), "{out}");
+    assert!(out.contains("batch 2: host2, host3, host4, host5"), "{out}");
+    assert!(out.contains("-- baking for 2s"), "{out}");
+    assert_eq!(serving(&bed), ["2.0.0"; 5]);
+    let id = out.split_whitespace().nth(1).unwrap().trim_end_matches(':').to_owned();
+    let detail = history(&bed, &["--rollout", &id])?;
+    let at = |host: &str, step: &str| -> i64 {
+        detail["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["host"] == host && e["step"] == step && e["kind"] == "started")
+            .and_then(|e| e["at_unix_ms"].as_i64())
+            .unwrap_or_else(|| panic!("no {step} event for {host}"))
+    };
+    let commit1 = detail["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["host"] == "host1" && e["step"] == "commit");
+    let commit1 = commit1.and_then(|e| e["at_unix_ms"].as_i64()).unwrap();
+    assert!(
+        at("host2", "switch") - commit1 >= 2000,
+        "the canary stage baked 2s before the rest"
+    );
+
+    // Batches of 2 with a budget of 0: host3 fails in batch 2, so the
+    // rollout halts and every host it moved goes back to 2.0.0.
+    bed.hosts[2].exec_ok(&["sh", "-c", "echo 3.0.0 > /etc/demo-unhealthy"])?;
+    let out = bed.convoy(&["deploy", "demo", "3.0.0", "--env", "staging", "--batch-size", "2"])?;
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("failed on host3"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("rolled back: host1, host2, host4"),
+        "{}",
+        out.stderr
+    );
+    assert!(out.stderr.contains("hosts not touched: host5"), "{}", out.stderr);
+    assert_eq!(serving(&bed), ["2.0.0"; 5]);
+    bed.hosts[2].exec_ok(&["rm", "/etc/demo-unhealthy"])?;
+    let h = history(&bed, &["demo"])?;
+    assert_eq!(h["rollouts"][0]["state"], "rolled_back");
+    assert_eq!(h["rollouts"][0]["strategy"], "rolling, batches of 2");
+
+    // Manual rollback to an older release each host still holds: a local
+    // switch, nothing downloaded.
+    let before = fetches(&bed);
+    let out = bed.convoy_ok(&["rollback", "demo", "--env", "staging", "--to", "1.0.0"])?;
+    assert!(out.contains("already on this host"), "{out}");
+    assert_eq!(serving(&bed), ["1.0.0"; 5]);
+    assert_eq!(fetches(&bed), before, "a rollback must not download anything");
+
+    // Refused before touching anything when a host does not hold the target.
+    let out = bed.convoy(&["rollback", "demo", "--env", "staging", "--to", "0.9.0"])?;
+    assert_eq!(out.code, 4, "{out:?}");
+    assert!(
+        out.stderr
+            .contains("rollback refused, nothing was changed: host1 no longer holds demo 0.9.0"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(serving(&bed), ["1.0.0"; 5]);
+
+    // One host back to its own previous release.
+    bed.convoy_ok(&["rollback", "demo", "--env", "staging", "--hosts", "host1"])?;
+    assert_eq!(serving(&bed), ["2.0.0", "1.0.0", "1.0.0", "1.0.0", "1.0.0"]);
+    let h = history(&bed, &["demo"])?;
+    assert_eq!(h["rollouts"][0]["kind"], "rollback");
+    assert_eq!(h["rollouts"][0]["operator"], "operator operator");
+    Ok(())
+}
+
+#[test]
+fn promotion_rule_hotfix_and_audit() -> Result<()> {
+    let envs = ["development", "staging", "production"];
+    let bed = Testbed::boot_with(3, |i| envs[i - 1].to_owned())?;
+    bed.push_demo("1.0.0", "healthy")?;
+
+    let out = bed.convoy(&["deploy", "demo", "1.0.0", "--env", "production"])?;
+    assert_eq!(out.code, 4, "{out:?}");
+    assert!(
+        out.stderr.contains("demo 1.0.0 has not completed in staging"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(bed.hosts[2].serving(), None, "nothing deployed");
+
+    let out = bed.convoy(&["deploy", "demo", "1.0.0", "--env", "production", "--hotfix"])?;
+    assert_eq!(out.code, 2, "--hotfix needs --reason: {out:?}");
+
+    bed.convoy_ok(&[
+        "deploy",
+        "demo",
+        "1.0.0",
+        "--env",
+        "production",
+        "--hotfix",
+        "--reason",
+        "CVE-2026-1234",
+    ])?;
+    assert_eq!(bed.hosts[2].serving().as_deref(), Some("1.0.0"));
+    let h = history(&bed, &["demo"])?;
+    assert_eq!(h["rollouts"][0]["hotfix_reason"], "CVE-2026-1234");
+    assert_eq!(h["rollouts"][0]["environment"], "production");
+    assert_eq!(h["rollouts"][0]["operator"], "operator operator");
+    let text = bed.convoy_ok(&["history", "demo"])?;
+    assert!(text.contains("hotfix: CVE-2026-1234"), "{text}");
+
+    // The regular path: development, then staging, then production.
+    bed.push_demo("2.0.0", "healthy")?;
+    for env in envs {
+        bed.convoy_ok(&["deploy", "demo", "2.0.0", "--env", env])?;
+    }
+    assert_eq!(serving(&bed), ["2.0.0"; 3]);
+    bed.push_demo("3.0.0", "healthy")?;
+    let out = bed.convoy(&["deploy", "demo", "3.0.0", "--env", "staging"])?;
+    assert_eq!(out.code, 4);
+    assert!(
+        out.stderr.contains("has not completed in development"),
+        "{}",
+        out.stderr
+    );
+
+    // One rollout in detail: its host results and events.
+    let id = h["rollouts"][0]["id"].as_str().unwrap().to_owned();
+    let detail = history(&bed, &["--rollout", &id])?;
+    assert_eq!(detail["hosts"][0]["host"], "host3");
+    assert_eq!(detail["hosts"][0]["outcome"], "succeeded");
+    assert!(detail["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["step"] == "commit"));
+    Ok(())
+}
