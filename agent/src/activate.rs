@@ -356,6 +356,7 @@ pub fn rollback_command(store: &crate::store::Store, cmd: &RollbackCommand) -> R
         version: to,
         digest: meta.digest,
         size: meta.size,
+        signature: None,
     })
 }
 
@@ -511,6 +512,14 @@ async fn stage(agent: &Agent, channel: &Channel, cmd: &ActivateCommand, dirs: &A
         }
     };
     crash_point("after-fetch");
+    // The digest matched what the controller announced; the signature says
+    // whether someone this host trusts made the artifact. Checked before a
+    // single byte is unpacked, whatever the controller claims.
+    let sig = cmd.signature.as_deref();
+    if let Err(e) = convoy_common::signing::verify(&agent.trusted_keys, app, &cmd.version, &cmd.digest, sig) {
+        let _ = fs::remove_file(&part);
+        return Err(e.to_string());
+    }
 
     let unpack_dir = dirs.staging.join(format!("{}.unpack", cmd.version));
     let _ = fs::remove_dir_all(&unpack_dir);
@@ -716,6 +725,7 @@ pub async fn recover_all(agent: &Agent) -> Vec<OpReport> {
             version: inflight.to.clone(),
             digest: convoy_common::Digest::of_bytes(b""),
             size: 0,
+            signature: None,
         };
         let reason = format!(
             "agent restarted during the activation of {} ({:?} phase)",

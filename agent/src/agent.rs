@@ -22,6 +22,8 @@ pub struct Agent {
     pub unit_timeout: Duration,
     /// Where unit files shipped in releases are installed.
     pub unit_dir: PathBuf,
+    /// When not empty, only artifacts signed by one of these are installed.
+    pub trusted_keys: Vec<convoy_common::signing::PublicKey>,
     pub ops: Arc<OpLocks>,
 }
 
@@ -32,6 +34,7 @@ impl Agent {
         labels: BTreeMap<String, String>,
         unit_timeout: Duration,
         unit_dir: PathBuf,
+        trusted_keys: Vec<convoy_common::signing::PublicKey>,
     ) -> Self {
         Self {
             reporter: Reporter::new(store.clone()),
@@ -41,6 +44,7 @@ impl Agent {
             labels,
             unit_timeout,
             unit_dir,
+            trusted_keys,
         }
     }
 }

@@ -24,6 +24,8 @@ struct Raw {
     log_level: Option<String>,
     #[serde(default = "default_unit_dir")]
     unit_dir: PathBuf,
+    #[serde(default)]
+    trusted_keys: Vec<String>,
 }
 
 fn default_unit_dir() -> PathBuf {
@@ -53,6 +55,8 @@ pub struct Config {
     pub log_level: Option<String>,
     /// Where unit files shipped in releases (`systemd/`) are installed.
     pub unit_dir: PathBuf,
+    /// When not empty, only artifacts signed by one of these are installed.
+    pub trusted_keys: Vec<convoy_common::signing::PublicKey>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -102,6 +106,14 @@ impl Config {
                 )));
             }
         }
+        let trusted_keys = raw
+            .trusted_keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| {
+                convoy_common::signing::PublicKey::parse(k).map_err(|e| invalid(format!("trusted_keys[{i}]: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let unit_timeout = humantime::parse_duration(&raw.unit_timeout)
             .map_err(|e| invalid(format!("unit_timeout: {:?}: {e}", raw.unit_timeout)))?;
         Ok(Config {
@@ -115,6 +127,7 @@ impl Config {
             unit_timeout,
             log_level: raw.log_level,
             unit_dir: raw.unit_dir,
+            trusted_keys,
         })
     }
 }
@@ -153,5 +166,10 @@ env = "staging"
         check_err("env = \"staging\"", "env = \"stag ing\"", "labels.env");
         check_err("ca =", "cax =", "unknown field `cax`");
         check_err("[labels]", "unit_timeout = \"soon\"\n[labels]", "unit_timeout");
+        check_err(
+            "[labels]",
+            "trusted_keys = [\"ed25519:00\"]\n[labels]",
+            "trusted_keys[0]",
+        );
     }
 }

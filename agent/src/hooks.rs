@@ -109,3 +109,81 @@ pub async fn run(hook: &Hook, env: &HookEnv<'_>, root: &Path, mut line: impl FnM
         ))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use convoy_common::spec::HookPoint;
+    use std::time::Duration;
+
+    fn env(dir: &Path) -> HookEnv<'_> {
+        HookEnv {
+            app: "demo",
+            version: "2.0.0",
+            previous: "1.0.0",
+            environment: "staging",
+            release_dir: dir,
+            install_path: dir,
+            op_id: "op-1",
+        }
+    }
+
+    fn hook(script: &str, timeout: Duration) -> Hook {
+        Hook {
+            point: HookPoint::Validate,
+            argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
+            timeout,
+        }
+    }
+
+    #[tokio::test]
+    async fn output_and_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut lines = Vec::new();
+        let h = hook(
+            "echo \"$CONVOY_HOOK $CONVOY_VERSION $CONVOY_PREVIOUS_VERSION $(pwd)\"; echo oops >&2; exit 3",
+            Duration::from_secs(5),
+        );
+        let err = run(&h, &env(dir.path()), dir.path(), |l| lines.push(l.to_owned()))
+            .await
+            .unwrap_err();
+        assert!(err.starts_with("hook validate failed (exit status: 3)"), "{err}");
+        assert!(err.contains("oops"), "{err}");
+        let expect = format!("validate 2.0.0 1.0.0 {}", dir.path().canonicalize().unwrap().display());
+        assert!(lines.contains(&expect), "{lines:?}");
+    }
+
+    #[tokio::test]
+    async fn timeout_kills_the_whole_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("child.pid");
+        let script = format!("sleep 30 & echo $! > {}; wait", pidfile.display());
+        let started = std::time::Instant::now();
+        let err = run(
+            &hook(&script, Duration::from_millis(300)),
+            &env(dir.path()),
+            dir.path(),
+            |_| {},
+        )
+        .await
+        .unwrap_err();
+        assert!(err.contains("timed out after 300ms and was killed"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let pid: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+        // The grandchild got SIGKILL too: gone, or a zombie awaiting its reaper.
+        std::thread::sleep(Duration::from_millis(100));
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = state
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .next()
+            .unwrap_or("gone")
+            .to_owned();
+        assert!(
+            state == "gone" || state == "Z",
+            "the hook's child still runs (state {state})"
+        );
+    }
+}

@@ -101,6 +101,7 @@ async fn run(cfg: config::Config) -> anyhow::Result<()> {
         cfg.labels.clone(),
         cfg.unit_timeout,
         cfg.unit_dir.clone(),
+        cfg.trusted_keys.clone(),
     ));
     let recovered = activate::recover_all(&agent).await;
     if !recovered.is_empty() {

@@ -13,6 +13,7 @@ pub mod identity;
 pub mod names;
 pub mod ops;
 pub mod rollout;
+pub mod signing;
 pub mod spec;
 
 pub use digest::Digest;

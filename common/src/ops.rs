@@ -18,6 +18,8 @@ pub struct ActivateCommand {
     pub version: Version,
     pub digest: Digest,
     pub size: u64,
+    /// ed25519 over app, version and digest, when the release was signed.
+    pub signature: Option<Vec<u8>>,
 }
 
 /// Switch an app back to a release the host already holds.

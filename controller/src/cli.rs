@@ -140,9 +140,19 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-pub async fn push(conn: &Conn, app: String, version: String, file: PathBuf) -> Result<(), Failure> {
-    convoy_common::AppName::new(app.clone()).map_err(|e| Failure::new(exit::USAGE, e.to_string()))?;
-    convoy_common::Version::new(version.clone()).map_err(|e| Failure::new(exit::USAGE, e.to_string()))?;
+pub async fn push(
+    conn: &Conn,
+    app: String,
+    version: String,
+    file: PathBuf,
+    sign: Option<PathBuf>,
+) -> Result<(), Failure> {
+    let app_name = convoy_common::AppName::new(app.clone()).map_err(|e| Failure::new(exit::USAGE, e.to_string()))?;
+    let ver = convoy_common::Version::new(version.clone()).map_err(|e| Failure::new(exit::USAGE, e.to_string()))?;
+    let key = sign
+        .map(|k| convoy_common::signing::PrivateKey::load(&k))
+        .transpose()
+        .map_err(|e| Failure::new(exit::USAGE, e.to_string()))?;
     let data = std::fs::read(&file).map_err(|e| Failure::new(exit::USAGE, format!("{}: {e}", file.display())))?;
     if !data.starts_with(&[0x1f, 0x8b]) {
         return Err(Failure::new(
@@ -153,6 +163,10 @@ pub async fn push(conn: &Conn, app: String, version: String, file: PathBuf) -> R
             ),
         ));
     }
+    let signature = key
+        .map(|k| k.sign(&app_name, &ver, &convoy_common::Digest::of_bytes(&data)))
+        .unwrap_or_default();
+    let signed = !signature.is_empty();
     let mut client = conn.connect().await?;
     let size = data.len() as u64;
     let header = PushRequest {
@@ -160,6 +174,7 @@ pub async fn push(conn: &Conn, app: String, version: String, file: PathBuf) -> R
             app: app.clone(),
             version: version.clone(),
             size,
+            signature,
         })),
     };
     let chunks: Vec<PushRequest> = std::iter::once(header)
@@ -174,7 +189,11 @@ pub async fn push(conn: &Conn, app: String, version: String, file: PathBuf) -> R
             reply.digest, reply.size
         );
     } else {
-        println!("pushed {app} {version}: sha256 {}, {} bytes", reply.digest, reply.size);
+        let how = if signed { ", signed" } else { "" };
+        println!(
+            "pushed {app} {version}: sha256 {}, {} bytes{how}",
+            reply.digest, reply.size
+        );
     }
     Ok(())
 }
@@ -598,5 +617,33 @@ pub async fn status(conn: &Conn, app: String, json: bool) -> Result<(), Failure>
             reason
         );
     }
+    Ok(())
+}
+
+/// `convoy keys generate`: an ed25519 key pair for signing releases.
+pub fn keys_generate(dir: &std::path::Path, name: &str) -> Result<(), Failure> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    convoy_common::HostName::new(name).map_err(|e| Failure::new(exit::USAGE, e.to_string()))?;
+    let key = convoy_common::signing::PrivateKey::generate().map_err(|e| Failure::new(exit::FAILED, e.to_string()))?;
+    std::fs::create_dir_all(dir).map_err(|e| Failure::new(exit::USAGE, format!("{}: {e}", dir.display())))?;
+    let (priv_path, pub_path) = (dir.join(format!("{name}.key")), dir.join(format!("{name}.pub")));
+    let write = |path: &std::path::Path, text: &str, mode: u32| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(path)
+            .and_then(|mut f| f.write_all(text.as_bytes()))
+            .map_err(|e| Failure::new(exit::REFUSED, format!("{}: {e}", path.display())))
+    };
+    write(&priv_path, &key.to_file_text(), 0o600)?;
+    write(&pub_path, &format!("{}\n", key.public()), 0o644)?;
+    println!("signing key {} (keep it secret)", priv_path.display());
+    println!("public key  {}: {}", pub_path.display(), key.public());
+    println!(
+        "trust it on hosts with, in agent.toml: trusted_keys = [\"{}\"]",
+        key.public()
+    );
     Ok(())
 }

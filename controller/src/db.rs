@@ -16,6 +16,8 @@ pub struct Db {
 pub struct Release {
     pub digest: Digest,
     pub size: u64,
+    /// ed25519 signature pushed with the release, if any.
+    pub signature: Option<Vec<u8>>,
 }
 
 const SCHEMA: &str = r#"
@@ -23,7 +25,7 @@ PRAGMA journal_mode = WAL;
 PRAGMA synchronous = FULL;
 CREATE TABLE IF NOT EXISTS releases (
     app TEXT NOT NULL, version TEXT NOT NULL, digest TEXT NOT NULL, size INTEGER NOT NULL,
-    pushed_by TEXT NOT NULL, pushed_at_ms INTEGER NOT NULL,
+    signature BLOB, pushed_by TEXT NOT NULL, pushed_at_ms INTEGER NOT NULL,
     PRIMARY KEY (app, version));
 CREATE TABLE IF NOT EXISTS rollouts (
     id TEXT PRIMARY KEY, app TEXT NOT NULL, version TEXT NOT NULL, environment TEXT NOT NULL,
@@ -75,8 +77,16 @@ impl Db {
             });
         }
         conn.execute(
-            "INSERT INTO releases (app, version, digest, size, pushed_by, pushed_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![app.as_str(), version.as_str(), rel.digest.to_hex(), rel.size as i64, by, convoy_common::ops::now_unix_ms()],
+            "INSERT INTO releases (app, version, digest, size, signature, pushed_by, pushed_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                app.as_str(),
+                version.as_str(),
+                rel.digest.to_hex(),
+                rel.size as i64,
+                rel.signature,
+                by,
+                convoy_common::ops::now_unix_ms()
+            ],
         )?;
         Ok(true)
     }
@@ -282,17 +292,18 @@ pub struct EventRow {
 }
 
 fn get_release(conn: &Connection, app: &AppName, version: &Version) -> Result<Option<Release>, DbError> {
-    let row: Option<(String, i64)> = conn
+    let row: Option<(String, i64, Option<Vec<u8>>)> = conn
         .query_row(
-            "SELECT digest, size FROM releases WHERE app = ?1 AND version = ?2",
+            "SELECT digest, size, signature FROM releases WHERE app = ?1 AND version = ?2",
             params![app.as_str(), version.as_str()],
-            |r| Ok((r.get(0)?, r.get(1)?)),
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )
         .optional()?;
-    row.map(|(d, size)| {
+    row.map(|(d, size, signature)| {
         Ok(Release {
             digest: Digest::parse(&d).map_err(|e| DbError::Corrupt(e.to_string()))?,
             size: size as u64,
+            signature,
         })
     })
     .transpose()
@@ -317,15 +328,18 @@ mod tests {
         let rel = Release {
             digest: Digest::of_bytes(b"a"),
             size: 1,
+            signature: Some(vec![1; 64]),
         };
         assert!(db.add_release(&app, &v, &rel, "op").unwrap());
         assert!(!db.add_release(&app, &v, &rel, "op").unwrap());
         let other = Release {
             digest: Digest::of_bytes(b"b"),
             size: 1,
+            signature: None,
         };
         let err = db.add_release(&app, &v, &other, "op").unwrap_err();
         assert!(matches!(err, DbError::VersionTaken { .. }), "{err}");
-        assert_eq!(db.release(&app, &v).unwrap().unwrap().digest, rel.digest);
+        let stored = db.release(&app, &v).unwrap().unwrap();
+        assert_eq!((stored.digest, stored.signature), (rel.digest, rel.signature));
     }
 }

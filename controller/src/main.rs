@@ -37,6 +37,9 @@ enum Cmd {
     /// Manage releases.
     #[command(subcommand)]
     Release(ReleaseCmd),
+    /// Manage release signing keys.
+    #[command(subcommand)]
+    Keys(KeysCmd),
     /// Roll a pushed release out to an environment (pre-stage everywhere,
     /// then batch by batch; halt and roll back past the failure budget).
     Deploy(cli::DeployArgs),
@@ -106,6 +109,16 @@ fn parse_kind(s: &str) -> Result<PeerKind, String> {
 }
 
 #[derive(Subcommand)]
+enum KeysCmd {
+    /// Create an ed25519 key pair: DIR/NAME.key (0600) and DIR/NAME.pub.
+    Generate {
+        name: String,
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
 enum ReleaseCmd {
     /// Upload FILE (a .tar.gz of the release tree) as VERSION of APP.
     Push {
@@ -113,6 +126,9 @@ enum ReleaseCmd {
         #[arg(value_name = "VERSION")]
         release: String,
         file: PathBuf,
+        /// Sign with this ed25519 key (from `convoy keys generate`).
+        #[arg(long, value_name = "KEY")]
+        sign: Option<PathBuf>,
     },
 }
 
@@ -138,9 +154,13 @@ fn main() -> ExitCode {
                 .map(|(c, k)| println!("issued {kind} certificate {} (key {})", c.display(), k.display()))
                 .map_err(|e| cli::Failure::new(cli::exit::REFUSED, format!("{e:#}"))),
         ),
-        Cmd::Release(ReleaseCmd::Push { app, release, file }) => {
-            cli::report(rt.block_on(cli::push(&cli.conn, app, release, file)))
-        }
+        Cmd::Release(ReleaseCmd::Push {
+            app,
+            release,
+            file,
+            sign,
+        }) => cli::report(rt.block_on(cli::push(&cli.conn, app, release, file, sign))),
+        Cmd::Keys(KeysCmd::Generate { name, dir }) => cli::report(cli::keys_generate(&dir, &name)),
         Cmd::Deploy(args) => cli::report(rt.block_on(cli::deploy(&cli.conn, args))),
         Cmd::Rollback { app, env, to, hosts } => {
             cli::report(rt.block_on(cli::rollback(&cli.conn, app, env, to, hosts)))

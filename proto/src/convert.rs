@@ -225,6 +225,7 @@ impl From<&ActivateCommand> for pb::Activate {
             version: c.version.to_string(),
             digest: c.digest.to_hex(),
             size: c.size,
+            signature: c.signature.clone().unwrap_or_default(),
         }
     }
 }
@@ -242,6 +243,7 @@ impl TryFrom<pb::Activate> for ActivateCommand {
             version: Version::new(a.version).map_err(|e| bad(T, "version", e))?,
             digest: Digest::parse(&a.digest).map_err(|e| bad(T, "digest", e))?,
             size: a.size,
+            signature: Some(a.signature).filter(|s| !s.is_empty()),
         })
     }
 }
@@ -463,6 +465,7 @@ command = ["bin/check"]
             version: Version::new("2.0.0").unwrap(),
             digest: Digest::of_bytes(b"x"),
             size: 42,
+            signature: Some(vec![7; 64]),
         };
         let wire = pb::Activate::from(&cmd);
         assert_eq!(ActivateCommand::try_from(wire).unwrap(), cmd);
@@ -476,6 +479,7 @@ command = ["bin/check"]
             version: Version::new("2.0.0").unwrap(),
             digest: Digest::of_bytes(b"x"),
             size: 42,
+            signature: None,
         };
         let mut wire = pb::Activate::from(&cmd);
         wire.version = "../../etc".into();

@@ -181,6 +181,7 @@ pub struct Testbed {
     controller: Option<Child>,
     /// Extra environment for the controller process (e.g. FAILPOINTS).
     pub controller_env: Vec<(String, String)>,
+    agent_extra: String,
     bins: PathBuf,
 }
 
@@ -207,6 +208,12 @@ impl Testbed {
     /// Boots with `spec` as the demo app's spec (its `environments` line is
     /// replaced by the defaults and the labels in use).
     pub fn boot_spec(n: usize, env_of: impl Fn(usize) -> String, spec: &str) -> Result<Testbed> {
+        Self::boot_full(n, env_of, spec, "")
+    }
+
+    /// Like `boot_spec`, with extra top-level settings in every agent's
+    /// agent.toml (e.g. `trusted_keys = [...]`).
+    pub fn boot_full(n: usize, env_of: impl Fn(usize) -> String, spec: &str, agent_extra: &str) -> Result<Testbed> {
         let bins = bin_dir();
         for b in ["convoy", "convoy-agent", "demo-app"] {
             if !bins.join(b).exists() {
@@ -230,6 +237,7 @@ impl Testbed {
             hosts: Vec::new(),
             controller: None,
             controller_env: Vec::new(),
+            agent_extra: agent_extra.to_owned(),
             bins,
         };
         bed.setup(n, &env_of, spec)?;
@@ -347,8 +355,9 @@ impl Testbed {
         fs::write(
             etc.join("agent.toml"),
             format!(
-                "controller = \"https://{}:{CONTROLLER_PORT}\"\nserver_name = \"controller\"\nca = \"/etc/convoy/ca.pem\"\ncert = \"/etc/convoy/{name}.pem\"\nkey = \"/etc/convoy/{name}.key\"\nunit_timeout = \"30s\"\n\n[labels]\nenv = \"{env}\"\nzone = \"z{}\"\n",
+                "controller = \"https://{}:{CONTROLLER_PORT}\"\nserver_name = \"controller\"\nca = \"/etc/convoy/ca.pem\"\ncert = \"/etc/convoy/{name}.pem\"\nkey = \"/etc/convoy/{name}.key\"\nunit_timeout = \"30s\"\n{}\n\n[labels]\nenv = \"{env}\"\nzone = \"z{}\"\n",
                 self.controller_ip(),
+                self.agent_extra,
                 i % 2
             ),
         )?;

@@ -118,7 +118,16 @@ impl OperatorService for OperatorApi {
         let added = self
             .shared
             .db
-            .add_release(&app, &version, &Release { digest, size }, &id.to_string())
+            .add_release(
+                &app,
+                &version,
+                &Release {
+                    digest,
+                    size,
+                    signature: Some(header.signature).filter(|s| !s.is_empty()),
+                },
+                &id.to_string(),
+            )
             .map_err(|e| match e {
                 DbError::VersionTaken { .. } => Status::already_exists(e.to_string()),
                 other => internal(other),

@@ -173,6 +173,7 @@ pub fn start_deploy(
         version: version.clone(),
         digest: release.digest,
         size: release.size,
+        signature: release.signature.clone(),
     };
     let kind = Kind::Deploy {
         cmd: Box::new(cmd),

@@ -1,0 +1,108 @@
+//! Security on booted hosts: signed artifacts checked by the agent against
+//! its own trusted keys, also when the controller itself is compromised.
+
+use anyhow::Result;
+use convoy_tests::Testbed;
+
+fn releases(bed: &Testbed) -> Result<String> {
+    let out = bed.hosts[0].exec_ok(&["ls", "/var/lib/convoy/apps/demo/releases"])?;
+    Ok(out.split_whitespace().collect::<Vec<_>>().join(" "))
+}
+
+#[test]
+fn agents_install_only_artifacts_signed_by_keys_they_trust() -> Result<()> {
+    // Keys made with the CLI before the fleet exists: the hosts trust one.
+    let keys = tempfile::tempdir()?;
+    let convoy = convoy_tests::testbed::bin_dir().join("convoy");
+    let gen = |name: &str| -> Result<String> {
+        let out = std::process::Command::new(&convoy)
+            .args(["keys", "generate", name, "--dir"])
+            .arg(keys.path())
+            .output()?;
+        anyhow::ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        Ok(std::fs::read_to_string(keys.path().join(format!("{name}.pub")))?
+            .trim()
+            .to_owned())
+    };
+    let trusted = gen("release")?;
+    gen("intruder")?;
+    let spec = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/testbed/demo.toml"))?;
+    let bed = Testbed::boot_full(
+        1,
+        |_| "staging".into(),
+        &spec,
+        &format!("trusted_keys = [\"{trusted}\"]"),
+    )?;
+    let key = |name: &str| keys.path().join(format!("{name}.key")).display().to_string();
+    let push = |v: &str, sign: Option<&str>| -> Result<String> {
+        let file = bed.pack_demo(v, "healthy")?;
+        let mut args = vec!["release", "push", "demo", v, file.to_str().unwrap()];
+        let k;
+        if let Some(name) = sign {
+            k = key(name);
+            args.extend(["--sign", &k]);
+        }
+        bed.convoy_ok(&args)
+    };
+
+    // Signed by the trusted key: installed.
+    let out = push("1.0.0", Some("release"))?;
+    assert!(out.contains(", signed"), "{out}");
+    bed.convoy_ok(&["deploy", "demo", "1.0.0", "--env", "staging"])?;
+    assert_eq!(bed.hosts[0].serving().as_deref(), Some("1.0.0"));
+
+    // Unsigned, or signed by a key the host does not trust: refused.
+    push("2.0.0", None)?;
+    let out = bed.convoy(&["deploy", "demo", "2.0.0", "--env", "staging"])?;
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("unsigned artifact refused"), "{}", out.stderr);
+    push("3.0.0", Some("intruder"))?;
+    let out = bed.convoy(&["deploy", "demo", "3.0.0", "--env", "staging"])?;
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr
+            .contains("signature refused: it does not verify with any of this host's 1 trusted key(s)"),
+        "{}",
+        out.stderr
+    );
+
+    // A compromised controller: it keeps 4.0.0's valid signature but serves
+    // other bytes, announcing their true digest, so the sha256 matches.
+    let out = push("4.0.0", Some("release"))?;
+    assert!(out.contains(", signed"));
+    let evil = std::fs::read(bed.pack_demo("6.6.6", "healthy")?)?;
+    let evil_digest = convoy_common::Digest::of_bytes(&evil);
+    std::fs::write(bed.artifact_path(&evil_digest.to_hex()), &evil)?;
+    let db = rusqlite::Connection::open(bed.dir.path().join("controller/data/convoy.db"))?;
+    let changed = db.execute(
+        "UPDATE releases SET digest = ?1, size = ?2 WHERE app = 'demo' AND version = '4.0.0'",
+        rusqlite::params![evil_digest.to_hex(), evil.len() as i64],
+    )?;
+    assert_eq!(changed, 1);
+    let out = bed.convoy(&["deploy", "demo", "4.0.0", "--env", "staging"])?;
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("signature refused"), "{}", out.stderr);
+
+    // Nothing refused was unpacked; the host still runs 1.0.0.
+    assert_eq!(releases(&bed)?, "1.0.0");
+    assert_eq!(
+        bed.hosts[0]
+            .exec_ok(&["ls", "-A", "/var/lib/convoy/apps/demo/staging"])?
+            .trim(),
+        ""
+    );
+    assert_eq!(bed.hosts[0].serving().as_deref(), Some("1.0.0"));
+
+    // A signing key others can read is refused at push.
+    let k = key("release");
+    std::fs::set_permissions(&k, std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
+    let file = bed.pack_demo("5.0.0", "healthy")?;
+    let out = bed.convoy(&["release", "push", "demo", "5.0.0", file.to_str().unwrap(), "--sign", &k])?;
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(
+        out.stderr.contains("signing key is readable by group or others"),
+        "{}",
+        out.stderr
+    );
+    Ok(())
+}
