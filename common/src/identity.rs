@@ -53,15 +53,55 @@ impl FromStr for PeerKind {
     }
 }
 
+/// What an operator may do, written in the certificate's Organization.
+/// Each role may do everything the ones before it may.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Reads: status, history.
+    Viewer,
+    /// Also pushes releases, deploys and rolls back.
+    Deployer,
+    /// Everything.
+    Admin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Deployer => "deployer",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+impl FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "viewer" => Ok(Role::Viewer),
+            "deployer" => Ok(Role::Deployer),
+            "admin" => Ok(Role::Admin),
+            other => Err(format!("unknown role {other:?} (expected viewer, deployer or admin)")),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct PeerIdentity {
     pub kind: PeerKind,
     pub name: HostName,
+    /// Operators only; a certificate without one is a viewer.
+    pub role: Option<Role>,
 }
 
 impl fmt::Display for PeerIdentity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {}", self.kind, self.name)
+        match self.role {
+            Some(r) => write!(f, "{} {} ({})", self.kind, self.name, r.as_str()),
+            None => write!(f, "{} {}", self.kind, self.name),
+        }
     }
 }
 
@@ -93,9 +133,22 @@ pub fn identity_from_der(der: &[u8]) -> Result<PeerIdentity, IdentityError> {
         .next()
         .and_then(|a| a.as_str().ok())
         .ok_or(IdentityError::NoKind)?;
+    let kind: PeerKind = ou.parse().map_err(IdentityError::BadKind)?;
+    let role = match kind {
+        PeerKind::Operator => Some(
+            subject
+                .iter_organization()
+                .next()
+                .and_then(|a| a.as_str().ok())
+                .and_then(|r| r.parse().ok())
+                .unwrap_or(Role::Viewer),
+        ),
+        _ => None,
+    };
     Ok(PeerIdentity {
-        kind: ou.parse().map_err(IdentityError::BadKind)?,
+        kind,
         name: HostName::new(cn)?,
+        role,
     })
 }
 

@@ -64,6 +64,19 @@ impl Failure {
 impl From<tonic::Status> for Failure {
     fn from(s: tonic::Status) -> Self {
         use tonic::Code;
+        // A transport failure carries its cause (e.g. the controller's TLS
+        // refusing our certificate) in the error chain, not the message.
+        if std::error::Error::source(&s).is_some() {
+            let chain = error_chain(&s);
+            let tls_refusal = chain.contains("alert") || chain.contains("certificate");
+            let code = if tls_refusal { exit::REFUSED } else { exit::UNREACHABLE };
+            let what = if tls_refusal {
+                "the controller refused the connection (is your certificate issued by the fleet CA?)"
+            } else {
+                "lost the connection to the controller (a certificate it does not trust ends this way too)"
+            };
+            return Failure::new(code, format!("{what}: {chain}"));
+        }
         let code = match s.code() {
             Code::Unavailable => exit::UNREACHABLE,
             Code::InvalidArgument => exit::USAGE,

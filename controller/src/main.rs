@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use convoy_common::identity::PeerKind;
+use convoy_common::identity::{PeerKind, Role};
 
 /// convoy: roll releases out to a fleet of hosts, safely.
 #[derive(Parser)]
@@ -96,6 +96,9 @@ enum PkiCmd {
         /// Where to write NAME.pem and NAME.key (default: DIR).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Operators: viewer, deployer (default) or admin.
+        #[arg(long, value_parser = parse_role)]
+        role: Option<Role>,
         /// Extra DNS names or IP addresses (controller certificates).
         #[arg(long)]
         san: Vec<String>,
@@ -105,6 +108,10 @@ enum PkiCmd {
 }
 
 fn parse_kind(s: &str) -> Result<PeerKind, String> {
+    s.parse()
+}
+
+fn parse_role(s: &str) -> Result<Role, String> {
     s.parse()
 }
 
@@ -147,10 +154,11 @@ fn main() -> ExitCode {
             name,
             dir,
             out,
+            role,
             san,
             days,
         }) => cli::report(
-            pki::issue(&dir, kind, &name, &san, out.as_deref().unwrap_or(&dir), days)
+            pki::issue(&dir, kind, &name, role, &san, out.as_deref().unwrap_or(&dir), days)
                 .map(|(c, k)| println!("issued {kind} certificate {} (key {})", c.display(), k.display()))
                 .map_err(|e| cli::Failure::new(cli::exit::REFUSED, format!("{e:#}"))),
         ),

@@ -10,7 +10,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use convoy_common::identity::PeerKind;
+use convoy_common::identity::{PeerKind, Role};
 use convoy_common::HostName;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
@@ -74,10 +74,14 @@ pub fn issue(
     dir: &Path,
     kind: PeerKind,
     name: &str,
+    role: Option<Role>,
     sans: &[String],
     out_dir: &Path,
     days: i64,
 ) -> anyhow::Result<(PathBuf, PathBuf)> {
+    if role.is_some() && kind != PeerKind::Operator {
+        bail!("--role applies to operator certificates only");
+    }
     let name = HostName::new(name)?;
     let ca_pem =
         fs::read_to_string(dir.join(CA_CERT)).with_context(|| format!("reading {}", dir.join(CA_CERT).display()))?;
@@ -89,6 +93,9 @@ pub fn issue(
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, name.as_str());
     dn.push(DnType::OrganizationalUnitName, kind.as_str());
+    if kind == PeerKind::Operator {
+        dn.push(DnType::OrganizationName, role.unwrap_or(Role::Deployer).as_str());
+    }
     params.distinguished_name = dn;
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -124,12 +131,35 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         init(dir.path()).unwrap();
         assert!(init(dir.path()).is_err(), "a second init must not overwrite the CA");
-        let (cert, _key) = issue(dir.path(), PeerKind::Agent, "host1", &[], dir.path(), 30).unwrap();
+        let (cert, _key) = issue(dir.path(), PeerKind::Agent, "host1", None, &[], dir.path(), 30).unwrap();
         let pem = fs::read(cert).unwrap();
         let der = rustls_pemfile_first(&pem);
         let id = convoy_common::identity::identity_from_der(&der).unwrap();
         assert_eq!(id.kind, PeerKind::Agent);
         assert_eq!(id.name.as_str(), "host1");
+        assert_eq!(id.role, None);
+        let (cert, _) = issue(
+            dir.path(),
+            PeerKind::Operator,
+            "alice",
+            Some(Role::Viewer),
+            &[],
+            dir.path(),
+            30,
+        )
+        .unwrap();
+        let id = convoy_common::identity::identity_from_der(&rustls_pemfile_first(&fs::read(cert).unwrap())).unwrap();
+        assert_eq!((id.kind, id.role), (PeerKind::Operator, Some(Role::Viewer)));
+        assert!(issue(
+            dir.path(),
+            PeerKind::Agent,
+            "h2",
+            Some(Role::Admin),
+            &[],
+            dir.path(),
+            30
+        )
+        .is_err());
     }
 
     fn rustls_pemfile_first(pem: &[u8]) -> Vec<u8> {

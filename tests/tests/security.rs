@@ -106,3 +106,118 @@ fn agents_install_only_artifacts_signed_by_keys_they_trust() -> Result<()> {
     );
     Ok(())
 }
+
+/// Every identity may do what its certificate allows and nothing else: a
+/// test for each refusal, over real mutual TLS.
+#[test]
+fn certificates_are_authorised_by_kind_and_role() -> Result<()> {
+    let bed = Testbed::boot(1)?;
+    let pki = bed.dir.path().join("pki");
+    let pki_s = pki.to_str().unwrap().to_owned();
+    let as_cert = |cert: &std::path::Path, key: &std::path::Path, args: &[&str]| {
+        let mut all = vec!["--cert", cert.to_str().unwrap(), "--key", key.to_str().unwrap()];
+        all.extend_from_slice(args);
+        bed.convoy(&all)
+    };
+    bed.push_demo("1.0.0", "healthy")?;
+
+    // A viewer reads but changes nothing.
+    bed.convoy_ok(&["pki", "issue", "operator", "vera", "--role", "viewer", "--dir", &pki_s])?;
+    let (vc, vk) = (pki.join("vera.pem"), pki.join("vera.key"));
+    assert_eq!(as_cert(&vc, &vk, &["status", "demo"])?.code, 0);
+    assert_eq!(as_cert(&vc, &vk, &["history", "demo"])?.code, 0);
+    for args in [
+        vec!["deploy", "demo", "1.0.0", "--env", "staging"],
+        vec!["rollback", "demo", "--env", "staging"],
+        vec![
+            "release",
+            "push",
+            "demo",
+            "9.0.0",
+            bed.pack_demo("9.0.0", "healthy")?.to_str().unwrap(),
+        ],
+    ] {
+        let out = as_cert(&vc, &vk, &args.iter().map(|s| &**s).collect::<Vec<_>>())?;
+        assert_eq!(out.code, 4, "{args:?}: {out:?}");
+        assert!(out.stderr.contains("operator vera (viewer) may not"), "{}", out.stderr);
+        assert!(
+            out.stderr.contains("that takes the deployer role or above"),
+            "{}",
+            out.stderr
+        );
+    }
+    assert_eq!(bed.hosts[0].serving(), None, "the viewer deployed nothing");
+
+    // An agent certificate cannot call the operator API.
+    let host_dir = bed.dir.path().join("hosts/host1");
+    let out = as_cert(
+        &host_dir.join("host1.pem"),
+        &host_dir.join("host1.key"),
+        &["status", "demo"],
+    )?;
+    assert_eq!(out.code, 4, "{out:?}");
+    assert!(
+        out.stderr
+            .contains("agent host1 may not call this API; it takes a certificate of kind operator"),
+        "{}",
+        out.stderr
+    );
+
+    // A certificate from another CA does not get through TLS.
+    let other = tempfile::tempdir()?;
+    let other_s = other.path().to_str().unwrap();
+    bed.convoy_ok(&["pki", "init", "--dir", other_s])?;
+    bed.convoy_ok(&[
+        "pki", "issue", "operator", "mallory", "--role", "admin", "--dir", other_s,
+    ])?;
+    let out = as_cert(
+        &other.path().join("mallory.pem"),
+        &other.path().join("mallory.key"),
+        &["status", "demo"],
+    )?;
+    // The server ends the handshake; the client sees the connection close.
+    assert_eq!(out.code, 5, "{out:?}");
+    assert!(
+        out.stderr.contains("a certificate it does not trust ends this way too"),
+        "{}",
+        out.stderr
+    );
+    assert!(out.stdout.is_empty(), "nothing was served: {}", out.stdout);
+
+    // An operator certificate cannot open an agent session: give host1's
+    // agent the operator's certificate and it is turned away.
+    let host = &bed.hosts[0];
+    for ext in ["pem", "key"] {
+        std::fs::copy(
+            host_dir.join(format!("host1.{ext}")),
+            host_dir.join(format!("host1.{ext}.real")),
+        )?;
+        std::fs::copy(
+            pki.join(format!("operator.{ext}")),
+            host_dir.join(format!("host1.{ext}")),
+        )?;
+    }
+    host.exec_ok(&["systemctl", "restart", "convoy-agent.service"])?;
+    let start = std::time::Instant::now();
+    loop {
+        let log = host.exec_ok(&["journalctl", "--no-pager", "-u", "convoy-agent", "-n", "50"])?;
+        if log.contains("operator operator (deployer) may not call this API; it takes a certificate of kind agent") {
+            break;
+        }
+        assert!(start.elapsed().as_secs() < 30, "no refusal in the agent's log:\n{log}");
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    let status = bed.status()?;
+    assert_eq!(Testbed::host_status(&status, "host1")?["connected"], false);
+
+    // Its own certificate back: connected again.
+    for ext in ["pem", "key"] {
+        std::fs::rename(
+            host_dir.join(format!("host1.{ext}.real")),
+            host_dir.join(format!("host1.{ext}")),
+        )?;
+    }
+    host.exec_ok(&["systemctl", "restart", "convoy-agent.service"])?;
+    bed.wait_connected(1)?;
+    Ok(())
+}

@@ -12,7 +12,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
-use convoy_common::identity::{identity_from_der, PeerIdentity, PeerKind};
+use convoy_common::identity::{identity_from_der, PeerIdentity, PeerKind, Role};
 use convoy_proto::agent_service_server::AgentServiceServer;
 use convoy_proto::operator_service_server::OperatorServiceServer;
 use tokio::net::TcpListener;
@@ -45,8 +45,20 @@ pub fn peer<T>(req: &Request<T>, allowed: &[PeerKind]) -> Result<PeerIdentity, S
     let id = identity_from_der(der).map_err(|e| Status::unauthenticated(e.to_string()))?;
     if !allowed.contains(&id.kind) {
         return Err(Status::permission_denied(format!(
-            "{id} may not call this API (needs a {} certificate)",
+            "{id} may not call this API; it takes a certificate of kind {}",
             allowed.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(" or ")
+        )));
+    }
+    Ok(id)
+}
+
+/// The calling operator, if their role allows `action`.
+pub fn operator<T>(req: &Request<T>, need: Role, action: &str) -> Result<PeerIdentity, Status> {
+    let id = peer(req, &[PeerKind::Operator])?;
+    if id.role.unwrap_or(Role::Viewer) < need {
+        return Err(Status::permission_denied(format!(
+            "{id} may not {action}; that takes the {} role or above",
+            need.as_str()
         )));
     }
     Ok(id)

@@ -3,7 +3,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use convoy_common::identity::PeerKind;
+use convoy_common::identity::Role;
 use convoy_common::spec::AppSpec;
 use convoy_common::{AppName, Version};
 use convoy_proto::operator_service_server::OperatorService;
@@ -15,7 +15,7 @@ use futures::Stream;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{internal, peer, rollout, Shared};
+use super::{internal, operator, rollout, Shared};
 use crate::db::{DbError, Release};
 
 pub struct OperatorApi {
@@ -58,7 +58,7 @@ impl OperatorService for OperatorApi {
     type RollbackStream = BoxStream<RolloutEvent>;
 
     async fn push_release(&self, req: Request<Streaming<PushRequest>>) -> Result<Response<PushReply>, Status> {
-        let id = peer(&req, &[PeerKind::Operator])?;
+        let id = operator(&req, Role::Deployer, "push releases")?;
         let mut inbound = req.into_inner();
         let header = match inbound.message().await? {
             Some(PushRequest {
@@ -141,7 +141,7 @@ impl OperatorService for OperatorApi {
     }
 
     async fn deploy(&self, req: Request<DeployRequest>) -> Result<Response<Self::DeployStream>, Status> {
-        let id = peer(&req, &[PeerKind::Operator])?;
+        let id = operator(&req, Role::Deployer, "deploy")?;
         let r = req.into_inner();
         let app = arg("app", AppName::new(r.app.clone()))?;
         let version = arg("version", Version::new(r.version.clone()))?;
@@ -150,7 +150,7 @@ impl OperatorService for OperatorApi {
     }
 
     async fn rollback(&self, req: Request<RollbackRequest>) -> Result<Response<Self::RollbackStream>, Status> {
-        let id = peer(&req, &[PeerKind::Operator])?;
+        let id = operator(&req, Role::Deployer, "roll back")?;
         let r = req.into_inner();
         let app = arg("app", AppName::new(r.app.clone()))?;
         let rx = rollout::start_rollback(&self.shared, id, app, r)?;
@@ -158,7 +158,7 @@ impl OperatorService for OperatorApi {
     }
 
     async fn history(&self, req: Request<HistoryRequest>) -> Result<Response<HistoryReply>, Status> {
-        peer(&req, &[PeerKind::Operator])?;
+        operator(&req, Role::Viewer, "read history")?;
         let r = req.into_inner();
         let db = &self.shared.db;
         let record = |row: crate::db::RolloutRow| RolloutRecord {
@@ -223,7 +223,7 @@ impl OperatorService for OperatorApi {
     }
 
     async fn status(&self, req: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
-        peer(&req, &[PeerKind::Operator])?;
+        operator(&req, Role::Viewer, "read status")?;
         let app = arg("app", AppName::new(req.into_inner().app))?;
         let hosts = self
             .shared
