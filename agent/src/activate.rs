@@ -63,8 +63,7 @@ pub async fn activate(agent: Arc<Agent>, channel: Channel, cmd: ActivateCommand)
         Err(e) => return refuse(&agent, &cmd, format!("cannot read journal: {e}")),
     };
     if let Some(last) = j.last_op.as_ref().filter(|r| r.op_id == cmd.op_id) {
-        // A retried command: answer with what already happened.
-        return last.clone();
+        return answer_again(&agent, last);
     }
     if let Err(reason) = switch::check_install_path(spec) {
         return refuse(&agent, &cmd, reason);
@@ -286,7 +285,7 @@ pub async fn stage_only(agent: Arc<Agent>, channel: Channel, cmd: ActivateComman
         Err(e) => return refuse(&agent, &cmd, format!("cannot read journal: {e}")),
     };
     if let Some(last) = j.last_op.as_ref().filter(|r| r.op_id == cmd.op_id) {
-        return last.clone();
+        return answer_again(&agent, last);
     }
     let dirs = match agent.store.ensure_app(&app) {
         Ok(d) => d,
@@ -358,6 +357,14 @@ pub fn rollback_command(store: &crate::store::Store, cmd: &RollbackCommand) -> R
         size: meta.size,
         signature: None,
     })
+}
+
+/// A command this host already carried out (a controller retrying after
+/// its restart): report what happened again, without doing it again.
+fn answer_again(agent: &Agent, last: &OpReport) -> OpReport {
+    tracing::info!(op_id = %last.op_id, "operation already done; reporting its result again");
+    agent.reporter.result(last);
+    last.clone()
 }
 
 /// What a failure before the switch leaves running.

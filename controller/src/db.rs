@@ -30,6 +30,7 @@ CREATE TABLE IF NOT EXISTS releases (
 CREATE TABLE IF NOT EXISTS rollouts (
     id TEXT PRIMARY KEY, app TEXT NOT NULL, version TEXT NOT NULL, environment TEXT NOT NULL,
     kind TEXT NOT NULL, strategy TEXT NOT NULL, hotfix_reason TEXT NOT NULL DEFAULT '',
+    plan TEXT NOT NULL DEFAULT '',
     operator TEXT NOT NULL, state TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '',
     started_at_ms INTEGER NOT NULL, finished_at_ms INTEGER);
 CREATE INDEX IF NOT EXISTS rollouts_by_app ON rollouts (app, started_at_ms);
@@ -109,8 +110,8 @@ impl Db {
 
     pub fn start_rollout(&self, r: &NewRollout<'_>) -> Result<(), DbError> {
         self.conn.lock().unwrap().execute(
-            "INSERT INTO rollouts (id, app, version, environment, kind, strategy, hotfix_reason, operator, state, started_at_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'running', ?9)",
+            "INSERT INTO rollouts (id, app, version, environment, kind, strategy, hotfix_reason, operator, state, started_at_ms, plan)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'running', ?9, ?10)",
             params![
                 r.id,
                 r.app.as_str(),
@@ -120,7 +121,8 @@ impl Db {
                 r.strategy,
                 r.hotfix_reason,
                 r.operator,
-                convoy_common::ops::now_unix_ms()
+                convoy_common::ops::now_unix_ms(),
+                r.plan
             ],
         )?;
         Ok(())
@@ -138,6 +140,16 @@ impl Db {
             )
             .optional()?
             .is_some())
+    }
+
+    /// Rollouts still marked running, with their saved plans, oldest first.
+    pub fn running_rollouts(&self) -> Result<Vec<(RolloutRow, String)>, DbError> {
+        let conn = self.conn.lock().unwrap();
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {ROLLOUT_COLUMNS}, plan FROM rollouts WHERE state = 'running' ORDER BY started_at_ms"
+        ))?;
+        let rows = stmt.query_map([], |r| Ok((rollout_row(r)?, r.get(12)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// Rollouts of `app`, newest first.
@@ -234,6 +246,8 @@ pub struct NewRollout<'a> {
     pub strategy: &'a str,
     pub hotfix_reason: &'a str,
     pub operator: &'a str,
+    /// What a restarted controller needs to finish the rollout (JSON).
+    pub plan: &'a str,
 }
 
 #[derive(Debug, Clone)]

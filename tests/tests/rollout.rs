@@ -130,7 +130,7 @@ fn canary_budget_halt_and_manual_rollback() -> Result<()> {
     assert_eq!(serving(&bed), ["2.0.0", "1.0.0", "1.0.0", "1.0.0", "1.0.0"]);
     let h = history(&bed, &["demo"])?;
     assert_eq!(h["rollouts"][0]["kind"], "rollback");
-    assert_eq!(h["rollouts"][0]["operator"], "operator operator");
+    assert_eq!(h["rollouts"][0]["operator"], "operator operator (deployer)");
     Ok(())
 }
 
@@ -166,7 +166,7 @@ fn promotion_rule_hotfix_and_audit() -> Result<()> {
     let h = history(&bed, &["demo"])?;
     assert_eq!(h["rollouts"][0]["hotfix_reason"], "CVE-2026-1234");
     assert_eq!(h["rollouts"][0]["environment"], "production");
-    assert_eq!(h["rollouts"][0]["operator"], "operator operator");
+    assert_eq!(h["rollouts"][0]["operator"], "operator operator (deployer)");
     let text = bed.convoy_ok(&["history", "demo"])?;
     assert!(text.contains("hotfix: CVE-2026-1234"), "{text}");
 
@@ -195,5 +195,96 @@ fn promotion_rule_hotfix_and_audit() -> Result<()> {
         .unwrap()
         .iter()
         .any(|e| e["step"] == "commit"));
+    Ok(())
+}
+
+/// The controller is killed mid-rollout and started again: the rollout
+/// resumes from its recorded results and finishes; no host is activated
+/// twice and none is skipped.
+#[test]
+fn controller_killed_after_the_first_activation_resumes() -> Result<()> {
+    controller_killed_mid_rollout(true)
+}
+
+/// The same, killed while the artifact is being pre-staged: agents answer
+/// the re-sent commands they already carried out with their results.
+#[test]
+fn controller_killed_while_pre_staging_resumes() -> Result<()> {
+    controller_killed_mid_rollout(false)
+}
+
+fn controller_killed_mid_rollout(after_first_activation: bool) -> Result<()> {
+    use std::io::{BufRead, BufReader};
+    let mut bed = Testbed::boot(3)?;
+    bed.push_demo("1.0.0", "healthy")?;
+    bed.convoy_ok(&[
+        "deploy",
+        "demo",
+        "1.0.0",
+        "--env",
+        "staging",
+        "--strategy",
+        "all-at-once",
+    ])?;
+    bed.push_demo("2.0.0", "healthy")?;
+
+    let mut child = bed.convoy_spawn(&["deploy", "demo", "2.0.0", "--env", "staging"])?;
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut id = String::new();
+    let mut batches = false;
+    for line in lines.by_ref() {
+        let line = line?;
+        if id.is_empty() {
+            id = line
+                .split_whitespace()
+                .nth(1)
+                .unwrap_or("")
+                .trim_end_matches(':')
+                .to_owned();
+        }
+        // Pre-staging results look the same; wait for the batches.
+        batches |= line.starts_with("-- batch 1/");
+        if (batches || !after_first_activation) && line.contains("[host1] => succeeded") {
+            break;
+        }
+    }
+    // host1 has committed 2.0.0 (or, in the other case, has pre-staged
+    // it). The controller dies now.
+    let invocation = bed.hosts[0].unit_property("demo.service", "InvocationID")?;
+    bed.kill_controller();
+    let out = child.wait_with_output()?;
+    assert_eq!(out.status.code(), Some(5), "the CLI loses the stream");
+
+    bed.start_controller()?;
+    let start = std::time::Instant::now();
+    let state = loop {
+        let h = history(&bed, &["--rollout", &id])?;
+        let state = h["rollouts"][0]["state"].as_str().unwrap_or("").to_owned();
+        if state != "running" {
+            break state;
+        }
+        assert!(
+            start.elapsed().as_secs() < 120,
+            "rollout {id} never finished after the restart"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    };
+    assert_eq!(state, "succeeded");
+    assert_eq!(serving(&bed), ["2.0.0"; 3], "no host skipped");
+    if after_first_activation {
+        let now = bed.hosts[0].unit_property("demo.service", "InvocationID")?;
+        assert_eq!(now, invocation, "host1's app was not restarted a second time");
+    }
+    let journal = bed.hosts[0].exec_ok(&["journalctl", "--no-pager", "-u", "convoy-agent"])?;
+    assert_eq!(
+        journal.matches("1.0.0 -> 2.0.0").count(),
+        1,
+        "host1 switched exactly once:\n{journal}"
+    );
+    let log = bed.controller_log();
+    assert!(
+        log.contains("resuming a rollout interrupted by a controller restart"),
+        "{log}"
+    );
     Ok(())
 }

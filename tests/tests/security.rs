@@ -175,13 +175,12 @@ fn certificates_are_authorised_by_kind_and_role() -> Result<()> {
         &other.path().join("mallory.key"),
         &["status", "demo"],
     )?;
-    // The server ends the handshake; the client sees the connection close.
-    assert_eq!(out.code, 5, "{out:?}");
-    assert!(
-        out.stderr.contains("a certificate it does not trust ends this way too"),
-        "{}",
-        out.stderr
-    );
+    // The server ends the handshake. Whether the client reads the TLS alert
+    // (refused, 4) or only sees the connection close (5) is a race; both
+    // say why.
+    let refused = out.code == 4 && out.stderr.contains("the controller refused the connection");
+    let closed = out.code == 5 && out.stderr.contains("a certificate it does not trust ends this way too");
+    assert!(refused || closed, "{out:?}");
     assert!(out.stdout.is_empty(), "nothing was served: {}", out.stdout);
 
     // An operator certificate cannot open an agent session: give host1's

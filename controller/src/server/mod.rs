@@ -92,6 +92,7 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'sta
         running: Mutex::new(HashMap::new()),
     });
     tracing::info!(%addr, "controller listening");
+    tokio::spawn(rollout::resume_all(shared.clone()));
     Server::builder()
         .tls_config(tls)?
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(15)))

@@ -26,6 +26,7 @@ use convoy_proto::{
     RolloutDone, RolloutEvent, RolloutNote, RolloutPlan,
 };
 use futures::future::join_all;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, Semaphore};
 use tonic::Status;
 
@@ -37,6 +38,7 @@ use crate::db::NewRollout;
 /// Hosts staged at once during pre-staging.
 const PRESTAGE_PARALLEL: usize = 8;
 
+#[derive(Serialize, Deserialize)]
 enum Kind {
     Deploy {
         cmd: Box<ActivateCommand>,
@@ -57,8 +59,40 @@ struct Rollout {
     targets: Vec<HostName>,
     /// What each target ran before this rollout, to roll it back to.
     before: HashMap<HostName, Option<Version>>,
+    /// Results already recorded for operation ids (when resuming).
+    recorded: HashMap<String, HostOutcome>,
     tx: broadcast::Sender<RolloutEvent>,
 }
+
+/// What the store keeps of a rollout so a restarted controller can finish it.
+#[derive(Serialize, Deserialize)]
+struct SavedPlan {
+    kind: Kind,
+    targets: Vec<HostName>,
+    before: Vec<(HostName, Option<Version>)>,
+}
+
+/// How one operation on one host ended.
+#[derive(Debug, Clone)]
+struct HostOutcome {
+    outcome: Outcome,
+    reason: String,
+    restore_detail: String,
+}
+
+impl From<&OpReport> for HostOutcome {
+    fn from(r: &OpReport) -> Self {
+        HostOutcome {
+            outcome: r.outcome,
+            reason: r.reason.clone(),
+            restore_detail: r.restore_detail.clone(),
+        }
+    }
+}
+
+/// How long a restarted controller waits for a resumed rollout's hosts to
+/// reconnect before it carries on (hosts still away then count as failed).
+const RECONNECT_GRACE: Duration = Duration::from_secs(60);
 
 fn invalid(e: impl ToString) -> Status {
     Status::invalid_argument(e.to_string())
@@ -193,6 +227,7 @@ pub fn start_deploy(
             strategy: &strategy.describe(),
             hotfix_reason: if r.hotfix { r.reason.trim() } else { "" },
             operator: &who.to_string(),
+            plan: &rollout.saved_plan(),
         })
         .map_err(|e| rollout.release_slot(shared, internal(e)))?;
     let plan = RolloutPlan {
@@ -283,6 +318,7 @@ pub fn start_rollback(
             strategy: "all at once",
             hotfix_reason: "",
             operator: &who.to_string(),
+            plan: &rollout.saved_plan(),
         })
         .map_err(|e| rollout.release_slot(shared, internal(e)))?;
     let hosts: Vec<String> = rollout.targets.iter().map(|h| h.to_string()).collect();
@@ -324,6 +360,7 @@ impl Rollout {
             kind,
             targets: targets.into_iter().map(|h| h.name).collect(),
             before,
+            recorded: HashMap::new(),
             tx,
         })
     }
@@ -337,11 +374,43 @@ impl Rollout {
         e
     }
 
+    fn saved_plan(&self) -> String {
+        let plan = SavedPlan {
+            kind: match &self.kind {
+                Kind::Deploy {
+                    cmd,
+                    strategy,
+                    budget,
+                    rollback_on_halt,
+                } => Kind::Deploy {
+                    cmd: cmd.clone(),
+                    strategy: strategy.clone(),
+                    budget: *budget,
+                    rollback_on_halt: *rollback_on_halt,
+                },
+                Kind::Rollback { to } => Kind::Rollback { to: to.clone() },
+            },
+            targets: self.targets.clone(),
+            before: self.before.iter().map(|(h, v)| (h.clone(), v.clone())).collect(),
+        };
+        serde_json::to_string(&plan).expect("plan serialises")
+    }
+
     fn spawn(self, shared: &Arc<Shared>, plan: RolloutPlan) -> broadcast::Receiver<RolloutEvent> {
         let rx = self.tx.subscribe();
         self.emit(rollout_event::Body::Plan(plan));
+        self.launch(shared, false);
+        rx
+    }
+
+    /// Runs the rollout to its end in its own task. A resumed rollout first
+    /// gives its hosts time to reconnect to the restarted controller.
+    fn launch(self, shared: &Arc<Shared>, resumed: bool) {
         let shared = shared.clone();
         tokio::spawn(async move {
+            if resumed {
+                self.await_hosts(&shared).await;
+            }
             let done = match &self.kind {
                 Kind::Deploy { .. } => self.run_deploy(&shared).await,
                 Kind::Rollback { .. } => self.run_rollback(&shared).await,
@@ -362,7 +431,27 @@ impl Rollout {
             tracing::info!(rollout = %self.id, state, reason = %done.reason, "rollout finished");
             self.emit(rollout_event::Body::Done(done));
         });
-        rx
+    }
+
+    async fn await_hosts(&self, shared: &Shared) {
+        let deadline = tokio::time::Instant::now() + RECONNECT_GRACE;
+        loop {
+            let missing: Vec<&HostName> = self
+                .targets
+                .iter()
+                .filter(|h| shared.registry.command_tx(h).is_none())
+                .collect();
+            if missing.is_empty() {
+                self.note("every host of the resumed rollout is connected".into());
+                return;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let names: Vec<&str> = missing.iter().map(|h| h.as_str()).collect();
+                self.note(format!("carrying on without {} (not reconnected)", names.join(", ")));
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
     }
 
     fn emit(&self, body: rollout_event::Body) {
@@ -560,7 +649,7 @@ impl Rollout {
         host: &HostName,
         op_id: String,
         to: Option<Version>,
-    ) -> Result<OpReport, String> {
+    ) -> Result<HostOutcome, String> {
         let c = RollbackCommand {
             op_id: op_id.clone(),
             app: self.app.clone(),
@@ -578,7 +667,10 @@ impl Rollout {
         host: &HostName,
         op_id: &str,
         body: controller_message::Body,
-    ) -> Result<OpReport, String> {
+    ) -> Result<HostOutcome, String> {
+        if let Some(done) = self.recorded.get(op_id) {
+            return Ok(done.clone());
+        }
         let msg = ControllerMessage { body: Some(body) };
         let mut updates = shared.registry.wait_for(op_id, host, msg.clone());
         let _forget = Forget(&shared.registry, op_id.to_owned());
@@ -610,7 +702,7 @@ impl Rollout {
                         host: host.to_string(),
                         result: Some(r.as_ref().into()),
                     }));
-                    return Ok(*r);
+                    return Ok(HostOutcome::from(r.as_ref()));
                 }
             }
         }
@@ -618,12 +710,12 @@ impl Rollout {
 }
 
 /// Whether a host failed and could not put its previous release back.
-fn could_not_restore(r: &Result<OpReport, String>) -> bool {
+fn could_not_restore(r: &Result<HostOutcome, String>) -> bool {
     matches!(r, Ok(rep) if rep.outcome == Outcome::FailedRestoreFailed)
 }
 
 /// A host's result as success or the reason it failed.
-fn verdict(r: Result<OpReport, String>) -> Result<(), String> {
+fn verdict(r: Result<HostOutcome, String>) -> Result<(), String> {
     match r {
         Ok(rep) if rep.outcome.is_success() => Ok(()),
         Ok(rep) => {
@@ -642,5 +734,71 @@ struct Forget<'a>(&'a super::registry::Registry, String);
 impl Drop for Forget<'_> {
     fn drop(&mut self) {
         self.0.forget(&self.1);
+    }
+}
+
+/// Picks up the rollouts a previous controller left running: each goes on
+/// from its recorded host results. Operations without a recorded result
+/// are sent again under the same id, and an agent answers a repeated id
+/// with what it already did, so no host is activated twice.
+pub async fn resume_all(shared: Arc<Shared>) {
+    let rows = match shared.db.running_rollouts() {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read running rollouts");
+            return;
+        }
+    };
+    for (row, plan) in rows {
+        let fail = |why: String| {
+            tracing::error!(rollout = %row.id, "{why}");
+            let _ = shared.db.finish_rollout(&row.id, "failed", &why);
+        };
+        let (Ok(plan), Ok(app)) = (serde_json::from_str::<SavedPlan>(&plan), AppName::new(row.app.clone())) else {
+            fail("the controller restarted and this rollout's plan could not be read".into());
+            continue;
+        };
+        let recorded: HashMap<String, HostOutcome> = match shared.db.rollout_hosts(&row.id) {
+            Ok(hosts) => hosts
+                .into_iter()
+                .filter_map(|h| {
+                    let outcome = serde_json::from_value(serde_json::Value::String(h.outcome)).ok()?;
+                    Some((
+                        h.op_id,
+                        HostOutcome {
+                            outcome,
+                            reason: h.reason,
+                            restore_detail: h.restore_detail,
+                        },
+                    ))
+                })
+                .collect(),
+            Err(e) => {
+                fail(format!("cannot read recorded results: {e}"));
+                continue;
+            }
+        };
+        shared
+            .running
+            .lock()
+            .unwrap()
+            .insert((row.app.clone(), row.env.clone()), row.id.clone());
+        let (tx, _) = broadcast::channel(4096);
+        let rollout = Rollout {
+            id: row.id.clone(),
+            app,
+            env: row.env.clone(),
+            kind: plan.kind,
+            targets: plan.targets,
+            before: plan.before.into_iter().collect(),
+            recorded,
+            tx,
+        };
+        tracing::warn!(
+            rollout = %rollout.id,
+            recorded = rollout.recorded.len(),
+            "resuming a rollout interrupted by a controller restart"
+        );
+        rollout.launch(&shared, true);
     }
 }
