@@ -121,6 +121,21 @@ fn certificates_are_authorised_by_kind_and_role() -> Result<()> {
     };
     bed.push_demo("1.0.0", "healthy")?;
 
+    // The agent runs sandboxed as its unit says (packaging/convoy-agent.service).
+    let host = &bed.hosts[0];
+    let pid = host.unit_property("convoy-agent.service", "MainPID")?;
+    let status = host.exec_ok(&["cat", &format!("/proc/{pid}/status")])?;
+    assert!(status.contains("NoNewPrivs:\t1"), "{status}");
+    let bounding = status.lines().find(|l| l.starts_with("CapBnd:")).unwrap_or("");
+    assert_ne!(bounding, "CapBnd:\t000001ffffffffff", "capabilities are bounded");
+    let mounts = host.exec_ok(&["cat", &format!("/proc/{pid}/mountinfo")])?;
+    assert!(
+        mounts
+            .lines()
+            .any(|l| l.split_whitespace().nth(4) == Some("/usr") && l.contains(" ro")),
+        "/usr is read-only for the agent:\n{mounts}"
+    );
+
     // A viewer reads but changes nothing.
     bed.convoy_ok(&["pki", "issue", "operator", "vera", "--role", "viewer", "--dir", &pki_s])?;
     let (vc, vk) = (pki.join("vera.pem"), pki.join("vera.key"));
@@ -185,7 +200,6 @@ fn certificates_are_authorised_by_kind_and_role() -> Result<()> {
 
     // An operator certificate cannot open an agent session: give host1's
     // agent the operator's certificate and it is turned away.
-    let host = &bed.hosts[0];
     for ext in ["pem", "key"] {
         std::fs::copy(
             host_dir.join(format!("host1.{ext}")),
