@@ -288,3 +288,63 @@ fn controller_killed_mid_rollout(after_first_activation: bool) -> Result<()> {
     );
     Ok(())
 }
+
+/// A host is cut off from the network in the middle of its activation,
+/// long enough for both sides to drop the session. The agent finishes on
+/// its own; when the network heals it reconnects and its outcome is
+/// reconciled into the rollout, which then goes on.
+#[test]
+fn host_cut_off_mid_rollout_is_reconciled() -> Result<()> {
+    use std::io::{BufRead, BufReader};
+    let bed = Testbed::boot(3)?;
+    bed.push_demo("1.0.0", "healthy")?;
+    bed.convoy_ok(&[
+        "deploy",
+        "demo",
+        "1.0.0",
+        "--env",
+        "staging",
+        "--strategy",
+        "all-at-once",
+    ])?;
+    bed.push_demo("2.0.0", "healthy")?;
+
+    let mut child = bed.convoy_spawn(&["deploy", "demo", "2.0.0", "--env", "staging"])?;
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    for line in lines.by_ref() {
+        let line = line?;
+        let cut = line.contains("[host2] switch   started");
+        seen.push(line);
+        if cut {
+            break;
+        }
+    }
+    // host2's port on the bridge goes down mid-activation.
+    let port = format!("vb-{}", bed.hosts[1].machine);
+    let ip = |state: &str| {
+        std::process::Command::new("ip")
+            .args(["link", "set", &port, state])
+            .status()
+    };
+    assert!(ip("down")?.success());
+    std::thread::sleep(std::time::Duration::from_secs(30));
+    let disconnected = !bed.status()?["hosts"][1]["connected"].as_bool().unwrap_or(true);
+    assert!(ip("up")?.success());
+    assert!(disconnected, "the controller noticed host2 was gone");
+
+    seen.extend(lines.map_while(|l| l.ok()));
+    let out = seen.join("\n");
+    let status = child.wait()?;
+    assert!(status.success(), "{out}");
+    assert!(
+        out.contains("[host2] => succeeded"),
+        "host2's own outcome reached the rollout:\n{out}"
+    );
+    assert!(
+        out.find("[host2] => succeeded") < out.find("[host3] switch"),
+        "host3 only after host2:\n{out}"
+    );
+    assert_eq!(serving(&bed), ["2.0.0"; 3]);
+    Ok(())
+}
