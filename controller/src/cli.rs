@@ -7,7 +7,8 @@ use std::time::Duration;
 use convoy_common::ops::AppStatus;
 use convoy_proto::operator_service_client::OperatorServiceClient;
 use convoy_proto::{
-    push_request, rollout_event, DeployRequest, HistoryRequest, PushHeader, PushRequest, RollbackRequest, StatusRequest,
+    push_request, rollout_event, ControlRequest, DeployRequest, HistoryRequest, PushHeader, PushRequest,
+    RollbackRequest, StatusRequest, WatchRequest,
 };
 use serde::Serialize;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
@@ -299,6 +300,33 @@ pub async fn rollback(
         .await?
         .into_inner();
     follow(stream, &format!("rollback of {app} in {env} to {target}")).await
+}
+
+/// `convoy pause|resume|abort ROLLOUT`.
+pub async fn control(conn: &Conn, rollout: String, action: &str) -> Result<(), Failure> {
+    let mut client = conn.connect().await?;
+    let reply = client
+        .control(ControlRequest {
+            rollout_id: rollout.clone(),
+            action: action.to_owned(),
+        })
+        .await?
+        .into_inner();
+    println!("rollout {rollout}: {}", reply.state);
+    Ok(())
+}
+
+/// `convoy watch ROLLOUT`: follows a running rollout; exits as `deploy` would.
+pub async fn watch(conn: &Conn, rollout: String) -> Result<(), Failure> {
+    let mut client = conn.connect().await?;
+    let stream = client
+        .watch(WatchRequest {
+            rollout_id: rollout.clone(),
+        })
+        .await?
+        .into_inner();
+    println!("watching rollout {rollout}");
+    follow(stream, &format!("rollout {rollout}")).await
 }
 
 /// Prints a rollout's events as they come and maps its end to an exit code.

@@ -146,7 +146,7 @@ impl Db {
     pub fn running_rollouts(&self) -> Result<Vec<(RolloutRow, String)>, DbError> {
         let conn = self.conn.lock().unwrap();
         let mut stmt = conn.prepare(&format!(
-            "SELECT {ROLLOUT_COLUMNS}, plan FROM rollouts WHERE state = 'running' ORDER BY started_at_ms"
+            "SELECT {ROLLOUT_COLUMNS}, plan FROM rollouts WHERE state IN ('running', 'paused') ORDER BY started_at_ms"
         ))?;
         let rows = stmt.query_map([], |r| Ok((rollout_row(r)?, r.get(12)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -206,6 +206,15 @@ impl Db {
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Marks a rollout paused or running again.
+    pub fn set_rollout_state(&self, id: &str, state: &str) -> Result<(), DbError> {
+        self.conn
+            .lock()
+            .unwrap()
+            .execute("UPDATE rollouts SET state = ?2 WHERE id = ?1", params![id, state])?;
+        Ok(())
     }
 
     pub fn finish_rollout(&self, id: &str, state: &str, reason: &str) -> Result<(), DbError> {

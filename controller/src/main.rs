@@ -55,6 +55,14 @@ enum Cmd {
         #[arg(long, value_delimiter = ',')]
         hosts: Vec<String>,
     },
+    /// Follow a running rollout's progress until it ends.
+    Watch { rollout: String },
+    /// Pause a running rollout before its next batch.
+    Pause { rollout: String },
+    /// Resume a paused rollout.
+    Resume { rollout: String },
+    /// Stop a rollout before its next batch and roll back the hosts it moved.
+    Abort { rollout: String },
     /// Rollouts of an app, newest first; or one rollout in detail.
     History {
         app: Option<String>,
@@ -169,6 +177,10 @@ fn main() -> ExitCode {
             sign,
         }) => cli::report(rt.block_on(cli::push(&cli.conn, app, release, file, sign))),
         Cmd::Keys(KeysCmd::Generate { name, dir }) => cli::report(cli::keys_generate(&dir, &name)),
+        Cmd::Watch { rollout } => cli::report(rt.block_on(cli::watch(&cli.conn, rollout))),
+        Cmd::Pause { rollout } => cli::report(rt.block_on(cli::control(&cli.conn, rollout, "pause"))),
+        Cmd::Resume { rollout } => cli::report(rt.block_on(cli::control(&cli.conn, rollout, "resume"))),
+        Cmd::Abort { rollout } => cli::report(rt.block_on(cli::control(&cli.conn, rollout, "abort"))),
         Cmd::Deploy(args) => cli::report(rt.block_on(cli::deploy(&cli.conn, args))),
         Cmd::Rollback { app, env, to, hosts } => {
             cli::report(rt.block_on(cli::rollback(&cli.conn, app, env, to, hosts)))

@@ -348,3 +348,115 @@ fn host_cut_off_mid_rollout_is_reconciled() -> Result<()> {
     assert_eq!(serving(&bed), ["2.0.0"; 3]);
     Ok(())
 }
+
+/// Reads a child's stdout lines on a thread, so a test can wait for one
+/// with a timeout while the child keeps running.
+fn line_feed(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
+    use std::io::{BufRead, BufReader};
+    let out = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(|l| l.ok()) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+fn wait_line(rx: &std::sync::mpsc::Receiver<String>, what: &str, seen: &mut Vec<String>) -> Result<String> {
+    loop {
+        let line = rx.recv_timeout(std::time::Duration::from_secs(60))?;
+        seen.push(line.clone());
+        if line.contains(what) {
+            return Ok(line);
+        }
+    }
+}
+
+#[test]
+fn pause_resume_abort_and_watch() -> Result<()> {
+    let bed = Testbed::boot(3)?;
+    bed.push_demo("1.0.0", "healthy")?;
+    bed.convoy_ok(&[
+        "deploy",
+        "demo",
+        "1.0.0",
+        "--env",
+        "staging",
+        "--strategy",
+        "all-at-once",
+    ])?;
+    bed.push_demo("2.0.0", "healthy")?;
+    bed.push_demo("3.0.0", "healthy")?;
+    let mut seen = Vec::new();
+
+    // Pause during batch 1: the rollout waits before batch 2.
+    let mut deploy = bed.convoy_spawn(&["deploy", "demo", "2.0.0", "--env", "staging"])?;
+    let lines = line_feed(&mut deploy);
+    let first = wait_line(&lines, "rollout ", &mut seen)?;
+    let id = first
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .trim_end_matches(':')
+        .to_owned();
+    wait_line(&lines, "-- batch 1/3", &mut seen)?;
+    let out = bed.convoy_ok(&["pause", &id])?;
+    assert!(out.contains("pausing before its next batch"), "{out}");
+    wait_line(&lines, "-- paused by operator operator (deployer)", &mut seen)?;
+    let h = history(&bed, &["--rollout", &id])?;
+    assert_eq!(h["rollouts"][0]["state"], "paused");
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert_eq!(serving(&bed), ["2.0.0", "1.0.0", "1.0.0"], "nothing moves while paused");
+
+    // Another terminal watches; resume lets both finish.
+    let mut watch = bed.convoy_spawn(&["watch", &id])?;
+    let watched = line_feed(&mut watch);
+    let mut watch_seen = Vec::new();
+    wait_line(&watched, "watching rollout", &mut watch_seen)?;
+    assert!(bed.convoy_ok(&["resume", &id])?.contains("running"));
+    assert!(deploy.wait()?.success(), "{}", seen.join("\n"));
+    assert!(watch.wait()?.success());
+    watch_seen.extend(watched.try_iter());
+    let watch_out = watch_seen.join("\n");
+    assert!(watch_out.contains("-- resumed"), "{watch_out}");
+    assert!(watch_out.contains("[host3] => succeeded"), "{watch_out}");
+    assert_eq!(serving(&bed), ["2.0.0"; 3]);
+
+    // Abort after the first batch: halt and roll back what moved.
+    let mut deploy = bed.convoy_spawn(&["deploy", "demo", "3.0.0", "--env", "staging"])?;
+    let lines = line_feed(&mut deploy);
+    let first = wait_line(&lines, "rollout ", &mut seen)?;
+    let id = first
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .trim_end_matches(':')
+        .to_owned();
+    wait_line(&lines, "-- batch 1/3", &mut seen)?;
+    assert!(bed.convoy_ok(&["abort", &id])?.contains("aborting"));
+    let out = deploy.wait_with_output()?;
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("aborted by operator operator (deployer)"), "{stderr}");
+    assert!(stderr.contains("rolled back: host1"), "{stderr}");
+    assert!(stderr.contains("hosts not touched: host2, host3"), "{stderr}");
+    assert_eq!(serving(&bed), ["2.0.0"; 3]);
+    assert_eq!(
+        history(&bed, &["--rollout", &id])?["rollouts"][0]["state"],
+        "rolled_back"
+    );
+
+    // Controls on a finished or unknown rollout are refused.
+    let out = bed.convoy(&["pause", &id])?;
+    assert_eq!(out.code, 4);
+    assert!(
+        out.stderr.contains("is not running (state: rolled_back)"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(bed.convoy(&["watch", "nosuchrollout"])?.code, 4);
+    Ok(())
+}

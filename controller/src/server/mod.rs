@@ -32,6 +32,8 @@ pub struct Shared {
     pub registry: Arc<registry::Registry>,
     /// (app, environment) → running rollout id.
     pub running: Mutex<HashMap<(String, String), String>>,
+    /// Running rollouts by id: their event stream and their control.
+    pub live: Mutex<HashMap<String, rollout::Live>>,
 }
 
 /// The verified identity of the caller, if its kind is allowed here.
@@ -90,6 +92,7 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'sta
         artifacts,
         registry: Arc::new(registry::Registry::default()),
         running: Mutex::new(HashMap::new()),
+        live: Mutex::new(HashMap::new()),
     });
     tracing::info!(%addr, "controller listening");
     tokio::spawn(rollout::resume_all(shared.clone()));

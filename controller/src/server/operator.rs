@@ -8,8 +8,9 @@ use convoy_common::spec::AppSpec;
 use convoy_common::{AppName, Version};
 use convoy_proto::operator_service_server::OperatorService;
 use convoy_proto::{
-    push_request, DeployRequest, EventRecord, HistoryReply, HistoryRequest, HostRecord, HostStatus, PushReply,
-    PushRequest, RollbackRequest, RolloutEvent, RolloutRecord, StatusReply, StatusRequest,
+    push_request, ControlReply, ControlRequest, DeployRequest, EventRecord, HistoryReply, HistoryRequest, HostRecord,
+    HostStatus, PushReply, PushRequest, RollbackRequest, RolloutEvent, RolloutRecord, StatusReply, StatusRequest,
+    WatchRequest,
 };
 use futures::Stream;
 use tokio_stream::StreamExt;
@@ -56,6 +57,20 @@ fn arg<T>(field: &str, r: Result<T, convoy_common::names::InvalidName>) -> Resul
 impl OperatorService for OperatorApi {
     type DeployStream = BoxStream<RolloutEvent>;
     type RollbackStream = BoxStream<RolloutEvent>;
+    type WatchStream = BoxStream<RolloutEvent>;
+
+    async fn control(&self, req: Request<ControlRequest>) -> Result<Response<ControlReply>, Status> {
+        let id = operator(&req, Role::Deployer, "pause, resume or abort rollouts")?;
+        let r = req.into_inner();
+        let state = rollout::control(&self.shared, &r.rollout_id, &r.action, &id)?;
+        Ok(Response::new(ControlReply { state }))
+    }
+
+    async fn watch(&self, req: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        operator(&req, Role::Viewer, "watch rollouts")?;
+        let rx = rollout::watch(&self.shared, &req.into_inner().rollout_id)?;
+        Ok(Response::new(event_stream(rx)))
+    }
 
     async fn push_release(&self, req: Request<Streaming<PushRequest>>) -> Result<Response<PushReply>, Status> {
         let id = operator(&req, Role::Deployer, "push releases")?;

@@ -27,7 +27,7 @@ use convoy_proto::{
 };
 use futures::future::join_all;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{broadcast, Semaphore};
+use tokio::sync::{broadcast, watch, Semaphore};
 use tonic::Status;
 
 use super::operator::load_spec;
@@ -62,6 +62,23 @@ struct Rollout {
     /// Results already recorded for operation ids (when resuming).
     recorded: HashMap<String, HostOutcome>,
     tx: broadcast::Sender<RolloutEvent>,
+    control: watch::Sender<Control>,
+}
+
+/// What an operator asked of a running rollout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Control {
+    Run,
+    /// Wait before the next batch; the string says who asked.
+    Pause(String),
+    /// Halt before the next batch and roll back what moved.
+    Abort(String),
+}
+
+/// A running rollout as others reach it: to watch it or to control it.
+pub struct Live {
+    pub events: broadcast::Sender<RolloutEvent>,
+    pub control: watch::Sender<Control>,
 }
 
 /// What the store keeps of a rollout so a restarted controller can finish it.
@@ -361,6 +378,7 @@ impl Rollout {
             targets: targets.into_iter().map(|h| h.name).collect(),
             before,
             recorded: HashMap::new(),
+            control: watch::channel(Control::Run).0,
             tx,
         })
     }
@@ -407,6 +425,13 @@ impl Rollout {
     /// gives its hosts time to reconnect to the restarted controller.
     fn launch(self, shared: &Arc<Shared>, resumed: bool) {
         let shared = shared.clone();
+        shared.live.lock().unwrap().insert(
+            self.id.clone(),
+            Live {
+                events: self.tx.clone(),
+                control: self.control.clone(),
+            },
+        );
         tokio::spawn(async move {
             if resumed {
                 self.await_hosts(&shared).await;
@@ -428,9 +453,33 @@ impl Rollout {
                 .lock()
                 .unwrap()
                 .remove(&(self.app.to_string(), self.env.clone()));
+            shared.live.lock().unwrap().remove(&self.id);
             tracing::info!(rollout = %self.id, state, reason = %done.reason, "rollout finished");
             self.emit(rollout_event::Body::Done(done));
         });
+    }
+
+    /// Before a batch: waits while paused; says why when aborted.
+    async fn gate(&self, shared: &Shared) -> Result<(), String> {
+        let mut control = self.control.subscribe();
+        loop {
+            let now = control.borrow_and_update().clone();
+            match now {
+                Control::Run => return Ok(()),
+                Control::Abort(who) => return Err(format!("aborted by {who}")),
+                Control::Pause(who) => {
+                    self.note(format!("paused by {who}; waiting for resume or abort"));
+                    let _ = shared.db.set_rollout_state(&self.id, "paused");
+                    if control.changed().await.is_err() {
+                        return Err("the rollout's control went away".into());
+                    }
+                    if *control.borrow() == Control::Run {
+                        let _ = shared.db.set_rollout_state(&self.id, "running");
+                        self.note("resumed".into());
+                    }
+                }
+            }
+        }
     }
 
     async fn await_hosts(&self, shared: &Shared) {
@@ -497,7 +546,9 @@ impl Rollout {
             }
         }
         if failed.len() > *budget {
-            return self.halt(shared, failed, vec![], 0, false, *rollback_on_halt).await;
+            return self
+                .halt(shared, None, failed, vec![], 0, false, *rollback_on_halt)
+                .await;
         }
         self.note(format!("pre-staged on {} host(s)", self.targets.len() - failed.len()));
 
@@ -505,6 +556,19 @@ impl Rollout {
         let batches = strategy.batches(self.targets.len());
         let mut moved: Vec<HostName> = Vec::new();
         for (i, (range, bake)) in batches.iter().enumerate() {
+            if let Err(cause) = self.gate(shared).await {
+                return self
+                    .halt(
+                        shared,
+                        Some(cause),
+                        failed,
+                        moved,
+                        range.start,
+                        restore_failed,
+                        *rollback_on_halt,
+                    )
+                    .await;
+            }
             let hosts: Vec<&HostName> = self.targets[range.clone()]
                 .iter()
                 .filter(|h| !failed.iter().any(|(f, _)| f == *h))
@@ -529,12 +593,33 @@ impl Rollout {
             }
             if failed.len() > *budget {
                 return self
-                    .halt(shared, failed, moved, range.end, restore_failed, *rollback_on_halt)
+                    .halt(
+                        shared,
+                        None,
+                        failed,
+                        moved,
+                        range.end,
+                        restore_failed,
+                        *rollback_on_halt,
+                    )
                     .await;
             }
             if !bake.is_zero() {
                 self.note(format!("baking for {}", humantime::format_duration(*bake)));
-                tokio::time::sleep(*bake).await;
+                // An abort does not wait for the bake to end.
+                let mut control = self.control.subscribe();
+                let bake_end = tokio::time::sleep(*bake);
+                tokio::pin!(bake_end);
+                loop {
+                    tokio::select! {
+                        _ = &mut bake_end => break,
+                        changed = control.changed() => {
+                            if changed.is_err() || matches!(*control.borrow(), Control::Abort(_)) {
+                                break;
+                            }
+                        }
+                    }
+                }
             }
         }
         RolloutDone {
@@ -552,22 +637,30 @@ impl Rollout {
 
     /// Stops a deploy that went over its failure budget and, unless told
     /// not to, rolls the hosts it moved back to their previous release.
+    #[allow(clippy::too_many_arguments)]
     async fn halt(
         &self,
         shared: &Shared,
+        cause: Option<String>,
         failed: Vec<(HostName, String)>,
         moved: Vec<HostName>,
         reached: usize,
         mut rollback_failed: bool,
         rollback: bool,
     ) -> RolloutDone {
-        let (first, reason) = failed.first().cloned().expect("halted with a failure");
+        let (first, reason) = match (&cause, failed.first()) {
+            (Some(c), _) => (String::new(), c.clone()),
+            (None, Some((h, r))) => (h.to_string(), r.clone()),
+            (None, None) => (String::new(), "halted".into()),
+        };
         let mut rolled_back = Vec::new();
         if rollback && !moved.is_empty() {
-            self.note(format!(
-                "failure budget exceeded; rolling back {} moved host(s) in parallel",
-                moved.len()
-            ));
+            let why = if cause.is_some() {
+                "aborted"
+            } else {
+                "failure budget exceeded"
+            };
+            self.note(format!("{why}; rolling back {} moved host(s) in parallel", moved.len()));
             let results = join_all(moved.iter().map(|h| async move {
                 let r = match self.before.get(h).cloned().flatten() {
                     Some(to) => {
@@ -591,7 +684,7 @@ impl Rollout {
         }
         RolloutDone {
             succeeded: false,
-            failed_host: first.to_string(),
+            failed_host: first,
             reason,
             untouched_hosts: self.targets[reached..]
                 .iter()
@@ -784,6 +877,11 @@ pub async fn resume_all(shared: Arc<Shared>) {
             .unwrap()
             .insert((row.app.clone(), row.env.clone()), row.id.clone());
         let (tx, _) = broadcast::channel(4096);
+        let control = if row.state == "paused" {
+            Control::Pause("an operator, before the controller restarted".into())
+        } else {
+            Control::Run
+        };
         let rollout = Rollout {
             id: row.id.clone(),
             app,
@@ -793,6 +891,7 @@ pub async fn resume_all(shared: Arc<Shared>) {
             before: plan.before.into_iter().collect(),
             recorded,
             tx,
+            control: watch::channel(control).0,
         };
         tracing::warn!(
             rollout = %rollout.id,
@@ -801,4 +900,52 @@ pub async fn resume_all(shared: Arc<Shared>) {
         );
         rollout.launch(&shared, true);
     }
+}
+
+/// Applies an operator's pause, resume or abort to a running rollout;
+/// returns its state afterwards.
+pub fn control(shared: &Shared, id: &str, action: &str, who: &PeerIdentity) -> Result<String, Status> {
+    let live = shared.live.lock().unwrap();
+    let Some(l) = live.get(id) else {
+        return Err(match shared.db.rollout(id).map_err(internal)? {
+            Some(row) => Status::failed_precondition(format!("rollout {id} is not running (state: {})", row.state)),
+            None => Status::not_found(format!("no rollout {id}")),
+        });
+    };
+    let now = l.control.borrow().clone();
+    let next = match (action, &now) {
+        ("pause" | "resume" | "abort", Control::Abort(by)) => {
+            return Err(Status::failed_precondition(format!(
+                "rollout {id} is being aborted by {by}"
+            )))
+        }
+        ("pause", Control::Pause(_)) => return Ok("paused".into()),
+        ("pause", _) => Control::Pause(who.to_string()),
+        ("resume", Control::Run) => return Ok("running".into()),
+        ("resume", _) => Control::Run,
+        ("abort", _) => Control::Abort(who.to_string()),
+        (other, _) => return Err(invalid(format!("unknown action {other:?} (pause, resume or abort)"))),
+    };
+    let state = match &next {
+        Control::Run => "running",
+        Control::Pause(_) => "pausing before its next batch",
+        Control::Abort(_) => "aborting before its next batch",
+    };
+    tracing::info!(rollout = %id, by = %who, action, "rollout control");
+    l.control.send_replace(next);
+    Ok(state.into())
+}
+
+/// A running rollout's event stream, from now until it ends.
+pub fn watch(shared: &Shared, id: &str) -> Result<broadcast::Receiver<RolloutEvent>, Status> {
+    if let Some(l) = shared.live.lock().unwrap().get(id) {
+        return Ok(l.events.subscribe());
+    }
+    Err(match shared.db.rollout(id).map_err(internal)? {
+        Some(row) => Status::failed_precondition(format!(
+            "rollout {id} has ended (state: {}); see `convoy history --rollout {id}`",
+            row.state
+        )),
+        None => Status::not_found(format!("no rollout {id}")),
+    })
 }
