@@ -153,6 +153,8 @@ pub struct AppSpec {
     /// A version enters an environment only after it completed in the one
     /// listed before (default); false for independent environments.
     pub promotion: bool,
+    /// Environments whose rollouts wait for another operator's approval.
+    pub approval: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -195,6 +197,8 @@ struct RawSpec {
     allow_setid: bool,
     #[serde(default)]
     promotion: Option<bool>,
+    #[serde(default)]
+    approval: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -273,6 +277,14 @@ impl AppSpec {
                 .map_err(|err| invalid(&format!("environments[{i}]"), err.why.to_string()))?;
             if environments[..i].contains(e) {
                 return Err(invalid(&format!("environments[{i}]"), format!("{e:?} is listed twice")));
+            }
+        }
+        for (i, e) in raw.approval.iter().enumerate() {
+            if !environments.contains(e) {
+                return Err(invalid(
+                    &format!("approval[{i}]"),
+                    format!("{e:?} is not one of the environments ({})", environments.join(", ")),
+                ));
             }
         }
         if raw.selector.contains_key("env") {
@@ -472,6 +484,7 @@ impl AppSpec {
             environments,
             selector: raw.selector,
             promotion: raw.promotion.unwrap_or(true),
+            approval: raw.approval,
         })
     }
 }
@@ -575,6 +588,16 @@ interval = "200ms"
             ("type = \"http\"", "type = \"tcp\"\naddress = \"nope\""),
             "health.checks[0].address",
         );
+    }
+
+    #[test]
+    fn approval_names_an_environment() {
+        check_err(
+            ("[health]", "approval = [\"prod\"]\n[health]"),
+            "approval[0]: \"prod\" is not one of",
+        );
+        let text = GOOD.replace("[health]", "approval = [\"production\"]\n[health]");
+        assert_eq!(AppSpec::parse("demo.toml", &text).unwrap().approval, ["production"]);
     }
 
     #[test]

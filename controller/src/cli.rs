@@ -449,6 +449,7 @@ struct RolloutJson {
     state: String,
     reason: String,
     hotfix_reason: Option<String>,
+    approved_by: Option<String>,
     started_at_unix_ms: i64,
     finished_at_unix_ms: Option<i64>,
 }
@@ -514,6 +515,7 @@ pub async fn history(
                 state: r.state,
                 reason: r.reason,
                 hotfix_reason: Some(r.hotfix_reason).filter(|h| !h.is_empty()),
+                approved_by: Some(r.approved_by).filter(|a| !a.is_empty()),
                 started_at_unix_ms: r.started_at_unix_ms,
                 finished_at_unix_ms: Some(r.finished_at_unix_ms).filter(|t| *t > 0),
             })
@@ -552,6 +554,16 @@ pub async fn history(
     );
     for r in &out.rollouts {
         let mut reason = r.reason.clone();
+        if let Some(a) = &r.approved_by {
+            reason = format!(
+                "approved by {a}{}",
+                if reason.is_empty() {
+                    String::new()
+                } else {
+                    format!("; {reason}")
+                }
+            );
+        }
         if let Some(h) = &r.hotfix_reason {
             reason = format!(
                 "hotfix: {h}{}",

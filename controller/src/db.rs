@@ -30,7 +30,7 @@ CREATE TABLE IF NOT EXISTS releases (
 CREATE TABLE IF NOT EXISTS rollouts (
     id TEXT PRIMARY KEY, app TEXT NOT NULL, version TEXT NOT NULL, environment TEXT NOT NULL,
     kind TEXT NOT NULL, strategy TEXT NOT NULL, hotfix_reason TEXT NOT NULL DEFAULT '',
-    plan TEXT NOT NULL DEFAULT '',
+        plan TEXT NOT NULL DEFAULT '', approved_by TEXT NOT NULL DEFAULT '',
     operator TEXT NOT NULL, state TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '',
     started_at_ms INTEGER NOT NULL, finished_at_ms INTEGER);
 CREATE INDEX IF NOT EXISTS rollouts_by_app ON rollouts (app, started_at_ms);
@@ -146,9 +146,9 @@ impl Db {
     pub fn running_rollouts(&self) -> Result<Vec<(RolloutRow, String)>, DbError> {
         let conn = self.conn.lock().unwrap();
         let mut stmt = conn.prepare(&format!(
-            "SELECT {ROLLOUT_COLUMNS}, plan FROM rollouts WHERE state IN ('running', 'paused') ORDER BY started_at_ms"
+            "SELECT {ROLLOUT_COLUMNS}, plan FROM rollouts WHERE state IN ('running', 'paused', 'awaiting_approval') ORDER BY started_at_ms"
         ))?;
-        let rows = stmt.query_map([], |r| Ok((rollout_row(r)?, r.get(12)?)))?;
+        let rows = stmt.query_map([], |r| Ok((rollout_row(r)?, r.get(13)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
@@ -206,6 +206,15 @@ impl Db {
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Records who approved a rollout.
+    pub fn approve(&self, id: &str, by: &str) -> Result<(), DbError> {
+        self.conn
+            .lock()
+            .unwrap()
+            .execute("UPDATE rollouts SET approved_by = ?2 WHERE id = ?1", params![id, by])?;
+        Ok(())
     }
 
     /// Marks a rollout paused or running again.
@@ -273,10 +282,11 @@ pub struct RolloutRow {
     pub reason: String,
     pub started_at_ms: i64,
     pub finished_at_ms: Option<i64>,
+    pub approved_by: String,
 }
 
-const ROLLOUT_COLUMNS: &str =
-    "id, app, version, environment, kind, strategy, hotfix_reason, operator, state, reason, started_at_ms, finished_at_ms";
+const ROLLOUT_COLUMNS: &str = "id, app, version, environment, kind, strategy, hotfix_reason, operator, state, reason, \
+                               started_at_ms, finished_at_ms, approved_by";
 
 fn rollout_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RolloutRow> {
     Ok(RolloutRow {
@@ -292,6 +302,7 @@ fn rollout_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RolloutRow> {
         reason: r.get(9)?,
         started_at_ms: r.get(10)?,
         finished_at_ms: r.get(11)?,
+        approved_by: r.get(12)?,
     })
 }
 

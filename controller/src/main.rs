@@ -63,6 +63,8 @@ enum Cmd {
     Resume { rollout: String },
     /// Stop a rollout before its next batch and roll back the hosts it moved.
     Abort { rollout: String },
+    /// Approve a rollout waiting for approval (another operator started it).
+    Approve { rollout: String },
     /// Rollouts of an app, newest first; or one rollout in detail.
     History {
         app: Option<String>,
@@ -181,6 +183,7 @@ fn main() -> ExitCode {
         Cmd::Pause { rollout } => cli::report(rt.block_on(cli::control(&cli.conn, rollout, "pause"))),
         Cmd::Resume { rollout } => cli::report(rt.block_on(cli::control(&cli.conn, rollout, "resume"))),
         Cmd::Abort { rollout } => cli::report(rt.block_on(cli::control(&cli.conn, rollout, "abort"))),
+        Cmd::Approve { rollout } => cli::report(rt.block_on(cli::control(&cli.conn, rollout, "approve"))),
         Cmd::Deploy(args) => cli::report(rt.block_on(cli::deploy(&cli.conn, args))),
         Cmd::Rollback { app, env, to, hosts } => {
             cli::report(rt.block_on(cli::rollback(&cli.conn, app, env, to, hosts)))

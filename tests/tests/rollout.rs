@@ -460,3 +460,72 @@ fn pause_resume_abort_and_watch() -> Result<()> {
     assert_eq!(bed.convoy(&["watch", "nosuchrollout"])?.code, 4);
     Ok(())
 }
+
+/// An environment that needs approval: the rollout waits, before any host
+/// is touched, for an operator other than the one who started it.
+#[test]
+fn approval_by_another_operator() -> Result<()> {
+    let spec = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/testbed/demo.toml"))?
+        .replace("units = [", "approval = [\"production\"]\nunits = [");
+    let bed = Testbed::boot_spec(1, |_| "production".into(), &spec)?;
+    let pki = bed.dir.path().join("pki");
+    bed.convoy_ok(&["pki", "issue", "operator", "olivia", "--dir", pki.to_str().unwrap()])?;
+    let olivia = |args: &[&str]| {
+        let (cert, key) = (pki.join("olivia.pem"), pki.join("olivia.key"));
+        let mut all = vec!["--cert", cert.to_str().unwrap(), "--key", key.to_str().unwrap()];
+        all.extend_from_slice(args);
+        bed.convoy(&all)
+    };
+    bed.push_demo("1.0.0", "healthy")?;
+    let mut seen = Vec::new();
+    let mut deploy = bed.convoy_spawn(&["deploy", "demo", "1.0.0", "--env", "production"])?;
+    let lines = line_feed(&mut deploy);
+    let first = wait_line(&lines, "rollout ", &mut seen)?;
+    let id = first
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .trim_end_matches(':')
+        .to_owned();
+    wait_line(&lines, "production needs approval", &mut seen)?;
+    assert_eq!(
+        history(&bed, &["--rollout", &id])?["rollouts"][0]["state"],
+        "awaiting_approval"
+    );
+    assert_eq!(bed.hosts[0].serving(), None, "nothing before approval");
+
+    let out = bed.convoy(&["approve", &id])?;
+    assert_eq!(out.code, 4, "{out:?}");
+    assert!(
+        out.stderr.contains("started rollout") && out.stderr.contains("cannot approve it"),
+        "{}",
+        out.stderr
+    );
+
+    let out = olivia(&["approve", &id])?;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(deploy.wait()?.success(), "{}", seen.join("\n"));
+    assert_eq!(bed.hosts[0].serving().as_deref(), Some("1.0.0"));
+    let h = history(&bed, &["--rollout", &id])?;
+    assert_eq!(h["rollouts"][0]["approved_by"], "operator olivia (deployer)");
+    assert_eq!(h["rollouts"][0]["state"], "succeeded");
+
+    // Aborted while waiting: refused before it touched anything.
+    bed.push_demo("2.0.0", "healthy")?;
+    let mut deploy = bed.convoy_spawn(&["deploy", "demo", "2.0.0", "--env", "production"])?;
+    let lines = line_feed(&mut deploy);
+    let first = wait_line(&lines, "rollout ", &mut seen)?;
+    let id = first
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .trim_end_matches(':')
+        .to_owned();
+    wait_line(&lines, "needs approval", &mut seen)?;
+    assert_eq!(olivia(&["abort", &id])?.code, 0);
+    let out = deploy.wait_with_output()?;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("aborted by operator olivia (deployer)"));
+    assert_eq!(bed.hosts[0].serving().as_deref(), Some("1.0.0"));
+    Ok(())
+}

@@ -60,7 +60,7 @@ impl OperatorService for OperatorApi {
     type WatchStream = BoxStream<RolloutEvent>;
 
     async fn control(&self, req: Request<ControlRequest>) -> Result<Response<ControlReply>, Status> {
-        let id = operator(&req, Role::Deployer, "pause, resume or abort rollouts")?;
+        let id = operator(&req, Role::Deployer, "pause, resume, abort or approve rollouts")?;
         let r = req.into_inner();
         let state = rollout::control(&self.shared, &r.rollout_id, &r.action, &id)?;
         Ok(Response::new(ControlReply { state }))
@@ -189,6 +189,7 @@ impl OperatorService for OperatorApi {
             hotfix_reason: row.hotfix_reason,
             started_at_unix_ms: row.started_at_ms,
             finished_at_unix_ms: row.finished_at_ms.unwrap_or(0),
+            approved_by: row.approved_by,
         };
         if !r.rollout_id.is_empty() {
             let row = db

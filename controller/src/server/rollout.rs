@@ -68,6 +68,8 @@ struct Rollout {
 /// What an operator asked of a running rollout.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Control {
+    /// Waiting for an operator other than the requester to approve.
+    AwaitApproval(String),
     Run,
     /// Wait before the next batch; the string says who asked.
     Pause(String),
@@ -233,6 +235,9 @@ pub fn start_deploy(
         rollback_on_halt: !r.no_rollback,
     };
     let rollout = Rollout::new(shared, &app, &env, kind, targets)?;
+    if spec.approval.contains(&env) {
+        rollout.control.send_replace(Control::AwaitApproval(who.to_string()));
+    }
     shared
         .db
         .start_rollout(&NewRollout {
@@ -466,6 +471,19 @@ impl Rollout {
             let now = control.borrow_and_update().clone();
             match now {
                 Control::Run => return Ok(()),
+                Control::AwaitApproval(requester) => {
+                    self.note(format!(
+                        "{} needs approval: waiting for an operator other than {requester} to run `convoy approve {}`",
+                        self.env, self.id
+                    ));
+                    let _ = shared.db.set_rollout_state(&self.id, "awaiting_approval");
+                    if control.changed().await.is_err() {
+                        return Err("the rollout's control went away".into());
+                    }
+                    if *control.borrow() == Control::Run {
+                        let _ = shared.db.set_rollout_state(&self.id, "running");
+                    }
+                }
                 Control::Abort(who) => return Err(format!("aborted by {who}")),
                 Control::Pause(who) => {
                     self.note(format!("paused by {who}; waiting for resume or abort"));
@@ -528,6 +546,10 @@ impl Rollout {
         };
         let mut failed: Vec<(HostName, String)> = Vec::new();
         let mut restore_failed = false;
+        // Approval comes before anything is sent to any host.
+        if let Err(cause) = self.gate(shared).await {
+            return self.halt(shared, Some(cause), failed, vec![], 0, false, false).await;
+        }
 
         // ── pre-stage everywhere, bounded ──
         self.note(format!("pre-staging {} on {} host(s)", cmd.version, self.targets.len()));
@@ -877,10 +899,10 @@ pub async fn resume_all(shared: Arc<Shared>) {
             .unwrap()
             .insert((row.app.clone(), row.env.clone()), row.id.clone());
         let (tx, _) = broadcast::channel(4096);
-        let control = if row.state == "paused" {
-            Control::Pause("an operator, before the controller restarted".into())
-        } else {
-            Control::Run
+        let control = match row.state.as_str() {
+            "paused" => Control::Pause("an operator, before the controller restarted".into()),
+            "awaiting_approval" => Control::AwaitApproval(row.operator.clone()),
+            _ => Control::Run,
         };
         let rollout = Rollout {
             id: row.id.clone(),
@@ -913,7 +935,28 @@ pub fn control(shared: &Shared, id: &str, action: &str, who: &PeerIdentity) -> R
         });
     };
     let now = l.control.borrow().clone();
+    if let Control::AwaitApproval(requester) = &now {
+        return match action {
+            "approve" if *requester == who.to_string() => Err(Status::permission_denied(format!(
+                "{who} started rollout {id} and cannot approve it; another operator must"
+            ))),
+            "approve" => {
+                shared.db.approve(id, &who.to_string()).map_err(internal)?;
+                tracing::info!(rollout = %id, by = %who, "rollout approved");
+                l.control.send_replace(Control::Run);
+                Ok("approved; running".into())
+            }
+            "abort" => {
+                l.control.send_replace(Control::Abort(who.to_string()));
+                Ok("aborted before it started".into())
+            }
+            _ => Err(Status::failed_precondition(format!(
+                "rollout {id} is awaiting approval"
+            ))),
+        };
+    }
     let next = match (action, &now) {
+        ("approve", _) => return Err(Status::failed_precondition(format!("rollout {id} needs no approval"))),
         ("pause" | "resume" | "abort", Control::Abort(by)) => {
             return Err(Status::failed_precondition(format!(
                 "rollout {id} is being aborted by {by}"
@@ -924,10 +967,14 @@ pub fn control(shared: &Shared, id: &str, action: &str, who: &PeerIdentity) -> R
         ("resume", Control::Run) => return Ok("running".into()),
         ("resume", _) => Control::Run,
         ("abort", _) => Control::Abort(who.to_string()),
-        (other, _) => return Err(invalid(format!("unknown action {other:?} (pause, resume or abort)"))),
+        (other, _) => {
+            return Err(invalid(format!(
+                "unknown action {other:?} (pause, resume, abort or approve)"
+            )))
+        }
     };
     let state = match &next {
-        Control::Run => "running",
+        Control::AwaitApproval(_) | Control::Run => "running",
         Control::Pause(_) => "pausing before its next batch",
         Control::Abort(_) => "aborting before its next batch",
     };
