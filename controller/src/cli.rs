@@ -700,3 +700,127 @@ pub fn keys_generate(dir: &std::path::Path, name: &str) -> Result<(), Failure> {
     );
     Ok(())
 }
+
+/// The `--output json` shape of `convoy hosts`.
+#[derive(Serialize)]
+struct HostsJson {
+    hosts: Vec<HostEntryJson>,
+}
+
+#[derive(Serialize)]
+struct HostEntryJson {
+    host: String,
+    connected: bool,
+    labels: std::collections::BTreeMap<String, String>,
+    last_seen_unix_ms: i64,
+    apps: Vec<AppStatus>,
+}
+
+pub async fn hosts(conn: &Conn, json: bool) -> Result<(), Failure> {
+    let mut client = conn.connect().await?;
+    let reply = client.hosts(convoy_proto::HostsRequest {}).await?.into_inner();
+    let out = HostsJson {
+        hosts: reply
+            .hosts
+            .into_iter()
+            .map(|h| HostEntryJson {
+                host: h.host,
+                connected: h.connected,
+                labels: h.labels.into_iter().collect(),
+                last_seen_unix_ms: h.last_seen_unix_ms,
+                apps: h.apps.into_iter().filter_map(|a| AppStatus::try_from(a).ok()).collect(),
+            })
+            .collect(),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&out).expect("serialises"));
+        return Ok(());
+    }
+    println!(
+        "{:<16} {:<10} {:<21} {:<28} APPS",
+        "HOST", "CONNECTED", "LAST SEEN", "LABELS"
+    );
+    for h in &out.hosts {
+        let labels: Vec<String> = h.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let apps: Vec<String> = h
+            .apps
+            .iter()
+            .map(|a| {
+                format!(
+                    "{}={}",
+                    a.app,
+                    a.current.as_ref().map(|v| v.to_string()).unwrap_or_else(|| "-".into())
+                )
+            })
+            .collect();
+        println!(
+            "{:<16} {:<10} {:<21} {:<28} {}",
+            h.host,
+            if h.connected { "yes" } else { "no" },
+            when(h.last_seen_unix_ms),
+            labels.join(","),
+            apps.join(" ")
+        );
+    }
+    Ok(())
+}
+
+/// The `--output json` shape of `convoy releases`.
+#[derive(Serialize)]
+struct ReleasesJson {
+    app: String,
+    releases: Vec<ReleaseJson>,
+}
+
+#[derive(Serialize)]
+struct ReleaseJson {
+    version: String,
+    digest: String,
+    size: u64,
+    signed: bool,
+    pushed_by: String,
+    pushed_at_unix_ms: i64,
+}
+
+pub async fn releases(conn: &Conn, app: String, json: bool) -> Result<(), Failure> {
+    let mut client = conn.connect().await?;
+    let reply = client
+        .releases(convoy_proto::ReleasesRequest { app: app.clone() })
+        .await?
+        .into_inner();
+    let out = ReleasesJson {
+        app,
+        releases: reply
+            .releases
+            .into_iter()
+            .map(|r| ReleaseJson {
+                version: r.version,
+                digest: r.digest,
+                size: r.size,
+                signed: r.signed,
+                pushed_by: r.pushed_by,
+                pushed_at_unix_ms: r.pushed_at_unix_ms,
+            })
+            .collect(),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&out).expect("serialises"));
+        return Ok(());
+    }
+    println!(
+        "{:<14} {:<21} {:>12} {:<7} {:<30} SHA256",
+        "VERSION", "PUSHED", "BYTES", "SIGNED", "BY"
+    );
+    for r in &out.releases {
+        println!(
+            "{:<14} {:<21} {:>12} {:<7} {:<30} {}",
+            r.version,
+            when(r.pushed_at_unix_ms),
+            r.size,
+            if r.signed { "yes" } else { "no" },
+            r.pushed_by,
+            r.digest
+        );
+    }
+    Ok(())
+}

@@ -96,6 +96,26 @@ impl Db {
         get_release(&self.conn.lock().unwrap(), app, version)
     }
 
+    /// Every pushed release of `app`, newest first.
+    pub fn releases(&self, app: &AppName) -> Result<Vec<ReleaseRow>, DbError> {
+        let conn = self.conn.lock().unwrap();
+        let mut stmt = conn.prepare(
+            "SELECT version, digest, size, signature IS NOT NULL, pushed_by, pushed_at_ms FROM releases
+             WHERE app = ?1 ORDER BY pushed_at_ms DESC, rowid DESC",
+        )?;
+        let rows = stmt.query_map([app.as_str()], |r| {
+            Ok(ReleaseRow {
+                version: r.get(0)?,
+                digest: r.get(1)?,
+                size: r.get::<_, i64>(2)? as u64,
+                signed: r.get(3)?,
+                pushed_by: r.get(4)?,
+                pushed_at_ms: r.get(5)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     pub fn digest_known(&self, digest: &Digest) -> Result<bool, DbError> {
         let conn = self.conn.lock().unwrap();
         Ok(conn
@@ -249,6 +269,16 @@ impl Db {
         )?;
         Ok(())
     }
+}
+
+#[derive(Debug, Clone)]
+pub struct ReleaseRow {
+    pub version: String,
+    pub digest: String,
+    pub size: u64,
+    pub signed: bool,
+    pub pushed_by: String,
+    pub pushed_at_ms: i64,
 }
 
 /// A rollout about to start.

@@ -55,6 +55,17 @@ enum Cmd {
         #[arg(long, value_delimiter = ',')]
         hosts: Vec<String>,
     },
+    /// Every host the controller knows, with its labels and apps.
+    Hosts {
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// The releases pushed for an app, newest first.
+    Releases {
+        app: String,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
     /// Follow a running rollout's progress until it ends.
     Watch { rollout: String },
     /// Pause a running rollout before its next batch.
@@ -179,6 +190,10 @@ fn main() -> ExitCode {
             sign,
         }) => cli::report(rt.block_on(cli::push(&cli.conn, app, release, file, sign))),
         Cmd::Keys(KeysCmd::Generate { name, dir }) => cli::report(cli::keys_generate(&dir, &name)),
+        Cmd::Hosts { output } => cli::report(rt.block_on(cli::hosts(&cli.conn, matches!(output, Output::Json)))),
+        Cmd::Releases { app, output } => {
+            cli::report(rt.block_on(cli::releases(&cli.conn, app, matches!(output, Output::Json))))
+        }
         Cmd::Watch { rollout } => cli::report(rt.block_on(cli::watch(&cli.conn, rollout))),
         Cmd::Pause { rollout } => cli::report(rt.block_on(cli::control(&cli.conn, rollout, "pause"))),
         Cmd::Resume { rollout } => cli::report(rt.block_on(cli::control(&cli.conn, rollout, "resume"))),

@@ -52,6 +52,22 @@ fn scenario_a_rolling_v1_then_v2() -> Result<()> {
     assert_eq!(h["app"]["health"], "healthy");
     assert_eq!(h["app"]["releases"], serde_json::json!(["1.0.0", "2.0.0"]));
 
+    // Hosts and releases, as an operator lists them.
+    let hosts: serde_json::Value = serde_json::from_str(&bed.convoy_ok(&["hosts", "--output", "json"])?)?;
+    assert_eq!(hosts["hosts"].as_array().unwrap().len(), 3);
+    assert_eq!(hosts["hosts"][0]["labels"]["env"], "staging");
+    assert_eq!(hosts["hosts"][0]["apps"][0]["current"], "2.0.0");
+    let releases: serde_json::Value = serde_json::from_str(&bed.convoy_ok(&["releases", "demo", "--output", "json"])?)?;
+    let versions: Vec<&str> = releases["releases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["version"].as_str().unwrap())
+        .collect();
+    assert_eq!(versions, ["2.0.0", "1.0.0"], "newest first");
+    assert_eq!(releases["releases"][0]["signed"], false);
+    assert!(bed.convoy_ok(&["hosts"])?.contains("demo=2.0.0"));
+
     // The text view says the same.
     let text = bed.convoy_ok(&["status", "demo"])?;
     assert_eq!(

@@ -25,6 +25,33 @@ fn history(bed: &Testbed, args: &[&str]) -> Result<serde_json::Value> {
     Ok(serde_json::from_str(&bed.convoy_ok(&all)?)?)
 }
 
+/// Three hosts on 1.0.0, with 2.0.0 pushed and ready to roll.
+fn fleet_on_v1(n: usize) -> Result<Testbed> {
+    let bed = Testbed::boot(n)?;
+    bed.push_demo("1.0.0", "healthy")?;
+    bed.convoy_ok(&[
+        "deploy",
+        "demo",
+        "1.0.0",
+        "--env",
+        "staging",
+        "--strategy",
+        "all-at-once",
+    ])?;
+    bed.push_demo("2.0.0", "healthy")?;
+    Ok(bed)
+}
+
+/// The id in a rollout's first line: "rollout ID: ...".
+fn rollout_id(first_line: &str) -> String {
+    first_line
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or("")
+        .trim_end_matches(':')
+        .to_owned()
+}
+
 #[test]
 fn canary_budget_halt_and_manual_rollback() -> Result<()> {
     let bed = Testbed::boot(5)?;
@@ -66,7 +93,7 @@ fn canary_budget_halt_and_manual_rollback() -> Result<()> {
     assert!(out.contains("batch 2: host2, host3, host4, host5"), "{out}");
     assert!(out.contains("-- baking for 2s"), "{out}");
     assert_eq!(serving(&bed), ["2.0.0"; 5]);
-    let id = out.split_whitespace().nth(1).unwrap().trim_end_matches(':').to_owned();
+    let id = rollout_id(&out);
     let detail = history(&bed, &["--rollout", &id])?;
     let at = |host: &str, step: &str| -> i64 {
         detail["events"]
@@ -214,40 +241,16 @@ fn controller_killed_while_pre_staging_resumes() -> Result<()> {
 }
 
 fn controller_killed_mid_rollout(after_first_activation: bool) -> Result<()> {
-    use std::io::{BufRead, BufReader};
-    let mut bed = Testbed::boot(3)?;
-    bed.push_demo("1.0.0", "healthy")?;
-    bed.convoy_ok(&[
-        "deploy",
-        "demo",
-        "1.0.0",
-        "--env",
-        "staging",
-        "--strategy",
-        "all-at-once",
-    ])?;
-    bed.push_demo("2.0.0", "healthy")?;
-
+    let mut bed = fleet_on_v1(3)?;
     let mut child = bed.convoy_spawn(&["deploy", "demo", "2.0.0", "--env", "staging"])?;
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut id = String::new();
-    let mut batches = false;
-    for line in lines.by_ref() {
-        let line = line?;
-        if id.is_empty() {
-            id = line
-                .split_whitespace()
-                .nth(1)
-                .unwrap_or("")
-                .trim_end_matches(':')
-                .to_owned();
-        }
+    let lines = line_feed(&mut child);
+    let mut seen = Vec::new();
+    let id = rollout_id(&wait_line(&lines, "rollout ", &mut seen)?);
+    if after_first_activation {
         // Pre-staging results look the same; wait for the batches.
-        batches |= line.starts_with("-- batch 1/");
-        if (batches || !after_first_activation) && line.contains("[host1] => succeeded") {
-            break;
-        }
+        wait_line(&lines, "-- batch 1/", &mut seen)?;
     }
+    wait_line(&lines, "[host1] => succeeded", &mut seen)?;
     // host1 has committed 2.0.0 (or, in the other case, has pre-staged
     // it). The controller dies now.
     let invocation = bed.hosts[0].unit_property("demo.service", "InvocationID")?;
@@ -295,31 +298,11 @@ fn controller_killed_mid_rollout(after_first_activation: bool) -> Result<()> {
 /// reconciled into the rollout, which then goes on.
 #[test]
 fn host_cut_off_mid_rollout_is_reconciled() -> Result<()> {
-    use std::io::{BufRead, BufReader};
-    let bed = Testbed::boot(3)?;
-    bed.push_demo("1.0.0", "healthy")?;
-    bed.convoy_ok(&[
-        "deploy",
-        "demo",
-        "1.0.0",
-        "--env",
-        "staging",
-        "--strategy",
-        "all-at-once",
-    ])?;
-    bed.push_demo("2.0.0", "healthy")?;
-
+    let bed = fleet_on_v1(3)?;
     let mut child = bed.convoy_spawn(&["deploy", "demo", "2.0.0", "--env", "staging"])?;
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let lines = line_feed(&mut child);
     let mut seen = Vec::new();
-    for line in lines.by_ref() {
-        let line = line?;
-        let cut = line.contains("[host2] switch   started");
-        seen.push(line);
-        if cut {
-            break;
-        }
-    }
+    wait_line(&lines, "[host2] switch   started", &mut seen)?;
     // host2's port on the bridge goes down mid-activation.
     let port = format!("vb-{}", bed.hosts[1].machine);
     let ip = |state: &str| {
@@ -333,9 +316,9 @@ fn host_cut_off_mid_rollout_is_reconciled() -> Result<()> {
     assert!(ip("up")?.success());
     assert!(disconnected, "the controller noticed host2 was gone");
 
-    seen.extend(lines.map_while(|l| l.ok()));
-    let out = seen.join("\n");
     let status = child.wait()?;
+    seen.extend(lines.iter());
+    let out = seen.join("\n");
     assert!(status.success(), "{out}");
     assert!(
         out.contains("[host2] => succeeded"),
@@ -377,31 +360,14 @@ fn wait_line(rx: &std::sync::mpsc::Receiver<String>, what: &str, seen: &mut Vec<
 
 #[test]
 fn pause_resume_abort_and_watch() -> Result<()> {
-    let bed = Testbed::boot(3)?;
-    bed.push_demo("1.0.0", "healthy")?;
-    bed.convoy_ok(&[
-        "deploy",
-        "demo",
-        "1.0.0",
-        "--env",
-        "staging",
-        "--strategy",
-        "all-at-once",
-    ])?;
-    bed.push_demo("2.0.0", "healthy")?;
+    let bed = fleet_on_v1(3)?;
     bed.push_demo("3.0.0", "healthy")?;
     let mut seen = Vec::new();
 
     // Pause during batch 1: the rollout waits before batch 2.
     let mut deploy = bed.convoy_spawn(&["deploy", "demo", "2.0.0", "--env", "staging"])?;
     let lines = line_feed(&mut deploy);
-    let first = wait_line(&lines, "rollout ", &mut seen)?;
-    let id = first
-        .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .trim_end_matches(':')
-        .to_owned();
+    let id = rollout_id(&wait_line(&lines, "rollout ", &mut seen)?);
     wait_line(&lines, "-- batch 1/3", &mut seen)?;
     let out = bed.convoy_ok(&["pause", &id])?;
     assert!(out.contains("pausing before its next batch"), "{out}");
@@ -428,13 +394,7 @@ fn pause_resume_abort_and_watch() -> Result<()> {
     // Abort after the first batch: halt and roll back what moved.
     let mut deploy = bed.convoy_spawn(&["deploy", "demo", "3.0.0", "--env", "staging"])?;
     let lines = line_feed(&mut deploy);
-    let first = wait_line(&lines, "rollout ", &mut seen)?;
-    let id = first
-        .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .trim_end_matches(':')
-        .to_owned();
+    let id = rollout_id(&wait_line(&lines, "rollout ", &mut seen)?);
     wait_line(&lines, "-- batch 1/3", &mut seen)?;
     assert!(bed.convoy_ok(&["abort", &id])?.contains("aborting"));
     let out = deploy.wait_with_output()?;
@@ -480,13 +440,7 @@ fn approval_by_another_operator() -> Result<()> {
     let mut seen = Vec::new();
     let mut deploy = bed.convoy_spawn(&["deploy", "demo", "1.0.0", "--env", "production"])?;
     let lines = line_feed(&mut deploy);
-    let first = wait_line(&lines, "rollout ", &mut seen)?;
-    let id = first
-        .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .trim_end_matches(':')
-        .to_owned();
+    let id = rollout_id(&wait_line(&lines, "rollout ", &mut seen)?);
     wait_line(&lines, "production needs approval", &mut seen)?;
     assert_eq!(
         history(&bed, &["--rollout", &id])?["rollouts"][0]["state"],
@@ -514,13 +468,7 @@ fn approval_by_another_operator() -> Result<()> {
     bed.push_demo("2.0.0", "healthy")?;
     let mut deploy = bed.convoy_spawn(&["deploy", "demo", "2.0.0", "--env", "production"])?;
     let lines = line_feed(&mut deploy);
-    let first = wait_line(&lines, "rollout ", &mut seen)?;
-    let id = first
-        .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .trim_end_matches(':')
-        .to_owned();
+    let id = rollout_id(&wait_line(&lines, "rollout ", &mut seen)?);
     wait_line(&lines, "needs approval", &mut seen)?;
     assert_eq!(olivia(&["abort", &id])?.code, 0);
     let out = deploy.wait_with_output()?;

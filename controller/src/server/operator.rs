@@ -8,9 +8,9 @@ use convoy_common::spec::AppSpec;
 use convoy_common::{AppName, Version};
 use convoy_proto::operator_service_server::OperatorService;
 use convoy_proto::{
-    push_request, ControlReply, ControlRequest, DeployRequest, EventRecord, HistoryReply, HistoryRequest, HostRecord,
-    HostStatus, PushReply, PushRequest, RollbackRequest, RolloutEvent, RolloutRecord, StatusReply, StatusRequest,
-    WatchRequest,
+    push_request, ControlReply, ControlRequest, DeployRequest, EventRecord, HistoryReply, HistoryRequest, HostInfo,
+    HostRecord, HostStatus, HostsReply, HostsRequest, PushReply, PushRequest, ReleaseInfo, ReleasesReply,
+    ReleasesRequest, RollbackRequest, RolloutEvent, RolloutRecord, StatusReply, StatusRequest, WatchRequest,
 };
 use futures::Stream;
 use tokio_stream::StreamExt;
@@ -58,6 +58,49 @@ impl OperatorService for OperatorApi {
     type DeployStream = BoxStream<RolloutEvent>;
     type RollbackStream = BoxStream<RolloutEvent>;
     type WatchStream = BoxStream<RolloutEvent>;
+
+    async fn hosts(&self, req: Request<HostsRequest>) -> Result<Response<HostsReply>, Status> {
+        operator(&req, Role::Viewer, "list hosts")?;
+        let hosts = self
+            .shared
+            .registry
+            .hosts()
+            .into_iter()
+            .map(|h| {
+                let mut apps: Vec<_> = h.apps.values().map(Into::into).collect();
+                apps.sort_by(|a: &convoy_proto::AppState, b| a.app.cmp(&b.app));
+                HostInfo {
+                    host: h.name.to_string(),
+                    connected: h.session.is_some(),
+                    labels: h.labels.into_iter().collect(),
+                    last_seen_unix_ms: h.last_seen_ms,
+                    apps,
+                }
+            })
+            .collect();
+        Ok(Response::new(HostsReply { hosts }))
+    }
+
+    async fn releases(&self, req: Request<ReleasesRequest>) -> Result<Response<ReleasesReply>, Status> {
+        operator(&req, Role::Viewer, "list releases")?;
+        let app = arg("app", AppName::new(req.into_inner().app))?;
+        let releases = self
+            .shared
+            .db
+            .releases(&app)
+            .map_err(internal)?
+            .into_iter()
+            .map(|r| ReleaseInfo {
+                version: r.version,
+                digest: r.digest,
+                size: r.size,
+                signed: r.signed,
+                pushed_by: r.pushed_by,
+                pushed_at_unix_ms: r.pushed_at_ms,
+            })
+            .collect();
+        Ok(Response::new(ReleasesReply { releases }))
+    }
 
     async fn control(&self, req: Request<ControlRequest>) -> Result<Response<ControlReply>, Status> {
         let id = operator(&req, Role::Deployer, "pause, resume, abort or approve rollouts")?;
