@@ -19,6 +19,8 @@ struct Raw {
     host_timeout: String,
     #[serde(default)]
     log_level: Option<String>,
+    #[serde(default)]
+    webhooks: Vec<String>,
 }
 
 fn default_host_timeout() -> String {
@@ -38,6 +40,8 @@ pub struct Config {
     /// Longest a single host's activation may take before it counts as failed.
     pub host_timeout: Duration,
     pub log_level: Option<String>,
+    /// URLs POSTed to on rollout start, success, failure and rollback.
+    pub webhooks: Vec<String>,
 }
 
 impl Config {
@@ -55,7 +59,11 @@ impl Config {
             .map_err(|e| anyhow::anyhow!("{file}: listen: {:?} is not an address:port ({e})", raw.listen))?;
         let host_timeout = humantime::parse_duration(&raw.host_timeout)
             .map_err(|e| anyhow::anyhow!("{file}: host_timeout: {:?}: {e}", raw.host_timeout))?;
+        for (i, url) in raw.webhooks.iter().enumerate() {
+            crate::webhooks::check_url(url).map_err(|e| anyhow::anyhow!("{file}: webhooks[{i}]: {e}"))?;
+        }
         Ok(Config {
+            webhooks: raw.webhooks,
             listen,
             data_dir: raw.data_dir,
             apps_dir: raw.apps_dir,

@@ -7,6 +7,7 @@ mod config;
 mod db;
 mod pki;
 mod server;
+mod webhooks;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -477,3 +477,93 @@ fn approval_by_another_operator() -> Result<()> {
     assert_eq!(bed.hosts[0].serving().as_deref(), Some("1.0.0"));
     Ok(())
 }
+
+/// A webhook receiver on loopback: answers 200 and hands each JSON body on.
+fn webhook_receiver() -> Result<(u16, std::sync::mpsc::Receiver<serde_json::Value>)> {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = listener.local_addr()?.port();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().map_while(|s| s.ok()) {
+            let mut reader = BufReader::new(stream);
+            let mut len = 0usize;
+            let mut line = String::new();
+            while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+                line.clear();
+            }
+            let mut body = vec![0; len];
+            if reader.read_exact(&mut body).is_err() {
+                continue;
+            }
+            let _ = reader
+                .get_mut()
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+            if let Ok(v) = serde_json::from_slice(&body) {
+                if tx.send(v).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    Ok((port, rx))
+}
+
+/// Webhooks hear a rollout start, succeed and fail, with a chat-ready
+/// `text`; a webhook that is down delays and fails nothing.
+#[test]
+fn webhooks_notify_and_never_block() -> Result<()> {
+    let (port, hooks) = webhook_receiver()?;
+    let mut bed = Testbed::boot(1)?;
+    // Nothing listens on port 1: that webhook fails on every attempt.
+    let conf = bed.dir.path().join("controller/controller.toml");
+    let text = std::fs::read_to_string(&conf)?;
+    std::fs::write(
+        &conf,
+        format!("webhooks = [\"http://127.0.0.1:{port}/hook\", \"http://127.0.0.1:1/down\"]\n{text}"),
+    )?;
+    bed.kill_controller();
+    bed.start_controller()?;
+    bed.wait_connected(1)?;
+
+    bed.push_demo("1.0.0", "healthy")?;
+    bed.convoy_ok(&["deploy", "demo", "1.0.0", "--env", "staging"])?;
+    let next = || hooks.recv_timeout(std::time::Duration::from_secs(15));
+    let started = next()?;
+    assert_eq!(started["event"], "rollout_started");
+    assert_eq!(started["app"], "demo");
+    assert_eq!(started["version"], "1.0.0");
+    assert_eq!(started["environment"], "staging");
+    assert_eq!(started["operator"], "operator operator (deployer)");
+    let done = next()?;
+    assert_eq!(done["event"], "rollout_succeeded");
+    assert_eq!(done["rollout_id"], started["rollout_id"]);
+    assert!(
+        done["text"]
+            .as_str()
+            .unwrap()
+            .contains("deploy of demo 1.0.0 to staging"),
+        "{done}"
+    );
+
+    bed.push_demo("2.0.0", "unhealthy")?;
+    assert_eq!(bed.convoy(&["deploy", "demo", "2.0.0", "--env", "staging"])?.code, 1);
+    assert_eq!(next()?["event"], "rollout_started");
+    let failed = next()?;
+    assert_eq!(failed["event"], "rollout_failed");
+    assert_eq!(failed["failed_hosts"], serde_json::json!(["host1"]));
+    assert!(
+        failed["text"].as_str().unwrap().contains("health check failed"),
+        "{failed}"
+    );
+
+    // The dead webhook was retried and given up on, in the background.
+    std::thread::sleep(std::time::Duration::from_secs(8));
+    let log = bed.controller_log();
+    assert!(log.contains("webhook gave up after 4 attempts"), "{log}");
+    assert_eq!(bed.hosts[0].serving().as_deref(), Some("1.0.0"));
+    Ok(())
+}

@@ -34,6 +34,7 @@ pub struct Shared {
     pub running: Mutex<HashMap<(String, String), String>>,
     /// Running rollouts by id: their event stream and their control.
     pub live: Mutex<HashMap<String, rollout::Live>>,
+    pub notifier: crate::webhooks::Notifier,
 }
 
 /// The verified identity of the caller, if its kind is allowed here.
@@ -86,6 +87,7 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'sta
         .await
         .with_context(|| format!("binding {}", cfg.listen))?;
     let addr = listener.local_addr()?;
+    let cfg_webhooks = cfg.webhooks.clone();
     let shared = Arc::new(Shared {
         cfg,
         db,
@@ -93,6 +95,7 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'sta
         registry: Arc::new(registry::Registry::default()),
         running: Mutex::new(HashMap::new()),
         live: Mutex::new(HashMap::new()),
+        notifier: crate::webhooks::Notifier::new(cfg_webhooks),
     });
     tracing::info!(%addr, "controller listening");
     tokio::spawn(rollout::resume_all(shared.clone()));

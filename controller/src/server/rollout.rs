@@ -53,6 +53,8 @@ enum Kind {
 
 struct Rollout {
     id: String,
+    /// Who started it, as their certificate says.
+    operator: String,
     app: AppName,
     env: String,
     kind: Kind,
@@ -234,7 +236,7 @@ pub fn start_deploy(
         budget,
         rollback_on_halt: !r.no_rollback,
     };
-    let rollout = Rollout::new(shared, &app, &env, kind, targets)?;
+    let rollout = Rollout::new(shared, &who, &app, &env, kind, targets)?;
     if spec.approval.contains(&env) {
         rollout.control.send_replace(Control::AwaitApproval(who.to_string()));
     }
@@ -327,7 +329,7 @@ pub fn start_rollback(
         )));
     }
     let targets_n = targets.len();
-    let rollout = Rollout::new(shared, &app, &env, Kind::Rollback { to: to.clone() }, targets)?;
+    let rollout = Rollout::new(shared, &who, &app, &env, Kind::Rollback { to: to.clone() }, targets)?;
     let version = to.as_ref().map(|v| v.to_string()).unwrap_or_else(|| "previous".into());
     shared
         .db
@@ -358,7 +360,14 @@ pub fn start_rollback(
 
 impl Rollout {
     /// Claims the (app, environment) slot: one rollout at a time there.
-    fn new(shared: &Shared, app: &AppName, env: &str, kind: Kind, targets: Vec<HostEntry>) -> Result<Self, Status> {
+    fn new(
+        shared: &Shared,
+        who: &PeerIdentity,
+        app: &AppName,
+        env: &str,
+        kind: Kind,
+        targets: Vec<HostEntry>,
+    ) -> Result<Self, Status> {
         let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
         {
             let mut running = shared.running.lock().unwrap();
@@ -377,6 +386,7 @@ impl Rollout {
         let (tx, _) = broadcast::channel(4096);
         Ok(Rollout {
             id,
+            operator: who.to_string(),
             app: app.clone(),
             env: env.to_owned(),
             kind,
@@ -440,6 +450,8 @@ impl Rollout {
         tokio::spawn(async move {
             if resumed {
                 self.await_hosts(&shared).await;
+            } else {
+                shared.notifier.send(self.payload("rollout_started", None));
             }
             let done = match &self.kind {
                 Kind::Deploy { .. } => self.run_deploy(&shared).await,
@@ -460,8 +472,49 @@ impl Rollout {
                 .remove(&(self.app.to_string(), self.env.clone()));
             shared.live.lock().unwrap().remove(&self.id);
             tracing::info!(rollout = %self.id, state, reason = %done.reason, "rollout finished");
+            let event = match state {
+                "succeeded" => "rollout_succeeded",
+                "rolled_back" => "rollout_rolled_back",
+                _ => "rollout_failed",
+            };
+            shared.notifier.send(self.payload(event, Some(&done)));
             self.emit(rollout_event::Body::Done(done));
         });
+    }
+
+    /// The webhook payload for `event`.
+    fn payload(&self, event: &'static str, done: Option<&RolloutDone>) -> crate::webhooks::Payload {
+        let (kind, version) = match &self.kind {
+            Kind::Deploy { cmd, .. } => ("deploy", cmd.version.to_string()),
+            Kind::Rollback { to } => ("rollback", to.as_ref().map_or("previous".into(), |v| v.to_string())),
+        };
+        let what = format!("{kind} of {} {version} to {} (rollout {})", self.app, self.env, self.id);
+        let text = match (event, done) {
+            ("rollout_started", _) => format!("convoy: {what} started by {}", self.operator),
+            ("rollout_succeeded", _) => format!("convoy: {what} succeeded"),
+            (_, Some(d)) => {
+                let mut t = format!("convoy: {what} failed: {}", d.reason);
+                if !d.rolled_back_hosts.is_empty() {
+                    t.push_str(&format!("; rolled back {}", d.rolled_back_hosts.join(", ")));
+                }
+                t
+            }
+            _ => format!("convoy: {what}: {event}"),
+        };
+        crate::webhooks::Payload {
+            event,
+            rollout_id: self.id.clone(),
+            app: self.app.to_string(),
+            version,
+            environment: self.env.clone(),
+            kind,
+            operator: self.operator.clone(),
+            reason: done.map(|d| d.reason.clone()).unwrap_or_default(),
+            failed_hosts: done.map(|d| d.failed_hosts.clone()).unwrap_or_default(),
+            rolled_back_hosts: done.map(|d| d.rolled_back_hosts.clone()).unwrap_or_default(),
+            at_unix_ms: convoy_common::ops::now_unix_ms(),
+            text,
+        }
     }
 
     /// Before a batch: waits while paused; says why when aborted.
@@ -906,6 +959,7 @@ pub async fn resume_all(shared: Arc<Shared>) {
         };
         let rollout = Rollout {
             id: row.id.clone(),
+            operator: row.operator.clone(),
             app,
             env: row.env.clone(),
             kind: plan.kind,
