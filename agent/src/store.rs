@@ -302,7 +302,7 @@ impl Store {
 
     /// Remembers a result no controller has acknowledged (bounded).
     pub fn push_unreported(&self, report: &OpReport) -> Result<(), StoreError> {
-        let mut all = self.read_unreported();
+        let mut all = self.unreported();
         all.retain(|r| r.op_id != report.op_id);
         all.push(report.clone());
         let keep = all.len().saturating_sub(32);
@@ -311,16 +311,12 @@ impl Store {
         fsutil::write_atomic(&path, &serde_json::to_vec(&all).expect("serialises"), 0o600).map_err(io_at(&path))
     }
 
-    fn read_unreported(&self) -> Vec<OpReport> {
+    /// The latest results, repeated in every hello so that none is lost
+    /// to a dropped session; the controller ignores those it has seen.
+    pub fn unreported(&self) -> Vec<OpReport> {
         fs::read(self.unreported_path())
             .ok()
             .and_then(|d| serde_json::from_slice(&d).ok())
             .unwrap_or_default()
-    }
-
-    /// The latest results, repeated in every hello so that none is lost
-    /// to a dropped session; the controller ignores those it has seen.
-    pub fn unreported(&self) -> Vec<OpReport> {
-        self.read_unreported()
     }
 }

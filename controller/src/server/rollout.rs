@@ -38,7 +38,7 @@ use crate::db::NewRollout;
 /// Hosts staged at once during pre-staging.
 const PRESTAGE_PARALLEL: usize = 8;
 
-#[derive(Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 enum Kind {
     Deploy {
         cmd: Box<ActivateCommand>,
@@ -409,20 +409,7 @@ impl Rollout {
 
     fn saved_plan(&self) -> String {
         let plan = SavedPlan {
-            kind: match &self.kind {
-                Kind::Deploy {
-                    cmd,
-                    strategy,
-                    budget,
-                    rollback_on_halt,
-                } => Kind::Deploy {
-                    cmd: cmd.clone(),
-                    strategy: strategy.clone(),
-                    budget: *budget,
-                    rollback_on_halt: *rollback_on_halt,
-                },
-                Kind::Rollback { to } => Kind::Rollback { to: to.clone() },
-            },
+            kind: self.kind.clone(),
             targets: self.targets.clone(),
             before: self.before.iter().map(|(h, v)| (h.clone(), v.clone())).collect(),
         };
