@@ -824,3 +824,60 @@ pub async fn releases(conn: &Conn, app: String, json: bool) -> Result<(), Failur
     }
     Ok(())
 }
+
+/// The `--output json` shape of `convoy report`.
+#[derive(Serialize)]
+struct ReportJson {
+    app: String,
+    since_unix_ms: i64,
+    deploys: u32,
+    failed_deploys: u32,
+    deploys_per_day: f64,
+    change_failure_rate: Option<f64>,
+    mean_time_to_restore_secs: Option<f64>,
+    restores_measured: u32,
+}
+
+pub async fn delivery_report(conn: &Conn, app: String, since: std::time::Duration, json: bool) -> Result<(), Failure> {
+    let mut client = conn.connect().await?;
+    let r = client
+        .report(convoy_proto::ReportRequest {
+            app: app.clone(),
+            since_secs: since.as_secs(),
+        })
+        .await?
+        .into_inner();
+    let out = ReportJson {
+        app,
+        since_unix_ms: r.since_unix_ms,
+        deploys: r.deploys,
+        failed_deploys: r.failed_deploys,
+        deploys_per_day: r.deploys_per_day,
+        change_failure_rate: r.change_failure_rate,
+        mean_time_to_restore_secs: r.mean_time_to_restore_secs,
+        restores_measured: r.restores_measured,
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&out).expect("serialises"));
+        return Ok(());
+    }
+    println!("{} since {}", out.app, when(out.since_unix_ms));
+    println!(
+        "  deploys:              {} ({} failed)",
+        out.deploys, out.failed_deploys
+    );
+    println!("  deploy frequency:     {:.2} per day", out.deploys_per_day);
+    match out.change_failure_rate {
+        Some(r) => println!("  change failure rate:  {:.0}%", r * 100.0),
+        None => println!("  change failure rate:  - (no finished deploys)"),
+    }
+    match out.mean_time_to_restore_secs {
+        Some(s) => println!(
+            "  mean time to restore: {} (over {} failure(s))",
+            humantime::format_duration(std::time::Duration::from_secs(s.round() as u64)),
+            out.restores_measured
+        ),
+        None => println!("  mean time to restore: - (no restored failure)"),
+    }
+    Ok(())
+}

@@ -172,6 +172,25 @@ impl Db {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// Delivery figures for `app` from its finished rollouts since `since_ms`.
+    pub fn report(&self, app: &AppName, since_ms: i64, now_ms: i64) -> Result<Report, DbError> {
+        let conn = self.conn.lock().unwrap();
+        let mut stmt = conn.prepare(
+            "SELECT environment, kind, state, finished_at_ms FROM rollouts
+             WHERE app = ?1 AND finished_at_ms IS NOT NULL AND finished_at_ms >= ?2 ORDER BY finished_at_ms",
+        )?;
+        let rows = stmt.query_map(params![app.as_str(), since_ms], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, i64>(3)?,
+            ))
+        })?;
+        let rows: Vec<(String, String, String, i64)> = rows.collect::<Result<_, _>>()?;
+        Ok(Report::from_rows(&rows, since_ms, now_ms))
+    }
+
     /// Rollouts of `app`, newest first.
     pub fn history(&self, app: &AppName, limit: u32) -> Result<Vec<RolloutRow>, DbError> {
         let conn = self.conn.lock().unwrap();
@@ -281,6 +300,49 @@ pub struct ReleaseRow {
     pub pushed_at_ms: i64,
 }
 
+/// Delivery figures (the DORA metrics convoy can know).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Report {
+    pub deploys: u32,
+    pub failed_deploys: u32,
+    /// Successful deploys per day over the window.
+    pub deploys_per_day: f64,
+    /// Failed or rolled-back deploys over all finished deploys.
+    pub change_failure_rate: Option<f64>,
+    /// From a failed deploy's end to the next successful rollout (deploy or
+    /// rollback) in the same environment, averaged.
+    pub mean_time_to_restore_secs: Option<f64>,
+    pub restores_measured: u32,
+}
+
+impl Report {
+    /// `rows`: (environment, kind, state, finished_at_ms), oldest first.
+    pub fn from_rows(rows: &[(String, String, String, i64)], since_ms: i64, now_ms: i64) -> Report {
+        let deploys: Vec<_> = rows.iter().filter(|r| r.1 == "deploy").collect();
+        let succeeded = deploys.iter().filter(|r| r.2 == "succeeded").count() as u32;
+        let failed = deploys
+            .iter()
+            .filter(|r| r.2 == "failed" || r.2 == "rolled_back")
+            .count() as u32;
+        let days = ((now_ms - since_ms).max(1) as f64) / 86_400_000.0;
+        let mut restores = Vec::new();
+        for f in deploys.iter().filter(|r| r.2 != "succeeded") {
+            if let Some(next) = rows.iter().find(|r| r.0 == f.0 && r.2 == "succeeded" && r.3 >= f.3) {
+                restores.push((next.3 - f.3) as f64 / 1000.0);
+            }
+        }
+        Report {
+            deploys: succeeded + failed,
+            failed_deploys: failed,
+            deploys_per_day: succeeded as f64 / days,
+            change_failure_rate: (succeeded + failed > 0).then(|| failed as f64 / (succeeded + failed) as f64),
+            mean_time_to_restore_secs: (!restores.is_empty())
+                .then(|| restores.iter().sum::<f64>() / restores.len() as f64),
+            restores_measured: restores.len() as u32,
+        }
+    }
+}
+
 /// A rollout about to start.
 pub struct NewRollout<'a> {
     pub id: &'a str,
@@ -383,6 +445,33 @@ fn outcome_name(o: convoy_common::ops::Outcome) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn row(env: &str, kind: &str, state: &str, at_s: i64) -> (String, String, String, i64) {
+        (env.into(), kind.into(), state.into(), at_s * 1000)
+    }
+
+    #[test]
+    fn report_figures() {
+        const DAY: i64 = 86_400;
+        let rows = [
+            row("prod", "deploy", "succeeded", 100),
+            row("prod", "deploy", "rolled_back", 200),
+            row("staging", "deploy", "succeeded", 250),
+            row("prod", "rollback", "succeeded", 260), // restores prod 60 s after
+            row("prod", "deploy", "failed", 300),
+            row("prod", "deploy", "succeeded", 420), // restores prod 120 s after
+        ];
+        let r = Report::from_rows(&rows, 0, 2 * DAY * 1000);
+        assert_eq!((r.deploys, r.failed_deploys, r.restores_measured), (5, 2, 2));
+        assert_eq!(r.deploys_per_day, 1.5);
+        assert_eq!(r.change_failure_rate, Some(0.4));
+        assert_eq!(r.mean_time_to_restore_secs, Some(90.0));
+        let empty = Report::from_rows(&[], 0, DAY * 1000);
+        assert_eq!(
+            (empty.change_failure_rate, empty.mean_time_to_restore_secs),
+            (None, None)
+        );
+    }
 
     #[test]
     fn versions_are_immutable() {

@@ -56,6 +56,15 @@ enum Cmd {
         #[arg(long, value_delimiter = ',')]
         hosts: Vec<String>,
     },
+    /// Deploy frequency, change failure rate and mean time to restore.
+    Report {
+        app: String,
+        /// The window, counted back from now.
+        #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
+        since: std::time::Duration,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
     /// Every host the controller knows, with its labels and apps.
     Hosts {
         #[arg(long, value_enum, default_value = "text")]
@@ -191,6 +200,12 @@ fn main() -> ExitCode {
             sign,
         }) => cli::report(rt.block_on(cli::push(&cli.conn, app, release, file, sign))),
         Cmd::Keys(KeysCmd::Generate { name, dir }) => cli::report(cli::keys_generate(&dir, &name)),
+        Cmd::Report { app, since, output } => cli::report(rt.block_on(cli::delivery_report(
+            &cli.conn,
+            app,
+            since,
+            matches!(output, Output::Json),
+        ))),
         Cmd::Hosts { output } => cli::report(rt.block_on(cli::hosts(&cli.conn, matches!(output, Output::Json)))),
         Cmd::Releases { app, output } => {
             cli::report(rt.block_on(cli::releases(&cli.conn, app, matches!(output, Output::Json))))

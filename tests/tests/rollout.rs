@@ -157,6 +157,24 @@ fn canary_budget_halt_and_manual_rollback() -> Result<()> {
     assert_eq!(serving(&bed), ["2.0.0", "1.0.0", "1.0.0", "1.0.0", "1.0.0"]);
     let h = history(&bed, &["demo"])?;
     assert_eq!(h["rollouts"][0]["kind"], "rollback");
+
+    // The report: three deploys, one rolled back and then restored by the
+    // manual rollback.
+    let report: serde_json::Value = serde_json::from_str(&bed.convoy_ok(&["report", "demo", "--output", "json"])?)?;
+    assert_eq!(
+        (report["deploys"].as_u64(), report["failed_deploys"].as_u64()),
+        (Some(3), Some(1)),
+        "{report}"
+    );
+    assert!(
+        (report["change_failure_rate"].as_f64().unwrap() - 1.0 / 3.0).abs() < 1e-9,
+        "{report}"
+    );
+    assert_eq!(report["restores_measured"], 1, "{report}");
+    assert!(report["mean_time_to_restore_secs"].as_f64().unwrap() > 0.0, "{report}");
+    assert!(bed
+        .convoy_ok(&["report", "demo"])?
+        .contains("change failure rate:  33%"));
     assert_eq!(h["rollouts"][0]["operator"], "operator operator (deployer)");
     Ok(())
 }

@@ -10,7 +10,8 @@ use convoy_proto::operator_service_server::OperatorService;
 use convoy_proto::{
     push_request, ControlReply, ControlRequest, DeployRequest, EventRecord, HistoryReply, HistoryRequest, HostInfo,
     HostRecord, HostStatus, HostsReply, HostsRequest, PushReply, PushRequest, ReleaseInfo, ReleasesReply,
-    ReleasesRequest, RollbackRequest, RolloutEvent, RolloutRecord, StatusReply, StatusRequest, WatchRequest,
+    ReleasesRequest, ReportReply, ReportRequest, RollbackRequest, RolloutEvent, RolloutRecord, StatusReply,
+    StatusRequest, WatchRequest,
 };
 use futures::Stream;
 use tokio_stream::StreamExt;
@@ -58,6 +59,24 @@ impl OperatorService for OperatorApi {
     type DeployStream = BoxStream<RolloutEvent>;
     type RollbackStream = BoxStream<RolloutEvent>;
     type WatchStream = BoxStream<RolloutEvent>;
+
+    async fn report(&self, req: Request<ReportRequest>) -> Result<Response<ReportReply>, Status> {
+        operator(&req, Role::Viewer, "read reports")?;
+        let r = req.into_inner();
+        let app = arg("app", AppName::new(r.app))?;
+        let now = convoy_common::ops::now_unix_ms();
+        let since = now - (r.since_secs.min(10 * 365 * 86_400) as i64) * 1000;
+        let rep = self.shared.db.report(&app, since, now).map_err(internal)?;
+        Ok(Response::new(ReportReply {
+            deploys: rep.deploys,
+            failed_deploys: rep.failed_deploys,
+            deploys_per_day: rep.deploys_per_day,
+            change_failure_rate: rep.change_failure_rate,
+            mean_time_to_restore_secs: rep.mean_time_to_restore_secs,
+            restores_measured: rep.restores_measured,
+            since_unix_ms: since,
+        }))
+    }
 
     async fn hosts(&self, req: Request<HostsRequest>) -> Result<Response<HostsReply>, Status> {
         operator(&req, Role::Viewer, "list hosts")?;
