@@ -25,7 +25,7 @@ fn history(bed: &Testbed, args: &[&str]) -> Result<serde_json::Value> {
     Ok(serde_json::from_str(&bed.convoy_ok(&all)?)?)
 }
 
-/// Three hosts on 1.0.0, with 2.0.0 pushed and ready to roll.
+/// `n` hosts on 1.0.0, with 2.0.0 pushed and ready to roll.
 fn fleet_on_v1(n: usize) -> Result<Testbed> {
     let bed = Testbed::boot(n)?;
     bed.push_demo("1.0.0", "healthy")?;
