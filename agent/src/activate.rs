@@ -319,23 +319,8 @@ pub async fn stage_only(agent: Arc<Agent>, channel: Channel, cmd: ActivateComman
 /// Turns a rollback into an activation of a release this host holds, or
 /// a refusal that says why it cannot be done here.
 pub fn rollback_command(store: &crate::store::Store, cmd: &RollbackCommand) -> Result<ActivateCommand, Box<OpReport>> {
-    let refusal = |version: Option<Version>, reason: String| {
-        let state = store
-            .status(&cmd.app)
-            .unwrap_or_else(|_| crate::agent::empty_status(&cmd.app));
-        let version = version
-            .or_else(|| state.current.clone())
-            .unwrap_or_else(|| Version::new("none").expect("valid"));
-        Box::new(OpReport {
-            op_id: cmd.op_id.clone(),
-            app: cmd.app.clone(),
-            version,
-            outcome: Outcome::Refused,
-            reason,
-            restore_detail: String::new(),
-            state,
-        })
-    };
+    let refusal =
+        |version: Option<Version>, reason: String| Box::new(refusal(store, &cmd.op_id, &cmd.app, version, reason));
     let j = store.load_journal(&cmd.app).map_err(|e| refusal(None, e.to_string()))?;
     let spec = j
         .spec
@@ -777,20 +762,37 @@ fn clean_staging(dirs: &AppDirs) {
     }
 }
 
-fn refuse(agent: &Agent, cmd: &ActivateCommand, reason: String) -> OpReport {
-    let state = agent
-        .store
-        .status(&cmd.spec.app)
-        .unwrap_or_else(|_| crate::agent::empty_status(&cmd.spec.app));
-    let report = OpReport {
-        op_id: cmd.op_id.clone(),
-        app: cmd.spec.app.clone(),
-        version: cmd.version.clone(),
+/// The report of an operation refused before it touched anything. Without
+/// a version of its own it names the release the host runs.
+pub fn refusal(
+    store: &crate::store::Store,
+    op_id: &str,
+    app: &AppName,
+    version: Option<Version>,
+    reason: String,
+) -> OpReport {
+    let state = store.status(app).unwrap_or_else(|_| crate::agent::empty_status(app));
+    OpReport {
+        op_id: op_id.to_owned(),
+        app: app.clone(),
+        version: version
+            .or_else(|| state.current.clone())
+            .unwrap_or_else(|| Version::new("none").expect("valid")),
         outcome: Outcome::Refused,
         reason,
         restore_detail: String::new(),
         state,
-    };
+    }
+}
+
+fn refuse(agent: &Agent, cmd: &ActivateCommand, reason: String) -> OpReport {
+    let report = refusal(
+        &agent.store,
+        &cmd.op_id,
+        &cmd.spec.app,
+        Some(cmd.version.clone()),
+        reason,
+    );
     agent.reporter.result(&report);
     report
 }

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use convoy_common::ops::{ActivateCommand, OpReport, Outcome, RollbackCommand};
+use convoy_common::ops::{ActivateCommand, RollbackCommand};
 use convoy_proto::agent_service_client::AgentServiceClient;
 use convoy_proto::{agent_message, controller_message, AgentMessage, Heartbeat, Hello};
 use tokio::sync::mpsc;
@@ -164,28 +164,15 @@ fn start(agent: &Arc<Agent>, work: Work) {
             tracing::info!(%op_id, "operation already running; its result will follow");
         }
         Err(busy) => {
-            let state = agent
-                .store
-                .status(&app)
-                .unwrap_or_else(|_| crate::agent::empty_status(&app));
             let version = match &work {
-                Work::Activate(_, c) | Work::Stage(_, c) => c.version.clone(),
+                Work::Activate(_, c) | Work::Stage(_, c) => Some(c.version.clone()),
+                // A rollback without a target goes to the previous release.
                 Work::Rollback(_, c) => {
                     c.to.clone()
-                        .or(state.previous.clone())
-                        .or(state.current.clone())
-                        .unwrap_or_else(|| convoy_common::Version::new("unknown").expect("valid"))
+                        .or_else(|| agent.store.status(&app).ok().and_then(|s| s.previous))
                 }
             };
-            let report = OpReport {
-                op_id,
-                app,
-                version,
-                outcome: Outcome::Refused,
-                reason: busy.to_string(),
-                restore_detail: String::new(),
-                state,
-            };
+            let report = activate::refusal(&agent.store, &op_id, &app, version, busy.to_string());
             agent.reporter.result(&report);
         }
     }

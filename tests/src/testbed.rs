@@ -441,6 +441,14 @@ impl Testbed {
         })
     }
 
+    /// Runs the `convoy` CLI with another certificate and key than the
+    /// operator's (another operator, a viewer, an agent, a foreign CA).
+    pub fn convoy_as(&self, cert: &Path, key: &Path, args: &[&str]) -> Result<CliOutput> {
+        let mut all = vec!["--cert", cert.to_str().unwrap(), "--key", key.to_str().unwrap()];
+        all.extend_from_slice(args);
+        self.convoy(&all)
+    }
+
     /// Starts the `convoy` CLI as the operator without waiting for it.
     pub fn convoy_spawn(&self, args: &[&str]) -> Result<Child> {
         let pki = self.pki();

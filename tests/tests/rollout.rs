@@ -448,12 +448,7 @@ fn approval_by_another_operator() -> Result<()> {
     let bed = Testbed::boot_spec(1, |_| "production".into(), &spec)?;
     let pki = bed.dir.path().join("pki");
     bed.convoy_ok(&["pki", "issue", "operator", "olivia", "--dir", pki.to_str().unwrap()])?;
-    let olivia = |args: &[&str]| {
-        let (cert, key) = (pki.join("olivia.pem"), pki.join("olivia.key"));
-        let mut all = vec!["--cert", cert.to_str().unwrap(), "--key", key.to_str().unwrap()];
-        all.extend_from_slice(args);
-        bed.convoy(&all)
-    };
+    let olivia = |args: &[&str]| bed.convoy_as(&pki.join("olivia.pem"), &pki.join("olivia.key"), args);
     bed.push_demo("1.0.0", "healthy")?;
     let mut seen = Vec::new();
     let mut deploy = bed.convoy_spawn(&["deploy", "demo", "1.0.0", "--env", "production"])?;

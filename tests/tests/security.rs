@@ -114,11 +114,7 @@ fn certificates_are_authorised_by_kind_and_role() -> Result<()> {
     let bed = Testbed::boot(1)?;
     let pki = bed.dir.path().join("pki");
     let pki_s = pki.to_str().unwrap().to_owned();
-    let as_cert = |cert: &std::path::Path, key: &std::path::Path, args: &[&str]| {
-        let mut all = vec!["--cert", cert.to_str().unwrap(), "--key", key.to_str().unwrap()];
-        all.extend_from_slice(args);
-        bed.convoy(&all)
-    };
+    let as_cert = |cert: &std::path::Path, key: &std::path::Path, args: &[&str]| bed.convoy_as(cert, key, args);
     bed.push_demo("1.0.0", "healthy")?;
 
     // The agent runs sandboxed as its unit says (packaging/convoy-agent.service).
