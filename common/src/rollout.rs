@@ -147,6 +147,27 @@ impl Strategy {
         out
     }
 
+    /// Like [`Strategy::batches`], when the first `group` targets are a
+    /// canary group: they go first, alone, followed by the stage bake (for
+    /// a canary strategy), and the strategy cuts the rest.
+    pub fn batches_after_group(&self, n: usize, group: usize) -> Vec<(std::ops::Range<usize>, Duration)> {
+        let group = group.min(n);
+        if group == 0 {
+            return self.batches(n);
+        }
+        let bake = match self {
+            Strategy::Stages { bake, .. } if group < n => *bake,
+            _ => Duration::ZERO,
+        };
+        let mut out = vec![(0..group, bake)];
+        out.extend(
+            self.batches(n - group)
+                .into_iter()
+                .map(|(r, d)| (r.start + group..r.end + group, d)),
+        );
+        out
+    }
+
     pub fn describe(&self) -> String {
         match self {
             Strategy::Rolling { batch } => format!("rolling, batches of {batch}"),
@@ -203,6 +224,20 @@ mod tests {
         let b = stages("20%,60%,100%").batches(5);
         let bakes: Vec<u64> = b.iter().map(|(_, d)| d.as_secs()).collect();
         assert_eq!(bakes, vec![5, 5, 0]);
+    }
+
+    #[test]
+    fn a_canary_group_goes_first_alone() {
+        let b = stages("50%,100%").batches_after_group(7, 2);
+        let got: Vec<(std::ops::Range<usize>, u64)> = b.into_iter().map(|(r, d)| (r, d.as_secs())).collect();
+        assert_eq!(got, vec![(0..2, 5), (2..5, 5), (5..7, 0)]);
+        let rolling = Strategy::from_flags("rolling", Some("2"), None, None).unwrap();
+        let sizes: Vec<usize> = rolling.batches_after_group(5, 1).iter().map(|(r, _)| r.len()).collect();
+        assert_eq!(sizes, vec![1, 2, 2]);
+        // A group that is every target is one batch, with nothing to bake for.
+        let all = stages("100%").batches_after_group(3, 3);
+        assert_eq!(all, vec![(0..3, Duration::ZERO)]);
+        assert_eq!(stages("100%").batches_after_group(3, 0), stages("100%").batches(3));
     }
 
     #[test]

@@ -250,6 +250,21 @@ pub struct DeployArgs {
     /// Only hosts with these labels, e.g. --select zone=eu1 (repeatable).
     #[arg(long, value_parser = parse_label)]
     pub select: Vec<(String, String)>,
+    /// Hosts with these labels go first, as a stage of their own, e.g.
+    /// --canary-group role=canary (repeatable; a host must match all).
+    #[arg(long, value_parser = parse_label)]
+    pub canary_group: Vec<(String, String)>,
+    /// Canary: after each stage but the last (and its bake), go on by
+    /// itself (auto) or wait for `convoy promote ROLLOUT` (manual).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "manual"])]
+    pub promote: String,
+    /// A host that drops away mid-rollout: count it failed once it has been
+    /// away for --vanish-deadline (fail), or wait for it to come back (wait).
+    #[arg(long, default_value = "fail", value_parser = ["fail", "wait"])]
+    pub on_vanish: String,
+    /// How long a host may be away before it counts as failed (policy fail).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub vanish_deadline: Option<std::time::Duration>,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -275,6 +290,10 @@ pub async fn deploy(conn: &Conn, a: DeployArgs) -> Result<(), Failure> {
             reason: a.reason.clone().unwrap_or_default(),
             order: a.order.clone(),
             select: a.select.iter().cloned().collect(),
+            canary_group: a.canary_group.iter().cloned().collect(),
+            manual_promote: a.promote == "manual",
+            wait_for_vanished: a.on_vanish == "wait",
+            vanish_deadline_ms: a.vanish_deadline.map(|d| d.as_millis() as u64).unwrap_or(0),
         })
         .await?
         .into_inner();

@@ -166,7 +166,7 @@ impl Db {
     pub fn running_rollouts(&self) -> Result<Vec<(RolloutRow, String)>, DbError> {
         let conn = self.conn.lock().unwrap();
         let mut stmt = conn.prepare(&format!(
-            "SELECT {ROLLOUT_COLUMNS}, plan FROM rollouts WHERE state IN ('running', 'paused', 'awaiting_approval') ORDER BY started_at_ms"
+            "SELECT {ROLLOUT_COLUMNS}, plan FROM rollouts WHERE state IN ('running', 'paused', 'awaiting_approval', 'awaiting_promotion') ORDER BY started_at_ms"
         ))?;
         let rows = stmt.query_map([], |r| Ok((rollout_row(r)?, r.get(13)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -210,6 +210,31 @@ impl Db {
                 rollout_row,
             )
             .optional()?)
+    }
+
+    /// A rollout with its saved plan.
+    pub fn rollout_with_plan(&self, id: &str) -> Result<Option<(RolloutRow, String)>, DbError> {
+        let conn = self.conn.lock().unwrap();
+        Ok(conn
+            .query_row(
+                &format!("SELECT {ROLLOUT_COLUMNS}, plan FROM rollouts WHERE id = ?1"),
+                [id],
+                |r| Ok((rollout_row(r)?, r.get(13)?)),
+            )
+            .optional()?)
+    }
+
+    /// The recorded outcome of operation `op_id` of rollout `id`, if any.
+    pub fn host_outcome(&self, id: &str, op_id: &str) -> Result<Option<convoy_common::ops::Outcome>, DbError> {
+        let conn = self.conn.lock().unwrap();
+        let name: Option<String> = conn
+            .query_row(
+                "SELECT outcome FROM rollout_hosts WHERE rollout_id = ?1 AND op_id = ?2",
+                [id, op_id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(name.and_then(|n| serde_json::from_value(serde_json::Value::String(n)).ok()))
     }
 
     pub fn rollout_hosts(&self, id: &str) -> Result<Vec<HostRow>, DbError> {
@@ -283,8 +308,18 @@ impl Db {
 
     pub fn record_host_result(&self, rollout: &str, host: &HostName, r: &OpReport) -> Result<(), DbError> {
         self.conn.lock().unwrap().execute(
-            "INSERT INTO rollout_hosts (rollout_id, host, op_id, outcome, reason, restore_detail, finished_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![rollout, host.as_str(), r.op_id, outcome_name(r.outcome), r.reason, r.restore_detail, convoy_common::ops::now_unix_ms()],
+            "INSERT INTO rollout_hosts (rollout_id, host, op_id, outcome, reason, restore_detail, finished_at_ms)
+             SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7
+             WHERE NOT EXISTS (SELECT 1 FROM rollout_hosts WHERE rollout_id = ?1 AND op_id = ?3)",
+            params![
+                rollout,
+                host.as_str(),
+                r.op_id,
+                outcome_name(r.outcome),
+                r.reason,
+                r.restore_detail,
+                convoy_common::ops::now_unix_ms()
+            ],
         )?;
         Ok(())
     }

@@ -86,6 +86,8 @@ enum Cmd {
     Abort { rollout: String },
     /// Approve a rollout waiting for approval (another operator started it).
     Approve { rollout: String },
+    /// Let a canary rollout started with --promote manual go on to its next stage.
+    Promote { rollout: String },
     /// Rollouts of an app, newest first; or one rollout in detail.
     History {
         app: Option<String>,
@@ -215,6 +217,7 @@ fn main() -> ExitCode {
         Cmd::Resume { rollout } => cli::report(rt.block_on(cli::control(&cli.conn, rollout, "resume"))),
         Cmd::Abort { rollout } => cli::report(rt.block_on(cli::control(&cli.conn, rollout, "abort"))),
         Cmd::Approve { rollout } => cli::report(rt.block_on(cli::control(&cli.conn, rollout, "approve"))),
+        Cmd::Promote { rollout } => cli::report(rt.block_on(cli::control(&cli.conn, rollout, "promote"))),
         Cmd::Deploy(args) => cli::report(rt.block_on(cli::deploy(&cli.conn, args))),
         Cmd::Rollback { app, env, to, hosts } => {
             cli::report(rt.block_on(cli::rollback(&cli.conn, app, env, to, hosts)))

@@ -182,7 +182,8 @@ fn canary_budget_halt_and_manual_rollback() -> Result<()> {
 #[test]
 fn promotion_rule_hotfix_and_audit() -> Result<()> {
     let envs = ["development", "staging", "production"];
-    let bed = Testbed::boot_with(3, |i| envs[i - 1].to_owned())?;
+    let host_envs = ["development", "staging", "staging", "production", "production"];
+    let bed = Testbed::boot_with(5, |i| host_envs[i - 1].to_owned())?;
     bed.push_demo("1.0.0", "healthy")?;
 
     let out = bed.convoy(&["deploy", "demo", "1.0.0", "--env", "production"])?;
@@ -192,7 +193,7 @@ fn promotion_rule_hotfix_and_audit() -> Result<()> {
         "{}",
         out.stderr
     );
-    assert_eq!(bed.hosts[2].serving(), None, "nothing deployed");
+    assert_eq!(serving(&bed), ["-"; 5], "nothing deployed");
 
     let out = bed.convoy(&["deploy", "demo", "1.0.0", "--env", "production", "--hotfix"])?;
     assert_eq!(out.code, 2, "--hotfix needs --reason: {out:?}");
@@ -207,7 +208,7 @@ fn promotion_rule_hotfix_and_audit() -> Result<()> {
         "--reason",
         "CVE-2026-1234",
     ])?;
-    assert_eq!(bed.hosts[2].serving().as_deref(), Some("1.0.0"));
+    assert_eq!(serving(&bed), ["-", "-", "-", "1.0.0", "1.0.0"], "production only");
     let h = history(&bed, &["demo"])?;
     assert_eq!(h["rollouts"][0]["hotfix_reason"], "CVE-2026-1234");
     assert_eq!(h["rollouts"][0]["environment"], "production");
@@ -220,7 +221,7 @@ fn promotion_rule_hotfix_and_audit() -> Result<()> {
     for env in envs {
         bed.convoy_ok(&["deploy", "demo", "2.0.0", "--env", env])?;
     }
-    assert_eq!(serving(&bed), ["2.0.0"; 3]);
+    assert_eq!(serving(&bed), ["2.0.0"; 5]);
     bed.push_demo("3.0.0", "healthy")?;
     let out = bed.convoy(&["deploy", "demo", "3.0.0", "--env", "staging"])?;
     assert_eq!(out.code, 4);
@@ -233,7 +234,7 @@ fn promotion_rule_hotfix_and_audit() -> Result<()> {
     // One rollout in detail: its host results and events.
     let id = h["rollouts"][0]["id"].as_str().unwrap().to_owned();
     let detail = history(&bed, &["--rollout", &id])?;
-    assert_eq!(detail["hosts"][0]["host"], "host3");
+    assert_eq!(detail["hosts"][0]["host"], "host4");
     assert_eq!(detail["hosts"][0]["outcome"], "succeeded");
     assert!(detail["events"]
         .as_array()
@@ -259,7 +260,7 @@ fn controller_killed_while_pre_staging_resumes() -> Result<()> {
 }
 
 fn controller_killed_mid_rollout(after_first_activation: bool) -> Result<()> {
-    let mut bed = fleet_on_v1(3)?;
+    let mut bed = fleet_on_v1(5)?;
     let mut child = bed.convoy_spawn(&["deploy", "demo", "2.0.0", "--env", "staging"])?;
     let lines = line_feed(&mut child);
     let mut seen = Vec::new();
@@ -291,7 +292,7 @@ fn controller_killed_mid_rollout(after_first_activation: bool) -> Result<()> {
         std::thread::sleep(std::time::Duration::from_millis(500));
     };
     assert_eq!(state, "succeeded");
-    assert_eq!(serving(&bed), ["2.0.0"; 3], "no host skipped");
+    assert_eq!(serving(&bed), ["2.0.0"; 5], "no host skipped");
     if after_first_activation {
         let now = bed.hosts[0].unit_property("demo.service", "InvocationID")?;
         assert_eq!(now, invocation, "host1's app was not restarted a second time");
@@ -316,22 +317,16 @@ fn controller_killed_mid_rollout(after_first_activation: bool) -> Result<()> {
 /// reconciled into the rollout, which then goes on.
 #[test]
 fn host_cut_off_mid_rollout_is_reconciled() -> Result<()> {
-    let bed = fleet_on_v1(3)?;
+    let bed = fleet_on_v1(5)?;
     let mut child = bed.convoy_spawn(&["deploy", "demo", "2.0.0", "--env", "staging"])?;
     let lines = line_feed(&mut child);
     let mut seen = Vec::new();
     wait_line(&lines, "[host2] switch   started", &mut seen)?;
     // host2's port on the bridge goes down mid-activation.
-    let port = format!("vb-{}", bed.hosts[1].machine);
-    let ip = |state: &str| {
-        std::process::Command::new("ip")
-            .args(["link", "set", &port, state])
-            .status()
-    };
-    assert!(ip("down")?.success());
+    link(&bed, 1, "down")?;
     std::thread::sleep(std::time::Duration::from_secs(30));
     let disconnected = !bed.status()?["hosts"][1]["connected"].as_bool().unwrap_or(true);
-    assert!(ip("up")?.success());
+    link(&bed, 1, "up")?;
     assert!(disconnected, "the controller noticed host2 was gone");
 
     let status = child.wait()?;
@@ -346,7 +341,186 @@ fn host_cut_off_mid_rollout_is_reconciled() -> Result<()> {
         out.find("[host2] => succeeded") < out.find("[host3] switch"),
         "host3 only after host2:\n{out}"
     );
-    assert_eq!(serving(&bed), ["2.0.0"; 3]);
+    assert_eq!(serving(&bed), ["2.0.0"; 5]);
+    Ok(())
+}
+
+/// Takes host `i`'s port on the bridge down (or up).
+fn link(bed: &Testbed, i: usize, state: &str) -> Result<()> {
+    let port = format!("vb-{}", bed.hosts[i].machine);
+    let ok = std::process::Command::new("ip")
+        .args(["link", "set", &port, state])
+        .status()?
+        .success();
+    anyhow::ensure!(ok, "ip link set {port} {state} failed");
+    Ok(())
+}
+
+/// Polls `what` for up to a minute.
+fn eventually(what: &str, mut f: impl FnMut() -> Result<bool>) -> Result<()> {
+    let start = std::time::Instant::now();
+    while start.elapsed() < std::time::Duration::from_secs(60) {
+        if f()? {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    anyhow::bail!("timed out waiting until {what}")
+}
+
+/// A host that vanishes mid-activation under the default policy counts as
+/// failed once it has been away longer than the deadline; the rollout
+/// halts and rolls back what it moved. When the host comes back, its own
+/// outcome (it did activate) is recorded in the rollout and, since the
+/// rollout was rolled back, it is rolled back too. Under `--on-vanish
+/// wait` the rollout waits for the host instead and finishes.
+#[test]
+fn vanished_hosts_fail_after_the_deadline_or_are_waited_for() -> Result<()> {
+    let bed = fleet_on_v1(5)?;
+    let mut child = bed.convoy_spawn(&["deploy", "demo", "2.0.0", "--env", "staging", "--vanish-deadline", "3s"])?;
+    let lines = line_feed(&mut child);
+    let mut seen = Vec::new();
+    let id = rollout_id(&wait_line(&lines, "rollout ", &mut seen)?);
+    wait_line(&lines, "[host2] switch   started", &mut seen)?;
+    link(&bed, 1, "down")?;
+    let out = child.wait_with_output();
+    link(&bed, 1, "up")?;
+    let out = out?;
+    seen.extend(lines.try_iter());
+    let stdout = seen.join("\n");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("-- host2 is away; it counts as failed if not back within 3s"),
+        "{stdout}"
+    );
+    assert!(stderr.contains("host2 vanished: away for more than 3s"), "{stderr}");
+    assert!(stderr.contains("rolled back: host1"), "{stderr}");
+
+    // host2 comes back having finished its activation on its own: that is
+    // recorded in the rollout, and host2 is rolled back like host1.
+    eventually("host2's late result is reconciled", || {
+        let h = history(&bed, &["--rollout", &id])?;
+        let hosts = h["hosts"].as_array().cloned().unwrap_or_default();
+        let op = |op: &str| hosts.iter().any(|r| r["op_id"] == op && r["outcome"] == "succeeded");
+        Ok(op(&format!("{id}-host2")) && op(&format!("{id}-rollback-host2")))
+    })?;
+    assert_eq!(serving(&bed), ["1.0.0"; 5], "the fleet is where the rollout says");
+    assert!(bed.controller_log().contains("late result reconciled into its rollout"));
+
+    // Wait policy: host3 is away for longer than the deadline, and the
+    // rollout waits for it, then finishes.
+    let mut child = bed.convoy_spawn(&[
+        "deploy",
+        "demo",
+        "2.0.0",
+        "--env",
+        "staging",
+        "--on-vanish",
+        "wait",
+        "--vanish-deadline",
+        "1s",
+    ])?;
+    let lines = line_feed(&mut child);
+    let mut seen = Vec::new();
+    wait_line(&lines, "[host3] switch   started", &mut seen)?;
+    link(&bed, 2, "down")?;
+    let waited = wait_line(&lines, "-- host3 is away; waiting for it to come back", &mut seen);
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    link(&bed, 2, "up")?;
+    waited?;
+    let status = child.wait()?;
+    seen.extend(lines.try_iter());
+    let stdout = seen.join("\n");
+    assert!(status.success(), "{stdout}");
+    assert!(stdout.contains("-- host3 is back"), "{stdout}");
+    assert_eq!(serving(&bed), ["2.0.0"; 5]);
+    Ok(())
+}
+
+/// A canary group chosen by label (zone=z0: host2 and host4) goes first, as its own stage; with
+/// `--promote manual` every stage but the last waits for `convoy promote`.
+#[test]
+fn labelled_canary_group_with_manual_promotion() -> Result<()> {
+    let bed = fleet_on_v1(5)?;
+    let mut child = bed.convoy_spawn(&[
+        "deploy",
+        "demo",
+        "2.0.0",
+        "--env",
+        "staging",
+        "--strategy",
+        "canary",
+        "--canary-group",
+        "zone=z0",
+        "--stages",
+        "50%,100%",
+        "--promote",
+        "manual",
+    ])?;
+    let lines = line_feed(&mut child);
+    let mut seen = Vec::new();
+    let id = rollout_id(&wait_line(&lines, "rollout ", &mut seen)?);
+    wait_line(&lines, "waiting for `convoy promote", &mut seen)?;
+    let plan = seen.join("\n");
+    assert!(plan.contains("batch 1: host2, host4"), "{plan}");
+    assert!(plan.contains("batch 2: host1, host3"), "{plan}");
+    assert!(plan.contains("batch 3: host5"), "{plan}");
+    assert_eq!(
+        history(&bed, &["--rollout", &id])?["rollouts"][0]["state"],
+        "awaiting_promotion"
+    );
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert_eq!(
+        serving(&bed),
+        ["1.0.0", "2.0.0", "1.0.0", "2.0.0", "1.0.0"],
+        "only the canary group moved"
+    );
+
+    // resume is not promote.
+    let out = bed.convoy(&["resume", &id])?;
+    assert_eq!(out.code, 4, "{out:?}");
+    assert!(
+        out.stderr.contains(&format!("run `convoy promote {id}`")),
+        "{}",
+        out.stderr
+    );
+    assert!(bed.convoy_ok(&["promote", &id])?.contains("stage 1 promoted"));
+    wait_line(&lines, "stage 2 is done; waiting for `convoy promote", &mut seen)?;
+    assert_eq!(serving(&bed), ["2.0.0", "2.0.0", "2.0.0", "2.0.0", "1.0.0"]);
+    bed.convoy_ok(&["promote", &id])?;
+    let status = child.wait()?;
+    seen.extend(lines.try_iter());
+    assert!(status.success(), "{}", seen.join("\n"));
+    assert_eq!(serving(&bed), ["2.0.0"; 5]);
+    let h = history(&bed, &["--rollout", &id])?;
+    assert_eq!(
+        h["rollouts"][0]["strategy"],
+        "canary group of 2 first, then stages 50%, 100%, promoted by hand"
+    );
+    // Nothing to promote any more, and bad flags are refused.
+    assert_eq!(bed.convoy(&["promote", &id])?.code, 4);
+    let out = bed.convoy(&["deploy", "demo", "2.0.0", "--env", "staging", "--promote", "manual"])?;
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(
+        out.stderr.contains("--promote manual needs --strategy canary"),
+        "{}",
+        out.stderr
+    );
+    let out = bed.convoy(&[
+        "deploy",
+        "demo",
+        "2.0.0",
+        "--env",
+        "staging",
+        "--canary-group",
+        "zone=nowhere",
+    ])?;
+    assert!(
+        out.stderr.contains("--canary-group zone=nowhere: no connected target"),
+        "{}",
+        out.stderr
+    );
     Ok(())
 }
 

@@ -83,7 +83,9 @@ impl AgentService for AgentApi {
         for r in hello.recent_results {
             if let Ok(report) = OpReport::try_from(r) {
                 let op_id = report.op_id.clone();
-                registry.deliver(&host, &op_id, Update::Result(Box::new(report)));
+                if !registry.deliver(&host, &op_id, Update::Result(Box::new(report.clone()))) {
+                    super::rollout::late_result(&self.shared, &host, &report);
+                }
                 answered.push(op_id);
             }
         }
@@ -94,6 +96,7 @@ impl AgentService for AgentApi {
                 .map_err(|_| Status::unavailable("session closed"))?;
         }
 
+        let shared = self.shared.clone();
         tokio::spawn(async move {
             loop {
                 let msg = match tokio::time::timeout(SESSION_IDLE, inbound.message()).await {
@@ -122,7 +125,9 @@ impl AgentService for AgentApi {
                     Some(agent_message::Body::Result(r)) => match OpReport::try_from(r) {
                         Ok(rep) => {
                             let op = rep.op_id.clone();
-                            registry.deliver(&host, &op, Update::Result(Box::new(rep)));
+                            if !registry.deliver(&host, &op, Update::Result(Box::new(rep.clone()))) {
+                                super::rollout::late_result(&shared, &host, &rep);
+                            }
                         }
                         Err(err) => tracing::warn!(%host, error = %err, "malformed result"),
                     },

@@ -122,7 +122,11 @@ impl OperatorService for OperatorApi {
     }
 
     async fn control(&self, req: Request<ControlRequest>) -> Result<Response<ControlReply>, Status> {
-        let id = operator(&req, Role::Deployer, "pause, resume, abort or approve rollouts")?;
+        let id = operator(
+            &req,
+            Role::Deployer,
+            "pause, resume, abort, promote or approve rollouts",
+        )?;
         let r = req.into_inner();
         let state = rollout::control(&self.shared, &r.rollout_id, &r.action, &id)?;
         Ok(Response::new(ControlReply { state }))

@@ -128,10 +128,10 @@ impl Registry {
         self.waiters.lock().unwrap().remove(op_id);
     }
 
-    /// Routes an update from `host` to its waiter. An update for an
-    /// operation that belongs to another host is dropped: a host can only
-    /// speak for itself.
-    pub fn deliver(&self, host: &HostName, op_id: &str, update: Update) {
+    /// Routes an update from `host` to its waiter; returns whether there was
+    /// one. An update for an operation that belongs to another host is
+    /// dropped: a host can only speak for itself.
+    pub fn deliver(&self, host: &HostName, op_id: &str, update: Update) -> bool {
         if let Update::Result(r) = &update {
             self.update_apps(host, vec![r.state.clone()]);
         }
@@ -144,6 +144,8 @@ impl Registry {
             } else {
                 tracing::warn!(%host, op_id, %owner, "update for another host's operation ignored");
             }
+            return true;
         }
+        false
     }
 }

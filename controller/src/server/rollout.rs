@@ -45,6 +45,14 @@ enum Kind {
         strategy: Strategy,
         budget: usize,
         rollback_on_halt: bool,
+        /// The first `group` targets are a canary group, a stage of their own.
+        #[serde(default)]
+        group: usize,
+        /// Wait for `convoy promote` after each stage but the last.
+        #[serde(default)]
+        manual_promote: bool,
+        #[serde(default)]
+        vanish: Vanish,
     },
     Rollback {
         to: Option<Version>,
@@ -67,6 +75,27 @@ struct Rollout {
     control: watch::Sender<Control>,
 }
 
+/// What a rollout does about a host that drops away mid-operation.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct Vanish {
+    /// Wait for the host to come back, however long it takes (an operator
+    /// can still abort).
+    wait: bool,
+    /// Otherwise: how long it may be away before it counts as failed.
+    deadline: Duration,
+}
+
+impl Default for Vanish {
+    fn default() -> Self {
+        Vanish {
+            wait: false,
+            deadline: DEFAULT_VANISH_DEADLINE,
+        }
+    }
+}
+
+const DEFAULT_VANISH_DEADLINE: Duration = Duration::from_secs(60);
+
 /// What an operator asked of a running rollout.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Control {
@@ -77,6 +106,8 @@ pub enum Control {
     Pause(String),
     /// Halt before the next batch and roll back what moved.
     Abort(String),
+    /// A canary stage (numbered from 1) is done; waiting for `convoy promote`.
+    AwaitPromote(usize),
 }
 
 /// A running rollout as others reach it: to watch it or to control it.
@@ -196,6 +227,9 @@ pub fn start_deploy(
     )
     .map_err(invalid)?;
 
+    if r.manual_promote && !matches!(strategy, Strategy::Stages { .. }) {
+        return Err(invalid("--promote manual needs --strategy canary"));
+    }
     let (connected, missing) = hosts_in(shared, &env, &spec.selector, &r.select);
     if connected.is_empty() {
         return Err(Status::failed_precondition(format!(
@@ -219,6 +253,32 @@ pub fn start_deploy(
         targets.push(rest.remove(i));
     }
     targets.extend(rest);
+    // A labelled canary group goes first, in the order so far.
+    let group = if r.canary_group.is_empty() {
+        0
+    } else {
+        let in_group = |h: &HostEntry| r.canary_group.iter().all(|(k, v)| h.labels.get(k) == Some(v));
+        let (mut first, rest): (Vec<HostEntry>, Vec<HostEntry>) = targets.into_iter().partition(in_group);
+        if first.is_empty() {
+            let mut labels: Vec<String> = r.canary_group.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            labels.sort();
+            return Err(Status::failed_precondition(format!(
+                "--canary-group {}: no connected target has these labels",
+                labels.join(",")
+            )));
+        }
+        let n = first.len();
+        first.extend(rest);
+        targets = first;
+        n
+    };
+    let vanish = Vanish {
+        wait: r.wait_for_vanished,
+        deadline: match r.vanish_deadline_ms {
+            0 => DEFAULT_VANISH_DEADLINE,
+            ms => Duration::from_millis(ms),
+        },
+    };
     let budget = parse_budget(&r.failure_budget, targets.len())?;
 
     // Each host's command gets its own operation id when it is sent.
@@ -235,6 +295,9 @@ pub fn start_deploy(
         strategy: strategy.clone(),
         budget,
         rollback_on_halt: !r.no_rollback,
+        group,
+        manual_promote: r.manual_promote,
+        vanish,
     };
     let rollout = Rollout::new(shared, &who, &app, &env, kind, targets)?;
     if spec.approval.contains(&env) {
@@ -248,7 +311,7 @@ pub fn start_deploy(
             version: version.as_str(),
             env: &env,
             kind: "deploy",
-            strategy: &strategy.describe(),
+            strategy: &describe(&strategy, group, r.manual_promote, vanish),
             hotfix_reason: if r.hotfix { r.reason.trim() } else { "" },
             operator: &who.to_string(),
             plan: &rollout.saved_plan(),
@@ -259,18 +322,33 @@ pub fn start_deploy(
         digest: release.digest.to_hex(),
         skipped_hosts: missing.iter().map(|h| h.name.to_string()).collect(),
         batches: strategy
-            .batches(rollout.targets.len())
+            .batches_after_group(rollout.targets.len(), group)
             .into_iter()
             .map(|(range, bake)| Batch {
                 hosts: rollout.targets[range].iter().map(|h| h.to_string()).collect(),
                 bake_ms: bake.as_millis() as u64,
             })
             .collect(),
-        strategy: strategy.describe(),
+        strategy: describe(&strategy, group, r.manual_promote, vanish),
         failure_budget: budget as u32,
     };
     tracing::info!(rollout = %rollout.id, %app, %version, %env, by = %who, hotfix = r.hotfix, "deploy started");
     Ok(rollout.spawn(shared, plan))
+}
+
+/// The strategy as history and the plan show it.
+fn describe(strategy: &Strategy, group: usize, manual_promote: bool, vanish: Vanish) -> String {
+    let mut s = strategy.describe();
+    if group > 0 {
+        s = format!("canary group of {group} first, then {s}");
+    }
+    if manual_promote {
+        s.push_str(", promoted by hand");
+    }
+    if vanish.wait {
+        s.push_str(", waiting for vanished hosts");
+    }
+    s
 }
 
 /// Validates and starts a manual rollback; returns its event stream.
@@ -396,6 +474,28 @@ impl Rollout {
             control: watch::channel(Control::Run).0,
             tx,
         })
+    }
+
+    /// A rollout as the store recorded it.
+    fn restored(
+        row: &crate::db::RolloutRow,
+        app: AppName,
+        plan: SavedPlan,
+        recorded: HashMap<String, HostOutcome>,
+        control: Control,
+    ) -> Self {
+        Rollout {
+            id: row.id.clone(),
+            operator: row.operator.clone(),
+            app,
+            env: row.env.clone(),
+            kind: plan.kind,
+            targets: plan.targets,
+            before: plan.before.into_iter().collect(),
+            recorded,
+            tx: broadcast::channel(4096).0,
+            control: watch::channel(control).0,
+        }
     }
 
     fn release_slot(&self, shared: &Shared, e: Status) -> Status {
@@ -525,6 +625,20 @@ impl Rollout {
                     }
                 }
                 Control::Abort(who) => return Err(format!("aborted by {who}")),
+                Control::AwaitPromote(stage) => {
+                    self.note(format!(
+                        "stage {stage} is done; waiting for `convoy promote {}` (or abort)",
+                        self.id
+                    ));
+                    let _ = shared.db.set_rollout_state(&self.id, "awaiting_promotion");
+                    if control.changed().await.is_err() {
+                        return Err("the rollout's control went away".into());
+                    }
+                    if *control.borrow() == Control::Run {
+                        let _ = shared.db.set_rollout_state(&self.id, "running");
+                        self.note(format!("stage {stage} promoted"));
+                    }
+                }
                 Control::Pause(who) => {
                     self.note(format!("paused by {who}; waiting for resume or abort"));
                     let _ = shared.db.set_rollout_state(&self.id, "paused");
@@ -580,6 +694,9 @@ impl Rollout {
             strategy,
             budget,
             rollback_on_halt,
+            group,
+            manual_promote,
+            ..
         } = &self.kind
         else {
             unreachable!("run_deploy runs deploys")
@@ -615,7 +732,7 @@ impl Rollout {
         self.note(format!("pre-staged on {} host(s)", self.targets.len() - failed.len()));
 
         // ── batches ──
-        let batches = strategy.batches(self.targets.len());
+        let batches = strategy.batches_after_group(self.targets.len(), *group);
         let mut moved: Vec<HostName> = Vec::new();
         for (i, (range, bake)) in batches.iter().enumerate() {
             if let Err(cause) = self.gate(shared).await {
@@ -666,7 +783,14 @@ impl Rollout {
                     )
                     .await;
             }
-            if !bake.is_zero() {
+            // A resumed rollout whose next batch already started has baked
+            // and been promoted before the controller restarted.
+            let next_started = batches.get(i + 1).is_some_and(|(next, _)| {
+                self.targets[next.clone()]
+                    .iter()
+                    .any(|h| self.recorded.contains_key(&format!("{}-{h}", self.id)))
+            });
+            if !bake.is_zero() && !next_started {
                 self.note(format!("baking for {}", humantime::format_duration(*bake)));
                 // An abort does not wait for the bake to end.
                 let mut control = self.control.subscribe();
@@ -682,6 +806,16 @@ impl Rollout {
                         }
                     }
                 }
+            }
+            if *manual_promote && i + 1 < batches.len() && !next_started {
+                // An abort stands; a pause is folded into the wait.
+                self.control.send_if_modified(|c| {
+                    let wait = !matches!(c, Control::Abort(_));
+                    if wait {
+                        *c = Control::AwaitPromote(i + 1);
+                    }
+                    wait
+                });
             }
         }
         RolloutDone {
@@ -715,6 +849,15 @@ impl Rollout {
             (None, Some((h, r))) => (h.to_string(), r.clone()),
             (None, None) => (String::new(), "halted".into()),
         };
+        // A host counted as failed because it vanished may have come back
+        // since and reported that it did activate: it moved too.
+        let mut moved = moved;
+        for (h, _) in &failed {
+            let op = format!("{}-{h}", self.id);
+            if matches!(shared.db.host_outcome(&self.id, &op), Ok(Some(o)) if o.is_success()) {
+                moved.push(h.clone());
+            }
+        }
         let mut rolled_back = Vec::new();
         if rollback && !moved.is_empty() {
             let why = if cause.is_some() {
@@ -797,6 +940,13 @@ impl Rollout {
         }
     }
 
+    fn vanish(&self) -> Vanish {
+        match &self.kind {
+            Kind::Deploy { vanish, .. } => *vanish,
+            Kind::Rollback { .. } => Vanish::default(),
+        }
+    }
+
     /// Switches `host` back to `to` (its previous release when `None`).
     async fn rollback_host(
         &self,
@@ -829,16 +979,57 @@ impl Rollout {
         let msg = ControllerMessage { body: Some(body) };
         let mut updates = shared.registry.wait_for(op_id, host, msg.clone());
         let _forget = Forget(&shared.registry, op_id.to_owned());
-        let disconnected = || format!("{host} disconnected before the command could be sent");
-        let tx = shared.registry.command_tx(host).ok_or_else(disconnected)?;
-        tx.send(Ok(msg)).await.map_err(|_| disconnected())?;
+        // A host that is away gets the command again when it comes back
+        // (see `Registry::pending_for`), so a failed send is not an error.
+        if let Some(tx) = shared.registry.command_tx(host) {
+            let _ = tx.send(Ok(msg)).await;
+        }
 
-        let deadline = tokio::time::Instant::now() + shared.cfg.host_timeout;
+        let vanish = self.vanish();
+        let mut control = self.control.subscribe();
+        let mut deadline = tokio::time::Instant::now() + shared.cfg.host_timeout;
+        // While the host is away: since when, and how much of its time was left.
+        let mut away: Option<(tokio::time::Instant, Duration)> = None;
         loop {
-            let update = tokio::time::timeout_at(deadline, updates.recv())
-                .await
-                .map_err(|_| format!("{host} did not finish within {:?}", shared.cfg.host_timeout))?
-                .ok_or_else(|| "update channel closed".to_owned())?;
+            let now = tokio::time::Instant::now();
+            if shared.registry.command_tx(host).is_none() {
+                let (since, left) = *away.get_or_insert_with(|| {
+                    self.note(if vanish.wait {
+                        format!("{host} is away; waiting for it to come back (--on-vanish wait)")
+                    } else {
+                        format!(
+                            "{host} is away; it counts as failed if not back within {}",
+                            humantime::format_duration(vanish.deadline)
+                        )
+                    });
+                    (now, deadline.saturating_duration_since(now))
+                });
+                if vanish.wait {
+                    // Time away does not count against the host's timeout.
+                    deadline = now + left;
+                } else if now.duration_since(since) >= vanish.deadline {
+                    return Err(format!(
+                        "{host} vanished: away for more than {}",
+                        humantime::format_duration(vanish.deadline)
+                    ));
+                }
+                if let Control::Abort(by) = &*control.borrow_and_update() {
+                    return Err(format!("aborted by {by} while waiting for {host} to come back"));
+                }
+            } else if away.take().is_some() {
+                self.note(format!("{host} is back"));
+            }
+            if now >= deadline {
+                return Err(format!("{host} did not finish within {:?}", shared.cfg.host_timeout));
+            }
+            let update = match tokio::time::timeout(Duration::from_millis(500), updates.recv()).await {
+                Err(_) => continue,
+                Ok(None) => return Err("update channel closed".to_owned()),
+                Ok(Some(u)) => u,
+            };
+            if away.take().is_some() {
+                self.note(format!("{host} is back"));
+            }
             match update {
                 Update::Event(ev) => {
                     if let Err(e) = shared.db.record_event(&self.id, host, &ev) {
@@ -938,24 +1129,12 @@ pub async fn resume_all(shared: Arc<Shared>) {
             .lock()
             .unwrap()
             .insert((row.app.clone(), row.env.clone()), row.id.clone());
-        let (tx, _) = broadcast::channel(4096);
         let control = match row.state.as_str() {
             "paused" => Control::Pause("an operator, before the controller restarted".into()),
             "awaiting_approval" => Control::AwaitApproval(row.operator.clone()),
             _ => Control::Run,
         };
-        let rollout = Rollout {
-            id: row.id.clone(),
-            operator: row.operator.clone(),
-            app,
-            env: row.env.clone(),
-            kind: plan.kind,
-            targets: plan.targets,
-            before: plan.before.into_iter().collect(),
-            recorded,
-            tx,
-            control: watch::channel(control).0,
-        };
+        let rollout = Rollout::restored(&row, app, plan, recorded, control);
         tracing::warn!(
             rollout = %rollout.id,
             recorded = rollout.recorded.len(),
@@ -963,6 +1142,64 @@ pub async fn resume_all(shared: Arc<Shared>) {
         );
         rollout.launch(&shared, true);
     }
+}
+
+/// Reconciles a result no one was waiting for: a host that vanished
+/// mid-rollout (and was counted as failed) reports how its operation really
+/// ended when it comes back. The result goes into the rollout's history;
+/// and when that rollout has since halted and rolled back the hosts it
+/// moved, a host that did activate is rolled back too, so the fleet ends
+/// where the rollout says it is.
+pub fn late_result(shared: &Arc<Shared>, host: &HostName, r: &OpReport) {
+    let Some((id, _)) = r.op_id.split_once('-') else {
+        return;
+    };
+    if !r.op_id.ends_with(&format!("-{host}")) {
+        return;
+    }
+    let Ok(Some((row, plan))) = shared.db.rollout_with_plan(id) else {
+        return;
+    };
+    if !matches!(shared.db.host_outcome(id, &r.op_id), Ok(None)) {
+        return; // already recorded: every hello repeats recent results
+    }
+    if let Err(e) = shared.db.record_host_result(id, host, r) {
+        tracing::error!(rollout = %id, %host, error = %e, "could not record a late result");
+        return;
+    }
+    tracing::warn!(rollout = %id, %host, op = %r.op_id, outcome = %r.outcome, "late result reconciled into its rollout");
+    let (Ok(plan), Ok(app)) = (serde_json::from_str::<SavedPlan>(&plan), AppName::new(row.app.clone())) else {
+        return;
+    };
+    let halted = matches!(row.state.as_str(), "failed" | "rolled_back");
+    let undo = matches!(
+        plan.kind,
+        Kind::Deploy {
+            rollback_on_halt: true,
+            ..
+        }
+    ) && halted
+        && r.outcome.is_success()
+        && r.op_id == format!("{id}-{host}");
+    let to = plan.before.iter().find(|(h, _)| h == host).and_then(|(_, v)| v.clone());
+    let (true, Some(to)) = (undo, to) else {
+        return;
+    };
+    let rollback_op = format!("{id}-rollback-{host}");
+    if !matches!(shared.db.host_outcome(id, &rollback_op), Ok(None)) {
+        return;
+    }
+    let rollout = Rollout::restored(&row, app, plan, HashMap::new(), Control::Run);
+    let shared = shared.clone();
+    let host = host.clone();
+    tokio::spawn(async move {
+        tracing::warn!(rollout = %rollout.id, %host, %to, "rolling back a host that activated after its rollout halted");
+        let r = rollout.rollback_host(&shared, &host, rollback_op, Some(to)).await;
+        match verdict(r) {
+            Ok(()) => tracing::info!(rollout = %rollout.id, %host, "late host rolled back"),
+            Err(e) => tracing::error!(rollout = %rollout.id, %host, error = %e, "late host could not be rolled back"),
+        }
+    });
 }
 
 /// Applies an operator's pause, resume or abort to a running rollout;
@@ -998,6 +1235,22 @@ pub fn control(shared: &Shared, id: &str, action: &str, who: &PeerIdentity) -> R
     }
     let next = match (action, &now) {
         ("approve", _) => return Err(Status::failed_precondition(format!("rollout {id} needs no approval"))),
+        ("promote", Control::AwaitPromote(stage)) => {
+            tracing::info!(rollout = %id, by = %who, stage, "stage promoted");
+            l.control.send_replace(Control::Run);
+            return Ok(format!("stage {stage} promoted; running"));
+        }
+        ("promote", _) => {
+            return Err(Status::failed_precondition(format!(
+                "rollout {id} is not waiting for promotion"
+            )))
+        }
+        ("pause", Control::AwaitPromote(_)) => return Ok("awaiting promotion".into()),
+        ("resume", Control::AwaitPromote(stage)) => {
+            return Err(Status::failed_precondition(format!(
+                "rollout {id} is waiting for stage {stage} to be promoted: run `convoy promote {id}`"
+            )))
+        }
         ("pause" | "resume" | "abort", Control::Abort(by)) => {
             return Err(Status::failed_precondition(format!(
                 "rollout {id} is being aborted by {by}"
@@ -1010,12 +1263,12 @@ pub fn control(shared: &Shared, id: &str, action: &str, who: &PeerIdentity) -> R
         ("abort", _) => Control::Abort(who.to_string()),
         (other, _) => {
             return Err(invalid(format!(
-                "unknown action {other:?} (pause, resume, abort or approve)"
+                "unknown action {other:?} (pause, resume, abort, promote or approve)"
             )))
         }
     };
     let state = match &next {
-        Control::AwaitApproval(_) | Control::Run => "running",
+        Control::AwaitApproval(_) | Control::AwaitPromote(_) | Control::Run => "running",
         Control::Pause(_) => "pausing before its next batch",
         Control::Abort(_) => "aborting before its next batch",
     };
