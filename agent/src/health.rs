@@ -6,9 +6,6 @@ use std::path::Path;
 use std::time::Duration;
 
 use convoy_common::spec::{CheckKind, HealthCheck, HealthPolicy};
-use http_body_util::{BodyExt, Empty, Limited};
-use hyper::body::Bytes;
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::{sleep, timeout, Instant};
 
@@ -91,40 +88,25 @@ async fn run_inner(systemd: &Systemd, kind: &CheckKind, base: &RestartBaseline, 
 }
 
 async fn http_check(url: &str, expect: u16, body_contains: Option<&str>) -> Verdict {
-    let err = |m: String| format!("http {url}: {m}");
-    let uri: hyper::Uri = url.parse().map_err(|e| err(format!("bad URL: {e}")))?;
-    let host = uri.host().ok_or_else(|| err("URL has no host".into()))?.to_owned();
-    let port = uri.port_u16().unwrap_or(80);
-    let stream = TcpStream::connect((host.as_str(), port))
-        .await
-        .map_err(|e| err(format!("connect: {e}")))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| err(format!("handshake: {e}")))?;
-    tokio::spawn(conn);
-    let req = hyper::Request::get(uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"))
-        .header(hyper::header::HOST, format!("{host}:{port}"))
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| err(e.to_string()))?;
-    let resp = sender
-        .send_request(req)
-        .await
-        .map_err(|e| err(format!("request: {e}")))?;
-    let status = resp.status().as_u16();
-    if status != expect {
-        return Err(err(format!("status {status}, expected {expect}")));
+    let r = convoy_common::http::send(convoy_common::http::Request {
+        method: hyper::Method::GET,
+        url,
+        json: None,
+        tls: None,
+        body_limit: if body_contains.is_some() { 64 * 1024 } else { 0 },
+        timeout: None, // the check's own timeout bounds it
+    })
+    .await
+    .map_err(|e| format!("http {url}: {e}"))?;
+    if r.status != expect {
+        return Err(format!("http {url}: status {}, expected {expect}", r.status));
     }
     if let Some(needle) = body_contains {
-        let body = Limited::new(resp.into_body(), 64 * 1024)
-            .collect()
-            .await
-            .map_err(|e| err(format!("reading body: {e}")))?
-            .to_bytes();
-        if !String::from_utf8_lossy(&body).contains(needle) {
-            return Err(err(format!("body does not contain {needle:?}")));
+        if !String::from_utf8_lossy(&r.body).contains(needle) {
+            return Err(format!("http {url}: body does not contain {needle:?}"));
         }
     }
-    Ok(format!("http {url}: {status}"))
+    Ok(format!("http {url}: {}", r.status))
 }
 
 /// Waits until every check passes continuously for `min_healthy_time`;

@@ -9,6 +9,7 @@
 pub mod archive;
 pub mod digest;
 pub mod fsutil;
+pub mod http;
 pub mod identity;
 pub mod names;
 pub mod ops;

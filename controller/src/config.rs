@@ -21,6 +21,8 @@ struct Raw {
     log_level: Option<String>,
     #[serde(default)]
     webhooks: Vec<String>,
+    #[serde(default)]
+    webhook_ca: Option<PathBuf>,
 }
 
 fn default_host_timeout() -> String {
@@ -42,6 +44,8 @@ pub struct Config {
     pub log_level: Option<String>,
     /// URLs POSTed to on rollout start, success, failure and rollback.
     pub webhooks: Vec<String>,
+    /// A CA (PEM) trusted for https webhooks besides the system's roots.
+    pub webhook_ca: Option<PathBuf>,
 }
 
 impl Config {
@@ -60,10 +64,11 @@ impl Config {
         let host_timeout = humantime::parse_duration(&raw.host_timeout)
             .map_err(|e| anyhow::anyhow!("{file}: host_timeout: {:?}: {e}", raw.host_timeout))?;
         for (i, url) in raw.webhooks.iter().enumerate() {
-            crate::webhooks::check_url(url).map_err(|e| anyhow::anyhow!("{file}: webhooks[{i}]: {e}"))?;
+            convoy_common::http::check_url(url).map_err(|e| anyhow::anyhow!("{file}: webhooks[{i}]: {e}"))?;
         }
         Ok(Config {
             webhooks: raw.webhooks,
+            webhook_ca: raw.webhook_ca,
             listen,
             data_dir: raw.data_dir,
             apps_dir: raw.apps_dir,

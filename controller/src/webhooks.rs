@@ -6,11 +6,10 @@
 
 use std::time::Duration;
 
-use http_body_util::Full;
+use std::sync::Arc;
+
 use hyper::body::Bytes;
-use hyper_util::rt::TokioIo;
 use serde::Serialize;
-use tokio::net::TcpStream;
 
 const ATTEMPTS: u32 = 4;
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -38,20 +37,13 @@ pub struct Payload {
 #[derive(Debug, Clone, Default)]
 pub struct Notifier {
     urls: Vec<String>,
-}
-
-/// Checks a webhook URL: plain http to a host and port.
-pub fn check_url(url: &str) -> Result<(), String> {
-    let uri: hyper::Uri = url.parse().map_err(|e| format!("{url:?}: {e}"))?;
-    if uri.scheme_str() != Some("http") || uri.host().is_none() {
-        return Err(format!("{url:?} must be an http:// URL (use a local relay for https)"));
-    }
-    Ok(())
+    /// Roots for https webhooks: the system's plus `webhook_ca`.
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Notifier {
-    pub fn new(urls: Vec<String>) -> Self {
-        Self { urls }
+    pub fn new(urls: Vec<String>, tls: Option<Arc<rustls::ClientConfig>>) -> Self {
+        Self { urls, tls }
     }
 
     /// Sends `p` to every URL in the background.
@@ -61,10 +53,19 @@ impl Notifier {
         }
         let body = Bytes::from(serde_json::to_vec(&p).expect("payload serialises"));
         for url in &self.urls {
-            let (url, body, event) = (url.clone(), body.clone(), p.event);
+            let (url, body, event, tls) = (url.clone(), body.clone(), p.event, self.tls.clone());
             tokio::spawn(async move {
                 for attempt in 1..=ATTEMPTS {
-                    match post(&url, body.clone()).await {
+                    let sent = convoy_common::http::send(convoy_common::http::Request {
+                        method: hyper::Method::POST,
+                        url: &url,
+                        json: Some(body.clone()),
+                        tls: tls.clone(),
+                        body_limit: 0,
+                        timeout: Some(TIMEOUT),
+                    })
+                    .await;
+                    match sent.map(|r| r.status) {
                         Ok(status) if (200..300).contains(&status) => return,
                         Ok(status) => tracing::warn!(%url, event, attempt, status, "webhook answered with an error"),
                         Err(e) => tracing::warn!(%url, event, attempt, error = %e, "webhook failed"),
@@ -75,30 +76,4 @@ impl Notifier {
             });
         }
     }
-}
-
-async fn post(url: &str, body: Bytes) -> Result<u16, String> {
-    let uri: hyper::Uri = url.parse().map_err(|e| format!("bad URL: {e}"))?;
-    let host = uri.host().ok_or("URL has no host")?.to_owned();
-    let port = uri.port_u16().unwrap_or(80);
-    let work = async {
-        let stream = TcpStream::connect((host.as_str(), port))
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| format!("handshake: {e}"))?;
-        tokio::spawn(conn);
-        let req = hyper::Request::post(uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"))
-            .header(hyper::header::HOST, format!("{host}:{port}"))
-            .header(hyper::header::CONTENT_TYPE, "application/json")
-            .header(hyper::header::USER_AGENT, concat!("convoy/", env!("CARGO_PKG_VERSION")))
-            .body(Full::new(body))
-            .map_err(|e| e.to_string())?;
-        let resp = sender.send_request(req).await.map_err(|e| format!("request: {e}"))?;
-        Ok(resp.status().as_u16())
-    };
-    tokio::time::timeout(TIMEOUT, work)
-        .await
-        .map_err(|_| format!("no answer within {TIMEOUT:?}"))?
 }

@@ -666,13 +666,22 @@ fn approval_by_another_operator() -> Result<()> {
 }
 
 /// A webhook receiver on loopback: answers 200 and hands each JSON body on.
-fn webhook_receiver() -> Result<(u16, std::sync::mpsc::Receiver<serde_json::Value>)> {
+fn webhook_receiver(
+    tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+) -> Result<(u16, std::sync::mpsc::Receiver<serde_json::Value>)> {
     use std::io::{BufRead, BufReader, Read, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     let port = listener.local_addr()?.port();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        for stream in listener.incoming().map_while(|s| s.ok()) {
+        for tcp in listener.incoming().map_while(|s| s.ok()) {
+            let stream: Box<dyn ReadWrite> = match &tls {
+                None => Box::new(tcp),
+                Some(cfg) => match rustls::ServerConnection::new(cfg.clone()) {
+                    Ok(conn) => Box::new(rustls::StreamOwned::new(conn, tcp)),
+                    Err(_) => continue,
+                },
+            };
             let mut reader = BufReader::new(stream);
             let mut len = 0usize;
             let mut line = String::new();
@@ -689,6 +698,7 @@ fn webhook_receiver() -> Result<(u16, std::sync::mpsc::Receiver<serde_json::Valu
             let _ = reader
                 .get_mut()
                 .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+            let _ = reader.get_mut().flush();
             if let Ok(v) = serde_json::from_slice(&body) {
                 if tx.send(v).is_err() {
                     return;
@@ -699,18 +709,50 @@ fn webhook_receiver() -> Result<(u16, std::sync::mpsc::Receiver<serde_json::Valu
     Ok((port, rx))
 }
 
+trait ReadWrite: std::io::Read + std::io::Write + Send {}
+impl<T: std::io::Read + std::io::Write + Send> ReadWrite for T {}
+
+/// A TLS server config for "localhost" under a throwaway CA; returns it
+/// with the CA certificate (PEM) a client must trust.
+fn localhost_tls() -> Result<(std::sync::Arc<rustls::ServerConfig>, String)> {
+    let ca_key = rcgen::KeyPair::generate()?;
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key)?;
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let key = rcgen::KeyPair::generate()?;
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])?.signed_by(&key, &issuer)?;
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )?;
+    Ok((std::sync::Arc::new(config), ca_cert.pem()))
+}
+
 /// Webhooks hear a rollout start, succeed and fail, with a chat-ready
-/// `text`; a webhook that is down delays and fails nothing.
+/// `text`, over http and over https (verified against `webhook_ca`); a
+/// webhook that is down delays and fails nothing.
 #[test]
 fn webhooks_notify_and_never_block() -> Result<()> {
-    let (port, hooks) = webhook_receiver()?;
+    let (port, hooks) = webhook_receiver(None)?;
+    let (tls, ca_pem) = localhost_tls()?;
+    let (tls_port, tls_hooks) = webhook_receiver(Some(tls))?;
     let mut bed = Testbed::boot(1)?;
+    let ca = bed.dir.path().join("webhook-ca.pem");
+    std::fs::write(&ca, ca_pem)?;
     // Nothing listens on port 1: that webhook fails on every attempt.
     let conf = bed.dir.path().join("controller/controller.toml");
     let text = std::fs::read_to_string(&conf)?;
     std::fs::write(
         &conf,
-        format!("webhooks = [\"http://127.0.0.1:{port}/hook\", \"http://127.0.0.1:1/down\"]\n{text}"),
+        format!(
+            "webhooks = [\"http://127.0.0.1:{port}/hook\", \"https://localhost:{tls_port}/hook\", \"http://127.0.0.1:1/down\"]\nwebhook_ca = {:?}\n{text}",
+            ca.display()
+        ),
     )?;
     bed.kill_controller();
     bed.start_controller()?;
@@ -745,6 +787,21 @@ fn webhooks_notify_and_never_block() -> Result<()> {
     assert!(
         failed["text"].as_str().unwrap().contains("health check failed"),
         "{failed}"
+    );
+
+    // The https webhook heard the same four events.
+    let over_tls: Vec<String> = (0..4)
+        .map(|_| tls_hooks.recv_timeout(std::time::Duration::from_secs(15)))
+        .map(|v| v.map(|v| v["event"].as_str().unwrap_or("").to_owned()))
+        .collect::<Result<_, _>>()?;
+    assert_eq!(
+        over_tls,
+        [
+            "rollout_started",
+            "rollout_succeeded",
+            "rollout_started",
+            "rollout_failed"
+        ]
     );
 
     // The dead webhook was retried and given up on, in the background.

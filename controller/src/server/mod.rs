@@ -88,6 +88,15 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'sta
         .with_context(|| format!("binding {}", cfg.listen))?;
     let addr = listener.local_addr()?;
     let cfg_webhooks = cfg.webhooks.clone();
+    // Roots for https webhooks, loaded once (only when one is configured).
+    let webhook_tls = if cfg.webhooks.iter().any(|u| u.starts_with("https:")) {
+        Some(
+            convoy_common::http::tls_roots(cfg.webhook_ca.as_deref())
+                .map_err(|e| anyhow::anyhow!("webhook_ca: {e}"))?,
+        )
+    } else {
+        None
+    };
     let shared = Arc::new(Shared {
         cfg,
         db,
@@ -95,7 +104,7 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'sta
         registry: Arc::new(registry::Registry::default()),
         running: Mutex::new(HashMap::new()),
         live: Mutex::new(HashMap::new()),
-        notifier: crate::webhooks::Notifier::new(cfg_webhooks),
+        notifier: crate::webhooks::Notifier::new(cfg_webhooks, webhook_tls),
     });
     tracing::info!(%addr, "controller listening");
     tokio::spawn(rollout::resume_all(shared.clone()));
