@@ -350,13 +350,27 @@ pub async fn watch(conn: &Conn, rollout: String) -> Result<(), Failure> {
 
 /// Prints a rollout's events as they come and maps its end to an exit code.
 async fn follow(mut stream: tonic::Streaming<convoy_proto::RolloutEvent>, title: &str) -> Result<(), Failure> {
+    let mut out = crate::progress::Progress::for_stdout();
+    let r = show(&mut stream, title, &mut out).await;
+    out.finish();
+    r
+}
+
+async fn show(
+    stream: &mut tonic::Streaming<convoy_proto::RolloutEvent>,
+    title: &str,
+    out: &mut crate::progress::Progress,
+) -> Result<(), Failure> {
     let started = std::time::Instant::now();
     let mut hosts = 0;
     while let Some(ev) = stream.message().await? {
         match ev.body {
             Some(rollout_event::Body::Plan(p)) => {
                 hosts = p.hosts.len();
-                println!("rollout {}: {title}, {} host(s), {}", ev.rollout_id, hosts, p.strategy);
+                out.line(&format!(
+                    "rollout {}: {title}, {} host(s), {}",
+                    ev.rollout_id, hosts, p.strategy
+                ));
                 for (i, b) in p.batches.iter().enumerate() {
                     let bake = if b.bake_ms > 0 {
                         format!(
@@ -366,26 +380,26 @@ async fn follow(mut stream: tonic::Streaming<convoy_proto::RolloutEvent>, title:
                     } else {
                         String::new()
                     };
-                    println!("  batch {}: {}{bake}", i + 1, b.hosts.join(", "));
+                    out.line(&format!("  batch {}: {}{bake}", i + 1, b.hosts.join(", ")));
                 }
                 if p.failure_budget > 0 {
-                    println!("  failure budget: {} host(s)", p.failure_budget);
+                    out.line(&format!("  failure budget: {} host(s)", p.failure_budget));
                 }
                 if !p.digest.is_empty() {
-                    println!("  artifact sha256 {}", p.digest);
+                    out.line(&format!("  artifact sha256 {}", p.digest));
                 }
                 if !p.skipped_hosts.is_empty() {
-                    println!("  skipped (not connected): {}", p.skipped_hosts.join(", "));
+                    out.line(&format!("  skipped (not connected): {}", p.skipped_hosts.join(", ")));
                 }
             }
-            Some(rollout_event::Body::Note(n)) => println!("-- {}", n.message),
+            Some(rollout_event::Body::Note(n)) => out.note(&n.message),
             Some(rollout_event::Body::HostEvent(h)) => {
                 if let Some(e) = h.event {
                     let kind = convoy_proto::EventKind::try_from(e.kind)
                         .map(|k| k.as_str_name())
                         .unwrap_or("?");
                     let kind = kind.trim_start_matches("EVENT_KIND_").to_lowercase();
-                    println!("  [{}] {:<8} {:<9} {}", h.host, e.step, kind, e.message);
+                    out.host(&h.host, &e.step, &kind, &e.message);
                 }
             }
             Some(rollout_event::Body::HostResult(h)) => {
@@ -393,11 +407,7 @@ async fn follow(mut stream: tonic::Streaming<convoy_proto::RolloutEvent>, title:
                     let outcome = convoy_proto::Outcome::try_from(r.outcome)
                         .map(|o| o.as_str_name())
                         .unwrap_or("?");
-                    println!(
-                        "  [{}] => {}",
-                        h.host,
-                        outcome.trim_start_matches("OUTCOME_").to_lowercase()
-                    );
+                    out.result(&h.host, &outcome.trim_start_matches("OUTCOME_").to_lowercase());
                 }
             }
             Some(rollout_event::Body::Done(d)) => {
@@ -410,7 +420,7 @@ async fn follow(mut stream: tonic::Streaming<convoy_proto::RolloutEvent>, title:
                             d.failed_hosts.join(", ")
                         ));
                     }
-                    println!("{msg}");
+                    out.line(&msg);
                     return if d.rollback_failed {
                         Err(Failure::new(
                             exit::RESTORE_FAILED,

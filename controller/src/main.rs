@@ -6,6 +6,7 @@ mod cli;
 mod config;
 mod db;
 mod pki;
+mod progress;
 mod server;
 mod webhooks;
 

@@ -1,0 +1,173 @@
+//! How `deploy`, `rollback` and `watch` show a running rollout: live
+//! per-host lines on a terminal (indicatif), plain lines otherwise (pipes,
+//! logs, CI), which is also what scripts and tests read.
+
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::time::Duration;
+
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+pub enum Progress {
+    Lines,
+    Bars(Bars),
+}
+
+pub struct Bars {
+    multi: MultiProgress,
+    /// The rollout's current phase (the latest note) and its elapsed time.
+    phase: ProgressBar,
+    /// One line per host: its latest step, then its outcome.
+    hosts: HashMap<String, ProgressBar>,
+}
+
+impl Progress {
+    /// Bars when stdout is a terminal, lines otherwise.
+    pub fn for_stdout() -> Self {
+        if std::io::stdout().is_terminal() {
+            Progress::bars(ProgressDrawTarget::stdout())
+        } else {
+            Progress::Lines
+        }
+    }
+
+    pub fn bars(target: ProgressDrawTarget) -> Self {
+        let multi = MultiProgress::with_draw_target(target);
+        let phase = multi.add(ProgressBar::new_spinner());
+        phase.set_style(ProgressStyle::with_template("{spinner:.cyan} {elapsed:>4} {wide_msg}").expect("template"));
+        phase.enable_steady_tick(Duration::from_millis(120));
+        Progress::Bars(Bars {
+            multi,
+            phase,
+            hosts: HashMap::new(),
+        })
+    }
+
+    /// A line that stays (the plan, the verdict).
+    pub fn line(&self, s: &str) {
+        match self {
+            Progress::Lines => println!("{s}"),
+            Progress::Bars(b) => {
+                let _ = b.multi.println(s);
+            }
+        }
+    }
+
+    /// A rollout note: batch started, baking, waiting for promotion, ...
+    pub fn note(&self, s: &str) {
+        self.line(&format!("-- {s}"));
+        if let Progress::Bars(b) = self {
+            b.phase.set_message(s.to_owned());
+        }
+    }
+
+    /// A host's latest step.
+    pub fn host(&mut self, host: &str, step: &str, kind: &str, message: &str) {
+        match self {
+            Progress::Lines => println!("  [{host}] {step:<8} {kind:<9} {message}"),
+            Progress::Bars(b) => {
+                let bar = b.bar(host);
+                bar.set_message(format!("{step:<8} {kind:<9} {message}"));
+                bar.tick();
+            }
+        }
+    }
+
+    /// A host's operation ended.
+    pub fn result(&mut self, host: &str, outcome: &str) {
+        match self {
+            Progress::Lines => println!("  [{host}] => {outcome}"),
+            Progress::Bars(b) => {
+                let mark = if outcome == "succeeded" { "✔" } else { "✘" };
+                let bar = b.bar(host);
+                bar.set_message(format!("{mark} {outcome}"));
+                bar.tick();
+            }
+        }
+    }
+
+    /// Stops the live display, leaving each host's last line on screen.
+    pub fn finish(&mut self) {
+        if let Progress::Bars(b) = self {
+            b.phase.finish_and_clear();
+            for bar in b.hosts.values() {
+                bar.finish();
+            }
+        }
+    }
+}
+
+impl Bars {
+    fn bar(&mut self, host: &str) -> ProgressBar {
+        self.hosts
+            .entry(host.to_owned())
+            .or_insert_with(|| {
+                let bar = self.multi.add(ProgressBar::new_spinner());
+                bar.set_style(ProgressStyle::with_template("  {prefix:<12} {wide_msg}").expect("template"));
+                bar.set_prefix(host.to_owned());
+                bar
+            })
+            .clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    /// A terminal that keeps what was drawn on it.
+    #[derive(Debug, Clone, Default)]
+    struct Screen(Arc<Mutex<String>>);
+
+    impl indicatif::TermLike for Screen {
+        fn width(&self) -> u16 {
+            100
+        }
+        fn move_cursor_up(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_down(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_right(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_left(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn write_line(&self, s: &str) -> std::io::Result<()> {
+            self.0.lock().unwrap().push_str(&format!("{s}\n"));
+            Ok(())
+        }
+        fn write_str(&self, s: &str) -> std::io::Result<()> {
+            self.0.lock().unwrap().push_str(s);
+            Ok(())
+        }
+        fn clear_line(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn flush(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn bars_show_each_host_and_its_outcome() {
+        let screen = Screen::default();
+        let mut p = Progress::bars(ProgressDrawTarget::term_like(Box::new(screen.clone())));
+        p.line("rollout abc: web 2.0.0 to staging, 2 host(s)");
+        p.note("batch 1/1: web1, web2");
+        p.host("web1", "check", "started", "http /health");
+        p.host("web2", "restart", "started", "web.service");
+        p.result("web1", "succeeded");
+        p.result("web2", "failed_restored");
+        p.finish();
+        let drawn = screen.0.lock().unwrap().clone();
+        assert!(drawn.contains("rollout abc: web 2.0.0 to staging"), "{drawn}");
+        assert!(drawn.contains("-- batch 1/1: web1, web2"), "{drawn}");
+        let last = |host: &str| drawn.lines().rev().find(|l| l.contains(host)).unwrap_or("").to_owned();
+        assert!(last("web1").contains("✔ succeeded"), "{drawn}");
+        assert!(last("web2").contains("✘ failed_restored"), "{drawn}");
+    }
+}
