@@ -44,7 +44,7 @@ enum Cmd {
     Keys(KeysCmd),
     /// Roll a pushed release out to an environment (pre-stage everywhere,
     /// then batch by batch; halt and roll back past the failure budget).
-    Deploy(cli::DeployArgs),
+    Deploy(Box<cli::DeployArgs>),
     /// Switch hosts back to a release they still hold (no download).
     Rollback {
         app: String,
@@ -219,7 +219,7 @@ fn main() -> ExitCode {
         Cmd::Abort { rollout } => cli::report(rt.block_on(cli::control(&cli.conn, rollout, "abort"))),
         Cmd::Approve { rollout } => cli::report(rt.block_on(cli::control(&cli.conn, rollout, "approve"))),
         Cmd::Promote { rollout } => cli::report(rt.block_on(cli::control(&cli.conn, rollout, "promote"))),
-        Cmd::Deploy(args) => cli::report(rt.block_on(cli::deploy(&cli.conn, args))),
+        Cmd::Deploy(args) => cli::report(rt.block_on(cli::deploy(&cli.conn, *args))),
         Cmd::Rollback { app, env, to, hosts } => {
             cli::report(rt.block_on(cli::rollback(&cli.conn, app, env, to, hosts)))
         }
