@@ -26,6 +26,12 @@ struct Raw {
     unit_dir: PathBuf,
     #[serde(default)]
     trusted_keys: Vec<String>,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    enroll_token: Option<String>,
+    #[serde(default)]
+    ca_fingerprint: Option<String>,
 }
 
 fn default_unit_dir() -> PathBuf {
@@ -57,6 +63,12 @@ pub struct Config {
     pub unit_dir: PathBuf,
     /// When not empty, only artifacts signed by one of these are installed.
     pub trusted_keys: Vec<convoy_common::signing::PublicKey>,
+    /// The host's name, asked for at enrollment (default: the hostname).
+    pub name: String,
+    /// A one-time token to enroll with when `cert` does not exist yet.
+    pub enroll_token: Option<String>,
+    /// `sha256:HEX` of the fleet CA's certificate, to trust it at enrollment.
+    pub ca_fingerprint: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -81,7 +93,24 @@ impl Config {
             path: path.display().to_string(),
             source,
         })?;
-        Self::parse(&path.display().to_string(), &text)
+        let cfg = Self::parse(&path.display().to_string(), &text)?;
+        // A config holding a secret must be as private as a key.
+        if cfg.enroll_token.is_some() {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(path)
+                .map(|m| m.permissions().mode() & 0o777)
+                .unwrap_or(0);
+            if mode & 0o077 != 0 {
+                return Err(ConfigError::Invalid {
+                    path: path.display().to_string(),
+                    message: format!(
+                        "holds enroll_token but is readable by group or others (mode {mode:o}); run chmod 600 {}",
+                        path.display()
+                    ),
+                });
+            }
+        }
+        Ok(cfg)
     }
 
     pub fn parse(file: &str, text: &str) -> Result<Self, ConfigError> {
@@ -114,6 +143,26 @@ impl Config {
                 convoy_common::signing::PublicKey::parse(k).map_err(|e| invalid(format!("trusted_keys[{i}]: {e}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        if let Some(f) = &raw.ca_fingerprint {
+            let hex = f.strip_prefix("sha256:").unwrap_or("");
+            if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+                return Err(invalid(format!(
+                    "ca_fingerprint: {f:?} is not sha256: and 64 hex digits (see `convoy enroll create-token`)"
+                )));
+            }
+        }
+        if raw.enroll_token.is_some() != raw.ca_fingerprint.is_some() {
+            return Err(invalid("enroll_token and ca_fingerprint go together".into()));
+        }
+        let name = match raw.name {
+            Some(n) => n,
+            None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .unwrap_or_default(),
+        };
+        if raw.enroll_token.is_some() {
+            convoy_common::HostName::new(name.as_str()).map_err(|e| invalid(format!("name: {e}")))?;
+        }
         let unit_timeout = humantime::parse_duration(&raw.unit_timeout)
             .map_err(|e| invalid(format!("unit_timeout: {:?}: {e}", raw.unit_timeout)))?;
         Ok(Config {
@@ -128,6 +177,9 @@ impl Config {
             log_level: raw.log_level,
             unit_dir: raw.unit_dir,
             trusted_keys,
+            name,
+            enroll_token: raw.enroll_token,
+            ca_fingerprint: raw.ca_fingerprint.map(|f| f.to_ascii_lowercase()),
         })
     }
 }

@@ -6,6 +6,7 @@ mod agent;
 mod backup;
 mod config;
 mod crash;
+mod enroll;
 mod fetch;
 mod health;
 mod hooks;
@@ -90,7 +91,8 @@ fn init_tracing(level: Option<&str>) {
 }
 
 async fn run(cfg: config::Config) -> anyhow::Result<()> {
-    let endpoint = session::endpoint(&cfg)?;
+    enroll::enroll_if_needed(&cfg).await?;
+    session::endpoint(&cfg)?; // checks the certificate and key before anything else
     let store = store::Store::open(&cfg.state_dir)?;
     let systemd = systemd::Systemd::connect()
         .await
@@ -107,8 +109,14 @@ async fn run(cfg: config::Config) -> anyhow::Result<()> {
     if !recovered.is_empty() {
         tracing::warn!(count = recovered.len(), "recovered interrupted operations");
     }
+    // Each dial reads the certificate afresh, so a renewed one is used.
+    let dial = {
+        let cfg = cfg.clone();
+        move || session::endpoint(&cfg)
+    };
+    tokio::spawn(enroll::renew_forever(cfg.clone(), dial.clone()));
     tokio::select! {
-        _ = session::run(agent.clone(), endpoint) => Ok(()),
+        _ = session::run(agent.clone(), dial) => Ok(()),
         _ = shutdown_signal() => {
             tracing::info!("stopping; an interrupted activation is recovered at the next start");
             Ok(())

@@ -36,11 +36,15 @@ pub fn endpoint(cfg: &Config) -> anyhow::Result<Endpoint> {
 }
 
 /// Runs sessions until the process ends.
-pub async fn run(agent: Arc<Agent>, endpoint: Endpoint) {
+pub async fn run(agent: Arc<Agent>, endpoint: impl Fn() -> anyhow::Result<Endpoint>) {
     let mut backoff = Duration::from_millis(250);
     loop {
         let started = tokio::time::Instant::now();
-        match session(&agent, &endpoint).await {
+        let result = match endpoint() {
+            Ok(e) => session(&agent, &e).await,
+            Err(e) => Err(e),
+        };
+        match result {
             Ok(()) => tracing::warn!("controller closed the session"),
             Err(e) => {
                 tracing::warn!(error = %format!("{e:#}"), "session with the controller failed")

@@ -152,6 +152,27 @@ pub fn identity_from_der(der: &[u8]) -> Result<PeerIdentity, IdentityError> {
     })
 }
 
+/// A certificate's validity window, in unix seconds (not before, not after).
+pub fn validity_secs(der: &[u8]) -> Result<(i64, i64), IdentityError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| IdentityError::Parse(e.to_string()))?;
+    let v = cert.validity();
+    Ok((v.not_before.timestamp(), v.not_after.timestamp()))
+}
+
+/// How a CA certificate is pinned: `sha256:` and the hex digest of its DER.
+pub fn fingerprint(der: &[u8]) -> String {
+    use sha2::Digest as _;
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(der)))
+}
+
+/// The DER of each certificate in a PEM text.
+pub fn certs_der(pem: &[u8]) -> Vec<Vec<u8>> {
+    rustls_pemfile::certs(&mut &pem[..])
+        .filter_map(|c| c.ok())
+        .map(|c| c.to_vec())
+        .collect()
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum PemError {
     #[error("{path}: {source}")]

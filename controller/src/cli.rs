@@ -267,7 +267,7 @@ pub struct DeployArgs {
     pub vanish_deadline: Option<std::time::Duration>,
 }
 
-fn parse_label(s: &str) -> Result<(String, String), String> {
+pub fn parse_label(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
@@ -743,6 +743,77 @@ struct HostEntryJson {
     labels: std::collections::BTreeMap<String, String>,
     last_seen_unix_ms: i64,
     apps: Vec<AppStatus>,
+}
+
+/// `convoy enroll create-token`: prints the token (its only appearance:
+/// the controller keeps a hash) and the lines for the host's agent.toml.
+pub async fn create_token(
+    conn: &Conn,
+    name: String,
+    labels: Vec<(String, String)>,
+    ttl: std::time::Duration,
+    json: bool,
+) -> Result<(), Failure> {
+    let ca = conn
+        .ca
+        .clone()
+        .ok_or_else(|| Failure::new(exit::USAGE, "--ca (or CONVOY_CA) is required"))?;
+    let ca_pem = convoy_common::identity::read_cert_pem(&ca).map_err(|e| Failure::new(exit::USAGE, e.to_string()))?;
+    let fingerprint = convoy_common::identity::certs_der(&ca_pem)
+        .first()
+        .map(|d| convoy_common::identity::fingerprint(d))
+        .unwrap_or_default();
+    let mut client = conn.connect().await?;
+    let reply = client
+        .create_enroll_token(convoy_proto::CreateTokenRequest {
+            name: name.clone(),
+            labels: labels.iter().cloned().collect(),
+            ttl_ms: ttl.as_millis() as u64,
+        })
+        .await?
+        .into_inner();
+    let labels: std::collections::BTreeMap<String, String> = labels.into_iter().collect();
+    if json {
+        let out = serde_json::json!({
+            "token": reply.token,
+            "name": if name.is_empty() { None } else { Some(&name) },
+            "labels": labels,
+            "expires_at_unix_ms": reply.expires_at_unix_ms,
+            "ca_fingerprint": fingerprint,
+        });
+        println!("{}", serde_json::to_string_pretty(&out).expect("serialises"));
+        return Ok(());
+    }
+    let who = if name.is_empty() {
+        "any new host name".to_owned()
+    } else {
+        name.clone()
+    };
+    println!(
+        "one-time enrollment token for {who}, valid for {}:",
+        humantime::format_duration(ttl)
+    );
+    println!("  {}", reply.token);
+    println!("on the host, in /etc/convoy/agent.toml (with name, controller, ca, cert and key):");
+    println!("  enroll_token = \"{}\"", reply.token);
+    println!("  ca_fingerprint = \"{fingerprint}\"");
+    if !labels.is_empty() {
+        let l: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        println!("the host's labels will be {}", l.join(", "));
+    }
+    Ok(())
+}
+
+/// `convoy hosts revoke NAME`.
+pub async fn revoke_host(conn: &Conn, name: String) -> Result<(), Failure> {
+    let mut client = conn.connect().await?;
+    let reply = client
+        .revoke_host(convoy_proto::RevokeRequest { host: name.clone() })
+        .await?
+        .into_inner();
+    let was = if reply.was_connected { "disconnected and " } else { "" };
+    println!("{name} {was}revoked: its certificates are refused from now on; enroll it again to readmit it");
+    Ok(())
 }
 
 pub async fn hosts(conn: &Conn, json: bool) -> Result<(), Failure> {

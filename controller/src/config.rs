@@ -23,6 +23,14 @@ struct Raw {
     webhooks: Vec<String>,
     #[serde(default)]
     webhook_ca: Option<PathBuf>,
+    #[serde(default)]
+    ca_key: Option<PathBuf>,
+    #[serde(default = "default_agent_cert_validity")]
+    agent_cert_validity: String,
+}
+
+fn default_agent_cert_validity() -> String {
+    "30d".into()
 }
 
 fn default_host_timeout() -> String {
@@ -46,6 +54,10 @@ pub struct Config {
     pub webhooks: Vec<String>,
     /// A CA (PEM) trusted for https webhooks besides the system's roots.
     pub webhook_ca: Option<PathBuf>,
+    /// The CA's private key: enables enrollment and certificate renewal.
+    pub ca_key: Option<PathBuf>,
+    /// How long certificates signed by enrollment and renewal are valid.
+    pub agent_cert_validity: Duration,
 }
 
 impl Config {
@@ -66,7 +78,14 @@ impl Config {
         for (i, url) in raw.webhooks.iter().enumerate() {
             convoy_common::http::check_url(url).map_err(|e| anyhow::anyhow!("{file}: webhooks[{i}]: {e}"))?;
         }
+        let agent_cert_validity = humantime::parse_duration(&raw.agent_cert_validity)
+            .map_err(|e| anyhow::anyhow!("{file}: agent_cert_validity: {:?}: {e}", raw.agent_cert_validity))?;
+        if agent_cert_validity < Duration::from_secs(10) {
+            anyhow::bail!("{file}: agent_cert_validity: must be at least 10s");
+        }
         Ok(Config {
+            ca_key: raw.ca_key,
+            agent_cert_validity,
             webhooks: raw.webhooks,
             webhook_ca: raw.webhook_ca,
             listen,

@@ -1,6 +1,7 @@
 //! The controller's SQLite store: releases, rollouts, per-host results and
 //! every step event, kept append-only as the audit trail.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -34,6 +35,11 @@ CREATE TABLE IF NOT EXISTS rollouts (
     operator TEXT NOT NULL, state TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '',
     started_at_ms INTEGER NOT NULL, finished_at_ms INTEGER);
 CREATE INDEX IF NOT EXISTS rollouts_by_app ON rollouts (app, started_at_ms);
+CREATE TABLE IF NOT EXISTS enroll_tokens (
+    hash TEXT PRIMARY KEY, name TEXT NOT NULL, labels TEXT NOT NULL, expires_at_ms INTEGER NOT NULL,
+    created_by TEXT NOT NULL, created_at_ms INTEGER NOT NULL, used_at_ms INTEGER, used_by TEXT);
+CREATE TABLE IF NOT EXISTS host_labels (host TEXT PRIMARY KEY, labels TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS revoked_hosts (host TEXT PRIMARY KEY, revoked_at_ms INTEGER NOT NULL, revoked_by TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS rollout_hosts (
     rollout_id TEXT NOT NULL, host TEXT NOT NULL, op_id TEXT NOT NULL, outcome TEXT NOT NULL,
     reason TEXT NOT NULL, restore_detail TEXT NOT NULL, finished_at_ms INTEGER NOT NULL);
@@ -41,6 +47,29 @@ CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY, rollout_id TEXT NOT NULL, host TEXT NOT NULL, op_id TEXT NOT NULL,
     step TEXT NOT NULL, kind TEXT NOT NULL, message TEXT NOT NULL, at_ms INTEGER NOT NULL);
 "#;
+
+/// Why an enrollment token was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("unknown enrollment token")]
+    Unknown,
+    #[error("this enrollment token was already used (by {by}, at unix ms {at_ms}); tokens work once")]
+    Used { by: String, at_ms: i64 },
+    #[error("this enrollment token expired (at unix ms {at_ms}); create a new one")]
+    Expired { at_ms: i64 },
+    #[error("this enrollment token is for host {0}")]
+    OtherName(String),
+    #[error("a host named {0} is already enrolled; re-enrolling it takes a token created with --name {0}")]
+    NameTaken(String),
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+impl From<rusqlite::Error> for TokenError {
+    fn from(e: rusqlite::Error) -> Self {
+        TokenError::Db(DbError::Sql(e))
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -61,6 +90,104 @@ impl Db {
         let conn = Connection::open(path)?;
         conn.execute_batch(SCHEMA)?;
         Ok(Self { conn: Mutex::new(conn) })
+    }
+
+    /// Stores a new enrollment token by its hash (the token itself is never kept).
+    pub fn add_token(
+        &self,
+        hash: &str,
+        name: &str,
+        labels: &BTreeMap<String, String>,
+        expires_at_ms: i64,
+        by: &str,
+    ) -> Result<(), DbError> {
+        self.conn.lock().unwrap().execute(
+            "INSERT INTO enroll_tokens (hash, name, labels, expires_at_ms, created_by, created_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![hash, name, serde_json::to_string(labels).expect("labels serialise"), expires_at_ms, by, convoy_common::ops::now_unix_ms()],
+        )?;
+        Ok(())
+    }
+
+    /// Spends the token with `hash` for host `name`; returns the labels it
+    /// carries. A token works once, before it expires, for its own name (or
+    /// for a name no host has yet when it names none).
+    pub fn spend_token(
+        &self,
+        hash: &str,
+        name: &str,
+        known: bool,
+        now_ms: i64,
+    ) -> Result<BTreeMap<String, String>, TokenError> {
+        let mut conn = self.conn.lock().unwrap();
+        let tx = conn.transaction()?;
+        let row: Option<(String, String, i64, Option<i64>, Option<String>)> = tx
+            .query_row(
+                "SELECT name, labels, expires_at_ms, used_at_ms, used_by FROM enroll_tokens WHERE hash = ?1",
+                [hash],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+            )
+            .optional()?;
+        let Some((for_name, labels, expires, used_at, used_by)) = row else {
+            return Err(TokenError::Unknown);
+        };
+        if let Some(at) = used_at {
+            return Err(TokenError::Used {
+                by: used_by.unwrap_or_default(),
+                at_ms: at,
+            });
+        }
+        if now_ms >= expires {
+            return Err(TokenError::Expired { at_ms: expires });
+        }
+        if for_name.is_empty() {
+            let enrolled: bool = tx
+                .query_row("SELECT 1 FROM host_labels WHERE host = ?1", [name], |_| Ok(()))
+                .optional()?
+                .is_some();
+            if known || enrolled {
+                return Err(TokenError::NameTaken(name.to_owned()));
+            }
+        } else if for_name != name {
+            return Err(TokenError::OtherName(for_name));
+        }
+        tx.execute(
+            "UPDATE enroll_tokens SET used_at_ms = ?2, used_by = ?3 WHERE hash = ?1",
+            params![hash, now_ms, name],
+        )?;
+        tx.execute(
+            "INSERT INTO host_labels (host, labels) VALUES (?1, ?2) ON CONFLICT (host) DO UPDATE SET labels = ?2",
+            params![name, labels],
+        )?;
+        tx.commit()?;
+        Ok(serde_json::from_str(&labels).unwrap_or_default())
+    }
+
+    /// Labels a host enrolled with, which its own config cannot override.
+    pub fn host_labels(&self, host: &str) -> Result<BTreeMap<String, String>, DbError> {
+        let conn = self.conn.lock().unwrap();
+        let labels: Option<String> = conn
+            .query_row("SELECT labels FROM host_labels WHERE host = ?1", [host], |r| r.get(0))
+            .optional()?;
+        Ok(labels.and_then(|l| serde_json::from_str(&l).ok()).unwrap_or_default())
+    }
+
+    pub fn revoke_host(&self, host: &str, at_ms: i64, by: &str) -> Result<(), DbError> {
+        self.conn.lock().unwrap().execute(
+            "INSERT INTO revoked_hosts (host, revoked_at_ms, revoked_by) VALUES (?1, ?2, ?3)
+             ON CONFLICT (host) DO UPDATE SET revoked_at_ms = ?2, revoked_by = ?3",
+            params![host, at_ms, by],
+        )?;
+        Ok(())
+    }
+
+    /// When `host` was last revoked: its certificates issued until then are refused.
+    pub fn revoked_at(&self, host: &str) -> Result<Option<i64>, DbError> {
+        let conn = self.conn.lock().unwrap();
+        Ok(conn
+            .query_row("SELECT revoked_at_ms FROM revoked_hosts WHERE host = ?1", [host], |r| {
+                r.get(0)
+            })
+            .optional()?)
     }
 
     /// Records a pushed release; `Ok(false)` when it was already there with
@@ -479,6 +606,30 @@ fn outcome_name(o: convoy_common::ops::Outcome) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn tokens_work_once_in_time_for_their_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("t.db")).unwrap();
+        let labels: BTreeMap<String, String> = [("env".to_owned(), "staging".to_owned())].into();
+        db.add_token("h1", "", &labels, 1_000, "admin").unwrap();
+        db.add_token("h2", "web2", &labels, 1_000, "admin").unwrap();
+        let err = |r: Result<BTreeMap<String, String>, TokenError>| r.unwrap_err().to_string();
+        assert_eq!(
+            err(db.spend_token("nope", "web1", false, 0)),
+            "unknown enrollment token"
+        );
+        assert!(err(db.spend_token("h1", "web1", false, 1_000)).contains("expired"));
+        assert!(err(db.spend_token("h1", "web1", true, 0)).contains("a host named web1 is already enrolled"));
+        assert_eq!(db.spend_token("h1", "web1", false, 0).unwrap(), labels);
+        assert_eq!(db.host_labels("web1").unwrap(), labels);
+        assert!(err(db.spend_token("h1", "web3", false, 0)).contains("already used (by web1"));
+        assert!(err(db.spend_token("h2", "web3", false, 0)).contains("this enrollment token is for host web2"));
+        // A named token re-enrolls a known host.
+        assert!(db.spend_token("h2", "web2", true, 0).is_ok());
+        db.add_token("h3", "", &labels, 1_000, "admin").unwrap();
+        assert!(err(db.spend_token("h3", "web2", false, 0)).contains("already enrolled"));
+    }
     use super::*;
 
     fn row(env: &str, kind: &str, state: &str, at_s: i64) -> (String, String, String, i64) {

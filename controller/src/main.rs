@@ -68,9 +68,14 @@ enum Cmd {
     },
     /// Every host the controller knows, with its labels and apps.
     Hosts {
+        #[command(subcommand)]
+        cmd: Option<HostsCmd>,
         #[arg(long, value_enum, default_value = "text")]
         output: Output,
     },
+    /// Enroll hosts with one-time tokens.
+    #[command(subcommand)]
+    Enroll(EnrollCmd),
     /// The releases pushed for an app, newest first.
     Releases {
         app: String,
@@ -102,6 +107,30 @@ enum Cmd {
     /// Show each host's version and health for an app.
     Status {
         app: String,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
+}
+
+#[derive(Subcommand)]
+enum HostsCmd {
+    /// Disconnect a host and refuse its certificates from now on (admin).
+    Revoke { name: String },
+}
+
+#[derive(Subcommand)]
+enum EnrollCmd {
+    /// Print a one-time token a new host enrolls with (admin).
+    CreateToken {
+        /// The host's name; without it, any name not yet known is accepted.
+        #[arg(long)]
+        name: Option<String>,
+        /// The host's labels, e.g. env=staging,zone=eu1; the controller holds the host to them.
+        #[arg(long, value_delimiter = ',', value_parser = cli::parse_label)]
+        labels: Vec<(String, String)>,
+        /// How long the token may be used (at most 7 days).
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: std::time::Duration,
         #[arg(long, value_enum, default_value = "text")]
         output: Output,
     },
@@ -209,7 +238,25 @@ fn main() -> ExitCode {
             since,
             matches!(output, Output::Json),
         ))),
-        Cmd::Hosts { output } => cli::report(rt.block_on(cli::hosts(&cli.conn, matches!(output, Output::Json)))),
+        Cmd::Hosts {
+            cmd: Some(HostsCmd::Revoke { name }),
+            ..
+        } => cli::report(rt.block_on(cli::revoke_host(&cli.conn, name))),
+        Cmd::Hosts { cmd: None, output } => {
+            cli::report(rt.block_on(cli::hosts(&cli.conn, matches!(output, Output::Json))))
+        }
+        Cmd::Enroll(EnrollCmd::CreateToken {
+            name,
+            labels,
+            ttl,
+            output,
+        }) => cli::report(rt.block_on(cli::create_token(
+            &cli.conn,
+            name.unwrap_or_default(),
+            labels,
+            ttl,
+            matches!(output, Output::Json),
+        ))),
         Cmd::Releases { app, output } => {
             cli::report(rt.block_on(cli::releases(&cli.conn, app, matches!(output, Output::Json))))
         }

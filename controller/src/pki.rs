@@ -122,6 +122,40 @@ pub fn issue(
     Ok((cert_path, key_path))
 }
 
+/// Signs an agent certificate for `name` over the public key in `csr_pem`.
+/// Nothing else is taken from the request: the subject, usages and
+/// validity are the controller's. Valid from `not_before` (whole seconds)
+/// for `validity`.
+pub fn sign_agent_csr(
+    ca_pem: &str,
+    ca_key_pem: &str,
+    name: &HostName,
+    csr_pem: &str,
+    not_before: std::time::SystemTime,
+    validity: std::time::Duration,
+) -> anyhow::Result<String> {
+    let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem).context("not a valid PEM CSR")?;
+    let issuer = Issuer::from_ca_cert_pem(ca_pem, KeyPair::from_pem(ca_key_pem)?)?;
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, name.as_str());
+    dn.push(DnType::OrganizationalUnitName, PeerKind::Agent.as_str());
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.subject_alt_names = vec![SanType::DnsName(name.as_str().try_into()?)];
+    let from = not_before
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs();
+    params.not_before = rcgen::date_time_ymd(1970, 1, 1) + std::time::Duration::from_secs(from);
+    params.not_after = params.not_before + validity;
+    params.serial_number = Some(rcgen::SerialNumber::from_slice(uuid::Uuid::new_v4().as_bytes()));
+    csr.params = params;
+    Ok(csr.signed_by(&issuer)?.pem())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -160,6 +194,41 @@ mod tests {
             30
         )
         .is_err());
+    }
+
+    #[test]
+    fn csrs_are_signed_with_the_controllers_subject() {
+        use rcgen::PublicKeyData;
+        let dir = tempfile::tempdir().unwrap();
+        init(dir.path()).unwrap();
+        let ca = fs::read_to_string(dir.path().join(CA_CERT)).unwrap();
+        let ca_key = fs::read_to_string(dir.path().join(CA_KEY)).unwrap();
+        // The request asks to be an operator admin; it gets an agent certificate.
+        let key = KeyPair::generate().unwrap();
+        let mut asked = CertificateParams::new(vec!["evil".to_owned()]).unwrap();
+        asked
+            .distinguished_name
+            .push(DnType::OrganizationalUnitName, "operator");
+        asked.distinguished_name.push(DnType::OrganizationName, "admin");
+        let csr = asked.serialize_request(&key).unwrap().pem().unwrap();
+        let name = HostName::new("web7").unwrap();
+        let validity = std::time::Duration::from_secs(600);
+        let pem = sign_agent_csr(&ca, &ca_key, &name, &csr, std::time::SystemTime::now(), validity).unwrap();
+        let der = rustls_pemfile_first(pem.as_bytes());
+        let id = convoy_common::identity::identity_from_der(&der).unwrap();
+        assert_eq!((id.kind, id.name.as_str(), id.role), (PeerKind::Agent, "web7", None));
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+        assert_eq!(
+            cert.validity().time_to_expiration().map(|d| d.whole_seconds() <= 600),
+            Some(true)
+        );
+        assert_eq!(cert.public_key().raw, key.subject_public_key_info().as_slice());
+        assert!(
+            sign_agent_csr(&ca, &ca_key, &name, "garbage", std::time::SystemTime::now(), validity)
+                .unwrap_err()
+                .to_string()
+                .contains("not a valid PEM CSR")
+        );
     }
 
     fn rustls_pemfile_first(pem: &[u8]) -> Vec<u8> {

@@ -400,10 +400,10 @@ impl Testbed {
             nspawn,
             leader: 0,
         };
-        host.leader = wait_for("the host's systemd to start", Duration::from_secs(30), || {
+        host.leader = wait_for("the host's systemd to start", Duration::from_secs(120), || {
             find_child_systemd(nspawn_pid)
         })?;
-        wait_for("the host to finish booting", Duration::from_secs(60), || {
+        wait_for("the host to finish booting", Duration::from_secs(120), || {
             let out = host.exec(&["systemctl", "is-system-running"]).ok()?;
             let s = String::from_utf8_lossy(&out.stdout);
             (s.trim() == "running" || s.trim() == "degraded").then_some(())

@@ -230,3 +230,208 @@ fn certificates_are_authorised_by_kind_and_role() -> Result<()> {
     bed.wait_connected(1)?;
     Ok(())
 }
+
+/// Points host `h`'s agent at a config under /var/lib/convoy-tls (the
+/// test bed's /etc/convoy is read-only) and restarts it.
+fn enroll_config(bed: &Testbed, h: usize, name: &str, token: &str, fingerprint: &str) -> Result<()> {
+    let config = format!(
+        "name = \"{name}\"\ncontroller = \"https://{}:7443\"\nserver_name = \"controller\"\n\
+         ca = \"/var/lib/convoy-tls/ca.pem\"\ncert = \"/var/lib/convoy-tls/agent.pem\"\nkey = \"/var/lib/convoy-tls/agent.key\"\n\
+         enroll_token = \"{token}\"\nca_fingerprint = \"{fingerprint}\"\nunit_timeout = \"30s\"\n\n[labels]\nenv = \"production\"\n",
+        bed.controller_ip()
+    );
+    let host = &bed.hosts[h];
+    host.exec_ok(&["systemctl", "stop", "convoy-agent"])?;
+    host.exec_ok(&[
+        "sh",
+        "-c",
+        &format!(
+            "rm -rf /var/lib/convoy-tls && mkdir -p /var/lib/convoy-tls /etc/systemd/system/convoy-agent.service.d && \
+             umask 077 && printf '%s' '{config}' > /var/lib/convoy-tls/agent.toml && \
+             printf '[Service]\\nExecStart=\\nExecStart=/usr/bin/convoy-agent --config /var/lib/convoy-tls/agent.toml\\n' \
+               > /etc/systemd/system/convoy-agent.service.d/enroll.conf && systemctl daemon-reload"
+        ),
+    ])?;
+    host.exec_ok(&["systemctl", "start", "convoy-agent"])?;
+    Ok(())
+}
+
+fn token_of(out: &str) -> String {
+    let v: serde_json::Value = serde_json::from_str(out).unwrap_or_default();
+    v["token"].as_str().unwrap_or_default().to_owned()
+}
+
+/// A host joins with a one-time token: its key is made on the host, only a
+/// CSR travels, the controller is checked against the CA fingerprint and
+/// the token's labels win over the host's config. The certificate is
+/// renewed before it expires without dropping the session; revoking the
+/// host disconnects it and refuses it until it enrolls again.
+#[test]
+fn enrollment_rotation_and_revocation() -> Result<()> {
+    let mut bed = Testbed::boot(2)?;
+    let pki = bed.dir.path().join("pki");
+    let pki_s = pki.to_str().unwrap().to_owned();
+    // Certificates signed by this controller live 30s, so renewal is seen.
+    let conf = bed.dir.path().join("controller/controller.toml");
+    let text = std::fs::read_to_string(&conf)?;
+    std::fs::write(
+        &conf,
+        format!("ca_key = \"{pki_s}/ca.key\"\nagent_cert_validity = \"30s\"\n{text}"),
+    )?;
+    bed.kill_controller();
+    bed.start_controller()?;
+    bed.wait_connected(2)?;
+    bed.convoy_ok(&["pki", "issue", "operator", "root", "--role", "admin", "--dir", &pki_s])?;
+    let (ac, ak) = (pki.join("root.pem"), pki.join("root.key"));
+
+    // Only admins create tokens and revoke hosts.
+    let out = bed.convoy(&["enroll", "create-token", "--labels", "env=staging"])?;
+    assert_eq!(out.code, 4, "{out:?}");
+    assert!(
+        out.stderr.contains("may not create enrollment tokens"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(bed.convoy(&["hosts", "revoke", "host1"])?.code, 4);
+
+    let create = |extra: &[&str]| -> Result<(String, String)> {
+        let mut args = vec![
+            "enroll",
+            "create-token",
+            "--labels",
+            "env=staging,role=enrolled",
+            "--ttl",
+            "10m",
+        ];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--output", "json"]);
+        let out = bed.convoy_as(&ac, &ak, &args)?;
+        assert_eq!(out.code, 0, "{out:?}");
+        let v: serde_json::Value = serde_json::from_str(&out.stdout)?;
+        Ok((
+            token_of(&out.stdout),
+            v["ca_fingerprint"].as_str().unwrap_or("").to_owned(),
+        ))
+    };
+    let (token, fingerprint) = create(&[])?;
+    assert!(
+        token.starts_with("cvt_") && fingerprint.starts_with("sha256:"),
+        "{token} {fingerprint}"
+    );
+
+    // A wrong fingerprint: the agent refuses the controller before it
+    // sends the token.
+    let wrong = format!("sha256:{}", "0".repeat(64));
+    enroll_config(&bed, 1, "web9", &token, &wrong)?;
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let journal = bed.hosts[1].exec_ok(&["journalctl", "--no-pager", "-u", "convoy-agent"])?;
+    assert!(journal.contains("does not match ca_fingerprint"), "{journal}");
+    assert!(
+        !bed.controller_log().contains("enrollment refused"),
+        "the token was never sent"
+    );
+
+    // The right one: enrolled as web9 with the token's labels.
+    enroll_config(&bed, 1, "web9", &token, &fingerprint)?;
+    bed.wait_host_connected("web9")?;
+    let host = &bed.hosts[1];
+    assert_eq!(
+        host.exec_ok(&["stat", "-c", "%a", "/var/lib/convoy-tls/agent.key"])?
+            .trim(),
+        "600"
+    );
+    let hosts: serde_json::Value = serde_json::from_str(&bed.convoy_ok(&["hosts", "--output", "json"])?)?;
+    let web9 = hosts["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["host"] == "web9")
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        web9["labels"]["env"], "staging",
+        "the token's labels, not the config's: {web9}"
+    );
+    assert_eq!(web9["labels"]["role"], "enrolled");
+    let first_cert = host.exec_ok(&["cat", "/var/lib/convoy-tls/agent.pem"])?;
+    let enrolled_at = std::time::Instant::now();
+
+    // The token works once.
+    let again = host.exec(&[
+        "sh",
+        "-c",
+        "sed -e 's/web9/web10/' -e 's#/agent\\.#/again.#' /var/lib/convoy-tls/agent.toml > /var/lib/convoy-tls/again.toml && \
+         chmod 600 /var/lib/convoy-tls/again.toml && timeout 20 convoy-agent --config /var/lib/convoy-tls/again.toml",
+    ])?;
+    let again_err = String::from_utf8_lossy(&again.stderr);
+    assert!(!again.status.success());
+    assert!(
+        again_err.contains("enrollment refused: this enrollment token was already used"),
+        "{again_err}"
+    );
+    // A fresh token cannot take the name of a host that is connected.
+    let (other, _) = create(&[])?;
+    let taken = host.exec(&[
+        "sh",
+        "-c",
+        &format!(
+            "sed -e 's/web9/host1/' -e 's#/agent\\.#/again.#' -e 's/cvt_[0-9a-f]*/{other}/' /var/lib/convoy-tls/agent.toml \
+             > /var/lib/convoy-tls/again.toml && timeout 20 convoy-agent --config /var/lib/convoy-tls/again.toml"
+        ),
+    ])?;
+    let taken_err = String::from_utf8_lossy(&taken.stderr);
+    assert!(taken_err.contains("host host1 is connected"), "{taken_err}");
+
+    // Rotation: renewed before the 30s certificate expires; the session
+    // carries on and, past the first certificate's expiry, deploys work.
+    let start = std::time::Instant::now();
+    loop {
+        if host.exec_ok(&["cat", "/var/lib/convoy-tls/agent.pem"])? != first_cert {
+            break;
+        }
+        assert!(start.elapsed().as_secs() < 40, "the certificate was never renewed");
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+    assert!(bed.controller_log().contains("certificate renewed"));
+    std::thread::sleep(std::time::Duration::from_secs(35).saturating_sub(enrolled_at.elapsed()));
+    bed.push_demo("1.0.0", "healthy")?;
+    let out = bed.convoy_ok(&[
+        "deploy",
+        "demo",
+        "1.0.0",
+        "--env",
+        "staging",
+        "--strategy",
+        "all-at-once",
+    ])?;
+    assert!(out.contains("[web9] => succeeded"), "{out}");
+    host.exec_ok(&["systemctl", "restart", "convoy-agent"])?;
+    bed.wait_host_connected("web9")?;
+
+    // Revocation: disconnected now and refused from then on.
+    let out = bed.convoy_as(&ac, &ak, &["hosts", "revoke", "web9"])?;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stdout.contains("web9 disconnected and revoked"), "{}", out.stdout);
+    std::thread::sleep(std::time::Duration::from_secs(5));
+    let status = bed.status()?;
+    assert_eq!(Testbed::host_status(&status, "web9")?["connected"], false, "{status}");
+    assert!(bed.controller_log().contains("refused a revoked certificate"));
+    let journal = host.exec_ok(&["journalctl", "--no-pager", "-u", "convoy-agent"])?;
+    assert!(journal.contains("was revoked"), "{journal}");
+    assert_eq!(bed.convoy_as(&ac, &ak, &["hosts", "revoke", "nosuchhost"])?.code, 4);
+
+    // Enrolling again (a token for that name) readmits it.
+    let (token, _) = create(&["--name", "web9"])?;
+    enroll_config(&bed, 1, "web9", &token, &fingerprint)?;
+    bed.wait_host_connected("web9")?;
+
+    // No secret in logs or in JSON: no token, no private key.
+    let mut seen = bed.controller_log();
+    seen.push_str(&host.exec_ok(&["journalctl", "--no-pager", "-u", "convoy-agent"])?);
+    seen.push_str(&bed.convoy_ok(&["hosts", "--output", "json"])?);
+    seen.push_str(&bed.convoy_ok(&["history", "demo", "--output", "json"])?);
+    seen.push_str(&bed.convoy_ok(&["status", "demo", "--output", "json"])?);
+    assert!(!seen.contains("cvt_"), "a token leaked");
+    assert!(!seen.contains("PRIVATE KEY"), "a key leaked");
+    Ok(())
+}

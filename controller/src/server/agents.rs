@@ -5,7 +5,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use convoy_common::identity::PeerKind;
 use convoy_common::ops::{AppStatus, OpReport, StepEvent};
 use convoy_common::{Digest, HostName};
 use convoy_proto::agent_service_server::AgentService;
@@ -17,7 +16,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::registry::Update;
-use super::{peer, Shared};
+use super::Shared;
 
 /// A session with no message for this long is considered dead.
 const SESSION_IDLE: Duration = Duration::from_secs(45);
@@ -54,7 +53,7 @@ impl AgentService for AgentApi {
     type FetchArtifactStream = BoxStream<Chunk>;
 
     async fn session(&self, req: Request<Streaming<AgentMessage>>) -> Result<Response<Self::SessionStream>, Status> {
-        let id = peer(&req, &[PeerKind::Agent])?;
+        let id = super::enroll::agent_peer(&self.shared, &req)?;
         let host = id.name;
         let mut inbound = req.into_inner();
         let first = tokio::time::timeout(Duration::from_secs(10), inbound.message())
@@ -64,7 +63,14 @@ impl AgentService for AgentApi {
         let Some(agent_message::Body::Hello(hello)) = first.body else {
             return Err(Status::invalid_argument("the first message of a session must be Hello"));
         };
-        let labels: BTreeMap<String, String> = hello.labels.into_iter().collect();
+        let mut labels: BTreeMap<String, String> = hello.labels.into_iter().collect();
+        // Labels a host enrolled with are the controller's, not the host's.
+        for (k, v) in self.shared.db.host_labels(host.as_str()).map_err(super::internal)? {
+            if labels.get(&k).is_some_and(|own| *own != v) {
+                tracing::warn!(%host, label = %k, claimed = %labels[&k], enrolled = %v, "ignoring a label the host's config changes");
+            }
+            labels.insert(k, v);
+        }
         let apps = apps_from_wire(&host, hello.apps);
         let (tx, rx) = mpsc::channel(64);
         let registry = self.shared.registry.clone();
@@ -143,8 +149,12 @@ impl AgentService for AgentApi {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
+    async fn renew(&self, req: Request<convoy_proto::CsrRequest>) -> Result<Response<convoy_proto::CertReply>, Status> {
+        super::enroll::renew(&self.shared, req).await
+    }
+
     async fn fetch_artifact(&self, req: Request<FetchRequest>) -> Result<Response<Self::FetchArtifactStream>, Status> {
-        let id = peer(&req, &[PeerKind::Agent])?;
+        let id = super::enroll::agent_peer(&self.shared, &req)?;
         let r = req.into_inner();
         let digest = Digest::parse(&r.digest).map_err(|e| Status::invalid_argument(e.to_string()))?;
         if !self.shared.db.digest_known(&digest).map_err(super::internal)? {

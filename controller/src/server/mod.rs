@@ -3,6 +3,7 @@
 //! client certificate.
 
 mod agents;
+mod enroll;
 mod operator;
 mod registry;
 mod rollout;
@@ -14,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::Context;
 use convoy_common::identity::{identity_from_der, PeerIdentity, PeerKind, Role};
 use convoy_proto::agent_service_server::AgentServiceServer;
+use convoy_proto::enroll_service_server::EnrollServiceServer;
 use convoy_proto::operator_service_server::OperatorServiceServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -80,9 +82,17 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'sta
     let ca = convoy_common::identity::read_cert_pem(&cfg.ca)?;
     let cert = convoy_common::identity::read_cert_pem(&cfg.cert)?;
     let key = convoy_common::identity::read_key_pem(&cfg.key)?;
+    // The chain includes the CA, so an enrolling agent can check it
+    // against the fingerprint it was given. Client certificates are
+    // optional at the TLS layer only so that enrollment can be reached
+    // without one; every other call requires one (see `peer`).
+    let mut chain = cert;
+    chain.push(b'\n');
+    chain.extend_from_slice(&ca);
     let tls = ServerTlsConfig::new()
-        .identity(Identity::from_pem(cert, key))
-        .client_ca_root(Certificate::from_pem(ca));
+        .identity(Identity::from_pem(chain, key))
+        .client_ca_root(Certificate::from_pem(ca))
+        .client_auth_optional(true);
     let listener = TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("binding {}", cfg.listen))?;
@@ -113,6 +123,7 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'sta
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(15)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
         .add_service(AgentServiceServer::new(agents::AgentApi { shared: shared.clone() }))
+        .add_service(EnrollServiceServer::new(enroll::EnrollApi { shared: shared.clone() }))
         .add_service(OperatorServiceServer::new(operator::OperatorApi { shared }))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await?;

@@ -100,6 +100,30 @@ impl OperatorService for OperatorApi {
         Ok(Response::new(HostsReply { hosts }))
     }
 
+    async fn create_enroll_token(
+        &self,
+        req: Request<convoy_proto::CreateTokenRequest>,
+    ) -> Result<Response<convoy_proto::CreateTokenReply>, Status> {
+        let who = operator(&req, Role::Admin, "create enrollment tokens")?;
+        let r = req.into_inner();
+        let labels = r.labels.into_iter().collect();
+        let ttl = std::time::Duration::from_millis(r.ttl_ms);
+        let (token, expires_at_unix_ms) = super::enroll::create_token(&self.shared, &who, &r.name, &labels, ttl)?;
+        Ok(Response::new(convoy_proto::CreateTokenReply {
+            token,
+            expires_at_unix_ms,
+        }))
+    }
+
+    async fn revoke_host(
+        &self,
+        req: Request<convoy_proto::RevokeRequest>,
+    ) -> Result<Response<convoy_proto::RevokeReply>, Status> {
+        let who = operator(&req, Role::Admin, "revoke hosts")?;
+        let was_connected = super::enroll::revoke(&self.shared, &who, &req.get_ref().host)?;
+        Ok(Response::new(convoy_proto::RevokeReply { was_connected }))
+    }
+
     async fn releases(&self, req: Request<ReleasesRequest>) -> Result<Response<ReleasesReply>, Status> {
         operator(&req, Role::Viewer, "list releases")?;
         let app = arg("app", AppName::new(req.into_inner().app))?;

@@ -76,6 +76,18 @@ impl Registry {
         }
     }
 
+    /// Ends `name`'s session, telling the agent why; returns whether it had one.
+    pub fn kick(&self, name: &HostName, why: &str) -> bool {
+        let session = self.hosts.lock().unwrap().get_mut(name).and_then(|h| h.session.take());
+        match session {
+            Some((_, tx)) => {
+                let _ = tx.try_send(Err(Status::permission_denied(why.to_owned())));
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Updates what a host says it runs.
     pub fn update_apps(&self, name: &HostName, apps: Vec<AppStatus>) {
         if let Some(h) = self.hosts.lock().unwrap().get_mut(name) {
