@@ -48,6 +48,9 @@ CREATE TABLE IF NOT EXISTS events (
     step TEXT NOT NULL, kind TEXT NOT NULL, message TEXT NOT NULL, at_ms INTEGER NOT NULL);
 "#;
 
+/// An enrollment token as stored: name, labels, expiry, used at, used by.
+type TokenRow = (String, String, i64, Option<i64>, Option<String>);
+
 /// Why an enrollment token was not accepted.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
@@ -120,7 +123,7 @@ impl Db {
     ) -> Result<BTreeMap<String, String>, TokenError> {
         let mut conn = self.conn.lock().unwrap();
         let tx = conn.transaction()?;
-        let row: Option<(String, String, i64, Option<i64>, Option<String>)> = tx
+        let row: Option<TokenRow> = tx
             .query_row(
                 "SELECT name, labels, expires_at_ms, used_at_ms, used_by FROM enroll_tokens WHERE hash = ?1",
                 [hash],
