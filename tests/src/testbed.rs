@@ -378,6 +378,7 @@ impl Testbed {
             ])
             .arg(format!("--network-bridge={}", self.bridge))
             .arg(bind(&self.bins.join("convoy-agent"), "/usr/bin/convoy-agent"))
+            .arg(bind(&self.bins.join("convoy"), "/usr/bin/convoy"))
             .arg(bind(&etc, "/etc/convoy"))
             .arg(bind(
                 &workspace_root().join("packaging/convoy-agent.service"),

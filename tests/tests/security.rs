@@ -435,3 +435,81 @@ fn enrollment_rotation_and_revocation() -> Result<()> {
     assert!(!seen.contains("PRIVATE KEY"), "a key leaked");
     Ok(())
 }
+
+/// The controller's packaged unit runs it as its own unprivileged user,
+/// with no capabilities, owning only its state directory.
+#[test]
+fn controller_unit_runs_unprivileged() -> Result<()> {
+    let bed = Testbed::boot(1)?;
+    let pki = bed.dir.path().join("pki");
+    // /etc/convoy inside the host is this directory, read-only there.
+    let etc = bed.dir.path().join("hosts/host1");
+    bed.convoy_ok(&[
+        "pki",
+        "issue",
+        "controller",
+        "ctl",
+        "--dir",
+        pki.to_str().unwrap(),
+        "--out",
+        etc.to_str().unwrap(),
+    ])?;
+    let root = env!("CARGO_MANIFEST_DIR").to_owned() + "/../packaging";
+    std::fs::copy(
+        format!("{root}/convoy-controller.service"),
+        etc.join("convoy-controller.service"),
+    )?;
+    std::fs::copy(
+        format!("{root}/convoy-controller.sysusers"),
+        etc.join("convoy-controller.sysusers"),
+    )?;
+    std::fs::write(
+        etc.join("ctl.toml"),
+        "listen = \"127.0.0.1:7443\"\ndata_dir = \"/var/lib/convoy-controller\"\napps_dir = \"/etc/convoy-ctl/apps\"\n\
+         ca = \"/etc/convoy-ctl/ca.pem\"\ncert = \"/etc/convoy-ctl/ctl.pem\"\nkey = \"/etc/convoy-ctl/ctl.key\"\n",
+    )?;
+    let host = &bed.hosts[0];
+    host.exec_ok(&[
+        "sh",
+        "-c",
+        "cp /etc/convoy/convoy-controller.sysusers /usr/lib/sysusers.d/convoy-controller.conf && systemd-sysusers && \
+         cp /etc/convoy/convoy-controller.service /etc/systemd/system/ && \
+         mkdir -p /etc/convoy-ctl/apps /etc/systemd/system/convoy-controller.service.d && \
+         cp /etc/convoy/ca.pem /etc/convoy/ctl.pem /etc/convoy/ctl.key /etc/convoy/ctl.toml /etc/convoy-ctl/ && \
+         chown -R convoy:convoy /etc/convoy-ctl && \
+         printf '[Service]\\nExecStart=\\nExecStart=/usr/bin/convoy serve --config /etc/convoy-ctl/ctl.toml\\n' \
+           > /etc/systemd/system/convoy-controller.service.d/test.conf && \
+         systemctl daemon-reload && systemctl start convoy-controller",
+    ])?;
+    let start = std::time::Instant::now();
+    while !host
+        .exec_ok(&["ls", "/var/lib/convoy-controller"])?
+        .contains("convoy.db")
+    {
+        assert!(
+            start.elapsed().as_secs() < 30,
+            "the controller never opened its database"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    assert_eq!(
+        host.exec_ok(&["systemctl", "is-active", "convoy-controller"])?.trim(),
+        "active"
+    );
+    let pid = host.unit_property("convoy-controller.service", "MainPID")?;
+    let status = host.exec_ok(&["cat", &format!("/proc/{pid}/status")])?;
+    let uid = host.exec_ok(&["id", "-u", "convoy"])?;
+    let field = |name: &str| status.lines().find(|l| l.starts_with(name)).unwrap_or("").to_owned();
+    assert!(
+        field("Uid:").contains(uid.trim()) && !field("Uid:").contains("\t0\t"),
+        "{status}"
+    );
+    assert_eq!(field("CapEff:"), "CapEff:\t0000000000000000", "{status}");
+    assert_eq!(field("CapBnd:"), "CapBnd:\t0000000000000000", "{status}");
+    assert!(status.contains("NoNewPrivs:\t1"), "{status}");
+    let owner = host.exec_ok(&["stat", "-c", "%U %a", "/var/lib/convoy-controller/convoy.db"])?;
+    assert!(owner.starts_with("convoy "), "{owner}");
+    let journal = host.exec_ok(&["journalctl", "--no-pager", "-u", "convoy-controller"])?;
+    assert!(journal.contains("controller listening"), "{journal}");
+    Ok(())
+}
