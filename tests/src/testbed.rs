@@ -578,12 +578,16 @@ impl Drop for Testbed {
             // SIGTERM asks nspawn to shut the host down cleanly.
             let _ = nix_kill(h.nspawn.id(), "TERM");
         }
-        let deadline = Instant::now() + Duration::from_secs(15);
+        let deadline = Instant::now() + Duration::from_secs(30);
         for h in &mut self.hosts {
             loop {
                 match h.nspawn.try_wait() {
                     Ok(Some(_)) => break,
                     _ if Instant::now() > deadline => {
+                        // Killing nspawn alone would leave the host's
+                        // systemd (its pid namespace's init) running;
+                        // killing that ends every process in the host.
+                        let _ = nix_kill(h.leader, "KILL");
                         let _ = h.nspawn.kill();
                         let _ = h.nspawn.wait();
                         break;
