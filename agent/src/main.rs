@@ -45,6 +45,18 @@ enum Cmd {
         #[arg(long)]
         keep: Option<usize>,
     },
+    /// Download an artifact from the controller into a new file exactly as
+    /// an activation does (resumable, sha256 verified) and print the rate.
+    /// For diagnosing transfers, and for benchmarks.
+    Fetch {
+        /// The artifact's sha256 (as `convoy releases APP` shows it).
+        digest: String,
+        /// Its size in bytes.
+        #[arg(long)]
+        size: u64,
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[tokio::main]
@@ -58,11 +70,16 @@ async fn main() -> std::process::ExitCode {
         }
     };
     init_tracing(cfg.log_level.as_deref());
-    if let Some(Cmd::Prune { app, keep }) = args.cmd {
-        return match prune(&cfg, &app, keep) {
+    let (what, done) = match args.cmd {
+        Some(Cmd::Prune { app, keep }) => ("prune", prune(&cfg, &app, keep)),
+        Some(Cmd::Fetch { digest, size, out }) => ("fetch", fetch_to(&cfg, &digest, size, &out).await),
+        None => ("", Ok(())),
+    };
+    if !what.is_empty() {
+        return match done {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("convoy-agent prune: {e:#}");
+                eprintln!("convoy-agent {what}: {e:#}");
                 std::process::ExitCode::FAILURE
             }
         };
@@ -77,6 +94,22 @@ async fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+async fn fetch_to(cfg: &config::Config, digest: &str, size: u64, out: &std::path::Path) -> anyhow::Result<()> {
+    let digest = convoy_common::Digest::parse(digest)?;
+    if out.exists() {
+        anyhow::bail!("{} exists; fetch writes a new file", out.display());
+    }
+    let started = std::time::Instant::now();
+    let channel = session::endpoint(cfg)?.connect().await?;
+    let fetched = fetch::fetch(channel, digest, size, out, |_, _| {}).await?;
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "{fetched} bytes in {secs:.3}s: {:.1} MB/s, sha256 verified",
+        fetched as f64 / secs / 1e6
+    );
+    Ok(())
 }
 
 fn init_tracing(level: Option<&str>) {

@@ -306,7 +306,10 @@ impl Testbed {
         for h in &self.hosts {
             h.exec_ok(&["systemctl", "start", "convoy-agent.service"])?;
         }
-        self.wait_connected(n)?;
+        if let Err(e) = self.wait_connected(n) {
+            self.dump_diagnostics();
+            return Err(e);
+        }
         Ok(())
     }
 
@@ -500,6 +503,11 @@ impl Testbed {
         let out = self.dir.path().join(format!("demo-{version}.tar.gz"));
         convoy_common::archive::pack_dir(&tree, fs::File::create(&out)?)?;
         Ok(out)
+    }
+
+    /// The controller process, while it runs.
+    pub fn controller_pid(&self) -> Option<u32> {
+        self.controller.as_ref().map(|c| c.id())
     }
 
     /// Pushes an artifact file as a version of the demo app.

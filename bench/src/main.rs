@@ -1,0 +1,105 @@
+//! convoy's benchmarks. Each one runs convoy and the tool an operator would
+//! use instead in the same run, prints the figures, and rewrites its own
+//! section of BENCHMARKS.md (median of several runs, with the ratio).
+//!
+//! Run with `scripts/bench` (release build, raised file limit, openssh and
+//! rsync for the comparison); `scripts/bench stream --size 256MiB` runs one.
+
+mod fixture;
+mod report;
+mod scale;
+mod stream;
+mod testbed;
+mod unpack;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+struct Args {
+    #[command(subcommand)]
+    cmd: Cmd,
+    /// Runs of each measurement; the median is reported.
+    #[arg(long, default_value_t = 3, global = true)]
+    runs: usize,
+}
+
+#[derive(Subcommand, Clone)]
+enum Cmd {
+    /// Artifact transfer: convoy (mTLS gRPC) vs raw TLS, scp and rsync over ssh.
+    Stream {
+        #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+        size: u64,
+    },
+    /// Unpacking a tar.gz: convoy's extractor vs GNU tar.
+    Unpack {
+        #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+        size: u64,
+    },
+    /// Idle agent sessions held by one controller.
+    Scale {
+        #[arg(long, value_delimiter = ',', default_values_t = [1000, 10000])]
+        sessions: Vec<usize>,
+    },
+    /// On booted test hosts: per-host overhead, rollback latency, fan-out.
+    Hosts {
+        /// Artifact size for the fan-out figure.
+        #[arg(long, default_value = "200MiB", value_parser = parse_size)]
+        fanout_size: u64,
+        #[arg(long, default_value_t = 10)]
+        fanout_hosts: usize,
+    },
+    /// Everything above with its defaults.
+    All,
+}
+
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = if let Some(n) = s.strip_suffix("GiB") {
+        (n, 1u64 << 30)
+    } else if let Some(n) = s.strip_suffix("MiB") {
+        (n, 1 << 20)
+    } else if let Some(n) = s.strip_suffix("KiB") {
+        (n, 1 << 10)
+    } else {
+        (s, 1)
+    };
+    let n: u64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (e.g. 1GiB, 200MiB, 4096)"))?;
+    Ok(n * mult)
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    anyhow::ensure!(args.runs >= 1, "--runs must be at least 1");
+    let cmds = match args.cmd {
+        Cmd::All => vec![
+            Cmd::Stream { size: 1 << 30 },
+            Cmd::Unpack { size: 1 << 30 },
+            Cmd::Hosts {
+                fanout_size: 200 << 20,
+                fanout_hosts: 10,
+            },
+            Cmd::Scale {
+                sessions: vec![1000, 10000],
+            },
+        ],
+        c => vec![c],
+    };
+    for c in cmds {
+        let section = match c {
+            Cmd::Stream { size } => stream::run(size, args.runs)?,
+            Cmd::Unpack { size } => unpack::run(size, args.runs)?,
+            Cmd::Scale { sessions } => scale::run(&sessions, args.runs)?,
+            Cmd::Hosts {
+                fanout_size,
+                fanout_hosts,
+            } => testbed::run(fanout_size, fanout_hosts, args.runs)?,
+            Cmd::All => unreachable!(),
+        };
+        println!("{}", section.markdown());
+        report::write(&section)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,196 @@
+//! Many agents on one controller: lightweight agent clients in this
+//! process, each with its own certificate and real mutual TLS, open a
+//! session, say hello and heartbeat as agents do. Measured: the
+//! controller's memory per idle session, its CPU while they heartbeat,
+//! and how long `convoy hosts` takes over all of them.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use convoy_proto::agent_service_client::AgentServiceClient;
+use convoy_proto::{agent_message, AgentMessage, Heartbeat, Hello};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+
+use crate::fixture::Controller;
+use crate::report::{median, Section};
+
+/// Agent identities signed by the controller's CA, made in memory.
+fn identities(ctl: &Controller, n: usize) -> anyhow::Result<Vec<(String, String, String)>> {
+    let ca_pem = std::fs::read_to_string(ctl.pki().join("ca.pem"))?;
+    let ca_key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(ctl.pki().join("ca.key"))?)?;
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key)?;
+    (0..n)
+        .map(|i| {
+            let name = format!("agent{i:05}");
+            let mut p = rcgen::CertificateParams::new(vec![name.clone()])?;
+            p.distinguished_name.push(rcgen::DnType::CommonName, name.as_str());
+            p.distinguished_name
+                .push(rcgen::DnType::OrganizationalUnitName, "agent");
+            p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+            let key = rcgen::KeyPair::generate()?;
+            let cert = p.signed_by(&key, &issuer)?;
+            Ok((name, cert.pem(), key.serialize_pem()))
+        })
+        .collect()
+}
+
+/// One agent: connect, hello, heartbeat every 10 s (as agents do) until
+/// the process ends.
+async fn agent(port: u16, ca: String, cert: String, key: String) -> anyhow::Result<()> {
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .identity(Identity::from_pem(cert, key))
+        .domain_name("controller");
+    let channel = Endpoint::from_shared(format!("https://127.0.0.1:{port}"))?
+        .tls_config(tls)?
+        .connect()
+        .await?;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let msg = |body| AgentMessage { body: Some(body) };
+    tx.send(msg(agent_message::Body::Hello(Hello {
+        labels: [("env".to_owned(), "staging".to_owned())].into(),
+        apps: vec![],
+        agent_version: "bench".into(),
+        recent_results: vec![],
+    })))
+    .await?;
+    let mut inbound = AgentServiceClient::new(channel)
+        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            if tx
+                .send(msg(agent_message::Body::Heartbeat(Heartbeat { apps: vec![] })))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    tokio::spawn(async move { while let Ok(Some(_)) = inbound.message().await {} });
+    Ok(())
+}
+
+fn connected(ctl: &Controller) -> anyhow::Result<usize> {
+    let v: serde_json::Value = serde_json::from_str(&ctl.convoy(&["hosts", "--output", "json"])?)?;
+    Ok(v["hosts"]
+        .as_array()
+        .map(|h| h.iter().filter(|h| h["connected"] == true).count())
+        .unwrap_or(0))
+}
+
+pub fn run(sessions: &[usize], runs: usize) -> anyhow::Result<Section> {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let mut rows = Vec::new();
+    let mut held_all = true;
+    for (k, &n) in sessions.iter().enumerate() {
+        let ctl = Controller::start(18443 + k as u16)?;
+        eprintln!("scale: {n} sessions: making certificates");
+        let ids = identities(&ctl, n)?;
+        let ca = std::fs::read_to_string(ctl.pki().join("ca.pem"))?;
+        std::thread::sleep(Duration::from_secs(1));
+        let (rss0, _) = ctl.usage();
+        eprintln!("scale: {n} sessions: connecting");
+        let t = Instant::now();
+        let port = ctl.port;
+        let failures = rt.block_on(async {
+            let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(64));
+            let mut tasks = Vec::new();
+            for (_, cert, key) in ids {
+                let (ca, gate) = (ca.clone(), gate.clone());
+                tasks.push(tokio::spawn(async move {
+                    let _p = gate.acquire().await;
+                    agent(port, ca, cert, key).await
+                }));
+            }
+            let mut failures = 0;
+            for t in tasks {
+                if !matches!(t.await, Ok(Ok(()))) {
+                    failures += 1;
+                }
+            }
+            failures
+        });
+        let connect_secs = t.elapsed().as_secs_f64();
+        // Let every hello land, then measure idle.
+        let start = Instant::now();
+        let mut held = connected(&ctl)?;
+        while held < n && start.elapsed() < Duration::from_secs(60) {
+            std::thread::sleep(Duration::from_secs(1));
+            held = connected(&ctl)?;
+        }
+        held_all &= held == n;
+        std::thread::sleep(Duration::from_secs(5));
+        let (rss1, cpu0) = ctl.usage();
+        let window = Duration::from_secs(30);
+        std::thread::sleep(window);
+        let (_, cpu1) = ctl.usage();
+        let cpu = (cpu1 - cpu0).as_secs_f64() / window.as_secs_f64() * 100.0;
+        let mut lat = Vec::new();
+        for _ in 0..runs.max(3) {
+            let t = Instant::now();
+            ctl.convoy(&["hosts", "--output", "json"]).context("convoy hosts")?;
+            lat.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        let per = (rss1.saturating_sub(rss0)) as f64 / n as f64 / 1024.0;
+        eprintln!(
+            "scale: {n}: held {held}, {per:.1} KiB/session, {cpu:.1}% CPU, hosts {:.0} ms",
+            median(lat.clone())
+        );
+        rows.push(vec![
+            n.to_string(),
+            format!(
+                "{held}{}",
+                if failures > 0 {
+                    format!(" ({failures} failed to connect)")
+                } else {
+                    String::new()
+                }
+            ),
+            format!("{connect_secs:.1} s"),
+            format!(
+                "{:.0} MiB → {:.0} MiB",
+                rss0 as f64 / 1048576.0,
+                rss1 as f64 / 1048576.0
+            ),
+            format!("{per:.1} KiB"),
+            format!("{cpu:.1}% of a core"),
+            format!("{:.0} ms", median(lat)),
+        ]);
+        drop(ctl);
+    }
+    rt.shutdown_timeout(Duration::from_secs(1));
+    Ok(Section {
+        key: "scale",
+        title: "6. Controller scale: idle agent sessions".into(),
+        command: format!(
+            "scripts/bench scale --sessions {} --runs {runs}",
+            sessions.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(",")
+        ),
+        header: vec![
+            "sessions",
+            "held",
+            "connect all",
+            "controller RSS",
+            "per idle session",
+            "CPU with heartbeats (10 s)",
+            "`convoy hosts` over all",
+        ],
+        rows,
+        notes: vec![
+            "Each session is a real agent session: its own certificate (made in memory, signed by the \
+             controller's CA), mutual TLS on 127.0.0.1, Hello, then a heartbeat every 10 s; the clients run \
+             in the benchmark process, 64 connecting at a time. RSS is the controller's before the first \
+             session and 5 s after the last; CPU is the controller's over the next 30 s; `convoy hosts \
+             --output json` is the CLI listing every host (median)."
+                .into(),
+            format!(
+                "Goals: under 50 KB per idle session, 10,000 sessions held ({}).",
+                if held_all { "all held" } else { "not all held" }
+            ),
+        ],
+    })
+}
