@@ -34,6 +34,9 @@ enum Cmd {
     Unpack {
         #[arg(long, default_value = "1GiB", value_parser = parse_size)]
         size: u64,
+        /// Which archives: small (many small files), large (a few large ones).
+        #[arg(long, value_delimiter = ',', default_values_t = ["small".to_owned(), "large".to_owned()])]
+        cases: Vec<String>,
     },
     /// Idle agent sessions held by one controller.
     Scale {
@@ -76,7 +79,10 @@ fn main() -> anyhow::Result<()> {
     let cmds = match args.cmd {
         Cmd::All => vec![
             Cmd::Stream { size: 1 << 30 },
-            Cmd::Unpack { size: 1 << 30 },
+            Cmd::Unpack {
+                size: 1 << 30,
+                cases: vec!["small".into(), "large".into()],
+            },
             Cmd::Hosts {
                 fanout_size: 200 << 20,
                 fanout_hosts: 10,
@@ -90,7 +96,7 @@ fn main() -> anyhow::Result<()> {
     for c in cmds {
         let section = match c {
             Cmd::Stream { size } => stream::run(size, args.runs)?,
-            Cmd::Unpack { size } => unpack::run(size, args.runs)?,
+            Cmd::Unpack { size, cases } => unpack::run(size, &cases, args.runs)?,
             Cmd::Scale { sessions } => scale::run(&sessions, args.runs)?,
             Cmd::Hosts {
                 fanout_size,
