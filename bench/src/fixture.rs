@@ -136,40 +136,38 @@ pub fn proc_usage(pid: u32) -> (u64, Duration) {
 
 /// A file of `size` bytes that gzip shrinks to about half (text-like).
 pub fn compressible(path: &Path, size: u64, seed: u64) -> anyhow::Result<()> {
-    use std::io::Write;
-    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
-    let mut x = seed | 1;
-    let mut buf = vec![0u8; 1 << 16];
-    let mut left = size;
-    while left > 0 {
-        for b in buf.iter_mut() {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            *b = b"abcdefghijklmnop"[(x & 15) as usize];
+    generate(path, size, seed, |x, b| {
+        for c in b.iter_mut() {
+            *c = b"abcdefghijklmnop"[(next(x) & 15) as usize];
         }
-        let n = left.min(buf.len() as u64) as usize;
-        f.write_all(&buf[..n])?;
-        left -= n as u64;
-    }
-    f.flush()?;
-    Ok(())
+    })
 }
 
 /// A file of `size` bytes no compressor can shrink.
 pub fn random(path: &Path, size: u64, seed: u64) -> anyhow::Result<()> {
+    generate(path, size, seed, |x, b| {
+        for c in b.chunks_mut(8) {
+            c.copy_from_slice(&next(x).to_le_bytes()[..c.len()]);
+        }
+    })
+}
+
+/// xorshift64: quick, repeatable, good enough for test data.
+fn next(x: &mut u64) -> u64 {
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    *x
+}
+
+fn generate(path: &Path, size: u64, seed: u64, fill: impl Fn(&mut u64, &mut [u8])) -> anyhow::Result<()> {
     use std::io::Write;
     let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
     let mut x = seed | 1;
     let mut buf = vec![0u8; 1 << 16];
     let mut left = size;
     while left > 0 {
-        for c in buf.chunks_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            c.copy_from_slice(&x.to_le_bytes()[..c.len()]);
-        }
+        fill(&mut x, &mut buf);
         let n = left.min(buf.len() as u64) as usize;
         f.write_all(&buf[..n])?;
         left -= n as u64;
