@@ -364,7 +364,7 @@ impl Db {
                 |r| r.get(0),
             )
             .optional()?;
-        Ok(name.and_then(|n| serde_json::from_value(serde_json::Value::String(n)).ok()))
+        Ok(name.as_deref().and_then(outcome_from_name))
     }
 
     pub fn rollout_hosts(&self, id: &str) -> Result<Vec<HostRow>, DbError> {
@@ -598,6 +598,11 @@ fn get_release(conn: &Connection, app: &AppName, version: &Version) -> Result<Op
         })
     })
     .transpose()
+}
+
+/// The outcome a stored name stands for (the reverse of `outcome_name`).
+pub fn outcome_from_name(name: &str) -> Option<convoy_common::ops::Outcome> {
+    serde_json::from_value(serde_json::Value::String(name.to_owned())).ok()
 }
 
 fn outcome_name(o: convoy_common::ops::Outcome) -> String {

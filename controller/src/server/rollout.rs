@@ -1108,7 +1108,7 @@ pub async fn resume_all(shared: Arc<Shared>) {
             Ok(hosts) => hosts
                 .into_iter()
                 .filter_map(|h| {
-                    let outcome = serde_json::from_value(serde_json::Value::String(h.outcome)).ok()?;
+                    let outcome = crate::db::outcome_from_name(&h.outcome)?;
                     Some((
                         h.op_id,
                         HostOutcome {
