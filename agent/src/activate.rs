@@ -702,10 +702,21 @@ pub async fn recover_all(agent: &Agent) -> Vec<OpReport> {
     for app in agent.store.apps().unwrap_or_default() {
         let dirs = agent.store.app(&app);
         clean_staging(&dirs);
-        let Ok(mut j) = agent.store.load_journal(&app) else {
+        let Ok(j) = agent.store.load_journal(&app) else {
             continue;
         };
         let Some(inflight) = j.inflight.clone() else { continue };
+        let span = agent.op_span(&app, inflight.to.as_str(), &inflight.op_id);
+        let report = tracing::Instrument::instrument(recover_one(agent, app, j, inflight), span).await;
+        crate::metrics::get().activation(report.outcome);
+        reports.push(report);
+    }
+    reports
+}
+
+/// Finishes or undoes one app's interrupted activation.
+async fn recover_one(agent: &Agent, app: AppName, mut j: Journal, inflight: Inflight) -> OpReport {
+    {
         let op = Op {
             agent,
             op_id: inflight.op_id.clone(),
@@ -736,9 +747,8 @@ pub async fn recover_all(agent: &Agent) -> Vec<OpReport> {
         };
         let report = finish(agent, &cmd_like, j, outcome, reason, detail);
         op.event(Step::Recover, EventKind::Succeeded, report.outcome.to_string());
-        reports.push(report);
+        report
     }
-    reports
 }
 
 /// Removes half-unpacked trees and half-written backups; keeps partial

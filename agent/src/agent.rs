@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use convoy_common::ops::{AppStatus, Health, OpReport, StepEvent};
+use convoy_common::ops::{AppStatus, EventKind, Health, OpReport, Step, StepEvent};
 use convoy_common::AppName;
 use convoy_proto::{agent_message, AgentMessage};
 use tokio::sync::mpsc;
@@ -25,10 +25,14 @@ pub struct Agent {
     /// When not empty, only artifacts signed by one of these are installed.
     pub trusted_keys: Vec<convoy_common::signing::PublicKey>,
     pub ops: Arc<OpLocks>,
+    /// The name the controller knows this host by (from its welcome; the
+    /// config's `name` until then), for logs.
+    pub host: Mutex<String>,
 }
 
 impl Agent {
     pub fn new(
+        host: String,
         store: Store,
         systemd: Systemd,
         labels: BTreeMap<String, String>,
@@ -39,6 +43,7 @@ impl Agent {
         Self {
             reporter: Reporter::new(store.clone()),
             ops: Arc::new(OpLocks::new(store.clone())),
+            host: Mutex::new(host),
             store,
             systemd,
             labels,
@@ -49,12 +54,29 @@ impl Agent {
     }
 }
 
+impl Agent {
+    /// The span an operation's log lines are in: journald gets `APP`,
+    /// `VERSION`, `ROLLOUT`, `OP_ID` and `HOST` fields from it.
+    pub fn op_span(&self, app: &AppName, version: &str, op_id: &str) -> tracing::Span {
+        tracing::info_span!(
+            "op",
+            app = %app,
+            version,
+            rollout = convoy_common::ops::rollout_of(op_id),
+            op_id,
+            host = %self.host.lock().unwrap(),
+        )
+    }
+}
+
 /// One operation per app: an in-process claim naming the running operation,
 /// plus the app's lock file, which keeps `convoy-agent prune` out too.
 pub struct OpLocks {
     store: Store,
     /// app → id of the operation running for it.
     running: Mutex<HashMap<AppName, String>>,
+    /// Set when the agent stops: no operation starts any more.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 /// Held while an operation runs for an app; dropping it frees the app.
@@ -73,6 +95,8 @@ pub enum Busy {
     Locked,
     /// The lock could not be taken at all.
     Error(String),
+    /// The agent is stopping and starts nothing new.
+    Stopping,
 }
 
 impl std::fmt::Display for Busy {
@@ -81,6 +105,7 @@ impl std::fmt::Display for Busy {
             Busy::Running(op) => write!(f, "busy: operation {op} is running for this app"),
             Busy::Locked => write!(f, "busy: another convoy-agent process (prune) holds this app's lock"),
             Busy::Error(e) => write!(f, "cannot lock the app: {e}"),
+            Busy::Stopping => write!(f, "busy: the agent is stopping; send the command again once it is back"),
         }
     }
 }
@@ -96,12 +121,26 @@ impl OpLocks {
         Self {
             store,
             running: Mutex::new(HashMap::new()),
+            stopping: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// From now on every operation is refused as `busy`.
+    pub fn stop(&self) {
+        self.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The ids of the operations running now.
+    pub fn running(&self) -> Vec<String> {
+        self.running.lock().unwrap().values().cloned().collect()
     }
 
     /// Claims the app for one operation, or says who holds it.
     pub fn try_begin(self: &Arc<Self>, app: &AppName, op_id: &str) -> Result<OpGuard, Busy> {
         let mut running = self.running.lock().unwrap();
+        if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Busy::Stopping);
+        }
         if let Some(other) = running.get(app) {
             return Err(Busy::Running(other.clone()));
         }
@@ -164,14 +203,17 @@ impl Reporter {
     }
 
     pub fn event(&self, e: StepEvent) {
-        tracing::info!(app = %e.app, op_id = %e.op_id, step = %e.step, kind = ?e.kind, "{}", e.message);
+        tracing::info!(step = %e.step, kind = ?e.kind, "{}", e.message);
+        if e.step == Step::Restore && matches!(e.kind, EventKind::Succeeded | EventKind::Failed) {
+            crate::metrics::get().restore(e.kind == EventKind::Succeeded);
+        }
         if !self.send(agent_message::Body::Event((&e).into())) {
             tracing::debug!("event not sent: no controller session");
         }
     }
 
     pub fn result(&self, r: &OpReport) {
-        tracing::info!(app = %r.app, op_id = %r.op_id, version = %r.version, outcome = %r.outcome, reason = %r.reason, "operation finished");
+        tracing::info!(outcome = %r.outcome, reason = %r.reason, "operation finished");
         if let Err(e) = self.store.push_unreported(r) {
             tracing::error!(error = %e, "could not record result on disk");
         }

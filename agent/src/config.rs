@@ -32,6 +32,8 @@ struct Raw {
     enroll_token: Option<String>,
     #[serde(default)]
     ca_fingerprint: Option<String>,
+    #[serde(default)]
+    metrics_listen: Option<String>,
 }
 
 fn default_unit_dir() -> PathBuf {
@@ -69,6 +71,8 @@ pub struct Config {
     pub enroll_token: Option<String>,
     /// `sha256:HEX` of the fleet CA's certificate, to trust it at enrollment.
     pub ca_fingerprint: Option<String>,
+    /// Where to serve Prometheus metrics (plain http, `GET /metrics`).
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -165,7 +169,16 @@ impl Config {
         }
         let unit_timeout = humantime::parse_duration(&raw.unit_timeout)
             .map_err(|e| invalid(format!("unit_timeout: {:?}: {e}", raw.unit_timeout)))?;
+        let metrics_listen = raw
+            .metrics_listen
+            .as_deref()
+            .map(|a| {
+                a.parse()
+                    .map_err(|e| invalid(format!("metrics_listen: {a:?} is not an address:port ({e})")))
+            })
+            .transpose()?;
         Ok(Config {
+            metrics_listen,
             server_name: raw.server_name.unwrap_or_else(|| host.to_owned()),
             controller: raw.controller,
             ca: raw.ca,

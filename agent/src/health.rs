@@ -34,10 +34,13 @@ pub async fn baseline(systemd: &Systemd, policy: &HealthPolicy) -> RestartBaseli
 
 pub async fn run_check(systemd: &Systemd, check: &HealthCheck, base: &RestartBaseline, root: &Path) -> Verdict {
     let what = check.kind.describe();
-    match timeout(check.timeout, run_inner(systemd, &check.kind, base, root)).await {
+    let started = std::time::Instant::now();
+    let verdict = match timeout(check.timeout, run_inner(systemd, &check.kind, base, root)).await {
         Ok(v) => v,
         Err(_) => Err(format!("{what}: no answer within {:?}", check.timeout)),
-    }
+    };
+    crate::metrics::get().health_check(check.kind.type_name(), verdict.is_ok(), started.elapsed());
+    verdict
 }
 
 async fn run_inner(systemd: &Systemd, kind: &CheckKind, base: &RestartBaseline, root: &Path) -> Verdict {

@@ -10,6 +10,7 @@ mod enroll;
 mod fetch;
 mod health;
 mod hooks;
+mod metrics;
 mod session;
 mod store;
 mod switch;
@@ -22,10 +23,17 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 
+/// The release and the commit it was built from.
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("CONVOY_COMMIT"), ")");
+
+/// How long a stop waits for running operations to end (the unit's
+/// TimeoutStopSec is longer).
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// convoy's host agent: dials the controller and installs, switches,
 /// restarts, checks and restores releases on this host.
 #[derive(Parser)]
-#[command(version)]
+#[command(version = VERSION)]
 struct Args {
     /// Path of the agent's configuration file.
     #[arg(long, default_value = "/etc/convoy/agent.toml", env = "CONVOY_AGENT_CONFIG")]
@@ -57,11 +65,38 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions { shell: convoy_common::clidocs::Shell },
+    /// Write man pages for convoy-agent and each subcommand into DIR.
+    Man {
+        #[arg(long)]
+        dir: PathBuf,
+    },
 }
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    // These need no config.
+    match &args.cmd {
+        Some(Cmd::Completions { shell }) => {
+            convoy_common::clidocs::print_completions(<Args as clap::CommandFactory>::command(), *shell);
+            return std::process::ExitCode::SUCCESS;
+        }
+        Some(Cmd::Man { dir }) => {
+            return match convoy_common::clidocs::write_man_pages(<Args as clap::CommandFactory>::command(), dir) {
+                Ok(pages) => {
+                    println!("wrote {} man page(s) into {}", pages.len(), dir.display());
+                    std::process::ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("convoy-agent man: {}: {e}", dir.display());
+                    std::process::ExitCode::FAILURE
+                }
+            };
+        }
+        _ => {}
+    }
     let cfg = match config::Config::load(&args.config) {
         Ok(c) => c,
         Err(e) => {
@@ -69,11 +104,14 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    init_tracing(cfg.log_level.as_deref());
+    if let Err(e) = convoy_common::observe::init_tracing(cfg.log_level.as_deref(), "convoy-agent") {
+        eprintln!("convoy-agent: {}: {e}", args.config.display());
+        return std::process::ExitCode::from(2);
+    }
     let (what, done) = match args.cmd {
         Some(Cmd::Prune { app, keep }) => ("prune", prune(&cfg, &app, keep)),
         Some(Cmd::Fetch { digest, size, out }) => ("fetch", fetch_to(&cfg, &digest, size, &out).await),
-        None => ("", Ok(())),
+        Some(Cmd::Completions { .. } | Cmd::Man { .. }) | None => ("", Ok(())),
     };
     if !what.is_empty() {
         return match done {
@@ -112,17 +150,6 @@ async fn fetch_to(cfg: &config::Config, digest: &str, size: u64, out: &std::path
     Ok(())
 }
 
-fn init_tracing(level: Option<&str>) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("CONVOY_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level.unwrap_or("info")));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-}
-
 async fn run(cfg: config::Config) -> anyhow::Result<()> {
     enroll::enroll_if_needed(&cfg).await?;
     session::endpoint(&cfg)?; // checks the certificate and key before anything else
@@ -131,6 +158,7 @@ async fn run(cfg: config::Config) -> anyhow::Result<()> {
         .await
         .context("connecting to systemd on the system bus")?;
     let agent = Arc::new(agent::Agent::new(
+        cfg.name.clone(),
         store,
         systemd,
         cfg.labels.clone(),
@@ -148,12 +176,49 @@ async fn run(cfg: config::Config) -> anyhow::Result<()> {
         move || session::endpoint(&cfg)
     };
     tokio::spawn(enroll::renew_forever(cfg.clone(), dial.clone()));
-    tokio::select! {
-        _ = session::run(agent.clone(), dial) => Ok(()),
-        _ = shutdown_signal() => {
-            tracing::info!("stopping; an interrupted activation is recovered at the next start");
-            Ok(())
-        }
+    if let Some(listen) = cfg.metrics_listen {
+        convoy_common::observe::serve_metrics(listen, metrics::get().registry.clone())
+            .await
+            .with_context(|| format!("metrics_listen: binding {listen}"))?;
+    }
+    convoy_common::observe::notify::spawn_watchdog();
+    let session = tokio::spawn(session::run(agent.clone(), dial));
+    shutdown_signal().await;
+    stop(&agent).await;
+    session.abort();
+    Ok(())
+}
+
+/// Stops without cutting an operation short where it can: nothing new
+/// starts, and running operations get `STOP_GRACE` to end (their results
+/// reach the controller meanwhile). One still running after that is left to
+/// its journal: the next start finishes it or restores the previous
+/// release, and reports the outcome.
+async fn stop(agent: &agent::Agent) {
+    use convoy_common::observe::notify;
+    agent.ops.stop();
+    let running = agent.ops.running();
+    if running.is_empty() {
+        notify::stopping("stopping");
+        tracing::info!("stopping");
+        return;
+    }
+    notify::stopping(&format!("stopping once {} running operation(s) end", running.len()));
+    tracing::info!(operations = %running.join(", "), grace = ?STOP_GRACE, "stopping: waiting for running operations to end");
+    let deadline = tokio::time::Instant::now() + STOP_GRACE;
+    while !agent.ops.running().is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let left = agent.ops.running();
+    if left.is_empty() {
+        // Let the last result go out on the session; it is on disk anyway.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        tracing::info!("running operations ended; stopping");
+    } else {
+        tracing::warn!(
+            operations = %left.join(", "),
+            "stopping with operations still running; the next start finishes or undoes them from the journal"
+        );
     }
 }
 

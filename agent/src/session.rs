@@ -44,12 +44,13 @@ pub async fn run(agent: Arc<Agent>, endpoint: impl Fn() -> anyhow::Result<Endpoi
             Ok(e) => session(&agent, &e).await,
             Err(e) => Err(e),
         };
-        match result {
-            Ok(()) => tracing::warn!("controller closed the session"),
-            Err(e) => {
-                tracing::warn!(error = %format!("{e:#}"), "session with the controller failed")
-            }
-        }
+        let why = match result {
+            Ok(()) => "the controller closed the session".to_string(),
+            Err(e) => format!("{e:#}"),
+        };
+        tracing::warn!(error = %why, "no session with the controller; retrying");
+        // Ready either way: the agent runs, and retries on its own.
+        convoy_common::observe::notify::ready(&format!("retrying the controller: {why}"));
         agent.reporter.detach();
         if started.elapsed() > Duration::from_secs(30) {
             backoff = Duration::from_millis(250);
@@ -102,6 +103,8 @@ async fn session(agent: &Arc<Agent>, endpoint: &Endpoint) -> anyhow::Result<()> 
         match m.body {
             Some(controller_message::Body::Welcome(w)) => {
                 tracing::info!(host = %w.host, "connected to controller");
+                convoy_common::observe::notify::ready(&format!("connected to the controller as {}", w.host));
+                *agent.host.lock().unwrap() = w.host;
             }
             Some(controller_message::Body::Activate(a)) => match ActivateCommand::try_from(a) {
                 Ok(cmd) => start(agent, Work::Activate(channel.clone(), cmd)),
@@ -143,26 +146,43 @@ impl Work {
             Work::Rollback(_, c) => (&c.app, &c.op_id),
         }
     }
+
+    /// The release it goes to, for logs.
+    fn version(&self) -> String {
+        match self {
+            Work::Activate(_, c) | Work::Stage(_, c) => c.version.to_string(),
+            Work::Rollback(_, c) => c.to.as_ref().map_or("previous".into(), |v| v.to_string()),
+        }
+    }
 }
 
 fn start(agent: &Arc<Agent>, work: Work) {
     let (app, op_id) = work.ids();
     let (app, op_id) = (app.clone(), op_id.to_owned());
+    let span = agent.op_span(&app, &work.version(), &op_id);
+    let _in_span = span.enter();
     match agent.ops.try_begin(&app, &op_id) {
         Ok(guard) => {
             let agent = agent.clone();
             // The operation runs on its own: a lost session does not stop it.
-            tokio::spawn(async move {
-                let _guard = guard;
-                match work {
-                    Work::Activate(ch, cmd) => drop(activate::activate(agent, ch, cmd).await),
-                    Work::Stage(ch, cmd) => drop(activate::stage_only(agent, ch, cmd).await),
-                    Work::Rollback(ch, cmd) => match activate::rollback_command(&agent.store, &cmd) {
-                        Ok(act) => drop(activate::activate(agent, ch, act).await),
-                        Err(report) => agent.reporter.result(&report),
-                    },
-                }
-            });
+            tokio::spawn(tracing::Instrument::instrument(
+                async move {
+                    let _guard = guard;
+                    let activated = match work {
+                        Work::Activate(ch, cmd) => activate::activate(agent, ch, cmd).await,
+                        Work::Stage(ch, cmd) => return drop(activate::stage_only(agent, ch, cmd).await),
+                        Work::Rollback(ch, cmd) => match activate::rollback_command(&agent.store, &cmd) {
+                            Ok(act) => activate::activate(agent, ch, act).await,
+                            Err(report) => {
+                                agent.reporter.result(&report);
+                                *report
+                            }
+                        },
+                    };
+                    crate::metrics::get().activation(activated.outcome);
+                },
+                span.clone(),
+            ));
         }
         Err(Busy::Running(running)) if running == op_id => {
             tracing::info!(%op_id, "operation already running; its result will follow");
@@ -177,6 +197,9 @@ fn start(agent: &Arc<Agent>, work: Work) {
                 }
             };
             let report = activate::refusal(&agent.store, &op_id, &app, version, busy.to_string());
+            if !matches!(work, Work::Stage(..)) {
+                crate::metrics::get().activation(report.outcome);
+            }
             agent.reporter.result(&report);
         }
     }

@@ -7,11 +7,13 @@
 #![forbid(unsafe_code)]
 
 pub mod archive;
+pub mod clidocs;
 pub mod digest;
 pub mod fsutil;
 pub mod http;
 pub mod identity;
 pub mod names;
+pub mod observe;
 pub mod ops;
 pub mod rollout;
 pub mod signing;

@@ -62,7 +62,7 @@ pub enum EventKind {
 }
 
 /// The steps of an activation, in order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Step {
     Stage,
@@ -143,6 +143,16 @@ impl Outcome {
     pub fn is_success(self) -> bool {
         self == Outcome::Succeeded
     }
+
+    /// The outcome's machine name, as JSON, the database and metrics spell it.
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Succeeded => "succeeded",
+            Outcome::FailedRestored => "failed_restored",
+            Outcome::FailedRestoreFailed => "failed_restore_failed",
+            Outcome::Refused => "refused",
+        }
+    }
 }
 
 impl fmt::Display for Outcome {
@@ -167,9 +177,40 @@ pub struct OpReport {
     pub state: AppStatus,
 }
 
+/// The id of the operation a rollout sends `host`: `ROLLOUT-HOST` for an
+/// activation or rollback, `ROLLOUT-stage-HOST` for pre-staging.
+pub fn op_id(rollout: &str, host: &str, stage: bool) -> String {
+    if stage {
+        format!("{rollout}-stage-{host}")
+    } else {
+        format!("{rollout}-{host}")
+    }
+}
+
+/// The rollout an operation id belongs to (rollout ids hold no `-`).
+pub fn rollout_of(op_id: &str) -> &str {
+    op_id.split('-').next().unwrap_or(op_id)
+}
+
 pub fn now_unix_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn operation_ids_name_their_rollout() {
+        let activate = op_id("5e7ca08efb36", "web-1", false);
+        let stage = op_id("5e7ca08efb36", "web-1", true);
+        assert_eq!(activate, "5e7ca08efb36-web-1");
+        assert_eq!(stage, "5e7ca08efb36-stage-web-1");
+        assert_eq!(rollout_of(&activate), "5e7ca08efb36");
+        assert_eq!(rollout_of(&stage), "5e7ca08efb36");
+        assert_eq!(rollout_of("by-hand"), "by");
+    }
 }

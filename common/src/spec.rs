@@ -133,6 +133,16 @@ pub enum CheckKind {
 }
 
 impl CheckKind {
+    /// The check's `type` in the spec.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            CheckKind::Http { .. } => "http",
+            CheckKind::Systemd { .. } => "systemd",
+            CheckKind::Tcp { .. } => "tcp",
+            CheckKind::Command { .. } => "command",
+        }
+    }
+
     pub fn describe(&self) -> String {
         match self {
             CheckKind::Http { url, .. } => format!("http {url}"),

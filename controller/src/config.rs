@@ -27,6 +27,8 @@ struct Raw {
     ca_key: Option<PathBuf>,
     #[serde(default = "default_agent_cert_validity")]
     agent_cert_validity: String,
+    #[serde(default)]
+    metrics_listen: Option<String>,
 }
 
 fn default_agent_cert_validity() -> String {
@@ -58,6 +60,8 @@ pub struct Config {
     pub ca_key: Option<PathBuf>,
     /// How long certificates signed by enrollment and renewal are valid.
     pub agent_cert_validity: Duration,
+    /// Where to serve Prometheus metrics (plain http, `GET /metrics`).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Config {
@@ -83,7 +87,16 @@ impl Config {
         if agent_cert_validity < Duration::from_secs(10) {
             anyhow::bail!("{file}: agent_cert_validity: must be at least 10s");
         }
+        let metrics_listen = raw
+            .metrics_listen
+            .as_deref()
+            .map(|a| {
+                a.parse()
+                    .map_err(|e| anyhow::anyhow!("{file}: metrics_listen: {a:?} is not an address:port ({e})"))
+            })
+            .transpose()?;
         Ok(Config {
+            metrics_listen,
             ca_key: raw.ca_key,
             agent_cert_validity,
             webhooks: raw.webhooks,

@@ -606,10 +606,7 @@ pub fn outcome_from_name(name: &str) -> Option<convoy_common::ops::Outcome> {
 }
 
 fn outcome_name(o: convoy_common::ops::Outcome) -> String {
-    serde_json::to_value(o)
-        .ok()
-        .and_then(|v| v.as_str().map(String::from))
-        .unwrap_or_default()
+    o.label().to_string()
 }
 
 #[cfg(test)]

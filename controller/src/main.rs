@@ -5,6 +5,7 @@ mod artifacts;
 mod cli;
 mod config;
 mod db;
+mod metrics;
 mod pki;
 mod progress;
 mod server;
@@ -16,9 +17,12 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use convoy_common::identity::{PeerKind, Role};
 
+/// The release and the commit it was built from.
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("CONVOY_COMMIT"), ")");
+
 /// convoy: roll releases out to a fleet of hosts, safely.
 #[derive(Parser)]
-#[command(version, propagate_version = true)]
+#[command(name = "convoy", version = VERSION, propagate_version = true)]
 struct Cli {
     #[command(flatten)]
     conn: cli::Conn,
@@ -109,6 +113,13 @@ enum Cmd {
         app: String,
         #[arg(long, value_enum, default_value = "text")]
         output: Output,
+    },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions { shell: convoy_common::clidocs::Shell },
+    /// Write man pages for convoy and each subcommand into DIR.
+    Man {
+        #[arg(long)]
+        dir: PathBuf,
     },
 }
 
@@ -206,6 +217,15 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     match cli.cmd {
+        Cmd::Completions { shell } => {
+            convoy_common::clidocs::print_completions(<Cli as clap::CommandFactory>::command(), shell);
+            ExitCode::SUCCESS
+        }
+        Cmd::Man { dir } => cli::report(
+            convoy_common::clidocs::write_man_pages(<Cli as clap::CommandFactory>::command(), &dir)
+                .map(|pages| println!("wrote {} man page(s) into {}", pages.len(), dir.display()))
+                .map_err(|e| cli::Failure::new(cli::exit::REFUSED, format!("{}: {e}", dir.display()))),
+        ),
         Cmd::Serve { config } => rt.block_on(serve(config)),
         Cmd::Pki(PkiCmd::Init { dir }) => cli::report(
             pki::init(&dir)
@@ -298,14 +318,10 @@ async fn serve(path: PathBuf) -> ExitCode {
             return ExitCode::from(cli::exit::USAGE);
         }
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("CONVOY_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(cfg.log_level.as_deref().unwrap_or("info")));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    if let Err(e) = convoy_common::observe::init_tracing(cfg.log_level.as_deref(), "convoy") {
+        eprintln!("convoy serve: {}: {e}", path.display());
+        return ExitCode::from(cli::exit::USAGE);
+    }
     match server::serve(cfg, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -1,11 +1,11 @@
 //! The agent-facing gRPC service: sessions and artifact downloads.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use convoy_common::ops::{AppStatus, OpReport, StepEvent};
+use convoy_common::ops::{AppStatus, EventKind, OpReport, Step, StepEvent};
 use convoy_common::{Digest, HostName};
 use convoy_proto::agent_service_server::AgentService;
 use convoy_proto::{agent_message, controller_message, AgentMessage, Chunk, ControllerMessage, FetchRequest, Welcome};
@@ -104,6 +104,7 @@ impl AgentService for AgentApi {
 
         let shared = self.shared.clone();
         tokio::spawn(async move {
+            let mut steps = StepTimer::default();
             loop {
                 let msg = match tokio::time::timeout(SESSION_IDLE, inbound.message()).await {
                     Err(_) => {
@@ -123,6 +124,7 @@ impl AgentService for AgentApi {
                     }
                     Some(agent_message::Body::Event(e)) => match StepEvent::try_from(e) {
                         Ok(ev) => {
+                            steps.observe(&ev);
                             let op = ev.op_id.clone();
                             registry.deliver(&host, &op, Update::Event(ev));
                         }
@@ -190,17 +192,57 @@ impl AgentService for AgentApi {
             let want = (total - offset).min(convoy_proto::CHUNK_SIZE as u64) as usize;
             let mut buf = vec![0u8; want];
             match file.read_exact(&mut buf).await {
-                Ok(_) => Some((
-                    Ok(Chunk {
-                        offset,
-                        data: buf,
-                        total_size: total,
-                    }),
-                    (file, offset + want as u64),
-                )),
+                Ok(_) => {
+                    // Counted as read for the stream; HTTP/2 flow control
+                    // keeps at most a window of it unsent.
+                    crate::metrics::get().bytes_streamed.inc_by(want as u64);
+                    Some((
+                        Ok(Chunk {
+                            offset,
+                            data: buf,
+                            total_size: total,
+                        }),
+                        (file, offset + want as u64),
+                    ))
+                }
                 Err(e) => Some((Err(Status::internal(format!("reading artifact: {e}"))), (file, total))),
             }
         });
         Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+/// Times a host's activation steps from its started and ended events, for
+/// the `convoy_step_duration_seconds` histogram.
+#[derive(Default)]
+struct StepTimer {
+    /// (operation, step) → when the agent said it started.
+    started: HashMap<(String, Step), i64>,
+}
+
+impl StepTimer {
+    fn observe(&mut self, ev: &StepEvent) {
+        let key = (ev.op_id.clone(), ev.step);
+        match ev.kind {
+            EventKind::Started => {
+                // A step started and never ended (an agent killed mid-step)
+                // must not pile up.
+                if self.started.len() > 1024 {
+                    self.started.clear();
+                }
+                self.started.insert(key, ev.at_unix_ms);
+            }
+            EventKind::Succeeded | EventKind::Failed => {
+                if let Some(at) = self.started.remove(&key) {
+                    let ms = u64::try_from(ev.at_unix_ms - at).unwrap_or(0);
+                    crate::metrics::get().step(
+                        ev.step,
+                        ev.kind == EventKind::Succeeded,
+                        std::time::Duration::from_millis(ms),
+                    );
+                }
+            }
+            EventKind::Info => {}
+        }
     }
 }

@@ -116,7 +116,14 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'sta
         live: Mutex::new(HashMap::new()),
         notifier: crate::webhooks::Notifier::new(cfg_webhooks, webhook_tls),
     });
+    if let Some(listen) = shared.cfg.metrics_listen {
+        convoy_common::observe::serve_metrics(listen, crate::metrics::get().registry.clone())
+            .await
+            .with_context(|| format!("metrics_listen: binding {listen}"))?;
+    }
     tracing::info!(%addr, "controller listening");
+    convoy_common::observe::notify::ready(&format!("listening on {addr}"));
+    convoy_common::observe::notify::spawn_watchdog();
     tokio::spawn(rollout::resume_all(shared.clone()));
     Server::builder()
         .tls_config(tls)?

@@ -549,6 +549,11 @@ impl Rollout {
                 (false, true) => "failed",
                 (false, false) => "rolled_back",
             };
+            let kind = match &self.kind {
+                Kind::Deploy { .. } => "deploy",
+                Kind::Rollback { .. } => "rollback",
+            };
+            crate::metrics::get().rollout(kind, state);
             if let Err(e) = shared.db.finish_rollout(&self.id, state, &done.reason) {
                 tracing::error!(rollout = %self.id, error = %e, "could not record rollout end");
             }
@@ -714,7 +719,7 @@ impl Rollout {
         let staged = join_all(self.targets.iter().map(|h| async move {
             let _permit = gate.acquire().await.expect("semaphore open");
             let mut c = ActivateCommand::clone(cmd);
-            c.op_id = format!("{}-stage-{h}", self.id);
+            c.op_id = convoy_common::ops::op_id(&self.id, h.as_str(), true);
             let msg = controller_message::Body::Stage((&c).into());
             (h.clone(), self.run_op(shared, h, &c.op_id, msg).await)
         }))
@@ -756,7 +761,7 @@ impl Rollout {
             self.note(format!("batch {}/{}: {}", i + 1, batches.len(), names.join(", ")));
             let results = join_all(hosts.iter().map(|h| async move {
                 let mut c = ActivateCommand::clone(cmd);
-                c.op_id = format!("{}-{h}", self.id);
+                c.op_id = convoy_common::ops::op_id(&self.id, h.as_str(), false);
                 let msg = controller_message::Body::Activate((&c).into());
                 ((*h).clone(), self.run_op(shared, h, &c.op_id, msg).await)
             }))
@@ -786,9 +791,10 @@ impl Rollout {
             // A resumed rollout whose next batch already started has baked
             // and been promoted before the controller restarted.
             let next_started = batches.get(i + 1).is_some_and(|(next, _)| {
-                self.targets[next.clone()]
-                    .iter()
-                    .any(|h| self.recorded.contains_key(&format!("{}-{h}", self.id)))
+                self.targets[next.clone()].iter().any(|h| {
+                    self.recorded
+                        .contains_key(&convoy_common::ops::op_id(&self.id, h.as_str(), false))
+                })
             });
             if !bake.is_zero() && !next_started {
                 self.note(format!("baking for {}", humantime::format_duration(*bake)));
@@ -853,7 +859,7 @@ impl Rollout {
         // since and reported that it did activate: it moved too.
         let mut moved = moved;
         for (h, _) in &failed {
-            let op = format!("{}-{h}", self.id);
+            let op = convoy_common::ops::op_id(&self.id, h.as_str(), false);
             if matches!(shared.db.host_outcome(&self.id, &op), Ok(Some(o)) if o.is_success()) {
                 moved.push(h.clone());
             }
@@ -909,8 +915,13 @@ impl Rollout {
         let results = join_all(self.targets.iter().map(|h| async move {
             (
                 h.clone(),
-                self.rollback_host(shared, h, format!("{}-{h}", self.id), to.clone())
-                    .await,
+                self.rollback_host(
+                    shared,
+                    h,
+                    convoy_common::ops::op_id(&self.id, h.as_str(), false),
+                    to.clone(),
+                )
+                .await,
             )
         }))
         .await;
@@ -1041,6 +1052,7 @@ impl Rollout {
                     }));
                 }
                 Update::Result(r) => {
+                    crate::metrics::get().host_result(r.outcome);
                     if let Err(e) = shared.db.record_host_result(&self.id, host, &r) {
                         tracing::error!(error = %e, "could not record host result");
                     }
@@ -1163,6 +1175,7 @@ pub fn late_result(shared: &Arc<Shared>, host: &HostName, r: &OpReport) {
     if !matches!(shared.db.host_outcome(id, &r.op_id), Ok(None)) {
         return; // already recorded: every hello repeats recent results
     }
+    crate::metrics::get().host_result(r.outcome);
     if let Err(e) = shared.db.record_host_result(id, host, r) {
         tracing::error!(rollout = %id, %host, error = %e, "could not record a late result");
         return;
@@ -1180,7 +1193,7 @@ pub fn late_result(shared: &Arc<Shared>, host: &HostName, r: &OpReport) {
         }
     ) && halted
         && r.outcome.is_success()
-        && r.op_id == format!("{id}-{host}");
+        && r.op_id == convoy_common::ops::op_id(id, host.as_str(), false);
     let to = plan.before.iter().find(|(h, _)| h == host).and_then(|(_, v)| v.clone());
     let (true, Some(to)) = (undo, to) else {
         return;
