@@ -10,6 +10,8 @@ use anyhow::{anyhow, bail, Context, Result};
 
 /// Port of the controller on the bridge.
 const CONTROLLER_PORT: u16 = 7443;
+/// Port of the controller's Prometheus endpoint on the bridge.
+const METRICS_PORT: u16 = 9464;
 /// Port the demo app listens on inside each host.
 pub const DEMO_PORT: u16 = 8080;
 
@@ -57,6 +59,28 @@ fn run_ok(cmd: &mut Command) -> Result<String> {
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// GET http://<addr><path> (HTTP/1.1, one request); `None` when nothing
+/// answers.
+pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        addr.ip()
+    )
+    .ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let status = buf.split_whitespace().nth(1)?.parse().ok()?;
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Some((status, body))
 }
 
 fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Result<T> {
@@ -114,24 +138,7 @@ impl Host {
 
     /// GET http://<host>:8080<path> over the bridge; `None` when nothing answers.
     pub fn http_get(&self, path: &str) -> Option<(u16, String)> {
-        use std::io::{Read, Write};
-        let addr = SocketAddr::from((self.ip, DEMO_PORT));
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
-            self.ip
-        )
-        .ok()?;
-        let mut buf = String::new();
-        s.read_to_string(&mut buf).ok()?;
-        let status = buf.split_whitespace().nth(1)?.parse().ok()?;
-        let body = buf
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default();
-        Some((status, body))
+        http_get(SocketAddr::from((self.ip, DEMO_PORT)), path)
     }
 
     /// Restarts the agent with the failpoint `name` armed (see
@@ -183,6 +190,8 @@ pub struct Testbed {
     pub controller_env: Vec<(String, String)>,
     agent_extra: String,
     bins: PathBuf,
+    /// Hosts get the agent from its Debian package (see `boot_packaged`).
+    packaged: bool,
 }
 
 /// Result of a CLI call.
@@ -214,6 +223,37 @@ impl Testbed {
     /// Like `boot_spec`, with extra top-level settings in every agent's
     /// agent.toml (e.g. `trusted_keys = [...]`).
     pub fn boot_full(n: usize, env_of: impl Fn(usize) -> String, spec: &str, agent_extra: &str) -> Result<Testbed> {
+        Self::boot_inner(n, &env_of, spec, agent_extra, false)
+    }
+
+    /// Boots `n` hosts (env=staging) without an agent: target/packages (the
+    /// packages `scripts/package` built) is at /packages, and the host's
+    /// certificate, key, CA and an agent.toml that expects them in
+    /// /etc/convoy/tls are at /etc/convoy-testbed. The controller runs.
+    pub fn boot_packaged(n: usize) -> Result<Testbed> {
+        let spec = fs::read_to_string(workspace_root().join("tests/testbed/demo.toml"))?;
+        Self::boot_inner(n, &|_| "staging".to_owned(), &spec, "", true)
+    }
+
+    /// The Debian package `name` (e.g. `convoy-agent_0.1.0-1`) that
+    /// `scripts/package` built, as the packaged hosts see it.
+    pub fn package(name: &str) -> Result<String> {
+        let file = format!("{name}_amd64.deb");
+        if !workspace_root().join("target/packages").join(&file).exists() {
+            bail!(
+                "target/packages/{file} is missing: run scripts/package --no-build --profile dev (scripts/test does)"
+            );
+        }
+        Ok(format!("/packages/{file}"))
+    }
+
+    fn boot_inner(
+        n: usize,
+        env_of: &dyn Fn(usize) -> String,
+        spec: &str,
+        agent_extra: &str,
+        packaged: bool,
+    ) -> Result<Testbed> {
         let bins = bin_dir();
         for b in ["convoy", "convoy-agent", "demo-app"] {
             if !bins.join(b).exists() {
@@ -239,8 +279,9 @@ impl Testbed {
             controller_env: Vec::new(),
             agent_extra: agent_extra.to_owned(),
             bins,
+            packaged,
         };
-        bed.setup(n, &env_of, spec)?;
+        bed.setup(n, env_of, spec)?;
         Ok(bed)
     }
 
@@ -292,7 +333,7 @@ impl Testbed {
         fs::write(
             cdir.join("controller.toml"),
             format!(
-                "listen = \"{ip}:{CONTROLLER_PORT}\"\ndata_dir = \"{d}/data\"\napps_dir = \"{d}/apps\"\nca = \"{p}/ca.pem\"\ncert = \"{p}/controller.pem\"\nkey = \"{p}/controller.key\"\nhost_timeout = \"2m\"\n",
+                "listen = \"{ip}:{CONTROLLER_PORT}\"\ndata_dir = \"{d}/data\"\napps_dir = \"{d}/apps\"\nca = \"{p}/ca.pem\"\ncert = \"{p}/controller.pem\"\nkey = \"{p}/controller.key\"\nhost_timeout = \"2m\"\nmetrics_listen = \"{ip}:{METRICS_PORT}\"\n",
                 d = cdir.display(),
                 p = pki.display()
             ),
@@ -302,6 +343,9 @@ impl Testbed {
         for i in 1..=n {
             let host = self.boot_host(i, &env_of(i))?;
             self.hosts.push(host);
+        }
+        if self.packaged {
+            return Ok(());
         }
         for h in &self.hosts {
             h.exec_ok(&["systemctl", "start", "convoy-agent.service"])?;
@@ -355,10 +399,16 @@ impl Testbed {
             etc.to_str().unwrap(),
         ])?;
         fs::copy(pki.join("ca.pem"), etc.join("ca.pem"))?;
+        // Packaged hosts keep them where the package's template says.
+        let tls = if self.packaged {
+            "/etc/convoy/tls"
+        } else {
+            "/etc/convoy"
+        };
         fs::write(
             etc.join("agent.toml"),
             format!(
-                "controller = \"https://{}:{CONTROLLER_PORT}\"\nserver_name = \"controller\"\nca = \"/etc/convoy/ca.pem\"\ncert = \"/etc/convoy/{name}.pem\"\nkey = \"/etc/convoy/{name}.key\"\nunit_timeout = \"30s\"\n{}\n\n[labels]\nenv = \"{env}\"\nzone = \"z{}\"\n",
+                "controller = \"https://{}:{CONTROLLER_PORT}\"\nserver_name = \"controller\"\nca = \"{tls}/ca.pem\"\ncert = \"{tls}/{name}.pem\"\nkey = \"{tls}/{name}.key\"\nunit_timeout = \"30s\"\n{}\n\n[labels]\nenv = \"{env}\"\nzone = \"z{}\"\n",
                 self.controller_ip(),
                 self.agent_extra,
                 i % 2
@@ -366,6 +416,22 @@ impl Testbed {
         )?;
         let console = fs::File::create(self.dir.path().join(format!("{name}.console.log")))?;
         let bind = |from: &Path, to: &str| format!("--bind-ro={}:{to}", from.display());
+        let binds: Vec<String> = if self.packaged {
+            vec![
+                bind(&etc, "/etc/convoy-testbed"),
+                bind(&workspace_root().join("target/packages"), "/packages"),
+            ]
+        } else {
+            vec![
+                bind(&self.bins.join("convoy-agent"), "/usr/bin/convoy-agent"),
+                bind(&self.bins.join("convoy"), "/usr/bin/convoy"),
+                bind(&etc, "/etc/convoy"),
+                bind(
+                    &workspace_root().join("packaging/convoy-agent.service"),
+                    "/etc/systemd/system/convoy-agent.service",
+                ),
+            ]
+        };
         let nspawn = Command::new("systemd-nspawn")
             .arg("-D")
             .arg(rootfs())
@@ -380,13 +446,7 @@ impl Testbed {
                 "--console=read-only",
             ])
             .arg(format!("--network-bridge={}", self.bridge))
-            .arg(bind(&self.bins.join("convoy-agent"), "/usr/bin/convoy-agent"))
-            .arg(bind(&self.bins.join("convoy"), "/usr/bin/convoy"))
-            .arg(bind(&etc, "/etc/convoy"))
-            .arg(bind(
-                &workspace_root().join("packaging/convoy-agent.service"),
-                "/etc/systemd/system/convoy-agent.service",
-            ))
+            .args(&binds)
             .arg(bind(
                 &workspace_root().join("tests/testbed/demo.service"),
                 "/etc/systemd/system/demo.service",
@@ -503,6 +563,14 @@ impl Testbed {
         let out = self.dir.path().join(format!("demo-{version}.tar.gz"));
         convoy_common::archive::pack_dir(&tree, fs::File::create(&out)?)?;
         Ok(out)
+    }
+
+    /// The controller's Prometheus metrics (text format).
+    pub fn controller_metrics(&self) -> Result<String> {
+        match http_get(SocketAddr::from((self.controller_ip(), METRICS_PORT)), "/metrics") {
+            Some((200, body)) => Ok(body),
+            other => bail!("GET /metrics on the controller: {other:?}"),
+        }
     }
 
     /// The controller process, while it runs.
