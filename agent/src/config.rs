@@ -201,6 +201,15 @@ impl Config {
 mod tests {
     use super::*;
 
+    #[test]
+    fn documented_keys_match_the_code() {
+        use convoy_common::configdoc::{documented_keys, prefixed};
+        let documented = documented_keys(include_str!("../../docs/config.md"), "## `agent.toml`");
+        let mut code = prefixed("", serde_aux::serde_introspection::serde_introspect::<Raw>());
+        code.insert("labels.<name>".into());
+        assert_eq!(documented, code, "docs/config.md, agent.toml section");
+    }
+
     const GOOD: &str = r#"
 controller = "https://198.18.0.1:7443"
 ca = "/etc/convoy/ca.pem"

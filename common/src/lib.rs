@@ -8,6 +8,7 @@
 
 pub mod archive;
 pub mod clidocs;
+pub mod configdoc;
 pub mod digest;
 pub mod fsutil;
 pub mod http;

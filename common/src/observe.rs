@@ -16,11 +16,12 @@ use tracing_subscriber::util::SubscriberInitExt;
 /// config's `log_level`, else `info`.
 ///
 /// Under systemd (stderr is the journal, as `JOURNAL_STREAM` says), events
-/// go to journald natively: the message, its priority, and every field of
-/// the event and of the spans around it (`APP`, `VERSION`, `ROLLOUT`,
-/// `HOST`, `OP_ID`, ...) as journal fields, so
-/// `journalctl -u convoy-agent APP=web ROLLOUT=5e7ca08efb36` selects them.
-/// Elsewhere, one line per event on stderr.
+/// go to journald natively (see [`journal::Journald`]): a message that
+/// reads on its own in `journalctl` (the text and the event's fields), its
+/// priority, and every field of the event and of the spans around it
+/// (`APP`, `VERSION`, `ROLLOUT`, `HOST`, `OP_ID`, `STEP`, ...) as journal
+/// fields, so `journalctl -u convoy-agent APP=web ROLLOUT=5e7ca08efb36`
+/// selects them. Elsewhere, one line per event on stderr.
 pub fn init_tracing(level: Option<&str>, identifier: &str) -> Result<(), String> {
     let filter = match std::env::var("CONVOY_LOG") {
         Ok(v) if !v.is_empty() => {
@@ -32,9 +33,8 @@ pub fn init_tracing(level: Option<&str>, identifier: &str) -> Result<(), String>
         }
     };
     let journald = stderr_is_journal()
-        .then(|| tracing_journald::layer().ok())
-        .flatten()
-        .map(|l| l.with_field_prefix(None).with_syslog_identifier(identifier.to_string()));
+        .then(|| journal::Journald::connect(identifier).ok())
+        .flatten();
     let registry = tracing_subscriber::registry().with(filter);
     match journald {
         Some(layer) => registry.with(layer).init(),
@@ -154,5 +154,160 @@ pub mod notify {
                 let _ = sd_notify::notify(&[NotifyState::Watchdog]);
             }
         });
+    }
+}
+
+/// journald's native protocol, for `init_tracing`.
+///
+/// tracing-journald sends only the event's message text as `MESSAGE`, so a
+/// plain `journalctl` would lose every field, errors included. This layer
+/// sends `MESSAGE` as "text key=value ..." with the event's own fields,
+/// and every event and span field again as a journal field of its own.
+pub mod journal {
+    use std::fmt::Write as _;
+    use std::os::unix::net::UnixDatagram;
+
+    use tracing::field::{Field, Visit};
+    use tracing::span::{Attributes, Id, Record};
+    use tracing::{Event, Level, Subscriber};
+    use tracing_subscriber::layer::Context;
+    use tracing_subscriber::registry::LookupSpan;
+
+    const SOCKET: &str = "/run/systemd/journal/socket";
+
+    pub struct Journald {
+        socket: UnixDatagram,
+        identifier: String,
+    }
+
+    impl Journald {
+        pub fn connect(identifier: &str) -> std::io::Result<Self> {
+            let socket = UnixDatagram::unbound()?;
+            socket.connect(SOCKET)?;
+            Ok(Self {
+                socket,
+                identifier: identifier.to_owned(),
+            })
+        }
+    }
+
+    /// A span's or an event's fields, in order.
+    #[derive(Default)]
+    struct Fields(Vec<(&'static str, String)>);
+
+    impl Visit for Fields {
+        fn record_str(&mut self, field: &Field, value: &str) {
+            self.0.push((field.name(), value.to_owned()));
+        }
+
+        fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+            self.0.push((field.name(), format!("{value:?}")));
+        }
+    }
+
+    /// A field name as journald accepts it: A-Z, 0-9 and _, not leading _.
+    fn journal_name(name: &str) -> String {
+        let n: String = name
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_uppercase()
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        n.trim_start_matches('_').to_owned()
+    }
+
+    /// Appends one field in the native protocol's framing.
+    fn put(buf: &mut Vec<u8>, name: &str, value: &str) {
+        buf.extend_from_slice(name.as_bytes());
+        if value.contains('\n') {
+            buf.push(b'\n');
+            buf.extend_from_slice(&(value.len() as u64).to_le_bytes());
+        } else {
+            buf.push(b'=');
+        }
+        buf.extend_from_slice(value.as_bytes());
+        buf.push(b'\n');
+    }
+
+    fn priority(level: &Level) -> &'static str {
+        match *level {
+            Level::ERROR => "3",
+            Level::WARN => "4",
+            Level::INFO => "5",
+            Level::DEBUG => "6",
+            Level::TRACE => "7",
+        }
+    }
+
+    impl<S: Subscriber + for<'a> LookupSpan<'a>> tracing_subscriber::Layer<S> for Journald {
+        fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
+            let mut fields = Fields::default();
+            attrs.record(&mut fields);
+            if let Some(span) = ctx.span(id) {
+                span.extensions_mut().insert(fields);
+            }
+        }
+
+        fn on_record(&self, id: &Id, values: &Record<'_>, ctx: Context<'_, S>) {
+            if let Some(span) = ctx.span(id) {
+                if let Some(fields) = span.extensions_mut().get_mut::<Fields>() {
+                    values.record(fields);
+                }
+            }
+        }
+
+        fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
+            let mut fields = Fields::default();
+            event.record(&mut fields);
+            let mut text = String::new();
+            for (_, value) in fields.0.iter().filter(|(n, _)| *n == "message") {
+                text.push_str(value);
+            }
+            for (name, value) in fields.0.iter().filter(|(n, _)| *n != "message") {
+                let _ = write!(text, " {name}={value}");
+            }
+            let mut buf = Vec::with_capacity(256);
+            put(&mut buf, "MESSAGE", text.trim_start());
+            put(&mut buf, "PRIORITY", priority(event.metadata().level()));
+            put(&mut buf, "SYSLOG_IDENTIFIER", &self.identifier);
+            put(&mut buf, "TARGET", event.metadata().target());
+            if let Some(scope) = ctx.event_scope(event) {
+                for span in scope.from_root() {
+                    if let Some(span_fields) = span.extensions().get::<Fields>() {
+                        for (name, value) in &span_fields.0 {
+                            put(&mut buf, &journal_name(name), value);
+                        }
+                    }
+                }
+            }
+            for (name, value) in fields.0.iter().filter(|(n, _)| *n != "message") {
+                put(&mut buf, &journal_name(name), value);
+            }
+            if self.socket.send(&buf).is_err() {
+                // journald gone or the entry too large: keep it on stderr.
+                eprintln!("{text}");
+            }
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn fields_are_framed_as_journald_reads_them() {
+            let mut buf = Vec::new();
+            put(&mut buf, &journal_name("op_id"), "abc-host1");
+            put(&mut buf, "MESSAGE", "two\nlines");
+            let mut want = b"OP_ID=abc-host1\nMESSAGE\n".to_vec();
+            want.extend_from_slice(&9u64.to_le_bytes());
+            want.extend_from_slice(b"two\nlines\n");
+            assert_eq!(buf, want);
+            assert_eq!(journal_name("_weird.name-1"), "WEIRD_NAME_1");
+        }
     }
 }

@@ -522,6 +522,22 @@ pub fn check_install_path(p: &Path) -> Result<(), String> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn documented_keys_match_the_code() {
+        use crate::configdoc::{documented_keys, prefixed};
+        use serde_aux::serde_introspection::serde_introspect;
+        let documented = documented_keys(
+            include_str!("../../docs/config.md"),
+            "## App spec (`apps_dir/<app>.toml`)",
+        );
+        let mut code = prefixed("", serde_introspect::<RawSpec>());
+        code.extend(prefixed("health.", serde_introspect::<RawHealth>()));
+        code.extend(prefixed("health.checks[].", serde_introspect::<RawCheck>()));
+        code.extend(prefixed("hooks.<point>.", serde_introspect::<RawHook>()));
+        code.insert("selector.<label>".into());
+        assert_eq!(documented, code, "docs/config.md, app spec section");
+    }
+
     const GOOD: &str = r#"
 name = "demo"
 install_path = "/opt/demo"

@@ -118,6 +118,14 @@ mod tests {
     use super::*;
 
     #[test]
+    fn documented_keys_match_the_code() {
+        use convoy_common::configdoc::{documented_keys, prefixed};
+        let documented = documented_keys(include_str!("../../docs/config.md"), "## `controller.toml`");
+        let code = prefixed("", serde_aux::serde_introspection::serde_introspect::<Raw>());
+        assert_eq!(documented, code, "docs/config.md, controller.toml section");
+    }
+
+    #[test]
     fn bad_listen_is_named() {
         let text = r#"
 listen = "localhost"

@@ -8,6 +8,7 @@ mod db;
 mod metrics;
 mod pki;
 mod progress;
+mod sandbox;
 mod server;
 mod webhooks;
 
@@ -114,6 +115,10 @@ enum Cmd {
         #[arg(long, value_enum, default_value = "text")]
         output: Output,
     },
+    /// A local fleet to try convoy on: hosts with their own systemd, a
+    /// controller, enrolled agents and an example app (run as root).
+    #[command(subcommand)]
+    Sandbox(SandboxCmd),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions { shell: convoy_common::clidocs::Shell },
     /// Write man pages for convoy and each subcommand into DIR.
@@ -121,6 +126,48 @@ enum Cmd {
         #[arg(long)]
         dir: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum SandboxCmd {
+    /// Boot the hosts, start a controller, enroll an agent on every host,
+    /// and print how to deploy to them.
+    Up {
+        /// How many hosts (1 to 50).
+        #[arg(long, default_value_t = 3)]
+        hosts: usize,
+        #[command(flatten)]
+        dir: SandboxDir,
+        /// The hosts' Debian root filesystem; built with debootstrap when missing.
+        #[arg(
+            long,
+            env = "CONVOY_SANDBOX_ROOTFS",
+            default_value = "/var/cache/convoy-sandbox/rootfs"
+        )]
+        rootfs: PathBuf,
+    },
+    /// Show the hosts, the controller and what it sees.
+    Status {
+        #[command(flatten)]
+        dir: SandboxDir,
+    },
+    /// Print the operator environment (`eval "$(convoy sandbox env)"`).
+    Env {
+        #[command(flatten)]
+        dir: SandboxDir,
+    },
+    /// Stop every host and the controller and remove all the sandbox's files.
+    Down {
+        #[command(flatten)]
+        dir: SandboxDir,
+    },
+}
+
+#[derive(clap::Args)]
+struct SandboxDir {
+    /// Where the sandbox keeps its state.
+    #[arg(long = "dir", env = "CONVOY_SANDBOX_DIR", default_value = "/var/lib/convoy-sandbox")]
+    path: PathBuf,
 }
 
 #[derive(Subcommand)]
@@ -220,6 +267,19 @@ fn main() -> ExitCode {
         Cmd::Completions { shell } => {
             convoy_common::clidocs::print_completions(<Cli as clap::CommandFactory>::command(), shell);
             ExitCode::SUCCESS
+        }
+        Cmd::Sandbox(cmd) => {
+            let done = match cmd {
+                SandboxCmd::Up { hosts, dir, rootfs } => sandbox::up(&sandbox::Up {
+                    hosts,
+                    dir: dir.path,
+                    rootfs,
+                }),
+                SandboxCmd::Status { dir } => sandbox::status(&dir.path),
+                SandboxCmd::Env { dir } => sandbox::env(&dir.path),
+                SandboxCmd::Down { dir } => sandbox::down(&dir.path),
+            };
+            cli::report(done.map_err(|e| cli::Failure::new(cli::exit::REFUSED, format!("sandbox: {e:#}"))))
         }
         Cmd::Man { dir } => cli::report(
             convoy_common::clidocs::write_man_pages(<Cli as clap::CommandFactory>::command(), &dir)

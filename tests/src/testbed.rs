@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
+use convoy_nspawn::wait_for;
 
 /// Port of the controller on the bridge.
 const CONTROLLER_PORT: u16 = 7443;
@@ -43,24 +44,6 @@ pub fn rootfs() -> PathBuf {
         .unwrap_or_else(|_| workspace_root().join("target/testbed/rootfs"))
 }
 
-fn run(cmd: &mut Command) -> Result<Output> {
-    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
-    Ok(out)
-}
-
-fn run_ok(cmd: &mut Command) -> Result<String> {
-    let out = run(cmd)?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed ({}): {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 /// GET http://<addr><path> (HTTP/1.1, one request); `None` when nothing
 /// answers.
 pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
@@ -83,19 +66,6 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     Some((status, body))
 }
 
-fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Result<T> {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return Ok(v);
-        }
-        if start.elapsed() > timeout {
-            bail!("timed out after {timeout:?} waiting for {what}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// One booted host.
 pub struct Host {
     /// The name in its certificate: host1, host2, ...
@@ -111,21 +81,11 @@ pub struct Host {
 impl Host {
     /// Runs a command inside the host (all namespaces).
     pub fn exec(&self, args: &[&str]) -> Result<Output> {
-        run(Command::new("nsenter")
-            .arg("-t")
-            .arg(self.leader.to_string())
-            .arg("-a")
-            .args(args))
+        convoy_nspawn::exec(self.leader, args)
     }
 
     pub fn exec_ok(&self, args: &[&str]) -> Result<String> {
-        run_ok(
-            Command::new("nsenter")
-                .arg("-t")
-                .arg(self.leader.to_string())
-                .arg("-a")
-                .args(args),
-        )
+        convoy_nspawn::exec_ok(self.leader, args)
     }
 
     /// A systemd property of a unit inside the host.
@@ -263,13 +223,13 @@ impl Testbed {
                 );
             }
         }
-        if !rootfs().join("usr/lib/systemd/systemd").exists() && !rootfs().join("lib/systemd/systemd").exists() {
+        if !convoy_nspawn::rootfs_ready(&rootfs()) {
             bail!(
                 "no test-bed rootfs at {}: run scripts/testbed-setup",
                 rootfs().display()
             );
         }
-        let (bridge, subnet) = allocate_bridge()?;
+        let (bridge, [_, subnet]) = convoy_nspawn::allocate_bridge("convoybr", (0..=200).map(|n| (18, n)))?;
         let mut bed = Testbed {
             dir: tempfile::Builder::new().prefix("convoy-testbed-").tempdir()?,
             bridge,
@@ -414,9 +374,8 @@ impl Testbed {
                 i % 2
             ),
         )?;
-        let console = fs::File::create(self.dir.path().join(format!("{name}.console.log")))?;
-        let bind = |from: &Path, to: &str| format!("--bind-ro={}:{to}", from.display());
-        let binds: Vec<String> = if self.packaged {
+        let bind = |from: &Path, to: &str| (from.to_path_buf(), to.to_owned());
+        let mut binds_ro: Vec<(PathBuf, String)> = if self.packaged {
             vec![
                 bind(&etc, "/etc/convoy-testbed"),
                 bind(&workspace_root().join("target/packages"), "/packages"),
@@ -432,48 +391,27 @@ impl Testbed {
                 ),
             ]
         };
-        let nspawn = Command::new("systemd-nspawn")
-            .arg("-D")
-            .arg(rootfs())
-            .args([
-                "-M",
-                &machine,
-                "--boot",
-                "--register=no",
-                "--keep-unit",
-                "--volatile=overlay",
-                "-q",
-                "--console=read-only",
-            ])
-            .arg(format!("--network-bridge={}", self.bridge))
-            .args(&binds)
-            .arg(bind(
-                &workspace_root().join("tests/testbed/demo.service"),
-                "/etc/systemd/system/demo.service",
-            ))
-            .stdin(Stdio::null())
-            .stdout(console.try_clone()?)
-            .stderr(console)
-            .spawn()
-            .context("starting systemd-nspawn")?;
-        let nspawn_pid = nspawn.id();
-        let mut host = Host {
+        binds_ro.push(bind(
+            &workspace_root().join("tests/testbed/demo.service"),
+            "/etc/systemd/system/demo.service",
+        ));
+        let booted = convoy_nspawn::boot(&convoy_nspawn::HostSpec {
+            rootfs: &rootfs(),
+            machine: &machine,
+            bridge: &self.bridge,
+            ip,
+            binds_ro,
+            binds_rw: vec![],
+            console: self.dir.path().join(format!("{name}.console.log")),
+            detach: false,
+        })?;
+        let host = Host {
             name,
             machine,
             ip,
-            nspawn,
-            leader: 0,
+            nspawn: booted.nspawn,
+            leader: booted.leader,
         };
-        host.leader = wait_for("the host's systemd to start", Duration::from_secs(120), || {
-            find_child_systemd(nspawn_pid)
-        })?;
-        wait_for("the host to finish booting", Duration::from_secs(120), || {
-            let out = host.exec(&["systemctl", "is-system-running"]).ok()?;
-            let s = String::from_utf8_lossy(&out.stdout);
-            (s.trim() == "running" || s.trim() == "degraded").then_some(())
-        })?;
-        host.exec_ok(&["ip", "addr", "add", &format!("{ip}/24"), "dev", "host0"])?;
-        host.exec_ok(&["ip", "link", "set", "host0", "up"])?;
         Ok(host)
     }
 
@@ -652,7 +590,7 @@ impl Drop for Testbed {
         }
         for h in &mut self.hosts {
             // SIGTERM asks nspawn to shut the host down cleanly.
-            let _ = nix_kill(h.nspawn.id(), "TERM");
+            convoy_nspawn::kill(h.nspawn.id(), "TERM");
         }
         let deadline = Instant::now() + Duration::from_secs(30);
         for h in &mut self.hosts {
@@ -663,7 +601,7 @@ impl Drop for Testbed {
                         // Killing nspawn alone would leave the host's
                         // systemd (its pid namespace's init) running;
                         // killing that ends every process in the host.
-                        let _ = nix_kill(h.leader, "KILL");
+                        convoy_nspawn::kill(h.leader, "KILL");
                         let _ = h.nspawn.kill();
                         let _ = h.nspawn.wait();
                         break;
@@ -673,51 +611,6 @@ impl Drop for Testbed {
             }
         }
         self.kill_controller();
-        let _ = Command::new("ip").args(["link", "del", &self.bridge]).output();
+        convoy_nspawn::remove_bridge(&self.bridge);
     }
-}
-
-fn nix_kill(pid: u32, sig: &str) -> std::io::Result<()> {
-    Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .output()
-        .map(|_| ())
-}
-
-/// Finds the `systemd` process nspawn started (the host's PID 1).
-fn find_child_systemd(root: u32) -> Option<u32> {
-    let mut stack = vec![root];
-    while let Some(pid) = stack.pop() {
-        for task in fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
-            let children = fs::read_to_string(task.path().join("children")).unwrap_or_default();
-            for c in children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()) {
-                let comm = fs::read_to_string(format!("/proc/{c}/comm")).unwrap_or_default();
-                if comm.trim() == "systemd" {
-                    return Some(c);
-                }
-                stack.push(c);
-            }
-        }
-    }
-    None
-}
-
-/// Creates a bridge no other test bed uses: convoybr<N> with
-/// 198.18.<N>.1/24. Creating the link is atomic, so concurrent test beds
-/// never share one.
-fn allocate_bridge() -> Result<(String, u8)> {
-    for n in 0u8..=200 {
-        let name = format!("convoybr{n}");
-        let out = Command::new("ip")
-            .args(["link", "add", &name, "type", "bridge"])
-            .output()?;
-        if !out.status.success() {
-            continue;
-        }
-        run_ok(Command::new("ip").args(["addr", "add", &format!("198.18.{n}.1/24"), "dev", &name]))?;
-        run_ok(Command::new("ip").args(["link", "set", &name, "up"]))?;
-        return Ok((name, n));
-    }
-    bail!("no free convoybr<N> bridge name; run scripts/testbed-clean")
 }

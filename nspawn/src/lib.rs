@@ -1,0 +1,266 @@
+//! Hosts with a real systemd, booted with `systemd-nspawn` from a Debian
+//! root filesystem, on a private bridge in 198.18.0.0/15. The test bed
+//! (tests/src/testbed.rs) and `convoy sandbox` both boot their hosts here.
+//!
+//! Every host runs on an overlay of the shared root filesystem
+//! (`--volatile=overlay`), so nothing it writes outlives it.
+#![forbid(unsafe_code)]
+
+use std::fs;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+/// Runs `cmd` and returns its stdout, or an error with its output.
+pub fn run_ok(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Calls `f` every 100 ms until it returns something or `timeout` passes.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Result<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if start.elapsed() > timeout {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Whether `rootfs` holds a bootable systemd.
+pub fn rootfs_ready(rootfs: &Path) -> bool {
+    rootfs.join("usr/lib/systemd/systemd").exists() || rootfs.join("lib/systemd/systemd").exists()
+}
+
+/// Builds a Debian bookworm root filesystem with systemd at `rootfs` with
+/// debootstrap, from the mirror this machine's apt uses. About a minute.
+pub fn build_rootfs(rootfs: &Path) -> Result<()> {
+    if rootfs_ready(rootfs) {
+        return Ok(());
+    }
+    let mirror = apt_mirror().unwrap_or_else(|| "http://deb.debian.org/debian".into());
+    let tmp = rootfs.with_extension("tmp");
+    let _ = fs::remove_dir_all(&tmp);
+    if let Some(parent) = rootfs.parent() {
+        fs::create_dir_all(parent)?;
+    }
+    run_ok(Command::new("debootstrap").args([
+        "--variant=minbase",
+        "--include=systemd,dbus,systemd-sysv,iproute2,curl",
+        "bookworm",
+        tmp.to_str().context("rootfs path is not UTF-8")?,
+        &mirror,
+    ]))
+    .context("debootstrap (apt-get install debootstrap systemd-container)")?;
+    fs::rename(&tmp, rootfs)?;
+    Ok(())
+}
+
+fn apt_mirror() -> Option<String> {
+    let sources = fs::read_to_string("/etc/apt/sources.list.d/debian.sources").unwrap_or_default();
+    if let Some(uri) = sources.lines().find_map(|l| l.strip_prefix("URIs:")) {
+        return uri.split_whitespace().next().map(String::from);
+    }
+    let list = fs::read_to_string("/etc/apt/sources.list").ok()?;
+    list.lines()
+        .find_map(|l| l.strip_prefix("deb "))
+        .and_then(|rest| rest.split_whitespace().find(|w| w.contains("://")))
+        .map(String::from)
+}
+
+/// A bridge `PREFIX<N>` with `198.<a>.<b>.1/24`, for the first `(a, b)` of
+/// `subnets` whose bridge name is free. Creating the link is atomic, so
+/// concurrent callers never share one.
+pub fn allocate_bridge(prefix: &str, subnets: impl IntoIterator<Item = (u8, u8)>) -> Result<(String, [u8; 2])> {
+    for (n, (a, b)) in subnets.into_iter().enumerate() {
+        assert!(a == 18 || a == 19, "hosts live in 198.18.0.0/15");
+        let name = format!("{prefix}{n}");
+        let out = Command::new("ip")
+            .args(["link", "add", &name, "type", "bridge"])
+            .output()?;
+        if !out.status.success() {
+            continue;
+        }
+        run_ok(Command::new("ip").args(["addr", "add", &format!("198.{a}.{b}.1/24"), "dev", &name]))?;
+        run_ok(Command::new("ip").args(["link", "set", &name, "up"]))?;
+        return Ok((name, [a, b]));
+    }
+    bail!("no free {prefix}<N> bridge; remove stale ones (ip link del ...)")
+}
+
+/// Removes a bridge made by `allocate_bridge`.
+pub fn remove_bridge(name: &str) {
+    let _ = Command::new("ip").args(["link", "del", name]).output();
+}
+
+/// What to boot.
+pub struct HostSpec<'a> {
+    pub rootfs: &'a Path,
+    /// The nspawn machine name (unique on this machine).
+    pub machine: &'a str,
+    pub bridge: &'a str,
+    /// The address given to the host's `host0` link (a /24).
+    pub ip: Ipv4Addr,
+    /// (path here, path in the host), read-only.
+    pub binds_ro: Vec<(PathBuf, String)>,
+    /// (path here, path in the host), writable.
+    pub binds_rw: Vec<(PathBuf, String)>,
+    /// Where the host's console goes.
+    pub console: PathBuf,
+    /// Start nspawn in a session of its own, so that it outlives the
+    /// process that started it (`convoy sandbox up`).
+    pub detach: bool,
+}
+
+/// A booted host.
+pub struct Booted {
+    pub nspawn: Child,
+    /// PID of the host's systemd (its PID 1).
+    pub leader: u32,
+}
+
+/// Boots a host and waits until its systemd is up and its address set.
+pub fn boot(spec: &HostSpec) -> Result<Booted> {
+    use std::os::unix::process::CommandExt;
+    let console = fs::File::create(&spec.console)?;
+    let mut cmd = Command::new("systemd-nspawn");
+    cmd.arg("-D")
+        .arg(spec.rootfs)
+        .args([
+            "-M",
+            spec.machine,
+            "--boot",
+            "--register=no",
+            "--keep-unit",
+            "--volatile=overlay",
+            "-q",
+            "--console=read-only",
+        ])
+        .arg(format!("--network-bridge={}", spec.bridge));
+    for (from, to) in &spec.binds_ro {
+        cmd.arg(format!("--bind-ro={}:{to}", from.display()));
+    }
+    for (from, to) in &spec.binds_rw {
+        cmd.arg(format!("--bind={}:{to}", from.display()));
+    }
+    cmd.stdin(Stdio::null()).stdout(console.try_clone()?).stderr(console);
+    if spec.detach {
+        cmd.process_group(0);
+    }
+    let mut nspawn = cmd.spawn().context("starting systemd-nspawn")?;
+    let pid = nspawn.id();
+    let leader = match wait_for("the host's systemd to start", Duration::from_secs(120), || {
+        if let Ok(Some(status)) = nspawn.try_wait() {
+            return Some(Err(anyhow::anyhow!(
+                "systemd-nspawn exited ({status}); see {}",
+                spec.console.display()
+            )));
+        }
+        find_child_systemd(pid).map(Ok)
+    }) {
+        Ok(Ok(l)) => l,
+        Ok(Err(e)) | Err(e) => {
+            let _ = nspawn.kill();
+            let _ = nspawn.wait();
+            return Err(e);
+        }
+    };
+    let booted = Booted { nspawn, leader };
+    wait_for("the host to finish booting", Duration::from_secs(120), || {
+        let out = exec(leader, &["systemctl", "is-system-running"]).ok()?;
+        let s = String::from_utf8_lossy(&out.stdout);
+        (s.trim() == "running" || s.trim() == "degraded").then_some(())
+    })?;
+    exec_ok(
+        leader,
+        &["ip", "addr", "add", &format!("{}/24", spec.ip), "dev", "host0"],
+    )?;
+    exec_ok(leader, &["ip", "link", "set", "host0", "up"])?;
+    Ok(booted)
+}
+
+/// Runs a command inside the host whose PID 1 is `leader` (all namespaces).
+pub fn exec(leader: u32, args: &[&str]) -> Result<Output> {
+    Command::new("nsenter")
+        .arg("-t")
+        .arg(leader.to_string())
+        .arg("-a")
+        .args(args)
+        .output()
+        .context("running nsenter")
+}
+
+/// Like `exec`, failing unless the command succeeds; returns its stdout.
+pub fn exec_ok(leader: u32, args: &[&str]) -> Result<String> {
+    run_ok(
+        Command::new("nsenter")
+            .arg("-t")
+            .arg(leader.to_string())
+            .arg("-a")
+            .args(args),
+    )
+}
+
+/// Sends `sig` (e.g. "TERM") to `pid`.
+pub fn kill(pid: u32, sig: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .output();
+}
+
+/// Whether a process `pid` exists.
+pub fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Shuts a host down: SIGTERM to nspawn (a clean shutdown), and after
+/// `grace`, SIGKILL to the host's init (which ends every process in it)
+/// and to nspawn. `done` says whether nspawn has exited.
+pub fn shut_down(nspawn_pid: u32, leader: u32, grace: Duration, mut done: impl FnMut() -> bool) {
+    kill(nspawn_pid, "TERM");
+    let deadline = Instant::now() + grace;
+    while !done() {
+        if Instant::now() > deadline {
+            // Killing nspawn alone would leave the host's systemd (its pid
+            // namespace's init) running.
+            kill(leader, "KILL");
+            kill(nspawn_pid, "KILL");
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Finds the `systemd` process nspawn started (the host's PID 1).
+pub fn find_child_systemd(root: u32) -> Option<u32> {
+    let mut stack = vec![root];
+    while let Some(pid) = stack.pop() {
+        for task in fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
+            let children = fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            for c in children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()) {
+                let comm = fs::read_to_string(format!("/proc/{c}/comm")).unwrap_or_default();
+                if comm.trim() == "systemd" {
+                    return Some(c);
+                }
+                stack.push(c);
+            }
+        }
+    }
+    None
+}
