@@ -33,7 +33,11 @@ fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Res
 }
 
 /// Puts the test bed's certificate, key, CA and agent.toml where the
-/// package's template says they go, and starts the agent.
+/// package's template says they go, and starts the agent. Without waiting
+/// for the start job: on this nested test bed, systemd sometimes fails to
+/// set up the unit's cgroup right after the skipped start
+/// (status=219/CGROUP); the unit's Restart= then starts it again, and the
+/// callers wait for the agent to connect.
 fn configure_agent(host: &Host) -> Result<()> {
     host.exec_ok(&[
         "sh",
@@ -42,7 +46,7 @@ fn configure_agent(host: &Host) -> Result<()> {
          chmod 600 /etc/convoy/tls/host1.key && \
          { echo '# edited by the operator'; echo 'metrics_listen = \"127.0.0.1:9465\"'; \
            cat /etc/convoy-testbed/agent.toml; } > /etc/convoy/agent.toml && \
-         systemctl restart convoy-agent",
+         systemctl restart --no-block convoy-agent",
     ])
     .map_err(|e| {
         let journal = host.exec(&["journalctl", "--no-pager", "-n", "30", "-u", "convoy-agent"]);
@@ -332,5 +336,57 @@ fn controller_package_runs_unprivileged() -> Result<()> {
     host.exec_ok(&["dpkg", "--purge", "convoy-controller"])?;
     host.exec_ok(&["test", "!", "-e", "/var/lib/convoy-controller"])?;
     host.exec_ok(&["test", "!", "-e", "/etc/convoy/controller.toml"])?;
+    Ok(())
+}
+
+/// `systemctl stop` during an activation: the agent starts nothing new,
+/// lets the activation finish and report, then stops.
+#[test]
+fn stopping_the_agent_mid_activation_lets_it_finish() -> Result<()> {
+    let spec = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/testbed/demo.toml"))?
+        .replace("min_healthy_time = \"1s\"", "min_healthy_time = \"4s\"")
+        .replace("healthy_deadline = \"8s\"", "healthy_deadline = \"12s\"");
+    let bed = Testbed::boot_spec(1, |_| "staging".to_owned(), &spec)?;
+    let host = &bed.hosts[0];
+    bed.push_demo("1.0.0", "healthy")?;
+    bed.convoy_ok(&["deploy", "demo", "1.0.0", "--env", "staging"])?;
+    bed.push_demo("2.0.0", "healthy")?;
+    let deploy = bed.convoy_spawn(&["deploy", "demo", "2.0.0", "--env", "staging"])?;
+    let journal = || {
+        host.exec_ok(&["journalctl", "--no-pager", "-o", "cat", "-u", "convoy-agent"])
+            .unwrap_or_default()
+    };
+    wait_until(
+        "host1 to be in its health-check window",
+        Duration::from_secs(30),
+        || {
+            // The first check window was 1.0.0's.
+            journal().matches("step=check kind=Started").count() >= 2
+        },
+    )?;
+    host.exec_ok(&["systemctl", "stop", "--no-block", "convoy-agent"])?;
+    wait_until("the agent to stop", Duration::from_secs(40), || {
+        host.unit_property("convoy-agent", "ActiveState")
+            .is_ok_and(|s| s == "inactive")
+    })?;
+    let log = journal();
+    assert!(log.contains("stopping: waiting for running operations to end"), "{log}");
+    assert!(log.contains("running operations ended; stopping"), "{log}");
+    let out = deploy.wait_with_output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(host.serving().as_deref(), Some("2.0.0"));
+
+    host.exec_ok(&["systemctl", "start", "convoy-agent"])?;
+    bed.wait_host_connected("host1")?;
+    let app = Testbed::host_status(&bed.status()?, "host1")?["app"].clone();
+    assert_eq!(app["current"], "2.0.0", "{app}");
+    assert_eq!(app["health"], "healthy", "{app}");
+    assert!(app["inflight_op"].is_null(), "{app}");
     Ok(())
 }
