@@ -76,6 +76,8 @@ pub async fn serve_metrics(listen: SocketAddr, registry: Arc<Mutex<Registry>>) -
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
+                // Out of file descriptors, say: do not spin on it.
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 continue;
             };
             let registry = registry.clone();
