@@ -716,39 +716,37 @@ pub async fn recover_all(agent: &Agent) -> Vec<OpReport> {
 
 /// Finishes or undoes one app's interrupted activation.
 async fn recover_one(agent: &Agent, app: AppName, mut j: Journal, inflight: Inflight) -> OpReport {
-    {
-        let op = Op {
-            agent,
-            op_id: inflight.op_id.clone(),
-            app: app.clone(),
-        };
-        let cmd_like = ActivateCommand {
-            op_id: inflight.op_id.clone(),
-            spec: inflight.spec.clone(),
-            version: inflight.to.clone(),
-            digest: convoy_common::Digest::of_bytes(b""),
-            size: 0,
-            signature: None,
-        };
-        let reason = format!(
-            "agent restarted during the activation of {} ({:?} phase)",
-            inflight.to, inflight.phase
-        );
-        op.event(Step::Recover, EventKind::Started, &reason);
-        tracing::warn!(%app, op_id = %inflight.op_id, phase = ?inflight.phase, "recovering interrupted activation");
-        let (outcome, detail) = if inflight.phase == Phase::Staging {
-            j.inflight = None;
-            (
-                Outcome::FailedRestored,
-                "interrupted before the switch; nothing had been switched".to_owned(),
-            )
-        } else {
-            restore_inner(agent, &op, &mut j).await
-        };
-        let report = finish(agent, &cmd_like, j, outcome, reason, detail);
-        op.event(Step::Recover, EventKind::Succeeded, report.outcome.to_string());
-        report
-    }
+    let op = Op {
+        agent,
+        op_id: inflight.op_id.clone(),
+        app: app.clone(),
+    };
+    let cmd_like = ActivateCommand {
+        op_id: inflight.op_id.clone(),
+        spec: inflight.spec.clone(),
+        version: inflight.to.clone(),
+        digest: convoy_common::Digest::of_bytes(b""),
+        size: 0,
+        signature: None,
+    };
+    let reason = format!(
+        "agent restarted during the activation of {} ({:?} phase)",
+        inflight.to, inflight.phase
+    );
+    op.event(Step::Recover, EventKind::Started, &reason);
+    tracing::warn!(%app, op_id = %inflight.op_id, phase = ?inflight.phase, "recovering interrupted activation");
+    let (outcome, detail) = if inflight.phase == Phase::Staging {
+        j.inflight = None;
+        (
+            Outcome::FailedRestored,
+            "interrupted before the switch; nothing had been switched".to_owned(),
+        )
+    } else {
+        restore_inner(agent, &op, &mut j).await
+    };
+    let report = finish(agent, &cmd_like, j, outcome, reason, detail);
+    op.event(Step::Recover, EventKind::Succeeded, report.outcome.to_string());
+    report
 }
 
 /// Removes half-unpacked trees and half-written backups; keeps partial

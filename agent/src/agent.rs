@@ -52,9 +52,7 @@ impl Agent {
             trusted_keys,
         }
     }
-}
 
-impl Agent {
     /// The span an operation's log lines are in: journald gets `APP`,
     /// `VERSION`, `ROLLOUT`, `OP_ID` and `HOST` fields from it.
     pub fn op_span(&self, app: &AppName, version: &str, op_id: &str) -> tracing::Span {

@@ -64,32 +64,29 @@ impl Registry {
             session: Some((id, tx)),
             last_seen_ms: now_unix_ms(),
         };
-        let mut hosts = self.hosts.lock().unwrap();
-        hosts.insert(name.clone(), entry);
-        count_connected(&hosts);
+        let replaced = self.hosts.lock().unwrap().insert(name.clone(), entry);
+        // A new session that replaces a live one is still one host.
+        if replaced.is_none_or(|old| old.session.is_none()) {
+            crate::metrics::get().connected_hosts.inc();
+        }
         id
     }
 
     pub fn disconnect(&self, name: &HostName, session: u64) {
-        let mut hosts = self.hosts.lock().unwrap();
-        if let Some(h) = hosts.get_mut(name) {
+        if let Some(h) = self.hosts.lock().unwrap().get_mut(name) {
             if h.session.as_ref().map(|(id, _)| *id) == Some(session) {
                 h.session = None;
+                crate::metrics::get().connected_hosts.dec();
             }
         }
-        count_connected(&hosts);
     }
 
     /// Ends `name`'s session, telling the agent why; returns whether it had one.
     pub fn kick(&self, name: &HostName, why: &str) -> bool {
-        let session = {
-            let mut hosts = self.hosts.lock().unwrap();
-            let session = hosts.get_mut(name).and_then(|h| h.session.take());
-            count_connected(&hosts);
-            session
-        };
+        let session = self.hosts.lock().unwrap().get_mut(name).and_then(|h| h.session.take());
         match session {
             Some((_, tx)) => {
+                crate::metrics::get().connected_hosts.dec();
                 let _ = tx.try_send(Err(Status::permission_denied(why.to_owned())));
                 true
             }
@@ -169,12 +166,4 @@ impl Registry {
         }
         false
     }
-}
-
-/// Sets the `convoy_connected_hosts` gauge from the table.
-fn count_connected(hosts: &BTreeMap<HostName, HostEntry>) {
-    let n = hosts.values().filter(|h| h.session.is_some()).count();
-    crate::metrics::get()
-        .connected_hosts
-        .set(i64::try_from(n).unwrap_or(i64::MAX));
 }

@@ -1163,12 +1163,10 @@ pub async fn resume_all(shared: Arc<Shared>) {
 /// moved, a host that did activate is rolled back too, so the fleet ends
 /// where the rollout says it is.
 pub fn late_result(shared: &Arc<Shared>, host: &HostName, r: &OpReport) {
-    let Some((id, _)) = r.op_id.split_once('-') else {
-        return;
-    };
     if !r.op_id.ends_with(&format!("-{host}")) {
         return;
     }
+    let id = convoy_common::ops::rollout_of(&r.op_id);
     let Ok(Some((row, plan))) = shared.db.rollout_with_plan(id) else {
         return;
     };
