@@ -268,6 +268,47 @@ fn kill_agent_at_every_step_and_at_random_instants() -> Result<()> {
     for b in &bad {
         eprintln!("{} / {}: {}", b.host, b.kill, b.problem.as_deref().unwrap_or(""));
     }
-    assert!(bad.is_empty(), "{} bad end states", bad.len());
+    // The panic message names each bad case first, so it survives when
+    // only the tail of the output is kept.
+    let summary: Vec<String> = bad
+        .iter()
+        .map(|b| {
+            let first = b.problem.as_deref().unwrap_or("").lines().next().unwrap_or("");
+            format!("{} / {}: {}", b.host, b.kill, first)
+        })
+        .collect();
+    assert!(bad.is_empty(), "{} bad end states:\n{}", bad.len(), summary.join("\n"));
+    Ok(())
+}
+
+/// Operators restart agents, crashes come in bursts, and a kill test makes
+/// both happen: whatever the count in a short time, systemd must keep
+/// bringing the agent back (a host whose agent gave up would keep a broken
+/// activation unrepaired until someone noticed).
+#[test]
+fn agent_comes_back_after_a_burst_of_restarts() -> Result<()> {
+    let bed = Testbed::boot(1)?;
+    let host = &bed.hosts[0];
+    // More starts within 10 s than systemd's default start limit (5).
+    for _ in 0..4 {
+        host.exec_ok(&["systemctl", "restart", "convoy-agent.service"])?;
+    }
+    for _ in 0..4 {
+        let before = host.unit_property("convoy-agent.service", "MainPID")?;
+        host.kill_agent()?;
+        let start = Instant::now();
+        loop {
+            let pid = host.unit_property("convoy-agent.service", "MainPID")?;
+            let state = host.unit_property("convoy-agent.service", "ActiveState")?;
+            if pid != "0" && pid != before && state == "active" {
+                break;
+            }
+            if start.elapsed() > Duration::from_secs(10) {
+                bail!("agent not back 10 s after a kill: ActiveState={state} MainPID={pid}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    bed.wait_host_connected(&host.name)?;
     Ok(())
 }
