@@ -4,6 +4,10 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto/convoy.proto");
     let fds = protox::compile(["convoy.proto"], ["proto"])?;
-    tonic_prost_build::configure().compile_fds(fds)?;
+    // Artifact chunks as `Bytes`: decoding slices the received buffer
+    // instead of copying each chunk into a new vector.
+    tonic_prost_build::configure()
+        .bytes(".convoy.v1.Chunk.data")
+        .compile_fds(fds)?;
     Ok(())
 }

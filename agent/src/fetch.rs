@@ -1,22 +1,35 @@
 //! Pulls an artifact from the controller into a staging file, resuming at
 //! the bytes already on disk, and verifies its sha256 before anything else
 //! may look at it.
+//!
+//! Chunks go from the gRPC stream to a thread of their own that writes and
+//! hashes them, so receiving (TLS, HTTP/2) and writing overlap, and the
+//! digest is ready when the last byte is on disk: no second pass over the
+//! file.
 
+use std::io::{self, Read, Write};
 use std::path::Path;
 use std::time::Duration;
 
+use bytes::Bytes;
 use convoy_common::digest::Hasher;
 use convoy_common::Digest;
 use convoy_proto::agent_service_client::AgentServiceClient;
 use convoy_proto::FetchRequest;
-use tokio::fs::OpenOptions;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
 use tokio::time::timeout;
 use tonic::transport::Channel;
 
 /// Longest wait for the next chunk before the transfer counts as stalled.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 const ATTEMPTS: u32 = 5;
+/// Chunks received but not yet written (each up to `CHUNK_SIZE`): enough to
+/// keep the writer busy while the network catches up, small enough to
+/// stay a few MiB.
+const QUEUE: usize = 8;
+/// How much the writer hashes before writing it: small enough that the
+/// write copies it from the CPU cache the hash just filled.
+const PIECE: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
@@ -36,6 +49,60 @@ pub enum FetchError {
     },
 }
 
+/// The staging file and the sha256 of exactly the bytes in it.
+struct Staged {
+    file: std::fs::File,
+    len: u64,
+    hasher: Hasher,
+}
+
+impl Staged {
+    /// Opens `part`, keeping what is there as the start of the download
+    /// (hashing it once) unless it is longer than the artifact.
+    fn open(part: &Path, size: u64) -> io::Result<Staged> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .read(true)
+            .append(true)
+            .open(part)?;
+        let mut len = file.metadata()?.len();
+        if len > size {
+            // Not a prefix of this artifact: start over.
+            file.set_len(0)?;
+            len = 0;
+        }
+        let mut hasher = Hasher::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut prefix = (&file).take(len);
+        loop {
+            let n = prefix.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+        }
+        Ok(Staged { file, len, hasher })
+    }
+
+    /// Writes and hashes chunks until the sender is dropped; gives itself
+    /// back for the next attempt, or the write error that ends the fetch.
+    fn drain(mut self, mut chunks: mpsc::Receiver<Bytes>) -> io::Result<Staged> {
+        while let Some(data) = chunks.blocking_recv() {
+            // Hash a piece, then write it while it is still in the cache.
+            for piece in data.chunks(PIECE) {
+                self.hasher.update(piece);
+                self.file.write_all(piece)?;
+            }
+            self.len += data.len() as u64;
+        }
+        Ok(self)
+    }
+}
+
+fn joined<T>(r: Result<io::Result<T>, tokio::task::JoinError>) -> io::Result<T> {
+    r.map_err(|e| io::Error::other(format!("staging writer: {e}")))?
+}
+
 /// Downloads `digest` into `part` (appending to what is there) and verifies
 /// it. Returns the number of bytes fetched in this call.
 pub async fn fetch(
@@ -51,64 +118,64 @@ pub async fn fetch(
     };
     let mut client = AgentServiceClient::new(channel);
     let mut fetched = 0u64;
+    let owned = part.to_owned();
+    let mut staged = joined(tokio::task::spawn_blocking(move || Staged::open(&owned, size)).await).map_err(io_err)?;
     for attempt in 1..=ATTEMPTS {
-        let mut file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(part)
-            .await
-            .map_err(io_err)?;
-        let mut offset = file.metadata().await.map_err(io_err)?.len();
-        if offset > size {
-            // Not a prefix of this artifact: start over.
-            file.set_len(0).await.map_err(io_err)?;
-            offset = 0;
-        }
-        if offset == size {
+        if staged.len == size {
             break;
         }
-        // Err(Ok(msg)): the transfer broke, try again from the offset.
-        // Err(Err(io)): the disk failed; retrying cannot help.
-        let result: Result<(), Result<String, std::io::Error>> = async {
+        let mut offset = staged.len;
+        let (tx, rx) = mpsc::channel::<Bytes>(QUEUE);
+        let writer = tokio::task::spawn_blocking(move || staged.drain(rx));
+        // Err(msg): the transfer broke (or the writer stopped, which its
+        // own error explains); try again from where the file ends.
+        let result: Result<(), String> = async {
             let mut stream = client
                 .fetch_artifact(FetchRequest {
                     digest: digest.to_hex(),
                     offset,
                 })
                 .await
-                .map_err(|s| Ok(format!("{}: {}", s.code(), s.message())))?
+                .map_err(|s| format!("{}: {}", s.code(), s.message()))?
                 .into_inner();
             loop {
                 let next = timeout(IDLE_TIMEOUT, stream.message())
                     .await
-                    .map_err(|_| Ok(format!("no data for {IDLE_TIMEOUT:?}")))?
-                    .map_err(|s| Ok(format!("{}: {}", s.code(), s.message())))?;
+                    .map_err(|_| format!("no data for {IDLE_TIMEOUT:?}"))?
+                    .map_err(|s| format!("{}: {}", s.code(), s.message()))?;
                 let Some(chunk) = next else { break };
                 if chunk.total_size != size {
-                    return Err(Ok(format!("size changed: {} != {size}", chunk.total_size)));
+                    return Err(format!("size changed: {} != {size}", chunk.total_size));
                 }
                 if chunk.offset != offset {
-                    return Err(Ok(format!(
-                        "chunk at offset {} where {offset} was expected",
-                        chunk.offset
-                    )));
+                    return Err(format!("chunk at offset {} where {offset} was expected", chunk.offset));
                 }
-                file.write_all(&chunk.data).await.map_err(Err)?;
-                offset += chunk.data.len() as u64;
-                fetched += chunk.data.len() as u64;
+                if chunk.data.len() as u64 > size - offset {
+                    return Err(format!(
+                        "chunk of {} bytes at offset {offset} runs past the end ({size} bytes)",
+                        chunk.data.len()
+                    ));
+                }
+                let n = chunk.data.len() as u64;
+                tx.send(chunk.data)
+                    .await
+                    .map_err(|_| "the staging writer stopped".to_owned())?;
+                offset += n;
+                fetched += n;
                 progress(offset, size);
             }
-            file.flush().await.map_err(Err)?;
             if offset != size {
-                return Err(Ok(format!("stream ended at {offset} of {size} bytes")));
+                return Err(format!("stream ended at {offset} of {size} bytes"));
             }
             Ok(())
         }
         .await;
+        drop(tx);
+        // A write error ends the fetch: retrying cannot help.
+        staged = joined(writer.await).map_err(io_err)?;
         match result {
             Ok(()) => break,
-            Err(Err(e)) => return Err(io_err(e)),
-            Err(Ok(e)) => {
+            Err(e) => {
                 tracing::warn!(attempt, error = %e, "artifact fetch interrupted; will resume");
                 if attempt == ATTEMPTS {
                     return Err(FetchError::GaveUp {
@@ -122,8 +189,9 @@ pub async fn fetch(
         }
     }
 
-    let actual = hash_file(part).await.map_err(io_err)?;
+    let actual = staged.hasher.finish();
     if actual != digest {
+        drop(staged.file);
         let _ = tokio::fs::remove_file(part).await;
         return Err(FetchError::DigestMismatch {
             expected: digest,
@@ -133,15 +201,43 @@ pub async fn fetch(
     Ok(fetched)
 }
 
-async fn hash_file(path: &Path) -> std::io::Result<Digest> {
-    let mut f = tokio::fs::File::open(path).await?;
-    let mut h = Hasher::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).await?;
-        if n == 0 {
-            return Ok(h.finish());
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn drained(staged: Staged, parts: &[&[u8]]) -> Staged {
+        let (tx, rx) = mpsc::channel(parts.len().max(1));
+        for p in parts {
+            tx.try_send(Bytes::copy_from_slice(p)).unwrap();
         }
-        h.update(&buf[..n]);
+        drop(tx);
+        staged.drain(rx).unwrap()
+    }
+
+    #[test]
+    fn a_kept_prefix_is_hashed_with_what_follows() {
+        let dir = tempfile::tempdir().unwrap();
+        let part = dir.path().join("a.part");
+        let whole: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        std::fs::write(&part, &whole[..100_000]).unwrap();
+
+        let staged = Staged::open(&part, whole.len() as u64).unwrap();
+        assert_eq!(staged.len, 100_000);
+        let staged = drained(staged, &[&whole[100_000..250_000], &whole[250_000..]]);
+        assert_eq!(staged.len, whole.len() as u64);
+        assert_eq!(staged.hasher.finish(), Digest::of_bytes(&whole));
+        assert_eq!(std::fs::read(&part).unwrap(), whole);
+    }
+
+    #[test]
+    fn a_file_longer_than_the_artifact_starts_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let part = dir.path().join("b.part");
+        std::fs::write(&part, vec![1u8; 5000]).unwrap();
+        let staged = Staged::open(&part, 10).unwrap();
+        assert_eq!(staged.len, 0);
+        let staged = drained(staged, &[b"0123456789"]);
+        assert_eq!(staged.hasher.finish(), Digest::of_bytes(b"0123456789"));
+        assert_eq!(std::fs::read(&part).unwrap(), b"0123456789");
     }
 }

@@ -32,8 +32,16 @@ pub fn endpoint(cfg: &Config) -> anyhow::Result<Endpoint> {
         .tcp_keepalive(Some(Duration::from_secs(30)))
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(10))
-        .keep_alive_while_idle(true))
+        .keep_alive_while_idle(true)
+        // Room for an artifact stream to run ahead of the writer: HTTP/2's
+        // default 64 KiB window stops the controller every 64 KiB until
+        // the agent acknowledges, a wake-up on each side every few chunks.
+        .initial_stream_window_size(FETCH_WINDOW)
+        .initial_connection_window_size(2 * FETCH_WINDOW))
 }
+
+/// Receive window of a stream (the connection's is twice that), in bytes.
+const FETCH_WINDOW: u32 = 4 << 20;
 
 /// Runs sessions until the process ends.
 pub async fn run(agent: Arc<Agent>, endpoint: impl Fn() -> anyhow::Result<Endpoint>) {

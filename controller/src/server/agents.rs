@@ -10,7 +10,6 @@ use convoy_common::{Digest, HostName};
 use convoy_proto::agent_service_server::AgentService;
 use convoy_proto::{agent_message, controller_message, AgentMessage, Chunk, ControllerMessage, FetchRequest, Welcome};
 use futures::Stream;
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -163,23 +162,21 @@ impl AgentService for AgentApi {
             return Err(Status::not_found(format!("no artifact with sha256 {digest}")));
         }
         let path = self.shared.artifacts.path(&digest);
-        let mut file = tokio::fs::File::open(&path)
-            .await
-            .map_err(|e| Status::not_found(format!("artifact {digest}: {e}")))?;
-        let total = file.metadata().await.map_err(super::internal)?.len();
+        let file = std::fs::File::open(&path).map_err(|e| Status::not_found(format!("artifact {digest}: {e}")))?;
+        let total = file.metadata().map_err(super::internal)?.len();
         if r.offset > total {
             return Err(Status::out_of_range(format!(
                 "offset {} is past the end ({total} bytes)",
                 r.offset
             )));
         }
-        file.seek(std::io::SeekFrom::Start(r.offset))
-            .await
-            .map_err(super::internal)?;
         tracing::info!(host = %id.name, %digest, offset = r.offset, total, "streaming artifact");
         // Pulled lazily: the client's flow-control window paces disk reads.
+        // Each chunk is one positioned read on the blocking pool, straight
+        // into the buffer the message carries.
+        let file = std::sync::Arc::new(file);
         let start = r.offset;
-        let stream = futures::stream::unfold((file, r.offset), move |(mut file, offset)| async move {
+        let stream = futures::stream::unfold((file, r.offset), move |(file, offset)| async move {
             if offset >= total {
                 return None;
             }
@@ -190,16 +187,23 @@ impl AgentService for AgentApi {
                 ));
             }
             let want = (total - offset).min(convoy_proto::CHUNK_SIZE as u64) as usize;
-            let mut buf = vec![0u8; want];
-            match file.read_exact(&mut buf).await {
-                Ok(_) => {
+            let reader = file.clone();
+            let read = tokio::task::spawn_blocking(move || {
+                use std::os::unix::fs::FileExt;
+                let mut buf = vec![0u8; want];
+                reader.read_exact_at(&mut buf, offset).map(|()| buf)
+            })
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+            match read {
+                Ok(buf) => {
                     // Counted as read for the stream; HTTP/2 flow control
                     // keeps at most a window of it unsent.
                     crate::metrics::get().bytes_streamed.inc_by(want as u64);
                     Some((
                         Ok(Chunk {
                             offset,
-                            data: buf,
+                            data: buf.into(),
                             total_size: total,
                         }),
                         (file, offset + want as u64),
