@@ -644,10 +644,21 @@ async fn restore_inner(agent: &Agent, op: &Op<'_>, j: &mut Journal) -> (Outcome,
     }
     let out = match &target {
         Some(prev) => {
+            let mut restarted = true;
             for unit in &prev_spec.units {
                 if let Err(e) = agent.systemd.restart(unit, agent.unit_timeout).await {
                     problems.push(format!("restart {unit}: {e}"));
+                    restarted = false;
                 }
+            }
+            if restarted {
+                // The moment the previous release runs again; the check
+                // that follows confirms it stays healthy.
+                op.event(
+                    Step::Restore,
+                    EventKind::Info,
+                    format!("{prev} running again ({}); checking it", prev_spec.units.join(", ")),
+                );
             }
             let root = switch::tree_of(spec, &dirs, prev);
             let verdict = check(agent, op, &prev_spec, &root).await;

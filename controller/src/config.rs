@@ -29,6 +29,12 @@ struct Raw {
     agent_cert_validity: String,
     #[serde(default)]
     metrics_listen: Option<String>,
+    #[serde(default = "default_prestage_parallel")]
+    prestage_parallel: usize,
+}
+
+fn default_prestage_parallel() -> usize {
+    16
 }
 
 fn default_agent_cert_validity() -> String {
@@ -62,6 +68,8 @@ pub struct Config {
     pub agent_cert_validity: Duration,
     /// Where to serve Prometheus metrics (plain http, `GET /metrics`).
     pub metrics_listen: Option<SocketAddr>,
+    /// Hosts a deploy pre-stages at once.
+    pub prestage_parallel: usize,
 }
 
 impl Config {
@@ -95,7 +103,14 @@ impl Config {
                     .map_err(|e| anyhow::anyhow!("{file}: metrics_listen: {a:?} is not an address:port ({e})"))
             })
             .transpose()?;
+        if !(1..=1024).contains(&raw.prestage_parallel) {
+            anyhow::bail!(
+                "{file}: prestage_parallel: {} is out of range (1 to 1024 hosts at once)",
+                raw.prestage_parallel
+            );
+        }
         Ok(Config {
+            prestage_parallel: raw.prestage_parallel,
             metrics_listen,
             ca_key: raw.ca_key,
             agent_cert_validity,
@@ -137,5 +152,17 @@ key = "/k"
 "#;
         let err = Config::parse("controller.toml", text).unwrap_err().to_string();
         assert!(err.contains("controller.toml: listen"), "{err}");
+    }
+
+    #[test]
+    fn prestage_parallel_is_bounded() {
+        let base = "listen = \"127.0.0.1:1\"\ndata_dir = \"/d\"\napps_dir = \"/a\"\nca = \"/c\"\ncert = \"/c\"\nkey = \"/k\"\n";
+        assert_eq!(Config::parse("c.toml", base).unwrap().prestage_parallel, 16);
+        let ok = Config::parse("c.toml", &format!("{base}prestage_parallel = 3\n")).unwrap();
+        assert_eq!(ok.prestage_parallel, 3);
+        let err = Config::parse("c.toml", &format!("{base}prestage_parallel = 0\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("c.toml: prestage_parallel: 0 is out of range"), "{err}");
     }
 }

@@ -35,9 +35,6 @@ use super::registry::{HostEntry, Update};
 use super::{internal, Shared};
 use crate::db::NewRollout;
 
-/// Hosts staged at once during pre-staging.
-const PRESTAGE_PARALLEL: usize = 8;
-
 #[derive(Clone, Serialize, Deserialize)]
 enum Kind {
     Deploy {
@@ -715,7 +712,7 @@ impl Rollout {
 
         // ── pre-stage everywhere, bounded ──
         self.note(format!("pre-staging {} on {} host(s)", cmd.version, self.targets.len()));
-        let gate = &Semaphore::new(PRESTAGE_PARALLEL);
+        let gate = &Semaphore::new(shared.cfg.prestage_parallel);
         let staged = join_all(self.targets.iter().map(|h| async move {
             let _permit = gate.acquire().await.expect("semaphore open");
             let mut c = ActivateCommand::clone(cmd);
