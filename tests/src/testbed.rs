@@ -416,13 +416,17 @@ impl Testbed {
     }
 
     /// Waits until the controller reports `n` connected hosts.
+    /// On a timeout the controller's log and the hosts' journals are printed.
+    /// An agent whose first attempts failed retries at most every 15 s
+    /// (plus jitter), so the wait spans several of its attempts.
     pub fn wait_connected(&self, n: usize) -> Result<()> {
-        wait_for("all agents to connect", Duration::from_secs(30), || {
+        wait_for("all agents to connect", Duration::from_secs(60), || {
             let out = self.convoy(&["status", "demo", "--output", "json"]).ok()?;
             let v: serde_json::Value = serde_json::from_str(&out.stdout).ok()?;
             let connected = v["hosts"].as_array()?.iter().filter(|h| h["connected"] == true).count();
             (connected == n).then_some(())
         })
+        .inspect_err(|_| self.dump_diagnostics())
     }
 
     /// Waits until the controller reports `host` connected.

@@ -46,7 +46,7 @@ fn configure_agent(host: &Host) -> Result<()> {
          chmod 600 /etc/convoy/tls/host1.key && \
          { echo '# edited by the operator'; echo 'metrics_listen = \"127.0.0.1:9465\"'; \
            cat /etc/convoy-testbed/agent.toml; } > /etc/convoy/agent.toml && \
-         systemctl restart --no-block convoy-agent",
+         systemctl restart convoy-agent",
     ])
     .map_err(|e| {
         let journal = host.exec(&["journalctl", "--no-pager", "-n", "30", "-u", "convoy-agent"]);
