@@ -72,15 +72,7 @@ impl Staged {
             len = 0;
         }
         let mut hasher = Hasher::new();
-        let mut buf = vec![0u8; 1 << 20];
-        let mut prefix = (&file).take(len);
-        loop {
-            let n = prefix.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-        }
+        hasher.update_from((&file).take(len))?;
         Ok(Staged { file, len, hasher })
     }
 

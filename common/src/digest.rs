@@ -29,16 +29,10 @@ impl Digest {
         Self(Sha256::digest(data).into())
     }
 
-    pub fn of_reader(mut reader: impl Read) -> io::Result<Self> {
+    pub fn of_reader(reader: impl Read) -> io::Result<Self> {
         let mut hasher = Hasher::new();
-        let mut buf = vec![0u8; 256 * 1024];
-        loop {
-            let n = reader.read(&mut buf)?;
-            if n == 0 {
-                return Ok(hasher.finish());
-            }
-            hasher.update(&buf[..n]);
-        }
+        hasher.update_from(reader)?;
+        Ok(hasher.finish())
     }
 
     pub fn to_hex(&self) -> String {
@@ -56,6 +50,19 @@ impl Hasher {
     }
     pub fn update(&mut self, data: &[u8]) {
         self.0.update(data);
+    }
+    /// Hashes everything `reader` yields; returns how many bytes that was.
+    pub fn update_from(&mut self, mut reader: impl Read) -> io::Result<u64> {
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut total = 0u64;
+        loop {
+            let n = reader.read(&mut buf)?;
+            if n == 0 {
+                return Ok(total);
+            }
+            self.update(&buf[..n]);
+            total += n as u64;
+        }
     }
     pub fn finish(self) -> Digest {
         Digest(self.0.finalize().into())
