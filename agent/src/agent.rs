@@ -170,11 +170,15 @@ pub fn empty_status(app: &AppName) -> AppStatus {
 }
 
 /// Sends events and results to the controller session, when there is one.
-/// Events are best effort; every result is also kept on disk and repeated
-/// in the next hello, so a result is never lost to a dropped connection.
+/// Events are best effort: a full session queue drops them. A result is
+/// never lost: it is journaled on disk first and repeated in every hello,
+/// and when it cannot be queued on a live session the reporter asks that
+/// session to end (`resync`), so the next hello carries it at once instead
+/// of the controller waiting out its host timeout.
 pub struct Reporter {
     tx: Mutex<Option<mpsc::Sender<AgentMessage>>>,
     store: Store,
+    resync: tokio::sync::Notify,
 }
 
 impl Reporter {
@@ -182,6 +186,7 @@ impl Reporter {
         Self {
             tx: Mutex::new(None),
             store,
+            resync: tokio::sync::Notify::new(),
         }
     }
 
@@ -193,11 +198,19 @@ impl Reporter {
         *self.tx.lock().unwrap() = None;
     }
 
-    fn send(&self, body: agent_message::Body) -> bool {
-        match self.tx.lock().unwrap().as_ref() {
-            Some(tx) => tx.try_send(AgentMessage { body: Some(body) }).is_ok(),
-            None => false,
-        }
+    /// Resolves when a result could not be queued on the session: the
+    /// session should end so that the next hello repeats it.
+    pub async fn resync_needed(&self) {
+        self.resync.notified().await
+    }
+
+    /// Queues a message; `None` without a session.
+    fn send(&self, body: agent_message::Body) -> Option<bool> {
+        self.tx
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|tx| tx.try_send(AgentMessage { body: Some(body) }).is_ok())
     }
 
     pub fn event(&self, e: StepEvent) {
@@ -205,8 +218,8 @@ impl Reporter {
         if e.step == Step::Restore && matches!(e.kind, EventKind::Succeeded | EventKind::Failed) {
             crate::metrics::get().restore(e.kind == EventKind::Succeeded);
         }
-        if !self.send(agent_message::Body::Event((&e).into())) {
-            tracing::debug!("event not sent: no controller session");
+        if self.send(agent_message::Body::Event((&e).into())) != Some(true) {
+            tracing::debug!("event not sent: no controller session, or its queue is full");
         }
     }
 
@@ -215,13 +228,69 @@ impl Reporter {
         if let Err(e) = self.store.push_unreported(r) {
             tracing::error!(error = %e, "could not record result on disk");
         }
-        self.send(agent_message::Body::Result(r.into()));
+        if self.send(agent_message::Body::Result(r.into())) == Some(false) {
+            tracing::warn!(op_id = %r.op_id, "result could not be queued; reconnecting to repeat it in the hello");
+            // notify_one keeps the permit if the session is not waiting yet.
+            self.resync.notify_one();
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn report(op_id: &str) -> OpReport {
+        let app = AppName::new("demo").unwrap();
+        OpReport {
+            op_id: op_id.into(),
+            app: app.clone(),
+            version: convoy_common::Version::new("1.0.0").unwrap(),
+            outcome: convoy_common::ops::Outcome::Succeeded,
+            reason: String::new(),
+            restore_detail: String::new(),
+            state: empty_status(&app),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_result_that_cannot_be_queued_ends_the_session_and_is_kept_for_the_hello() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let reporter = Reporter::new(store.clone());
+        let (tx, mut rx) = mpsc::channel(1);
+        reporter.attach(tx);
+        // A queue filled by events (dropped) and then a result.
+        for _ in 0..3 {
+            reporter.event(StepEvent {
+                op_id: "r:activate:web1".into(),
+                app: AppName::new("demo").unwrap(),
+                step: Step::Stage,
+                kind: EventKind::Info,
+                message: "fetching".into(),
+                at_unix_ms: 0,
+            });
+        }
+        reporter.result(&report("r:activate:web1"));
+        tokio::time::timeout(Duration::from_secs(5), reporter.resync_needed())
+            .await
+            .expect("the session is asked to end");
+        assert_eq!(
+            store.unreported(),
+            vec![report("r:activate:web1")],
+            "kept for the next hello"
+        );
+        // With room, a result goes out and no resync is asked for.
+        while rx.try_recv().is_ok() {}
+        reporter.result(&report("r:activate:web2"));
+        let sent = rx.try_recv().expect("queued");
+        assert!(matches!(sent.body, Some(agent_message::Body::Result(r)) if r.op_id == "r:activate:web2"));
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), reporter.resync_needed())
+                .await
+                .is_err()
+        );
+    }
 
     #[test]
     fn one_operation_per_app() {

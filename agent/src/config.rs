@@ -9,11 +9,16 @@ use serde::Deserialize;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Raw {
-    controller: String,
+    /// Absent in the file the package installs: not configured yet.
+    #[serde(default)]
+    controller: Option<String>,
     server_name: Option<String>,
-    ca: PathBuf,
-    cert: PathBuf,
-    key: PathBuf,
+    #[serde(default)]
+    ca: Option<PathBuf>,
+    #[serde(default)]
+    cert: Option<PathBuf>,
+    #[serde(default)]
+    key: Option<PathBuf>,
     #[serde(default = "default_state_dir")]
     state_dir: PathBuf,
     #[serde(default)]
@@ -85,6 +90,10 @@ pub enum ConfigError {
     },
     #[error("{path}: {message}")]
     Invalid { path: String, message: String },
+    /// The file sets no `controller`, as the package installs it: the
+    /// agent has nothing to do until an operator configures it.
+    #[error("{path}: not configured yet: set `controller` (and ca, cert and key, or an enrollment token), then run `systemctl restart convoy-agent`")]
+    NotConfigured { path: String },
 }
 
 fn valid_label_part(s: &str) -> bool {
@@ -123,10 +132,18 @@ impl Config {
             message,
         };
         let raw: Raw = toml::from_str(text).map_err(|e| invalid(e.to_string().trim_end().to_owned()))?;
-        let rest = raw
-            .controller
+        let Some(controller) = raw.controller else {
+            return Err(ConfigError::NotConfigured { path: file.to_owned() });
+        };
+        let required = |value: Option<PathBuf>, key: &str, what: &str| {
+            value.ok_or_else(|| invalid(format!("{key}: missing; it is the path of {what}")))
+        };
+        let ca = required(raw.ca, "ca", "the fleet CA certificate (PEM)")?;
+        let cert = required(raw.cert, "cert", "this host's certificate (PEM)")?;
+        let key = required(raw.key, "key", "this host's private key (PEM)")?;
+        let rest = controller
             .strip_prefix("https://")
-            .ok_or_else(|| invalid(format!("controller: {:?} must start with https://", raw.controller)))?;
+            .ok_or_else(|| invalid(format!("controller: {controller:?} must start with https://")))?;
         let host = rest.rsplit_once(':').map(|(h, _)| h).unwrap_or(rest);
         let host = host.trim_start_matches('[').trim_end_matches(']');
         if host.is_empty() {
@@ -180,10 +197,10 @@ impl Config {
         Ok(Config {
             metrics_listen,
             server_name: raw.server_name.unwrap_or_else(|| host.to_owned()),
-            controller: raw.controller,
-            ca: raw.ca,
-            cert: raw.cert,
-            key: raw.key,
+            controller: controller.clone(),
+            ca,
+            cert,
+            key,
             state_dir: raw.state_dir,
             labels: raw.labels,
             unit_timeout,
@@ -245,5 +262,21 @@ env = "staging"
             "trusted_keys = [\"ed25519:00\"]\n[labels]",
             "trusted_keys[0]",
         );
+        check_err(
+            "key = \"/etc/convoy/agent.key\"",
+            "",
+            "key: missing; it is the path of this host's private key",
+        );
+    }
+
+    #[test]
+    fn the_packaged_config_is_not_configured_yet() {
+        let packaged = include_str!("../../packaging/agent.toml");
+        let e = Config::parse("/etc/convoy/agent.toml", packaged).unwrap_err();
+        assert!(matches!(e, ConfigError::NotConfigured { .. }), "{e}");
+        assert!(e.to_string().contains("set `controller`"), "{e}");
+        // Once `controller` is set, the rest is checked as usual.
+        let e = Config::parse("a.toml", &format!("controller = \"https://c:7443\"\n{packaged}")).unwrap_err();
+        assert!(e.to_string().contains("ca: missing"), "{e}");
     }
 }

@@ -74,6 +74,9 @@ enum Cmd {
     },
 }
 
+/// The exit status of an agent whose config names no controller yet.
+const NOT_CONFIGURED: u8 = 3;
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
@@ -99,6 +102,14 @@ async fn main() -> std::process::ExitCode {
     }
     let cfg = match config::Config::load(&args.config) {
         Ok(c) => c,
+        // The daemon, installed but not configured: nothing to do, and
+        // nothing wrong. systemd counts this exit as success and does not
+        // restart it (packaging/convoy-agent.service).
+        Err(e @ config::ConfigError::NotConfigured { .. }) if args.cmd.is_none() => {
+            eprintln!("convoy-agent: {e}");
+            convoy_common::observe::notify::ready("not configured: agent.toml sets no controller");
+            return std::process::ExitCode::from(NOT_CONFIGURED);
+        }
         Err(e) => {
             eprintln!("convoy-agent: {e}");
             return std::process::ExitCode::from(2);

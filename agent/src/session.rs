@@ -107,7 +107,16 @@ async fn session(agent: &Arc<Agent>, endpoint: &Endpoint) -> anyhow::Result<()> 
     });
     let _stop_heartbeat = AbortOnDrop(heartbeat);
 
-    while let Some(m) = inbound.message().await? {
+    loop {
+        let m = tokio::select! {
+            m = inbound.message() => match m? {
+                Some(m) => m,
+                None => break,
+            },
+            () = agent.reporter.resync_needed() => {
+                anyhow::bail!("a result could not be sent on this session; reconnecting to repeat it in the hello")
+            }
+        };
         match m.body {
             Some(controller_message::Body::Welcome(w)) => {
                 tracing::info!(host = %w.host, "connected to controller");

@@ -85,12 +85,9 @@ pub async fn send(req: Request<'_>) -> Result<Response, String> {
 
 async fn send_now(req: Request<'_>) -> Result<Response, String> {
     let uri = check_url(req.url)?;
-    let host = uri
-        .host()
-        .expect("checked")
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_owned();
+    // As the URL writes it: an IPv6 literal keeps its brackets in `Host`.
+    let authority_host = uri.host().expect("checked").to_owned();
+    let host = authority_host.trim_start_matches('[').trim_end_matches(']').to_owned();
     let https = uri.scheme_str() == Some("https");
     let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
     if https && req.tls.is_none() {
@@ -103,7 +100,7 @@ async fn send_now(req: Request<'_>) -> Result<Response, String> {
     let mut builder = hyper::Request::builder()
         .method(req.method)
         .uri(path)
-        .header(hyper::header::HOST, format!("{host}:{port}"))
+        .header(hyper::header::HOST, format!("{authority_host}:{port}"))
         .header(hyper::header::USER_AGENT, concat!("convoy/", env!("CARGO_PKG_VERSION")));
     if req.json.is_some() {
         builder = builder.header(hyper::header::CONTENT_TYPE, "application/json");
@@ -173,6 +170,44 @@ mod tests {
         assert!(tls_roots(Some(&dir.path().join("missing.pem")))
             .unwrap_err()
             .contains("missing.pem"));
+    }
+
+    /// The request a listener on `bind` sees for a GET of `url_of(addr)`.
+    async fn request_seen(bind: &str) -> (std::net::SocketAddr, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind(bind).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0; 4096];
+            let n = s.read(&mut buf).await.unwrap();
+            s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+                .await
+                .unwrap();
+            String::from_utf8_lossy(&buf[..n]).into_owned()
+        });
+        let url = format!("http://{addr}/health");
+        let r = send(Request {
+            method: hyper::Method::GET,
+            url: &url,
+            json: None,
+            tls: None,
+            body_limit: 0,
+            timeout: Some(Duration::from_secs(5)),
+        })
+        .await
+        .unwrap();
+        assert_eq!(r.status, 200);
+        (addr, server.await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn the_host_header_is_the_urls_authority() {
+        let (addr, seen) = request_seen("127.0.0.1:0").await;
+        assert!(seen.contains(&format!("host: 127.0.0.1:{}\r\n", addr.port())), "{seen}");
+        // An IPv6 literal keeps its brackets (RFC 7230 section 5.4).
+        let (addr, seen) = request_seen("[::1]:0").await;
+        assert!(seen.contains(&format!("host: [::1]:{}\r\n", addr.port())), "{seen}");
     }
 
     /// A plain http exchange against a listener on loopback.

@@ -6,7 +6,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::digest::Digest;
-use crate::names::{AppName, Version};
+use crate::names::{AppName, HostName, Version};
 use crate::spec::InstallSpec;
 
 /// Activate `version` of an app: stage, back up, switch, restart, check,
@@ -177,19 +177,112 @@ pub struct OpReport {
     pub state: AppStatus,
 }
 
-/// The id of the operation a rollout sends `host`: `ROLLOUT-HOST` for an
-/// activation or rollback, `ROLLOUT-stage-HOST` for pre-staging.
-pub fn op_id(rollout: &str, host: &str, stage: bool) -> String {
-    if stage {
-        format!("{rollout}-stage-{host}")
-    } else {
-        format!("{rollout}-{host}")
+/// What a rollout asks of a host with one operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OpKind {
+    /// Pre-staging: fetch and unpack, nothing goes live.
+    Stage,
+    /// Activation of a release (a deploy).
+    Activate,
+    /// A switch to a release the host holds: a manual rollback, or putting
+    /// back what a halted deploy moved.
+    Rollback,
+}
+
+impl OpKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OpKind::Stage => "stage",
+            OpKind::Activate => "activate",
+            OpKind::Rollback => "rollback",
+        }
     }
 }
 
-/// The rollout an operation id belongs to (rollout ids hold no `-`).
+/// The id of one operation a rollout sends one host:
+/// `ROLLOUT:KIND:HOST`. No name may hold a `:`, so an id reads back into
+/// exactly the parts it was made of, and two ids are equal only when
+/// rollout, kind and host all are: a host named `web1` cannot answer for
+/// `eu-web1`'s operation, nor `stage-web1` for `web1`'s pre-staging.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct OpId {
+    rollout: String,
+    kind: OpKind,
+    host: HostName,
+}
+
+/// An operation id that is not of the form `ROLLOUT:KIND:HOST`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("operation id {id:?} is not ROLLOUT:KIND:HOST: {why}")]
+pub struct InvalidOpId {
+    pub id: String,
+    pub why: String,
+}
+
+impl OpId {
+    /// `rollout` is a rollout id: ASCII letters and digits.
+    pub fn new(rollout: &str, kind: OpKind, host: &HostName) -> Self {
+        debug_assert!(!rollout.is_empty() && rollout.bytes().all(|b| b.is_ascii_alphanumeric()));
+        OpId {
+            rollout: rollout.to_owned(),
+            kind,
+            host: host.clone(),
+        }
+    }
+
+    pub fn parse(id: &str) -> Result<Self, InvalidOpId> {
+        let bad = |why: &str| InvalidOpId {
+            id: id.to_owned(),
+            why: why.to_owned(),
+        };
+        let mut parts = id.splitn(3, ':');
+        let (Some(rollout), Some(kind), Some(host)) = (parts.next(), parts.next(), parts.next()) else {
+            return Err(bad("it has fewer than three parts"));
+        };
+        if rollout.is_empty() || !rollout.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            return Err(bad("the rollout id must be letters and digits"));
+        }
+        let kind = match kind {
+            "stage" => OpKind::Stage,
+            "activate" => OpKind::Activate,
+            "rollback" => OpKind::Rollback,
+            _ => return Err(bad("the kind must be stage, activate or rollback")),
+        };
+        let host = HostName::new(host).map_err(|e| bad(&e.to_string()))?;
+        Ok(OpId {
+            rollout: rollout.to_owned(),
+            kind,
+            host,
+        })
+    }
+
+    pub fn rollout(&self) -> &str {
+        &self.rollout
+    }
+
+    pub fn kind(&self) -> OpKind {
+        self.kind
+    }
+
+    pub fn host(&self) -> &HostName {
+        &self.host
+    }
+}
+
+impl fmt::Display for OpId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}", self.rollout, self.kind.as_str(), self.host)
+    }
+}
+
+/// The rollout an operation id names, for logs; the whole id when it is
+/// not one a rollout made.
 pub fn rollout_of(op_id: &str) -> &str {
-    op_id.split('-').next().unwrap_or(op_id)
+    match OpId::parse(op_id) {
+        Ok(_) => op_id.split(':').next().unwrap_or(op_id),
+        Err(_) => op_id,
+    }
 }
 
 pub fn now_unix_ms() -> i64 {
@@ -203,14 +296,57 @@ pub fn now_unix_ms() -> i64 {
 mod tests {
     use super::*;
 
+    fn host(s: &str) -> HostName {
+        HostName::new(s).unwrap()
+    }
+
     #[test]
-    fn operation_ids_name_their_rollout() {
-        let activate = op_id("5e7ca08efb36", "web-1", false);
-        let stage = op_id("5e7ca08efb36", "web-1", true);
-        assert_eq!(activate, "5e7ca08efb36-web-1");
-        assert_eq!(stage, "5e7ca08efb36-stage-web-1");
-        assert_eq!(rollout_of(&activate), "5e7ca08efb36");
-        assert_eq!(rollout_of(&stage), "5e7ca08efb36");
-        assert_eq!(rollout_of("by-hand"), "by");
+    fn operation_ids_read_back_into_their_parts() {
+        let id = OpId::new("5e7ca08efb36", OpKind::Stage, &host("web-1"));
+        assert_eq!(id.to_string(), "5e7ca08efb36:stage:web-1");
+        assert_eq!(OpId::parse(&id.to_string()), Ok(id.clone()));
+        assert_eq!(rollout_of(&id.to_string()), "5e7ca08efb36");
+        assert_eq!(rollout_of("by-hand"), "by-hand");
+    }
+
+    #[test]
+    fn hosts_whose_names_overlap_get_different_ids() {
+        // Each pair would have collided with ids of the form ROLLOUT-HOST
+        // and ROLLOUT-stage-HOST.
+        let r = "5e7ca08efb36";
+        let pairs = [
+            (
+                OpId::new(r, OpKind::Activate, &host("eu-web1")),
+                OpId::new(r, OpKind::Activate, &host("web1")),
+            ),
+            (
+                OpId::new(r, OpKind::Activate, &host("stage-web1")),
+                OpId::new(r, OpKind::Stage, &host("web1")),
+            ),
+            (
+                OpId::new(r, OpKind::Activate, &host("rollback-web1")),
+                OpId::new(r, OpKind::Rollback, &host("web1")),
+            ),
+        ];
+        for (a, b) in pairs {
+            assert_ne!(a.to_string(), b.to_string());
+            assert_eq!(OpId::parse(&a.to_string()).unwrap().host(), a.host());
+            assert_eq!(OpId::parse(&b.to_string()).unwrap().host(), b.host());
+        }
+    }
+
+    #[test]
+    fn malformed_operation_ids_are_refused_with_the_reason() {
+        for (id, why) in [
+            ("5e7ca08efb36-web1", "fewer than three parts"),
+            ("5e7c-a08:stage:web1", "letters and digits"),
+            (":stage:web1", "letters and digits"),
+            ("5e7ca08efb36:deploy:web1", "stage, activate or rollback"),
+            ("5e7ca08efb36:stage:web1:x", "host name"),
+            ("5e7ca08efb36:stage:", "host name"),
+        ] {
+            let e = OpId::parse(id).unwrap_err();
+            assert!(e.to_string().contains(why), "{id}: {e}");
+        }
     }
 }

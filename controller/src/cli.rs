@@ -26,6 +26,9 @@ pub mod exit {
     pub const REFUSED: u8 = 4;
     /// The controller could not be reached.
     pub const UNREACHABLE: u8 = 5;
+    /// `convoy serve` stopped on an error after it started (the log says
+    /// which); its config was fine (that is 2).
+    pub const SERVE_FAILED: u8 = 6;
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -167,8 +170,13 @@ pub async fn push(
         .map(|k| convoy_common::signing::PrivateKey::load(&k))
         .transpose()
         .map_err(|e| Failure::new(exit::USAGE, e.to_string()))?;
-    let data = std::fs::read(&file).map_err(|e| Failure::new(exit::USAGE, format!("{}: {e}", file.display())))?;
-    if !data.starts_with(&[0x1f, 0x8b]) {
+    // Streamed from the file, never held in memory whole: one pass to
+    // hash it when it is signed, one to send it.
+    let unreadable = |e: std::io::Error| Failure::new(exit::USAGE, format!("{}: {e}", file.display()));
+    let mut f = std::fs::File::open(&file).map_err(unreadable)?;
+    let size = f.metadata().map_err(unreadable)?.len();
+    let mut magic = [0u8; 2];
+    if std::io::Read::read_exact(&mut f, &mut magic).is_err() || magic != [0x1f, 0x8b] {
         return Err(Failure::new(
             exit::USAGE,
             format!(
@@ -177,12 +185,17 @@ pub async fn push(
             ),
         ));
     }
-    let signature = key
-        .map(|k| k.sign(&app_name, &ver, &convoy_common::Digest::of_bytes(&data)))
-        .unwrap_or_default();
+    std::io::Seek::rewind(&mut f).map_err(unreadable)?;
+    let signature = match key {
+        Some(k) => {
+            let digest = convoy_common::Digest::of_reader(&mut f).map_err(unreadable)?;
+            std::io::Seek::rewind(&mut f).map_err(unreadable)?;
+            k.sign(&app_name, &ver, &digest)
+        }
+        None => Vec::new(),
+    };
     let signed = !signature.is_empty();
     let mut client = conn.connect().await?;
-    let size = data.len() as u64;
     let header = PushRequest {
         body: Some(push_request::Body::Header(PushHeader {
             app: app.clone(),
@@ -191,12 +204,28 @@ pub async fn push(
             signature,
         })),
     };
-    let chunks: Vec<PushRequest> = std::iter::once(header)
-        .chain(data.chunks(convoy_proto::CHUNK_SIZE).map(|c| PushRequest {
-            body: Some(push_request::Body::Data(c.to_vec())),
-        }))
-        .collect();
-    let reply = client.push_release(tokio_stream::iter(chunks)).await?.into_inner();
+    // A read error ends the stream early (the controller then refuses the
+    // short upload) and is reported here.
+    let read_error = std::sync::Arc::new(std::sync::Mutex::new(None::<std::io::Error>));
+    let seen_error = read_error.clone();
+    let data = tokio_stream::StreamExt::map_while(
+        tokio_util::io::ReaderStream::with_capacity(tokio::fs::File::from_std(f), convoy_proto::CHUNK_SIZE),
+        move |chunk: std::io::Result<bytes::Bytes>| match chunk {
+            Ok(bytes) => Some(PushRequest {
+                body: Some(push_request::Body::Data(bytes.to_vec())),
+            }),
+            Err(e) => {
+                *seen_error.lock().unwrap() = Some(e);
+                None
+            }
+        },
+    );
+    let chunks = tokio_stream::StreamExt::chain(tokio_stream::iter([header]), data);
+    let pushed = client.push_release(chunks).await;
+    if let Some(e) = read_error.lock().unwrap().take() {
+        return Err(unreadable(e));
+    }
+    let reply = pushed?.into_inner();
     if reply.already_present {
         println!(
             "{app} {version} was already pushed (sha256 {}, {} bytes)",

@@ -21,25 +21,18 @@ pub struct Release {
     pub signature: Option<Vec<u8>>,
 }
 
-const SCHEMA: &str = r#"
-PRAGMA journal_mode = WAL;
-PRAGMA synchronous = FULL;
+/// The schema as the first convoy release made it. Every database starts
+/// here; databases made before versioned migrations (user_version 0) hold
+/// it already, perhaps with columns of later versions too.
+const SCHEMA_1: &str = r#"
 CREATE TABLE IF NOT EXISTS releases (
     app TEXT NOT NULL, version TEXT NOT NULL, digest TEXT NOT NULL, size INTEGER NOT NULL,
-    signature BLOB, pushed_by TEXT NOT NULL, pushed_at_ms INTEGER NOT NULL,
+    pushed_by TEXT NOT NULL, pushed_at_ms INTEGER NOT NULL,
     PRIMARY KEY (app, version));
 CREATE TABLE IF NOT EXISTS rollouts (
     id TEXT PRIMARY KEY, app TEXT NOT NULL, version TEXT NOT NULL, environment TEXT NOT NULL,
-    kind TEXT NOT NULL, strategy TEXT NOT NULL, hotfix_reason TEXT NOT NULL DEFAULT '',
-        plan TEXT NOT NULL DEFAULT '', approved_by TEXT NOT NULL DEFAULT '',
     operator TEXT NOT NULL, state TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '',
     started_at_ms INTEGER NOT NULL, finished_at_ms INTEGER);
-CREATE INDEX IF NOT EXISTS rollouts_by_app ON rollouts (app, started_at_ms);
-CREATE TABLE IF NOT EXISTS enroll_tokens (
-    hash TEXT PRIMARY KEY, name TEXT NOT NULL, labels TEXT NOT NULL, expires_at_ms INTEGER NOT NULL,
-    created_by TEXT NOT NULL, created_at_ms INTEGER NOT NULL, used_at_ms INTEGER, used_by TEXT);
-CREATE TABLE IF NOT EXISTS host_labels (host TEXT PRIMARY KEY, labels TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS revoked_hosts (host TEXT PRIMARY KEY, revoked_at_ms INTEGER NOT NULL, revoked_by TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS rollout_hosts (
     rollout_id TEXT NOT NULL, host TEXT NOT NULL, op_id TEXT NOT NULL, outcome TEXT NOT NULL,
     reason TEXT NOT NULL, restore_detail TEXT NOT NULL, finished_at_ms INTEGER NOT NULL);
@@ -47,6 +40,89 @@ CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY, rollout_id TEXT NOT NULL, host TEXT NOT NULL, op_id TEXT NOT NULL,
     step TEXT NOT NULL, kind TEXT NOT NULL, message TEXT NOT NULL, at_ms INTEGER NOT NULL);
 "#;
+
+/// Columns added to the first schema before migrations were versioned:
+/// (table, column, definition). Added only where missing.
+const COLUMNS_2: &[(&str, &str, &str)] = &[
+    ("releases", "signature", "BLOB"),
+    ("rollouts", "kind", "TEXT NOT NULL DEFAULT 'deploy'"),
+    ("rollouts", "strategy", "TEXT NOT NULL DEFAULT ''"),
+    ("rollouts", "hotfix_reason", "TEXT NOT NULL DEFAULT ''"),
+    ("rollouts", "plan", "TEXT NOT NULL DEFAULT ''"),
+    ("rollouts", "approved_by", "TEXT NOT NULL DEFAULT ''"),
+];
+
+const TABLES_2: &str = r#"
+CREATE INDEX IF NOT EXISTS rollouts_by_app ON rollouts (app, started_at_ms);
+CREATE TABLE IF NOT EXISTS enroll_tokens (
+    hash TEXT PRIMARY KEY, name TEXT NOT NULL, labels TEXT NOT NULL, expires_at_ms INTEGER NOT NULL,
+    created_by TEXT NOT NULL, created_at_ms INTEGER NOT NULL, used_at_ms INTEGER, used_by TEXT);
+CREATE TABLE IF NOT EXISTS host_labels (host TEXT PRIMARY KEY, labels TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS revoked_hosts (host TEXT PRIMARY KEY, revoked_at_ms INTEGER NOT NULL, revoked_by TEXT NOT NULL);
+"#;
+
+/// Indexes for the queries every result and every event runs.
+const INDEXES_3: &str = r#"
+CREATE INDEX IF NOT EXISTS rollout_hosts_by_op ON rollout_hosts (rollout_id, op_id);
+CREATE INDEX IF NOT EXISTS events_by_rollout ON events (rollout_id);
+CREATE INDEX IF NOT EXISTS rollouts_by_state ON rollouts (state);
+"#;
+
+/// One step of the schema; a database at `user_version` N has had the
+/// first N applied.
+struct Migration {
+    what: &'static str,
+    apply: fn(&rusqlite::Transaction<'_>) -> rusqlite::Result<()>,
+}
+
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        what: "the first schema",
+        apply: |tx| tx.execute_batch(SCHEMA_1),
+    },
+    Migration {
+        what: "signatures, strategies, approvals, enrollment and revocation",
+        apply: |tx| {
+            for (table, column, def) in COLUMNS_2 {
+                let has: bool = tx
+                    .prepare(&format!("SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1"))?
+                    .exists([column])?;
+                if !has {
+                    tx.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {def}"))?;
+                }
+            }
+            tx.execute_batch(TABLES_2)
+        },
+    },
+    Migration {
+        what: "indexes for results, events and running rollouts",
+        apply: |tx| tx.execute_batch(INDEXES_3),
+    },
+];
+
+/// Brings the database's schema up to this convoy's, one migration at a
+/// time, each in its own transaction with the version it reaches.
+fn migrate(conn: &mut Connection) -> Result<(), DbError> {
+    let at: usize = conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))? as usize;
+    if at > MIGRATIONS.len() {
+        return Err(DbError::TooNew {
+            found: at,
+            known: MIGRATIONS.len(),
+        });
+    }
+    for (i, m) in MIGRATIONS.iter().enumerate().skip(at) {
+        let tx = conn.transaction()?;
+        (m.apply)(&tx).map_err(|e| DbError::Migration {
+            version: i + 1,
+            what: m.what,
+            source: e,
+        })?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        tx.commit()?;
+        tracing::info!(version = i + 1, "database schema migrated: {}", m.what);
+    }
+    Ok(())
+}
 
 /// An enrollment token as stored: name, labels, expiry, used at, used by.
 type TokenRow = (String, String, i64, Option<i64>, Option<String>);
@@ -86,13 +162,36 @@ pub enum DbError {
     },
     #[error("database holds a bad value: {0}")]
     Corrupt(String),
+    #[error("database schema version {found} is newer than this convoy knows ({known}); run the convoy that made it, or a newer one")]
+    TooNew { found: usize, known: usize },
+    #[error("database migration to schema version {version} ({what}) failed: {source}")]
+    Migration {
+        version: usize,
+        what: &'static str,
+        source: rusqlite::Error,
+    },
 }
 
 impl Db {
     pub fn open(path: &Path) -> Result<Self, DbError> {
-        let conn = Connection::open(path)?;
-        conn.execute_batch(SCHEMA)?;
+        let mut conn = Connection::open(path)?;
+        conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;")?;
+        migrate(&mut conn)?;
         Ok(Self { conn: Mutex::new(conn) })
+    }
+
+    /// Writes the write-ahead log back into the database file, so a
+    /// stopped controller leaves one self-contained file. Every write was
+    /// already durable (synchronous = FULL); this only tidies.
+    pub fn close(&self) {
+        if let Err(e) = self
+            .conn
+            .lock()
+            .unwrap()
+            .execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")
+        {
+            tracing::warn!(error = %e, "could not checkpoint the database at stop");
+        }
     }
 
     /// Stores a new enrollment token by its hash (the token itself is never kept).
@@ -611,6 +710,116 @@ fn outcome_name(o: convoy_common::ops::Outcome) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    /// A database file made by `sql` (an older convoy's schema and rows).
+    fn made_by(sql: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        Connection::open(&path).unwrap().execute_batch(sql).unwrap();
+        (dir, path)
+    }
+
+    fn user_version(path: &Path) -> i64 {
+        Connection::open(path)
+            .unwrap()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap()
+    }
+
+    #[test]
+    fn a_database_of_the_first_release_is_migrated_and_keeps_its_records() {
+        let (_dir, path) = made_by(include_str!("../testdata/schema-first-release.sql"));
+        assert_eq!(user_version(&path), 0);
+        let db = Db::open(&path).expect("migrates");
+        assert_eq!(user_version(&path) as usize, MIGRATIONS.len());
+        let app = AppName::new("demo").unwrap();
+        // Old rows read back through today's queries, new columns defaulted.
+        let rel = db.release(&app, &Version::new("1.0.0").unwrap()).unwrap().unwrap();
+        assert_eq!(rel.size, 1234);
+        assert_eq!(rel.signature, None);
+        let row = db.rollout("0123456789ab").unwrap().unwrap();
+        assert_eq!((row.state.as_str(), row.kind.as_str()), ("succeeded", "deploy"));
+        assert_eq!(db.rollout_hosts("0123456789ab").unwrap().len(), 1);
+        assert_eq!(db.rollout_events("0123456789ab").unwrap().len(), 1);
+        assert!(db
+            .completed_in(&app, &Version::new("1.0.0").unwrap(), "staging")
+            .unwrap());
+        // And new records go in, into columns the first schema lacked.
+        db.start_rollout(&NewRollout {
+            id: "0123456789ac",
+            app: &app,
+            version: "1.0.0",
+            env: "production",
+            kind: "deploy",
+            strategy: "rolling, 1 at a time",
+            hotfix_reason: "",
+            operator: "operator:bob",
+            plan: "{}",
+        })
+        .unwrap();
+        db.approve("0123456789ac", "operator:carol").unwrap();
+        assert_eq!(db.running_rollouts().unwrap().len(), 1);
+        db.add_token("h1", "", &BTreeMap::new(), 1_000, "admin").unwrap();
+        drop(db);
+        // Opening again is a no-op.
+        Db::open(&path).expect("opens again");
+        assert_eq!(user_version(&path) as usize, MIGRATIONS.len());
+    }
+
+    #[test]
+    fn a_database_made_just_before_versioned_migrations_is_migrated() {
+        // Every column already there: the migration must not add them twice.
+        let (_dir, path) = made_by(include_str!("../testdata/schema-before-migrations.sql"));
+        let db = Db::open(&path).expect("migrates");
+        let app = AppName::new("demo").unwrap();
+        assert!(db.release(&app, &Version::new("1.0.0").unwrap()).unwrap().is_some());
+        assert_eq!(user_version(&path) as usize, MIGRATIONS.len());
+    }
+
+    #[test]
+    fn the_hot_queries_use_their_indexes() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("i.db")).unwrap();
+        let conn = db.conn.lock().unwrap();
+        let plan = |sql: &str| -> String {
+            let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+            let rows = stmt.query_map([], |r| r.get::<_, String>(3)).unwrap();
+            rows.map(Result::unwrap).collect::<Vec<_>>().join("; ")
+        };
+        for (sql, index) in [
+            (
+                "SELECT outcome FROM rollout_hosts WHERE rollout_id = 'a' AND op_id = 'b'",
+                "rollout_hosts_by_op",
+            ),
+            (
+                "SELECT host FROM rollout_hosts WHERE rollout_id = 'a'",
+                "rollout_hosts_by_op",
+            ),
+            (
+                "SELECT host FROM events WHERE rollout_id = 'a' ORDER BY id",
+                "events_by_rollout",
+            ),
+            (
+                "SELECT id FROM rollouts WHERE state IN ('running', 'paused')",
+                "rollouts_by_state",
+            ),
+        ] {
+            let p = plan(sql);
+            assert!(p.contains(index), "{sql}: {p}");
+        }
+    }
+
+    #[test]
+    fn a_database_from_a_newer_convoy_is_refused_untouched() {
+        let (_dir, path) = made_by("CREATE TABLE future (x); PRAGMA user_version = 99;");
+        let e = Db::open(&path).err().expect("refused").to_string();
+        assert!(
+            e.contains("schema version 99 is newer than this convoy knows (3)"),
+            "{e}"
+        );
+        assert_eq!(user_version(&path), 99);
+    }
 
     #[test]
     fn tokens_work_once_in_time_for_their_name() {
@@ -635,7 +844,6 @@ mod tests {
         db.add_token("h3", "", &labels, 1_000, "admin").unwrap();
         assert!(err(db.spend_token("h3", "web2", false, 0)).contains("already enrolled"));
     }
-    use super::*;
 
     fn row(env: &str, kind: &str, state: &str, at_s: i64) -> (String, String, String, i64) {
         (env.into(), kind.into(), state.into(), at_s * 1000)

@@ -8,6 +8,7 @@ mod db;
 mod metrics;
 mod pki;
 mod progress;
+mod rollout;
 mod sandbox;
 mod server;
 mod webhooks;
@@ -387,7 +388,7 @@ async fn serve(path: PathBuf) -> ExitCode {
         Err(e) => {
             tracing::error!("{e:#}");
             eprintln!("convoy serve: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(cli::exit::SERVE_FAILED)
         }
     }
 }

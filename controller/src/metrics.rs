@@ -34,7 +34,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     let mut registry = Registry::default();
     registry.register(
         "convoy_rollouts",
-        "Rollouts that ended, by kind (deploy, rollback) and outcome (succeeded, failed, rolled_back)",
+        "Rollouts that ended, by kind (deploy, rollback) and outcome (succeeded, failed, rolled_back, cancelled)",
         rollouts.clone(),
     );
     registry.register(

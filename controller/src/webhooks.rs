@@ -39,11 +39,18 @@ pub struct Notifier {
     urls: Vec<String>,
     /// Roots for https webhooks: the system's plus `webhook_ca`.
     tls: Option<Arc<rustls::ClientConfig>>,
+    /// The controller's tasks: a stopping controller gives deliveries
+    /// under way its grace period to finish.
+    tasks: tokio_util::task::TaskTracker,
 }
 
 impl Notifier {
-    pub fn new(urls: Vec<String>, tls: Option<Arc<rustls::ClientConfig>>) -> Self {
-        Self { urls, tls }
+    pub fn new(
+        urls: Vec<String>,
+        tls: Option<Arc<rustls::ClientConfig>>,
+        tasks: tokio_util::task::TaskTracker,
+    ) -> Self {
+        Self { urls, tls, tasks }
     }
 
     /// Sends `p` to every URL in the background.
@@ -54,7 +61,7 @@ impl Notifier {
         let body = Bytes::from(serde_json::to_vec(&p).expect("payload serialises"));
         for url in &self.urls {
             let (url, body, event, tls) = (url.clone(), body.clone(), p.event, self.tls.clone());
-            tokio::spawn(async move {
+            self.tasks.spawn(async move {
                 for attempt in 1..=ATTEMPTS {
                     let sent = convoy_common::http::send(convoy_common::http::Request {
                         method: hyper::Method::POST,
@@ -70,7 +77,9 @@ impl Notifier {
                         Ok(status) => tracing::warn!(%url, event, attempt, status, "webhook answered with an error"),
                         Err(e) => tracing::warn!(%url, event, attempt, error = %e, "webhook failed"),
                     }
-                    tokio::time::sleep(Duration::from_millis(500 * 2u64.pow(attempt - 1))).await;
+                    if attempt < ATTEMPTS {
+                        tokio::time::sleep(Duration::from_millis(500 * 2u64.pow(attempt - 1))).await;
+                    }
                 }
                 tracing::error!(%url, event, "webhook gave up after {ATTEMPTS} attempts");
             });

@@ -324,17 +324,35 @@ fn enrollment_rotation_and_revocation() -> Result<()> {
     // sends the token.
     let wrong = format!("sha256:{}", "0".repeat(64));
     enroll_config(&bed, 1, "web9", &token, &wrong)?;
-    std::thread::sleep(std::time::Duration::from_secs(3));
-    let journal = bed.hosts[1].exec_ok(&["journalctl", "--no-pager", "-u", "convoy-agent"])?;
-    assert!(journal.contains("does not match ca_fingerprint"), "{journal}");
+    let refused = || {
+        bed.hosts[1]
+            .exec_ok(&["journalctl", "--no-pager", "-u", "convoy-agent"])
+            .is_ok_and(|j| j.contains("does not match ca_fingerprint"))
+    };
+    let start = std::time::Instant::now();
+    while !refused() {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(60),
+            "the agent never refused the controller"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    // The token is valid: had the agent sent it, the controller would have
+    // enrolled web9 (or refused it), and said so.
+    let log = bed.controller_log();
     assert!(
-        !bed.controller_log().contains("enrollment refused"),
-        "the token was never sent"
+        !log.contains("host enrolled") && !log.contains("enrollment refused"),
+        "the token reached the controller:\n{log}"
     );
 
     // The right one: enrolled as web9 with the token's labels.
     enroll_config(&bed, 1, "web9", &token, &fingerprint)?;
     bed.wait_host_connected("web9")?;
+    assert_eq!(
+        bed.controller_log().matches("host enrolled").count(),
+        1,
+        "the token was spent once, by this enrollment"
+    );
     let host = &bed.hosts[1];
     assert_eq!(
         host.exec_ok(&["stat", "-c", "%a", "/var/lib/convoy-tls/agent.key"])?

@@ -9,12 +9,12 @@ use convoy_common::ops::{AppStatus, EventKind, OpReport, Step, StepEvent};
 use convoy_common::{Digest, HostName};
 use convoy_proto::agent_service_server::AgentService;
 use convoy_proto::{agent_message, controller_message, AgentMessage, Chunk, ControllerMessage, FetchRequest, Welcome};
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::registry::Update;
+use super::registry::Delivery;
 use super::Shared;
 
 /// A session with no message for this long is considered dead.
@@ -37,6 +37,15 @@ fn apps_from_wire(host: &HostName, apps: Vec<convoy_proto::AppState>) -> Vec<App
             }
         })
         .collect()
+}
+
+/// A result from `host`: to the rollout waiting for it, or reconciled
+/// into its rollout's record when none waits any more.
+fn result_arrived(shared: &Arc<Shared>, host: &HostName, report: OpReport) {
+    match shared.registry.deliver_result(host, report.clone()) {
+        Delivery::Delivered | Delivery::Refused => {}
+        Delivery::NotAwaited => shared.engine.late_result(host, &report),
+    }
 }
 
 /// Test builds only: `FAILPOINTS=fetch-cut=1*return` ends one artifact
@@ -87,11 +96,8 @@ impl AgentService for AgentApi {
         let mut answered = Vec::new();
         for r in hello.recent_results {
             if let Ok(report) = OpReport::try_from(r) {
-                let op_id = report.op_id.clone();
-                if !registry.deliver(&host, &op_id, Update::Result(Box::new(report.clone()))) {
-                    super::rollout::late_result(&self.shared, &host, &report);
-                }
-                answered.push(op_id);
+                answered.push(report.op_id.clone());
+                result_arrived(&self.shared, &host, report);
             }
         }
         for cmd in registry.pending_for(&host, &answered) {
@@ -102,10 +108,15 @@ impl AgentService for AgentApi {
         }
 
         let shared = self.shared.clone();
-        tokio::spawn(async move {
+        let stop = self.shared.stop.clone();
+        self.shared.tasks.spawn(async move {
             let mut steps = StepTimer::default();
             loop {
-                let msg = match tokio::time::timeout(SESSION_IDLE, inbound.message()).await {
+                let next = tokio::select! {
+                    m = tokio::time::timeout(SESSION_IDLE, inbound.message()) => m,
+                    () = stop.cancelled() => break,
+                };
+                let msg = match next {
                     Err(_) => {
                         tracing::warn!(%host, "no heartbeat for {SESSION_IDLE:?}; dropping session");
                         break;
@@ -124,18 +135,12 @@ impl AgentService for AgentApi {
                     Some(agent_message::Body::Event(e)) => match StepEvent::try_from(e) {
                         Ok(ev) => {
                             steps.observe(&ev);
-                            let op = ev.op_id.clone();
-                            registry.deliver(&host, &op, Update::Event(ev));
+                            registry.deliver_event(&host, ev);
                         }
                         Err(err) => tracing::warn!(%host, error = %err, "malformed event"),
                     },
                     Some(agent_message::Body::Result(r)) => match OpReport::try_from(r) {
-                        Ok(rep) => {
-                            let op = rep.op_id.clone();
-                            if !registry.deliver(&host, &op, Update::Result(Box::new(rep.clone()))) {
-                                super::rollout::late_result(&shared, &host, &rep);
-                            }
-                        }
+                        Ok(rep) => result_arrived(&shared, &host, rep),
                         Err(err) => tracing::warn!(%host, error = %err, "malformed result"),
                     },
                     Some(agent_message::Body::Hello(_)) => {
@@ -147,7 +152,10 @@ impl AgentService for AgentApi {
             registry.disconnect(&host, session);
             tracing::info!(%host, "agent disconnected");
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        // The command stream ends when the controller stops, though the
+        // registry still holds its sender.
+        let commands = ReceiverStream::new(rx).take_until(self.shared.stop.clone().cancelled_owned());
+        Ok(Response::new(Box::pin(commands)))
     }
 
     async fn renew(&self, req: Request<convoy_proto::CsrRequest>) -> Result<Response<convoy_proto::CertReply>, Status> {

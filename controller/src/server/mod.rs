@@ -3,14 +3,13 @@
 //! client certificate.
 
 mod agents;
+mod edge;
 mod enroll;
 mod operator;
 mod registry;
-mod rollout;
 
-use std::collections::HashMap;
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use anyhow::Context;
 use convoy_common::identity::{identity_from_der, PeerIdentity, PeerKind, Role};
@@ -19,25 +18,53 @@ use convoy_proto::enroll_service_server::EnrollServiceServer;
 use convoy_proto::operator_service_server::OperatorServiceServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic::{Request, Status};
 
 use crate::artifacts::Artifacts;
 use crate::config::Config;
 use crate::db::Db;
+use crate::rollout::{Engine, EngineConfig, Refused};
 
 /// State shared by both services.
 pub struct Shared {
     pub cfg: Config,
-    pub db: Db,
+    pub db: Arc<Db>,
     pub artifacts: Artifacts,
     pub registry: Arc<registry::Registry>,
-    /// (app, environment) → running rollout id.
-    pub running: Mutex<HashMap<(String, String), String>>,
-    /// Running rollouts by id: their event stream and their control.
-    pub live: Mutex<HashMap<String, rollout::Live>>,
-    pub notifier: crate::webhooks::Notifier,
+    pub engine: Arc<Engine>,
+    /// Cancelled when the controller stops: agent sessions, operator
+    /// streams and rollout tasks end at once.
+    pub stop: CancellationToken,
+    /// Every task the controller spawns, so that stopping waits for them.
+    pub tasks: TaskTracker,
 }
+
+impl Shared {
+    /// Runs `task` as one of the controller's own: it ends when the
+    /// controller stops (dropped at its next await), and stopping waits
+    /// for it. A rollout cut off this way stays recorded as running and is
+    /// resumed by the next controller.
+    pub fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
+        let stop = self.stop.clone();
+        self.tasks.spawn(async move {
+            tokio::select! {
+                () = task => {}
+                () = stop.cancelled() => {}
+            }
+        });
+    }
+}
+
+/// How long a restarted controller waits for a resumed rollout's hosts to
+/// reconnect before it carries on (hosts still away then count as failed).
+const RECONNECT_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// How long a stopping controller waits for its tasks and connections to
+/// end before it exits anyway.
+pub const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The verified identity of the caller, if its kind is allowed here.
 pub fn peer<T>(req: &Request<T>, allowed: &[PeerKind]) -> Result<PeerIdentity, Status> {
@@ -67,6 +94,20 @@ pub fn operator<T>(req: &Request<T>, need: Role, action: &str) -> Result<PeerIde
         )));
     }
     Ok(id)
+}
+
+/// The one place the engine's refusals become gRPC statuses.
+impl From<Refused> for Status {
+    fn from(r: Refused) -> Status {
+        match r {
+            Refused::Invalid(m) => Status::invalid_argument(m),
+            Refused::NotFound(m) => Status::not_found(m),
+            Refused::Precondition(m) => Status::failed_precondition(m),
+            Refused::Busy(m) => Status::aborted(m),
+            Refused::Permission(m) => Status::permission_denied(m),
+            Refused::Store(e) => internal(e),
+        }
+    }
 }
 
 pub fn internal(e: impl std::fmt::Display) -> Status {
@@ -107,14 +148,31 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'sta
     } else {
         None
     };
+    let tasks = TaskTracker::new();
+    let stop = CancellationToken::new();
+    let db = Arc::new(db);
+    let registry = Arc::new(registry::Registry::default());
+    let engine = Engine::new(
+        EngineConfig {
+            apps_dir: cfg.apps_dir.clone(),
+            host_timeout: cfg.host_timeout,
+            prestage_parallel: cfg.prestage_parallel,
+            reconnect_grace: RECONNECT_GRACE,
+        },
+        registry.clone(),
+        db.clone(),
+        crate::webhooks::Notifier::new(cfg_webhooks, webhook_tls, tasks.clone()),
+        stop.clone(),
+        tasks.clone(),
+    );
     let shared = Arc::new(Shared {
         cfg,
         db,
         artifacts,
-        registry: Arc::new(registry::Registry::default()),
-        running: Mutex::new(HashMap::new()),
-        live: Mutex::new(HashMap::new()),
-        notifier: crate::webhooks::Notifier::new(cfg_webhooks, webhook_tls),
+        registry,
+        engine: Arc::new(engine),
+        stop,
+        tasks,
     });
     if let Some(listen) = shared.cfg.metrics_listen {
         convoy_common::observe::serve_metrics(listen, crate::metrics::get().registry.clone())
@@ -124,15 +182,48 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'sta
     tracing::info!(%addr, "controller listening");
     convoy_common::observe::notify::ready(&format!("listening on {addr}"));
     convoy_common::observe::notify::spawn_watchdog();
-    tokio::spawn(rollout::resume_all(shared.clone()));
-    Server::builder()
+    shared.spawn(shared.engine.clone().resume_all());
+    // One way down: the signal cancels `stop`; the server stops accepting,
+    // agent sessions and operator streams end (their streams end on
+    // `stop`), rollout tasks are dropped at their next await (their state
+    // stays in the store and the next controller resumes them), and then
+    // the store is closed. All of it within STOP_GRACE.
+    let stop = shared.stop.clone();
+    let server = Server::builder()
         .tls_config(tls)?
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(15)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
         .add_service(AgentServiceServer::new(agents::AgentApi { shared: shared.clone() }))
         .add_service(EnrollServiceServer::new(enroll::EnrollApi { shared: shared.clone() }))
-        .add_service(OperatorServiceServer::new(operator::OperatorApi { shared }))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await?;
+        .add_service(OperatorServiceServer::new(operator::OperatorApi {
+            shared: shared.clone(),
+        }))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop.clone().cancelled_owned());
+    tokio::pin!(server);
+    tokio::select! {
+        r = &mut server => {
+            // The server ended by itself: an error.
+            stop.cancel();
+            r?;
+            return Ok(());
+        }
+        () = shutdown => {}
+    }
+    tracing::info!("stopping: ending agent sessions, operator streams and rollout tasks");
+    convoy_common::observe::notify::stopping("ending sessions and rollout tasks");
+    stop.cancel();
+    shared.tasks.close();
+    let drained = tokio::time::timeout(STOP_GRACE, async {
+        let served = (&mut server).await;
+        shared.tasks.wait().await;
+        served
+    })
+    .await;
+    match drained {
+        Ok(r) => r?,
+        Err(_) => tracing::warn!("not every connection or task ended within {STOP_GRACE:?}; stopping anyway"),
+    }
+    shared.db.close();
+    tracing::info!("stopped");
     Ok(())
 }

@@ -17,8 +17,11 @@ use futures::Stream;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{internal, operator, rollout, Shared};
+use super::{internal, operator, Shared};
 use crate::db::{DbError, Release};
+use crate::rollout::control::Action;
+use crate::rollout::events::Event;
+use crate::rollout::order::{DeployOrder, InvalidOrder, RollbackOrder};
 
 pub struct OperatorApi {
     pub shared: Arc<Shared>,
@@ -29,25 +32,22 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 /// Largest artifact accepted by push.
 const MAX_ARTIFACT: u64 = 16 << 30;
 
-/// A rollout's events as a gRPC stream; a slow reader skips what it missed.
-fn event_stream(rx: tokio::sync::broadcast::Receiver<RolloutEvent>) -> BoxStream<RolloutEvent> {
-    Box::pin(tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(|item| item.ok().map(Ok)))
+/// A rollout's events for an operator, as wire events; a slow reader skips
+/// what it missed. Ends with the rollout, or when the controller stops.
+fn event_stream(shared: &Shared, rx: tokio::sync::broadcast::Receiver<Event>) -> BoxStream<RolloutEvent> {
+    let events = tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(|item| item.ok().map(|e| Ok((&e).into())));
+    Box::pin(futures::StreamExt::take_until(
+        events,
+        shared.stop.clone().cancelled_owned(),
+    ))
 }
 
 pub fn load_spec(shared: &Shared, app: &AppName) -> Result<AppSpec, Status> {
-    let path = shared.cfg.apps_dir.join(format!("{app}.toml"));
-    let text = std::fs::read_to_string(&path)
-        .map_err(|e| Status::failed_precondition(format!("no app spec for {app}: {}: {e}", path.display())))?;
-    let spec =
-        AppSpec::parse(&path.display().to_string(), &text).map_err(|e| Status::failed_precondition(e.to_string()))?;
-    if spec.install.app != *app {
-        return Err(Status::failed_precondition(format!(
-            "{}: name is {:?} but the file is named for {app}",
-            path.display(),
-            spec.install.app.as_str()
-        )));
-    }
-    Ok(spec)
+    Ok(shared.engine.load_spec(app)?)
+}
+
+fn invalid(e: InvalidOrder) -> Status {
+    Status::invalid_argument(e.to_string())
 }
 
 fn arg<T>(field: &str, r: Result<T, convoy_common::names::InvalidName>) -> Result<T, Status> {
@@ -152,14 +152,15 @@ impl OperatorService for OperatorApi {
             "pause, resume, abort, promote or approve rollouts",
         )?;
         let r = req.into_inner();
-        let state = rollout::control(&self.shared, &r.rollout_id, &r.action, &id)?;
+        let action: Action = r.action.parse().map_err(Status::invalid_argument)?;
+        let state = self.shared.engine.control(&r.rollout_id, action, &id.to_string())?;
         Ok(Response::new(ControlReply { state }))
     }
 
     async fn watch(&self, req: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
         operator(&req, Role::Viewer, "watch rollouts")?;
-        let rx = rollout::watch(&self.shared, &req.into_inner().rollout_id)?;
-        Ok(Response::new(event_stream(rx)))
+        let rx = self.shared.engine.watch(&req.into_inner().rollout_id)?;
+        Ok(Response::new(event_stream(&self.shared, rx)))
     }
 
     async fn push_release(&self, req: Request<Streaming<PushRequest>>) -> Result<Response<PushReply>, Status> {
@@ -247,19 +248,16 @@ impl OperatorService for OperatorApi {
 
     async fn deploy(&self, req: Request<DeployRequest>) -> Result<Response<Self::DeployStream>, Status> {
         let id = operator(&req, Role::Deployer, "deploy")?;
-        let r = req.into_inner();
-        let app = arg("app", AppName::new(r.app.clone()))?;
-        let version = arg("version", Version::new(r.version.clone()))?;
-        let rx = rollout::start_deploy(&self.shared, id, app, version, r)?;
-        Ok(Response::new(event_stream(rx)))
+        let order = DeployOrder::try_from(req.into_inner()).map_err(invalid)?;
+        let rx = self.shared.engine.start_deploy(&id.to_string(), order)?;
+        Ok(Response::new(event_stream(&self.shared, rx)))
     }
 
     async fn rollback(&self, req: Request<RollbackRequest>) -> Result<Response<Self::RollbackStream>, Status> {
         let id = operator(&req, Role::Deployer, "roll back")?;
-        let r = req.into_inner();
-        let app = arg("app", AppName::new(r.app.clone()))?;
-        let rx = rollout::start_rollback(&self.shared, id, app, r)?;
-        Ok(Response::new(event_stream(rx)))
+        let order = RollbackOrder::try_from(req.into_inner()).map_err(invalid)?;
+        let rx = self.shared.engine.start_rollback(&id.to_string(), order)?;
+        Ok(Response::new(event_stream(&self.shared, rx)))
     }
 
     async fn history(&self, req: Request<HistoryRequest>) -> Result<Response<HistoryReply>, Status> {

@@ -8,19 +8,27 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use convoy_common::ops::{now_unix_ms, AppStatus, OpReport, StepEvent};
+use convoy_common::ops::{now_unix_ms, AppStatus, OpId, OpReport, StepEvent};
 use convoy_common::{AppName, HostName};
-use convoy_proto::ControllerMessage;
-use tokio::sync::mpsc;
+use convoy_proto::{controller_message, ControllerMessage};
+use futures::future::BoxFuture;
+use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
+
+use crate::rollout::fleet::{Command, Fleet, FleetHost, OpWait};
 
 pub type CommandTx = mpsc::Sender<Result<ControllerMessage, Status>>;
 
-/// What an operation's waiter hears.
-#[derive(Debug, Clone)]
-pub enum Update {
-    Event(StepEvent),
-    Result(Box<OpReport>),
+/// What became of a result a host sent.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Delivery {
+    /// Handed to the rollout waiting for it.
+    Delivered,
+    /// Nobody waits for this operation (any more): a late result.
+    NotAwaited,
+    /// The operation belongs to another host, or the id is not one a
+    /// rollout makes; ignored.
+    Refused,
 }
 
 #[derive(Clone)]
@@ -35,15 +43,21 @@ pub struct HostEntry {
 /// Someone waiting for an operation's end, and the command that started
 /// it, re-sent if the host comes back without having heard it.
 struct Waiter {
-    host: HostName,
-    tx: mpsc::Sender<Update>,
+    events: mpsc::Sender<StepEvent>,
+    /// Taken when the result arrives; a second result for the same
+    /// operation (a hello repeating it) finds it gone.
+    result: Option<oneshot::Sender<OpReport>>,
     command: ControllerMessage,
 }
+
+/// Progress events an operation's waiter may hold before newer ones are
+/// dropped.
+const EVENT_BACKLOG: usize = 256;
 
 #[derive(Default)]
 pub struct Registry {
     hosts: Mutex<BTreeMap<HostName, HostEntry>>,
-    waiters: Mutex<HashMap<String, Waiter>>,
+    waiters: Mutex<HashMap<OpId, Waiter>>,
     next_session: AtomicU64,
 }
 
@@ -116,16 +130,18 @@ impl Registry {
             .and_then(|h| h.session.as_ref().map(|(_, tx)| tx.clone()))
     }
 
-    /// Registers interest in an operation's events and result.
-    pub fn wait_for(&self, op_id: &str, host: &HostName, command: ControllerMessage) -> mpsc::Receiver<Update> {
-        let (tx, rx) = mpsc::channel(256);
+    /// Registers interest in an operation's events and result. The host
+    /// it is for is the one its id names.
+    fn wait_for(&self, op: &OpId, command: ControllerMessage) -> OpWait {
+        let (events_tx, events) = mpsc::channel(EVENT_BACKLOG);
+        let (result_tx, result) = oneshot::channel();
         let w = Waiter {
-            host: host.clone(),
-            tx,
+            events: events_tx,
+            result: Some(result_tx),
             command,
         };
-        self.waiters.lock().unwrap().insert(op_id.to_owned(), w);
-        rx
+        self.waiters.lock().unwrap().insert(op.clone(), w);
+        OpWait { events, result }
     }
 
     /// Commands for `host` still waiting for a result, except those in
@@ -137,33 +153,194 @@ impl Registry {
             .lock()
             .unwrap()
             .iter()
-            .filter(|(op, w)| w.host == *host && !answered.contains(op))
+            .filter(|(op, w)| op.host() == host && w.result.is_some() && !answered.contains(&op.to_string()))
             .map(|(_, w)| w.command.clone())
             .collect()
     }
 
-    pub fn forget(&self, op_id: &str) {
-        self.waiters.lock().unwrap().remove(op_id);
+    pub fn forget(&self, op: &OpId) {
+        self.waiters.lock().unwrap().remove(op);
     }
 
-    /// Routes an update from `host` to its waiter; returns whether there was
-    /// one. An update for an operation that belongs to another host is
-    /// dropped: a host can only speak for itself.
-    pub fn deliver(&self, host: &HostName, op_id: &str, update: Update) -> bool {
-        if let Update::Result(r) = &update {
-            self.update_apps(host, vec![r.state.clone()]);
-        }
-        let waiters = self.waiters.lock().unwrap();
-        if let Some(Waiter { host: owner, tx, .. }) = waiters.get(op_id) {
-            if owner == host {
-                if tx.try_send(update).is_err() {
-                    tracing::warn!(%host, op_id, "waiter is full or gone; update dropped");
-                }
-            } else {
-                tracing::warn!(%host, op_id, %owner, "update for another host's operation ignored");
+    /// The operation `op_id` names, when `host` may speak for it: a host
+    /// only ever speaks for its own operations.
+    fn owned_by(host: &HostName, op_id: &str) -> Option<OpId> {
+        match OpId::parse(op_id) {
+            Ok(op) if op.host() == host => Some(op),
+            Ok(op) => {
+                tracing::warn!(%host, %op, owner = %op.host(), "message for another host's operation ignored");
+                None
             }
-            return true;
+            Err(e) => {
+                tracing::warn!(%host, error = %e, "message for an operation no rollout made ignored");
+                None
+            }
         }
-        false
+    }
+
+    /// Passes a progress event to its operation's waiter, if it has room.
+    pub fn deliver_event(&self, host: &HostName, ev: StepEvent) {
+        let Some(op) = Self::owned_by(host, &ev.op_id) else {
+            return;
+        };
+        if let Some(w) = self.waiters.lock().unwrap().get(&op) {
+            if w.events.try_send(ev).is_err() {
+                tracing::debug!(%host, %op, "waiter's event backlog is full; event dropped");
+            }
+        }
+    }
+
+    /// Hands a result from `host` to the rollout waiting for it, exactly
+    /// once.
+    pub fn deliver_result(&self, host: &HostName, report: OpReport) -> Delivery {
+        let Some(op) = Self::owned_by(host, &report.op_id) else {
+            return Delivery::Refused;
+        };
+        self.update_apps(host, vec![report.state.clone()]);
+        let sender = self.waiters.lock().unwrap().get_mut(&op).and_then(|w| w.result.take());
+        match sender {
+            // A waiter that has just given up takes the result as late.
+            Some(tx) => match tx.send(report) {
+                Ok(()) => Delivery::Delivered,
+                Err(_) => Delivery::NotAwaited,
+            },
+            None => Delivery::NotAwaited,
+        }
+    }
+}
+
+/// The registry is the engine's fleet: its hosts are the ones that have
+/// connected, and commands go down their sessions.
+impl Fleet for Registry {
+    fn hosts(&self) -> Vec<FleetHost> {
+        self.hosts
+            .lock()
+            .unwrap()
+            .values()
+            .map(|h| FleetHost {
+                name: h.name.clone(),
+                labels: h.labels.clone(),
+                apps: h.apps.clone(),
+                connected: h.session.is_some(),
+            })
+            .collect()
+    }
+
+    fn connected(&self, host: &HostName) -> bool {
+        self.command_tx(host).is_some()
+    }
+
+    fn dispatch<'a>(&'a self, op: &'a OpId, command: Command) -> BoxFuture<'a, OpWait> {
+        Box::pin(async move {
+            let body = match &command {
+                Command::Stage(c) => controller_message::Body::Stage(c.into()),
+                Command::Activate(c) => controller_message::Body::Activate(c.into()),
+                Command::Rollback(c) => controller_message::Body::Rollback(c.into()),
+            };
+            let msg = ControllerMessage { body: Some(body) };
+            let wait = self.wait_for(op, msg.clone());
+            // A host that is away gets the command again when it comes
+            // back (`pending_for`), so a failed send is not an error.
+            if let Some(tx) = self.command_tx(op.host()) {
+                let _ = tx.send(Ok(msg)).await;
+            }
+            wait
+        })
+    }
+
+    fn forget(&self, op: &OpId) {
+        Registry::forget(self, op)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use convoy_common::ops::{EventKind, Health, OpKind, Outcome, Step};
+    use convoy_common::Version;
+
+    fn host(s: &str) -> HostName {
+        HostName::new(s).unwrap()
+    }
+
+    fn report(op: &OpId) -> OpReport {
+        let app = AppName::new("demo").unwrap();
+        OpReport {
+            op_id: op.to_string(),
+            app: app.clone(),
+            version: Version::new("1.0.0").unwrap(),
+            outcome: Outcome::Succeeded,
+            reason: String::new(),
+            restore_detail: String::new(),
+            state: AppStatus {
+                app,
+                current: None,
+                previous: None,
+                last_known_good: None,
+                releases: vec![],
+                health: Health::Unknown,
+                health_reason: String::new(),
+                inflight_op: None,
+            },
+        }
+    }
+
+    fn event(op: &OpId, n: usize) -> StepEvent {
+        StepEvent {
+            op_id: op.to_string(),
+            app: AppName::new("demo").unwrap(),
+            step: Step::Stage,
+            kind: EventKind::Info,
+            message: format!("event {n}"),
+            at_unix_ms: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_result_arrives_however_many_events_came_before_it() {
+        let reg = Registry::default();
+        let op = OpId::new("r1", OpKind::Activate, &host("web1"));
+        let mut wait = reg.wait_for(&op, ControllerMessage { body: None });
+        // A waiter that reads nothing while a host floods it with events.
+        for n in 0..EVENT_BACKLOG * 4 {
+            reg.deliver_event(&host("web1"), event(&op, n));
+        }
+        assert_eq!(reg.deliver_result(&host("web1"), report(&op)), Delivery::Delivered);
+        let got = wait.result.try_recv().expect("the result is there");
+        assert_eq!(got.op_id, op.to_string());
+        // Events beyond the backlog were dropped, the oldest kept.
+        let mut n = 0;
+        while let Ok(e) = wait.events.try_recv() {
+            assert_eq!(e.message, format!("event {n}"));
+            n += 1;
+        }
+        assert_eq!(n, EVENT_BACKLOG);
+        // A hello repeating the result does not deliver it twice.
+        assert_eq!(reg.deliver_result(&host("web1"), report(&op)), Delivery::NotAwaited);
+        assert!(
+            reg.pending_for(&host("web1"), &[]).is_empty(),
+            "answered: nothing to re-send"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_host_cannot_answer_for_another_hosts_operation() {
+        let reg = Registry::default();
+        let theirs = OpId::new("r1", OpKind::Activate, &host("eu-web1"));
+        let mut wait = reg.wait_for(&theirs, ControllerMessage { body: None });
+        let mut forged = report(&theirs);
+        assert_eq!(reg.deliver_result(&host("web1"), forged.clone()), Delivery::Refused);
+        // Ids in the old ROLLOUT-HOST form are not ones a rollout makes.
+        forged.op_id = "r1-eu-web1".into();
+        assert_eq!(reg.deliver_result(&host("web1"), forged), Delivery::Refused);
+        reg.deliver_event(&host("web1"), event(&theirs, 0));
+        assert!(wait.result.try_recv().is_err());
+        assert!(wait.events.try_recv().is_err());
+        assert_eq!(reg.pending_for(&host("eu-web1"), &[]).len(), 1);
+        assert!(reg.pending_for(&host("web1"), &[]).is_empty());
+        assert_eq!(
+            reg.deliver_result(&host("eu-web1"), report(&theirs)),
+            Delivery::Delivered
+        );
     }
 }

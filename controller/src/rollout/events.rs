@@ -1,0 +1,105 @@
+//! What a rollout tells those watching it. The gRPC edge turns these into
+//! wire events (`server::operator`); the webhooks and the store see the
+//! same facts.
+
+use std::time::Duration;
+
+use convoy_common::ops::{OpReport, StepEvent};
+use convoy_common::HostName;
+
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub rollout_id: String,
+    pub body: EventBody,
+}
+
+#[derive(Debug, Clone)]
+pub enum EventBody {
+    Plan(Plan),
+    Note(String),
+    /// A step of one host's operation.
+    Host {
+        host: HostName,
+        event: StepEvent,
+    },
+    /// How one host's operation ended.
+    Result {
+        host: HostName,
+        report: Box<OpReport>,
+    },
+    Done(Done),
+}
+
+/// What a rollout will do, sent first.
+#[derive(Debug, Clone, Default)]
+pub struct Plan {
+    pub hosts: Vec<HostName>,
+    /// sha256 of the artifact, hex (empty for a rollback).
+    pub digest: String,
+    /// Hosts of the environment that are not connected, left out.
+    pub skipped_hosts: Vec<HostName>,
+    pub batches: Vec<PlannedBatch>,
+    pub strategy: String,
+    pub failure_budget: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct PlannedBatch {
+    pub hosts: Vec<HostName>,
+    /// Wait after the batch (canary stages).
+    pub bake: Duration,
+}
+
+/// How a rollout ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Succeeded,
+    /// Halted; nothing moved needed rolling back, or rolling back was off.
+    Failed,
+    /// Halted, and the hosts it moved were rolled back.
+    RolledBack,
+    /// Aborted before any host was sent anything (e.g. while awaiting
+    /// approval): not a change that failed.
+    Cancelled,
+}
+
+impl Verdict {
+    /// The state the store and history show.
+    pub fn state(self) -> &'static str {
+        match self {
+            Verdict::Succeeded => "succeeded",
+            Verdict::Failed => "failed",
+            Verdict::RolledBack => "rolled_back",
+            Verdict::Cancelled => "cancelled",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Done {
+    pub verdict: Verdict,
+    /// The first host that failed, when a host's failure halted it.
+    pub failed_host: Option<HostName>,
+    pub reason: String,
+    /// Targets never reached.
+    pub untouched_hosts: Vec<HostName>,
+    pub failed_hosts: Vec<HostName>,
+    pub rolled_back_hosts: Vec<HostName>,
+    /// A failing host could not restore its previous release, or a
+    /// rollback failed: a host needs attention.
+    pub rollback_failed: bool,
+}
+
+impl Done {
+    pub fn succeeded(reason: String, failed_hosts: Vec<HostName>, rollback_failed: bool) -> Self {
+        Done {
+            verdict: Verdict::Succeeded,
+            failed_host: None,
+            reason,
+            untouched_hosts: vec![],
+            failed_hosts,
+            rolled_back_hosts: vec![],
+            rollback_failed,
+        }
+    }
+}

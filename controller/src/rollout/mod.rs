@@ -1,0 +1,514 @@
+//! The rollout engine, a domain module: it knows neither tonic nor prost.
+//!
+//! The gRPC edge (`server::operator`) turns requests into validated orders
+//! ([`order`]) and the engine's [`events`] into wire events. The engine
+//! reaches hosts through a [`fleet::Fleet`] (the session registry, or an
+//! in-process fleet in tests), keeps everything in a
+//! [`store::RolloutStore`], and calls the [`seams`] around each host's
+//! activation and after each batch. Operators' pause, resume, abort,
+//! approve and promote are a pure state machine ([`control`]).
+//!
+//! - planning (this file): targets, batches, the promotion rule, one
+//!   rollout per app and environment;
+//! - [`run`]: one rollout from approval to its end;
+//! - [`resume`]: rollouts a previous controller left running, and results
+//!   that arrive after their rollout stopped waiting.
+
+pub mod control;
+pub mod events;
+pub mod fleet;
+pub mod order;
+mod resume;
+mod run;
+pub mod seams;
+pub mod store;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use convoy_common::ops::ActivateCommand;
+use convoy_common::spec::AppSpec;
+use convoy_common::{AppName, HostName};
+use tokio::sync::{broadcast, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use control::{Action, Control};
+use events::{Event, Plan, PlannedBatch};
+use fleet::{Fleet, FleetHost};
+use order::{DeployOrder, RollbackOrder, Vanish};
+use run::{Head, Kind, Rollout, SavedPlan};
+use seams::{Gate, HostSteps, NoGate, NoSteps};
+use store::{NewRollout, RolloutStore, StoreError};
+
+/// Why the engine refused a request; nothing was changed.
+#[derive(Debug, thiserror::Error)]
+pub enum Refused {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Precondition(String),
+    /// Another rollout holds the app and environment.
+    #[error("{0}")]
+    Busy(String),
+    #[error("{0}")]
+    Permission(String),
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+}
+
+pub struct EngineConfig {
+    /// Where app specs are (`APP.toml`).
+    pub apps_dir: PathBuf,
+    /// How long one host's operation may take.
+    pub host_timeout: Duration,
+    /// Hosts pre-staged at once.
+    pub prestage_parallel: usize,
+    /// How long a resumed rollout waits for its hosts to reconnect.
+    pub reconnect_grace: Duration,
+}
+
+/// A running rollout as others reach it: to watch it or to control it.
+struct Live {
+    events: broadcast::Sender<Event>,
+    control: watch::Sender<Control>,
+}
+
+pub struct Engine {
+    cfg: EngineConfig,
+    fleet: Arc<dyn Fleet>,
+    store: Arc<dyn RolloutStore>,
+    notifier: crate::webhooks::Notifier,
+    steps: Arc<dyn HostSteps>,
+    gate: Arc<dyn Gate>,
+    /// (app, environment) → the rollout running there.
+    running: Mutex<HashMap<(AppName, String), String>>,
+    live: Mutex<HashMap<String, Live>>,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl Engine {
+    /// An engine whose rollout tasks end when `stop` is cancelled (their
+    /// state stays in the store, for the next controller to resume) and
+    /// are tracked by `tasks`.
+    pub fn new(
+        cfg: EngineConfig,
+        fleet: Arc<dyn Fleet>,
+        store: Arc<dyn RolloutStore>,
+        notifier: crate::webhooks::Notifier,
+        stop: CancellationToken,
+        tasks: TaskTracker,
+    ) -> Self {
+        Engine {
+            cfg,
+            fleet,
+            store,
+            notifier,
+            steps: Arc::new(NoSteps),
+            gate: Arc::new(NoGate),
+            running: Mutex::new(HashMap::new()),
+            live: Mutex::new(HashMap::new()),
+            stop,
+            tasks,
+        }
+    }
+
+    /// Puts `steps` around every host's activation and measures `gate`
+    /// after every batch and bake.
+    #[cfg_attr(not(test), expect(dead_code, reason = "traffic steps and metric gates plug in here"))]
+    pub fn with_seams(mut self, steps: Arc<dyn HostSteps>, gate: Arc<dyn Gate>) -> Self {
+        self.steps = steps;
+        self.gate = gate;
+        self
+    }
+
+    /// The app spec of `app`, checked.
+    pub fn load_spec(&self, app: &AppName) -> Result<AppSpec, Refused> {
+        let path = self.cfg.apps_dir.join(format!("{app}.toml"));
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| Refused::Precondition(format!("no app spec for {app}: {}: {e}", path.display())))?;
+        let spec =
+            AppSpec::parse(&path.display().to_string(), &text).map_err(|e| Refused::Precondition(e.to_string()))?;
+        if spec.install.app != *app {
+            return Err(Refused::Precondition(format!(
+                "{}: name is {:?} but the file is named for {app}",
+                path.display(),
+                spec.install.app.as_str()
+            )));
+        }
+        Ok(spec)
+    }
+
+    /// Hosts of `env` that match the spec's and the order's labels:
+    /// (connected, not connected), sorted by name.
+    fn hosts_in(
+        &self,
+        env: &str,
+        selector: &BTreeMap<String, String>,
+        select: &BTreeMap<String, String>,
+    ) -> (Vec<FleetHost>, Vec<FleetHost>) {
+        let mut hosts = self.fleet.hosts();
+        hosts.sort_by(|a, b| a.name.cmp(&b.name));
+        hosts
+            .into_iter()
+            .filter(|h| h.labels.get("env").map(String::as_str) == Some(env))
+            .filter(|h| {
+                selector
+                    .iter()
+                    .chain(select.iter())
+                    .all(|(k, v)| h.labels.get(k) == Some(v))
+            })
+            .partition(|h| h.connected)
+    }
+
+    /// Plans and starts a deploy; returns its event stream.
+    pub fn start_deploy(self: &Arc<Self>, who: &str, o: DeployOrder) -> Result<broadcast::Receiver<Event>, Refused> {
+        let (app, version, env) = (&o.app, &o.version, &o.env);
+        let spec = self.load_spec(app)?;
+        let Some(pos) = spec.environments.iter().position(|e| e == env) else {
+            return Err(Refused::Invalid(format!(
+                "environment {env:?} is not one of {app}'s environments ({})",
+                spec.environments.join(", ")
+            )));
+        };
+        let release = self.store.release(app, version)?.ok_or_else(|| {
+            Refused::NotFound(format!(
+                "{app} {version} has not been pushed; run `convoy release push {app} {version} FILE`"
+            ))
+        })?;
+        // Promotion: a version enters an environment only after it
+        // completed in the one before, unless this is a recorded hotfix.
+        if spec.promotion && pos > 0 && o.hotfix.is_none() {
+            let before = &spec.environments[pos - 1];
+            if !self.store.completed_in(app, version, before)? {
+                return Err(Refused::Precondition(format!(
+                    "{app} {version} has not completed in {before}, which comes before {env}; deploy it there first, \
+                     or pass --hotfix --reason TEXT"
+                )));
+            }
+        }
+        let (connected, missing) = self.hosts_in(env, &spec.selector, &o.select);
+        if connected.is_empty() {
+            return Err(Refused::Precondition(format!(
+                "no connected host has label env={env}{}",
+                spec.selector
+                    .iter()
+                    .chain(o.select.iter())
+                    .map(|(k, v)| format!(", {k}={v}"))
+                    .collect::<String>()
+            )));
+        }
+        // Explicit order first, then the rest by name.
+        let mut targets: Vec<FleetHost> = Vec::new();
+        let mut rest = connected;
+        for name in &o.order {
+            let Some(i) = rest.iter().position(|h| h.name == *name) else {
+                return Err(Refused::Invalid(format!(
+                    "--order names {name}, which is not a connected target of this rollout"
+                )));
+            };
+            targets.push(rest.remove(i));
+        }
+        targets.extend(rest);
+        // A labelled canary group goes first, in the order so far.
+        let group = if o.canary_group.is_empty() {
+            0
+        } else {
+            let in_group = |h: &FleetHost| o.canary_group.iter().all(|(k, v)| h.labels.get(k) == Some(v));
+            let (mut first, rest): (Vec<FleetHost>, Vec<FleetHost>) = targets.into_iter().partition(in_group);
+            if first.is_empty() {
+                let labels: Vec<String> = o.canary_group.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                return Err(Refused::Precondition(format!(
+                    "--canary-group {}: no connected target has these labels",
+                    labels.join(",")
+                )));
+            }
+            let n = first.len();
+            first.extend(rest);
+            targets = first;
+            n
+        };
+        let budget = o.failure_budget.hosts(targets.len());
+        // Each host's command gets its own operation id when it is sent.
+        let cmd = ActivateCommand {
+            op_id: String::new(),
+            spec: spec.install.clone(),
+            version: version.clone(),
+            digest: release.digest,
+            size: release.size,
+            signature: release.signature.clone(),
+        };
+        let strategy_text = describe(&o.strategy.describe(), group, o.manual_promote, o.vanish);
+        let kind = Kind::Deploy {
+            cmd: Box::new(cmd),
+            strategy: o.strategy.clone(),
+            budget,
+            rollback_on_halt: o.rollback_on_halt,
+            group,
+            manual_promote: o.manual_promote,
+            vanish: o.vanish,
+        };
+        let control = if spec.approval.contains(env) {
+            Control::AwaitApproval(who.to_owned())
+        } else {
+            Control::Run
+        };
+        let names: Vec<HostName> = targets.iter().map(|h| h.name.clone()).collect();
+        let plan = Plan {
+            hosts: names.clone(),
+            digest: release.digest.to_hex(),
+            skipped_hosts: missing.into_iter().map(|h| h.name).collect(),
+            batches: o
+                .strategy
+                .batches_after_group(names.len(), group)
+                .into_iter()
+                .map(|(range, bake)| PlannedBatch {
+                    hosts: names[range].to_vec(),
+                    bake,
+                })
+                .collect(),
+            strategy: strategy_text.clone(),
+            failure_budget: budget,
+        };
+        let rollout = self.claim(who, app, env, kind, &targets, control)?;
+        let record = NewRollout {
+            id: &rollout.id,
+            app,
+            version: version.as_str(),
+            env,
+            kind: "deploy",
+            strategy: &strategy_text,
+            hotfix_reason: o.hotfix.as_deref().map(str::trim).unwrap_or(""),
+            operator: who,
+            plan: &rollout.saved_plan(),
+        };
+        if let Err(e) = self.store.start_rollout(&record) {
+            self.release_slot(app, env);
+            return Err(e.into());
+        }
+        tracing::info!(rollout = %rollout.id, %app, %version, %env, by = %who, hotfix = o.hotfix.is_some(), "deploy started");
+        Ok(self.launch(rollout, false, Some(plan)))
+    }
+
+    /// Checks and starts a manual rollback; returns its event stream. It
+    /// is refused before anything changes if a host does not hold its
+    /// target.
+    pub fn start_rollback(
+        self: &Arc<Self>,
+        who: &str,
+        o: RollbackOrder,
+    ) -> Result<broadcast::Receiver<Event>, Refused> {
+        let (app, env) = (&o.app, &o.env);
+        let spec = self.load_spec(app)?;
+        if !spec.environments.contains(env) {
+            return Err(Refused::Invalid(format!(
+                "environment {env:?} is not one of {app}'s environments"
+            )));
+        }
+        let (connected, missing) = self.hosts_in(env, &spec.selector, &BTreeMap::new());
+        let mut targets = connected;
+        if !o.hosts.is_empty() {
+            for h in &o.hosts {
+                if !targets.iter().chain(missing.iter()).any(|t| t.name == *h) {
+                    return Err(Refused::Invalid(format!(
+                        "--hosts names {h}, which is not a host of {app} in {env}"
+                    )));
+                }
+            }
+            targets.retain(|t| o.hosts.contains(&t.name));
+        }
+        // Every host must hold its target: checked for all before any is touched.
+        let mut problems: Vec<String> = missing
+            .iter()
+            .filter(|h| o.hosts.is_empty() || o.hosts.contains(&h.name))
+            .map(|h| format!("{} is not connected", h.name))
+            .collect();
+        for h in &targets {
+            let state = h.apps.get(app);
+            let want = o.to.clone().or_else(|| state.and_then(|s| s.previous.clone()));
+            match (want, state) {
+                (None, _) => problems.push(format!("{} has no previous release of {app}", h.name)),
+                (Some(v), Some(s)) if s.releases.contains(&v) || s.current.as_ref() == Some(&v) => {}
+                (Some(v), _) => problems.push(format!("{} no longer holds {app} {v}", h.name)),
+            }
+        }
+        if targets.is_empty() && problems.is_empty() {
+            problems.push(format!("no host of {app} in {env}"));
+        }
+        if !problems.is_empty() {
+            return Err(Refused::Precondition(format!(
+                "rollback refused, nothing was changed: {}",
+                problems.join("; ")
+            )));
+        }
+        let version =
+            o.to.as_ref()
+                .map(|v| v.to_string())
+                .unwrap_or_else(|| "previous".into());
+        let names: Vec<HostName> = targets.iter().map(|h| h.name.clone()).collect();
+        let plan = Plan {
+            hosts: names.clone(),
+            digest: String::new(),
+            skipped_hosts: vec![],
+            batches: vec![PlannedBatch {
+                hosts: names.clone(),
+                bake: Duration::ZERO,
+            }],
+            strategy: format!("rollback to {version}, all at once"),
+            failure_budget: names.len(),
+        };
+        let kind = Kind::Rollback { to: o.to.clone() };
+        let rollout = self.claim(who, app, env, kind, &targets, Control::Run)?;
+        let record = NewRollout {
+            id: &rollout.id,
+            app,
+            version: &version,
+            env,
+            kind: "rollback",
+            strategy: "all at once",
+            hotfix_reason: "",
+            operator: who,
+            plan: &rollout.saved_plan(),
+        };
+        if let Err(e) = self.store.start_rollout(&record) {
+            self.release_slot(app, env);
+            return Err(e.into());
+        }
+        tracing::info!(rollout = %rollout.id, %app, %env, to = %version, by = %who, "rollback started");
+        Ok(self.launch(rollout, false, Some(plan)))
+    }
+
+    /// Claims the (app, environment) slot, one rollout at a time there,
+    /// and makes the rollout.
+    fn claim(
+        &self,
+        who: &str,
+        app: &AppName,
+        env: &str,
+        kind: Kind,
+        targets: &[FleetHost],
+        control: Control,
+    ) -> Result<Rollout, Refused> {
+        let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
+        {
+            let mut running = self.running.lock().unwrap();
+            let key = (app.clone(), env.to_owned());
+            if let Some(other) = running.get(&key) {
+                return Err(Refused::Busy(format!(
+                    "rollout {other} of {app} to {env} is still running"
+                )));
+            }
+            running.insert(key, id.clone());
+        }
+        let plan = SavedPlan {
+            kind,
+            targets: targets.iter().map(|h| h.name.clone()).collect(),
+            before: targets
+                .iter()
+                .map(|h| (h.name.clone(), h.apps.get(app).and_then(|s| s.current.clone())))
+                .collect(),
+        };
+        let head = Head {
+            id,
+            operator: who.to_owned(),
+            app: app.clone(),
+            env: env.to_owned(),
+        };
+        Ok(Rollout::new(head, plan, HashMap::new(), control))
+    }
+
+    fn release_slot(&self, app: &AppName, env: &str) {
+        self.running.lock().unwrap().remove(&(app.clone(), env.to_owned()));
+    }
+
+    /// Runs `rollout` in a task of its own, owned by the engine; callers
+    /// only watch its events, so an operator going away does not stop it.
+    fn launch(self: &Arc<Self>, rollout: Rollout, resumed: bool, plan: Option<Plan>) -> broadcast::Receiver<Event> {
+        let rx = rollout.tx.subscribe();
+        self.live.lock().unwrap().insert(
+            rollout.id.clone(),
+            Live {
+                events: rollout.tx.clone(),
+                control: rollout.control.clone(),
+            },
+        );
+        self.spawn(rollout.run(self.clone(), resumed, plan));
+        rx
+    }
+
+    /// Runs `task` until it ends or the engine stops.
+    fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        let stop = self.stop.clone();
+        self.tasks.spawn(async move {
+            tokio::select! {
+                () = task => {}
+                () = stop.cancelled() => {}
+            }
+        });
+    }
+
+    /// Applies an operator's action to a running rollout; returns what the
+    /// operator is told.
+    pub fn control(&self, id: &str, action: Action, who: &str) -> Result<String, Refused> {
+        let live = self.live.lock().unwrap();
+        let Some(l) = live.get(id) else {
+            return Err(match self.store.rollout(id)? {
+                Some(row) => Refused::Precondition(format!("rollout {id} is not running (state: {})", row.state)),
+                None => Refused::NotFound(format!("no rollout {id}")),
+            });
+        };
+        let now = l.control.borrow().clone();
+        let applied = control::apply(&now, action, who).map_err(|r| {
+            let message = r.message(id);
+            if r.is_permission() {
+                Refused::Permission(message)
+            } else {
+                Refused::Precondition(message)
+            }
+        })?;
+        if applied.approved {
+            self.store.approve(id, who)?;
+        }
+        tracing::info!(rollout = %id, by = %who, ?action, "rollout control");
+        if applied.next != now {
+            l.control.send_replace(applied.next);
+        }
+        Ok(applied.reply)
+    }
+
+    /// A running rollout's event stream, from now until it ends.
+    pub fn watch(&self, id: &str) -> Result<broadcast::Receiver<Event>, Refused> {
+        if let Some(l) = self.live.lock().unwrap().get(id) {
+            return Ok(l.events.subscribe());
+        }
+        Err(match self.store.rollout(id)? {
+            Some(row) => Refused::Precondition(format!(
+                "rollout {id} has ended (state: {}); see `convoy history --rollout {id}`",
+                row.state
+            )),
+            None => Refused::NotFound(format!("no rollout {id}")),
+        })
+    }
+}
+
+/// The strategy as history and the plan show it.
+fn describe(strategy: &str, group: usize, manual_promote: bool, vanish: Vanish) -> String {
+    let mut s = strategy.to_owned();
+    if group > 0 {
+        s = format!("canary group of {group} first, then {s}");
+    }
+    if manual_promote {
+        s.push_str(", promoted by hand");
+    }
+    if vanish.wait {
+        s.push_str(", waiting for vanished hosts");
+    }
+    s
+}

@@ -1,0 +1,168 @@
+//! Rollouts a previous controller left running, and results that arrive
+//! after their rollout stopped waiting for them.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use convoy_common::ops::{OpId, OpKind, OpReport};
+use convoy_common::{AppName, HostName};
+
+use super::control::Control;
+use super::run::{Head, HostOutcome, Kind, Rollout, SavedPlan};
+use super::store::RolloutRow;
+
+fn head(row: &RolloutRow, app: AppName) -> Head {
+    Head {
+        id: row.id.clone(),
+        operator: row.operator.clone(),
+        app,
+        env: row.env.clone(),
+    }
+}
+use super::Engine;
+
+impl Engine {
+    /// Picks up the rollouts a previous controller left unfinished: each
+    /// goes on from its recorded host results, in the state it was in
+    /// (paused, awaiting approval or promotion). Operations without a
+    /// recorded result are sent again under the same id, and an agent
+    /// answers a repeated id with what it already did, so no host is
+    /// activated twice.
+    pub async fn resume_all(self: Arc<Self>) {
+        let rows = match self.store.running_rollouts() {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read running rollouts");
+                return;
+            }
+        };
+        for (row, plan) in rows {
+            let fail = |why: String| {
+                tracing::error!(rollout = %row.id, "{why}");
+                if let Err(e) = self.store.finish_rollout(&row.id, "failed", &why) {
+                    tracing::error!(rollout = %row.id, error = %e, "could not record rollout end");
+                }
+            };
+            let (Ok(plan), Ok(app)) = (serde_json::from_str::<SavedPlan>(&plan), AppName::new(row.app.clone())) else {
+                fail("the controller restarted and this rollout's plan could not be read".into());
+                continue;
+            };
+            let hosts = match self.store.rollout_hosts(&row.id) {
+                Ok(hosts) => hosts,
+                Err(e) => {
+                    fail(format!("cannot read recorded results: {e}"));
+                    continue;
+                }
+            };
+            let mut recorded: HashMap<OpId, HostOutcome> = HashMap::new();
+            let mut unreadable = None;
+            for h in hosts {
+                let Some(outcome) = crate::db::outcome_from_name(&h.outcome) else {
+                    continue;
+                };
+                match OpId::parse(&h.op_id) {
+                    Ok(op) => {
+                        recorded.insert(
+                            op,
+                            HostOutcome {
+                                outcome,
+                                reason: h.reason,
+                                restore_detail: h.restore_detail,
+                            },
+                        );
+                    }
+                    Err(e) => unreadable = Some(e),
+                }
+            }
+            // A result the controller cannot match to its operation would
+            // have the operation sent again: halt instead, touching nothing.
+            if let Some(e) = unreadable {
+                fail(format!(
+                    "the controller restarted and cannot match a recorded host result to its operation ({e}); \
+                     nothing more was sent: check the hosts with `convoy status` and deploy again"
+                ));
+                continue;
+            }
+            let control = match row.state.as_str() {
+                "paused" => Control::Pause("an operator, before the controller restarted".into()),
+                "awaiting_approval" => Control::AwaitApproval(row.operator.clone()),
+                _ => Control::Run,
+            };
+            self.running
+                .lock()
+                .unwrap()
+                .insert((app.clone(), row.env.clone()), row.id.clone());
+            let rollout = Rollout::new(head(&row, app), plan, recorded, control);
+            tracing::warn!(
+                rollout = %rollout.id,
+                recorded = rollout.recorded.len(),
+                state = %row.state,
+                "resuming a rollout interrupted by a controller restart"
+            );
+            self.launch(rollout, true, None);
+        }
+    }
+
+    /// Reconciles a result no one was waiting for: a host that vanished
+    /// mid-rollout (and was counted as failed) reports how its operation
+    /// really ended when it comes back. The result goes into the rollout's
+    /// history; and when that rollout has since halted and rolled back the
+    /// hosts it moved, a host that did activate is rolled back too, so the
+    /// fleet ends where the rollout says it is. Only the host an operation
+    /// was sent to may answer for it.
+    pub fn late_result(self: &Arc<Self>, host: &HostName, r: &OpReport) {
+        let Ok(op) = OpId::parse(&r.op_id) else { return };
+        if op.host() != host {
+            return;
+        }
+        let id = op.rollout();
+        let Ok(Some((row, plan))) = self.store.rollout_with_plan(id) else {
+            return;
+        };
+        let (Ok(plan), Ok(app)) = (serde_json::from_str::<SavedPlan>(&plan), AppName::new(row.app.clone())) else {
+            return;
+        };
+        if !plan.targets.contains(host) {
+            tracing::warn!(rollout = %id, %host, %op, "result for a rollout the host is not a target of ignored");
+            return;
+        }
+        if !matches!(self.store.host_outcome(id, &r.op_id), Ok(None)) {
+            return; // already recorded: every hello repeats recent results
+        }
+        crate::metrics::get().host_result(r.outcome);
+        if let Err(e) = self.store.record_host_result(id, host, r) {
+            tracing::error!(rollout = %id, %host, error = %e, "could not record a late result");
+            return;
+        }
+        tracing::warn!(rollout = %id, %host, %op, outcome = %r.outcome, "late result reconciled into its rollout");
+        let halted = matches!(row.state.as_str(), "failed" | "rolled_back");
+        let undo = matches!(
+            plan.kind,
+            Kind::Deploy {
+                rollback_on_halt: true,
+                ..
+            }
+        ) && halted
+            && r.outcome.is_success()
+            && op.kind() == OpKind::Activate;
+        let to = plan.before.iter().find(|(h, _)| h == host).and_then(|(_, v)| v.clone());
+        let (true, Some(to)) = (undo, to) else {
+            return;
+        };
+        let rollback_op = OpId::new(id, OpKind::Rollback, host);
+        if !matches!(self.store.host_outcome(id, &rollback_op.to_string()), Ok(None)) {
+            return;
+        }
+        let rollout = Rollout::new(head(&row, app), plan, HashMap::new(), Control::Run);
+        let engine = self.clone();
+        let host = host.clone();
+        self.spawn(async move {
+            tracing::warn!(rollout = %rollout.id, %host, %to, "rolling back a host that activated after its rollout halted");
+            match rollout.rollback_host(&engine, &rollback_op, Some(to)).await {
+                Ok(o) if o.outcome.is_success() => tracing::info!(rollout = %rollout.id, %host, "late host rolled back"),
+                Ok(o) => tracing::error!(rollout = %rollout.id, %host, outcome = %o.outcome, reason = %o.reason, "late host could not be rolled back"),
+                Err(e) => tracing::error!(rollout = %rollout.id, %host, error = %e, "late host could not be rolled back"),
+            }
+        });
+    }
+}

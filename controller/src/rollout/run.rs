@@ -1,0 +1,736 @@
+//! One rollout, run to its end in a task of its own: approval, pre-stage
+//! everywhere (bounded), then batch by batch with the host steps around
+//! each activation and the gates after each batch and bake; on a failure
+//! over the budget, a failing gate or an abort, halt and roll the moved
+//! hosts back in parallel, without replaying any stage.
+//!
+//! A manual rollback switches its hosts to a release they hold, all at
+//! once.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use convoy_common::ops::{ActivateCommand, OpId, OpKind, OpReport, Outcome, RollbackCommand, StepEvent};
+use convoy_common::rollout::Strategy;
+use convoy_common::{AppName, HostName, Version};
+use futures::future::join_all;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, watch, Semaphore};
+
+use super::control::Control;
+use super::events::{Done, Event, EventBody, Plan, Verdict};
+use super::fleet::{Command, OpWait};
+use super::order::Vanish;
+use super::seams::{GatePoint, RolloutRef};
+use super::Engine;
+
+/// What a rollout does, as its saved plan keeps it.
+#[derive(Clone, Serialize, Deserialize)]
+pub(super) enum Kind {
+    Deploy {
+        cmd: Box<ActivateCommand>,
+        strategy: Strategy,
+        budget: usize,
+        rollback_on_halt: bool,
+        /// The first `group` targets are a canary group, a stage of their own.
+        #[serde(default)]
+        group: usize,
+        /// Wait for `convoy promote` after each stage but the last.
+        #[serde(default)]
+        manual_promote: bool,
+        #[serde(default)]
+        vanish: Vanish,
+    },
+    Rollback {
+        to: Option<Version>,
+    },
+}
+
+impl Kind {
+    pub(super) fn name(&self) -> &'static str {
+        match self {
+            Kind::Deploy { .. } => "deploy",
+            Kind::Rollback { .. } => "rollback",
+        }
+    }
+}
+
+/// What the store keeps of a rollout so a restarted controller can finish it.
+#[derive(Serialize, Deserialize)]
+pub(super) struct SavedPlan {
+    pub kind: Kind,
+    pub targets: Vec<HostName>,
+    pub before: Vec<(HostName, Option<Version>)>,
+}
+
+/// How one operation on one host ended.
+#[derive(Debug, Clone)]
+pub(super) struct HostOutcome {
+    pub outcome: Outcome,
+    pub reason: String,
+    pub restore_detail: String,
+}
+
+impl From<&OpReport> for HostOutcome {
+    fn from(r: &OpReport) -> Self {
+        HostOutcome {
+            outcome: r.outcome,
+            reason: r.reason.clone(),
+            restore_detail: r.restore_detail.clone(),
+        }
+    }
+}
+
+pub(super) struct Rollout {
+    pub id: String,
+    /// Who started it, as their certificate says.
+    pub operator: String,
+    pub app: AppName,
+    pub env: String,
+    pub kind: Kind,
+    pub targets: Vec<HostName>,
+    /// What each target ran before this rollout, to roll it back to.
+    pub before: HashMap<HostName, Option<Version>>,
+    /// Results already recorded (when resuming).
+    pub recorded: HashMap<OpId, HostOutcome>,
+    pub tx: broadcast::Sender<Event>,
+    pub control: watch::Sender<Control>,
+}
+
+/// Events a watcher may fall behind by before it misses some.
+const EVENT_BACKLOG: usize = 4096;
+
+/// Who started a rollout, of what, where.
+pub(super) struct Head {
+    pub id: String,
+    pub operator: String,
+    pub app: AppName,
+    pub env: String,
+}
+
+impl Rollout {
+    pub fn new(head: Head, plan: SavedPlan, recorded: HashMap<OpId, HostOutcome>, control: Control) -> Self {
+        Rollout {
+            id: head.id,
+            operator: head.operator,
+            app: head.app,
+            env: head.env,
+            kind: plan.kind,
+            targets: plan.targets,
+            before: plan.before.into_iter().collect(),
+            recorded,
+            tx: broadcast::channel(EVENT_BACKLOG).0,
+            control: watch::channel(control).0,
+        }
+    }
+
+    pub fn saved_plan(&self) -> String {
+        let mut before: Vec<_> = self.before.iter().map(|(h, v)| (h.clone(), v.clone())).collect();
+        before.sort();
+        let plan = SavedPlan {
+            kind: self.kind.clone(),
+            targets: self.targets.clone(),
+            before,
+        };
+        serde_json::to_string(&plan).expect("plan serialises")
+    }
+
+    fn reference(&self) -> RolloutRef {
+        RolloutRef {
+            id: self.id.clone(),
+            app: self.app.clone(),
+            env: self.env.clone(),
+        }
+    }
+
+    pub fn emit(&self, body: EventBody) {
+        // No receiver is fine: nobody is watching.
+        let _ = self.tx.send(Event {
+            rollout_id: self.id.clone(),
+            body,
+        });
+    }
+
+    pub fn note(&self, message: String) {
+        tracing::info!(rollout = %self.id, "{message}");
+        self.emit(EventBody::Note(message));
+    }
+
+    /// Runs the rollout to its end and records how it ended.
+    pub async fn run(self, engine: Arc<Engine>, resumed: bool, plan: Option<Plan>) {
+        if let Some(plan) = plan {
+            self.emit(EventBody::Plan(plan));
+        }
+        if resumed {
+            self.await_hosts(&engine).await;
+        } else {
+            engine.notifier.send(self.payload("rollout_started", None));
+        }
+        let done = match &self.kind {
+            Kind::Deploy { .. } => self.run_deploy(&engine).await,
+            Kind::Rollback { .. } => self.run_rollback(&engine).await,
+        };
+        let state = done.verdict.state();
+        crate::metrics::get().rollout(self.kind.name(), state);
+        if let Err(e) = engine.store.finish_rollout(&self.id, state, &done.reason) {
+            tracing::error!(rollout = %self.id, error = %e, "could not record rollout end");
+        }
+        engine.release_slot(&self.app, &self.env);
+        engine.live.lock().unwrap().remove(&self.id);
+        tracing::info!(rollout = %self.id, state, reason = %done.reason, "rollout finished");
+        let event = match done.verdict {
+            Verdict::Succeeded => "rollout_succeeded",
+            Verdict::RolledBack => "rollout_rolled_back",
+            Verdict::Cancelled => "rollout_cancelled",
+            Verdict::Failed => "rollout_failed",
+        };
+        engine.notifier.send(self.payload(event, Some(&done)));
+        self.emit(EventBody::Done(done));
+    }
+
+    /// The webhook payload for `event`.
+    fn payload(&self, event: &'static str, done: Option<&Done>) -> crate::webhooks::Payload {
+        let version = match &self.kind {
+            Kind::Deploy { cmd, .. } => cmd.version.to_string(),
+            Kind::Rollback { to } => to.as_ref().map_or("previous".into(), |v| v.to_string()),
+        };
+        let kind = self.kind.name();
+        let what = format!("{kind} of {} {version} to {} (rollout {})", self.app, self.env, self.id);
+        let names = |hosts: &[HostName]| hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>();
+        let text = match (event, done) {
+            ("rollout_started", _) => format!("convoy: {what} started by {}", self.operator),
+            ("rollout_succeeded", _) => format!("convoy: {what} succeeded"),
+            ("rollout_cancelled", Some(d)) => format!("convoy: {what} cancelled: {}", d.reason),
+            (_, Some(d)) => {
+                let mut t = format!("convoy: {what} failed: {}", d.reason);
+                if !d.rolled_back_hosts.is_empty() {
+                    t.push_str(&format!("; rolled back {}", names(&d.rolled_back_hosts).join(", ")));
+                }
+                t
+            }
+            _ => format!("convoy: {what}: {event}"),
+        };
+        crate::webhooks::Payload {
+            event,
+            rollout_id: self.id.clone(),
+            app: self.app.to_string(),
+            version,
+            environment: self.env.clone(),
+            kind,
+            operator: self.operator.clone(),
+            reason: done.map(|d| d.reason.clone()).unwrap_or_default(),
+            failed_hosts: done.map(|d| names(&d.failed_hosts)).unwrap_or_default(),
+            rolled_back_hosts: done.map(|d| names(&d.rolled_back_hosts)).unwrap_or_default(),
+            at_unix_ms: convoy_common::ops::now_unix_ms(),
+            text,
+        }
+    }
+
+    /// Records a state an operator sees in history while the rollout waits.
+    fn set_state(&self, engine: &Engine, state: &str) {
+        if let Err(e) = engine.store.set_rollout_state(&self.id, state) {
+            tracing::error!(rollout = %self.id, state, error = %e, "could not record rollout state");
+        }
+    }
+
+    /// Before a batch: waits while paused, awaiting approval or promotion;
+    /// says why when aborted.
+    async fn wait_for_go(&self, engine: &Engine) -> Result<(), String> {
+        let mut control = self.control.subscribe();
+        loop {
+            let now = control.borrow_and_update().clone();
+            let (state, note) = match now {
+                Control::Run => return Ok(()),
+                Control::Abort(who) => return Err(format!("aborted by {who}")),
+                Control::AwaitApproval(requester) => (
+                    "awaiting_approval",
+                    format!(
+                        "{} needs approval: waiting for an operator other than {requester} to run `convoy approve {}`",
+                        self.env, self.id
+                    ),
+                ),
+                Control::AwaitPromote(stage) => (
+                    "awaiting_promotion",
+                    format!(
+                        "stage {stage} is done; waiting for `convoy promote {}` (or abort)",
+                        self.id
+                    ),
+                ),
+                Control::Pause(who) => ("paused", format!("paused by {who}; waiting for resume or abort")),
+            };
+            self.note(note);
+            self.set_state(engine, state);
+            if control.changed().await.is_err() {
+                return Err("the rollout's control went away".into());
+            }
+            if *control.borrow() == Control::Run {
+                self.set_state(engine, "running");
+                match state {
+                    "paused" => self.note("resumed".into()),
+                    "awaiting_promotion" => self.note("promoted".into()),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    async fn await_hosts(&self, engine: &Engine) {
+        let deadline = tokio::time::Instant::now() + engine.cfg.reconnect_grace;
+        loop {
+            let missing: Vec<&HostName> = self.targets.iter().filter(|h| !engine.fleet.connected(h)).collect();
+            if missing.is_empty() {
+                self.note("every host of the resumed rollout is connected".into());
+                return;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let names: Vec<&str> = missing.iter().map(|h| h.as_str()).collect();
+                self.note(format!("carrying on without {} (not reconnected)", names.join(", ")));
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    fn vanish(&self) -> Vanish {
+        match &self.kind {
+            Kind::Deploy { vanish, .. } => *vanish,
+            Kind::Rollback { .. } => Vanish::default(),
+        }
+    }
+
+    async fn run_deploy(&self, engine: &Engine) -> Done {
+        let Kind::Deploy {
+            cmd,
+            strategy,
+            budget,
+            rollback_on_halt,
+            group,
+            manual_promote,
+            ..
+        } = &self.kind
+        else {
+            unreachable!("run_deploy runs deploys")
+        };
+        let mut halt = Halt {
+            failed: vec![],
+            moved: vec![],
+            reached: 0,
+            restore_failed: false,
+        };
+        // Approval comes before anything is sent to any host.
+        if let Err(cause) = self.wait_for_go(engine).await {
+            return Done {
+                verdict: Verdict::Cancelled,
+                failed_host: None,
+                reason: format!("{cause} before it started; no host was touched"),
+                untouched_hosts: self.targets.clone(),
+                failed_hosts: vec![],
+                rolled_back_hosts: vec![],
+                rollback_failed: false,
+            };
+        }
+
+        // ── pre-stage everywhere, bounded ──
+        self.note(format!("pre-staging {} on {} host(s)", cmd.version, self.targets.len()));
+        let permits = &Semaphore::new(engine.cfg.prestage_parallel);
+        let staged = join_all(self.targets.iter().map(|h| async move {
+            let _permit = permits.acquire().await.expect("semaphore open");
+            let op = OpId::new(&self.id, OpKind::Stage, h);
+            let mut c = ActivateCommand::clone(cmd);
+            c.op_id = op.to_string();
+            (h.clone(), self.run_op(engine, &op, Command::Stage(c)).await)
+        }))
+        .await;
+        for (h, r) in staged {
+            if let Err(reason) = verdict(r) {
+                halt.failed.push((h, format!("pre-staging: {reason}")));
+            }
+        }
+        if halt.failed.len() > *budget {
+            return self.halt(engine, None, halt, *rollback_on_halt).await;
+        }
+        self.note(format!(
+            "pre-staged on {} host(s)",
+            self.targets.len() - halt.failed.len()
+        ));
+
+        // ── batches ──
+        let batches = strategy.batches_after_group(self.targets.len(), *group);
+        let rollout = self.reference();
+        for (i, (range, bake)) in batches.iter().enumerate() {
+            halt.reached = range.start;
+            if let Err(cause) = self.wait_for_go(engine).await {
+                return self.halt(engine, Some(cause), halt, *rollback_on_halt).await;
+            }
+            let hosts: Vec<&HostName> = self.targets[range.clone()]
+                .iter()
+                .filter(|h| !halt.failed.iter().any(|(f, _)| f == *h))
+                .collect();
+            let names: Vec<&str> = hosts.iter().map(|h| h.as_str()).collect();
+            self.note(format!("batch {}/{}: {}", i + 1, batches.len(), names.join(", ")));
+            let rollout = &rollout;
+            let results = join_all(hosts.iter().map(|h| async move {
+                let op = OpId::new(&self.id, OpKind::Activate, h);
+                let r = self.activate_host(engine, rollout, &op, cmd).await;
+                ((*h).clone(), r)
+            }))
+            .await;
+            halt.reached = range.end;
+            for (h, r) in results {
+                if could_not_restore(&r) {
+                    halt.restore_failed = true;
+                }
+                match verdict(r) {
+                    Ok(()) => halt.moved.push(h),
+                    Err(reason) => halt.failed.push((h, reason)),
+                }
+            }
+            if halt.failed.len() > *budget {
+                return self.halt(engine, None, halt, *rollback_on_halt).await;
+            }
+            if let Err(why) = engine
+                .gate
+                .check(rollout, GatePoint::AfterBatch(i + 1), &halt.moved)
+                .await
+            {
+                let cause = format!("gate after batch {}: {why}", i + 1);
+                return self.halt(engine, Some(cause), halt, *rollback_on_halt).await;
+            }
+            // A resumed rollout whose next batch already started has baked
+            // and been promoted before the controller restarted.
+            let next_started = batches.get(i + 1).is_some_and(|(next, _)| {
+                self.targets[next.clone()]
+                    .iter()
+                    .any(|h| self.recorded.contains_key(&OpId::new(&self.id, OpKind::Activate, h)))
+            });
+            if !bake.is_zero() && !next_started {
+                self.bake(*bake).await;
+                if let Err(why) = engine
+                    .gate
+                    .check(rollout, GatePoint::AfterBake(i + 1), &halt.moved)
+                    .await
+                {
+                    let cause = format!("gate after the bake of batch {}: {why}", i + 1);
+                    return self.halt(engine, Some(cause), halt, *rollback_on_halt).await;
+                }
+            }
+            if *manual_promote && i + 1 < batches.len() && !next_started {
+                // An abort stands; a pause is folded into the wait.
+                self.control.send_if_modified(|c| {
+                    let wait = !matches!(c, Control::Abort(_));
+                    if wait {
+                        *c = Control::AwaitPromote(i + 1);
+                    }
+                    wait
+                });
+            }
+        }
+        let reason = if halt.failed.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "{} host(s) failed within the failure budget of {budget}",
+                halt.failed.len()
+            )
+        };
+        Done::succeeded(
+            reason,
+            halt.failed.into_iter().map(|(h, _)| h).collect(),
+            halt.restore_failed,
+        )
+    }
+
+    /// Waits `bake`; an abort does not wait for it to end.
+    async fn bake(&self, bake: Duration) {
+        self.note(format!("baking for {}", humantime::format_duration(bake)));
+        let mut control = self.control.subscribe();
+        let bake_end = tokio::time::sleep(bake);
+        tokio::pin!(bake_end);
+        loop {
+            tokio::select! {
+                _ = &mut bake_end => break,
+                changed = control.changed() => {
+                    if changed.is_err() || matches!(*control.borrow(), Control::Abort(_)) {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// One host's activation with the host steps around it.
+    async fn activate_host(
+        &self,
+        engine: &Engine,
+        rollout: &RolloutRef,
+        op: &OpId,
+        cmd: &ActivateCommand,
+    ) -> Result<HostOutcome, String> {
+        let host = op.host();
+        // A resumed rollout reuses what it recorded, steps included.
+        if let Some(done) = self.recorded.get(op) {
+            return Ok(done.clone());
+        }
+        engine
+            .steps
+            .before_activate(rollout, host)
+            .await
+            .map_err(|e| format!("before activating {host}: {e}"))?;
+        let mut c = ActivateCommand::clone(cmd);
+        c.op_id = op.to_string();
+        let r = self.run_op(engine, op, Command::Activate(c)).await;
+        let succeeded = matches!(&r, Ok(o) if o.outcome.is_success());
+        if let Err(e) = engine.steps.after_activate(rollout, host, succeeded).await {
+            return Err(format!("after activating {host}: {e}"));
+        }
+        r
+    }
+
+    /// Stops a deploy and, unless told not to, rolls the hosts it moved
+    /// back to their previous release.
+    async fn halt(&self, engine: &Engine, cause: Option<String>, halt: Halt, rollback: bool) -> Done {
+        let Halt {
+            failed,
+            mut moved,
+            reached,
+            restore_failed,
+        } = halt;
+        let mut rollback_failed = restore_failed;
+        let (first, reason) = match (&cause, failed.first()) {
+            (Some(c), _) => (None, c.clone()),
+            (None, Some((h, r))) => (Some(h.clone()), r.clone()),
+            (None, None) => (None, "halted".into()),
+        };
+        // A host counted as failed because it vanished may have come back
+        // since and reported that it did activate: it moved too.
+        for (h, _) in &failed {
+            let op = OpId::new(&self.id, OpKind::Activate, h);
+            if matches!(engine.store.host_outcome(&self.id, &op.to_string()), Ok(Some(o)) if o.is_success()) {
+                moved.push(h.clone());
+            }
+        }
+        let mut rolled_back = Vec::new();
+        if rollback && !moved.is_empty() {
+            let why = if cause.is_some() {
+                "halted"
+            } else {
+                "failure budget exceeded"
+            };
+            self.note(format!("{why}; rolling back {} moved host(s) in parallel", moved.len()));
+            let results = join_all(moved.iter().map(|h| async move {
+                let r = match self.before.get(h).cloned().flatten() {
+                    Some(to) => {
+                        self.rollback_host(engine, &OpId::new(&self.id, OpKind::Rollback, h), Some(to))
+                            .await
+                    }
+                    None => Err("no previous release to go back to".to_owned()),
+                };
+                (h.clone(), r)
+            }))
+            .await;
+            for (h, r) in results {
+                match verdict(r) {
+                    Ok(()) => rolled_back.push(h),
+                    Err(e) => {
+                        rollback_failed = true;
+                        tracing::error!(rollout = %self.id, host = %h, error = %e, "rollback failed");
+                    }
+                }
+            }
+        }
+        Done {
+            verdict: if rolled_back.is_empty() {
+                Verdict::Failed
+            } else {
+                Verdict::RolledBack
+            },
+            failed_host: first,
+            reason,
+            untouched_hosts: self.targets[reached.min(self.targets.len())..]
+                .iter()
+                .filter(|h| !failed.iter().any(|(f, _)| f == *h))
+                .cloned()
+                .collect(),
+            failed_hosts: failed.into_iter().map(|(h, _)| h).collect(),
+            rolled_back_hosts: rolled_back,
+            rollback_failed,
+        }
+    }
+
+    async fn run_rollback(&self, engine: &Engine) -> Done {
+        let Kind::Rollback { to } = &self.kind else {
+            unreachable!("run_rollback runs rollbacks")
+        };
+        let results = join_all(self.targets.iter().map(|h| async move {
+            let op = OpId::new(&self.id, OpKind::Rollback, h);
+            (h.clone(), self.rollback_host(engine, &op, to.clone()).await)
+        }))
+        .await;
+        let mut failed = Vec::new();
+        let mut restore_failed = false;
+        for (h, r) in results {
+            if could_not_restore(&r) {
+                restore_failed = true;
+            }
+            if let Err(e) = verdict(r) {
+                failed.push((h, e));
+            }
+        }
+        match failed.first() {
+            None => Done::succeeded(String::new(), vec![], false),
+            Some((h, reason)) => Done {
+                verdict: Verdict::Failed,
+                failed_host: Some(h.clone()),
+                reason: reason.clone(),
+                untouched_hosts: vec![],
+                failed_hosts: failed.iter().map(|(h, _)| h.clone()).collect(),
+                rolled_back_hosts: vec![],
+                rollback_failed: restore_failed,
+            },
+        }
+    }
+
+    /// Switches the host `op` names back to `to` (its previous release
+    /// when `None`).
+    pub async fn rollback_host(&self, engine: &Engine, op: &OpId, to: Option<Version>) -> Result<HostOutcome, String> {
+        let c = RollbackCommand {
+            op_id: op.to_string(),
+            app: self.app.clone(),
+            to,
+        };
+        self.run_op(engine, op, Command::Rollback(c)).await
+    }
+
+    /// Sends one command to the host `op` names and waits for its result,
+    /// recording and forwarding its events; the host's timeout and what
+    /// happens while it is away follow the rollout's vanish policy.
+    async fn run_op(&self, engine: &Engine, op: &OpId, command: Command) -> Result<HostOutcome, String> {
+        if let Some(done) = self.recorded.get(op) {
+            return Ok(done.clone());
+        }
+        let host = op.host();
+        let OpWait { mut events, mut result } = engine.fleet.dispatch(op, command).await;
+        let _forget = Forget(engine, op.clone());
+
+        let vanish = self.vanish();
+        let mut control = self.control.subscribe();
+        let host_timeout = engine.cfg.host_timeout;
+        let mut deadline = tokio::time::Instant::now() + host_timeout;
+        // While the host is away: since when, and how much of its time was left.
+        let mut away: Option<(tokio::time::Instant, Duration)> = None;
+        loop {
+            let now = tokio::time::Instant::now();
+            if !engine.fleet.connected(host) {
+                let (since, left) = *away.get_or_insert_with(|| {
+                    self.note(if vanish.wait {
+                        format!("{host} is away; waiting for it to come back (--on-vanish wait)")
+                    } else {
+                        format!(
+                            "{host} is away; it counts as failed if not back within {}",
+                            humantime::format_duration(vanish.deadline)
+                        )
+                    });
+                    (now, deadline.saturating_duration_since(now))
+                });
+                if vanish.wait {
+                    // Time away does not count against the host's timeout.
+                    deadline = now + left;
+                } else if now.duration_since(since) >= vanish.deadline {
+                    return Err(format!(
+                        "{host} vanished: away for more than {}",
+                        humantime::format_duration(vanish.deadline)
+                    ));
+                }
+                if let Control::Abort(by) = &*control.borrow_and_update() {
+                    return Err(format!("aborted by {by} while waiting for {host} to come back"));
+                }
+            } else if away.take().is_some() {
+                self.note(format!("{host} is back"));
+            }
+            if now >= deadline {
+                return Err(format!(
+                    "{host} did not finish within {}",
+                    humantime::format_duration(host_timeout)
+                ));
+            }
+            // Wakes at least twice a second to notice a host going away.
+            let tick = tokio::time::sleep(Duration::from_millis(500).min(deadline - now));
+            tokio::select! {
+                biased;
+                r = &mut result => {
+                    let Ok(r) = r else { return Err("the controller stopped waiting for this operation".to_owned()) };
+                    if away.take().is_some() {
+                        self.note(format!("{host} is back"));
+                    }
+                    // Events sent before the result are recorded first.
+                    while let Ok(ev) = events.try_recv() {
+                        self.record_event(engine, host, ev);
+                    }
+                    crate::metrics::get().host_result(r.outcome);
+                    if let Err(e) = engine.store.record_host_result(&self.id, host, &r) {
+                        tracing::error!(error = %e, "could not record host result");
+                    }
+                    let outcome = HostOutcome::from(&r);
+                    self.emit(EventBody::Result { host: host.clone(), report: Box::new(r) });
+                    return Ok(outcome);
+                }
+                Some(ev) = events.recv() => {
+                    if away.take().is_some() {
+                        self.note(format!("{host} is back"));
+                    }
+                    self.record_event(engine, host, ev);
+                }
+                _ = tick => {}
+            }
+        }
+    }
+
+    fn record_event(&self, engine: &Engine, host: &HostName, ev: StepEvent) {
+        if let Err(e) = engine.store.record_event(&self.id, host, &ev) {
+            tracing::error!(error = %e, "could not record event");
+        }
+        self.emit(EventBody::Host {
+            host: host.clone(),
+            event: ev,
+        });
+    }
+}
+
+/// Where a deploy stands when it halts.
+struct Halt {
+    failed: Vec<(HostName, String)>,
+    moved: Vec<HostName>,
+    /// Targets before this index were reached.
+    reached: usize,
+    restore_failed: bool,
+}
+
+/// Whether a host failed and could not put its previous release back.
+fn could_not_restore(r: &Result<HostOutcome, String>) -> bool {
+    matches!(r, Ok(rep) if rep.outcome == Outcome::FailedRestoreFailed)
+}
+
+/// A host's result as success or the reason it failed.
+fn verdict(r: Result<HostOutcome, String>) -> Result<(), String> {
+    match r {
+        Ok(rep) if rep.outcome.is_success() => Ok(()),
+        Ok(rep) => {
+            let mut s = format!("{}: {}", rep.outcome, rep.reason);
+            if !rep.restore_detail.is_empty() {
+                s.push_str(&format!("; {}", rep.restore_detail));
+            }
+            Err(s)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Ends the wait for an operation however `run_op` ends.
+struct Forget<'a>(&'a Engine, OpId);
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        self.0.fleet.forget(&self.1);
+    }
+}

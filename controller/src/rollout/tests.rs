@@ -1,0 +1,679 @@
+//! The engine against an in-process fleet whose hosts answer from a
+//! script (succeed, fail, never answer, answer when released), with the
+//! real SQLite store in a temporary directory. Booted hosts prove the
+//! whole in `tests/`; these prove the rollout logic in milliseconds.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use convoy_common::ops::{AppStatus, Health, OpId, OpKind, OpReport, Outcome};
+use convoy_common::rollout::{Amount, Strategy};
+use convoy_common::{AppName, Digest, HostName, Version};
+use futures::future::BoxFuture;
+use tokio::sync::{broadcast, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::control::Action;
+use super::events::{Done, Event, EventBody, Verdict};
+use super::fleet::{Command, Fleet, FleetHost, OpWait};
+use super::order::{DeployOrder, FailureBudget, RollbackOrder, Vanish};
+use super::seams::{Gate, GatePoint, HostSteps, RolloutRef};
+use super::{Engine, EngineConfig};
+use crate::db::{Db, Release};
+
+const HOST_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// How a test host answers one kind of operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    Succeed,
+    Fail,
+    /// Never answers.
+    Silent,
+    /// Answers `Succeed` once the test releases it.
+    Hold,
+}
+
+#[derive(Default)]
+struct TestFleet {
+    hosts: Mutex<Vec<FleetHost>>,
+    script: Mutex<HashMap<(HostName, OpKind), Answer>>,
+    /// Every operation sent, in order.
+    sent: Mutex<Vec<OpId>>,
+    /// Results not sent yet (silent or held hosts).
+    held: Mutex<HashMap<OpId, oneshot::Sender<OpReport>>>,
+}
+
+fn host(s: &str) -> HostName {
+    HostName::new(s).unwrap()
+}
+
+fn app() -> AppName {
+    AppName::new("demo").unwrap()
+}
+
+fn status(current: Option<&str>) -> AppStatus {
+    AppStatus {
+        app: app(),
+        current: current.map(|v| Version::new(v).unwrap()),
+        previous: None,
+        last_known_good: None,
+        releases: vec![],
+        health: Health::Healthy,
+        health_reason: String::new(),
+        inflight_op: None,
+    }
+}
+
+fn report(op: &OpId, outcome: Outcome) -> OpReport {
+    OpReport {
+        op_id: op.to_string(),
+        app: app(),
+        version: Version::new("2.0.0").unwrap(),
+        outcome,
+        reason: if outcome.is_success() {
+            String::new()
+        } else {
+            "health check failed".into()
+        },
+        restore_detail: String::new(),
+        state: status(Some("2.0.0")),
+    }
+}
+
+impl TestFleet {
+    fn with_hosts(hosts: &[(&str, &[(&str, &str)])]) -> Arc<Self> {
+        let fleet = TestFleet::default();
+        *fleet.hosts.lock().unwrap() = hosts
+            .iter()
+            .map(|(name, labels)| {
+                let mut l: BTreeMap<String, String> =
+                    labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+                l.entry("env".into()).or_insert_with(|| "staging".into());
+                FleetHost {
+                    name: host(name),
+                    labels: l,
+                    apps: [(app(), status(Some("1.0.0")))].into(),
+                    connected: true,
+                }
+            })
+            .collect();
+        Arc::new(fleet)
+    }
+
+    fn answer(&self, h: &str, kind: OpKind, a: Answer) {
+        self.script.lock().unwrap().insert((host(h), kind), a);
+    }
+
+    fn set_connected(&self, h: &str, connected: bool) {
+        for x in self.hosts.lock().unwrap().iter_mut().filter(|x| x.name.as_str() == h) {
+            x.connected = connected;
+        }
+    }
+
+    /// Sends the held result of `h`'s operation of `kind`.
+    fn release(&self, h: &str, kind: OpKind) {
+        let mut held = self.held.lock().unwrap();
+        let op = held
+            .keys()
+            .find(|op| op.host().as_str() == h && op.kind() == kind)
+            .cloned();
+        let op = op.expect("a held operation");
+        let tx = held.remove(&op).unwrap();
+        let _ = tx.send(report(&op, Outcome::Succeeded));
+    }
+
+    /// (kind, host) of every operation sent, in order.
+    fn sent(&self) -> Vec<(OpKind, String)> {
+        self.sent
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|op| (op.kind(), op.host().to_string()))
+            .collect()
+    }
+
+    fn sent_of(&self, kind: OpKind) -> Vec<String> {
+        self.sent()
+            .into_iter()
+            .filter(|(k, _)| *k == kind)
+            .map(|(_, h)| h)
+            .collect()
+    }
+}
+
+impl Fleet for TestFleet {
+    fn hosts(&self) -> Vec<FleetHost> {
+        self.hosts.lock().unwrap().clone()
+    }
+
+    fn connected(&self, h: &HostName) -> bool {
+        self.hosts.lock().unwrap().iter().any(|x| x.name == *h && x.connected)
+    }
+
+    fn dispatch<'a>(&'a self, op: &'a OpId, command: Command) -> BoxFuture<'a, OpWait> {
+        let kind = match command {
+            Command::Stage(_) => OpKind::Stage,
+            Command::Activate(_) => OpKind::Activate,
+            Command::Rollback(_) => OpKind::Rollback,
+        };
+        assert_eq!(kind, op.kind(), "the command matches its id");
+        self.sent.lock().unwrap().push(op.clone());
+        let (_events_tx, events) = tokio::sync::mpsc::channel(8);
+        let (tx, result) = oneshot::channel();
+        let answer = *self
+            .script
+            .lock()
+            .unwrap()
+            .get(&(op.host().clone(), kind))
+            .unwrap_or(&Answer::Succeed);
+        match answer {
+            Answer::Succeed => drop(tx.send(report(op, Outcome::Succeeded))),
+            Answer::Fail => drop(tx.send(report(op, Outcome::FailedRestored))),
+            Answer::Silent | Answer::Hold => drop(self.held.lock().unwrap().insert(op.clone(), tx)),
+        }
+        Box::pin(async move { OpWait { events, result } })
+    }
+
+    fn forget(&self, _: &OpId) {}
+}
+
+/// Records the seams' calls; fails the gate at one point.
+#[derive(Default)]
+struct Recorder {
+    calls: Mutex<Vec<String>>,
+    fail_at: Option<GatePoint>,
+}
+
+impl HostSteps for Recorder {
+    fn before_activate<'a>(&'a self, _: &'a RolloutRef, h: &'a HostName) -> BoxFuture<'a, Result<(), String>> {
+        self.calls.lock().unwrap().push(format!("drain {h}"));
+        Box::pin(async { Ok(()) })
+    }
+
+    fn after_activate<'a>(&'a self, _: &'a RolloutRef, h: &'a HostName, ok: bool) -> BoxFuture<'a, Result<(), String>> {
+        self.calls.lock().unwrap().push(format!("ready {h} {ok}"));
+        Box::pin(async { Ok(()) })
+    }
+}
+
+impl Gate for Recorder {
+    fn check<'a>(
+        &'a self,
+        r: &'a RolloutRef,
+        p: GatePoint,
+        moved: &'a [HostName],
+    ) -> BoxFuture<'a, Result<(), String>> {
+        assert_eq!((r.app.as_str(), r.env.as_str()), ("demo", "staging"));
+        assert_eq!(r.id.len(), 12);
+        let moved: Vec<&str> = moved.iter().map(|h| h.as_str()).collect();
+        self.calls
+            .lock()
+            .unwrap()
+            .push(format!("gate {p:?} {}", moved.join(",")));
+        let fail = self.fail_at == Some(p);
+        Box::pin(async move {
+            match fail {
+                true => Err("error rate 12% over the 5% threshold".into()),
+                false => Ok(()),
+            }
+        })
+    }
+}
+
+struct Bed {
+    engine: Arc<Engine>,
+    fleet: Arc<TestFleet>,
+    db: Arc<Db>,
+    stop: CancellationToken,
+    dir: tempfile::TempDir,
+}
+
+const SPEC: &str = r#"
+name = "demo"
+install_path = "/opt/demo"
+units = ["demo.service"]
+environments = ["staging", "production"]
+"#;
+
+fn bed(hosts: &[(&str, &[(&str, &str)])], spec_extra: &str) -> Bed {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("apps")).unwrap();
+    std::fs::write(dir.path().join("apps/demo.toml"), format!("{spec_extra}\n{SPEC}")).unwrap();
+    let db = Arc::new(Db::open(&dir.path().join("convoy.db")).unwrap());
+    let release = Release {
+        digest: Digest::of_bytes(b"artifact"),
+        size: 8,
+        signature: None,
+    };
+    db.add_release(&app(), &Version::new("2.0.0").unwrap(), &release, "operator:alice")
+        .unwrap();
+    let fleet = TestFleet::with_hosts(hosts);
+    let stop = CancellationToken::new();
+    let engine = engine_on(&dir, fleet.clone(), db.clone(), stop.clone(), None);
+    Bed {
+        engine,
+        fleet,
+        db,
+        stop,
+        dir,
+    }
+}
+
+fn engine_on(
+    dir: &tempfile::TempDir,
+    fleet: Arc<TestFleet>,
+    db: Arc<Db>,
+    stop: CancellationToken,
+    seams: Option<Arc<Recorder>>,
+) -> Arc<Engine> {
+    let tasks = TaskTracker::new();
+    let mut engine = Engine::new(
+        EngineConfig {
+            apps_dir: dir.path().join("apps"),
+            host_timeout: HOST_TIMEOUT,
+            prestage_parallel: 4,
+            reconnect_grace: Duration::from_secs(5),
+        },
+        fleet,
+        db,
+        crate::webhooks::Notifier::new(vec![], None, tasks.clone()),
+        stop,
+        tasks,
+    );
+    if let Some(r) = seams {
+        engine = engine.with_seams(r.clone(), r);
+    }
+    Arc::new(engine)
+}
+
+const WEB4: &[(&str, &[(&str, &str)])] = &[("web1", &[]), ("web2", &[]), ("web3", &[]), ("web4", &[])];
+
+fn order() -> DeployOrder {
+    DeployOrder {
+        app: app(),
+        version: Version::new("2.0.0").unwrap(),
+        env: "staging".into(),
+        strategy: Strategy::from_flags("rolling", None, None, None).unwrap(),
+        failure_budget: FailureBudget(None),
+        select: BTreeMap::new(),
+        order: vec![],
+        canary_group: BTreeMap::new(),
+        hotfix: None,
+        rollback_on_halt: true,
+        manual_promote: false,
+        vanish: Vanish::default(),
+    }
+}
+
+fn budget(s: &str) -> FailureBudget {
+    FailureBudget(Some(Amount::parse(s).unwrap()))
+}
+
+/// The rollout's events until it is done.
+async fn finish(mut rx: broadcast::Receiver<Event>) -> (Vec<Event>, Done) {
+    let mut seen = Vec::new();
+    loop {
+        let e = tokio::time::timeout(Duration::from_secs(3600), rx.recv())
+            .await
+            .expect("the rollout ends")
+            .expect("events");
+        if let EventBody::Done(d) = &e.body {
+            let d = d.clone();
+            seen.push(e);
+            return (seen, d);
+        }
+        seen.push(e);
+    }
+}
+
+fn names(hosts: &[HostName]) -> Vec<&str> {
+    hosts.iter().map(|h| h.as_str()).collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rolling_deploy_halts_at_the_first_failure_and_rolls_back_what_moved() {
+    let b = bed(WEB4, "");
+    b.fleet.answer("web3", OpKind::Activate, Answer::Fail);
+    let (_, done) = finish(b.engine.start_deploy("operator:alice", order()).unwrap()).await;
+    assert_eq!(done.verdict, Verdict::RolledBack);
+    assert_eq!(done.failed_host.as_ref().map(|h| h.as_str()), Some("web3"));
+    assert_eq!(names(&done.rolled_back_hosts), ["web1", "web2"]);
+    assert_eq!(names(&done.untouched_hosts), ["web4"]);
+    assert_eq!(b.fleet.sent_of(OpKind::Stage), ["web1", "web2", "web3", "web4"]);
+    assert_eq!(
+        b.fleet.sent_of(OpKind::Activate),
+        ["web1", "web2", "web3"],
+        "host by host, none after the failure"
+    );
+    let mut rolled = b.fleet.sent_of(OpKind::Rollback);
+    rolled.sort();
+    assert_eq!(rolled, ["web1", "web2"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_failure_budget_is_a_count_or_a_percentage_of_the_targets() {
+    // (budget, failing hosts, verdict, hosts activated)
+    let cases: &[(Option<&str>, &[&str], Verdict, usize)] = &[
+        (None, &["web2"], Verdict::RolledBack, 2),
+        (Some("1"), &["web2"], Verdict::Succeeded, 4),
+        (Some("1"), &["web2", "web3"], Verdict::RolledBack, 3),
+        (Some("25%"), &["web1"], Verdict::Succeeded, 4),
+        (Some("25%"), &["web1", "web4"], Verdict::RolledBack, 4),
+        (Some("50%"), &["web1", "web4"], Verdict::Succeeded, 4),
+    ];
+    for (limit, failing, verdict, activated) in cases {
+        let b = bed(WEB4, "");
+        for h in *failing {
+            b.fleet.answer(h, OpKind::Activate, Answer::Fail);
+        }
+        let o = DeployOrder {
+            failure_budget: limit.map(budget).unwrap_or_default(),
+            ..order()
+        };
+        let (_, done) = finish(b.engine.start_deploy("operator:alice", o).unwrap()).await;
+        let case = format!("budget {limit:?}, failing {failing:?}: {done:?}");
+        assert_eq!(done.verdict, *verdict, "{case}");
+        assert_eq!(b.fleet.sent_of(OpKind::Activate).len(), *activated, "{case}");
+        if *verdict == Verdict::Succeeded {
+            assert_eq!(names(&done.failed_hosts), *failing, "{case}");
+            assert!(done.reason.contains("within the failure budget"), "{case}");
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_rollback_leaves_the_moved_hosts_where_they_are() {
+    let b = bed(WEB4, "");
+    b.fleet.answer("web2", OpKind::Activate, Answer::Fail);
+    let o = DeployOrder {
+        rollback_on_halt: false,
+        ..order()
+    };
+    let (_, done) = finish(b.engine.start_deploy("operator:alice", o).unwrap()).await;
+    assert_eq!(done.verdict, Verdict::Failed);
+    assert!(done.rolled_back_hosts.is_empty());
+    assert!(b.fleet.sent_of(OpKind::Rollback).is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn select_and_order_choose_and_sequence_the_targets() {
+    let hosts: &[(&str, &[(&str, &str)])] = &[
+        ("web1", &[("role", "web")]),
+        ("web2", &[("role", "web")]),
+        ("db1", &[("role", "db")]),
+        ("web3", &[("role", "web")]),
+    ];
+    let b = bed(hosts, "");
+    let o = DeployOrder {
+        select: [("role".to_owned(), "web".to_owned())].into(),
+        order: vec![host("web3")],
+        ..order()
+    };
+    let (events, done) = finish(b.engine.start_deploy("operator:alice", o).unwrap()).await;
+    assert_eq!(done.verdict, Verdict::Succeeded);
+    assert_eq!(b.fleet.sent_of(OpKind::Activate), ["web3", "web1", "web2"]);
+    let EventBody::Plan(plan) = &events[0].body else {
+        panic!("the plan comes first")
+    };
+    assert_eq!(names(&plan.hosts), ["web3", "web1", "web2"]);
+    // An --order naming a host outside the selection is refused.
+    let o = DeployOrder {
+        select: [("role".to_owned(), "web".to_owned())].into(),
+        order: vec![host("db1")],
+        ..order()
+    };
+    let e = b.engine.start_deploy("operator:alice", o).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("--order names db1, which is not a connected target"),
+        "{e}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_host_that_never_answers_fails_after_the_host_timeout() {
+    let b = bed(&WEB4[..2], "");
+    b.fleet.answer("web2", OpKind::Activate, Answer::Silent);
+    let started = tokio::time::Instant::now();
+    let (_, done) = finish(b.engine.start_deploy("operator:alice", order()).unwrap()).await;
+    assert_eq!(done.verdict, Verdict::RolledBack);
+    assert!(done.reason.contains("web2 did not finish within 2m"), "{}", done.reason);
+    assert!(started.elapsed() >= HOST_TIMEOUT);
+    assert_eq!(names(&done.rolled_back_hosts), ["web1"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn aborting_a_rollout_awaiting_approval_cancels_it_and_is_no_failed_change() {
+    let b = bed(WEB4, "approval = [\"staging\"]");
+    let rx = b.engine.start_deploy("operator:alice", order()).unwrap();
+    let id = rx_id(&b, &rx);
+    wait_state(&b.db, &id, "awaiting_approval").await;
+    let e = b.engine.control(&id, Action::Approve, "operator:alice").unwrap_err();
+    assert!(e.to_string().contains("cannot approve it"), "{e}");
+    assert_eq!(
+        b.engine.control(&id, Action::Abort, "operator:bob").unwrap(),
+        "aborted before it started"
+    );
+    let (_, done) = finish(rx).await;
+    assert_eq!(done.verdict, Verdict::Cancelled);
+    assert!(b.fleet.sent().is_empty(), "no host was sent anything");
+    assert_eq!(b.db.rollout(&id).unwrap().unwrap().state, "cancelled");
+    let report = b.db.report(&app(), 0, convoy_common::ops::now_unix_ms()).unwrap();
+    assert_eq!(
+        (report.deploys, report.failed_deploys),
+        (0, 0),
+        "not counted as a change"
+    );
+}
+
+fn rx_id(b: &Bed, _rx: &broadcast::Receiver<Event>) -> String {
+    b.db.running_rollouts()
+        .unwrap()
+        .last()
+        .expect("a running rollout")
+        .0
+        .id
+        .clone()
+}
+
+async fn wait_state(db: &Db, id: &str, state: &str) {
+    for _ in 0..1000 {
+        if db.rollout(id).unwrap().is_some_and(|r| r.state == state) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("rollout {id} never reached {state}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_gate_halts_the_rollout_and_rolls_back_what_moved() {
+    let b = bed(WEB4, "");
+    let recorder = Arc::new(Recorder {
+        fail_at: Some(GatePoint::AfterBatch(2)),
+        ..Default::default()
+    });
+    let engine = engine_on(
+        &b.dir,
+        b.fleet.clone(),
+        b.db.clone(),
+        b.stop.clone(),
+        Some(recorder.clone()),
+    );
+    let (_, done) = finish(engine.start_deploy("operator:alice", order()).unwrap()).await;
+    assert_eq!(done.verdict, Verdict::RolledBack);
+    assert_eq!(done.reason, "gate after batch 2: error rate 12% over the 5% threshold");
+    assert_eq!(names(&done.rolled_back_hosts), ["web1", "web2"]);
+    assert_eq!(names(&done.untouched_hosts), ["web3", "web4"]);
+    // Control case: the same rollout without the failing gate completes.
+    let b2 = bed(WEB4, "");
+    let (_, done) = finish(b2.engine.start_deploy("operator:alice", order()).unwrap()).await;
+    assert_eq!(done.verdict, Verdict::Succeeded);
+}
+
+#[tokio::test(start_paused = true)]
+async fn host_steps_run_around_every_activation_and_gates_after_every_batch() {
+    let b = bed(&WEB4[..3], "");
+    b.fleet.answer("web2", OpKind::Activate, Answer::Fail);
+    let recorder = Arc::new(Recorder::default());
+    let engine = engine_on(
+        &b.dir,
+        b.fleet.clone(),
+        b.db.clone(),
+        b.stop.clone(),
+        Some(recorder.clone()),
+    );
+    let o = DeployOrder {
+        failure_budget: budget("1"),
+        ..order()
+    };
+    let (_, done) = finish(engine.start_deploy("operator:alice", o).unwrap()).await;
+    assert_eq!(done.verdict, Verdict::Succeeded);
+    assert_eq!(
+        *recorder.calls.lock().unwrap(),
+        [
+            "drain web1",
+            "ready web1 true",
+            "gate AfterBatch(1) web1",
+            "drain web2",
+            "ready web2 false",
+            "gate AfterBatch(2) web1",
+            "drain web3",
+            "ready web3 true",
+            "gate AfterBatch(3) web1,web3",
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn abort_ends_the_wait_for_a_vanished_host() {
+    let b = bed(&WEB4[..2], "");
+    b.fleet.answer("web1", OpKind::Activate, Answer::Silent);
+    let o = DeployOrder {
+        vanish: Vanish {
+            wait: true,
+            deadline: Duration::from_secs(60),
+        },
+        ..order()
+    };
+    let mut rx = b.engine.start_deploy("operator:alice", o).unwrap();
+    let id = rx_id(&b, &rx);
+    // The host drops away during its activation.
+    loop {
+        if let EventBody::Note(n) = rx.recv().await.unwrap().body {
+            if n.starts_with("batch 1/2") {
+                break;
+            }
+        }
+    }
+    b.fleet.set_connected("web1", false);
+    // Long past the host timeout: a vanished host is waited for.
+    tokio::time::sleep(HOST_TIMEOUT * 3).await;
+    assert_eq!(b.db.rollout(&id).unwrap().unwrap().state, "running");
+    b.engine.control(&id, Action::Abort, "operator:bob").unwrap();
+    let (_, done) = finish(rx).await;
+    assert_eq!(done.verdict, Verdict::Failed);
+    assert_eq!(
+        done.reason,
+        "aborted by operator:bob while waiting for web1 to come back"
+    );
+    assert_eq!(b.fleet.sent_of(OpKind::Activate), ["web1"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn paused_and_awaiting_approval_rollouts_survive_a_controller_restart() {
+    // Paused: web1's activation is under way when an operator pauses.
+    let b = bed(&WEB4[..2], "");
+    b.fleet.answer("web1", OpKind::Activate, Answer::Hold);
+    let rx = b.engine.start_deploy("operator:alice", order()).unwrap();
+    let id = rx_id(&b, &rx);
+    while b.fleet.sent_of(OpKind::Activate).is_empty() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        b.engine.control(&id, Action::Pause, "operator:bob").unwrap(),
+        "pausing before its next batch"
+    );
+    b.fleet.release("web1", OpKind::Activate);
+    wait_state(&b.db, &id, "paused").await;
+    // The controller stops; a new one on the same store resumes.
+    b.stop.cancel();
+    drop(rx);
+    let fleet = TestFleet::with_hosts(&WEB4[..2]);
+    let engine = engine_on(&b.dir, fleet.clone(), b.db.clone(), CancellationToken::new(), None);
+    engine.clone().resume_all().await;
+    let rx = engine.watch(&id).expect("resumed");
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(
+        b.db.rollout(&id).unwrap().unwrap().state,
+        "paused",
+        "still paused after the restart"
+    );
+    assert!(fleet.sent_of(OpKind::Activate).is_empty(), "nothing moves while paused");
+    engine.control(&id, Action::Resume, "operator:bob").unwrap();
+    let (_, done) = finish(rx).await;
+    assert_eq!(done.verdict, Verdict::Succeeded);
+    assert_eq!(
+        fleet.sent_of(OpKind::Activate),
+        ["web2"],
+        "web1's recorded activation is not sent again"
+    );
+
+    // Awaiting approval.
+    let b = bed(&WEB4[..1], "approval = [\"staging\"]");
+    let rx = b.engine.start_deploy("operator:alice", order()).unwrap();
+    let id = rx_id(&b, &rx);
+    wait_state(&b.db, &id, "awaiting_approval").await;
+    b.stop.cancel();
+    drop(rx);
+    let fleet = TestFleet::with_hosts(&WEB4[..1]);
+    let engine = engine_on(&b.dir, fleet.clone(), b.db.clone(), CancellationToken::new(), None);
+    engine.clone().resume_all().await;
+    let rx = engine.watch(&id).expect("resumed");
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(b.db.rollout(&id).unwrap().unwrap().state, "awaiting_approval");
+    assert!(fleet.sent().is_empty());
+    let e = engine.control(&id, Action::Approve, "operator:alice").unwrap_err();
+    assert!(
+        e.to_string().contains("cannot approve it"),
+        "the requester is remembered: {e}"
+    );
+    engine.control(&id, Action::Approve, "operator:carol").unwrap();
+    let (_, done) = finish(rx).await;
+    assert_eq!(done.verdict, Verdict::Succeeded);
+    assert_eq!(b.db.rollout(&id).unwrap().unwrap().approved_by, "operator:carol");
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_rollout_at_a_time_per_app_and_environment() {
+    let b = bed(&WEB4[..1], "");
+    b.fleet.answer("web1", OpKind::Activate, Answer::Hold);
+    let rx = b.engine.start_deploy("operator:alice", order()).unwrap();
+    let e = b.engine.start_deploy("operator:bob", order()).unwrap_err();
+    assert!(matches!(e, super::Refused::Busy(_)), "{e}");
+    while b.fleet.sent_of(OpKind::Activate).is_empty() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    b.fleet.release("web1", OpKind::Activate);
+    finish(rx).await;
+    // Once it ended, the slot is free again: a rollback may start, and is
+    // refused before anything changes when a host lacks its target.
+    let rollback = |to: &str| RollbackOrder {
+        app: app(),
+        env: "staging".into(),
+        to: Some(Version::new(to).unwrap()),
+        hosts: vec![],
+    };
+    let e = b.engine.start_rollback("operator:bob", rollback("0.9.0")).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("rollback refused, nothing was changed: web1 no longer holds demo 0.9.0"),
+        "{e}"
+    );
+    let (_, done) = finish(b.engine.start_rollback("operator:bob", rollback("1.0.0")).unwrap()).await;
+    assert_eq!(done.verdict, Verdict::Succeeded);
+    assert_eq!(b.fleet.sent_of(OpKind::Rollback), ["web1"], "the rollback's switch");
+}
