@@ -112,6 +112,7 @@ pub async fn fetch(
     let mut fetched = 0u64;
     let owned = part.to_owned();
     let mut staged = joined(tokio::task::spawn_blocking(move || Staged::open(&owned, size)).await).map_err(io_err)?;
+    let mut backoff = convoy_common::backoff::Backoff::new(Duration::from_millis(400), Duration::from_secs(10));
     for attempt in 1..=ATTEMPTS {
         if staged.len == size {
             break;
@@ -176,7 +177,7 @@ pub async fn fetch(
                         last: e,
                     });
                 }
-                tokio::time::sleep(Duration::from_millis(200 * 2u64.pow(attempt))).await;
+                tokio::time::sleep(backoff.next_delay()).await;
             }
         }
     }

@@ -45,7 +45,7 @@ const FETCH_WINDOW: u32 = 4 << 20;
 
 /// Runs sessions until the process ends.
 pub async fn run(agent: Arc<Agent>, endpoint: impl Fn() -> anyhow::Result<Endpoint>) {
-    let mut backoff = Duration::from_millis(250);
+    let mut backoff = convoy_common::backoff::Backoff::new(Duration::from_millis(250), Duration::from_secs(15));
     loop {
         let started = tokio::time::Instant::now();
         let result = match endpoint() {
@@ -61,12 +61,11 @@ pub async fn run(agent: Arc<Agent>, endpoint: impl Fn() -> anyhow::Result<Endpoi
         convoy_common::observe::notify::ready(&format!("retrying the controller: {why}"));
         agent.reporter.detach();
         if started.elapsed() > Duration::from_secs(30) {
-            backoff = Duration::from_millis(250);
+            backoff.reset();
         }
         // Jitter spreads a fleet's reconnects after a controller restart.
         let jitter = Duration::from_millis(u64::from(std::process::id() % 250));
-        tokio::time::sleep(backoff + jitter).await;
-        backoff = (backoff * 2).min(Duration::from_secs(15));
+        tokio::time::sleep(backoff.next_delay() + jitter).await;
     }
 }
 

@@ -14,7 +14,7 @@ use std::io::{self, Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
-use flate2::read::GzDecoder;
+use flate2::bufread::GzDecoder;
 use tar::EntryType;
 
 /// Bounds on what one archive may contain.
@@ -71,6 +71,10 @@ pub enum ArchiveError {
     },
     #[error("archive is corrupt or not a gzip-compressed tar: {0}")]
     Corrupt(#[source] io::Error),
+    #[error("archive is corrupt: the gzip stream does not end whole after the tar end-of-archive marker (its checksum or length trailer fails or is missing): {0}")]
+    BadTrailer(#[source] io::Error),
+    #[error("archive has data after the tar end-of-archive marker ({0}); a release archive ends there")]
+    TrailingData(&'static str),
     #[error("destination {0:?} already exists")]
     DestinationExists(PathBuf),
 }
@@ -151,7 +155,9 @@ pub fn unpack(reader: impl Read, dest: &Path, limits: &Limits) -> Result<UnpackS
             })
         }
     }
-    let mut archive = tar::Archive::new(GzDecoder::new(reader));
+    // Our own buffer under the decoder, so that what follows the gzip
+    // stream can be read once the stream ends.
+    let mut archive = tar::Archive::new(GzDecoder::new(io::BufReader::with_capacity(1 << 16, reader)));
     let mut kinds: HashMap<PathBuf, Kind> = HashMap::new();
     let mut dir_modes: Vec<(PathBuf, u32)> = Vec::new();
     let mut stats = UnpackStats::default();
@@ -289,6 +295,7 @@ pub fn unpack(reader: impl Read, dest: &Path, limits: &Limits) -> Result<UnpackS
             }
         }
     }
+    check_end(archive.into_inner())?;
     // Directory modes last, so a read-only directory does not stop us
     // writing its children.
     for (dir, mode) in dir_modes.into_iter().rev() {
@@ -298,6 +305,30 @@ pub fn unpack(reader: impl Read, dest: &Path, limits: &Limits) -> Result<UnpackS
         })?;
     }
     Ok(stats)
+}
+
+/// After the tar end-of-archive marker: reads the gzip stream to its end,
+/// which verifies its CRC and length trailer, and checks that nothing but
+/// the zero padding of the last tar record is left, inside the stream or
+/// after it. Extraction stops at the marker; without this, a stream that
+/// fails its checksum, or carries more behind the marker, would pass.
+fn check_end<R: io::BufRead>(mut gz: GzDecoder<R>) -> Result<(), ArchiveError> {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = gz.read(&mut buf).map_err(ArchiveError::BadTrailer)?;
+        if n == 0 {
+            break;
+        }
+        if buf[..n].iter().any(|b| *b != 0) {
+            return Err(ArchiveError::TrailingData("non-zero bytes inside the gzip stream"));
+        }
+    }
+    let mut rest = gz.into_inner();
+    match rest.fill_buf() {
+        Ok([]) => Ok(()),
+        Ok(_) => Err(ArchiveError::TrailingData("bytes after the end of the gzip stream")),
+        Err(e) => Err(ArchiveError::Corrupt(e)),
+    }
 }
 
 fn copy_bounded(from: &mut impl Read, to: &mut impl Write) -> io::Result<u64> {

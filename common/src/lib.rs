@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod archive;
+pub mod backoff;
 pub mod clidocs;
 pub mod configdoc;
 pub mod digest;

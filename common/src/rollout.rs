@@ -77,7 +77,11 @@ impl Strategy {
                 if bake.is_some() {
                     return no("--bake");
                 }
-                let batch = batch.map(Amount::parse).transpose()?.unwrap_or(Amount::Count(1));
+                let batch = batch
+                    .map(Amount::parse)
+                    .transpose()
+                    .map_err(|e| format!("--batch-size: {e}"))?
+                    .unwrap_or(Amount::Count(1));
                 if batch == Amount::Count(0) {
                     return Err("--batch-size must be at least 1".into());
                 }
@@ -88,7 +92,11 @@ impl Strategy {
                     return no("--batch-size");
                 }
                 let stages = stages.ok_or("--stages is required, e.g. --stages 10%,50%,100%")?;
-                let stages: Vec<Amount> = stages.split(',').map(Amount::parse).collect::<Result<_, _>>()?;
+                let stages: Vec<Amount> = stages
+                    .split(',')
+                    .map(Amount::parse)
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| format!("--stages: {e}"))?;
                 if stages.last() != Some(&Amount::Percent(100)) {
                     return Err("the last stage must be 100% (or \"rest\")".into());
                 }

@@ -319,6 +319,77 @@ fn hostile_corpus_is_refused() {
     );
 }
 
+/// The gzip layer: what follows the tar end-of-archive marker must be
+/// the stream's own trailer, whole and right, and nothing else.
+#[test]
+fn corrupt_or_extended_streams_are_refused() {
+    println!("| case | error |\n| --- | --- |");
+    let tar = tar_bytes(&[file("a", &"z".repeat(20_000)), file("b", "bee")]);
+    let good = gzip(&tar);
+    unpack(
+        &good[..],
+        &tempfile::tempdir().unwrap().path().join("r"),
+        &Limits::default(),
+    )
+    .expect("the control archive unpacks");
+    let n = good.len();
+    // gzip ends with CRC32 (4 bytes) and the length mod 2^32 (4 bytes).
+    let mut bad_crc = good.clone();
+    bad_crc[n - 8] ^= 0xff;
+    check(
+        "CRC does not match",
+        bad_crc,
+        Limits::default(),
+        "checksum or length trailer fails",
+    );
+    let mut bad_len = good.clone();
+    bad_len[n - 2] ^= 0x01;
+    check(
+        "length does not match",
+        bad_len,
+        Limits::default(),
+        "checksum or length trailer fails",
+    );
+    check(
+        "trailer cut off",
+        good[..n - 8].to_vec(),
+        Limits::default(),
+        "checksum or length trailer fails or is missing",
+    );
+    check(
+        "trailer half there",
+        good[..n - 3].to_vec(),
+        Limits::default(),
+        "checksum or length trailer fails or is missing",
+    );
+    let mut garbage_after = good.clone();
+    garbage_after.extend_from_slice(b"#!/bin/sh\nrm -rf /\n");
+    check(
+        "garbage after the gzip stream",
+        garbage_after,
+        Limits::default(),
+        "bytes after the end of the gzip stream",
+    );
+    let mut hidden = tar.clone();
+    hidden.extend_from_slice(b"a second payload the extractor never looks at");
+    check(
+        "data after the tar end marker",
+        gzip(&hidden),
+        Limits::default(),
+        "non-zero bytes inside the gzip stream",
+    );
+    // Truncated anywhere in the compressed data: in an entry, between
+    // entries, in the end marker, in the deflate stream's last block.
+    for cut in [10, n / 4, n / 2, n - 40, n - 12, n - 9] {
+        check(
+            &format!("truncated at byte {cut} of {n}"),
+            good[..cut].to_vec(),
+            Limits::default(),
+            "incomplete deflate stream",
+        );
+    }
+}
+
 #[test]
 fn setuid_is_kept_when_the_spec_allows_it() {
     use std::os::unix::fs::PermissionsExt;

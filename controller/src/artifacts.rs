@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use convoy_common::digest::Hasher;
-use convoy_common::{fsutil, Digest};
+use convoy_common::{archive, fsutil, Digest};
 use tokio::io::AsyncWriteExt;
 
 pub struct Artifacts {
@@ -24,10 +24,13 @@ impl Artifacts {
     pub fn open(data_dir: &Path) -> std::io::Result<Self> {
         let dir = data_dir.join("artifacts");
         std::fs::create_dir_all(&dir)?;
-        // Leftovers of interrupted uploads.
+        // Leftovers of interrupted uploads and checks.
         for e in std::fs::read_dir(&dir)?.flatten() {
-            if e.file_name().to_string_lossy().ends_with(".upload") {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".upload") {
                 let _ = std::fs::remove_file(e.path());
+            } else if name.ends_with(".check") {
+                let _ = std::fs::remove_dir_all(e.path());
             }
         }
         Ok(Self { dir })
@@ -46,6 +49,34 @@ impl Artifacts {
             hasher: Hasher::new(),
             size: 0,
         })
+    }
+
+    /// Unpacks the upload into a scratch directory, exactly as a host
+    /// will (every entry checked, the gzip stream read to its verified
+    /// end), then removes the scratch tree. Returns what the archive holds.
+    pub async fn check(
+        &self,
+        inc: &Incoming,
+        limits: archive::Limits,
+    ) -> Result<archive::UnpackStats, archive::ArchiveError> {
+        let scratch = self.dir.join(format!("{}.check", uuid::Uuid::new_v4()));
+        let file = inc.tmp.clone();
+        tokio::task::spawn_blocking(move || {
+            let r = std::fs::create_dir(&scratch)
+                .and_then(|()| std::fs::File::open(&file))
+                .map_err(archive::ArchiveError::Corrupt)
+                .and_then(|f| {
+                    archive::unpack(
+                        std::io::BufReader::with_capacity(1 << 20, f),
+                        &scratch.join("tree"),
+                        &limits,
+                    )
+                });
+            let _ = std::fs::remove_dir_all(&scratch);
+            r
+        })
+        .await
+        .unwrap_or_else(|e| Err(archive::ArchiveError::Corrupt(std::io::Error::other(e))))
     }
 
     /// Completes an upload: fsync, then rename to the digest.

@@ -62,6 +62,8 @@ enum Cmd {
         /// Only these hosts (comma-separated).
         #[arg(long, value_delimiter = ',')]
         hosts: Vec<String>,
+        #[command(flatten)]
+        pace: cli::RollbackPace,
     },
     /// Deploy frequency, change failure rate and mean time to restore.
     Report {
@@ -348,9 +350,13 @@ fn main() -> ExitCode {
         Cmd::Approve { rollout } => cli::report(rt.block_on(cli::control(&cli.conn, rollout, "approve"))),
         Cmd::Promote { rollout } => cli::report(rt.block_on(cli::control(&cli.conn, rollout, "promote"))),
         Cmd::Deploy(args) => cli::report(rt.block_on(cli::deploy(&cli.conn, *args))),
-        Cmd::Rollback { app, env, to, hosts } => {
-            cli::report(rt.block_on(cli::rollback(&cli.conn, app, env, to, hosts)))
-        }
+        Cmd::Rollback {
+            app,
+            env,
+            to,
+            hosts,
+            pace,
+        } => cli::report(rt.block_on(cli::rollback(&cli.conn, app, env, to, hosts, pace))),
         Cmd::History {
             app,
             rollout,

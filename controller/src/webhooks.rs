@@ -62,6 +62,8 @@ impl Notifier {
         for url in &self.urls {
             let (url, body, event, tls) = (url.clone(), body.clone(), p.event, self.tls.clone());
             self.tasks.spawn(async move {
+                let mut backoff =
+                    convoy_common::backoff::Backoff::new(Duration::from_millis(500), Duration::from_secs(2));
                 for attempt in 1..=ATTEMPTS {
                     let sent = convoy_common::http::send(convoy_common::http::Request {
                         method: hyper::Method::POST,
@@ -78,7 +80,7 @@ impl Notifier {
                         Err(e) => tracing::warn!(%url, event, attempt, error = %e, "webhook failed"),
                     }
                     if attempt < ATTEMPTS {
-                        tokio::time::sleep(Duration::from_millis(500 * 2u64.pow(attempt - 1))).await;
+                        tokio::time::sleep(backoff.next_delay()).await;
                     }
                 }
                 tracing::error!(%url, event, "webhook gave up after {ATTEMPTS} attempts");

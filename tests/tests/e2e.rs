@@ -127,6 +127,54 @@ fn scenario_b_failed_health_check_restores_and_halts() -> Result<()> {
     // The install path on host1 points at 2.0.0 again.
     let link = bed.hosts[0].exec_ok(&["readlink", "/opt/demo"])?;
     assert!(link.trim().ends_with("/releases/2.0.0"), "{link}");
+
+    // A build whose gzip stream fails its checksum is refused at push,
+    // before any host sees it; the same bytes whole are accepted.
+    let good = std::fs::read(bed.pack_demo("4.0.0", "healthy")?)?;
+    let mut corrupt = good.clone();
+    let crc = corrupt.len() - 8;
+    corrupt[crc] ^= 0xff;
+    let file = bed.dir.path().join("corrupt.tar.gz");
+    std::fs::write(&file, &corrupt)?;
+    let out = bed.convoy(&["release", "push", "demo", "4.0.0", file.to_str().unwrap()])?;
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(
+        out.stderr.contains("demo 4.0.0 refused, nothing was stored")
+            && out.stderr.contains("checksum or length trailer fails"),
+        "{}",
+        out.stderr
+    );
+    let releases = bed.convoy_ok(&["releases", "demo", "--output", "json"])?;
+    assert!(!releases.contains("4.0.0"), "{releases}");
+    std::fs::write(&file, &good)?;
+    bed.convoy_ok(&["release", "push", "demo", "4.0.0", file.to_str().unwrap()])?;
+
+    // Every host still holds the broken 3.0.0. A rollback to it host by
+    // host halts at the first host, which restores itself; the others are
+    // never switched.
+    let out = bed.convoy(&[
+        "rollback",
+        "demo",
+        "--env",
+        "staging",
+        "--to",
+        "3.0.0",
+        "--strategy",
+        "rolling",
+        "--batch-size",
+        "1",
+    ])?;
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stdout.contains("[host1] switch"), "{}", out.stdout);
+    for h in ["host2", "host3"] {
+        assert!(
+            !out.stdout.contains(&format!("[{h}] switch")),
+            "{h} switched:\n{}",
+            out.stdout
+        );
+    }
+    assert!(out.stderr.contains("hosts not touched: host2, host3"), "{}", out.stderr);
+    all_serve(&bed, "2.0.0");
     Ok(())
 }
 

@@ -265,7 +265,7 @@ fn transfers_resume_and_tampered_artifacts_are_refused() -> Result<()> {
     bytes[mid] ^= 0xff;
     std::fs::write(&path, &bytes)?;
     let out = bed.convoy(&["deploy", "demo", "3.0.0", "--env", "staging"])?;
-    assert_eq!(out.code, 1, "{out:?}");
+    assert_eq!(out.code, 4, "{out:?}");
     assert!(
         out.stderr.contains(&format!("digest mismatch: expected {digest}")),
         "{}",
@@ -273,6 +273,37 @@ fn transfers_resume_and_tampered_artifacts_are_refused() -> Result<()> {
     );
     let host = &bed.hosts[0];
     assert_eq!(releases(host)?, "1.0.0 2.0.0", "nothing unpacked");
+    assert_eq!(
+        host.exec_ok(&["ls", "-A", "/var/lib/convoy/apps/demo/staging"])?.trim(),
+        "",
+        "staging cleaned"
+    );
+    assert_eq!(host.serving().as_deref(), Some("2.0.0"));
+
+    // An artifact whose gzip trailer is wrong reaches the host anyway (as
+    // one stored by a controller that did not check pushes would): its
+    // digest is right, so only the host's own check of the stream's end
+    // stands between it and the install path.
+    bed.push_demo("5.0.0", "healthy")?;
+    let mut corrupt = std::fs::read(bed.pack_demo("5.0.0", "healthy")?)?;
+    let crc = corrupt.len() - 8;
+    corrupt[crc] ^= 0xff;
+    let digest = convoy_common::Digest::of_bytes(&corrupt);
+    std::fs::write(bed.artifact_path(&digest.to_hex()), &corrupt)?;
+    let db = rusqlite::Connection::open(bed.dir.path().join("controller/data/convoy.db"))?;
+    let changed = db.execute(
+        "UPDATE releases SET digest = ?1, size = ?2 WHERE app = 'demo' AND version = '5.0.0'",
+        rusqlite::params![digest.to_hex(), corrupt.len() as i64],
+    )?;
+    assert_eq!(changed, 1);
+    let out = bed.convoy(&["deploy", "demo", "5.0.0", "--env", "staging"])?;
+    assert_eq!(out.code, 4, "refused before anything changed: {out:?}");
+    assert!(
+        out.stderr.contains("checksum or length trailer fails"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(releases(host)?, "1.0.0 2.0.0", "nothing of 5.0.0 kept");
     assert_eq!(
         host.exec_ok(&["ls", "-A", "/var/lib/convoy/apps/demo/staging"])?.trim(),
         "",
@@ -315,7 +346,7 @@ fn disk_full_while_staging_and_busy_lock() -> Result<()> {
         &bed.pack_demo_with("2.0.0", "healthy", &[("pad.bin", &pad, 0o644)])?,
     )?;
     let out = bed.convoy(&["deploy", "demo", "2.0.0", "--env", "staging"])?;
-    assert_eq!(out.code, 1, "{out:?}");
+    assert_eq!(out.code, 4, "{out:?}");
     assert!(out.stderr.contains("No space left on device"), "{}", out.stderr);
     assert!(
         out.stderr.contains("nothing was switched; 1.0.0 still runs"),
@@ -343,7 +374,7 @@ fn disk_full_while_staging_and_busy_lock() -> Result<()> {
     std::thread::sleep(std::time::Duration::from_millis(300));
     bed.push_demo("3.0.0", "healthy")?;
     let out = bed.convoy(&["deploy", "demo", "3.0.0", "--env", "staging"])?;
-    assert_eq!(out.code, 1, "{out:?}");
+    assert_eq!(out.code, 4, "{out:?}");
     assert!(
         out.stderr
             .contains("refused: busy: another convoy-agent process (prune) holds this app's lock"),

@@ -141,12 +141,13 @@ fn canary_budget_halt_and_manual_rollback() -> Result<()> {
     assert_eq!(serving(&bed), ["1.0.0"; 5]);
     assert_eq!(fetches(&bed), before, "a rollback must not download anything");
 
-    // Refused before touching anything when a host does not hold the target.
+    // Refused before touching anything when the target was never pushed
+    // (a host that does not hold it is refused likewise: the engine's tests).
     let out = bed.convoy(&["rollback", "demo", "--env", "staging", "--to", "0.9.0"])?;
     assert_eq!(out.code, 4, "{out:?}");
     assert!(
         out.stderr
-            .contains("rollback refused, nothing was changed: host1 no longer holds demo 0.9.0"),
+            .contains("rollback refused, nothing was changed: demo 0.9.0 was never pushed"),
         "{}",
         out.stderr
     );
@@ -293,6 +294,14 @@ fn controller_killed_mid_rollout(after_first_activation: bool) -> Result<()> {
     bed.kill_controller();
     let out = child.wait_with_output()?;
     assert_eq!(out.status.code(), Some(5), "the CLI loses the stream");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "the connection to the controller was lost during rollout {id}"
+        )) && stderr.contains(&format!("`convoy watch {id}`"))
+            && !stderr.contains("certificate"),
+        "{stderr}"
+    );
 
     bed.start_controller()?;
     let start = std::time::Instant::now();
@@ -685,9 +694,11 @@ fn approval_by_another_operator() -> Result<()> {
     wait_line(&lines, "needs approval", &mut seen)?;
     assert_eq!(olivia(&["abort", &id])?.code, 0);
     let out = deploy.wait_with_output()?;
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(4), "nothing changed: exit 4");
     assert!(String::from_utf8_lossy(&out.stderr).contains("aborted by operator olivia (deployer)"));
     assert_eq!(bed.hosts[0].serving().as_deref(), Some("1.0.0"));
+    let h = history(&bed, &["--rollout", &id])?;
+    assert_eq!(h["rollouts"][0]["state"], "cancelled", "not a failed change");
     Ok(())
 }
 

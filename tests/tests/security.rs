@@ -54,11 +54,11 @@ fn agents_install_only_artifacts_signed_by_keys_they_trust() -> Result<()> {
     // Unsigned, or signed by a key the host does not trust: refused.
     push("2.0.0", None)?;
     let out = bed.convoy(&["deploy", "demo", "2.0.0", "--env", "staging"])?;
-    assert_eq!(out.code, 1, "{out:?}");
+    assert_eq!(out.code, 4, "{out:?}");
     assert!(out.stderr.contains("unsigned artifact refused"), "{}", out.stderr);
     push("3.0.0", Some("intruder"))?;
     let out = bed.convoy(&["deploy", "demo", "3.0.0", "--env", "staging"])?;
-    assert_eq!(out.code, 1, "{out:?}");
+    assert_eq!(out.code, 4, "{out:?}");
     assert!(
         out.stderr
             .contains("signature refused: it does not verify with any of this host's 1 trusted key(s)"),
@@ -80,7 +80,7 @@ fn agents_install_only_artifacts_signed_by_keys_they_trust() -> Result<()> {
     )?;
     assert_eq!(changed, 1);
     let out = bed.convoy(&["deploy", "demo", "4.0.0", "--env", "staging"])?;
-    assert_eq!(out.code, 1, "{out:?}");
+    assert_eq!(out.code, 4, "{out:?}");
     assert!(out.stderr.contains("signature refused"), "{}", out.stderr);
 
     // Nothing refused was unpacked; the host still runs 1.0.0.

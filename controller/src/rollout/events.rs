@@ -88,6 +88,9 @@ pub struct Done {
     /// A failing host could not restore its previous release, or a
     /// rollback failed: a host needs attention.
     pub rollback_failed: bool,
+    /// It stopped before any host was switched: no host runs, or ran,
+    /// anything new (refused at pre-staging, aborted before its first batch).
+    pub nothing_changed: bool,
 }
 
 impl Done {
@@ -100,6 +103,7 @@ impl Done {
             failed_hosts,
             rolled_back_hosts: vec![],
             rollback_failed,
+            nothing_changed: false,
         }
     }
 }

@@ -312,6 +312,13 @@ impl Engine {
                 "environment {env:?} is not one of {app}'s environments"
             )));
         }
+        if let Some(v) = &o.to {
+            if self.store.release(app, v)?.is_none() {
+                return Err(Refused::NotFound(format!(
+                    "rollback refused, nothing was changed: {app} {v} was never pushed"
+                )));
+            }
+        }
         let (connected, missing) = self.hosts_in(env, &spec.selector, &BTreeMap::new());
         let mut targets = connected;
         if !o.hosts.is_empty() {
@@ -353,18 +360,28 @@ impl Engine {
                 .map(|v| v.to_string())
                 .unwrap_or_else(|| "previous".into());
         let names: Vec<HostName> = targets.iter().map(|h| h.name.clone()).collect();
+        let budget = o.failure_budget.hosts(names.len());
         let plan = Plan {
             hosts: names.clone(),
             digest: String::new(),
             skipped_hosts: vec![],
-            batches: vec![PlannedBatch {
-                hosts: names.clone(),
-                bake: Duration::ZERO,
-            }],
-            strategy: format!("rollback to {version}, all at once"),
-            failure_budget: names.len(),
+            batches: o
+                .strategy
+                .batches(names.len())
+                .into_iter()
+                .map(|(range, bake)| PlannedBatch {
+                    hosts: names[range].to_vec(),
+                    bake,
+                })
+                .collect(),
+            strategy: format!("rollback to {version}, {}", o.strategy.describe()),
+            failure_budget: budget,
         };
-        let kind = Kind::Rollback { to: o.to.clone() };
+        let kind = Kind::Rollback {
+            to: o.to.clone(),
+            strategy: o.strategy.clone(),
+            budget,
+        };
         let rollout = self.claim(who, app, env, kind, &targets, Control::Run)?;
         let record = NewRollout {
             id: &rollout.id,
@@ -372,7 +389,7 @@ impl Engine {
             version: &version,
             env,
             kind: "rollback",
-            strategy: "all at once",
+            strategy: &o.strategy.describe(),
             hotfix_reason: "",
             operator: who,
             plan: &rollout.saved_plan(),

@@ -43,6 +43,8 @@ pub struct RollbackOrder {
     pub to: Option<Version>,
     /// Only these hosts (all of the environment when empty).
     pub hosts: Vec<HostName>,
+    pub strategy: Strategy,
+    pub failure_budget: FailureBudget,
 }
 
 /// Failed hosts a rollout tolerates before it halts.

@@ -44,7 +44,16 @@ pub(super) enum Kind {
     },
     Rollback {
         to: Option<Version>,
+        /// Rollouts saved before rollbacks had a strategy went all at once.
+        #[serde(default = "all_at_once")]
+        strategy: Strategy,
+        #[serde(default)]
+        budget: usize,
     },
+}
+
+fn all_at_once() -> Strategy {
+    Strategy::AllAtOnce
 }
 
 impl Kind {
@@ -193,7 +202,7 @@ impl Rollout {
     fn payload(&self, event: &'static str, done: Option<&Done>) -> crate::webhooks::Payload {
         let version = match &self.kind {
             Kind::Deploy { cmd, .. } => cmd.version.to_string(),
-            Kind::Rollback { to } => to.as_ref().map_or("previous".into(), |v| v.to_string()),
+            Kind::Rollback { to, .. } => to.as_ref().map_or("previous".into(), |v| v.to_string()),
         };
         let kind = self.kind.name();
         let what = format!("{kind} of {} {version} to {} (rollout {})", self.app, self.env, self.id);
@@ -317,6 +326,7 @@ impl Rollout {
             moved: vec![],
             reached: 0,
             restore_failed: false,
+            activated_any: false,
         };
         // Approval comes before anything is sent to any host.
         if let Err(cause) = self.wait_for_go(engine).await {
@@ -328,6 +338,7 @@ impl Rollout {
                 failed_hosts: vec![],
                 rolled_back_hosts: vec![],
                 rollback_failed: false,
+                nothing_changed: true,
             };
         }
 
@@ -369,6 +380,7 @@ impl Rollout {
                 .collect();
             let names: Vec<&str> = hosts.iter().map(|h| h.as_str()).collect();
             self.note(format!("batch {}/{}: {}", i + 1, batches.len(), names.join(", ")));
+            halt.activated_any |= !hosts.is_empty();
             let rollout = &rollout;
             let results = join_all(hosts.iter().map(|h| async move {
                 let op = OpId::new(&self.id, OpKind::Activate, h);
@@ -495,6 +507,7 @@ impl Rollout {
             mut moved,
             reached,
             restore_failed,
+            activated_any,
         } = halt;
         let mut rollback_failed = restore_failed;
         let (first, reason) = match (&cause, failed.first()) {
@@ -555,40 +568,71 @@ impl Rollout {
             failed_hosts: failed.into_iter().map(|(h, _)| h).collect(),
             rolled_back_hosts: rolled_back,
             rollback_failed,
+            nothing_changed: !activated_any,
         }
     }
 
+    /// A manual rollback, batch by batch as its strategy says (all at once
+    /// by default); past its failure budget it halts, and the hosts it did
+    /// not reach stay as they are.
     async fn run_rollback(&self, engine: &Engine) -> Done {
-        let Kind::Rollback { to } = &self.kind else {
+        let Kind::Rollback { to, strategy, budget } = &self.kind else {
             unreachable!("run_rollback runs rollbacks")
         };
-        let results = join_all(self.targets.iter().map(|h| async move {
-            let op = OpId::new(&self.id, OpKind::Rollback, h);
-            (h.clone(), self.rollback_host(engine, &op, to.clone()).await)
-        }))
-        .await;
-        let mut failed = Vec::new();
+        let mut failed: Vec<(HostName, String)> = Vec::new();
         let mut restore_failed = false;
-        for (h, r) in results {
-            if could_not_restore(&r) {
-                restore_failed = true;
+        let batches = strategy.batches(self.targets.len());
+        for (i, (range, bake)) in batches.iter().enumerate() {
+            let halt = |failed: Vec<(HostName, String)>, cause: Option<String>, restore_failed: bool| {
+                let first = failed.first().map(|(h, _)| h.clone());
+                let reason = cause.unwrap_or_else(|| failed.first().map(|(_, r)| r.clone()).unwrap_or_default());
+                Done {
+                    verdict: Verdict::Failed,
+                    failed_host: first,
+                    reason,
+                    untouched_hosts: self.targets[range.end.min(self.targets.len())..].to_vec(),
+                    failed_hosts: failed.into_iter().map(|(h, _)| h).collect(),
+                    rolled_back_hosts: vec![],
+                    rollback_failed: restore_failed,
+                    nothing_changed: false,
+                }
+            };
+            if let Err(cause) = self.wait_for_go(engine).await {
+                let mut done = halt(failed, Some(cause), restore_failed);
+                done.untouched_hosts = self.targets[range.start..].to_vec();
+                done.nothing_changed = i == 0;
+                return done;
             }
-            if let Err(e) = verdict(r) {
-                failed.push((h, e));
+            if batches.len() > 1 {
+                let names: Vec<&str> = self.targets[range.clone()].iter().map(|h| h.as_str()).collect();
+                self.note(format!("batch {}/{}: {}", i + 1, batches.len(), names.join(", ")));
+            }
+            let results = join_all(self.targets[range.clone()].iter().map(|h| async move {
+                let op = OpId::new(&self.id, OpKind::Rollback, h);
+                (h.clone(), self.rollback_host(engine, &op, to.clone()).await)
+            }))
+            .await;
+            for (h, r) in results {
+                if could_not_restore(&r) {
+                    restore_failed = true;
+                }
+                if let Err(e) = verdict(r) {
+                    failed.push((h, e));
+                }
+            }
+            if failed.len() > *budget {
+                return halt(failed, None, restore_failed);
+            }
+            if !bake.is_zero() && i + 1 < batches.len() {
+                self.bake(*bake).await;
             }
         }
-        match failed.first() {
-            None => Done::succeeded(String::new(), vec![], false),
-            Some((h, reason)) => Done {
-                verdict: Verdict::Failed,
-                failed_host: Some(h.clone()),
-                reason: reason.clone(),
-                untouched_hosts: vec![],
-                failed_hosts: failed.iter().map(|(h, _)| h.clone()).collect(),
-                rolled_back_hosts: vec![],
-                rollback_failed: restore_failed,
-            },
-        }
+        let reason = if failed.is_empty() {
+            String::new()
+        } else {
+            format!("{} host(s) failed within the failure budget of {budget}", failed.len())
+        };
+        Done::succeeded(reason, failed.into_iter().map(|(h, _)| h).collect(), restore_failed)
     }
 
     /// Switches the host `op` names back to `to` (its previous release
@@ -609,10 +653,53 @@ impl Rollout {
         if let Some(done) = self.recorded.get(op) {
             return Ok(done.clone());
         }
-        let host = op.host();
         let OpWait { mut events, mut result } = engine.fleet.dispatch(op, command).await;
-        let _forget = Forget(engine, op.clone());
+        let ended = self.wait_op(engine, op, &mut events, &mut result).await;
+        // No result reaches this operation's waiter after this: one that
+        // comes later is a late result, reconciled by `late_result`. One
+        // that came while the wait gave up (a timeout, a vanish deadline,
+        // an abort) is taken here: it is this operation's outcome and must
+        // not be lost.
+        engine.fleet.forget(op);
+        match (ended, result.try_recv()) {
+            (Ok(r), _) | (Err(_), Ok(r)) => Ok(self.accept(engine, op.host(), r, &mut events)),
+            (Err(why), Err(_)) => Err(why),
+        }
+    }
 
+    /// Records a host's result (after the events it sent before it).
+    fn accept(
+        &self,
+        engine: &Engine,
+        host: &HostName,
+        r: OpReport,
+        events: &mut tokio::sync::mpsc::Receiver<StepEvent>,
+    ) -> HostOutcome {
+        while let Ok(ev) = events.try_recv() {
+            self.record_event(engine, host, ev);
+        }
+        crate::metrics::get().host_result(r.outcome);
+        if let Err(e) = engine.store.record_host_result(&self.id, host, &r) {
+            tracing::error!(error = %e, "could not record host result");
+        }
+        let outcome = HostOutcome::from(&r);
+        self.emit(EventBody::Result {
+            host: host.clone(),
+            report: Box::new(r),
+        });
+        outcome
+    }
+
+    /// Waits for the result of `op`, forwarding its events; gives up after
+    /// the host's timeout, or as the vanish policy and an abort say.
+    async fn wait_op(
+        &self,
+        engine: &Engine,
+        op: &OpId,
+        events: &mut tokio::sync::mpsc::Receiver<StepEvent>,
+        result: &mut tokio::sync::oneshot::Receiver<OpReport>,
+    ) -> Result<OpReport, String> {
+        let host = op.host();
         let vanish = self.vanish();
         let mut control = self.control.subscribe();
         let host_timeout = engine.cfg.host_timeout;
@@ -658,22 +745,11 @@ impl Rollout {
             let tick = tokio::time::sleep(Duration::from_millis(500).min(deadline - now));
             tokio::select! {
                 biased;
-                r = &mut result => {
-                    let Ok(r) = r else { return Err("the controller stopped waiting for this operation".to_owned()) };
+                r = &mut *result => {
                     if away.take().is_some() {
                         self.note(format!("{host} is back"));
                     }
-                    // Events sent before the result are recorded first.
-                    while let Ok(ev) = events.try_recv() {
-                        self.record_event(engine, host, ev);
-                    }
-                    crate::metrics::get().host_result(r.outcome);
-                    if let Err(e) = engine.store.record_host_result(&self.id, host, &r) {
-                        tracing::error!(error = %e, "could not record host result");
-                    }
-                    let outcome = HostOutcome::from(&r);
-                    self.emit(EventBody::Result { host: host.clone(), report: Box::new(r) });
-                    return Ok(outcome);
+                    return r.map_err(|_| "the controller stopped waiting for this operation".to_owned());
                 }
                 Some(ev) = events.recv() => {
                     if away.take().is_some() {
@@ -704,6 +780,8 @@ struct Halt {
     /// Targets before this index were reached.
     reached: usize,
     restore_failed: bool,
+    /// Some host was sent its activation.
+    activated_any: bool,
 }
 
 /// Whether a host failed and could not put its previous release back.
@@ -723,14 +801,5 @@ fn verdict(r: Result<HostOutcome, String>) -> Result<(), String> {
             Err(s)
         }
         Err(e) => Err(e),
-    }
-}
-
-/// Ends the wait for an operation however `run_op` ends.
-struct Forget<'a>(&'a Engine, OpId);
-
-impl Drop for Forget<'_> {
-    fn drop(&mut self) {
-        self.0.fleet.forget(&self.1);
     }
 }

@@ -248,8 +248,10 @@ fn bed(hosts: &[(&str, &[(&str, &str)])], spec_extra: &str) -> Bed {
         size: 8,
         signature: None,
     };
-    db.add_release(&app(), &Version::new("2.0.0").unwrap(), &release, "operator:alice")
-        .unwrap();
+    for v in ["1.0.0", "2.0.0", "3.0.0"] {
+        db.add_release(&app(), &Version::new(v).unwrap(), &release, "operator:alice")
+            .unwrap();
+    }
     let fleet = TestFleet::with_hosts(hosts);
     let stop = CancellationToken::new();
     let engine = engine_on(&dir, fleet.clone(), db.clone(), stop.clone(), None);
@@ -666,14 +668,88 @@ async fn one_rollout_at_a_time_per_app_and_environment() {
         env: "staging".into(),
         to: Some(Version::new(to).unwrap()),
         hosts: vec![],
+        strategy: Strategy::AllAtOnce,
+        failure_budget: FailureBudget(None),
     };
     let e = b.engine.start_rollback("operator:bob", rollback("0.9.0")).unwrap_err();
-    assert!(
-        e.to_string()
-            .contains("rollback refused, nothing was changed: web1 no longer holds demo 0.9.0"),
-        "{e}"
+    assert_eq!(
+        e.to_string(),
+        "rollback refused, nothing was changed: demo 0.9.0 was never pushed"
+    );
+    let e = b.engine.start_rollback("operator:bob", rollback("3.0.0")).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "rollback refused, nothing was changed: web1 no longer holds demo 3.0.0"
     );
     let (_, done) = finish(b.engine.start_rollback("operator:bob", rollback("1.0.0")).unwrap()).await;
     assert_eq!(done.verdict, Verdict::Succeeded);
     assert_eq!(b.fleet.sent_of(OpKind::Rollback), ["web1"], "the rollback's switch");
+}
+
+fn rollback_to(to: &str, strategy: Strategy) -> RollbackOrder {
+    RollbackOrder {
+        app: app(),
+        env: "staging".into(),
+        to: Some(Version::new(to).unwrap()),
+        hosts: vec![],
+        strategy,
+        failure_budget: FailureBudget(None),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rollback_host_by_host_halts_at_the_first_host_that_fails() {
+    let b = bed(WEB4, "");
+    for h in ["web1", "web2", "web3", "web4"] {
+        b.fleet.answer(h, OpKind::Rollback, Answer::Fail);
+    }
+    let rolling = Strategy::from_flags("rolling", Some("1"), None, None).unwrap();
+    let (events, done) = finish(
+        b.engine
+            .start_rollback("operator:alice", rollback_to("1.0.0", rolling))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(done.verdict, Verdict::Failed);
+    assert_eq!(done.failed_host.as_ref().map(|h| h.as_str()), Some("web1"));
+    assert_eq!(names(&done.untouched_hosts), ["web2", "web3", "web4"]);
+    assert_eq!(
+        b.fleet.sent_of(OpKind::Rollback),
+        ["web1"],
+        "halted after the first host"
+    );
+    let EventBody::Plan(plan) = &events[0].body else {
+        panic!("the plan comes first")
+    };
+    assert_eq!(plan.batches.len(), 4);
+    // Control case: the default, all at once, takes every host down together.
+    let b = bed(WEB4, "");
+    for h in ["web1", "web2", "web3", "web4"] {
+        b.fleet.answer(h, OpKind::Rollback, Answer::Fail);
+    }
+    let (_, done) = finish(
+        b.engine
+            .start_rollback("operator:alice", rollback_to("1.0.0", Strategy::AllAtOnce))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(done.verdict, Verdict::Failed);
+    assert_eq!(b.fleet.sent_of(OpKind::Rollback).len(), 4);
+    assert_eq!(done.failed_hosts.len(), 4);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rollout_refused_at_pre_staging_changed_nothing() {
+    let b = bed(WEB4, "");
+    b.fleet.answer("web3", OpKind::Stage, Answer::Fail);
+    let (_, done) = finish(b.engine.start_deploy("operator:alice", order()).unwrap()).await;
+    assert_eq!(done.verdict, Verdict::Failed);
+    assert!(done.nothing_changed);
+    assert!(b.fleet.sent_of(OpKind::Activate).is_empty());
+    assert!(done.reason.starts_with("pre-staging: "), "{}", done.reason);
+    // Once a host was sent its activation, something changed.
+    let b = bed(WEB4, "");
+    b.fleet.answer("web1", OpKind::Activate, Answer::Fail);
+    let (_, done) = finish(b.engine.start_deploy("operator:alice", order()).unwrap()).await;
+    assert!(!done.nothing_changed);
 }

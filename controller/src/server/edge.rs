@@ -22,24 +22,32 @@ fn hosts(flag: &str, names: Vec<String>) -> Result<Vec<HostName>, InvalidOrder> 
     names.into_iter().map(|h| name(flag, HostName::new(h))).collect()
 }
 
+/// `--strategy` (or `default`), `--batch-size`, `--stages` and `--bake`.
+fn strategy(default: &str, strategy: &str, batch: &str, stages: &str, bake_ms: u64) -> Result<Strategy, InvalidOrder> {
+    let nonempty = |s: &str| Some(s.to_owned()).filter(|s| !s.is_empty());
+    Strategy::from_flags(
+        if strategy.is_empty() { default } else { strategy },
+        nonempty(batch).as_deref(),
+        nonempty(stages).as_deref(),
+        (bake_ms > 0).then(|| Duration::from_millis(bake_ms)),
+    )
+    .map_err(InvalidOrder)
+}
+
+fn failure_budget(s: &str) -> Result<FailureBudget, InvalidOrder> {
+    if s.is_empty() {
+        return Ok(FailureBudget(None));
+    }
+    let amount = Amount::parse(s).map_err(|e| InvalidOrder(format!("--failure-budget: {e}")))?;
+    Ok(FailureBudget(Some(amount)))
+}
+
 impl TryFrom<DeployRequest> for DeployOrder {
     type Error = InvalidOrder;
 
     fn try_from(r: DeployRequest) -> Result<Self, InvalidOrder> {
-        let nonempty = |s: &str| Some(s.to_owned()).filter(|s| !s.is_empty());
-        let strategy = Strategy::from_flags(
-            if r.strategy.is_empty() { "rolling" } else { &r.strategy },
-            nonempty(&r.batch_size).as_deref(),
-            nonempty(&r.stages).as_deref(),
-            (r.bake_ms > 0).then(|| Duration::from_millis(r.bake_ms)),
-        )
-        .map_err(InvalidOrder)?;
-        let failure_budget = match nonempty(&r.failure_budget) {
-            None => FailureBudget(None),
-            Some(s) => FailureBudget(Some(
-                Amount::parse(&s).map_err(|e| InvalidOrder(format!("--failure-budget: {e}")))?,
-            )),
-        };
+        let strategy = strategy("rolling", &r.strategy, &r.batch_size, &r.stages, r.bake_ms)?;
+        let failure_budget = failure_budget(&r.failure_budget)?;
         DeployOrder {
             app: name("app", AppName::new(r.app))?,
             version: name("version", Version::new(r.version))?,
@@ -77,6 +85,8 @@ impl TryFrom<RollbackRequest> for RollbackOrder {
                 .transpose()
                 .map_err(|e| InvalidOrder(format!("--to: {e}")))?,
             hosts: hosts("--hosts", r.hosts)?,
+            strategy: strategy("all-at-once", &r.strategy, &r.batch_size, &r.stages, r.bake_ms)?,
+            failure_budget: failure_budget(&r.failure_budget)?,
         })
     }
 }
@@ -115,6 +125,7 @@ impl From<&Done> for RolloutDone {
             failed_hosts: strings(&d.failed_hosts),
             rolled_back_hosts: strings(&d.rolled_back_hosts),
             rollback_failed: d.rollback_failed,
+            nothing_changed: d.nothing_changed,
         }
     }
 }
@@ -236,13 +247,28 @@ mod tests {
             let e = refused(r);
             assert!(e.contains(expect), "{e:?} should contain {expect:?}");
         }
-        let e = RollbackOrder::try_from(RollbackRequest {
+        let rollback = || RollbackRequest {
             app: "demo".into(),
             environment: "staging".into(),
+            ..Default::default()
+        };
+        let e = RollbackOrder::try_from(RollbackRequest {
             to_version: "1 0".into(),
-            hosts: vec![],
+            ..rollback()
         })
         .unwrap_err();
         assert!(e.to_string().starts_with("--to: "), "{e}");
+        let e = RollbackOrder::try_from(RollbackRequest {
+            batch_size: "2".into(),
+            ..rollback()
+        })
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("--batch-size, --stages or --bake does not apply to --strategy all-at-once"),
+            "{e}"
+        );
+        let o = RollbackOrder::try_from(rollback()).unwrap();
+        assert_eq!(o.strategy.describe(), "all at once");
     }
 }

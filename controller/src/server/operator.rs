@@ -174,7 +174,7 @@ impl OperatorService for OperatorApi {
         };
         let app = arg("app", AppName::new(header.app))?;
         let version = arg("version", Version::new(header.version))?;
-        load_spec(&self.shared, &app)?;
+        let spec = load_spec(&self.shared, &app)?;
         if header.size > MAX_ARTIFACT {
             return Err(Status::invalid_argument(format!(
                 "artifact of {} bytes is over the {MAX_ARTIFACT} byte limit",
@@ -219,6 +219,18 @@ impl OperatorService for OperatorApi {
         if let Err(e) = result {
             inc.abort().await;
             return Err(e);
+        }
+        // A corrupt or unsafe build is refused here, before any host sees it.
+        let limits = convoy_common::archive::Limits {
+            allow_setid: spec.install.allow_setid,
+            ..Default::default()
+        };
+        if let Err(e) = self.shared.artifacts.check(&inc, limits).await {
+            inc.abort().await;
+            tracing::warn!(%app, %version, by = %id, error = %e, "release refused at push");
+            return Err(Status::invalid_argument(format!(
+                "{app} {version} refused, nothing was stored: not a sound release archive: {e}"
+            )));
         }
         let (digest, size) = self.shared.artifacts.commit(inc).await.map_err(internal)?;
         let added = self

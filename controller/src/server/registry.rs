@@ -197,9 +197,10 @@ impl Registry {
             return Delivery::Refused;
         };
         self.update_apps(host, vec![report.state.clone()]);
-        let sender = self.waiters.lock().unwrap().get_mut(&op).and_then(|w| w.result.take());
-        match sender {
-            // A waiter that has just given up takes the result as late.
+        // Sent under the lock, so that once `forget` returns no result can
+        // still be on its way to the waiter: it has it, or it is late.
+        let mut waiters = self.waiters.lock().unwrap();
+        match waiters.get_mut(&op).and_then(|w| w.result.take()) {
             Some(tx) => match tx.send(report) {
                 Ok(()) => Delivery::Delivered,
                 Err(_) => Delivery::NotAwaited,
@@ -342,5 +343,18 @@ mod tests {
             reg.deliver_result(&host("eu-web1"), report(&theirs)),
             Delivery::Delivered
         );
+    }
+
+    #[tokio::test]
+    async fn a_result_after_the_wait_ended_is_late_and_one_before_is_kept() {
+        let reg = Registry::default();
+        let op = OpId::new("r1", OpKind::Activate, &host("web1"));
+        // Delivered just before the waiter gives up: still in its hands.
+        let mut wait = reg.wait_for(&op, ControllerMessage { body: None });
+        assert_eq!(reg.deliver_result(&host("web1"), report(&op)), Delivery::Delivered);
+        Registry::forget(&reg, &op);
+        assert!(wait.result.try_recv().is_ok(), "kept for the rollout");
+        // After the wait ended: late, for reconciling.
+        assert_eq!(reg.deliver_result(&host("web1"), report(&op)), Delivery::NotAwaited);
     }
 }

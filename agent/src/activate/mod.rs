@@ -9,6 +9,10 @@
 //! The journal is saved (fsync) before every step that changes what runs,
 //! so `recover_all` can always bring an interrupted activation back to a
 //! whole release: the old one, restarted and checked.
+//!
+//! Here: the activation and what it shares; `stage.rs`: fetch, verify and
+//! unpack; `restore.rs`: putting the previous release back, and recovery
+//! at start.
 
 use std::fs;
 use std::io;
@@ -27,6 +31,14 @@ use crate::crash::crash_point;
 use crate::fetch::{self, FetchError};
 use crate::store::{AppDirs, Inflight, Journal, Phase, ReleaseMeta};
 use crate::{backup, health, hooks, switch, units};
+
+mod restore;
+mod stage;
+
+pub use restore::recover_all;
+use restore::restore;
+pub use stage::stage_only;
+use stage::{clean_staging, stage};
 
 /// Emits step events for one operation.
 struct Op<'a> {
@@ -271,51 +283,6 @@ pub async fn activate(agent: Arc<Agent>, channel: Channel, cmd: ActivateCommand)
     report
 }
 
-/// Pre-staging: fetch, verify and unpack only. Nothing live changes, so
-/// the rolling phase that follows only switches and checks.
-pub async fn stage_only(agent: Arc<Agent>, channel: Channel, cmd: ActivateCommand) -> OpReport {
-    let app = cmd.spec.app.clone();
-    let op = Op {
-        agent: &agent,
-        op_id: cmd.op_id.clone(),
-        app: app.clone(),
-    };
-    let j = match agent.store.load_journal(&app) {
-        Ok(j) => j,
-        Err(e) => return refuse(&agent, &cmd, format!("cannot read journal: {e}")),
-    };
-    if let Some(last) = j.last_op.as_ref().filter(|r| r.op_id == cmd.op_id) {
-        return answer_again(&agent, last);
-    }
-    let dirs = match agent.store.ensure_app(&app) {
-        Ok(d) => d,
-        Err(e) => return refuse(&agent, &cmd, e.to_string()),
-    };
-    op.event(
-        Step::Stage,
-        EventKind::Started,
-        format!("pre-staging {}: {} bytes", cmd.version, cmd.size),
-    );
-    match stage(&agent, &channel, &cmd, &dirs).await {
-        Ok(msg) => {
-            op.event(Step::Stage, EventKind::Succeeded, &msg);
-            finish(
-                &agent,
-                &cmd,
-                j,
-                Outcome::Succeeded,
-                String::new(),
-                "staged; nothing switched".into(),
-            )
-        }
-        Err(reason) => {
-            op.event(Step::Stage, EventKind::Failed, &reason);
-            let detail = not_switched(&j.current);
-            finish(&agent, &cmd, j, Outcome::FailedRestored, reason, detail)
-        }
-    }
-}
-
 /// Turns a rollback into an activation of a release this host holds, or
 /// a refusal that says why it cannot be done here.
 pub fn rollback_command(store: &crate::store::Store, cmd: &RollbackCommand) -> Result<ActivateCommand, Box<OpReport>> {
@@ -474,93 +441,6 @@ async fn check(agent: &Agent, op: &Op<'_>, spec: &InstallSpec, root: &Path) -> R
     .await
 }
 
-/// Fetches, verifies and unpacks the release into `releases/<version>`.
-async fn stage(agent: &Agent, channel: &Channel, cmd: &ActivateCommand, dirs: &AppDirs) -> Result<String, String> {
-    let app = &cmd.spec.app;
-    let release = dirs.release(&cmd.version);
-    let held = release.exists() || switch::live_version(&cmd.spec).as_ref() == Some(&cmd.version);
-    if held {
-        return match agent.store.release_meta(app, &cmd.version) {
-            Some(m) if m.digest == cmd.digest => Ok(format!("{} already on this host", cmd.version)),
-            Some(m) => Err(format!(
-                "version {} is already on this host with sha256 {}, not {}; versions are immutable, push a new one",
-                cmd.version, m.digest, cmd.digest
-            )),
-            None => Err(format!(
-                "{} exists without metadata; remove it by hand",
-                release.display()
-            )),
-        };
-    }
-    let part = dirs.staging.join(format!("{}.part", cmd.digest));
-    let fetched = match fetch::fetch(channel.clone(), cmd.digest, cmd.size, &part, |_, _| {}).await {
-        Ok(n) => n,
-        // A network failure keeps the partial file so the next try resumes;
-        // anything else (disk full, bad digest) leaves staging clean.
-        Err(e @ FetchError::GaveUp { .. }) => return Err(e.to_string()),
-        Err(e) => {
-            let _ = fs::remove_file(&part);
-            return Err(e.to_string());
-        }
-    };
-    crash_point("after-fetch");
-    // The digest matched what the controller announced; the signature says
-    // whether someone this host trusts made the artifact. Checked before a
-    // single byte is unpacked, whatever the controller claims.
-    let sig = cmd.signature.as_deref();
-    if let Err(e) = convoy_common::signing::verify(&agent.trusted_keys, app, &cmd.version, &cmd.digest, sig) {
-        let _ = fs::remove_file(&part);
-        return Err(e.to_string());
-    }
-
-    let unpack_dir = dirs.staging.join(format!("{}.unpack", cmd.version));
-    let _ = fs::remove_dir_all(&unpack_dir);
-    let (part2, dir2, version) = (part.clone(), unpack_dir.clone(), cmd.version.clone());
-    let limits = Limits {
-        allow_setid: cmd.spec.allow_setid,
-        ..Limits::default()
-    };
-    let stats = tokio::task::spawn_blocking(move || -> Result<archive::UnpackStats, String> {
-        let f = fs::File::open(&part2).map_err(|e| format!("{}: {e}", part2.display()))?;
-        let stats = archive::unpack(io::BufReader::with_capacity(1 << 20, f), &dir2, &limits)
-            .map_err(|e| format!("unsafe or corrupt archive: {e}"))?;
-        switch::write_marker(&dir2, &version).map_err(|e| format!("writing release marker: {e}"))?;
-        // One syncfs makes the whole tree durable before it becomes visible.
-        let d = fs::File::open(&dir2).map_err(|e| e.to_string())?;
-        nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&d)).map_err(|e| format!("syncfs: {e}"))?;
-        Ok(stats)
-    })
-    .await
-    .map_err(|e| format!("unpack task: {e}"))?;
-    let stats = match stats {
-        Ok(s) => s,
-        Err(e) => {
-            let _ = fs::remove_dir_all(&unpack_dir);
-            let _ = fs::remove_file(&part);
-            return Err(e);
-        }
-    };
-    crash_point("after-unpack");
-    agent
-        .store
-        .write_release_meta(
-            app,
-            &cmd.version,
-            &ReleaseMeta {
-                digest: cmd.digest,
-                size: cmd.size,
-            },
-        )
-        .map_err(|e| e.to_string())?;
-    fs::rename(&unpack_dir, &release).map_err(|e| format!("moving release into place: {e}"))?;
-    fsutil::fsync_dir(&dirs.releases).map_err(|e| e.to_string())?;
-    let _ = fs::remove_file(&part);
-    Ok(format!(
-        "{} verified ({fetched} bytes fetched), {} files / {} bytes unpacked",
-        cmd.version, stats.files, stats.bytes
-    ))
-}
-
 fn set_phase(agent: &Agent, app: &AppName, j: &mut Journal, phase: Phase) {
     if let Some(i) = j.inflight.as_mut() {
         i.phase = phase;
@@ -569,215 +449,6 @@ fn set_phase(agent: &Agent, app: &AppName, j: &mut Journal, phase: Phase) {
         // Carry on: the step is still the right thing to do, and the
         // operator hears about the journal in the logs.
         tracing::error!(%app, error = %e, "could not save journal");
-    }
-}
-
-/// Puts the previous release back, restarts it and checks it. Used after a
-/// failed activation and by crash recovery.
-async fn restore(agent: &Agent, op: &Op<'_>, cmd: &ActivateCommand, mut j: Journal, reason: String) -> OpReport {
-    let (outcome, detail) = restore_inner(agent, op, &mut j).await;
-    finish(agent, cmd, j, outcome, reason, detail)
-}
-
-async fn restore_inner(agent: &Agent, op: &Op<'_>, j: &mut Journal) -> (Outcome, String) {
-    let inflight = j.inflight.clone().expect("restore runs for an in-flight operation");
-    let spec = &inflight.spec;
-    let app = &spec.app;
-    set_phase(agent, app, j, Phase::Restoring);
-    let dirs = agent.store.app(app);
-    let mut problems = Vec::new();
-    if let Err(e) = switch::normalize(spec, &dirs) {
-        problems.push(format!("normalise releases: {e}"));
-    }
-    let failing_tree = switch::tree_of(spec, &dirs, &inflight.to);
-    if let Err(e) = run_hooks(
-        agent,
-        op,
-        spec,
-        HookPoint::BeforeRollback,
-        &inflight.to,
-        inflight.from.as_ref(),
-        &failing_tree,
-    )
-    .await
-    {
-        // The restore goes on: a broken hook must not keep a broken release.
-        problems.push(e);
-    }
-    // The previous release is restarted with the spec it ran under.
-    let prev_spec = j.spec.clone().unwrap_or_else(|| spec.clone());
-    let target = inflight.from.clone();
-    op.event(
-        Step::Restore,
-        EventKind::Started,
-        match &target {
-            Some(prev) => format!("switching back to {prev}"),
-            None => "no previous release: removing the install path".into(),
-        },
-    );
-    crash_point("restore-begin");
-    let switched = match &target {
-        Some(prev) => switch::switch_to(spec, &dirs, prev),
-        None => switch::remove_install_path(spec, &dirs),
-    };
-    if let Err(e) = switched {
-        problems.push(format!("switch back: {e}"));
-    }
-    crash_point("restore-after-switch");
-    if let Some(snap) = &inflight.unit_snapshot {
-        match units::put_back(&agent.unit_dir, snap) {
-            Ok(true) => {
-                if let Err(e) = agent.systemd.daemon_reload().await {
-                    problems.push(format!("daemon-reload: {e}"));
-                }
-            }
-            Ok(false) => {}
-            Err(e) => problems.push(format!("putting unit files back: {e}")),
-        }
-    }
-    if let Some(b) = inflight.backup.clone() {
-        match tokio::task::spawn_blocking(move || backup::restore(&b)).await {
-            Ok(Ok(n)) => op.event(Step::Restore, EventKind::Info, format!("backup restored ({n} entries)")),
-            Ok(Err(e)) => problems.push(format!("restoring backup: {e}")),
-            Err(e) => problems.push(format!("restoring backup: {e}")),
-        }
-    }
-    let out = match &target {
-        Some(prev) => {
-            let mut restarted = true;
-            for unit in &prev_spec.units {
-                if let Err(e) = agent.systemd.restart(unit, agent.unit_timeout).await {
-                    problems.push(format!("restart {unit}: {e}"));
-                    restarted = false;
-                }
-            }
-            if restarted {
-                // The moment the previous release runs again; the check
-                // that follows confirms it stays healthy.
-                op.event(
-                    Step::Restore,
-                    EventKind::Info,
-                    format!("{prev} running again ({}); checking it", prev_spec.units.join(", ")),
-                );
-            }
-            let root = switch::tree_of(spec, &dirs, prev);
-            let verdict = check(agent, op, &prev_spec, &root).await;
-            match verdict {
-                Ok(msg) if problems.is_empty() => {
-                    j.health = Health::Healthy;
-                    j.health_reason = format!("restored; {msg}");
-                    let d = format!("restored {prev}; healthy again ({msg})");
-                    op.event(Step::Restore, EventKind::Succeeded, &d);
-                    (Outcome::FailedRestored, d)
-                }
-                verdict => {
-                    if let Err(m) = verdict {
-                        problems.push(m);
-                    }
-                    let m = problems.join("; ");
-                    j.health = Health::Unhealthy;
-                    j.health_reason = m.clone();
-                    let d = format!("restoring {prev} failed: {m}");
-                    op.event(Step::Restore, EventKind::Failed, &d);
-                    (Outcome::FailedRestoreFailed, d)
-                }
-            }
-        }
-        None => {
-            for unit in &spec.units {
-                if let Err(e) = agent.systemd.stop(unit, agent.unit_timeout).await {
-                    problems.push(format!("stop {unit}: {e}"));
-                }
-            }
-            j.health = Health::Unknown;
-            j.health_reason = "nothing installed".into();
-            if problems.is_empty() {
-                let d = "no previous release; install path removed and units stopped".to_owned();
-                op.event(Step::Restore, EventKind::Succeeded, &d);
-                (Outcome::FailedRestored, d)
-            } else {
-                let d = problems.join("; ");
-                op.event(Step::Restore, EventKind::Failed, &d);
-                (Outcome::FailedRestoreFailed, d)
-            }
-        }
-    };
-    j.inflight = None;
-    out
-}
-
-/// Brings every app with an interrupted operation back to a whole release.
-/// Runs at start, before the agent says hello.
-pub async fn recover_all(agent: &Agent) -> Vec<OpReport> {
-    let mut reports = Vec::new();
-    for app in agent.store.apps().unwrap_or_default() {
-        let dirs = agent.store.app(&app);
-        clean_staging(&dirs);
-        let Ok(j) = agent.store.load_journal(&app) else {
-            continue;
-        };
-        let Some(inflight) = j.inflight.clone() else { continue };
-        let span = agent.op_span(&app, inflight.to.as_str(), &inflight.op_id);
-        let report = tracing::Instrument::instrument(recover_one(agent, app, j, inflight), span).await;
-        crate::metrics::get().activation(report.outcome);
-        reports.push(report);
-    }
-    reports
-}
-
-/// Finishes or undoes one app's interrupted activation.
-async fn recover_one(agent: &Agent, app: AppName, mut j: Journal, inflight: Inflight) -> OpReport {
-    let op = Op {
-        agent,
-        op_id: inflight.op_id.clone(),
-        app: app.clone(),
-    };
-    let cmd_like = ActivateCommand {
-        op_id: inflight.op_id.clone(),
-        spec: inflight.spec.clone(),
-        version: inflight.to.clone(),
-        digest: convoy_common::Digest::of_bytes(b""),
-        size: 0,
-        signature: None,
-    };
-    let reason = format!(
-        "agent restarted during the activation of {} ({:?} phase)",
-        inflight.to, inflight.phase
-    );
-    op.event(Step::Recover, EventKind::Started, &reason);
-    tracing::warn!(%app, op_id = %inflight.op_id, phase = ?inflight.phase, "recovering interrupted activation");
-    let (outcome, detail) = if inflight.phase == Phase::Staging {
-        j.inflight = None;
-        (
-            Outcome::FailedRestored,
-            "interrupted before the switch; nothing had been switched".to_owned(),
-        )
-    } else {
-        restore_inner(agent, &op, &mut j).await
-    };
-    let report = finish(agent, &cmd_like, j, outcome, reason, detail);
-    op.event(Step::Recover, EventKind::Succeeded, report.outcome.to_string());
-    report
-}
-
-/// Removes half-unpacked trees and half-written backups; keeps partial
-/// downloads so they resume.
-fn clean_staging(dirs: &AppDirs) {
-    for e in fs::read_dir(&dirs.staging).into_iter().flatten().flatten() {
-        let p = e.path();
-        if p.extension().is_some_and(|x| x == "part") {
-            continue;
-        }
-        let _ = if p.is_dir() {
-            fs::remove_dir_all(&p)
-        } else {
-            fs::remove_file(&p)
-        };
-    }
-    for e in fs::read_dir(&dirs.backups).into_iter().flatten().flatten() {
-        if e.path().extension().is_some_and(|x| x == "tmp") {
-            let _ = fs::remove_file(e.path());
-        }
     }
 }
 

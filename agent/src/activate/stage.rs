@@ -1,0 +1,163 @@
+//! Staging: fetch, verify (digest, signature) and unpack a release into
+//! `releases/<version>`, alone (pre-staging) or as an activation's first
+//! step; and clearing what an interrupted staging left behind.
+
+use super::*;
+
+/// Pre-staging: fetch, verify and unpack only. Nothing live changes, so
+/// the rolling phase that follows only switches and checks.
+pub async fn stage_only(agent: Arc<Agent>, channel: Channel, cmd: ActivateCommand) -> OpReport {
+    let app = cmd.spec.app.clone();
+    let op = Op {
+        agent: &agent,
+        op_id: cmd.op_id.clone(),
+        app: app.clone(),
+    };
+    let j = match agent.store.load_journal(&app) {
+        Ok(j) => j,
+        Err(e) => return refuse(&agent, &cmd, format!("cannot read journal: {e}")),
+    };
+    if let Some(last) = j.last_op.as_ref().filter(|r| r.op_id == cmd.op_id) {
+        return answer_again(&agent, last);
+    }
+    let dirs = match agent.store.ensure_app(&app) {
+        Ok(d) => d,
+        Err(e) => return refuse(&agent, &cmd, e.to_string()),
+    };
+    op.event(
+        Step::Stage,
+        EventKind::Started,
+        format!("pre-staging {}: {} bytes", cmd.version, cmd.size),
+    );
+    match stage(&agent, &channel, &cmd, &dirs).await {
+        Ok(msg) => {
+            op.event(Step::Stage, EventKind::Succeeded, &msg);
+            finish(
+                &agent,
+                &cmd,
+                j,
+                Outcome::Succeeded,
+                String::new(),
+                "staged; nothing switched".into(),
+            )
+        }
+        Err(reason) => {
+            op.event(Step::Stage, EventKind::Failed, &reason);
+            let detail = not_switched(&j.current);
+            finish(&agent, &cmd, j, Outcome::FailedRestored, reason, detail)
+        }
+    }
+}
+
+/// Fetches, verifies and unpacks the release into `releases/<version>`.
+pub(super) async fn stage(
+    agent: &Agent,
+    channel: &Channel,
+    cmd: &ActivateCommand,
+    dirs: &AppDirs,
+) -> Result<String, String> {
+    let app = &cmd.spec.app;
+    let release = dirs.release(&cmd.version);
+    let held = release.exists() || switch::live_version(&cmd.spec).as_ref() == Some(&cmd.version);
+    if held {
+        return match agent.store.release_meta(app, &cmd.version) {
+            Some(m) if m.digest == cmd.digest => Ok(format!("{} already on this host", cmd.version)),
+            Some(m) => Err(format!(
+                "version {} is already on this host with sha256 {}, not {}; versions are immutable, push a new one",
+                cmd.version, m.digest, cmd.digest
+            )),
+            None => Err(format!(
+                "{} exists without metadata; remove it by hand",
+                release.display()
+            )),
+        };
+    }
+    let part = dirs.staging.join(format!("{}.part", cmd.digest));
+    let fetched = match fetch::fetch(channel.clone(), cmd.digest, cmd.size, &part, |_, _| {}).await {
+        Ok(n) => n,
+        // A network failure keeps the partial file so the next try resumes;
+        // anything else (disk full, bad digest) leaves staging clean.
+        Err(e @ FetchError::GaveUp { .. }) => return Err(e.to_string()),
+        Err(e) => {
+            let _ = fs::remove_file(&part);
+            return Err(e.to_string());
+        }
+    };
+    crash_point("after-fetch");
+    // The digest matched what the controller announced; the signature says
+    // whether someone this host trusts made the artifact. Checked before a
+    // single byte is unpacked, whatever the controller claims.
+    let sig = cmd.signature.as_deref();
+    if let Err(e) = convoy_common::signing::verify(&agent.trusted_keys, app, &cmd.version, &cmd.digest, sig) {
+        let _ = fs::remove_file(&part);
+        return Err(e.to_string());
+    }
+
+    let unpack_dir = dirs.staging.join(format!("{}.unpack", cmd.version));
+    let _ = fs::remove_dir_all(&unpack_dir);
+    let (part2, dir2, version) = (part.clone(), unpack_dir.clone(), cmd.version.clone());
+    let limits = Limits {
+        allow_setid: cmd.spec.allow_setid,
+        ..Limits::default()
+    };
+    let stats = tokio::task::spawn_blocking(move || -> Result<archive::UnpackStats, String> {
+        let f = fs::File::open(&part2).map_err(|e| format!("{}: {e}", part2.display()))?;
+        let stats = archive::unpack(io::BufReader::with_capacity(1 << 20, f), &dir2, &limits)
+            .map_err(|e| format!("unsafe or corrupt archive: {e}"))?;
+        switch::write_marker(&dir2, &version).map_err(|e| format!("writing release marker: {e}"))?;
+        // One syncfs makes the whole tree durable before it becomes visible.
+        let d = fs::File::open(&dir2).map_err(|e| e.to_string())?;
+        nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&d)).map_err(|e| format!("syncfs: {e}"))?;
+        Ok(stats)
+    })
+    .await
+    .map_err(|e| format!("unpack task: {e}"))?;
+    let stats = match stats {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = fs::remove_dir_all(&unpack_dir);
+            let _ = fs::remove_file(&part);
+            return Err(e);
+        }
+    };
+    crash_point("after-unpack");
+    agent
+        .store
+        .write_release_meta(
+            app,
+            &cmd.version,
+            &ReleaseMeta {
+                digest: cmd.digest,
+                size: cmd.size,
+            },
+        )
+        .map_err(|e| e.to_string())?;
+    fs::rename(&unpack_dir, &release).map_err(|e| format!("moving release into place: {e}"))?;
+    fsutil::fsync_dir(&dirs.releases).map_err(|e| e.to_string())?;
+    let _ = fs::remove_file(&part);
+    Ok(format!(
+        "{} verified ({fetched} bytes fetched), {} files / {} bytes unpacked",
+        cmd.version, stats.files, stats.bytes
+    ))
+}
+
+/// Removes half-unpacked trees and half-written backups; keeps partial
+/// downloads so they resume.
+pub(super) fn clean_staging(dirs: &AppDirs) {
+    for e in fs::read_dir(&dirs.staging).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.extension().is_some_and(|x| x == "part") {
+            continue;
+        }
+        let _ = if p.is_dir() {
+            fs::remove_dir_all(&p)
+        } else {
+            fs::remove_file(&p)
+        };
+    }
+    for e in fs::read_dir(&dirs.backups).into_iter().flatten().flatten() {
+        if e.path().extension().is_some_and(|x| x == "tmp") {
+            let _ = fs::remove_file(e.path());
+        }
+    }
+}

@@ -1,0 +1,190 @@
+//! Releases and keys, enrollment tokens, revocation.
+
+use std::path::PathBuf;
+
+use convoy_proto::{push_request, PushHeader, PushRequest};
+
+use super::{exit, Conn, Failure};
+
+pub async fn push(
+    conn: &Conn,
+    app: String,
+    version: String,
+    file: PathBuf,
+    sign: Option<PathBuf>,
+) -> Result<(), Failure> {
+    let app_name = convoy_common::AppName::new(app.clone()).map_err(|e| Failure::new(exit::USAGE, e.to_string()))?;
+    let ver = convoy_common::Version::new(version.clone()).map_err(|e| Failure::new(exit::USAGE, e.to_string()))?;
+    let key = sign
+        .map(|k| convoy_common::signing::PrivateKey::load(&k))
+        .transpose()
+        .map_err(|e| Failure::new(exit::USAGE, e.to_string()))?;
+    // Streamed from the file, never held in memory whole: one pass to
+    // hash it when it is signed, one to send it.
+    let unreadable = |e: std::io::Error| Failure::new(exit::USAGE, format!("{}: {e}", file.display()));
+    let mut f = std::fs::File::open(&file).map_err(unreadable)?;
+    let size = f.metadata().map_err(unreadable)?.len();
+    let mut magic = [0u8; 2];
+    if std::io::Read::read_exact(&mut f, &mut magic).is_err() || magic != [0x1f, 0x8b] {
+        return Err(Failure::new(
+            exit::USAGE,
+            format!(
+                "{}: not a gzip file; an artifact is a .tar.gz of the release tree",
+                file.display()
+            ),
+        ));
+    }
+    std::io::Seek::rewind(&mut f).map_err(unreadable)?;
+    let signature = match key {
+        Some(k) => {
+            let digest = convoy_common::Digest::of_reader(&mut f).map_err(unreadable)?;
+            std::io::Seek::rewind(&mut f).map_err(unreadable)?;
+            k.sign(&app_name, &ver, &digest)
+        }
+        None => Vec::new(),
+    };
+    let signed = !signature.is_empty();
+    let mut client = conn.connect().await?;
+    let header = PushRequest {
+        body: Some(push_request::Body::Header(PushHeader {
+            app: app.clone(),
+            version: version.clone(),
+            size,
+            signature,
+        })),
+    };
+    // A read error ends the stream early (the controller then refuses the
+    // short upload) and is reported here.
+    let read_error = std::sync::Arc::new(std::sync::Mutex::new(None::<std::io::Error>));
+    let seen_error = read_error.clone();
+    let data = tokio_stream::StreamExt::map_while(
+        tokio_util::io::ReaderStream::with_capacity(tokio::fs::File::from_std(f), convoy_proto::CHUNK_SIZE),
+        move |chunk: std::io::Result<bytes::Bytes>| match chunk {
+            Ok(bytes) => Some(PushRequest {
+                body: Some(push_request::Body::Data(bytes.to_vec())),
+            }),
+            Err(e) => {
+                *seen_error.lock().unwrap() = Some(e);
+                None
+            }
+        },
+    );
+    let chunks = tokio_stream::StreamExt::chain(tokio_stream::iter([header]), data);
+    let pushed = client.push_release(chunks).await;
+    if let Some(e) = read_error.lock().unwrap().take() {
+        return Err(unreadable(e));
+    }
+    let reply = pushed?.into_inner();
+    if reply.already_present {
+        println!(
+            "{app} {version} was already pushed (sha256 {}, {} bytes)",
+            reply.digest, reply.size
+        );
+    } else {
+        let how = if signed { ", signed" } else { "" };
+        println!(
+            "pushed {app} {version}: sha256 {}, {} bytes{how}",
+            reply.digest, reply.size
+        );
+    }
+    Ok(())
+}
+
+/// `convoy keys generate`: an ed25519 key pair for signing releases.
+pub fn keys_generate(dir: &std::path::Path, name: &str) -> Result<(), Failure> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    convoy_common::HostName::new(name).map_err(|e| Failure::new(exit::USAGE, e.to_string()))?;
+    let key = convoy_common::signing::PrivateKey::generate().map_err(|e| Failure::new(exit::FAILED, e.to_string()))?;
+    std::fs::create_dir_all(dir).map_err(|e| Failure::new(exit::USAGE, format!("{}: {e}", dir.display())))?;
+    let (priv_path, pub_path) = (dir.join(format!("{name}.key")), dir.join(format!("{name}.pub")));
+    let write = |path: &std::path::Path, text: &str, mode: u32| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(path)
+            .and_then(|mut f| f.write_all(text.as_bytes()))
+            .map_err(|e| Failure::new(exit::REFUSED, format!("{}: {e}", path.display())))
+    };
+    write(&priv_path, &key.to_file_text(), 0o600)?;
+    write(&pub_path, &format!("{}\n", key.public()), 0o644)?;
+    println!("signing key {} (keep it secret)", priv_path.display());
+    println!("public key  {}: {}", pub_path.display(), key.public());
+    println!(
+        "trust it on hosts with, in agent.toml: trusted_keys = [\"{}\"]",
+        key.public()
+    );
+    Ok(())
+}
+
+/// `convoy enroll create-token`: prints the token (its only appearance:
+/// the controller keeps a hash) and the lines for the host's agent.toml.
+pub async fn create_token(
+    conn: &Conn,
+    name: String,
+    labels: Vec<(String, String)>,
+    ttl: std::time::Duration,
+    json: bool,
+) -> Result<(), Failure> {
+    let ca = conn
+        .ca
+        .clone()
+        .ok_or_else(|| Failure::new(exit::USAGE, "--ca (or CONVOY_CA) is required"))?;
+    let ca_pem = convoy_common::identity::read_cert_pem(&ca).map_err(|e| Failure::new(exit::USAGE, e.to_string()))?;
+    let fingerprint = convoy_common::identity::certs_der(&ca_pem)
+        .first()
+        .map(|d| convoy_common::identity::fingerprint(d))
+        .unwrap_or_default();
+    let mut client = conn.connect().await?;
+    let reply = client
+        .create_enroll_token(convoy_proto::CreateTokenRequest {
+            name: name.clone(),
+            labels: labels.iter().cloned().collect(),
+            ttl_ms: ttl.as_millis() as u64,
+        })
+        .await?
+        .into_inner();
+    let labels: std::collections::BTreeMap<String, String> = labels.into_iter().collect();
+    if json {
+        let out = serde_json::json!({
+            "token": reply.token,
+            "name": if name.is_empty() { None } else { Some(&name) },
+            "labels": labels,
+            "expires_at_unix_ms": reply.expires_at_unix_ms,
+            "ca_fingerprint": fingerprint,
+        });
+        super::print_json(&out);
+        return Ok(());
+    }
+    let who = if name.is_empty() {
+        "any new host name".to_owned()
+    } else {
+        name.clone()
+    };
+    println!(
+        "one-time enrollment token for {who}, valid for {}:",
+        humantime::format_duration(ttl)
+    );
+    println!("  {}", reply.token);
+    println!("on the host, in /etc/convoy/agent.toml (with name, controller, ca, cert and key):");
+    println!("  enroll_token = \"{}\"", reply.token);
+    println!("  ca_fingerprint = \"{fingerprint}\"");
+    if !labels.is_empty() {
+        let l: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        println!("the host's labels will be {}", l.join(", "));
+    }
+    Ok(())
+}
+
+/// `convoy hosts revoke NAME`.
+pub async fn revoke_host(conn: &Conn, name: String) -> Result<(), Failure> {
+    let mut client = conn.connect().await?;
+    let reply = client
+        .revoke_host(convoy_proto::RevokeRequest { host: name.clone() })
+        .await?
+        .into_inner();
+    let was = if reply.was_connected { "disconnected and " } else { "" };
+    println!("{name} {was}revoked: its certificates are refused from now on; enroll it again to readmit it");
+    Ok(())
+}

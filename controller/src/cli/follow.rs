@@ -1,0 +1,297 @@
+//! Commands that start or follow a rollout, and its live output.
+
+use convoy_proto::{rollout_event, ControlRequest, DeployRequest, RollbackRequest, WatchRequest};
+
+use super::{exit, parse_label, Conn, Failure};
+
+/// `convoy deploy` options.
+#[derive(clap::Args, Debug, Clone)]
+pub struct DeployArgs {
+    pub app: String,
+    #[arg(value_name = "VERSION")]
+    pub release: String,
+    #[arg(long)]
+    pub env: String,
+    /// rolling, canary or all-at-once.
+    #[arg(long, default_value = "rolling")]
+    pub strategy: String,
+    /// Rolling: hosts per batch, a count or a percentage (default 1).
+    #[arg(long)]
+    pub batch_size: Option<String>,
+    /// Canary: cumulative stages, e.g. 1,10%,50%,100%.
+    #[arg(long)]
+    pub stages: Option<String>,
+    /// Canary: wait after each stage but the last, e.g. 10m.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub bake: Option<std::time::Duration>,
+    /// Failed hosts tolerated before the rollout halts: a count or a percentage (default 0).
+    #[arg(long)]
+    pub failure_budget: Option<String>,
+    /// On halt, leave the hosts this rollout moved where they are.
+    #[arg(long)]
+    pub no_rollback: bool,
+    /// Skip the promotion rule (the version completed in the environment before).
+    #[arg(long, requires = "reason")]
+    pub hotfix: bool,
+    /// Why the hotfix skips promotion; kept in the audit trail.
+    #[arg(long)]
+    pub reason: Option<String>,
+    /// These hosts first, in this order (comma-separated), e.g. a canary group.
+    #[arg(long, value_delimiter = ',')]
+    pub order: Vec<String>,
+    /// Only hosts with these labels, e.g. --select zone=eu1 (repeatable).
+    #[arg(long, value_parser = parse_label)]
+    pub select: Vec<(String, String)>,
+    /// Hosts with these labels go first, as a stage of their own, e.g.
+    /// --canary-group role=canary (repeatable; a host must match all).
+    #[arg(long, value_parser = parse_label)]
+    pub canary_group: Vec<(String, String)>,
+    /// Canary: after each stage but the last (and its bake), go on by
+    /// itself (auto) or wait for `convoy promote ROLLOUT` (manual).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "manual"])]
+    pub promote: String,
+    /// A host that drops away mid-rollout: count it failed once it has been
+    /// away for --vanish-deadline (fail), or wait for it to come back (wait).
+    #[arg(long, default_value = "fail", value_parser = ["fail", "wait"])]
+    pub on_vanish: String,
+    /// How long a host may be away before it counts as failed (policy fail).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub vanish_deadline: Option<std::time::Duration>,
+}
+
+pub async fn deploy(conn: &Conn, a: DeployArgs) -> Result<(), Failure> {
+    let mut client = conn.connect().await?;
+    let stream = client
+        .deploy(DeployRequest {
+            app: a.app.clone(),
+            version: a.release.clone(),
+            environment: a.env.clone(),
+            strategy: a.strategy.clone(),
+            batch_size: a.batch_size.clone().unwrap_or_default(),
+            stages: a.stages.clone().unwrap_or_default(),
+            bake_ms: a.bake.map(|d| d.as_millis() as u64).unwrap_or(0),
+            failure_budget: a.failure_budget.clone().unwrap_or_default(),
+            no_rollback: a.no_rollback,
+            hotfix: a.hotfix,
+            reason: a.reason.clone().unwrap_or_default(),
+            order: a.order.clone(),
+            select: a.select.iter().cloned().collect(),
+            canary_group: a.canary_group.iter().cloned().collect(),
+            manual_promote: a.promote == "manual",
+            wait_for_vanished: a.on_vanish == "wait",
+            vanish_deadline_ms: a.vanish_deadline.map(|d| d.as_millis() as u64).unwrap_or(0),
+        })
+        .await?
+        .into_inner();
+    follow(stream, &format!("{} {} to {}", a.app, a.release, a.env)).await
+}
+
+/// How fast `convoy rollback` goes: all at once unless told otherwise.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RollbackPace {
+    /// all-at-once (the default: an emergency is fixed everywhere at once),
+    /// rolling or canary, as for deploy.
+    #[arg(long, default_value = "all-at-once")]
+    pub strategy: String,
+    /// Rolling: hosts per batch, a count or a percentage.
+    #[arg(long)]
+    pub batch_size: Option<String>,
+    /// Canary: cumulative stages, e.g. 1,10%,50%,100%.
+    #[arg(long)]
+    pub stages: Option<String>,
+    /// Canary: wait after each stage but the last, e.g. 1m.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub bake: Option<std::time::Duration>,
+    /// Failed hosts tolerated before the rollback halts: a count or a percentage (default 0).
+    #[arg(long)]
+    pub failure_budget: Option<String>,
+}
+
+pub async fn rollback(
+    conn: &Conn,
+    app: String,
+    env: String,
+    to: Option<String>,
+    hosts: Vec<String>,
+    pace: RollbackPace,
+) -> Result<(), Failure> {
+    let mut client = conn.connect().await?;
+    let target = to.clone().unwrap_or_else(|| "each host's previous release".into());
+    let stream = client
+        .rollback(RollbackRequest {
+            app: app.clone(),
+            environment: env.clone(),
+            to_version: to.unwrap_or_default(),
+            hosts,
+            strategy: pace.strategy,
+            batch_size: pace.batch_size.unwrap_or_default(),
+            stages: pace.stages.unwrap_or_default(),
+            bake_ms: pace.bake.map_or(0, |b| b.as_millis() as u64),
+            failure_budget: pace.failure_budget.unwrap_or_default(),
+        })
+        .await?
+        .into_inner();
+    follow(stream, &format!("rollback of {app} in {env} to {target}")).await
+}
+
+/// `convoy pause|resume|abort ROLLOUT`.
+pub async fn control(conn: &Conn, rollout: String, action: &str) -> Result<(), Failure> {
+    let mut client = conn.connect().await?;
+    let reply = client
+        .control(ControlRequest {
+            rollout_id: rollout.clone(),
+            action: action.to_owned(),
+        })
+        .await?
+        .into_inner();
+    println!("rollout {rollout}: {}", reply.state);
+    Ok(())
+}
+
+/// `convoy watch ROLLOUT`: follows a running rollout; exits as `deploy` would.
+pub async fn watch(conn: &Conn, rollout: String) -> Result<(), Failure> {
+    let mut client = conn.connect().await?;
+    let stream = client
+        .watch(WatchRequest {
+            rollout_id: rollout.clone(),
+        })
+        .await?
+        .into_inner();
+    println!("watching rollout {rollout}");
+    follow(stream, &format!("rollout {rollout}")).await
+}
+
+/// Prints a rollout's events as they come and maps its end to an exit code.
+async fn follow(mut stream: tonic::Streaming<convoy_proto::RolloutEvent>, title: &str) -> Result<(), Failure> {
+    let mut out = crate::progress::Progress::for_stdout();
+    let r = show(&mut stream, title, &mut out).await;
+    out.finish();
+    r
+}
+
+async fn show(
+    stream: &mut tonic::Streaming<convoy_proto::RolloutEvent>,
+    title: &str,
+    out: &mut crate::progress::Progress,
+) -> Result<(), Failure> {
+    let started = std::time::Instant::now();
+    let mut hosts = 0;
+    let mut rollout = String::new();
+    loop {
+        let ev = match stream.message().await {
+            Ok(Some(ev)) => ev,
+            Ok(None) => break,
+            // The controller went away (stopped, restarted, or the network)
+            // after the rollout started: it is in the controller's store and
+            // goes on when the controller is back.
+            Err(e) if !rollout.is_empty() && e.code() != tonic::Code::PermissionDenied => {
+                return Err(Failure::new(
+                    exit::UNREACHABLE,
+                    format!(
+                        "the connection to the controller was lost during rollout {rollout} ({}); \
+                         the rollout is recorded and goes on when the controller is back: follow it with \
+                         `convoy watch {rollout}`, or read it with `convoy history --rollout {rollout}`",
+                        e.message()
+                    ),
+                ))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        rollout.clone_from(&ev.rollout_id);
+        match ev.body {
+            Some(rollout_event::Body::Plan(p)) => {
+                hosts = p.hosts.len();
+                out.line(&format!(
+                    "rollout {}: {title}, {} host(s), {}",
+                    ev.rollout_id, hosts, p.strategy
+                ));
+                for (i, b) in p.batches.iter().enumerate() {
+                    let bake = if b.bake_ms > 0 {
+                        format!(
+                            ", then bake {}",
+                            humantime::format_duration(std::time::Duration::from_millis(b.bake_ms))
+                        )
+                    } else {
+                        String::new()
+                    };
+                    out.line(&format!("  batch {}: {}{bake}", i + 1, b.hosts.join(", ")));
+                }
+                if p.failure_budget > 0 {
+                    out.line(&format!("  failure budget: {} host(s)", p.failure_budget));
+                }
+                if !p.digest.is_empty() {
+                    out.line(&format!("  artifact sha256 {}", p.digest));
+                }
+                if !p.skipped_hosts.is_empty() {
+                    out.line(&format!("  skipped (not connected): {}", p.skipped_hosts.join(", ")));
+                }
+            }
+            Some(rollout_event::Body::Note(n)) => out.note(&n.message),
+            Some(rollout_event::Body::HostEvent(h)) => {
+                if let Some(e) = h.event {
+                    let kind = convoy_proto::EventKind::try_from(e.kind)
+                        .map(|k| k.as_str_name())
+                        .unwrap_or("?");
+                    let kind = kind.trim_start_matches("EVENT_KIND_").to_lowercase();
+                    out.host(&h.host, &e.step, &kind, &e.message);
+                }
+            }
+            Some(rollout_event::Body::HostResult(h)) => {
+                if let Some(r) = h.result {
+                    let outcome = convoy_proto::Outcome::try_from(r.outcome)
+                        .map(|o| o.as_str_name())
+                        .unwrap_or("?");
+                    out.result(&h.host, &outcome.trim_start_matches("OUTCOME_").to_lowercase());
+                }
+            }
+            Some(rollout_event::Body::Done(d)) => {
+                let secs = started.elapsed().as_secs_f64();
+                if d.succeeded {
+                    let mut msg = format!("rollout {} succeeded: {hosts} host(s) in {secs:.1}s", ev.rollout_id);
+                    if !d.failed_hosts.is_empty() {
+                        msg.push_str(&format!(
+                            "; within the failure budget, failed: {}",
+                            d.failed_hosts.join(", ")
+                        ));
+                    }
+                    out.line(&msg);
+                    return if d.rollback_failed {
+                        Err(Failure::new(
+                            exit::RESTORE_FAILED,
+                            "a host could not be restored; it needs attention",
+                        ))
+                    } else {
+                        Ok(())
+                    };
+                }
+                let mut msg = if d.failed_host.is_empty() {
+                    format!("rollout {} stopped: {}", ev.rollout_id, d.reason)
+                } else {
+                    format!("rollout {} failed on {}: {}", ev.rollout_id, d.failed_host, d.reason)
+                };
+                if d.failed_hosts.len() > 1 {
+                    msg.push_str(&format!("\nfailed hosts: {}", d.failed_hosts.join(", ")));
+                }
+                if !d.rolled_back_hosts.is_empty() {
+                    msg.push_str(&format!("\nrolled back: {}", d.rolled_back_hosts.join(", ")));
+                }
+                if !d.untouched_hosts.is_empty() {
+                    msg.push_str(&format!("\nhosts not touched: {}", d.untouched_hosts.join(", ")));
+                }
+                let code = if d.rollback_failed {
+                    exit::RESTORE_FAILED
+                } else if d.nothing_changed {
+                    exit::REFUSED
+                } else {
+                    exit::FAILED
+                };
+                return Err(Failure::new(code, msg));
+            }
+            None => {}
+        }
+    }
+    Err(Failure::new(
+        exit::UNREACHABLE,
+        "the controller closed the stream before the rollout finished; the rollout goes on, check `convoy status`",
+    ))
+}
