@@ -25,6 +25,15 @@ pub struct Limits {
     pub max_total_bytes: u64,
     /// Whether setuid and setgid bits are kept (otherwise they are refused).
     pub allow_setid: bool,
+    /// At most this many unpacked bytes per compressed byte.
+    pub max_ratio: Option<Ratio>,
+}
+
+/// A bound on how far an archive of `compressed` bytes may expand.
+#[derive(Debug, Clone, Copy)]
+pub struct Ratio {
+    pub max: u32,
+    pub compressed: u64,
 }
 
 impl Default for Limits {
@@ -33,6 +42,22 @@ impl Default for Limits {
             max_entries: 100_000,
             max_total_bytes: 8 << 30,
             allow_setid: false,
+            max_ratio: None,
+        }
+    }
+}
+
+impl Limits {
+    /// The limits an app's spec sets, for an artifact of `compressed` bytes.
+    pub fn of(spec: &crate::spec::InstallSpec, compressed: u64) -> Self {
+        Limits {
+            max_entries: spec.limits.max_entries,
+            max_total_bytes: spec.limits.max_unpacked_size,
+            allow_setid: spec.allow_setid,
+            max_ratio: Some(Ratio {
+                max: spec.limits.max_ratio,
+                compressed,
+            }),
         }
     }
 }
@@ -61,8 +86,10 @@ pub enum ArchiveError {
     ParentNotDir { entry: String, parent: String },
     #[error("archive has more than {limit} entries")]
     TooManyEntries { limit: u64 },
-    #[error("archive expands to more than {limit} bytes (at entry {entry:?})")]
+    #[error("archive expands to more than {limit} bytes (at entry {entry:?}); the app spec's max_unpacked_size allows that much")]
     TooLarge { limit: u64, entry: String },
+    #[error("archive expands to more than {ratio} times its {compressed} compressed bytes (at entry {entry:?}); the app spec's max_ratio allows that much")]
+    TooHighRatio { ratio: u32, compressed: u64, entry: String },
     #[error("entry {entry:?}: {source}")]
     Io {
         entry: String,
@@ -232,11 +259,21 @@ pub fn unpack(reader: impl Read, dest: &Path, limits: &Limits) -> Result<UnpackS
             }
             EntryType::Regular | EntryType::Continuous => {
                 let declared = entry.header().size().map_err(ArchiveError::Corrupt)?;
-                if stats.bytes.saturating_add(declared) > limits.max_total_bytes {
+                let total = stats.bytes.saturating_add(declared);
+                if total > limits.max_total_bytes {
                     return Err(ArchiveError::TooLarge {
                         limit: limits.max_total_bytes,
                         entry: name,
                     });
+                }
+                if let Some(r) = limits.max_ratio {
+                    if total > r.compressed.max(1).saturating_mul(u64::from(r.max)) {
+                        return Err(ArchiveError::TooHighRatio {
+                            ratio: r.max,
+                            compressed: r.compressed,
+                            entry: name,
+                        });
+                    }
                 }
                 let mut f = OpenOptions::new()
                     .write(true)

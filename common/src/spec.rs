@@ -33,6 +33,58 @@ pub struct InstallSpec {
     pub keep_backups: u32,
     /// Keep setuid/setgid bits from the archive instead of refusing them.
     pub allow_setid: bool,
+    /// What a release archive may expand to, checked at push and on every
+    /// host while it unpacks.
+    pub limits: ArchiveLimits,
+}
+
+/// Bounds on a release archive. The defaults suit a typical service; an
+/// app with a larger tree raises them in its spec.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArchiveLimits {
+    /// Sum of the sizes of its files, unpacked, in bytes.
+    pub max_unpacked_size: u64,
+    pub max_entries: u64,
+    /// Unpacked size over compressed size: an archive that expands more is
+    /// refused (a decompression bomb).
+    pub max_ratio: u32,
+}
+
+impl Default for ArchiveLimits {
+    fn default() -> Self {
+        ArchiveLimits {
+            max_unpacked_size: 4 << 30,
+            max_entries: 100_000,
+            max_ratio: 200,
+        }
+    }
+}
+
+/// A size such as `512MiB`, `4GiB`, `2GB` or a number of bytes.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (e.g. 512MiB, 4GiB or a number of bytes)"))?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "TiB" => 1 << 40,
+        "KB" | "kB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "TB" => 1_000_000_000_000,
+        other => {
+            return Err(format!(
+                "{s:?}: unknown unit {other:?} (B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)"
+            ))
+        }
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
 }
 
 /// How the install path is switched to a new release.
@@ -206,9 +258,23 @@ struct RawSpec {
     #[serde(default)]
     allow_setid: bool,
     #[serde(default)]
+    max_unpacked_size: Option<RawSize>,
+    #[serde(default)]
+    max_entries: Option<u64>,
+    #[serde(default)]
+    max_ratio: Option<u32>,
+    #[serde(default)]
     promotion: Option<bool>,
     #[serde(default)]
     approval: Vec<String>,
+}
+
+/// A size in the spec: a number of bytes, or a string with a unit.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawSize {
+    Bytes(u64),
+    Text(String),
 }
 
 #[derive(Deserialize)]
@@ -474,6 +540,26 @@ impl AppSpec {
                 "must be at least 2 (the current release and one to roll back to)".into(),
             ));
         }
+        let defaults = ArchiveLimits::default();
+        let max_unpacked_size = match raw.max_unpacked_size {
+            None => defaults.max_unpacked_size,
+            Some(RawSize::Bytes(n)) => n,
+            Some(RawSize::Text(t)) => parse_size(&t).map_err(|e| invalid("max_unpacked_size", e))?,
+        };
+        let limits = ArchiveLimits {
+            max_unpacked_size,
+            max_entries: raw.max_entries.unwrap_or(defaults.max_entries),
+            max_ratio: raw.max_ratio.unwrap_or(defaults.max_ratio),
+        };
+        for (field, zero) in [
+            ("max_unpacked_size", limits.max_unpacked_size == 0),
+            ("max_entries", limits.max_entries == 0),
+            ("max_ratio", limits.max_ratio == 0),
+        ] {
+            if zero {
+                return Err(invalid(field, "must be at least 1".into()));
+            }
+        }
         Ok(AppSpec {
             install: InstallSpec {
                 app,
@@ -490,6 +576,7 @@ impl AppSpec {
                 keep_releases,
                 keep_backups: raw.keep_backups.unwrap_or(5).max(1),
                 allow_setid: raw.allow_setid,
+                limits,
             },
             environments,
             selector: raw.selector,
@@ -561,6 +648,46 @@ interval = "200ms"
         assert_eq!(s.install.health.checks.len(), 1);
         assert_eq!(s.install.health.checks[0].interval, Duration::from_millis(200));
         assert_eq!(s.install.health.checks[0].timeout, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn archive_limits_default_and_parse() {
+        let s = AppSpec::parse("demo.toml", GOOD).unwrap();
+        assert_eq!(s.install.limits, ArchiveLimits::default());
+        let with = |extra: &str| AppSpec::parse("demo.toml", &format!("{extra}\n{GOOD}"));
+        let l = with("max_unpacked_size = \"512MiB\"\nmax_entries = 10\nmax_ratio = 50")
+            .unwrap()
+            .install
+            .limits;
+        assert_eq!((l.max_unpacked_size, l.max_entries, l.max_ratio), (512 << 20, 10, 50));
+        assert_eq!(
+            with("max_unpacked_size = 1000")
+                .unwrap()
+                .install
+                .limits
+                .max_unpacked_size,
+            1000
+        );
+        assert_eq!(
+            with("max_unpacked_size = \"2GB\"")
+                .unwrap()
+                .install
+                .limits
+                .max_unpacked_size,
+            2_000_000_000
+        );
+        for (extra, expect) in [
+            (
+                "max_unpacked_size = \"lots\"",
+                "max_unpacked_size: \"lots\" is not a size",
+            ),
+            ("max_unpacked_size = \"4 parsecs\"", "unknown unit \"parsecs\""),
+            ("max_ratio = 0", "max_ratio: must be at least 1"),
+            ("max_entries = 0", "max_entries: must be at least 1"),
+        ] {
+            let e = with(extra).unwrap_err().to_string();
+            assert!(e.contains(expect), "{extra}: {e}");
+        }
     }
 
     /// Each bad spec must fail with an error naming the field.

@@ -319,6 +319,35 @@ fn hostile_corpus_is_refused() {
     );
 }
 
+/// An archive that expands a thousandfold is refused by its ratio, and
+/// one over the spec's size by its size, before the bytes are written.
+#[test]
+fn bombs_are_refused_by_ratio_and_size() {
+    use convoy_common::archive::Ratio;
+    println!("| case | error |\n| --- | --- |");
+    let zeros = "\0".repeat(4 << 20);
+    let bomb = gzip(&tar_bytes(&[file("zeros", &zeros)]));
+    let compressed = bomb.len() as u64;
+    assert!(4u64 << 20 > 200 * compressed, "the test archive expands more than 200x");
+    let ratio = |max| Limits {
+        max_ratio: Some(Ratio { max, compressed }),
+        ..Limits::default()
+    };
+    check("expands over 200x", bomb.clone(), ratio(200), "more than 200 times its");
+    // Control case: allowed a high enough ratio, the same archive unpacks.
+    let dir = tempfile::tempdir().unwrap();
+    unpack(&bomb[..], &dir.path().join("r"), &ratio(u32::MAX)).expect("within the ratio");
+    check(
+        "over max_unpacked_size",
+        bomb,
+        Limits {
+            max_total_bytes: 1 << 20,
+            ..Limits::default()
+        },
+        "more than 1048576 bytes",
+    );
+}
+
 /// The gzip layer: what follows the tar end-of-archive marker must be
 /// the stream's own trailer, whole and right, and nothing else.
 #[test]

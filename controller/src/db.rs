@@ -98,6 +98,12 @@ const MIGRATIONS: &[Migration] = &[
         what: "indexes for results, events and running rollouts",
         apply: |tx| tx.execute_batch(INDEXES_3),
     },
+    Migration {
+        what: "what each release unpacks to",
+        apply: |tx| {
+            tx.execute_batch("ALTER TABLE releases ADD COLUMN unpacked_bytes INTEGER; ALTER TABLE releases ADD COLUMN entries INTEGER;")
+        },
+    },
 ];
 
 /// Brings the database's schema up to this convoy's, one migration at a
@@ -321,6 +327,21 @@ impl Db {
         Ok(true)
     }
 
+    /// Records what a release unpacks to, as measured at push.
+    pub fn set_release_contents(
+        &self,
+        app: &AppName,
+        version: &Version,
+        bytes: u64,
+        entries: u64,
+    ) -> Result<(), DbError> {
+        self.conn.lock().unwrap().execute(
+            "UPDATE releases SET unpacked_bytes = ?3, entries = ?4 WHERE app = ?1 AND version = ?2",
+            params![app.as_str(), version.as_str(), bytes as i64, entries as i64],
+        )?;
+        Ok(())
+    }
+
     pub fn release(&self, app: &AppName, version: &Version) -> Result<Option<Release>, DbError> {
         get_release(&self.conn.lock().unwrap(), app, version)
     }
@@ -329,8 +350,8 @@ impl Db {
     pub fn releases(&self, app: &AppName) -> Result<Vec<ReleaseRow>, DbError> {
         let conn = self.conn.lock().unwrap();
         let mut stmt = conn.prepare(
-            "SELECT version, digest, size, signature IS NOT NULL, pushed_by, pushed_at_ms FROM releases
-             WHERE app = ?1 ORDER BY pushed_at_ms DESC, rowid DESC",
+            "SELECT version, digest, size, signature IS NOT NULL, pushed_by, pushed_at_ms, unpacked_bytes, entries
+             FROM releases WHERE app = ?1 ORDER BY pushed_at_ms DESC, rowid DESC",
         )?;
         let rows = stmt.query_map([app.as_str()], |r| {
             Ok(ReleaseRow {
@@ -340,6 +361,8 @@ impl Db {
                 signed: r.get(3)?,
                 pushed_by: r.get(4)?,
                 pushed_at_ms: r.get(5)?,
+                unpacked_bytes: r.get::<_, Option<i64>>(6)?.map(|n| n as u64),
+                entries: r.get::<_, Option<i64>>(7)?.map(|n| n as u64),
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -562,6 +585,10 @@ pub struct ReleaseRow {
     pub signed: bool,
     pub pushed_by: String,
     pub pushed_at_ms: i64,
+    /// What the archive unpacks to (bytes, entries), measured at push;
+    /// `None` for releases pushed before convoy measured it.
+    pub unpacked_bytes: Option<u64>,
+    pub entries: Option<u64>,
 }
 
 /// Delivery figures (the DORA metrics convoy can know).
@@ -745,6 +772,16 @@ mod tests {
         assert!(db
             .completed_in(&app, &Version::new("1.0.0").unwrap(), "staging")
             .unwrap());
+        let rows = db.releases(&app).unwrap();
+        assert_eq!(
+            (rows[0].unpacked_bytes, rows[0].entries),
+            (None, None),
+            "not measured then"
+        );
+        db.set_release_contents(&app, &Version::new("1.0.0").unwrap(), 4096, 3)
+            .unwrap();
+        let rows = db.releases(&app).unwrap();
+        assert_eq!((rows[0].unpacked_bytes, rows[0].entries), (Some(4096), Some(3)));
         // And new records go in, into columns the first schema lacked.
         db.start_rollout(&NewRollout {
             id: "0123456789ac",
@@ -815,7 +852,7 @@ mod tests {
         let (_dir, path) = made_by("CREATE TABLE future (x); PRAGMA user_version = 99;");
         let e = Db::open(&path).err().expect("refused").to_string();
         assert!(
-            e.contains("schema version 99 is newer than this convoy knows (3)"),
+            e.contains("schema version 99 is newer than this convoy knows (4)"),
             "{e}"
         );
         assert_eq!(user_version(&path), 99);

@@ -69,7 +69,9 @@ pub fn init(dir: &Path) -> anyhow::Result<PathBuf> {
 }
 
 /// Issues a certificate for `name` of `kind`, signed by the CA in `dir`.
-/// Writes `out_dir/NAME.pem` and `out_dir/NAME.key` (0600).
+/// Writes `out_dir/NAME.pem`, `out_dir/NAME.key` (0600) and, unless it is
+/// already there, the CA certificate as `out_dir/ca.pem`: the three files a
+/// host or an operator needs.
 pub fn issue(
     dir: &Path,
     kind: PeerKind,
@@ -112,6 +114,16 @@ pub fn issue(
         });
     }
     validity(&mut params, days);
+    // Checked before anything is written.
+    let ca_copy = out_dir.join(CA_CERT);
+    let copy_ca = match fs::read_to_string(&ca_copy) {
+        Ok(existing) if existing == ca_pem => false,
+        Ok(_) => bail!(
+            "{} holds another CA's certificate; nothing was issued (use another --out)",
+            ca_copy.display()
+        ),
+        Err(_) => true,
+    };
     let key = KeyPair::generate()?;
     let cert = params.signed_by(&key, &issuer)?;
     fs::create_dir_all(out_dir)?;
@@ -119,6 +131,9 @@ pub fn issue(
     let key_path = out_dir.join(format!("{name}.key"));
     write_new(&key_path, &key.serialize_pem(), 0o600)?;
     write_new(&cert_path, &cert.pem(), 0o644)?;
+    if copy_ca {
+        write_new(&ca_copy, &ca_pem, 0o644)?;
+    }
     Ok((cert_path, key_path))
 }
 
@@ -159,6 +174,39 @@ pub fn sign_agent_csr(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn issuing_into_a_directory_puts_the_ca_certificate_beside() {
+        let dir = tempfile::tempdir().unwrap();
+        init(dir.path()).unwrap();
+        let out = dir.path().join("alice");
+        issue(
+            dir.path(),
+            PeerKind::Operator,
+            "alice",
+            Some(Role::Deployer),
+            &[],
+            &out,
+            30,
+        )
+        .unwrap();
+        assert_eq!(
+            fs::read(out.join("ca.pem")).unwrap(),
+            fs::read(dir.path().join("ca.pem")).unwrap()
+        );
+        // A second certificate into the same place keeps it.
+        issue(dir.path(), PeerKind::Agent, "web1", None, &[], &out, 30).unwrap();
+        // Another CA's ca.pem there is left alone, and nothing is issued.
+        let other = tempfile::tempdir().unwrap();
+        init(other.path()).unwrap();
+        let e = issue(other.path(), PeerKind::Agent, "web2", None, &[], &out, 30).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("holds another CA's certificate; nothing was issued"),
+            "{e}"
+        );
+        assert!(!out.join("web2.pem").exists() && !out.join("web2.key").exists());
+    }
 
     #[test]
     fn issued_certificates_carry_identity() {

@@ -10,7 +10,9 @@ use std::time::Duration;
 use convoy_common::ops::{
     ActivateCommand, AppStatus, EventKind, Health, OpReport, Outcome, RollbackCommand, Step, StepEvent,
 };
-use convoy_common::spec::{self, CheckKind, HealthCheck, HealthPolicy, Hook, HookPoint, InstallSpec, SwitchMode};
+use convoy_common::spec::{
+    self, ArchiveLimits, CheckKind, HealthCheck, HealthPolicy, Hook, HookPoint, InstallSpec, SwitchMode,
+};
 use convoy_common::{AppName, Digest, Version};
 
 use crate::v1 as pb;
@@ -95,6 +97,9 @@ impl From<&InstallSpec> for pb::InstallSpec {
             keep_releases: s.keep_releases,
             keep_backups: s.keep_backups,
             allow_setid: s.allow_setid,
+            max_unpacked_size: s.limits.max_unpacked_size,
+            max_entries: s.limits.max_entries,
+            max_ratio: s.limits.max_ratio,
             switch_mode: match s.switch {
                 SwitchMode::Symlink => pb::SwitchMode::Symlink,
                 SwitchMode::Exchange => pb::SwitchMode::Exchange,
@@ -211,6 +216,15 @@ impl TryFrom<pb::InstallSpec> for InstallSpec {
             keep_releases: s.keep_releases,
             keep_backups: s.keep_backups.max(1),
             allow_setid: s.allow_setid,
+            limits: {
+                let d = ArchiveLimits::default();
+                let or = |v: u64, d: u64| if v == 0 { d } else { v };
+                ArchiveLimits {
+                    max_unpacked_size: or(s.max_unpacked_size, d.max_unpacked_size),
+                    max_entries: or(s.max_entries, d.max_entries),
+                    max_ratio: if s.max_ratio == 0 { d.max_ratio } else { s.max_ratio },
+                }
+            },
         })
     }
 }

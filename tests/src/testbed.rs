@@ -475,6 +475,8 @@ impl Testbed {
     pub fn convoy_ok(&self, args: &[&str]) -> Result<String> {
         let out = self.convoy(args)?;
         if out.code != 0 {
+            // The hosts' journals say why, e.g. why an app restarted.
+            self.dump_diagnostics();
             bail!("convoy {args:?} exited {}: {}{}", out.code, out.stdout, out.stderr);
         }
         Ok(out.stdout)

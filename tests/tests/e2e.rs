@@ -148,6 +148,30 @@ fn scenario_b_failed_health_check_restores_and_halts() -> Result<()> {
     assert!(!releases.contains("4.0.0"), "{releases}");
     std::fs::write(&file, &good)?;
     bed.convoy_ok(&["release", "push", "demo", "4.0.0", file.to_str().unwrap()])?;
+    let releases: serde_json::Value = serde_json::from_str(&bed.convoy_ok(&["releases", "demo", "--output", "json"])?)?;
+    let pushed = &releases["releases"][0];
+    assert_eq!(pushed["version"], "4.0.0", "{releases}");
+    assert!(
+        pushed["unpacked_size"].as_u64() > pushed["size"].as_u64() && pushed["entries"].as_u64() >= Some(2),
+        "what it unpacks to is recorded at push: {pushed}"
+    );
+
+    // The app spec bounds how far a release may expand: with max_ratio 2,
+    // the demo (about 3.7 times) is refused at push, nothing stored.
+    let spec_path = bed.dir.path().join("controller/apps/demo.toml");
+    let spec = std::fs::read_to_string(&spec_path)?;
+    std::fs::write(&spec_path, format!("max_ratio = 2\n{spec}"))?;
+    let tight = bed.pack_demo("4.1.0", "healthy")?;
+    let out = bed.convoy(&["release", "push", "demo", "4.1.0", tight.to_str().unwrap()])?;
+    std::fs::write(&spec_path, &spec)?;
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(
+        out.stderr.contains("the app spec's max_ratio allows that much"),
+        "{}",
+        out.stderr
+    );
+    let releases = bed.convoy_ok(&["releases", "demo", "--output", "json"])?;
+    assert!(!releases.contains("4.1.0"), "{releases}");
 
     // Every host still holds the broken 3.0.0. A rollback to it host by
     // host halts at the first host, which restores itself; the others are

@@ -96,10 +96,7 @@ pub(super) async fn stage(
     let unpack_dir = dirs.staging.join(format!("{}.unpack", cmd.version));
     let _ = fs::remove_dir_all(&unpack_dir);
     let (part2, dir2, version) = (part.clone(), unpack_dir.clone(), cmd.version.clone());
-    let limits = Limits {
-        allow_setid: cmd.spec.allow_setid,
-        ..Limits::default()
-    };
+    let limits = Limits::of(&cmd.spec, cmd.size);
     let stats = tokio::task::spawn_blocking(move || -> Result<archive::UnpackStats, String> {
         let f = fs::File::open(&part2).map_err(|e| format!("{}: {e}", part2.display()))?;
         let stats = archive::unpack(io::BufReader::with_capacity(1 << 20, f), &dir2, &limits)

@@ -351,6 +351,9 @@ struct ReleaseJson {
     signed: bool,
     pushed_by: String,
     pushed_at_unix_ms: i64,
+    /// What it unpacks to, measured at push; null for older releases.
+    unpacked_size: Option<u64>,
+    entries: Option<u64>,
 }
 
 pub async fn releases(conn: &Conn, app: String, json: bool) -> Result<(), Failure> {
@@ -371,6 +374,8 @@ pub async fn releases(conn: &Conn, app: String, json: bool) -> Result<(), Failur
                 signed: r.signed,
                 pushed_by: r.pushed_by,
                 pushed_at_unix_ms: r.pushed_at_unix_ms,
+                unpacked_size: r.unpacked_size,
+                entries: r.entries,
             })
             .collect(),
     };
@@ -383,12 +388,16 @@ pub async fn releases(conn: &Conn, app: String, json: bool) -> Result<(), Failur
             r.version.clone(),
             when(r.pushed_at_unix_ms),
             r.size.to_string(),
+            r.unpacked_size.map_or_else(|| "-".into(), |n| n.to_string()),
             yes_no(r.signed),
             r.pushed_by.clone(),
             r.digest.clone(),
         ]
     });
-    print_table(&["VERSION", "PUSHED", "BYTES", "SIGNED", "BY", "SHA256"], rows);
+    print_table(
+        &["VERSION", "PUSHED", "BYTES", "UNPACKED", "SIGNED", "BY", "SHA256"],
+        rows,
+    );
     Ok(())
 }
 

@@ -140,7 +140,11 @@ impl AgentService for AgentApi {
                         Err(err) => tracing::warn!(%host, error = %err, "malformed event"),
                     },
                     Some(agent_message::Body::Result(r)) => match OpReport::try_from(r) {
-                        Ok(rep) => result_arrived(&shared, &host, rep),
+                        Ok(rep) => {
+                            // A live result is the newest state of its app.
+                            registry.update_apps(&host, vec![rep.state.clone()]);
+                            result_arrived(&shared, &host, rep)
+                        }
                         Err(err) => tracing::warn!(%host, error = %err, "malformed result"),
                     },
                     Some(agent_message::Body::Hello(_)) => {

@@ -140,6 +140,8 @@ impl OperatorService for OperatorApi {
                 signed: r.signed,
                 pushed_by: r.pushed_by,
                 pushed_at_unix_ms: r.pushed_at_ms,
+                unpacked_size: r.unpacked_bytes,
+                entries: r.entries,
             })
             .collect();
         Ok(Response::new(ReleasesReply { releases }))
@@ -221,17 +223,17 @@ impl OperatorService for OperatorApi {
             return Err(e);
         }
         // A corrupt or unsafe build is refused here, before any host sees it.
-        let limits = convoy_common::archive::Limits {
-            allow_setid: spec.install.allow_setid,
-            ..Default::default()
+        let limits = convoy_common::archive::Limits::of(&spec.install, inc.size());
+        let contents = match self.shared.artifacts.check(&inc, limits).await {
+            Ok(stats) => stats,
+            Err(e) => {
+                inc.abort().await;
+                tracing::warn!(%app, %version, by = %id, error = %e, "release refused at push");
+                return Err(Status::invalid_argument(format!(
+                    "{app} {version} refused, nothing was stored: not a sound release archive: {e}"
+                )));
+            }
         };
-        if let Err(e) = self.shared.artifacts.check(&inc, limits).await {
-            inc.abort().await;
-            tracing::warn!(%app, %version, by = %id, error = %e, "release refused at push");
-            return Err(Status::invalid_argument(format!(
-                "{app} {version} refused, nothing was stored: not a sound release archive: {e}"
-            )));
-        }
         let (digest, size) = self.shared.artifacts.commit(inc).await.map_err(internal)?;
         let added = self
             .shared
@@ -250,7 +252,13 @@ impl OperatorService for OperatorApi {
                 DbError::VersionTaken { .. } => Status::already_exists(e.to_string()),
                 other => internal(other),
             })?;
-        tracing::info!(%app, %version, %digest, size, by = %id, new = added, "release pushed");
+        if added {
+            self.shared
+                .db
+                .set_release_contents(&app, &version, contents.bytes, contents.entries)
+                .map_err(internal)?;
+        }
+        tracing::info!(%app, %version, %digest, size, by = %id, new = added, unpacked = contents.bytes, entries = contents.entries, "release pushed");
         Ok(Response::new(PushReply {
             digest: digest.to_hex(),
             size,

@@ -191,12 +191,13 @@ impl Registry {
     }
 
     /// Hands a result from `host` to the rollout waiting for it, exactly
-    /// once.
+    /// once. It leaves the host's app state alone: a result repeated in a
+    /// hello describes the host as it was then, older than the hello's own
+    /// state (the session updates the state from live results).
     pub fn deliver_result(&self, host: &HostName, report: OpReport) -> Delivery {
         let Some(op) = Self::owned_by(host, &report.op_id) else {
             return Delivery::Refused;
         };
-        self.update_apps(host, vec![report.state.clone()]);
         // Sent under the lock, so that once `forget` returns no result can
         // still be on its way to the waiter: it has it, or it is late.
         let mut waiters = self.waiters.lock().unwrap();
@@ -342,6 +343,24 @@ mod tests {
         assert_eq!(
             reg.deliver_result(&host("eu-web1"), report(&theirs)),
             Delivery::Delivered
+        );
+    }
+
+    #[tokio::test]
+    async fn results_repeated_in_a_hello_do_not_roll_the_app_state_back() {
+        let reg = Registry::default();
+        let (tx, _rx) = mpsc::channel(1);
+        let mut now = report(&OpId::new("r2", OpKind::Activate, &host("web1"))).state;
+        now.current = Some(Version::new("2.0.0").unwrap());
+        reg.connect(&host("web1"), BTreeMap::new(), vec![now], tx);
+        // An older result (its state says 1.0.0), repeated by the hello.
+        let mut old = report(&OpId::new("r1", OpKind::Stage, &host("web1")));
+        old.state.current = Some(Version::new("1.0.0").unwrap());
+        assert_eq!(reg.deliver_result(&host("web1"), old), Delivery::NotAwaited);
+        let apps = &reg.hosts()[0].apps;
+        assert_eq!(
+            apps.values().next().unwrap().current.as_ref().unwrap().as_str(),
+            "2.0.0"
         );
     }
 
