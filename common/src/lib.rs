@@ -6,6 +6,7 @@
 //! on neither tonic nor prost; wire types are converted at the edge.
 #![forbid(unsafe_code)]
 
+pub mod analysis;
 pub mod archive;
 pub mod backoff;
 pub mod clidocs;

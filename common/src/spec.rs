@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::analysis::{AnalysisSpec, RawAnalysis};
 use crate::names::{AppName, InvalidName};
 
 /// The default ordered environments.
@@ -206,7 +207,7 @@ impl CheckKind {
 }
 
 /// The full spec, as the controller keeps it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AppSpec {
     pub install: InstallSpec,
     pub environments: Vec<String>,
@@ -217,6 +218,8 @@ pub struct AppSpec {
     pub promotion: bool,
     /// Environments whose rollouts wait for another operator's approval.
     pub approval: Vec<String>,
+    /// Metric gates measured while a deploy moves hosts.
+    pub analysis: Option<AnalysisSpec>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -267,6 +270,8 @@ struct RawSpec {
     promotion: Option<bool>,
     #[serde(default)]
     approval: Vec<String>,
+    #[serde(default)]
+    analysis: Option<RawAnalysis>,
 }
 
 /// A size in the spec: a number of bytes, or a string with a unit.
@@ -560,7 +565,9 @@ impl AppSpec {
                 return Err(invalid(field, "must be at least 1".into()));
             }
         }
+        let analysis = raw.analysis.map(|a| a.check(invalid)).transpose()?;
         Ok(AppSpec {
+            analysis,
             install: InstallSpec {
                 app,
                 install_path: raw.install_path,
@@ -621,6 +628,8 @@ mod tests {
         code.extend(prefixed("health.", serde_introspect::<RawHealth>()));
         code.extend(prefixed("health.checks[].", serde_introspect::<RawCheck>()));
         code.extend(prefixed("hooks.<point>.", serde_introspect::<RawHook>()));
+        code.extend(prefixed("analysis.", crate::analysis::raw_keys()));
+        code.extend(prefixed("analysis.metrics[].", crate::analysis::raw_metric_keys()));
         code.insert("selector.<label>".into());
         assert_eq!(documented, code, "docs/config.md, app spec section");
     }

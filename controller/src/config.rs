@@ -31,6 +31,10 @@ struct Raw {
     metrics_listen: Option<String>,
     #[serde(default = "default_prestage_parallel")]
     prestage_parallel: usize,
+    #[serde(default)]
+    prometheus_url: Option<String>,
+    #[serde(default)]
+    prometheus_ca: Option<PathBuf>,
 }
 
 fn default_prestage_parallel() -> usize {
@@ -70,6 +74,10 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// Hosts a deploy pre-stages at once.
     pub prestage_parallel: usize,
+    /// Where metric gates are measured (`http(s)://host:9090`).
+    pub prometheus_url: Option<String>,
+    /// A CA (PEM) trusted for an https Prometheus, besides the system's roots.
+    pub prometheus_ca: Option<PathBuf>,
 }
 
 impl Config {
@@ -109,7 +117,15 @@ impl Config {
                 raw.prestage_parallel
             );
         }
+        if let Some(url) = &raw.prometheus_url {
+            convoy_common::http::check_url(url).map_err(|e| anyhow::anyhow!("{file}: prometheus_url: {e}"))?;
+        }
+        if raw.prometheus_ca.is_some() && raw.prometheus_url.is_none() {
+            anyhow::bail!("{file}: prometheus_ca: set prometheus_url too (the CA is for it)");
+        }
         Ok(Config {
+            prometheus_url: raw.prometheus_url,
+            prometheus_ca: raw.prometheus_ca,
             prestage_parallel: raw.prestage_parallel,
             metrics_listen,
             ca_key: raw.ca_key,

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Mutex;
 
+use convoy_common::analysis::{Judgement, Measurement};
 use convoy_common::ops::{OpReport, StepEvent};
 use convoy_common::{AppName, Digest, HostName, Version};
 use rusqlite::{params, Connection, OptionalExtension};
@@ -104,7 +105,27 @@ const MIGRATIONS: &[Migration] = &[
             tx.execute_batch("ALTER TABLE releases ADD COLUMN unpacked_bytes INTEGER; ALTER TABLE releases ADD COLUMN entries INTEGER;")
         },
     },
+    Migration {
+        what: "metric gate measurements",
+        apply: |tx| tx.execute_batch(MEASUREMENTS_5),
+    },
 ];
+
+const MEASUREMENTS_5: &str = r#"
+CREATE TABLE measurements (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    rollout_id TEXT NOT NULL,
+    metric TEXT NOT NULL,
+    hosts TEXT NOT NULL,
+    query TEXT NOT NULL,
+    value REAL,
+    baseline REAL,
+    verdict TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    at_ms INTEGER NOT NULL
+);
+CREATE INDEX measurements_by_rollout ON measurements (rollout_id, id);
+"#;
 
 /// Brings the database's schema up to this convoy's, one migration at a
 /// time, each in its own transaction with the version it reaches.
@@ -487,6 +508,53 @@ impl Db {
             )
             .optional()?;
         Ok(name.as_deref().and_then(outcome_from_name))
+    }
+
+    pub fn record_measurement(&self, rollout: &str, m: &Measurement) -> Result<(), DbError> {
+        let hosts: Vec<&str> = m.hosts.iter().map(|h| h.as_str()).collect();
+        self.conn.lock().unwrap().execute(
+            "INSERT INTO measurements (rollout_id, metric, hosts, query, value, baseline, verdict, reason, at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            params![
+                rollout,
+                m.metric,
+                hosts.join(","),
+                m.query,
+                m.value,
+                m.baseline,
+                m.judgement.as_str(),
+                m.reason,
+                m.at_ms
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub fn measurements(&self, rollout: &str) -> Result<Vec<Measurement>, DbError> {
+        let conn = self.conn.lock().unwrap();
+        let mut stmt = conn.prepare(
+            "SELECT metric, hosts, query, value, baseline, verdict, reason, at_ms FROM measurements
+             WHERE rollout_id = ?1 ORDER BY id",
+        )?;
+        let rows = stmt.query_map([rollout], |r| {
+            let hosts: String = r.get(1)?;
+            let verdict: String = r.get(5)?;
+            Ok(Measurement {
+                metric: r.get(0)?,
+                hosts: hosts
+                    .split(',')
+                    .filter(|h| !h.is_empty())
+                    .filter_map(|h| HostName::new(h.to_owned()).ok())
+                    .collect(),
+                query: r.get(2)?,
+                value: r.get(3)?,
+                baseline: r.get(4)?,
+                judgement: Judgement::parse(&verdict).unwrap_or(Judgement::Fail),
+                reason: r.get(6)?,
+                at_ms: r.get(7)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     pub fn rollout_hosts(&self, id: &str) -> Result<Vec<HostRow>, DbError> {

@@ -8,6 +8,7 @@ mod db;
 mod metrics;
 mod pki;
 mod progress;
+mod prometheus;
 mod rollout;
 mod sandbox;
 mod server;

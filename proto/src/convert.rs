@@ -7,6 +7,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use convoy_common::analysis::Measurement;
 use convoy_common::ops::{
     ActivateCommand, AppStatus, EventKind, Health, OpReport, Outcome, RollbackCommand, Step, StepEvent,
 };
@@ -504,5 +505,20 @@ command = ["bin/check"]
         wire.spec.as_mut().unwrap().install_path = "/etc".into();
         let err = ActivateCommand::try_from(wire).unwrap_err();
         assert_eq!(err.field, "install_path");
+    }
+}
+
+impl From<&Measurement> for pb::Measurement {
+    fn from(m: &Measurement) -> Self {
+        pb::Measurement {
+            metric: m.metric.clone(),
+            hosts: m.hosts.iter().map(|h| h.to_string()).collect(),
+            query: m.query.clone(),
+            value: m.value,
+            baseline: m.baseline,
+            verdict: m.judgement.as_str().into(),
+            reason: m.reason.clone(),
+            at_unix_ms: m.at_ms,
+        }
     }
 }

@@ -227,6 +227,7 @@ async fn show(
                 }
             }
             Some(rollout_event::Body::Note(n)) => out.note(&n.message),
+            Some(rollout_event::Body::Measurement(m)) => out.line(&measurement_line(&m)),
             Some(rollout_event::Body::HostEvent(h)) => {
                 if let Some(e) = h.event {
                     let kind = convoy_proto::EventKind::try_from(e.kind)
@@ -294,4 +295,17 @@ async fn show(
         exit::UNREACHABLE,
         "the controller closed the stream before the rollout finished; the rollout goes on, check `convoy status`",
     ))
+}
+
+/// One metric gate measurement, as `deploy`, `watch` and `history` show it.
+pub(super) fn measurement_line(m: &convoy_proto::Measurement) -> String {
+    let value = |v: Option<f64>| v.map_or("no data".to_owned(), |v| format!("{}", (v * 10_000.0).round() / 10_000.0));
+    let mut s = format!("  [gate] {} {}: {}", m.metric, m.verdict, value(m.value));
+    if m.baseline.is_some() {
+        s.push_str(&format!(" (baseline {})", value(m.baseline)));
+    }
+    if !m.reason.is_empty() {
+        s.push_str(&format!(" - {}", m.reason));
+    }
+    s
 }

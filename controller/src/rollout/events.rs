@@ -27,6 +27,8 @@ pub enum EventBody {
         host: HostName,
         report: Box<OpReport>,
     },
+    /// A metric gate measured once.
+    Measurement(convoy_common::analysis::Measurement),
     Done(Done),
 }
 

@@ -14,6 +14,7 @@
 //! - [`resume`]: rollouts a previous controller left running, and results
 //!   that arrive after their rollout stopped waiting.
 
+pub mod analysis;
 pub mod control;
 pub mod events;
 pub mod fleet;
@@ -42,7 +43,7 @@ use events::{Event, Plan, PlannedBatch};
 use fleet::{Fleet, FleetHost};
 use order::{DeployOrder, RollbackOrder, Vanish};
 use run::{Head, Kind, Rollout, SavedPlan};
-use seams::{Gate, HostSteps, NoGate, NoSteps};
+use seams::{HostSteps, MetricSource, NoSteps};
 use store::{NewRollout, RolloutStore, StoreError};
 
 /// Why the engine refused a request; nothing was changed.
@@ -86,7 +87,8 @@ pub struct Engine {
     store: Arc<dyn RolloutStore>,
     notifier: crate::webhooks::Notifier,
     steps: Arc<dyn HostSteps>,
-    gate: Arc<dyn Gate>,
+    /// Where metric gates are measured; none without `prometheus_url`.
+    metrics: Option<Arc<dyn MetricSource>>,
     /// (app, environment) → the rollout running there.
     running: Mutex<HashMap<(AppName, String), String>>,
     live: Mutex<HashMap<String, Live>>,
@@ -112,7 +114,7 @@ impl Engine {
             store,
             notifier,
             steps: Arc::new(NoSteps),
-            gate: Arc::new(NoGate),
+            metrics: None,
             running: Mutex::new(HashMap::new()),
             live: Mutex::new(HashMap::new()),
             stop,
@@ -120,12 +122,16 @@ impl Engine {
         }
     }
 
-    /// Puts `steps` around every host's activation and measures `gate`
-    /// after every batch and bake.
-    #[cfg_attr(not(test), expect(dead_code, reason = "traffic steps and metric gates plug in here"))]
-    pub fn with_seams(mut self, steps: Arc<dyn HostSteps>, gate: Arc<dyn Gate>) -> Self {
+    /// Puts `steps` around every host's activation.
+    #[cfg_attr(not(test), expect(dead_code, reason = "traffic steps plug in here"))]
+    pub fn with_steps(mut self, steps: Arc<dyn HostSteps>) -> Self {
         self.steps = steps;
-        self.gate = gate;
+        self
+    }
+
+    /// Measures metric gates on `source`.
+    pub fn with_metrics(mut self, source: Arc<dyn MetricSource>) -> Self {
+        self.metrics = Some(source);
         self
     }
 
@@ -178,6 +184,11 @@ impl Engine {
                 spec.environments.join(", ")
             )));
         };
+        if spec.analysis.is_some() && self.metrics.is_none() {
+            return Err(Refused::Precondition(format!(
+                "{app}'s spec has metric gates ([analysis]) but the controller has no prometheus_url to measure them on"
+            )));
+        }
         let release = self.store.release(app, version)?.ok_or_else(|| {
             Refused::NotFound(format!(
                 "{app} {version} has not been pushed; run `convoy release push {app} {version} FILE`"
@@ -245,7 +256,11 @@ impl Engine {
             size: release.size,
             signature: release.signature.clone(),
         };
-        let strategy_text = describe(&o.strategy.describe(), group, o.manual_promote, o.vanish);
+        let mut strategy_text = describe(&o.strategy.describe(), group, o.manual_promote, o.vanish);
+        if let Some(a) = &spec.analysis {
+            let names: Vec<&str> = a.metrics.iter().map(|m| m.name.as_str()).collect();
+            strategy_text.push_str(&format!(", metric gates {}", names.join(", ")));
+        }
         let kind = Kind::Deploy {
             cmd: Box::new(cmd),
             strategy: o.strategy.clone(),
@@ -254,6 +269,7 @@ impl Engine {
             group,
             manual_promote: o.manual_promote,
             vanish: o.vanish,
+            analysis: spec.analysis.clone(),
         };
         let control = if spec.approval.contains(env) {
             Control::AwaitApproval(who.to_owned())

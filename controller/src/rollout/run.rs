@@ -12,17 +12,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use convoy_common::ops::{ActivateCommand, OpId, OpKind, OpReport, Outcome, RollbackCommand, StepEvent};
+use convoy_common::analysis::AnalysisSpec;
 use convoy_common::rollout::Strategy;
 use convoy_common::{AppName, HostName, Version};
 use futures::future::join_all;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, watch, Semaphore};
 
+use super::analysis::{Analyzer, Running, Sides, Sink, Subject};
 use super::control::Control;
 use super::events::{Done, Event, EventBody, Plan, Verdict};
 use super::fleet::{Command, OpWait};
 use super::order::Vanish;
-use super::seams::{GatePoint, RolloutRef};
+use super::seams::RolloutRef;
 use super::Engine;
 
 /// What a rollout does, as its saved plan keeps it.
@@ -41,6 +43,9 @@ pub(super) enum Kind {
         manual_promote: bool,
         #[serde(default)]
         vanish: Vanish,
+        /// Metric gates, from the app spec when the rollout started.
+        #[serde(default)]
+        analysis: Option<AnalysisSpec>,
     },
     Rollback {
         to: Option<Version>,
@@ -316,6 +321,7 @@ impl Rollout {
             rollback_on_halt,
             group,
             manual_promote,
+            analysis,
             ..
         } = &self.kind
         else {
@@ -341,6 +347,27 @@ impl Rollout {
                 nothing_changed: true,
             };
         }
+
+        // Metric gates: every query is checked, and its value before the
+        // rollout recorded, before any byte moves.
+        let mut gates = match analysis {
+            Some(spec) => match self.start_analysis(engine, spec, &cmd.version).await {
+                Ok(running) => Some(running),
+                Err(why) => {
+                    return Done {
+                        verdict: Verdict::Failed,
+                        failed_host: None,
+                        reason: format!("refused before any host was touched: analysis: {why}"),
+                        untouched_hosts: self.targets.clone(),
+                        failed_hosts: vec![],
+                        rolled_back_hosts: vec![],
+                        rollback_failed: false,
+                        nothing_changed: true,
+                    }
+                }
+            },
+            None => None,
+        };
 
         // ── pre-stage everywhere, bounded ──
         self.note(format!("pre-staging {} on {} host(s)", cmd.version, self.targets.len()));
@@ -381,6 +408,12 @@ impl Rollout {
             let names: Vec<&str> = hosts.iter().map(|h| h.as_str()).collect();
             self.note(format!("batch {}/{}: {}", i + 1, batches.len(), names.join(", ")));
             halt.activated_any |= !hosts.is_empty();
+            if let Some(g) = &gates {
+                // Measured from their activation on: the health window counts.
+                let mut moved = halt.moved.clone();
+                moved.extend(hosts.iter().map(|h| (*h).clone()));
+                g.set_sides(self.sides(moved, &halt));
+            }
             let rollout = &rollout;
             let results = join_all(hosts.iter().map(|h| async move {
                 let op = OpId::new(&self.id, OpKind::Activate, h);
@@ -401,13 +434,18 @@ impl Rollout {
             if halt.failed.len() > *budget {
                 return self.halt(engine, None, halt, *rollback_on_halt).await;
             }
-            if let Err(why) = engine
-                .gate
-                .check(rollout, GatePoint::AfterBatch(i + 1), &halt.moved)
-                .await
-            {
-                let cause = format!("gate after batch {}: {why}", i + 1);
-                return self.halt(engine, Some(cause), halt, *rollback_on_halt).await;
+            if let Some(g) = &mut gates {
+                g.set_sides(self.sides(halt.moved.clone(), &halt));
+                self.note(format!(
+                    "batch {}: waiting for a passing round of metric gates (every {})",
+                    i + 1,
+                    humantime::format_duration(g.interval)
+                ));
+                if let Err(why) = g.passed().await {
+                    let cause = format!("metric gates after batch {}: {why}", i + 1);
+                    return self.halt(engine, Some(cause), halt, *rollback_on_halt).await;
+                }
+                self.note(format!("batch {}: metric gates passed", i + 1));
             }
             // A resumed rollout whose next batch already started has baked
             // and been promoted before the controller restarted.
@@ -417,13 +455,8 @@ impl Rollout {
                     .any(|h| self.recorded.contains_key(&OpId::new(&self.id, OpKind::Activate, h)))
             });
             if !bake.is_zero() && !next_started {
-                self.bake(*bake).await;
-                if let Err(why) = engine
-                    .gate
-                    .check(rollout, GatePoint::AfterBake(i + 1), &halt.moved)
-                    .await
-                {
-                    let cause = format!("gate after the bake of batch {}: {why}", i + 1);
+                if let Err(why) = self.bake(*bake, gates.as_mut()).await {
+                    let cause = format!("metric gates during the bake of batch {}: {why}", i + 1);
                     return self.halt(engine, Some(cause), halt, *rollback_on_halt).await;
                 }
             }
@@ -436,6 +469,17 @@ impl Rollout {
                     }
                     wait
                 });
+            }
+        }
+        if let Some(g) = gates.as_mut().filter(|g| !g.watch_after.is_zero()) {
+            self.note(format!(
+                "every batch is done; watching the metric gates for {}",
+                humantime::format_duration(g.watch_after)
+            ));
+            let watch = g.watch_after;
+            if let Err(why) = self.bake_for(watch, Some(g)).await {
+                let cause = format!("metric gates while watching after the last batch: {why}");
+                return self.halt(engine, Some(cause), halt, *rollback_on_halt).await;
             }
         }
         let reason = if halt.failed.is_empty() {
@@ -453,22 +497,82 @@ impl Rollout {
         )
     }
 
-    /// Waits `bake`; an abort does not wait for it to end.
-    async fn bake(&self, bake: Duration) {
+    /// Waits `bake`; an abort does not wait for it to end, and a breach of
+    /// the metric gates ends it with the reason.
+    async fn bake(&self, bake: Duration, gates: Option<&mut Running>) -> Result<(), String> {
         self.note(format!("baking for {}", humantime::format_duration(bake)));
+        self.bake_for(bake, gates).await
+    }
+
+    async fn bake_for(&self, bake: Duration, gates: Option<&mut Running>) -> Result<(), String> {
         let mut control = self.control.subscribe();
         let bake_end = tokio::time::sleep(bake);
         tokio::pin!(bake_end);
+        let breach = async {
+            match gates {
+                Some(g) => g.breached().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(breach);
         loop {
             tokio::select! {
-                _ = &mut bake_end => break,
+                _ = &mut bake_end => return Ok(()),
+                why = &mut breach => return Err(why),
                 changed = control.changed() => {
                     if changed.is_err() || matches!(*control.borrow(), Control::Abort(_)) {
-                        break;
+                        return Ok(());
                     }
                 }
             }
         }
+    }
+
+    /// Which targets are measured as moved, and which are the baseline:
+    /// those neither moved nor failed.
+    fn sides(&self, moved: Vec<HostName>, halt: &Halt) -> Sides {
+        let baseline = self
+            .targets
+            .iter()
+            .filter(|h| !moved.contains(h) && !halt.failed.iter().any(|(f, _)| f == *h))
+            .cloned()
+            .collect();
+        Sides { moved, baseline }
+    }
+
+    /// Checks the gates' queries, records their values before the
+    /// rollout (or takes back those recorded, when resuming) and starts
+    /// measuring.
+    async fn start_analysis(&self, engine: &Engine, spec: &AnalysisSpec, version: &Version) -> Result<Running, String> {
+        let Some(source) = engine.metrics.clone() else {
+            return Err("the controller has no prometheus_url to measure the app's metric gates on".into());
+        };
+        let subject = Subject {
+            app: self.app.to_string(),
+            env: self.env.clone(),
+            version: version.to_string(),
+        };
+        let mut analyzer = Analyzer::new(spec.clone(), subject, source);
+        let sink = Sink {
+            store: engine.store.clone(),
+            events: self.tx.clone(),
+            rollout_id: self.id.clone(),
+        };
+        let recorded = engine.store.measurements(&self.id).map_err(|e| e.to_string())?;
+        if recorded.iter().any(|m| m.judgement == convoy_common::analysis::Judgement::Before) {
+            analyzer.restore_before(&recorded);
+        } else {
+            for m in analyzer.prepare(&self.targets).await? {
+                sink.record(&m);
+            }
+        }
+        let names: Vec<&str> = spec.metrics.iter().map(|m| m.name.as_str()).collect();
+        self.note(format!(
+            "metric gates {} measured every {}",
+            names.join(", "),
+            humantime::format_duration(spec.interval)
+        ));
+        Ok(Running::start(analyzer, sink))
     }
 
     /// One host's activation with the host steps around it.
@@ -624,7 +728,8 @@ impl Rollout {
                 return halt(failed, None, restore_failed);
             }
             if !bake.is_zero() && i + 1 < batches.len() {
-                self.bake(*bake).await;
+                // Without gates a bake only ends.
+                let _ = self.bake(*bake, None).await;
             }
         }
         let reason = if failed.is_empty() {

@@ -4,11 +4,11 @@
 //! - [`HostSteps`] run around each host's activation, in every strategy:
 //!   take the host out of the load balancer before, put it back after
 //!   (or switch a blue-green pair).
-//! - [`Gate`]s are measured after each batch and at the end of each bake
-//!   (metric analysis, freezes); a failing gate halts the rollout and rolls
-//!   back what moved, like a host over the failure budget.
+//! - A [`MetricSource`] answers the metric gates' queries (Prometheus);
+//!   see [`super::analysis`] for how they judge a rollout.
 //!
-//! The defaults do nothing and always pass.
+//! The default steps do nothing; without a metric source, an app whose
+//! spec has metric gates cannot be deployed.
 
 use convoy_common::{AppName, HostName};
 use futures::future::BoxFuture;
@@ -38,24 +38,22 @@ pub trait HostSteps: Send + Sync {
     ) -> BoxFuture<'a, Result<(), String>>;
 }
 
-/// When a gate is measured.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GatePoint {
-    /// Batch `n` (from 1) has finished.
-    AfterBatch(usize),
-    /// The bake after batch `n` has ended.
-    AfterBake(usize),
+/// Why a metric query gave no value.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum QueryError {
+    /// The metrics server answered that the query is wrong: no rollout
+    /// should start with it.
+    #[error("{0}")]
+    Refused(String),
+    /// It could not be asked, or its answer was not one value.
+    #[error("{0}")]
+    Failed(String),
 }
 
-pub trait Gate: Send + Sync {
-    /// `moved`: the hosts this rollout has moved so far. `Err` names why
-    /// the rollout must halt.
-    fn check<'a>(
-        &'a self,
-        rollout: &'a RolloutRef,
-        point: GatePoint,
-        moved: &'a [HostName],
-    ) -> BoxFuture<'a, Result<(), String>>;
+/// Where metric gates read their values (Prometheus, or a table in tests).
+pub trait MetricSource: Send + Sync {
+    /// The value of an instant query: `None` when it returns nothing.
+    fn query<'a>(&'a self, promql: &'a str) -> BoxFuture<'a, Result<Option<f64>, QueryError>>;
 }
 
 /// No steps around activations.
@@ -67,15 +65,6 @@ impl HostSteps for NoSteps {
     }
 
     fn after_activate<'a>(&'a self, _: &'a RolloutRef, _: &'a HostName, _: bool) -> BoxFuture<'a, Result<(), String>> {
-        Box::pin(async { Ok(()) })
-    }
-}
-
-/// A gate that always passes.
-pub struct NoGate;
-
-impl Gate for NoGate {
-    fn check<'a>(&'a self, _: &'a RolloutRef, _: GatePoint, _: &'a [HostName]) -> BoxFuture<'a, Result<(), String>> {
         Box::pin(async { Ok(()) })
     }
 }

@@ -8,6 +8,8 @@ use convoy_common::{AppName, HostName, Version};
 
 pub use crate::db::{HostRow, NewRollout, Release, RolloutRow};
 
+use convoy_common::analysis::Measurement;
+
 /// A store that failed; the engine logs it or refuses the request.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -39,6 +41,9 @@ pub trait RolloutStore: Send + Sync {
     /// Rollouts not yet finished, with their plans, oldest first.
     fn running_rollouts(&self) -> Result<Vec<(RolloutRow, String)>>;
     fn rollout_hosts(&self, id: &str) -> Result<Vec<HostRow>>;
+    fn record_measurement(&self, rollout: &str, m: &Measurement) -> Result<()>;
+    /// A rollout's measurements, oldest first.
+    fn measurements(&self, rollout: &str) -> Result<Vec<Measurement>>;
 }
 
 impl RolloutStore for crate::db::Db {
@@ -80,5 +85,11 @@ impl RolloutStore for crate::db::Db {
     }
     fn rollout_hosts(&self, id: &str) -> Result<Vec<HostRow>> {
         Ok(crate::db::Db::rollout_hosts(self, id)?)
+    }
+    fn record_measurement(&self, rollout: &str, m: &Measurement) -> Result<()> {
+        Ok(crate::db::Db::record_measurement(self, rollout, m)?)
+    }
+    fn measurements(&self, rollout: &str) -> Result<Vec<Measurement>> {
+        Ok(crate::db::Db::measurements(self, rollout)?)
     }
 }

@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use convoy_common::analysis::Judgement;
 use convoy_common::ops::{AppStatus, Health, OpId, OpKind, OpReport, Outcome};
 use convoy_common::rollout::{Amount, Strategy};
 use convoy_common::{AppName, Digest, HostName, Version};
@@ -19,7 +20,7 @@ use super::control::Action;
 use super::events::{Done, Event, EventBody, Verdict};
 use super::fleet::{Command, Fleet, FleetHost, OpWait};
 use super::order::{DeployOrder, FailureBudget, RollbackOrder, Vanish};
-use super::seams::{Gate, GatePoint, HostSteps, RolloutRef};
+use super::seams::{HostSteps, MetricSource, QueryError, RolloutRef};
 use super::{Engine, EngineConfig};
 use crate::db::{Db, Release};
 
@@ -180,15 +181,16 @@ impl Fleet for TestFleet {
     fn forget(&self, _: &OpId) {}
 }
 
-/// Records the seams' calls; fails the gate at one point.
+/// Records the host steps' calls.
 #[derive(Default)]
 struct Recorder {
     calls: Mutex<Vec<String>>,
-    fail_at: Option<GatePoint>,
 }
 
 impl HostSteps for Recorder {
-    fn before_activate<'a>(&'a self, _: &'a RolloutRef, h: &'a HostName) -> BoxFuture<'a, Result<(), String>> {
+    fn before_activate<'a>(&'a self, r: &'a RolloutRef, h: &'a HostName) -> BoxFuture<'a, Result<(), String>> {
+        assert_eq!((r.app.as_str(), r.env.as_str()), ("demo", "staging"));
+        assert_eq!(r.id.len(), 12);
         self.calls.lock().unwrap().push(format!("drain {h}"));
         Box::pin(async { Ok(()) })
     }
@@ -199,27 +201,28 @@ impl HostSteps for Recorder {
     }
 }
 
-impl Gate for Recorder {
-    fn check<'a>(
-        &'a self,
-        r: &'a RolloutRef,
-        p: GatePoint,
-        moved: &'a [HostName],
-    ) -> BoxFuture<'a, Result<(), String>> {
-        assert_eq!((r.app.as_str(), r.env.as_str()), ("demo", "staging"));
-        assert_eq!(r.id.len(), 12);
-        let moved: Vec<&str> = moved.iter().map(|h| h.as_str()).collect();
-        self.calls
-            .lock()
-            .unwrap()
-            .push(format!("gate {p:?} {}", moved.join(",")));
-        let fail = self.fail_at == Some(p);
-        Box::pin(async move {
-            match fail {
-                true => Err("error rate 12% over the 5% threshold".into()),
-                false => Ok(()),
-            }
+type Answerer = dyn Fn(&str) -> Result<Option<f64>, QueryError> + Send + Sync;
+
+/// Metric values computed from the query text (which names the hosts).
+struct Gauge {
+    answer: Box<Answerer>,
+    asked: Mutex<Vec<String>>,
+}
+
+impl Gauge {
+    fn new(answer: impl Fn(&str) -> Result<Option<f64>, QueryError> + Send + Sync + 'static) -> Arc<Self> {
+        Arc::new(Gauge {
+            answer: Box::new(answer),
+            asked: Mutex::new(vec![]),
         })
+    }
+}
+
+impl MetricSource for Gauge {
+    fn query<'a>(&'a self, q: &'a str) -> BoxFuture<'a, Result<Option<f64>, QueryError>> {
+        self.asked.lock().unwrap().push(q.to_owned());
+        let r = (self.answer)(q);
+        Box::pin(async move { r })
     }
 }
 
@@ -241,7 +244,7 @@ environments = ["staging", "production"]
 fn bed(hosts: &[(&str, &[(&str, &str)])], spec_extra: &str) -> Bed {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("apps")).unwrap();
-    std::fs::write(dir.path().join("apps/demo.toml"), format!("{spec_extra}\n{SPEC}")).unwrap();
+    std::fs::write(dir.path().join("apps/demo.toml"), format!("{SPEC}\n{spec_extra}")).unwrap();
     let db = Arc::new(Db::open(&dir.path().join("convoy.db")).unwrap());
     let release = Release {
         digest: Digest::of_bytes(b"artifact"),
@@ -269,7 +272,7 @@ fn engine_on(
     fleet: Arc<TestFleet>,
     db: Arc<Db>,
     stop: CancellationToken,
-    seams: Option<Arc<Recorder>>,
+    steps: Option<Arc<Recorder>>,
 ) -> Arc<Engine> {
     let tasks = TaskTracker::new();
     let mut engine = Engine::new(
@@ -285,8 +288,8 @@ fn engine_on(
         stop,
         tasks,
     );
-    if let Some(r) = seams {
-        engine = engine.with_seams(r.clone(), r);
+    if let Some(r) = steps {
+        engine = engine.with_steps(r);
     }
     Arc::new(engine)
 }
@@ -491,33 +494,157 @@ async fn wait_state(db: &Db, id: &str, state: &str) {
     panic!("rollout {id} never reached {state}");
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_failing_gate_halts_the_rollout_and_rolls_back_what_moved() {
-    let b = bed(WEB4, "");
-    let recorder = Arc::new(Recorder {
-        fail_at: Some(GatePoint::AfterBatch(2)),
-        ..Default::default()
-    });
-    let engine = engine_on(
-        &b.dir,
+const ANALYSIS: &str = r#"
+[analysis]
+interval = "10s"
+failure_limit = 2
+
+[[analysis.metrics]]
+name = "error-rate"
+query = 'errors{host=~"{{hosts}}"}'
+max = 0.05
+"#;
+
+/// An engine that measures metric gates on `gauge`.
+fn with_gauge(b: &Bed, gauge: Arc<Gauge>) -> Arc<Engine> {
+    let tasks = TaskTracker::new();
+    let engine = Engine::new(
+        EngineConfig {
+            apps_dir: b.dir.path().join("apps"),
+            host_timeout: HOST_TIMEOUT,
+            prestage_parallel: 4,
+            reconnect_grace: Duration::from_secs(5),
+        },
         b.fleet.clone(),
         b.db.clone(),
+        crate::webhooks::Notifier::new(vec![], None, tasks.clone()),
         b.stop.clone(),
-        Some(recorder.clone()),
-    );
-    let (_, done) = finish(engine.start_deploy("operator:alice", order()).unwrap()).await;
-    assert_eq!(done.verdict, Verdict::RolledBack);
-    assert_eq!(done.reason, "gate after batch 2: error rate 12% over the 5% threshold");
-    assert_eq!(names(&done.rolled_back_hosts), ["web1", "web2"]);
-    assert_eq!(names(&done.untouched_hosts), ["web3", "web4"]);
-    // Control case: the same rollout without the failing gate completes.
-    let b2 = bed(WEB4, "");
-    let (_, done) = finish(b2.engine.start_deploy("operator:alice", order()).unwrap()).await;
-    assert_eq!(done.verdict, Verdict::Succeeded);
+        tasks,
+    )
+    .with_metrics(gauge);
+    Arc::new(engine)
 }
 
 #[tokio::test(start_paused = true)]
-async fn host_steps_run_around_every_activation_and_gates_after_every_batch() {
+async fn a_breaching_metric_halts_the_rollout_and_rolls_back_what_moved() {
+    let b = bed(WEB4, ANALYSIS);
+    // web2's release fails a fifth of its requests.
+    let gauge = Gauge::new(|q| Ok(Some(if q.contains("web2") { 0.2 } else { 0.0 })));
+    let engine = with_gauge(&b, gauge.clone());
+    let (events, done) = finish(engine.start_deploy("operator:alice", order()).unwrap()).await;
+    assert_eq!(done.verdict, Verdict::RolledBack);
+    assert_eq!(
+        done.reason,
+        "metric gates after batch 2: metric error-rate failed 2 measurement(s) (failure_limit 2): 0.2 is above the maximum 0.05"
+    );
+    assert_eq!(names(&done.rolled_back_hosts), ["web1", "web2"]);
+    assert_eq!(names(&done.untouched_hosts), ["web3", "web4"]);
+    // Every measurement is streamed and kept.
+    let streamed: Vec<_> = events
+        .iter()
+        .filter_map(|e| match &e.body {
+            EventBody::Measurement(m) => Some(m.clone()),
+            _ => None,
+        })
+        .collect();
+    let id = &events[0].rollout_id;
+    let kept = b.db.measurements(id).unwrap();
+    assert_eq!(streamed, kept);
+    assert_eq!(kept[0].judgement, Judgement::Before, "{kept:?}");
+    assert_eq!(kept[0].query, r#"errors{host=~"web1|web2|web3|web4"}"#);
+    let failed: Vec<_> = kept.iter().filter(|m| m.judgement == Judgement::Fail).collect();
+    assert_eq!(failed.len(), 2);
+    assert_eq!(names(&failed[0].hosts), ["web1", "web2"]);
+    assert_eq!(failed[0].value, Some(0.2));
+
+    // Control case: the same rollout with a release that serves well completes.
+    let b2 = bed(WEB4, ANALYSIS);
+    let engine = with_gauge(&b2, Gauge::new(|_| Ok(Some(0.0))));
+    let (_, done) = finish(engine.start_deploy("operator:alice", order()).unwrap()).await;
+    assert_eq!(done.verdict, Verdict::Succeeded, "{}", done.reason);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_query_prometheus_refuses_stops_the_rollout_before_any_host_is_touched() {
+    let b = bed(WEB4, ANALYSIS);
+    let engine = with_gauge(
+        &b,
+        Gauge::new(|_| Err(QueryError::Refused("bad_data: 1:8: parse error: unexpected \"}\"".into()))),
+    );
+    let (_, done) = finish(engine.start_deploy("operator:alice", order()).unwrap()).await;
+    assert_eq!(done.verdict, Verdict::Failed);
+    assert!(done.nothing_changed);
+    assert!(
+        done.reason.starts_with("refused before any host was touched: analysis: metric error-rate: Prometheus refused the query"),
+        "{}",
+        done.reason
+    );
+    assert!(b.fleet.sent().is_empty(), "{:?}", b.fleet.sent());
+}
+
+#[tokio::test(start_paused = true)]
+async fn too_few_requests_hold_the_rollout_then_halt_it() {
+    let spec = ANALYSIS.replace(
+        "failure_limit = 2",
+        "failure_limit = 2\ninconclusive_limit = 3\nrequests_query = 'requests{host=~\"{{hosts}}\"}'\nmin_requests = 100",
+    );
+    let b = bed(&WEB4[..2], &spec);
+    let engine = with_gauge(
+        &b,
+        Gauge::new(|q| Ok(Some(if q.starts_with("requests") { 4.0 } else { 0.0 }))),
+    );
+    let (events, done) = finish(engine.start_deploy("operator:alice", order()).unwrap()).await;
+    assert_eq!(done.verdict, Verdict::RolledBack);
+    assert!(
+        done.reason.starts_with("metric gates after batch 1: 3 inconclusive round(s) in a row"),
+        "{}",
+        done.reason
+    );
+    // Held at batch 1: web2 was never sent its activation.
+    assert_eq!(names(&done.untouched_hosts), ["web2"]);
+    assert!(!events.iter().any(|e| matches!(&e.body, EventBody::Note(n) if n.starts_with("batch 2/2"))));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_breach_while_watching_after_the_last_batch_rolls_every_host_back() {
+    let spec = ANALYSIS.replace("failure_limit = 2", "failure_limit = 1\nwatch_after = \"5m\"");
+    let b = bed(&WEB4[..3], &spec);
+    // The new release degrades two minutes after its last host moved.
+    let start = tokio::time::Instant::now();
+    let degraded_after = Arc::new(Mutex::new(None::<tokio::time::Instant>));
+    let d = degraded_after.clone();
+    let gauge = Gauge::new(move |q| {
+        let all = q.contains("web1|web2|web3");
+        let mut d = d.lock().unwrap();
+        if all && d.is_none() && start.elapsed() > Duration::ZERO {
+            *d = Some(tokio::time::Instant::now() + Duration::from_secs(120));
+        }
+        let bad = d.is_some_and(|t| tokio::time::Instant::now() >= t);
+        Ok(Some(if bad { 0.3 } else { 0.0 }))
+    });
+    let engine = with_gauge(&b, gauge);
+    let (events, done) = finish(engine.start_deploy("operator:alice", order()).unwrap()).await;
+    assert_eq!(done.verdict, Verdict::RolledBack, "{}", done.reason);
+    assert!(
+        done.reason.starts_with("metric gates while watching after the last batch: metric error-rate failed 1"),
+        "{}",
+        done.reason
+    );
+    assert_eq!(names(&done.rolled_back_hosts), ["web1", "web2", "web3"]);
+    assert!(events
+        .iter()
+        .any(|e| matches!(&e.body, EventBody::Note(n) if n == "every batch is done; watching the metric gates for 5m")));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_spec_with_metric_gates_needs_a_metric_source() {
+    let b = bed(WEB4, ANALYSIS);
+    let err = b.engine.start_deploy("operator:alice", order()).unwrap_err().to_string();
+    assert!(err.contains("has no prometheus_url"), "{err}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn host_steps_run_around_every_activation() {
     let b = bed(&WEB4[..3], "");
     b.fleet.answer("web2", OpKind::Activate, Answer::Fail);
     let recorder = Arc::new(Recorder::default());
@@ -539,13 +666,10 @@ async fn host_steps_run_around_every_activation_and_gates_after_every_batch() {
         [
             "drain web1",
             "ready web1 true",
-            "gate AfterBatch(1) web1",
             "drain web2",
             "ready web2 false",
-            "gate AfterBatch(2) web1",
             "drain web3",
             "ready web3 true",
-            "gate AfterBatch(3) web1,web3",
         ]
     );
 }

@@ -143,6 +143,7 @@ impl From<&Event> for RolloutEvent {
                 host: host.to_string(),
                 result: Some(report.as_ref().into()),
             }),
+            EventBody::Measurement(m) => rollout_event::Body::Measurement(m.into()),
             EventBody::Done(d) => rollout_event::Body::Done(d.into()),
         };
         RolloutEvent {

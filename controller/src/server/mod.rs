@@ -152,7 +152,7 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'sta
     let stop = CancellationToken::new();
     let db = Arc::new(db);
     let registry = Arc::new(registry::Registry::default());
-    let engine = Engine::new(
+    let mut engine = Engine::new(
         EngineConfig {
             apps_dir: cfg.apps_dir.clone(),
             host_timeout: cfg.host_timeout,
@@ -165,6 +165,17 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'sta
         stop.clone(),
         tasks.clone(),
     );
+    if let Some(url) = &cfg.prometheus_url {
+        let tls = if url.starts_with("https:") {
+            Some(
+                convoy_common::http::tls_roots(cfg.prometheus_ca.as_deref())
+                    .map_err(|e| anyhow::anyhow!("prometheus_ca: {e}"))?,
+            )
+        } else {
+            None
+        };
+        engine = engine.with_metrics(Arc::new(crate::prometheus::Prometheus::new(url, tls)));
+    }
     let shared = Arc::new(Shared {
         cfg,
         db,

@@ -306,7 +306,9 @@ impl OperatorService for OperatorApi {
                 .ok_or_else(|| Status::not_found(format!("no rollout {}", r.rollout_id)))?;
             let hosts = db.rollout_hosts(&r.rollout_id).map_err(internal)?;
             let events = db.rollout_events(&r.rollout_id).map_err(internal)?;
+            let measurements = db.measurements(&r.rollout_id).map_err(internal)?;
             return Ok(Response::new(HistoryReply {
+                measurements: measurements.iter().map(Into::into).collect(),
                 rollouts: vec![record(row)],
                 hosts: hosts
                     .into_iter()
@@ -343,6 +345,7 @@ impl OperatorService for OperatorApi {
             rollouts,
             hosts: vec![],
             events: vec![],
+            measurements: vec![],
         }))
     }
 
