@@ -80,9 +80,14 @@ impl Judgement {
     }
 
     pub fn parse(s: &str) -> Option<Self> {
-        [Judgement::Pass, Judgement::Fail, Judgement::Inconclusive, Judgement::Before]
-            .into_iter()
-            .find(|j| j.as_str() == s)
+        [
+            Judgement::Pass,
+            Judgement::Fail,
+            Judgement::Inconclusive,
+            Judgement::Before,
+        ]
+        .into_iter()
+        .find(|j| j.as_str() == s)
     }
 }
 
@@ -135,9 +140,12 @@ pub fn check_template(query: &str) -> Result<(), String> {
     let mut rest = query;
     while let Some(start) = rest.find("{{") {
         let after = &rest[start + 2..];
-        let end = after
-            .find("}}")
-            .ok_or_else(|| format!("{{{{ at byte {} is not closed with }}}}", query.len() - rest.len() + start))?;
+        let end = after.find("}}").ok_or_else(|| {
+            format!(
+                "{{{{ at byte {} is not closed with }}}}",
+                query.len() - rest.len() + start
+            )
+        })?;
         let name = after[..end].trim();
         if !PLACEHOLDERS.contains(&name) {
             return Err(format!(
@@ -240,12 +248,7 @@ impl RawAnalysis {
                 }
                 Some(RequestFloor { query, min })
             }
-            (Some(_), None) => {
-                return Err(invalid(
-                    "analysis.min_requests",
-                    "required with requests_query".into(),
-                ))
-            }
+            (Some(_), None) => return Err(invalid("analysis.min_requests", "required with requests_query".into())),
             (None, Some(_)) => {
                 return Err(invalid(
                     "analysis.requests_query",
@@ -272,7 +275,11 @@ impl RawAnalysis {
                     "set max, min or max_ratio_to_baseline: a metric without a bound judges nothing".into(),
                 ));
             }
-            for (f, v) in [("max", m.max), ("min", m.min), ("max_ratio_to_baseline", m.max_ratio_to_baseline)] {
+            for (f, v) in [
+                ("max", m.max),
+                ("min", m.min),
+                ("max_ratio_to_baseline", m.max_ratio_to_baseline),
+            ] {
                 if v.is_some_and(|v| !v.is_finite()) {
                     return Err(invalid(&field(f), "must be a finite number".into()));
                 }
@@ -336,7 +343,10 @@ mod tests {
         let e = check_template("x{{host}}").unwrap_err();
         assert!(e.contains("unknown placeholder {{host}}"), "{e}");
         assert!(check_template("x{{hosts").unwrap_err().contains("not closed"));
-        let q = render("a{h=~\"{{hosts}}\",v=\"{{version}}\"}", &[("hosts", "h1|h2"), ("version", "2.0")]);
+        let q = render(
+            "a{h=~\"{{hosts}}\",v=\"{{version}}\"}",
+            &[("hosts", "h1|h2"), ("version", "2.0")],
+        );
         assert_eq!(q, "a{h=~\"h1|h2\",v=\"2.0\"}");
     }
 

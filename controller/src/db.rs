@@ -920,7 +920,10 @@ mod tests {
         let (_dir, path) = made_by("CREATE TABLE future (x); PRAGMA user_version = 99;");
         let e = Db::open(&path).err().expect("refused").to_string();
         assert!(
-            e.contains(&format!("schema version 99 is newer than this convoy knows ({})", MIGRATIONS.len())),
+            e.contains(&format!(
+                "schema version 99 is newer than this convoy knows ({})",
+                MIGRATIONS.len()
+            )),
             "{e}"
         );
         assert_eq!(user_version(&path), 99);

@@ -129,11 +129,13 @@ mod tests {
 
     #[test]
     fn answers_become_one_value_or_a_reason() {
-        let one = br#"{"status":"success","data":{"resultType":"vector","result":[{"metric":{},"value":[1.5,"0.25"]}]}}"#;
+        let one =
+            br#"{"status":"success","data":{"resultType":"vector","result":[{"metric":{},"value":[1.5,"0.25"]}]}}"#;
         assert_eq!(parse_answer(200, one).unwrap(), Some(0.25));
         let empty = br#"{"status":"success","data":{"resultType":"vector","result":[]}}"#;
         assert_eq!(parse_answer(200, empty).unwrap(), None);
-        let nan = br#"{"status":"success","data":{"resultType":"vector","result":[{"metric":{},"value":[1.5,"NaN"]}]}}"#;
+        let nan =
+            br#"{"status":"success","data":{"resultType":"vector","result":[{"metric":{},"value":[1.5,"NaN"]}]}}"#;
         assert_eq!(parse_answer(200, nan).unwrap(), None);
         let scalar = br#"{"status":"success","data":{"resultType":"scalar","result":[1.5,"2"]}}"#;
         assert_eq!(parse_answer(200, scalar).unwrap(), Some(2.0));
@@ -143,6 +145,8 @@ mod tests {
         assert!(matches!(parse_answer(400, bad), Err(QueryError::Refused(e)) if e.contains("parse error")));
         let timeout = br#"{"status":"error","errorType":"timeout","error":"query timed out"}"#;
         assert!(matches!(parse_answer(503, timeout), Err(QueryError::Failed(_))));
-        assert!(matches!(parse_answer(502, b"<html>bad gateway</html>"), Err(QueryError::Failed(e)) if e.contains("HTTP 502")));
+        assert!(
+            matches!(parse_answer(502, b"<html>bad gateway</html>"), Err(QueryError::Failed(e)) if e.contains("HTTP 502"))
+        );
     }
 }

@@ -152,6 +152,11 @@ pub struct Testbed {
     bins: PathBuf,
     /// Hosts get the agent from its Debian package (see `boot_packaged`).
     packaged: bool,
+    /// The environments of the demo app's spec, in promotion order.
+    envs: Vec<String>,
+    /// A Prometheus scraping every host's demo app (see `boot_analysed`).
+    prometheus: Option<crate::prometheus::Prometheus>,
+    with_prometheus: bool,
 }
 
 /// Result of a CLI call.
@@ -183,7 +188,19 @@ impl Testbed {
     /// Like `boot_spec`, with extra top-level settings in every agent's
     /// agent.toml (e.g. `trusted_keys = [...]`).
     pub fn boot_full(n: usize, env_of: impl Fn(usize) -> String, spec: &str, agent_extra: &str) -> Result<Testbed> {
-        Self::boot_inner(n, &env_of, spec, agent_extra, false)
+        Self::boot_inner(n, &env_of, spec, agent_extra, false, false)
+    }
+
+    /// Boots `n` hosts (env=staging) and a real Prometheus scraping each
+    /// host's demo app every second (label `host` = the host's name); the
+    /// controller measures metric gates on it (`prometheus_url`).
+    pub fn boot_analysed(n: usize, spec: &str) -> Result<Testbed> {
+        Self::boot_inner(n, &|_| "staging".to_owned(), spec, "", false, true)
+    }
+
+    /// The test bed's Prometheus (`boot_analysed`).
+    pub fn prometheus(&mut self) -> &mut crate::prometheus::Prometheus {
+        self.prometheus.as_mut().expect("booted with boot_analysed")
     }
 
     /// Boots `n` hosts (env=staging) without an agent: target/packages (the
@@ -192,7 +209,7 @@ impl Testbed {
     /// /etc/convoy/tls are at /etc/convoy-testbed. The controller runs.
     pub fn boot_packaged(n: usize) -> Result<Testbed> {
         let spec = fs::read_to_string(workspace_root().join("tests/testbed/demo.toml"))?;
-        Self::boot_inner(n, &|_| "staging".to_owned(), &spec, "", true)
+        Self::boot_inner(n, &|_| "staging".to_owned(), &spec, "", true, false)
     }
 
     /// The Debian package `name` (e.g. `convoy-agent_0.1.0-1`) that
@@ -213,6 +230,7 @@ impl Testbed {
         spec: &str,
         agent_extra: &str,
         packaged: bool,
+        with_prometheus: bool,
     ) -> Result<Testbed> {
         let bins = bin_dir();
         for b in ["convoy", "convoy-agent", "demo-app"] {
@@ -240,6 +258,9 @@ impl Testbed {
             agent_extra: agent_extra.to_owned(),
             bins,
             packaged,
+            envs: vec![],
+            prometheus: None,
+            with_prometheus,
         };
         bed.setup(n, env_of, spec)?;
         Ok(bed)
@@ -273,27 +294,28 @@ impl Testbed {
         let cdir = self.dir.path().join("controller");
         fs::create_dir_all(cdir.join("apps"))?;
         // The environments in use come first, so the first needs no promotion.
-        let mut envs: Vec<String> = Vec::new();
         for e in (1..=n)
             .map(env_of)
             .chain(["development", "staging", "production"].map(String::from))
         {
-            if !envs.contains(&e) {
-                envs.push(e);
+            if !self.envs.contains(&e) {
+                self.envs.push(e);
             }
         }
-        let spec: String = spec
-            .lines()
-            .map(|l| match l.starts_with("environments") {
-                true => format!("environments = {envs:?}\n"),
-                false => format!("{l}\n"),
-            })
-            .collect();
-        fs::write(cdir.join("apps/demo.toml"), spec)?;
+        self.set_spec(spec)?;
+        let mut prometheus = String::new();
+        if self.with_prometheus {
+            let targets: Vec<(String, SocketAddr)> = (1..=n)
+                .map(|i| (format!("host{i}"), SocketAddr::from((self.host_ip(i), DEMO_PORT))))
+                .collect();
+            let p = crate::prometheus::Prometheus::start(&self.dir.path().join("prometheus"), &targets)?;
+            prometheus = format!("prometheus_url = \"{}\"\n", p.url());
+            self.prometheus = Some(p);
+        }
         fs::write(
             cdir.join("controller.toml"),
             format!(
-                "listen = \"{ip}:{CONTROLLER_PORT}\"\ndata_dir = \"{d}/data\"\napps_dir = \"{d}/apps\"\nca = \"{p}/ca.pem\"\ncert = \"{p}/controller.pem\"\nkey = \"{p}/controller.key\"\nhost_timeout = \"2m\"\nmetrics_listen = \"{ip}:{METRICS_PORT}\"\n",
+                "listen = \"{ip}:{CONTROLLER_PORT}\"\ndata_dir = \"{d}/data\"\napps_dir = \"{d}/apps\"\nca = \"{p}/ca.pem\"\ncert = \"{p}/controller.pem\"\nkey = \"{p}/controller.key\"\nhost_timeout = \"2m\"\nmetrics_listen = \"{ip}:{METRICS_PORT}\"\n{prometheus}",
                 d = cdir.display(),
                 p = pki.display()
             ),
@@ -315,6 +337,25 @@ impl Testbed {
             return Err(e);
         }
         Ok(())
+    }
+
+    /// Writes the demo app's spec on the controller (read at each deploy);
+    /// its `environments` line is replaced by the test bed's.
+    pub fn set_spec(&self, spec: &str) -> Result<()> {
+        let envs = &self.envs;
+        let spec: String = spec
+            .lines()
+            .map(|l| match l.starts_with("environments") {
+                true => format!("environments = {envs:?}\n"),
+                false => format!("{l}\n"),
+            })
+            .collect();
+        fs::write(self.dir.path().join("controller/apps/demo.toml"), spec)?;
+        Ok(())
+    }
+
+    fn host_ip(&self, i: usize) -> Ipv4Addr {
+        Ipv4Addr::new(198, 18, self.subnet, 10 + i as u8)
     }
 
     /// Starts (or restarts) the controller process.
@@ -344,7 +385,7 @@ impl Testbed {
     fn boot_host(&self, i: usize, env: &str) -> Result<Host> {
         let name = format!("host{i}");
         let machine = format!("cv{}h{i}", self.subnet);
-        let ip = Ipv4Addr::new(198, 18, self.subnet, 10 + i as u8);
+        let ip = self.host_ip(i);
         let pki = self.pki();
         let etc = self.dir.path().join("hosts").join(&name);
         fs::create_dir_all(&etc)?;
@@ -488,8 +529,25 @@ impl Testbed {
         self.pack_demo_with(version, mode, &[])
     }
 
+    /// Packs and pushes the demo app with extra lines in its release.toml
+    /// (e.g. `error_rate = 0.2`, `extra_latency = "300ms"`: see demo-app.rs).
+    pub fn push_demo_release(&self, version: &str, release_toml: &str) -> Result<()> {
+        let file = self.pack_demo_full(version, "healthy", release_toml, &[])?;
+        self.push_file(version, &file)
+    }
+
     /// Like `pack_demo`, with extra files: (path in the release, content, mode).
     pub fn pack_demo_with(&self, version: &str, mode: &str, extra: &[(&str, &[u8], u32)]) -> Result<PathBuf> {
+        self.pack_demo_full(version, mode, "", extra)
+    }
+
+    fn pack_demo_full(
+        &self,
+        version: &str,
+        mode: &str,
+        release_toml: &str,
+        extra: &[(&str, &[u8], u32)],
+    ) -> Result<PathBuf> {
         use std::os::unix::fs::PermissionsExt;
         let tree = self.dir.path().join(format!("pack-{version}"));
         fs::create_dir_all(tree.join("bin"))?;
@@ -502,7 +560,7 @@ impl Testbed {
         fs::copy(self.bins.join("demo-app"), tree.join("bin/demo-app"))?;
         fs::write(
             tree.join("release.toml"),
-            format!("version = \"{version}\"\nmode = \"{mode}\"\nport = {DEMO_PORT}\n"),
+            format!("version = \"{version}\"\nmode = \"{mode}\"\nport = {DEMO_PORT}\n{release_toml}\n"),
         )?;
         let out = self.dir.path().join(format!("demo-{version}.tar.gz"));
         convoy_common::archive::pack_dir(&tree, fs::File::create(&out)?)?;
@@ -567,6 +625,9 @@ impl Testbed {
 
     fn dump_diagnostics(&self) {
         eprintln!("──── controller log ────\n{}", tail(&self.controller_log(), 80));
+        if let Some(p) = &self.prometheus {
+            eprintln!("──── prometheus log ────\n{}", tail(&p.log(), 20));
+        }
         for h in &self.hosts {
             if let Ok(o) = h.exec(&[
                 "journalctl",

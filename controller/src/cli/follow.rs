@@ -299,7 +299,11 @@ async fn show(
 
 /// One metric gate measurement, as `deploy`, `watch` and `history` show it.
 pub(super) fn measurement_line(m: &convoy_proto::Measurement) -> String {
-    let value = |v: Option<f64>| v.map_or("no data".to_owned(), |v| format!("{}", (v * 10_000.0).round() / 10_000.0));
+    let value = |v: Option<f64>| {
+        v.map_or("no data".to_owned(), |v| {
+            format!("{}", (v * 10_000.0).round() / 10_000.0)
+        })
+    };
     let mut s = format!("  [gate] {} {}: {}", m.metric, m.verdict, value(m.value));
     if m.baseline.is_some() {
         s.push_str(&format!(" (baseline {})", value(m.baseline)));

@@ -42,6 +42,22 @@ struct HistoryJson {
     hosts: Vec<HostRecordJson>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     events: Vec<EventJson>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    measurements: Vec<MeasurementJson>,
+}
+
+/// One metric gate measurement.
+#[derive(Serialize)]
+struct MeasurementJson {
+    metric: String,
+    hosts: Vec<String>,
+    query: String,
+    value: Option<f64>,
+    baseline: Option<f64>,
+    /// pass, fail, inconclusive, or before (a value before the rollout)
+    verdict: String,
+    reason: String,
+    at_unix_ms: i64,
 }
 
 #[derive(Serialize)]
@@ -107,7 +123,22 @@ pub async fn history(
         })
         .await?
         .into_inner();
+    let measurement_lines: Vec<String> = reply.measurements.iter().map(super::follow::measurement_line).collect();
     let out = HistoryJson {
+        measurements: reply
+            .measurements
+            .into_iter()
+            .map(|m| MeasurementJson {
+                metric: m.metric,
+                hosts: m.hosts,
+                query: m.query,
+                value: m.value,
+                baseline: m.baseline,
+                verdict: m.verdict,
+                reason: m.reason,
+                at_unix_ms: m.at_unix_ms,
+            })
+            .collect(),
         rollouts: reply
             .rollouts
             .into_iter()
@@ -207,6 +238,12 @@ pub async fn history(
                 e.kind,
                 e.message
             );
+        }
+    }
+    if !out.measurements.is_empty() {
+        println!();
+        for (m, line) in out.measurements.iter().zip(&measurement_lines) {
+            println!("{}{line}", when(m.at_unix_ms));
         }
     }
     Ok(())

@@ -21,7 +21,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use convoy_common::analysis::{render, regex_of, AnalysisSpec, Judgement, Measurement, Metric, NoData};
+use convoy_common::analysis::{regex_of, render, AnalysisSpec, Judgement, Measurement, Metric, NoData};
 use convoy_common::HostName;
 use tokio::sync::{broadcast, watch};
 use tokio_util::task::AbortOnDropHandle;
@@ -174,7 +174,9 @@ impl Analyzer {
                 };
                 return self.measurement(&m.name, &sides.moved, query, None, None, j, why.into());
             }
-            Err(e) => return self.measurement(&m.name, &sides.moved, query, None, None, Judgement::Fail, e.to_string()),
+            Err(e) => {
+                return self.measurement(&m.name, &sides.moved, query, None, None, Judgement::Fail, e.to_string())
+            }
         };
         let bound = |j: Judgement, why: String| (j, why);
         let (mut judgement, mut reason) = bound(Judgement::Pass, String::new());
@@ -186,7 +188,10 @@ impl Analyzer {
         let mut baseline = None;
         if let (Judgement::Pass, Some(limit)) = (judgement, m.max_ratio_to_baseline) {
             let (base, from) = if sides.baseline.is_empty() {
-                (self.before.get(&m.name).copied().flatten(), "the targets before the rollout")
+                (
+                    self.before.get(&m.name).copied().flatten(),
+                    "the targets before the rollout",
+                )
             } else {
                 let q = self.render(&m.query, &sides.baseline);
                 match self.source.query(&q).await {
@@ -202,7 +207,11 @@ impl Analyzer {
                 None => (Judgement::Inconclusive, format!("no baseline value from {from}")),
                 Some(b) => {
                     let b_eff = b.max(m.baseline_floor);
-                    let over = if b_eff == 0.0 { value > 0.0 } else { value / b_eff > limit };
+                    let over = if b_eff == 0.0 {
+                        value > 0.0
+                    } else {
+                        value / b_eff > limit
+                    };
                     if over {
                         let ratio = if b_eff == 0.0 {
                             "above a baseline of 0".to_owned()
@@ -513,19 +522,18 @@ mod tests {
         assert_eq!(round[0].judgement, Judgement::Fail);
         assert_eq!(round[0].reason, "0.2 is above the maximum 0.05");
         assert_eq!(round[1].judgement, Judgement::Fail, "{:?}", round[1]);
-        assert!(round[1].reason.contains("3.00× the baseline 0.1"), "{}", round[1].reason);
+        assert!(
+            round[1].reason.contains("3.00× the baseline 0.1"),
+            "{}",
+            round[1].reason
+        );
         assert_eq!(round[1].baseline, Some(0.1));
     }
 
     #[tokio::test]
     async fn without_baseline_hosts_the_values_before_the_rollout_are_the_baseline() {
         let s = spec(vec![metric("p95", None, Some(2.0))]);
-        let mut a = analyzer(
-            s,
-            &[
-                ("p95{instance=~\"w1:8080|w2:8080\"}", Ok(Some(0.1))),
-            ],
-        );
+        let mut a = analyzer(s, &[("p95{instance=~\"w1:8080|w2:8080\"}", Ok(Some(0.1)))]);
         let before = a.prepare(&[h("w1"), h("w2")]).await.unwrap();
         assert_eq!(before[0].judgement, Judgement::Before);
         // Now both moved, and the same query answers 0.15: within 2×.
@@ -565,7 +573,10 @@ mod tests {
         });
         let a = analyzer(
             s.clone(),
-            &[("reqs{instance=~\"w1:8080\"}", Ok(Some(3.0))), ("err{instance=~\"w1:8080\"}", Ok(Some(0.0)))],
+            &[
+                ("reqs{instance=~\"w1:8080\"}", Ok(Some(3.0))),
+                ("err{instance=~\"w1:8080\"}", Ok(Some(0.0))),
+            ],
         );
         let sides = Sides {
             moved: vec![h("w1")],

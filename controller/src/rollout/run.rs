@@ -11,8 +11,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use convoy_common::ops::{ActivateCommand, OpId, OpKind, OpReport, Outcome, RollbackCommand, StepEvent};
 use convoy_common::analysis::AnalysisSpec;
+use convoy_common::ops::{ActivateCommand, OpId, OpKind, OpReport, Outcome, RollbackCommand, StepEvent};
 use convoy_common::rollout::Strategy;
 use convoy_common::{AppName, HostName, Version};
 use futures::future::join_all;
@@ -559,7 +559,10 @@ impl Rollout {
             rollout_id: self.id.clone(),
         };
         let recorded = engine.store.measurements(&self.id).map_err(|e| e.to_string())?;
-        if recorded.iter().any(|m| m.judgement == convoy_common::analysis::Judgement::Before) {
+        if recorded
+            .iter()
+            .any(|m| m.judgement == convoy_common::analysis::Judgement::Before)
+        {
             analyzer.restore_before(&recorded);
         } else {
             for m in analyzer.prepare(&self.targets).await? {

@@ -569,13 +569,19 @@ async fn a_query_prometheus_refuses_stops_the_rollout_before_any_host_is_touched
     let b = bed(WEB4, ANALYSIS);
     let engine = with_gauge(
         &b,
-        Gauge::new(|_| Err(QueryError::Refused("bad_data: 1:8: parse error: unexpected \"}\"".into()))),
+        Gauge::new(|_| {
+            Err(QueryError::Refused(
+                "bad_data: 1:8: parse error: unexpected \"}\"".into(),
+            ))
+        }),
     );
     let (_, done) = finish(engine.start_deploy("operator:alice", order()).unwrap()).await;
     assert_eq!(done.verdict, Verdict::Failed);
     assert!(done.nothing_changed);
     assert!(
-        done.reason.starts_with("refused before any host was touched: analysis: metric error-rate: Prometheus refused the query"),
+        done.reason.starts_with(
+            "refused before any host was touched: analysis: metric error-rate: Prometheus refused the query"
+        ),
         "{}",
         done.reason
     );
@@ -596,13 +602,16 @@ async fn too_few_requests_hold_the_rollout_then_halt_it() {
     let (events, done) = finish(engine.start_deploy("operator:alice", order()).unwrap()).await;
     assert_eq!(done.verdict, Verdict::RolledBack);
     assert!(
-        done.reason.starts_with("metric gates after batch 1: 3 inconclusive round(s) in a row"),
+        done.reason
+            .starts_with("metric gates after batch 1: 3 inconclusive round(s) in a row"),
         "{}",
         done.reason
     );
     // Held at batch 1: web2 was never sent its activation.
     assert_eq!(names(&done.untouched_hosts), ["web2"]);
-    assert!(!events.iter().any(|e| matches!(&e.body, EventBody::Note(n) if n.starts_with("batch 2/2"))));
+    assert!(!events
+        .iter()
+        .any(|e| matches!(&e.body, EventBody::Note(n) if n.starts_with("batch 2/2"))));
 }
 
 #[tokio::test(start_paused = true)]
@@ -626,20 +635,25 @@ async fn a_breach_while_watching_after_the_last_batch_rolls_every_host_back() {
     let (events, done) = finish(engine.start_deploy("operator:alice", order()).unwrap()).await;
     assert_eq!(done.verdict, Verdict::RolledBack, "{}", done.reason);
     assert!(
-        done.reason.starts_with("metric gates while watching after the last batch: metric error-rate failed 1"),
+        done.reason
+            .starts_with("metric gates while watching after the last batch: metric error-rate failed 1"),
         "{}",
         done.reason
     );
     assert_eq!(names(&done.rolled_back_hosts), ["web1", "web2", "web3"]);
-    assert!(events
-        .iter()
-        .any(|e| matches!(&e.body, EventBody::Note(n) if n == "every batch is done; watching the metric gates for 5m")));
+    assert!(events.iter().any(
+        |e| matches!(&e.body, EventBody::Note(n) if n == "every batch is done; watching the metric gates for 5m")
+    ));
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_spec_with_metric_gates_needs_a_metric_source() {
     let b = bed(WEB4, ANALYSIS);
-    let err = b.engine.start_deploy("operator:alice", order()).unwrap_err().to_string();
+    let err = b
+        .engine
+        .start_deploy("operator:alice", order())
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("has no prometheus_url"), "{err}");
 }
 

@@ -1,4 +1,4 @@
-//! The demo app convoy deploys on the test bed: a tiny HTTP server whose
+//! The demo app convoy deploys on the test bed: a small HTTP server whose
 //! version and behaviour are fixed when its release is packed, in
 //! `release.toml` beside the binary:
 //!
@@ -6,16 +6,27 @@
 //! version = "2.0.0"
 //! mode = "healthy"        # or "unhealthy" (GET /health answers 500) or "crash"
 //! port = 8080
+//! latency = "40ms"        # how long GET / takes (default 0)
+//! extra_latency = "300ms" # added to it: a slower release
+//! error_rate = 0.2        # the share of GET / answered 500 (exactly, in order)
+//! errors_after = "20s"    # error_rate applies only this long after start
 //! ```
 //!
 //! `GET /` answers `demo <version>`; `GET /health` answers 200 `ok`, or
 //! 500 when packed `unhealthy` or while `/etc/demo-unhealthy` on the host
 //! lists this version on a line of its own (to make one host of a fleet fail
-//! one release).
+//! one release). `/health` ignores `error_rate` and the latencies: a release
+//! can pass its health checks and still fail real traffic.
+//!
+//! `GET /metrics` serves, in Prometheus' text format, the requests to `/`
+//! by status (`http_requests_total{code}`) and their latency
+//! (`http_request_duration_seconds`, a histogram).
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::TcpListener;
+use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 fn field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
     text.lines().find_map(|l| {
@@ -26,6 +37,66 @@ fn field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
 
 fn failing_here(version: &str) -> bool {
     std::fs::read_to_string("/etc/demo-unhealthy").is_ok_and(|t| t.lines().any(|l| l.trim() == version))
+}
+
+/// Histogram bucket bounds, in seconds.
+const BUCKETS: [f64; 14] = [
+    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0,
+];
+
+/// Requests to `/` so far.
+#[derive(Default)]
+struct Stats {
+    ok: u64,
+    errors: u64,
+    /// Count per bucket (not cumulative), and above the last.
+    buckets: [u64; BUCKETS.len() + 1],
+    sum: f64,
+}
+
+impl Stats {
+    fn render(&self) -> String {
+        let mut s = String::from("# TYPE http_requests_total counter\n");
+        s.push_str(&format!("http_requests_total{{code=\"200\"}} {}\n", self.ok));
+        s.push_str(&format!("http_requests_total{{code=\"500\"}} {}\n", self.errors));
+        s.push_str("# TYPE http_request_duration_seconds histogram\n");
+        let mut cumulative = 0;
+        for (i, le) in BUCKETS.iter().enumerate() {
+            cumulative += self.buckets[i];
+            s.push_str(&format!(
+                "http_request_duration_seconds_bucket{{le=\"{le}\"}} {cumulative}\n"
+            ));
+        }
+        let count = cumulative + self.buckets[BUCKETS.len()];
+        s.push_str(&format!(
+            "http_request_duration_seconds_bucket{{le=\"+Inf\"}} {count}\n"
+        ));
+        s.push_str(&format!("http_request_duration_seconds_sum {}\n", self.sum));
+        s.push_str(&format!("http_request_duration_seconds_count {count}\n"));
+        s
+    }
+}
+
+/// `300ms`, `2s` or a number of milliseconds.
+fn millis(text: Option<&str>) -> Duration {
+    let t = text.unwrap_or("0").trim();
+    let ms = if let Some(n) = t.strip_suffix("ms") {
+        n.parse().unwrap_or(0)
+    } else if let Some(n) = t.strip_suffix('s') {
+        n.parse::<u64>().unwrap_or(0) * 1000
+    } else {
+        t.parse().unwrap_or(0)
+    };
+    Duration::from_millis(ms)
+}
+
+struct Behaviour {
+    version: String,
+    mode: String,
+    latency: Duration,
+    error_rate: f64,
+    errors_after: Duration,
+    started: Instant,
 }
 
 fn main() {
@@ -54,30 +125,64 @@ fn main() {
         std::process::exit(1)
     });
     eprintln!("demo-app {version} ({mode}) listening on port {port}");
+    let behaviour = Arc::new(Behaviour {
+        latency: millis(field(&text, "latency")) + millis(field(&text, "extra_latency")),
+        error_rate: field(&text, "error_rate").and_then(|r| r.parse().ok()).unwrap_or(0.0),
+        errors_after: millis(field(&text, "errors_after")),
+        started: Instant::now(),
+        version,
+        mode,
+    });
+    let stats = Arc::new(Mutex::new(Stats::default()));
     for stream in listener.incoming() {
-        let Ok(mut stream) = stream else { continue };
-        let mut line = String::new();
-        let mut reader = BufReader::new(&stream);
-        if reader.read_line(&mut line).is_err() {
-            continue;
-        }
-        // Drain the headers.
-        let mut h = String::new();
-        while reader.read_line(&mut h).map(|n| n > 2).unwrap_or(false) {
-            h.clear();
-        }
-        let path = line.split_whitespace().nth(1).unwrap_or("/");
-        let (status, body) = match path {
-            "/health" if mode == "unhealthy" || failing_here(&version) => {
-                ("500 Internal Server Error", "unhealthy\n".to_owned())
-            }
-            "/health" => ("200 OK", "ok\n".to_owned()),
-            _ => ("200 OK", format!("demo {version}\n")),
-        };
-        let _ = write!(
-            stream,
-            "HTTP/1.1 {status}\r\nContent-Length: {}\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        );
+        let Ok(stream) = stream else { continue };
+        let (behaviour, stats) = (behaviour.clone(), stats.clone());
+        std::thread::spawn(move || serve(stream, &behaviour, &stats));
     }
+}
+
+fn serve(mut stream: TcpStream, b: &Behaviour, stats: &Mutex<Stats>) {
+    let start = Instant::now();
+    let mut line = String::new();
+    let mut reader = BufReader::new(&stream);
+    if reader.read_line(&mut line).is_err() {
+        return;
+    }
+    // Drain the headers.
+    let mut h = String::new();
+    while reader.read_line(&mut h).map(|n| n > 2).unwrap_or(false) {
+        h.clear();
+    }
+    let path = line.split_whitespace().nth(1).unwrap_or("/");
+    let (status, body) = match path {
+        "/health" if b.mode == "unhealthy" || failing_here(&b.version) => {
+            ("500 Internal Server Error", "unhealthy\n".to_owned())
+        }
+        "/health" => ("200 OK", "ok\n".to_owned()),
+        "/metrics" => ("200 OK", stats.lock().unwrap().render()),
+        _ => {
+            std::thread::sleep(b.latency);
+            let mut s = stats.lock().unwrap();
+            let n = s.ok + s.errors;
+            // Exactly error_rate of the requests, spread evenly.
+            let fail = b.started.elapsed() >= b.errors_after
+                && ((n + 1) as f64 * b.error_rate).floor() > (n as f64 * b.error_rate).floor();
+            let took = start.elapsed().as_secs_f64();
+            let i = BUCKETS.iter().position(|le| took <= *le).unwrap_or(BUCKETS.len());
+            s.buckets[i] += 1;
+            s.sum += took;
+            if fail {
+                s.errors += 1;
+                ("500 Internal Server Error", "error\n".to_owned())
+            } else {
+                s.ok += 1;
+                ("200 OK", format!("demo {}\n", b.version))
+            }
+        }
+    };
+    let _ = write!(
+        stream,
+        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
 }

@@ -1,0 +1,271 @@
+//! Metric gates on booted hosts, measured by a real Prometheus scraping
+//! the demo app while a bounded load generator sends it real traffic.
+//! Each breach has its control case: the release that passes.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use convoy_tests::load::Load;
+use convoy_tests::testbed::DEMO_PORT;
+use convoy_tests::Testbed;
+
+const PLAIN: &str = include_str!("../testbed/demo.toml");
+
+/// Gates for a typical HTTP service, with short windows for the test's pace.
+const GATES: &str = r#"
+[analysis]
+interval = "2s"
+failure_limit = 2
+inconclusive_limit = 10
+requests_query = 'sum(increase(http_requests_total{host=~"{{hosts}}"}[5s]))'
+min_requests = 10
+
+[[analysis.metrics]]
+name = "error-rate"
+query = 'sum(rate(http_requests_total{host=~"{{hosts}}",code="500"}[5s])) / sum(rate(http_requests_total{host=~"{{hosts}}"}[5s]))'
+max = 0.05
+
+[[analysis.metrics]]
+name = "p95-latency"
+query = 'histogram_quantile(0.95, sum by (le) (rate(http_request_duration_seconds_bucket{host=~"{{hosts}}"}[5s])))'
+max_ratio_to_baseline = 2.0
+baseline_floor = 0.005
+"#;
+
+/// The demo app's normal pace: GET / takes 40 ms.
+const BASE: &str = "latency = \"40ms\"";
+
+/// Three hosts on 1.0.0 under load, with the gates in the spec.
+fn fleet_under_load(gates: &str) -> Result<(Testbed, Load)> {
+    let bed = Testbed::boot_analysed(3, PLAIN)?;
+    bed.push_demo_release("1.0.0", BASE)?;
+    bed.convoy_ok(&[
+        "deploy",
+        "demo",
+        "1.0.0",
+        "--env",
+        "staging",
+        "--strategy",
+        "all-at-once",
+    ])?;
+    bed.set_spec(&format!("{PLAIN}\n{gates}"))?;
+    let targets: Vec<_> = bed.hosts.iter().map(|h| (h.ip, DEMO_PORT).into()).collect();
+    let load = Load::start(&targets, "/", 20, Duration::from_secs(400));
+    let mut bed = bed;
+    let p = bed.prometheus();
+    p.wait_scraping(3)?;
+    convoy_nspawn::wait_for("traffic on every host in Prometheus", Duration::from_secs(30), || {
+        (p.value("count(rate(http_requests_total{code=\"200\"}[5s]) > 5)")? >= 3.0).then_some(())
+    })?;
+    Ok((bed, load))
+}
+
+/// A deploy's exit code and its whole output (the verdict is on stderr).
+fn deploy(bed: &Testbed, args: &[&str]) -> Result<(i32, String)> {
+    let out = bed.convoy(args)?;
+    Ok((out.code, format!("{}{}", out.stdout, out.stderr)))
+}
+
+fn canary(bed: &Testbed, version: &str) -> Result<(i32, String)> {
+    deploy(
+        bed,
+        &[
+            "deploy",
+            "demo",
+            version,
+            "--env",
+            "staging",
+            "--strategy",
+            "canary",
+            "--stages",
+            "1,100%",
+            "--bake",
+            "12s",
+        ],
+    )
+}
+
+fn serving(bed: &Testbed) -> Vec<String> {
+    bed.hosts
+        .iter()
+        .map(|h| h.serving().unwrap_or_else(|| "-".into()))
+        .collect()
+}
+
+fn history(bed: &Testbed, id: &str) -> Result<serde_json::Value> {
+    Ok(serde_json::from_str(&bed.convoy_ok(&[
+        "history",
+        "--rollout",
+        id,
+        "--output",
+        "json",
+    ])?)?)
+}
+
+/// The id in a rollout's first line: "rollout ID: ...".
+fn rollout_id(out: &str) -> String {
+    out.split_whitespace()
+        .nth(1)
+        .unwrap_or("")
+        .trim_end_matches(':')
+        .to_owned()
+}
+
+/// A rollout's measurements of `metric` with `verdict`.
+fn measured<'a>(h: &'a serde_json::Value, metric: &str, verdict: &str) -> Vec<&'a serde_json::Value> {
+    h["measurements"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|m| m["metric"] == metric && m["verdict"] == verdict)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn an_error_rate_gate_stops_a_canary_that_fails_real_traffic() -> Result<()> {
+    let (bed, _load) = fleet_under_load(GATES)?;
+    // Answers /health with 200, fails a fifth of real requests.
+    bed.push_demo_release("2.0.0", &format!("{BASE}\nerror_rate = 0.2"))?;
+    let (code, out) = canary(&bed, "2.0.0")?;
+    let ended = Instant::now();
+    let now_ms = convoy_common::ops::now_unix_ms();
+    println!("──── deploy of a release failing 20% of requests ────\n{out}");
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("[gate] error-rate fail"), "{out}");
+    // Caught in the canary's stage: right after it moved, or in its bake.
+    assert!(
+        out.contains("metric gates after batch 1: metric error-rate failed 2 measurement(s)")
+            || out.contains("metric gates during the bake of batch 1: metric error-rate failed 2 measurement(s)"),
+        "{out}"
+    );
+    assert_eq!(serving(&bed), ["1.0.0"; 3], "the canary is back on 1.0.0");
+    let back = ended.elapsed();
+
+    let id = rollout_id(&out);
+    let h = history(&bed, &id)?;
+    assert_eq!(h["rollouts"][0]["state"], "rolled_back");
+    let failed = measured(&h, "error-rate", "fail");
+    assert!(failed.len() >= 2, "{h}");
+    assert_eq!(failed[0]["hosts"], serde_json::json!(["host1"]));
+    assert!(failed[0]["value"].as_f64().unwrap() > 0.05, "{h}");
+    // Only the canary was activated (every host pre-staged).
+    let activated: Vec<&str> = h["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|x| x["op_id"].as_str().unwrap().contains(":activate:"))
+        .map(|x| x["host"].as_str().unwrap())
+        .collect();
+    assert_eq!(activated, ["host1"], "{h}");
+    let text = bed.convoy_ok(&["history", "--rollout", &id])?;
+    assert!(text.contains("[gate] error-rate fail"), "{text}");
+    let first_breach = failed[0]["at_unix_ms"].as_i64().unwrap();
+    println!(
+        "first breaching measurement to every moved host on 1.0.0 again: {:.1}s (checked {:.1}s after the deploy ended)",
+        (now_ms - first_breach) as f64 / 1000.0,
+        back.as_secs_f64()
+    );
+
+    // Control case: without the gate the same release goes everywhere.
+    bed.set_spec(PLAIN)?;
+    let (code, out) = canary(&bed, "2.0.0")?;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(serving(&bed), ["2.0.0"; 3]);
+    Ok(())
+}
+
+#[test]
+fn latency_is_judged_against_the_baseline_and_a_lost_prometheus_fails_closed() -> Result<()> {
+    let (mut bed, _load) = fleet_under_load(GATES)?;
+    bed.push_demo_release("2.0.0", &format!("{BASE}\nextra_latency = \"300ms\""))?;
+    let (code, out) = canary(&bed, "2.0.0")?;
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("metric p95-latency failed 2 measurement(s)"), "{out}");
+    assert!(out.contains("the baseline"), "{out}");
+    assert_eq!(serving(&bed), ["1.0.0"; 3]);
+    let h = history(&bed, &rollout_id(&out))?;
+    let failed = measured(&h, "p95-latency", "fail");
+    let (value, baseline) = (
+        failed[0]["value"].as_f64().unwrap(),
+        failed[0]["baseline"].as_f64().unwrap(),
+    );
+    assert!(value > 2.0 * baseline, "{value} vs {baseline}");
+
+    // Control case: +10 ms stays within twice the baseline.
+    bed.push_demo_release("2.1.0", &format!("{BASE}\nextra_latency = \"10ms\""))?;
+    let (code, out) = canary(&bed, "2.1.0")?;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(serving(&bed), ["2.1.0"; 3]);
+    let h = history(&bed, &rollout_id(&out))?;
+    assert!(!measured(&h, "p95-latency", "pass").is_empty(), "{h}");
+
+    // Prometheus goes away during the canary's bake: measurements fail
+    // with the reason, and the rollout halts after failure_limit.
+    bed.push_demo_release("2.2.0", BASE)?;
+    let child = bed.convoy_spawn(&[
+        "deploy",
+        "demo",
+        "2.2.0",
+        "--env",
+        "staging",
+        "--strategy",
+        "canary",
+        "--stages",
+        "1,100%",
+        "--bake",
+        "60s",
+    ])?;
+    convoy_nspawn::wait_for("the canary's first passing round", Duration::from_secs(60), || {
+        let list: serde_json::Value =
+            serde_json::from_str(&bed.convoy_ok(&["history", "demo", "--output", "json"]).ok()?).ok()?;
+        let id = list["rollouts"][0]["id"].as_str()?.to_owned();
+        let h = history(&bed, &id).ok()?;
+        (list["rollouts"][0]["version"] == "2.2.0" && !measured(&h, "error-rate", "pass").is_empty()).then_some(())
+    })?;
+    bed.prometheus().kill();
+    let out = child.wait_with_output()?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("failed 2 measurement(s)"), "{text}");
+    assert!(text.contains("connect"), "the reason names the lost connection: {text}");
+    assert_eq!(serving(&bed), ["2.1.0"; 3]);
+    Ok(())
+}
+
+#[test]
+fn a_breach_while_watching_after_the_last_batch_rolls_every_host_back() -> Result<()> {
+    let gates = GATES.replace("failure_limit = 2", "failure_limit = 2\nwatch_after = \"60s\"");
+    let (bed, _load) = fleet_under_load(&gates)?;
+    // Starts failing half of its requests 25 s after it starts.
+    bed.push_demo_release("2.0.0", &format!("{BASE}\nerror_rate = 0.5\nerrors_after = \"25s\""))?;
+    let (code, out) = deploy(
+        &bed,
+        &[
+            "deploy",
+            "demo",
+            "2.0.0",
+            "--env",
+            "staging",
+            "--strategy",
+            "all-at-once",
+        ],
+    )?;
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("watching the metric gates for 1m"), "{out}");
+    assert!(
+        out.contains("metric gates while watching after the last batch: metric error-rate failed"),
+        "{out}"
+    );
+    assert_eq!(serving(&bed), ["1.0.0"; 3]);
+    let h = history(&bed, &rollout_id(&out))?;
+    assert_eq!(h["rollouts"][0]["state"], "rolled_back");
+    // Control case: the first rounds after every host moved passed.
+    assert!(!measured(&h, "error-rate", "pass").is_empty(), "{h}");
+    Ok(())
+}
