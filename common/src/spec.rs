@@ -220,6 +220,8 @@ pub struct AppSpec {
     pub approval: Vec<String>,
     /// Metric gates measured while a deploy moves hosts.
     pub analysis: Option<AnalysisSpec>,
+    /// When rollouts may start; empty: any time.
+    pub windows: Vec<crate::window::Window>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -272,6 +274,8 @@ struct RawSpec {
     approval: Vec<String>,
     #[serde(default)]
     analysis: Option<RawAnalysis>,
+    #[serde(default)]
+    windows: Vec<String>,
 }
 
 /// A size in the spec: a number of bytes, or a string with a unit.
@@ -566,7 +570,14 @@ impl AppSpec {
             }
         }
         let analysis = raw.analysis.map(|a| a.check(invalid)).transpose()?;
+        let windows = raw
+            .windows
+            .iter()
+            .enumerate()
+            .map(|(i, w)| crate::window::Window::parse(w).map_err(|e| invalid(&format!("windows[{i}]"), e)))
+            .collect::<Result<_, _>>()?;
         Ok(AppSpec {
+            windows,
             analysis,
             install: InstallSpec {
                 app,

@@ -109,7 +109,51 @@ const MIGRATIONS: &[Migration] = &[
         what: "metric gate measurements",
         apply: |tx| tx.execute_batch(MEASUREMENTS_5),
     },
+    Migration {
+        what: "freezes and the audit of environment actions",
+        apply: |tx| tx.execute_batch(FREEZES_6),
+    },
 ];
+
+const FREEZES_6: &str = r#"
+CREATE TABLE freezes (
+    environment TEXT PRIMARY KEY,
+    reason TEXT NOT NULL,
+    frozen_by TEXT NOT NULL,
+    at_ms INTEGER NOT NULL,
+    until_ms INTEGER
+);
+CREATE TABLE audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at_ms INTEGER NOT NULL,
+    who TEXT NOT NULL,
+    action TEXT NOT NULL,
+    environment TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+"#;
+
+/// An environment frozen by an operator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Freeze {
+    pub env: String,
+    pub reason: String,
+    pub by: String,
+    pub at_ms: i64,
+    /// `None`: until someone unfreezes it.
+    pub until_ms: Option<i64>,
+}
+
+/// One entry of the audit of environment actions (freeze, unfreeze,
+/// a hotfix through a freeze or outside the windows).
+#[derive(Debug, Clone)]
+pub struct AuditRow {
+    pub at_ms: i64,
+    pub who: String,
+    pub action: String,
+    pub env: String,
+    pub detail: String,
+}
 
 const MEASUREMENTS_5: &str = r#"
 CREATE TABLE measurements (
@@ -510,6 +554,86 @@ impl Db {
         Ok(name.as_deref().and_then(outcome_from_name))
     }
 
+    /// Freezes an environment (replacing its freeze, if any) and audits it.
+    pub fn set_freeze(&self, f: &Freeze) -> Result<(), DbError> {
+        let mut conn = self.conn.lock().unwrap();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "INSERT OR REPLACE INTO freezes (environment, reason, frozen_by, at_ms, until_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![f.env, f.reason, f.by, f.at_ms, f.until_ms],
+        )?;
+        let detail = match f.until_ms {
+            Some(u) => format!(
+                "{} (until {})",
+                f.reason,
+                humantime::format_rfc3339_seconds(
+                    std::time::UNIX_EPOCH + std::time::Duration::from_millis(u.max(0) as u64)
+                )
+            ),
+            None => f.reason.clone(),
+        };
+        tx.execute(
+            "INSERT INTO audit (at_ms, who, action, environment, detail) VALUES (?1, ?2, 'freeze', ?3, ?4)",
+            params![f.at_ms, f.by, f.env, detail],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Lifts an environment's freeze and audits it; `None` if none was set.
+    pub fn clear_freeze(&self, env: &str, who: &str) -> Result<Option<Freeze>, DbError> {
+        let mut conn = self.conn.lock().unwrap();
+        let tx = conn.transaction()?;
+        let Some(f) = freeze_of(&tx, env)? else {
+            return Ok(None);
+        };
+        tx.execute("DELETE FROM freezes WHERE environment = ?1", [env])?;
+        tx.execute(
+            "INSERT INTO audit (at_ms, who, action, environment, detail) VALUES (?1, ?2, 'unfreeze', ?3, ?4)",
+            params![
+                convoy_common::ops::now_unix_ms(),
+                who,
+                env,
+                format!("lifted the freeze by {}: {}", f.by, f.reason)
+            ],
+        )?;
+        tx.commit()?;
+        Ok(Some(f))
+    }
+
+    pub fn freezes(&self) -> Result<Vec<Freeze>, DbError> {
+        let conn = self.conn.lock().unwrap();
+        let mut stmt =
+            conn.prepare("SELECT environment, reason, frozen_by, at_ms, until_ms FROM freezes ORDER BY environment")?;
+        let rows = stmt.query_map([], freeze_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn audit(&self, who: &str, action: &str, env: &str, detail: &str) -> Result<(), DbError> {
+        self.conn.lock().unwrap().execute(
+            "INSERT INTO audit (at_ms, who, action, environment, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![convoy_common::ops::now_unix_ms(), who, action, env, detail],
+        )?;
+        Ok(())
+    }
+
+    /// The newest `limit` audit entries, newest first.
+    pub fn audit_log(&self, limit: u32) -> Result<Vec<AuditRow>, DbError> {
+        let conn = self.conn.lock().unwrap();
+        let mut stmt =
+            conn.prepare("SELECT at_ms, who, action, environment, detail FROM audit ORDER BY id DESC LIMIT ?1")?;
+        let rows = stmt.query_map([limit], |r| {
+            Ok(AuditRow {
+                at_ms: r.get(0)?,
+                who: r.get(1)?,
+                action: r.get(2)?,
+                env: r.get(3)?,
+                detail: r.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     pub fn record_measurement(&self, rollout: &str, m: &Measurement) -> Result<(), DbError> {
         let hosts: Vec<&str> = m.hosts.iter().map(|h| h.as_str()).collect();
         self.conn.lock().unwrap().execute(
@@ -717,6 +841,25 @@ pub struct NewRollout<'a> {
     pub operator: &'a str,
     /// What a restarted controller needs to finish the rollout (JSON).
     pub plan: &'a str,
+}
+
+fn freeze_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Freeze> {
+    Ok(Freeze {
+        env: r.get(0)?,
+        reason: r.get(1)?,
+        by: r.get(2)?,
+        at_ms: r.get(3)?,
+        until_ms: r.get(4)?,
+    })
+}
+
+fn freeze_of(conn: &Connection, env: &str) -> rusqlite::Result<Option<Freeze>> {
+    conn.query_row(
+        "SELECT environment, reason, frozen_by, at_ms, until_ms FROM freezes WHERE environment = ?1",
+        [env],
+        freeze_row,
+    )
+    .optional()
 }
 
 #[derive(Debug, Clone)]

@@ -103,6 +103,31 @@ enum Cmd {
     Approve { rollout: String },
     /// Let a canary rollout started with --promote manual go on to its next stage.
     Promote { rollout: String },
+    /// Freeze an environment (admin): new deploys into it are refused and
+    /// running ones wait before their next batch. Rollbacks still run.
+    Freeze {
+        #[arg(long)]
+        env: String,
+        /// Why; shown to everyone refused and kept in the audit.
+        #[arg(long)]
+        reason: String,
+        /// Lift it by itself after this long (e.g. 2h); default: until unfrozen.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        until: Option<std::time::Duration>,
+    },
+    /// Lift an environment's freeze (admin).
+    Unfreeze {
+        #[arg(long)]
+        env: String,
+    },
+    /// The freezes in force, and the audit of freezes, unfreezes and
+    /// hotfixes that passed a freeze or a deploy window.
+    Freezes {
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
     /// Rollouts of an app, newest first; or one rollout in detail.
     History {
         app: Option<String>,
@@ -322,6 +347,11 @@ fn main() -> ExitCode {
             since,
             matches!(output, Output::Json),
         ))),
+        Cmd::Freeze { env, reason, until } => cli::report(rt.block_on(cli::freeze(&cli.conn, env, reason, until))),
+        Cmd::Unfreeze { env } => cli::report(rt.block_on(cli::unfreeze(&cli.conn, env))),
+        Cmd::Freezes { limit, output } => {
+            cli::report(rt.block_on(cli::freezes(&cli.conn, limit, matches!(output, Output::Json))))
+        }
         Cmd::Hosts {
             cmd: Some(HostsCmd::Revoke { name }),
             ..

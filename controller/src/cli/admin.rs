@@ -188,3 +188,149 @@ pub async fn revoke_host(conn: &Conn, name: String) -> Result<(), Failure> {
     println!("{name} {was}revoked: its certificates are refused from now on; enroll it again to readmit it");
     Ok(())
 }
+
+fn when(ms: i64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+fn freeze_line(f: &convoy_proto::FreezeInfo) -> String {
+    let until = match f.until_unix_ms {
+        0 => "until unfrozen".to_owned(),
+        u => format!("until {}", when(u)),
+    };
+    format!(
+        "{} frozen by {} since {}, {until}: {}",
+        f.environment,
+        f.frozen_by,
+        when(f.at_unix_ms),
+        f.reason
+    )
+}
+
+pub async fn freeze(
+    conn: &Conn,
+    env: String,
+    reason: String,
+    until: Option<std::time::Duration>,
+) -> Result<(), Failure> {
+    if reason.trim().is_empty() {
+        return Err(Failure::new(
+            exit::USAGE,
+            "--reason: say why (it is shown to everyone refused)",
+        ));
+    }
+    let mut client = conn.connect().await?;
+    let reply = client
+        .freeze(convoy_proto::FreezeRequest {
+            environment: env,
+            reason,
+            for_ms: until.map_or(0, |d| d.as_millis() as u64),
+        })
+        .await?
+        .into_inner();
+    if let Some(f) = reply.freeze {
+        println!("{}", freeze_line(&f));
+        println!(
+            "new deploys into {} are refused; running ones wait before their next batch",
+            f.environment
+        );
+    }
+    Ok(())
+}
+
+pub async fn unfreeze(conn: &Conn, env: String) -> Result<(), Failure> {
+    let mut client = conn.connect().await?;
+    let reply = client
+        .unfreeze(convoy_proto::UnfreezeRequest {
+            environment: env.clone(),
+        })
+        .await?
+        .into_inner();
+    let by = reply
+        .freeze
+        .map(|f| format!(" (frozen by {}: {})", f.frozen_by, f.reason))
+        .unwrap_or_default();
+    println!("{env} unfrozen{by}; waiting rollouts go on");
+    Ok(())
+}
+
+/// The `--output json` shape of `convoy freezes`.
+#[derive(serde::Serialize)]
+struct FreezesJson {
+    freezes: Vec<FreezeJson>,
+    audit: Vec<AuditJson>,
+}
+
+#[derive(serde::Serialize)]
+struct FreezeJson {
+    environment: String,
+    reason: String,
+    frozen_by: String,
+    at_unix_ms: i64,
+    until_unix_ms: Option<i64>,
+}
+
+#[derive(serde::Serialize)]
+struct AuditJson {
+    at_unix_ms: i64,
+    who: String,
+    action: String,
+    environment: String,
+    detail: String,
+}
+
+pub async fn freezes(conn: &Conn, limit: u32, json: bool) -> Result<(), Failure> {
+    let mut client = conn.connect().await?;
+    let reply = client
+        .freezes(convoy_proto::FreezesRequest { audit_limit: limit })
+        .await?
+        .into_inner();
+    if json {
+        super::print_json(&FreezesJson {
+            freezes: reply
+                .freezes
+                .iter()
+                .map(|f| FreezeJson {
+                    environment: f.environment.clone(),
+                    reason: f.reason.clone(),
+                    frozen_by: f.frozen_by.clone(),
+                    at_unix_ms: f.at_unix_ms,
+                    until_unix_ms: Some(f.until_unix_ms).filter(|u| *u > 0),
+                })
+                .collect(),
+            audit: reply
+                .audit
+                .into_iter()
+                .map(|a| AuditJson {
+                    at_unix_ms: a.at_unix_ms,
+                    who: a.who,
+                    action: a.action,
+                    environment: a.environment,
+                    detail: a.detail,
+                })
+                .collect(),
+        });
+        return Ok(());
+    }
+    if reply.freezes.is_empty() {
+        println!("no environment is frozen");
+    }
+    for f in &reply.freezes {
+        println!("{}", freeze_line(f));
+    }
+    if !reply.audit.is_empty() {
+        println!();
+        for a in &reply.audit {
+            println!(
+                "{} {:<12} {:<10} {} {}",
+                when(a.at_unix_ms),
+                a.action,
+                a.environment,
+                a.who,
+                a.detail
+            );
+        }
+    }
+    Ok(())
+}

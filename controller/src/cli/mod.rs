@@ -12,7 +12,7 @@ mod admin;
 mod follow;
 mod records;
 
-pub use admin::{create_token, keys_generate, push, revoke_host};
+pub use admin::{create_token, freeze, freezes, keys_generate, push, revoke_host, unfreeze};
 pub use follow::{control, deploy, rollback, watch, DeployArgs, RollbackPace};
 pub use records::{delivery_report, history, hosts, releases, status};
 

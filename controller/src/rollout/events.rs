@@ -43,6 +43,8 @@ pub struct Plan {
     pub batches: Vec<PlannedBatch>,
     pub strategy: String,
     pub failure_budget: usize,
+    /// Said right after the plan (e.g. a hotfix passing a freeze).
+    pub notes: Vec<String>,
 }
 
 #[derive(Debug, Clone)]

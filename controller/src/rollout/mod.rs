@@ -18,6 +18,7 @@ pub mod analysis;
 pub mod control;
 pub mod events;
 pub mod fleet;
+pub mod freeze;
 pub mod order;
 mod resume;
 mod run;
@@ -89,6 +90,8 @@ pub struct Engine {
     steps: Arc<dyn HostSteps>,
     /// Where metric gates are measured; none without `prometheus_url`.
     metrics: Option<Arc<dyn MetricSource>>,
+    /// Environment → its freeze (also expired ones, until lifted).
+    freezes: watch::Sender<BTreeMap<String, store::Freeze>>,
     /// (app, environment) → the rollout running there.
     running: Mutex<HashMap<(AppName, String), String>>,
     live: Mutex<HashMap<String, Live>>,
@@ -115,6 +118,7 @@ impl Engine {
             notifier,
             steps: Arc::new(NoSteps),
             metrics: None,
+            freezes: watch::channel(BTreeMap::new()).0,
             running: Mutex::new(HashMap::new()),
             live: Mutex::new(HashMap::new()),
             stop,
@@ -184,6 +188,7 @@ impl Engine {
                 spec.environments.join(", ")
             )));
         };
+        let clearance = self.clearance(&spec, env, o.hotfix.as_deref(), o.admin)?;
         if spec.analysis.is_some() && self.metrics.is_none() {
             return Err(Refused::Precondition(format!(
                 "{app}'s spec has metric gates ([analysis]) but the controller has no prometheus_url to measure them on"
@@ -270,6 +275,7 @@ impl Engine {
             manual_promote: o.manual_promote,
             vanish: o.vanish,
             analysis: spec.analysis.clone(),
+            passes_freeze: matches!(clearance, freeze::Clearance::Passes(_)),
         };
         let control = if spec.approval.contains(env) {
             Control::AwaitApproval(who.to_owned())
@@ -292,6 +298,10 @@ impl Engine {
                 .collect(),
             strategy: strategy_text.clone(),
             failure_budget: budget,
+            notes: match &clearance {
+                freeze::Clearance::Passes(held) => vec![format!("hotfix by {who} passes: {}", held.join("; "))],
+                freeze::Clearance::Clear => vec![],
+            },
         };
         let rollout = self.claim(who, app, env, kind, &targets, control)?;
         let record = NewRollout {
@@ -308,6 +318,20 @@ impl Engine {
         if let Err(e) = self.store.start_rollout(&record) {
             self.release_slot(app, env);
             return Err(e.into());
+        }
+        if let freeze::Clearance::Passes(held) = &clearance {
+            let detail = format!(
+                "rollout {} of {app} {version} passed: {} (hotfix: {})",
+                rollout.id,
+                held.join("; "),
+                o.hotfix.as_deref().unwrap_or("").trim()
+            );
+            if let Err(e) = self.store.audit(who, "hotfix_pass", env, &detail) {
+                tracing::error!(error = %e, "could not audit a hotfix pass");
+            }
+            tracing::warn!(rollout = %rollout.id, by = %who, "{detail}");
+            self.notifier
+                .send(self.environment_payload("hotfix_passed", who, env, &detail));
         }
         tracing::info!(rollout = %rollout.id, %app, %version, %env, by = %who, hotfix = o.hotfix.is_some(), "deploy started");
         Ok(self.launch(rollout, false, Some(plan)))
@@ -392,6 +416,7 @@ impl Engine {
                 .collect(),
             strategy: format!("rollback to {version}, {}", o.strategy.describe()),
             failure_budget: budget,
+            notes: vec![],
         };
         let kind = Kind::Rollback {
             to: o.to.clone(),

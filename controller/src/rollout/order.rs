@@ -32,6 +32,8 @@ pub struct DeployOrder {
     /// Canary: wait for `convoy promote` after each stage but the last.
     pub manual_promote: bool,
     pub vanish: Vanish,
+    /// Asked by an admin: a hotfix passes freezes and deploy windows.
+    pub admin: bool,
 }
 
 /// A manual rollback of an environment's hosts to a release they hold.

@@ -46,6 +46,9 @@ pub(super) enum Kind {
         /// Metric gates, from the app spec when the rollout started.
         #[serde(default)]
         analysis: Option<AnalysisSpec>,
+        /// An admin's hotfix passed a freeze: later batches do not wait for one.
+        #[serde(default)]
+        passes_freeze: bool,
     },
     Rollback {
         to: Option<Version>,
@@ -174,7 +177,11 @@ impl Rollout {
     /// Runs the rollout to its end and records how it ended.
     pub async fn run(self, engine: Arc<Engine>, resumed: bool, plan: Option<Plan>) {
         if let Some(plan) = plan {
+            let notes = plan.notes.clone();
             self.emit(EventBody::Plan(plan));
+            for n in notes {
+                self.note(n);
+            }
         }
         if resumed {
             self.await_hosts(&engine).await;
@@ -248,14 +255,43 @@ impl Rollout {
         }
     }
 
-    /// Before a batch: waits while paused, awaiting approval or promotion;
-    /// says why when aborted.
+    /// Before a batch: waits while paused, awaiting approval or
+    /// promotion, or while its environment is frozen; says why when aborted.
     async fn wait_for_go(&self, engine: &Engine) -> Result<(), String> {
         let mut control = self.control.subscribe();
+        let mut freezes = engine.freeze_changes();
+        // What it waited for last, to say once what it waits for.
+        let mut waited: Option<(&'static str, String)> = None;
         loop {
             let now = control.borrow_and_update().clone();
+            freezes.borrow_and_update();
+            let mut expiry = None;
             let (state, note) = match now {
-                Control::Run => return Ok(()),
+                Control::Run => match self.held_by_freeze(engine) {
+                    None => {
+                        if let Some((was, _)) = waited {
+                            self.set_state(engine, "running");
+                            match was {
+                                "paused" => self.note("resumed".into()),
+                                "awaiting_promotion" => self.note("promoted".into()),
+                                "frozen" => self.note(format!("{} is no longer frozen; going on", self.env)),
+                                _ => {}
+                            }
+                        }
+                        return Ok(());
+                    }
+                    Some(f) => {
+                        expiry = f.until_ms;
+                        (
+                            "frozen",
+                            format!(
+                                "{}; waiting before the next batch (`convoy abort {}` stops here)",
+                                super::freeze::describe(&f),
+                                self.id
+                            ),
+                        )
+                    }
+                },
                 Control::Abort(who) => return Err(format!("aborted by {who}")),
                 Control::AwaitApproval(requester) => (
                     "awaiting_approval",
@@ -273,19 +309,40 @@ impl Rollout {
                 ),
                 Control::Pause(who) => ("paused", format!("paused by {who}; waiting for resume or abort")),
             };
-            self.note(note);
-            self.set_state(engine, state);
-            if control.changed().await.is_err() {
-                return Err("the rollout's control went away".into());
+            if waited.as_ref().is_none_or(|(s, n)| *s != state || *n != note) {
+                self.note(note.clone());
+                self.set_state(engine, state);
+                waited = Some((state, note));
             }
-            if *control.borrow() == Control::Run {
-                self.set_state(engine, "running");
-                match state {
-                    "paused" => self.note("resumed".into()),
-                    "awaiting_promotion" => self.note("promoted".into()),
-                    _ => {}
+            let until_expiry = async {
+                match expiry {
+                    Some(ms) => {
+                        let left = ms - convoy_common::ops::now_unix_ms();
+                        tokio::time::sleep(Duration::from_millis(left.max(0) as u64)).await
+                    }
+                    None => std::future::pending().await,
                 }
+            };
+            tokio::select! {
+                changed = control.changed() => {
+                    if changed.is_err() {
+                        return Err("the rollout's control went away".into());
+                    }
+                }
+                _ = freezes.changed() => {}
+                () = until_expiry => {}
             }
+        }
+    }
+
+    /// The freeze that holds this rollout before its next batch: deploys
+    /// wait (unless an admin's hotfix passed it); rollbacks never do.
+    fn held_by_freeze(&self, engine: &Engine) -> Option<super::store::Freeze> {
+        match &self.kind {
+            Kind::Deploy {
+                passes_freeze: false, ..
+            } => engine.frozen(&self.env),
+            _ => None,
         }
     }
 

@@ -6,7 +6,7 @@
 use convoy_common::ops::{OpReport, Outcome, StepEvent};
 use convoy_common::{AppName, HostName, Version};
 
-pub use crate::db::{HostRow, NewRollout, Release, RolloutRow};
+pub use crate::db::{Freeze, HostRow, NewRollout, Release, RolloutRow};
 
 use convoy_common::analysis::Measurement;
 
@@ -44,6 +44,12 @@ pub trait RolloutStore: Send + Sync {
     fn record_measurement(&self, rollout: &str, m: &Measurement) -> Result<()>;
     /// A rollout's measurements, oldest first.
     fn measurements(&self, rollout: &str) -> Result<Vec<Measurement>>;
+    /// Freezes an environment and audits it.
+    fn set_freeze(&self, f: &Freeze) -> Result<()>;
+    /// Lifts a freeze and audits it; `None` when there was none.
+    fn clear_freeze(&self, env: &str, who: &str) -> Result<Option<Freeze>>;
+    fn freezes(&self) -> Result<Vec<Freeze>>;
+    fn audit(&self, who: &str, action: &str, env: &str, detail: &str) -> Result<()>;
 }
 
 impl RolloutStore for crate::db::Db {
@@ -91,5 +97,17 @@ impl RolloutStore for crate::db::Db {
     }
     fn measurements(&self, rollout: &str) -> Result<Vec<Measurement>> {
         Ok(crate::db::Db::measurements(self, rollout)?)
+    }
+    fn set_freeze(&self, f: &Freeze) -> Result<()> {
+        Ok(crate::db::Db::set_freeze(self, f)?)
+    }
+    fn clear_freeze(&self, env: &str, who: &str) -> Result<Option<Freeze>> {
+        Ok(crate::db::Db::clear_freeze(self, env, who)?)
+    }
+    fn freezes(&self) -> Result<Vec<Freeze>> {
+        Ok(crate::db::Db::freezes(self)?)
+    }
+    fn audit(&self, who: &str, action: &str, env: &str, detail: &str) -> Result<()> {
+        Ok(crate::db::Db::audit(self, who, action, env, detail)?)
     }
 }

@@ -310,6 +310,7 @@ fn order() -> DeployOrder {
         rollback_on_halt: true,
         manual_promote: false,
         vanish: Vanish::default(),
+        admin: false,
     }
 }
 
@@ -890,4 +891,127 @@ async fn a_rollout_refused_at_pre_staging_changed_nothing() {
     b.fleet.answer("web1", OpKind::Activate, Answer::Fail);
     let (_, done) = finish(b.engine.start_deploy("operator:alice", order()).unwrap()).await;
     assert!(!done.nothing_changed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_freeze_refuses_new_deploys_and_holds_running_ones_before_their_next_batch() {
+    let b = bed(&[("web1", &[]), ("web2", &[]), ("web3", &[("env", "production")])], "");
+    // A running rollout: web1's activation is under way when staging freezes.
+    b.fleet.answer("web1", OpKind::Activate, Answer::Hold);
+    let rx = b.engine.start_deploy("operator:alice", order()).unwrap();
+    let id = rx_id(&b, &rx);
+    while b.fleet.sent_of(OpKind::Activate).is_empty() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    b.engine
+        .freeze("operator:root", "staging", "incident 4711", None)
+        .unwrap();
+    b.fleet.release("web1", OpKind::Activate);
+    wait_state(&b.db, &id, "frozen").await;
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(
+        b.fleet.sent_of(OpKind::Activate),
+        ["web1"],
+        "nothing moves while frozen"
+    );
+
+    // New deploys are refused, naming who froze it and why.
+    let mut o = order();
+    o.env = "production".into();
+    b.engine
+        .freeze("operator:root", "production", "incident 4711", None)
+        .unwrap();
+    let e = b.engine.start_deploy("operator:bob", o.clone()).unwrap_err();
+    assert!(matches!(e, super::Refused::Precondition(_)), "{e}");
+    assert!(
+        e.to_string()
+            .starts_with("production is frozen by operator:root since "),
+        "{e}"
+    );
+    assert!(e.to_string().contains(": incident 4711; nothing was changed"), "{e}");
+    // A deployer's hotfix does not pass; an admin's does, and is audited.
+    o.hotfix = Some("fix for 4711".into());
+    let e = b.engine.start_deploy("operator:bob", o.clone()).unwrap_err();
+    assert!(matches!(e, super::Refused::Permission(_)), "{e}");
+    o.admin = true;
+    let (events, done) = finish(b.engine.start_deploy("operator:root", o).unwrap()).await;
+    assert_eq!(done.verdict, Verdict::Succeeded, "{}", done.reason);
+    assert!(events
+        .iter()
+        .any(|e| matches!(&e.body, EventBody::Note(n) if n.starts_with("hotfix by operator:root passes: production is frozen"))));
+    let audit = b.db.audit_log(10).unwrap();
+    let actions: Vec<&str> = audit.iter().map(|a| a.action.as_str()).collect();
+    assert_eq!(actions, ["hotfix_pass", "freeze", "freeze"]);
+    assert!(
+        audit[0].detail.contains("(hotfix: fix for 4711)"),
+        "{}",
+        audit[0].detail
+    );
+
+    // Unfreezing lets the held rollout go on.
+    b.engine.unfreeze("operator:root", "staging").unwrap();
+    let (events, done) = finish(rx).await;
+    assert_eq!(done.verdict, Verdict::Succeeded);
+    assert!(events
+        .iter()
+        .any(|e| matches!(&e.body, EventBody::Note(n) if n == "staging is no longer frozen; going on")));
+    assert!(
+        b.engine.unfreeze("operator:root", "staging").is_err(),
+        "not frozen any more"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_freeze_with_an_end_lifts_itself_and_rollbacks_are_never_held() {
+    let b = bed(&WEB4[..1], "");
+    finish(b.engine.start_deploy("operator:alice", order()).unwrap()).await;
+    b.engine
+        .freeze(
+            "operator:root",
+            "staging",
+            "maintenance",
+            Some(Duration::from_millis(1)),
+        )
+        .unwrap();
+    // The end is wall-clock time; it comes within a few milliseconds.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !b.engine.freezes().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the freeze never expired");
+        std::thread::yield_now();
+    }
+    b.engine.freeze("operator:root", "staging", "incident", None).unwrap();
+    let o = RollbackOrder {
+        app: app(),
+        env: "staging".into(),
+        to: Some(Version::new("1.0.0").unwrap()),
+        hosts: vec![],
+        strategy: Strategy::AllAtOnce,
+        failure_budget: FailureBudget(None),
+    };
+    let (_, done) = finish(b.engine.start_rollback("operator:alice", o).unwrap()).await;
+    assert_eq!(done.verdict, Verdict::Succeeded, "{}", done.reason);
+}
+
+#[tokio::test(start_paused = true)]
+async fn deploys_start_only_inside_the_spec_windows() {
+    let now = jiff::Timestamp::now().to_zoned_datetime(jiff::tz::TimeZone::UTC);
+    let today = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"][now.weekday().to_monday_zero_offset() as usize];
+    let other = ["Tue", "Wed", "Thu", "Fri", "Sat", "Sun", "Mon"][now.weekday().to_monday_zero_offset() as usize];
+    let b = bed(&WEB4[..1], &format!("windows = [\"{other} 00:00-24:00 UTC\"]"));
+    let e = b
+        .engine
+        .start_deploy("operator:alice", order())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(&format!("outside demo's deploy windows ({other} 00:00-24:00 UTC)")),
+        "{e}"
+    );
+    // Control case: a window that holds now.
+    let b = bed(
+        &WEB4[..1],
+        &format!("windows = [\"{other} 00:00-24:00 UTC\", \"{today} 00:00-24:00 UTC\"]"),
+    );
+    let (_, done) = finish(b.engine.start_deploy("operator:alice", order()).unwrap()).await;
+    assert_eq!(done.verdict, Verdict::Succeeded);
 }

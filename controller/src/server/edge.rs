@@ -67,6 +67,8 @@ impl TryFrom<DeployRequest> for DeployOrder {
                     ms => Duration::from_millis(ms),
                 },
             },
+            // Set from the caller's certificate by the service.
+            admin: false,
         }
         .validate()
     }

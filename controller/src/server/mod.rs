@@ -176,6 +176,9 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'sta
         };
         engine = engine.with_metrics(Arc::new(crate::prometheus::Prometheus::new(url, tls)));
     }
+    engine
+        .load_freezes()
+        .map_err(|e| anyhow::anyhow!("reading the freezes: {e}"))?;
     let shared = Arc::new(Shared {
         cfg,
         db,

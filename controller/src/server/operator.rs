@@ -124,6 +124,61 @@ impl OperatorService for OperatorApi {
         Ok(Response::new(convoy_proto::RevokeReply { was_connected }))
     }
 
+    async fn freeze(
+        &self,
+        req: Request<convoy_proto::FreezeRequest>,
+    ) -> Result<Response<convoy_proto::FreezeReply>, Status> {
+        let who = operator(&req, Role::Admin, "freeze environments")?;
+        let r = req.into_inner();
+        let span = (r.for_ms > 0).then(|| std::time::Duration::from_millis(r.for_ms));
+        let f = self
+            .shared
+            .engine
+            .freeze(&who.to_string(), &r.environment, &r.reason, span)?;
+        Ok(Response::new(convoy_proto::FreezeReply {
+            freeze: Some(freeze_info(f)),
+        }))
+    }
+
+    async fn unfreeze(
+        &self,
+        req: Request<convoy_proto::UnfreezeRequest>,
+    ) -> Result<Response<convoy_proto::FreezeReply>, Status> {
+        let who = operator(&req, Role::Admin, "unfreeze environments")?;
+        let f = self
+            .shared
+            .engine
+            .unfreeze(&who.to_string(), &req.get_ref().environment)?;
+        Ok(Response::new(convoy_proto::FreezeReply {
+            freeze: Some(freeze_info(f)),
+        }))
+    }
+
+    async fn freezes(
+        &self,
+        req: Request<convoy_proto::FreezesRequest>,
+    ) -> Result<Response<convoy_proto::FreezesReply>, Status> {
+        operator(&req, Role::Viewer, "list freezes")?;
+        let limit = match req.get_ref().audit_limit {
+            0 => 50,
+            n => n.min(1000),
+        };
+        let audit = self.shared.db.audit_log(limit).map_err(internal)?;
+        Ok(Response::new(convoy_proto::FreezesReply {
+            freezes: self.shared.engine.freezes().into_iter().map(freeze_info).collect(),
+            audit: audit
+                .into_iter()
+                .map(|a| convoy_proto::AuditRecord {
+                    at_unix_ms: a.at_ms,
+                    who: a.who,
+                    action: a.action,
+                    environment: a.env,
+                    detail: a.detail,
+                })
+                .collect(),
+        }))
+    }
+
     async fn releases(&self, req: Request<ReleasesRequest>) -> Result<Response<ReleasesReply>, Status> {
         operator(&req, Role::Viewer, "list releases")?;
         let app = arg("app", AppName::new(req.into_inner().app))?;
@@ -268,7 +323,8 @@ impl OperatorService for OperatorApi {
 
     async fn deploy(&self, req: Request<DeployRequest>) -> Result<Response<Self::DeployStream>, Status> {
         let id = operator(&req, Role::Deployer, "deploy")?;
-        let order = DeployOrder::try_from(req.into_inner()).map_err(invalid)?;
+        let mut order = DeployOrder::try_from(req.into_inner()).map_err(invalid)?;
+        order.admin = id.role == Some(Role::Admin);
         let rx = self.shared.engine.start_deploy(&id.to_string(), order)?;
         Ok(Response::new(event_stream(&self.shared, rx)))
     }
@@ -366,5 +422,15 @@ impl OperatorService for OperatorApi {
             })
             .collect();
         Ok(Response::new(StatusReply { hosts }))
+    }
+}
+
+fn freeze_info(f: crate::db::Freeze) -> convoy_proto::FreezeInfo {
+    convoy_proto::FreezeInfo {
+        environment: f.env,
+        reason: f.reason,
+        frozen_by: f.by,
+        at_unix_ms: f.at_ms,
+        until_unix_ms: f.until_ms.unwrap_or(0),
     }
 }
