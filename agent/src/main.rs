@@ -11,6 +11,7 @@ mod fetch;
 mod health;
 mod hooks;
 mod metrics;
+mod preflight;
 mod session;
 mod store;
 mod switch;

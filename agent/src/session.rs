@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use convoy_common::ops::{ActivateCommand, RollbackCommand};
+use convoy_common::ops::{ActivateCommand, PreflightCommand, RollbackCommand};
 use convoy_proto::agent_service_client::AgentServiceClient;
 use convoy_proto::{agent_message, controller_message, AgentMessage, Heartbeat, Hello};
 use tokio::sync::mpsc;
@@ -82,6 +82,7 @@ async fn session(agent: &Arc<Agent>, endpoint: &Endpoint) -> anyhow::Result<()> 
         apps: agent.store.all_status().iter().map(Into::into).collect(),
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
         recent_results: agent.store.unreported().iter().map(Into::into).collect(),
+        protocol: convoy_common::ops::PROTOCOL,
     };
     tx.send(msg(agent_message::Body::Hello(hello))).await?;
     let mut inbound = client.session(ReceiverStream::new(rx)).await?.into_inner();
@@ -133,6 +134,23 @@ async fn session(agent: &Arc<Agent>, endpoint: &Endpoint) -> anyhow::Result<()> 
             Some(controller_message::Body::Rollback(r)) => match RollbackCommand::try_from(r) {
                 Ok(cmd) => start(agent, Work::Rollback(channel.clone(), cmd)),
                 Err(e) => tracing::error!(error = %e, "refusing malformed rollback command"),
+            },
+            Some(controller_message::Body::Preflight(p)) => match PreflightCommand::try_from(p) {
+                Ok(cmd) => {
+                    let (agent, tx) = (agent.clone(), tx.clone());
+                    // Read-only and quick: it runs beside any operation.
+                    tokio::spawn(async move {
+                        let checks = crate::preflight::run(&agent, &cmd).await;
+                        let failed = checks.iter().filter(|c| !c.passed).count();
+                        tracing::info!(op_id = %cmd.op_id, app = %cmd.app, failed, "pre-flight checked");
+                        let result = convoy_proto::PreflightResult {
+                            op_id: cmd.op_id,
+                            checks: checks.iter().map(Into::into).collect(),
+                        };
+                        let _ = tx.send(msg(agent_message::Body::Preflight(result))).await;
+                    });
+                }
+                Err(e) => tracing::error!(error = %e, "refusing malformed pre-flight command"),
             },
             None => tracing::warn!("empty message from controller"),
         }

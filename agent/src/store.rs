@@ -152,6 +152,11 @@ impl Store {
         Ok(Self { root: root.to_owned() })
     }
 
+    /// The state directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     pub fn app(&self, app: &AppName) -> AppDirs {
         let root = self.root.join("apps").join(app.as_str());
         AppDirs {

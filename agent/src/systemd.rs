@@ -156,7 +156,7 @@ impl Systemd {
         Ok(self.manager().await?.load_unit(unit).await?)
     }
 
-    async fn unit_load_state(&self, unit: &str) -> Result<String, SystemdError> {
+    pub async fn unit_load_state(&self, unit: &str) -> Result<String, SystemdError> {
         let path = self.unit_path(unit).await?;
         let u = UnitProxy::builder(&self.conn)
             .path(path)?

@@ -52,6 +52,7 @@ async fn agent(port: u16, ca: String, cert: String, key: String) -> anyhow::Resu
         apps: vec![],
         agent_version: "bench".into(),
         recent_results: vec![],
+        protocol: convoy_common::ops::PROTOCOL,
     })))
     .await?;
     let mut inbound = AgentServiceClient::new(channel)

@@ -31,6 +31,37 @@ pub struct RollbackCommand {
     pub to: Option<Version>,
 }
 
+/// The revision of the agent protocol this build speaks. Agents send it
+/// in their hello; 0 is an agent from before pre-flight checks.
+pub const PROTOCOL: u32 = 1;
+
+/// What a host must have before a release may move to it: checked on
+/// the host, nothing changes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreflightCommand {
+    pub op_id: String,
+    pub app: AppName,
+    /// Free space needed on the state directory's file system.
+    pub needed_bytes: u64,
+    /// 0: not checked.
+    pub min_memory_bytes: u64,
+    /// Each must exist on the host unless listed in `units_in_release`.
+    pub units: Vec<String>,
+    pub units_in_release: Vec<String>,
+    /// Dependency checks, run once each.
+    pub checks: Vec<crate::spec::HealthCheck>,
+    /// Command checks run here when it exists.
+    pub install_path: std::path::PathBuf,
+}
+
+/// One pre-flight check on one host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreflightCheck {
+    pub name: String,
+    pub passed: bool,
+    pub detail: String,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Health {

@@ -222,6 +222,28 @@ pub struct AppSpec {
     pub analysis: Option<AnalysisSpec>,
     /// When rollouts may start; empty: any time.
     pub windows: Vec<crate::window::Window>,
+    pub preflight: Preflight,
+}
+
+/// What every target must have before a deploy moves any byte to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Preflight {
+    /// Free space needed beyond the release's unpacked size.
+    pub free_space_margin: u64,
+    /// Memory the host must have available; 0: not checked.
+    pub min_memory: u64,
+    /// Dependency checks (the database answers, ...), run once on each target.
+    pub checks: Vec<HealthCheck>,
+}
+
+impl Default for Preflight {
+    fn default() -> Self {
+        Preflight {
+            free_space_margin: 256 << 20,
+            min_memory: 0,
+            checks: vec![],
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -276,6 +298,17 @@ struct RawSpec {
     analysis: Option<RawAnalysis>,
     #[serde(default)]
     windows: Vec<String>,
+    #[serde(default)]
+    preflight: RawPreflight,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawPreflight {
+    free_space_margin: Option<RawSize>,
+    min_memory: Option<RawSize>,
+    #[serde(default)]
+    checks: Vec<RawCheck>,
 }
 
 /// A size in the spec: a number of bytes, or a string with a unit.
@@ -403,89 +436,7 @@ impl AppSpec {
                 ),
             ));
         }
-        let mut checks = Vec::new();
-        for (i, c) in raw.health.checks.into_iter().enumerate() {
-            let field = |f: &str| format!("health.checks[{i}].{f}");
-            let interval = dur(&field("interval"), c.interval, Duration::from_millis(500))?;
-            let timeout = dur(&field("timeout"), c.timeout, Duration::from_secs(2))?;
-            if interval.is_zero() || timeout.is_zero() {
-                return Err(invalid(
-                    &field("interval"),
-                    "interval and timeout must be above zero".into(),
-                ));
-            }
-            let kind = match c.kind.as_str() {
-                "http" => {
-                    let url = c
-                        .url
-                        .ok_or_else(|| invalid(&field("url"), "required for an http check".into()))?;
-                    if !url.starts_with("http://") || url.len() <= "http://".len() {
-                        return Err(invalid(
-                            &field("url"),
-                            format!("{url:?} must be an http:// URL (the agent checks the app on its own host)"),
-                        ));
-                    }
-                    let expect_status = c.expect_status.unwrap_or(200);
-                    if !(100..=599).contains(&expect_status) {
-                        return Err(invalid(
-                            &field("expect_status"),
-                            format!("{expect_status} is not an HTTP status"),
-                        ));
-                    }
-                    CheckKind::Http {
-                        url,
-                        expect_status,
-                        body_contains: c.body_contains,
-                    }
-                }
-                "systemd" => {
-                    let unit = c
-                        .unit
-                        .ok_or_else(|| invalid(&field("unit"), "required for a systemd check".into()))?;
-                    if !valid_unit_name(&unit) {
-                        return Err(invalid(&field("unit"), format!("{unit:?} is not a systemd unit name")));
-                    }
-                    CheckKind::Systemd { unit }
-                }
-                "tcp" => {
-                    let address = c
-                        .address
-                        .ok_or_else(|| invalid(&field("address"), "required for a tcp check".into()))?;
-                    match address.rsplit_once(':') {
-                        Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0) => {}
-                        _ => {
-                            return Err(invalid(
-                                &field("address"),
-                                format!("{address:?} must be host:port, e.g. \"127.0.0.1:5432\""),
-                            ))
-                        }
-                    }
-                    CheckKind::Tcp { address }
-                }
-                "command" => {
-                    let argv = c
-                        .command
-                        .ok_or_else(|| invalid(&field("command"), "required for a command check".into()))?;
-                    if argv.is_empty() || argv[0].is_empty() {
-                        return Err(invalid(&field("command"), "must name a program".into()));
-                    }
-                    CheckKind::Command { argv }
-                }
-                other => {
-                    return Err(invalid(
-                        &field("type"),
-                        format!(
-                            "unknown check type {other:?} (expected \"http\", \"tcp\", \"systemd\" or \"command\")"
-                        ),
-                    ))
-                }
-            };
-            checks.push(HealthCheck {
-                kind,
-                interval,
-                timeout,
-            });
-        }
+        let checks = parse_checks("health.checks", raw.health.checks, &invalid)?;
         let switch = match raw.switch.as_deref() {
             None | Some("symlink") => SwitchMode::Symlink,
             Some("exchange") => SwitchMode::Exchange,
@@ -550,10 +501,20 @@ impl AppSpec {
             ));
         }
         let defaults = ArchiveLimits::default();
-        let max_unpacked_size = match raw.max_unpacked_size {
-            None => defaults.max_unpacked_size,
-            Some(RawSize::Bytes(n)) => n,
-            Some(RawSize::Text(t)) => parse_size(&t).map_err(|e| invalid("max_unpacked_size", e))?,
+        let size = |field: &str, v: Option<RawSize>, default: u64| match v {
+            None => Ok(default),
+            Some(RawSize::Bytes(n)) => Ok(n),
+            Some(RawSize::Text(t)) => parse_size(&t).map_err(|e| invalid(field, e)),
+        };
+        let max_unpacked_size = size("max_unpacked_size", raw.max_unpacked_size, defaults.max_unpacked_size)?;
+        let preflight = Preflight {
+            free_space_margin: size(
+                "preflight.free_space_margin",
+                raw.preflight.free_space_margin,
+                Preflight::default().free_space_margin,
+            )?,
+            min_memory: size("preflight.min_memory", raw.preflight.min_memory, 0)?,
+            checks: parse_checks("preflight.checks", raw.preflight.checks, &invalid)?,
         };
         let limits = ArchiveLimits {
             max_unpacked_size,
@@ -577,6 +538,7 @@ impl AppSpec {
             .map(|(i, w)| crate::window::Window::parse(w).map_err(|e| invalid(&format!("windows[{i}]"), e)))
             .collect::<Result<_, _>>()?;
         Ok(AppSpec {
+            preflight,
             windows,
             analysis,
             install: InstallSpec {
@@ -602,6 +564,101 @@ impl AppSpec {
             approval: raw.approval,
         })
     }
+}
+
+/// Health or dependency checks as the spec lists them under `prefix`.
+fn parse_checks(
+    prefix: &str,
+    raw: Vec<RawCheck>,
+    invalid: &dyn Fn(&str, String) -> SpecError,
+) -> Result<Vec<HealthCheck>, SpecError> {
+    let dur = |field: &str, v: Option<String>, default: Duration| match v {
+        None => Ok(default),
+        Some(s) => humantime::parse_duration(&s)
+            .map_err(|e| invalid(field, format!("{s:?} is not a duration ({e}); try \"5s\""))),
+    };
+    let mut checks = Vec::new();
+    for (i, c) in raw.into_iter().enumerate() {
+        let field = |f: &str| format!("{prefix}[{i}].{f}");
+        let interval = dur(&field("interval"), c.interval, Duration::from_millis(500))?;
+        let timeout = dur(&field("timeout"), c.timeout, Duration::from_secs(2))?;
+        if interval.is_zero() || timeout.is_zero() {
+            return Err(invalid(
+                &field("interval"),
+                "interval and timeout must be above zero".into(),
+            ));
+        }
+        let kind = match c.kind.as_str() {
+            "http" => {
+                let url = c
+                    .url
+                    .ok_or_else(|| invalid(&field("url"), "required for an http check".into()))?;
+                if !url.starts_with("http://") || url.len() <= "http://".len() {
+                    return Err(invalid(
+                        &field("url"),
+                        format!("{url:?} must be an http:// URL (the agent checks the app on its own host)"),
+                    ));
+                }
+                let expect_status = c.expect_status.unwrap_or(200);
+                if !(100..=599).contains(&expect_status) {
+                    return Err(invalid(
+                        &field("expect_status"),
+                        format!("{expect_status} is not an HTTP status"),
+                    ));
+                }
+                CheckKind::Http {
+                    url,
+                    expect_status,
+                    body_contains: c.body_contains,
+                }
+            }
+            "systemd" => {
+                let unit = c
+                    .unit
+                    .ok_or_else(|| invalid(&field("unit"), "required for a systemd check".into()))?;
+                if !valid_unit_name(&unit) {
+                    return Err(invalid(&field("unit"), format!("{unit:?} is not a systemd unit name")));
+                }
+                CheckKind::Systemd { unit }
+            }
+            "tcp" => {
+                let address = c
+                    .address
+                    .ok_or_else(|| invalid(&field("address"), "required for a tcp check".into()))?;
+                match address.rsplit_once(':') {
+                    Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0) => {}
+                    _ => {
+                        return Err(invalid(
+                            &field("address"),
+                            format!("{address:?} must be host:port, e.g. \"127.0.0.1:5432\""),
+                        ))
+                    }
+                }
+                CheckKind::Tcp { address }
+            }
+            "command" => {
+                let argv = c
+                    .command
+                    .ok_or_else(|| invalid(&field("command"), "required for a command check".into()))?;
+                if argv.is_empty() || argv[0].is_empty() {
+                    return Err(invalid(&field("command"), "must name a program".into()));
+                }
+                CheckKind::Command { argv }
+            }
+            other => {
+                return Err(invalid(
+                    &field("type"),
+                    format!("unknown check type {other:?} (expected \"http\", \"tcp\", \"systemd\" or \"command\")"),
+                ))
+            }
+        };
+        checks.push(HealthCheck {
+            kind,
+            interval,
+            timeout,
+        });
+    }
+    Ok(checks)
 }
 
 /// An install path must be absolute, normalised, and not a system directory.
@@ -640,6 +697,8 @@ mod tests {
         code.extend(prefixed("health.checks[].", serde_introspect::<RawCheck>()));
         code.extend(prefixed("hooks.<point>.", serde_introspect::<RawHook>()));
         code.extend(prefixed("analysis.", crate::analysis::raw_keys()));
+        code.extend(prefixed("preflight.", serde_introspect::<RawPreflight>()));
+        code.extend(prefixed("preflight.checks[].", serde_introspect::<RawCheck>()));
         code.extend(prefixed("analysis.metrics[].", crate::analysis::raw_metric_keys()));
         code.insert("selector.<label>".into());
         assert_eq!(documented, code, "docs/config.md, app spec section");

@@ -58,9 +58,11 @@ impl Window {
         let (days_text, hours, zone_name) = match parts.as_slice() {
             [d, h] => (*d, *h, "UTC"),
             [d, h, z] => (*d, *h, *z),
-            _ => return Err(format!(
+            _ => {
+                return Err(format!(
                 "{text:?} is not a window: write DAYS HH:MM-HH:MM [ZONE], e.g. \"Mon-Thu 09:00-16:00 Europe/Berlin\""
-            )),
+            ))
+            }
         };
         let mut days = [false; 7];
         if days_text == "*" {

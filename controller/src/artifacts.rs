@@ -53,12 +53,13 @@ impl Artifacts {
 
     /// Unpacks the upload into a scratch directory, exactly as a host
     /// will (every entry checked, the gzip stream read to its verified
-    /// end), then removes the scratch tree. Returns what the archive holds.
+    /// end), then removes the scratch tree. Returns what the archive holds
+    /// and the unit files in its `systemd/` folder.
     pub async fn check(
         &self,
         inc: &Incoming,
         limits: archive::Limits,
-    ) -> Result<archive::UnpackStats, archive::ArchiveError> {
+    ) -> Result<(archive::UnpackStats, Vec<String>), archive::ArchiveError> {
         let scratch = self.dir.join(format!("{}.check", uuid::Uuid::new_v4()));
         let file = inc.tmp.clone();
         tokio::task::spawn_blocking(move || {
@@ -71,7 +72,8 @@ impl Artifacts {
                         &scratch.join("tree"),
                         &limits,
                     )
-                });
+                })
+                .map(|stats| (stats, unit_files(&scratch.join("tree/systemd"))));
             let _ = std::fs::remove_dir_all(&scratch);
             r
         })
@@ -104,4 +106,18 @@ impl Incoming {
     pub async fn abort(self) {
         let _ = tokio::fs::remove_file(&self.tmp).await;
     }
+}
+
+/// The unit file names in a release's `systemd/` folder (none without one).
+fn unit_files(dir: &std::path::Path) -> Vec<String> {
+    let mut units: Vec<String> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| convoy_common::spec::valid_unit_name(n))
+        .collect();
+    units.sort();
+    units
 }

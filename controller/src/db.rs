@@ -113,6 +113,10 @@ const MIGRATIONS: &[Migration] = &[
         what: "freezes and the audit of environment actions",
         apply: |tx| tx.execute_batch(FREEZES_6),
     },
+    Migration {
+        what: "the unit files each release ships",
+        apply: |tx| tx.execute_batch("ALTER TABLE releases ADD COLUMN units TEXT;"),
+    },
 ];
 
 const FREEZES_6: &str = r#"
@@ -132,6 +136,14 @@ CREATE TABLE audit (
     detail TEXT NOT NULL
 );
 "#;
+
+/// What a release holds, recorded at push.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReleaseContents {
+    pub unpacked_bytes: u64,
+    /// Unit files in its `systemd/` folder.
+    pub units: Vec<String>,
+}
 
 /// An environment frozen by an operator.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -399,12 +411,47 @@ impl Db {
         version: &Version,
         bytes: u64,
         entries: u64,
+        units: &[String],
     ) -> Result<(), DbError> {
         self.conn.lock().unwrap().execute(
-            "UPDATE releases SET unpacked_bytes = ?3, entries = ?4 WHERE app = ?1 AND version = ?2",
-            params![app.as_str(), version.as_str(), bytes as i64, entries as i64],
+            "UPDATE releases SET unpacked_bytes = ?3, entries = ?4, units = ?5 WHERE app = ?1 AND version = ?2",
+            params![
+                app.as_str(),
+                version.as_str(),
+                bytes as i64,
+                entries as i64,
+                units.join(",")
+            ],
         )?;
         Ok(())
+    }
+
+    /// What a release unpacks to and the unit files it ships, as recorded
+    /// at push (`None` for releases pushed before convoy recorded them).
+    pub fn release_contents(&self, app: &AppName, version: &Version) -> Result<Option<ReleaseContents>, DbError> {
+        Ok(self
+            .conn
+            .lock()
+            .unwrap()
+            .query_row(
+                "SELECT unpacked_bytes, units FROM releases WHERE app = ?1 AND version = ?2",
+                params![app.as_str(), version.as_str()],
+                |r| {
+                    let bytes: Option<i64> = r.get(0)?;
+                    let units: Option<String> = r.get(1)?;
+                    Ok(bytes.map(|b| ReleaseContents {
+                        unpacked_bytes: b as u64,
+                        units: units
+                            .unwrap_or_default()
+                            .split(',')
+                            .filter(|u| !u.is_empty())
+                            .map(String::from)
+                            .collect(),
+                    }))
+                },
+            )
+            .optional()?
+            .flatten())
     }
 
     pub fn release(&self, app: &AppName, version: &Version) -> Result<Option<Release>, DbError> {
@@ -989,10 +1036,14 @@ mod tests {
             (None, None),
             "not measured then"
         );
-        db.set_release_contents(&app, &Version::new("1.0.0").unwrap(), 4096, 3)
+        let v1 = Version::new("1.0.0").unwrap();
+        assert_eq!(db.release_contents(&app, &v1).unwrap(), None);
+        db.set_release_contents(&app, &v1, 4096, 3, &["web.service".into()])
             .unwrap();
         let rows = db.releases(&app).unwrap();
         assert_eq!((rows[0].unpacked_bytes, rows[0].entries), (Some(4096), Some(3)));
+        let contents = db.release_contents(&app, &v1).unwrap().unwrap();
+        assert_eq!(contents.units, ["web.service"]);
         // And new records go in, into columns the first schema lacked.
         db.start_rollout(&NewRollout {
             id: "0123456789ac",

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use convoy_common::analysis::Measurement;
 use convoy_common::ops::{
-    ActivateCommand, AppStatus, EventKind, Health, OpReport, Outcome, RollbackCommand, Step, StepEvent,
+    ActivateCommand, AppStatus, EventKind, Health, OpReport, Outcome, PreflightCheck, PreflightCommand,
+    RollbackCommand, Step, StepEvent,
 };
 use convoy_common::spec::{
     self, ArchiveLimits, CheckKind, HealthCheck, HealthPolicy, Hook, HookPoint, InstallSpec, SwitchMode,
@@ -54,35 +55,7 @@ impl From<&InstallSpec> for pb::InstallSpec {
             app: s.app.to_string(),
             install_path: s.install_path.display().to_string(),
             units: s.units.clone(),
-            checks: s
-                .health
-                .checks
-                .iter()
-                .map(|c| pb::HealthCheck {
-                    kind: Some(match &c.kind {
-                        CheckKind::Http {
-                            url,
-                            expect_status,
-                            body_contains,
-                        } => pb::health_check::Kind::Http(pb::HttpCheck {
-                            url: url.clone(),
-                            expect_status: u32::from(*expect_status),
-                            body_contains: body_contains.clone().unwrap_or_default(),
-                        }),
-                        CheckKind::Systemd { unit } => {
-                            pb::health_check::Kind::Systemd(pb::SystemdCheck { unit: unit.clone() })
-                        }
-                        CheckKind::Tcp { address } => pb::health_check::Kind::Tcp(pb::TcpCheck {
-                            address: address.clone(),
-                        }),
-                        CheckKind::Command { argv } => {
-                            pb::health_check::Kind::Command(pb::CommandCheck { argv: argv.clone() })
-                        }
-                    }),
-                    interval_ms: ms(c.interval),
-                    timeout_ms: ms(c.timeout),
-                })
-                .collect(),
+            checks: s.health.checks.iter().map(health_check_to_pb).collect(),
             min_healthy_ms: ms(s.health.min_healthy_time),
             healthy_deadline_ms: ms(s.health.healthy_deadline),
             hooks: s
@@ -122,55 +95,11 @@ impl TryFrom<pb::InstallSpec> for InstallSpec {
         if let Some(u) = s.units.iter().find(|u| !spec::valid_unit_name(u)) {
             return Err(bad(T, "units", format!("{u:?} is not a unit name")));
         }
-        let mut checks = Vec::with_capacity(s.checks.len());
-        for c in s.checks {
-            if c.interval_ms == 0 || c.timeout_ms == 0 {
-                return Err(bad(
-                    "HealthCheck",
-                    "interval_ms",
-                    "interval and timeout must be above zero",
-                ));
-            }
-            let kind = match c.kind {
-                Some(pb::health_check::Kind::Http(h)) => {
-                    if !h.url.starts_with("http://") {
-                        return Err(bad("HttpCheck", "url", "must be an http:// URL"));
-                    }
-                    CheckKind::Http {
-                        url: h.url,
-                        expect_status: u16::try_from(h.expect_status)
-                            .ok()
-                            .filter(|s| (100..=599).contains(s))
-                            .ok_or_else(|| bad("HttpCheck", "expect_status", "not an HTTP status"))?,
-                        body_contains: Some(h.body_contains).filter(|b| !b.is_empty()),
-                    }
-                }
-                Some(pb::health_check::Kind::Systemd(sd)) => {
-                    if !spec::valid_unit_name(&sd.unit) {
-                        return Err(bad("SystemdCheck", "unit", "not a unit name"));
-                    }
-                    CheckKind::Systemd { unit: sd.unit }
-                }
-                Some(pb::health_check::Kind::Tcp(t)) => {
-                    if !t.address.contains(':') {
-                        return Err(bad("TcpCheck", "address", "must be host:port"));
-                    }
-                    CheckKind::Tcp { address: t.address }
-                }
-                Some(pb::health_check::Kind::Command(c)) => {
-                    if c.argv.first().is_none_or(|p| p.is_empty()) {
-                        return Err(bad("CommandCheck", "argv", "must name a program"));
-                    }
-                    CheckKind::Command { argv: c.argv }
-                }
-                None => return Err(bad("HealthCheck", "kind", "missing")),
-            };
-            checks.push(HealthCheck {
-                kind,
-                interval: Duration::from_millis(c.interval_ms),
-                timeout: Duration::from_millis(c.timeout_ms),
-            });
-        }
+        let checks = s
+            .checks
+            .into_iter()
+            .map(health_check_from_pb)
+            .collect::<Result<Vec<_>, _>>()?;
         if s.healthy_deadline_ms <= s.min_healthy_ms {
             return Err(bad(T, "healthy_deadline_ms", "must exceed min_healthy_ms"));
         }
@@ -285,6 +214,77 @@ impl TryFrom<pb::Rollback> for RollbackCommand {
             app: AppName::new(r.app).map_err(|e| bad(T, "app", e))?,
             to: opt_version(T, "to_version", r.to_version)?,
         })
+    }
+}
+
+// ── pre-flight ────────────────────────────────────────────────────────
+
+impl From<&PreflightCommand> for pb::Preflight {
+    fn from(c: &PreflightCommand) -> Self {
+        pb::Preflight {
+            op_id: c.op_id.clone(),
+            app: c.app.to_string(),
+            needed_bytes: c.needed_bytes,
+            min_memory_bytes: c.min_memory_bytes,
+            units: c.units.clone(),
+            units_in_release: c.units_in_release.clone(),
+            checks: c.checks.iter().map(health_check_to_pb).collect(),
+            install_path: c.install_path.display().to_string(),
+        }
+    }
+}
+
+impl TryFrom<pb::Preflight> for PreflightCommand {
+    type Error = InvalidMessage;
+    fn try_from(p: pb::Preflight) -> Result<Self, InvalidMessage> {
+        const T: &str = "Preflight";
+        if p.op_id.is_empty() || p.op_id.len() > 128 {
+            return Err(bad(T, "op_id", "must be 1 to 128 characters"));
+        }
+        if let Some(u) = p
+            .units
+            .iter()
+            .chain(&p.units_in_release)
+            .find(|u| !spec::valid_unit_name(u))
+        {
+            return Err(bad(T, "units", format!("{u:?} is not a unit name")));
+        }
+        let install_path = PathBuf::from(p.install_path);
+        spec::check_install_path(&install_path).map_err(|e| bad(T, "install_path", e))?;
+        Ok(PreflightCommand {
+            op_id: p.op_id,
+            app: AppName::new(p.app).map_err(|e| bad(T, "app", e))?,
+            needed_bytes: p.needed_bytes,
+            min_memory_bytes: p.min_memory_bytes,
+            units: p.units,
+            units_in_release: p.units_in_release,
+            checks: p
+                .checks
+                .into_iter()
+                .map(health_check_from_pb)
+                .collect::<Result<_, _>>()?,
+            install_path,
+        })
+    }
+}
+
+impl From<&PreflightCheck> for pb::PreflightCheck {
+    fn from(c: &PreflightCheck) -> Self {
+        pb::PreflightCheck {
+            name: c.name.clone(),
+            passed: c.passed,
+            detail: c.detail.clone(),
+        }
+    }
+}
+
+impl From<pb::PreflightCheck> for PreflightCheck {
+    fn from(c: pb::PreflightCheck) -> Self {
+        PreflightCheck {
+            name: c.name,
+            passed: c.passed,
+            detail: c.detail,
+        }
     }
 }
 
@@ -521,4 +521,78 @@ impl From<&Measurement> for pb::Measurement {
             at_unix_ms: m.at_ms,
         }
     }
+}
+
+/// A health or dependency check on the wire.
+pub fn health_check_to_pb(c: &HealthCheck) -> pb::HealthCheck {
+    pb::HealthCheck {
+        kind: Some(match &c.kind {
+            CheckKind::Http {
+                url,
+                expect_status,
+                body_contains,
+            } => pb::health_check::Kind::Http(pb::HttpCheck {
+                url: url.clone(),
+                expect_status: u32::from(*expect_status),
+                body_contains: body_contains.clone().unwrap_or_default(),
+            }),
+            CheckKind::Systemd { unit } => pb::health_check::Kind::Systemd(pb::SystemdCheck { unit: unit.clone() }),
+            CheckKind::Tcp { address } => pb::health_check::Kind::Tcp(pb::TcpCheck {
+                address: address.clone(),
+            }),
+            CheckKind::Command { argv } => pb::health_check::Kind::Command(pb::CommandCheck { argv: argv.clone() }),
+        }),
+        interval_ms: ms(c.interval),
+        timeout_ms: ms(c.timeout),
+    }
+}
+
+/// A health or dependency check from the wire, checked.
+pub fn health_check_from_pb(c: pb::HealthCheck) -> Result<HealthCheck, InvalidMessage> {
+    if c.interval_ms == 0 || c.timeout_ms == 0 {
+        return Err(bad(
+            "HealthCheck",
+            "interval_ms",
+            "interval and timeout must be above zero",
+        ));
+    }
+    let kind = match c.kind {
+        Some(pb::health_check::Kind::Http(h)) => {
+            if !h.url.starts_with("http://") {
+                return Err(bad("HttpCheck", "url", "must be an http:// URL"));
+            }
+            CheckKind::Http {
+                url: h.url,
+                expect_status: u16::try_from(h.expect_status)
+                    .ok()
+                    .filter(|s| (100..=599).contains(s))
+                    .ok_or_else(|| bad("HttpCheck", "expect_status", "not an HTTP status"))?,
+                body_contains: Some(h.body_contains).filter(|b| !b.is_empty()),
+            }
+        }
+        Some(pb::health_check::Kind::Systemd(sd)) => {
+            if !spec::valid_unit_name(&sd.unit) {
+                return Err(bad("SystemdCheck", "unit", "not a unit name"));
+            }
+            CheckKind::Systemd { unit: sd.unit }
+        }
+        Some(pb::health_check::Kind::Tcp(t)) => {
+            if !t.address.contains(':') {
+                return Err(bad("TcpCheck", "address", "must be host:port"));
+            }
+            CheckKind::Tcp { address: t.address }
+        }
+        Some(pb::health_check::Kind::Command(c)) => {
+            if c.argv.first().is_none_or(|p| p.is_empty()) {
+                return Err(bad("CommandCheck", "argv", "must name a program"));
+            }
+            CheckKind::Command { argv: c.argv }
+        }
+        None => return Err(bad("HealthCheck", "kind", "missing")),
+    };
+    Ok(HealthCheck {
+        kind,
+        interval: Duration::from_millis(c.interval_ms),
+        timeout: Duration::from_millis(c.timeout_ms),
+    })
 }

@@ -228,6 +228,7 @@ async fn show(
             }
             Some(rollout_event::Body::Note(n)) => out.note(&n.message),
             Some(rollout_event::Body::Measurement(m)) => out.line(&measurement_line(&m)),
+            Some(rollout_event::Body::Preflight(p)) => out.line(&preflight_table(&p)),
             Some(rollout_event::Body::HostEvent(h)) => {
                 if let Some(e) = h.event {
                     let kind = convoy_proto::EventKind::try_from(e.kind)
@@ -312,4 +313,18 @@ pub(super) fn measurement_line(m: &convoy_proto::Measurement) -> String {
         s.push_str(&format!(" - {}", m.reason));
     }
     s
+}
+
+/// The failed pre-flight checks, host by host.
+pub(super) fn preflight_table(p: &convoy_proto::PreflightReport) -> String {
+    let rows = p.hosts.iter().flat_map(|h| {
+        h.checks
+            .iter()
+            .filter(|c| !c.passed)
+            .map(|c| vec![h.host.clone(), c.name.clone(), c.detail.clone()])
+    });
+    format!(
+        "pre-flight failed:\n{}",
+        super::records::table(&["HOST", "CHECK", "DETAIL"], rows)
+    )
 }

@@ -27,6 +27,8 @@ pub enum EventBody {
         host: HostName,
         report: Box<OpReport>,
     },
+    /// Pre-flight refused the rollout: every target's checks.
+    Preflight(Vec<super::preflight::HostPreflight>),
     /// A metric gate measured once.
     Measurement(convoy_common::analysis::Measurement),
     Done(Done),

@@ -5,7 +5,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use convoy_common::ops::{ActivateCommand, AppStatus, OpId, OpReport, RollbackCommand, StepEvent};
+use convoy_common::ops::{
+    ActivateCommand, AppStatus, OpId, OpReport, PreflightCheck, PreflightCommand, RollbackCommand, StepEvent,
+};
 use convoy_common::{AppName, HostName};
 use futures::future::BoxFuture;
 use tokio::sync::{mpsc, oneshot};
@@ -17,6 +19,8 @@ pub struct FleetHost {
     pub labels: BTreeMap<String, String>,
     pub apps: HashMap<AppName, AppStatus>,
     pub connected: bool,
+    /// The agent protocol revision it speaks (`ops::PROTOCOL`).
+    pub protocol: u32,
 }
 
 /// What the engine asks of one host.
@@ -50,4 +54,12 @@ pub trait Fleet: Send + Sync {
 
     /// Ends the wait for `op`: its result, if it still comes, is late.
     fn forget(&self, op: &OpId);
+
+    /// Asks a connected host whether it can take a release; nothing
+    /// changes on it. `Err`: it could not be asked or did not answer.
+    fn preflight<'a>(
+        &'a self,
+        host: &'a HostName,
+        cmd: PreflightCommand,
+    ) -> BoxFuture<'a, Result<Vec<PreflightCheck>, String>>;
 }

@@ -20,6 +20,7 @@ pub mod events;
 pub mod fleet;
 pub mod freeze;
 pub mod order;
+pub mod preflight;
 mod resume;
 mod run;
 pub mod seams;
@@ -252,6 +253,8 @@ impl Engine {
             n
         };
         let budget = o.failure_budget.hosts(targets.len());
+        let contents = self.store.release_contents(app, version)?;
+        let preflight = preflight::command(&spec, &release, contents.as_ref());
         // Each host's command gets its own operation id when it is sent.
         let cmd = ActivateCommand {
             op_id: String::new(),
@@ -274,8 +277,9 @@ impl Engine {
             group,
             manual_promote: o.manual_promote,
             vanish: o.vanish,
-            analysis: spec.analysis.clone(),
+            analysis: spec.analysis.clone().map(Box::new),
             passes_freeze: matches!(clearance, freeze::Clearance::Passes(_)),
+            preflight: Some(Box::new(preflight)),
         };
         let control = if spec.approval.contains(env) {
             Control::AwaitApproval(who.to_owned())

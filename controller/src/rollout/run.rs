@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use convoy_common::analysis::AnalysisSpec;
-use convoy_common::ops::{ActivateCommand, OpId, OpKind, OpReport, Outcome, RollbackCommand, StepEvent};
+use convoy_common::ops::{
+    ActivateCommand, OpId, OpKind, OpReport, Outcome, PreflightCommand, RollbackCommand, StepEvent,
+};
 use convoy_common::rollout::Strategy;
 use convoy_common::{AppName, HostName, Version};
 use futures::future::join_all;
@@ -45,10 +47,13 @@ pub(super) enum Kind {
         vanish: Vanish,
         /// Metric gates, from the app spec when the rollout started.
         #[serde(default)]
-        analysis: Option<AnalysisSpec>,
+        analysis: Option<Box<AnalysisSpec>>,
         /// An admin's hotfix passed a freeze: later batches do not wait for one.
         #[serde(default)]
         passes_freeze: bool,
+        /// What every target is asked before anything moves.
+        #[serde(default)]
+        preflight: Option<Box<PreflightCommand>>,
     },
     Rollback {
         to: Option<Version>,
@@ -379,6 +384,7 @@ impl Rollout {
             group,
             manual_promote,
             analysis,
+            preflight,
             ..
         } = &self.kind
         else {
@@ -403,6 +409,27 @@ impl Rollout {
                 rollback_failed: false,
                 nothing_changed: true,
             };
+        }
+
+        // Pre-flight: every target must be able to take the release (a
+        // resumed rollout did this before it first moved).
+        if let Some(cmd) = preflight.as_ref().filter(|_| self.recorded.is_empty()) {
+            self.note(format!("pre-flight on {} host(s)", self.targets.len()));
+            let results = engine.preflight(&self.id, cmd, &self.targets).await;
+            if let Some(reason) = super::preflight::refusal(&results) {
+                self.emit(EventBody::Preflight(results));
+                return Done {
+                    verdict: Verdict::Failed,
+                    failed_host: None,
+                    reason,
+                    untouched_hosts: self.targets.clone(),
+                    failed_hosts: vec![],
+                    rolled_back_hosts: vec![],
+                    rollback_failed: false,
+                    nothing_changed: true,
+                };
+            }
+            self.note(format!("pre-flight passed on {} host(s)", results.len()));
         }
 
         // Metric gates: every query is checked, and its value before the

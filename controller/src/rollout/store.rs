@@ -6,7 +6,7 @@
 use convoy_common::ops::{OpReport, Outcome, StepEvent};
 use convoy_common::{AppName, HostName, Version};
 
-pub use crate::db::{Freeze, HostRow, NewRollout, Release, RolloutRow};
+pub use crate::db::{Freeze, HostRow, NewRollout, Release, ReleaseContents, RolloutRow};
 
 use convoy_common::analysis::Measurement;
 
@@ -25,6 +25,8 @@ pub type Result<T> = std::result::Result<T, StoreError>;
 
 pub trait RolloutStore: Send + Sync {
     fn release(&self, app: &AppName, version: &Version) -> Result<Option<Release>>;
+    /// What a release unpacks to and the units it ships, when recorded.
+    fn release_contents(&self, app: &AppName, version: &Version) -> Result<Option<ReleaseContents>>;
     /// Whether `version` of `app` completed a deploy in `env`.
     fn completed_in(&self, app: &AppName, version: &Version, env: &str) -> Result<bool>;
     fn start_rollout(&self, r: &NewRollout<'_>) -> Result<()>;
@@ -55,6 +57,9 @@ pub trait RolloutStore: Send + Sync {
 impl RolloutStore for crate::db::Db {
     fn release(&self, app: &AppName, version: &Version) -> Result<Option<Release>> {
         Ok(crate::db::Db::release(self, app, version)?)
+    }
+    fn release_contents(&self, app: &AppName, version: &Version) -> Result<Option<ReleaseContents>> {
+        Ok(crate::db::Db::release_contents(self, app, version)?)
     }
     fn completed_in(&self, app: &AppName, version: &Version, env: &str) -> Result<bool> {
         Ok(crate::db::Db::completed_in(self, app, version, env)?)

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use convoy_common::analysis::Judgement;
-use convoy_common::ops::{AppStatus, Health, OpId, OpKind, OpReport, Outcome};
+use convoy_common::ops::{AppStatus, Health, OpId, OpKind, OpReport, Outcome, PreflightCheck, PreflightCommand};
 use convoy_common::rollout::{Amount, Strategy};
 use convoy_common::{AppName, Digest, HostName, Version};
 use futures::future::BoxFuture;
@@ -45,6 +45,10 @@ struct TestFleet {
     sent: Mutex<Vec<OpId>>,
     /// Results not sent yet (silent or held hosts).
     held: Mutex<HashMap<OpId, oneshot::Sender<OpReport>>>,
+    /// Pre-flight checks a host fails (all pass otherwise), and the
+    /// pre-flights asked, in order.
+    preflight_fails: Mutex<HashMap<HostName, PreflightCheck>>,
+    preflights: Mutex<Vec<PreflightCommand>>,
 }
 
 fn host(s: &str) -> HostName {
@@ -98,6 +102,7 @@ impl TestFleet {
                     labels: l,
                     apps: [(app(), status(Some("1.0.0")))].into(),
                     connected: true,
+                    protocol: convoy_common::ops::PROTOCOL,
                 }
             })
             .collect();
@@ -148,6 +153,23 @@ impl TestFleet {
 impl Fleet for TestFleet {
     fn hosts(&self) -> Vec<FleetHost> {
         self.hosts.lock().unwrap().clone()
+    }
+
+    fn preflight<'a>(
+        &'a self,
+        h: &'a HostName,
+        cmd: PreflightCommand,
+    ) -> BoxFuture<'a, Result<Vec<PreflightCheck>, String>> {
+        self.preflights.lock().unwrap().push(cmd);
+        let answer = match self.preflight_fails.lock().unwrap().get(h) {
+            Some(c) => vec![c.clone()],
+            None => vec![PreflightCheck {
+                name: "free space".into(),
+                passed: true,
+                detail: "plenty".into(),
+            }],
+        };
+        Box::pin(async move { Ok(answer) })
     }
 
     fn connected(&self, h: &HostName) -> bool {
@@ -1014,4 +1036,53 @@ async fn deploys_start_only_inside_the_spec_windows() {
     );
     let (_, done) = finish(b.engine.start_deploy("operator:alice", order()).unwrap()).await;
     assert_eq!(done.verdict, Verdict::Succeeded);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_pre_flight_on_one_host_refuses_the_deploy_before_anything_moves() {
+    let b = bed(&WEB4[..3], "[preflight]\nfree_space_margin = \"1MiB\"\n");
+    b.fleet.preflight_fails.lock().unwrap().insert(
+        host("web2"),
+        PreflightCheck {
+            name: "free space".into(),
+            passed: false,
+            detail: "2.0 MiB free on /var/lib/convoy, 9.0 MiB needed".into(),
+        },
+    );
+    // web3 runs an agent from before pre-flight checks.
+    b.fleet.hosts.lock().unwrap()[2].protocol = 0;
+    let (events, done) = finish(b.engine.start_deploy("operator:alice", order()).unwrap()).await;
+    assert_eq!(done.verdict, Verdict::Failed);
+    assert!(done.nothing_changed);
+    assert!(
+        done.reason.starts_with(
+            "pre-flight failed on 2 of 3 host(s), nothing was staged or switched: web2: free space (2.0 MiB free"
+        ),
+        "{}",
+        done.reason
+    );
+    assert!(
+        done.reason
+            .contains("web3: agent protocol (the agent speaks protocol 0"),
+        "{}",
+        done.reason
+    );
+    assert!(b.fleet.sent().is_empty(), "nothing staged: {:?}", b.fleet.sent());
+    let table = events.iter().find_map(|e| match &e.body {
+        EventBody::Preflight(p) => Some(p.clone()),
+        _ => None,
+    });
+    let table = table.expect("the checks are sent");
+    assert_eq!(table.len(), 3);
+    // The hosts are asked for the release's size plus the margin.
+    let asked = b.fleet.preflights.lock().unwrap().clone();
+    assert_eq!(asked.len(), 2, "web3 is not asked");
+    assert_eq!(asked[0].needed_bytes, 8 + 8 + (1 << 20));
+    assert_eq!(asked[0].units, ["demo.service"]);
+
+    // Control case: with web2's space back and web3's agent upgraded, it goes.
+    b.fleet.preflight_fails.lock().unwrap().clear();
+    b.fleet.hosts.lock().unwrap()[2].protocol = convoy_common::ops::PROTOCOL;
+    let (_, done) = finish(b.engine.start_deploy("operator:alice", order()).unwrap()).await;
+    assert_eq!(done.verdict, Verdict::Succeeded, "{}", done.reason);
 }

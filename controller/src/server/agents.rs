@@ -82,8 +82,8 @@ impl AgentService for AgentApi {
         let apps = apps_from_wire(&host, hello.apps);
         let (tx, rx) = mpsc::channel(64);
         let registry = self.shared.registry.clone();
-        let session = registry.connect(&host, labels.clone(), apps, tx.clone());
-        tracing::info!(%host, ?labels, agent_version = %hello.agent_version, "agent connected");
+        let session = registry.connect(&host, labels.clone(), apps, hello.protocol, tx.clone());
+        tracing::info!(%host, ?labels, agent_version = %hello.agent_version, protocol = hello.protocol, "agent connected");
         let welcome = ControllerMessage {
             body: Some(controller_message::Body::Welcome(Welcome {
                 host: host.to_string(),
@@ -147,6 +147,10 @@ impl AgentService for AgentApi {
                         }
                         Err(err) => tracing::warn!(%host, error = %err, "malformed result"),
                     },
+                    Some(agent_message::Body::Preflight(p)) => {
+                        let checks = p.checks.into_iter().map(Into::into).collect();
+                        registry.deliver_preflight(&host, &p.op_id, checks)
+                    }
                     Some(agent_message::Body::Hello(_)) => {
                         tracing::warn!(%host, "second Hello ignored")
                     }

@@ -146,6 +146,15 @@ impl From<&Event> for RolloutEvent {
                 result: Some(report.as_ref().into()),
             }),
             EventBody::Measurement(m) => rollout_event::Body::Measurement(m.into()),
+            EventBody::Preflight(hosts) => rollout_event::Body::Preflight(convoy_proto::PreflightReport {
+                hosts: hosts
+                    .iter()
+                    .map(|h| convoy_proto::HostPreflight {
+                        host: h.host.to_string(),
+                        checks: h.checks.iter().map(Into::into).collect(),
+                    })
+                    .collect(),
+            }),
             EventBody::Done(d) => rollout_event::Body::Done(d.into()),
         };
         RolloutEvent {

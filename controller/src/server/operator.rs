@@ -279,7 +279,7 @@ impl OperatorService for OperatorApi {
         }
         // A corrupt or unsafe build is refused here, before any host sees it.
         let limits = convoy_common::archive::Limits::of(&spec.install, inc.size());
-        let contents = match self.shared.artifacts.check(&inc, limits).await {
+        let (contents, units) = match self.shared.artifacts.check(&inc, limits).await {
             Ok(stats) => stats,
             Err(e) => {
                 inc.abort().await;
@@ -310,7 +310,7 @@ impl OperatorService for OperatorApi {
         if added {
             self.shared
                 .db
-                .set_release_contents(&app, &version, contents.bytes, contents.entries)
+                .set_release_contents(&app, &version, contents.bytes, contents.entries, &units)
                 .map_err(internal)?;
         }
         tracing::info!(%app, %version, %digest, size, by = %id, new = added, unpacked = contents.bytes, entries = contents.entries, "release pushed");

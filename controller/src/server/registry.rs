@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use convoy_common::ops::{now_unix_ms, AppStatus, OpId, OpReport, StepEvent};
+use convoy_common::ops::{now_unix_ms, AppStatus, OpId, OpReport, PreflightCheck, PreflightCommand, StepEvent};
 use convoy_common::{AppName, HostName};
 use convoy_proto::{controller_message, ControllerMessage};
 use futures::future::BoxFuture;
@@ -38,6 +38,8 @@ pub struct HostEntry {
     pub apps: HashMap<AppName, AppStatus>,
     pub session: Option<(u64, CommandTx)>,
     pub last_seen_ms: i64,
+    /// The agent protocol revision its hello said.
+    pub protocol: u32,
 }
 
 /// Someone waiting for an operation's end, and the command that started
@@ -58,8 +60,16 @@ const EVENT_BACKLOG: usize = 256;
 pub struct Registry {
     hosts: Mutex<BTreeMap<HostName, HostEntry>>,
     waiters: Mutex<HashMap<OpId, Waiter>>,
+    /// Pre-flight checks asked for, by id: the host asked, and who waits.
+    preflights: Mutex<HashMap<String, PreflightAsked>>,
     next_session: AtomicU64,
 }
+
+/// A pre-flight asked of a host, and who waits for its answer.
+type PreflightAsked = (HostName, oneshot::Sender<Vec<PreflightCheck>>);
+
+/// Longest a host may take to answer a pre-flight.
+const PREFLIGHT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl Registry {
     /// Records a new session for `name`; returns its id.
@@ -68,6 +78,7 @@ impl Registry {
         name: &HostName,
         labels: BTreeMap<String, String>,
         apps: Vec<AppStatus>,
+        protocol: u32,
         tx: CommandTx,
     ) -> u64 {
         let id = self.next_session.fetch_add(1, Ordering::Relaxed) + 1;
@@ -77,6 +88,7 @@ impl Registry {
             apps: apps.into_iter().map(|a| (a.app.clone(), a)).collect(),
             session: Some((id, tx)),
             last_seen_ms: now_unix_ms(),
+            protocol,
         };
         let replaced = self.hosts.lock().unwrap().insert(name.clone(), entry);
         // A new session that replaces a live one is still one host.
@@ -115,6 +127,20 @@ impl Registry {
                 h.apps.insert(a.app.clone(), a);
             }
             h.last_seen_ms = now_unix_ms();
+        }
+    }
+
+    /// Hands a host's pre-flight answer to whoever asked it for one.
+    pub fn deliver_preflight(&self, host: &HostName, op_id: &str, checks: Vec<PreflightCheck>) {
+        let mut asked = self.preflights.lock().unwrap();
+        match asked.get(op_id) {
+            Some((h, _)) if h == host => {
+                if let Some((_, tx)) = asked.remove(op_id) {
+                    let _ = tx.send(checks);
+                }
+            }
+            Some(_) => tracing::warn!(%host, %op_id, "pre-flight answer for another host's check ignored"),
+            None => tracing::info!(%host, %op_id, "pre-flight answer nobody waits for"),
         }
     }
 
@@ -224,6 +250,7 @@ impl Fleet for Registry {
                 labels: h.labels.clone(),
                 apps: h.apps.clone(),
                 connected: h.session.is_some(),
+                protocol: h.protocol,
             })
             .collect()
     }
@@ -252,6 +279,41 @@ impl Fleet for Registry {
 
     fn forget(&self, op: &OpId) {
         Registry::forget(self, op)
+    }
+
+    fn preflight<'a>(
+        &'a self,
+        host: &'a HostName,
+        cmd: PreflightCommand,
+    ) -> BoxFuture<'a, Result<Vec<PreflightCheck>, String>> {
+        Box::pin(async move {
+            let tx = self
+                .command_tx(host)
+                .ok_or_else(|| format!("{host} is not connected"))?;
+            let (answer_tx, answer) = oneshot::channel();
+            let id = cmd.op_id.clone();
+            self.preflights
+                .lock()
+                .unwrap()
+                .insert(id.clone(), (host.clone(), answer_tx));
+            let msg = ControllerMessage {
+                body: Some(controller_message::Body::Preflight((&cmd).into())),
+            };
+            let sent = tx.send(Ok(msg)).await.is_ok();
+            let r = match sent {
+                false => Err(format!("{host} went away before it was asked")),
+                true => match tokio::time::timeout(PREFLIGHT_TIMEOUT, answer).await {
+                    Ok(Ok(checks)) => Ok(checks),
+                    Ok(Err(_)) => Err(format!("{host} did not answer")),
+                    Err(_) => Err(format!(
+                        "{host} did not answer within {}",
+                        humantime::format_duration(PREFLIGHT_TIMEOUT)
+                    )),
+                },
+            };
+            self.preflights.lock().unwrap().remove(&id);
+            r
+        })
     }
 }
 
@@ -352,7 +414,7 @@ mod tests {
         let (tx, _rx) = mpsc::channel(1);
         let mut now = report(&OpId::new("r2", OpKind::Activate, &host("web1"))).state;
         now.current = Some(Version::new("2.0.0").unwrap());
-        reg.connect(&host("web1"), BTreeMap::new(), vec![now], tx);
+        reg.connect(&host("web1"), BTreeMap::new(), vec![now], 1, tx);
         // An older result (its state says 1.0.0), repeated by the hello.
         let mut old = report(&OpId::new("r1", OpKind::Stage, &host("web1")));
         old.state.current = Some(Version::new("1.0.0").unwrap());
