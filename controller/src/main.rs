@@ -3,6 +3,7 @@
 
 mod artifacts;
 mod cli;
+use cli::Output;
 mod config;
 mod db;
 mod metrics;
@@ -221,12 +222,6 @@ enum EnrollCmd {
         #[arg(long, value_enum, default_value = "text")]
         output: Output,
     },
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum Output {
-    Text,
-    Json,
 }
 
 #[derive(Subcommand)]

@@ -128,11 +128,71 @@ fn an_error_rate_gate_stops_a_canary_that_fails_real_traffic() -> Result<()> {
     let (bed, _load) = fleet_under_load(GATES)?;
     // Answers /health with 200, fails a fifth of real requests.
     bed.push_demo_release("2.0.0", &format!("{BASE}\nerror_rate = 0.2"))?;
+
+    // A dry run decides what the deploy will do and changes nothing.
+    let rollouts = |bed: &Testbed| -> Result<usize> {
+        let v: serde_json::Value = serde_json::from_str(&bed.convoy_ok(&["history", "demo", "--output", "json"])?)?;
+        Ok(v["rollouts"].as_array().map_or(0, |a| a.len()))
+    };
+    let before = rollouts(&bed)?;
+    let dry = bed.convoy(&[
+        "deploy",
+        "demo",
+        "2.0.0",
+        "--env",
+        "staging",
+        "--strategy",
+        "canary",
+        "--stages",
+        "1,100%",
+        "--bake",
+        "12s",
+        "--dry-run",
+        "--output",
+        "json",
+    ])?;
+    assert_eq!(dry.code, 0, "{dry:?}");
+    let plan: serde_json::Value = serde_json::from_str(&dry.stdout)?;
+    assert_eq!(plan["would_start"], true);
+    assert_eq!(plan["batches"][0]["hosts"], serde_json::json!(["host1"]));
+    assert_eq!(plan["batches"][1]["hosts"], serde_json::json!(["host2", "host3"]));
+    let gate = plan["gates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["metric"] == "error-rate" && g["verdict"] != "before")
+        .expect("the error-rate gate measured for the first batch");
+    assert!(gate["query"].as_str().unwrap().contains(r#"host=~"host1""#), "{gate}");
+    assert_eq!(gate["value"], 0.0, "today's release serves well: {gate}");
+    assert!(plan["preflight"].as_array().unwrap().len() == 3, "{plan}");
+    assert_eq!(rollouts(&bed)?, before, "no rollout recorded");
+    assert_eq!(serving(&bed), ["1.0.0"; 3], "no host touched");
+    let text = bed.convoy_ok(&[
+        "deploy",
+        "demo",
+        "2.0.0",
+        "--env",
+        "staging",
+        "--strategy",
+        "canary",
+        "--stages",
+        "1,100%",
+        "--bake",
+        "12s",
+        "--dry-run",
+    ])?;
+    assert!(text.contains("the deploy would start"), "{text}");
+
     let (code, out) = canary(&bed, "2.0.0")?;
     let ended = Instant::now();
     let now_ms = convoy_common::ops::now_unix_ms();
     println!("──── deploy of a release failing 20% of requests ────\n{out}");
     assert_eq!(code, 1, "{out}");
+    // The real deploy planned what the dry run said.
+    assert!(
+        out.contains("  batch 1: host1, then bake 12s\n  batch 2: host2, host3\n"),
+        "{out}"
+    );
     assert!(out.contains("[gate] error-rate fail"), "{out}");
     // Caught in the canary's stage: right after it moved, or in its bake.
     assert!(

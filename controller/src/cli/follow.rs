@@ -57,33 +57,44 @@ pub struct DeployArgs {
     /// How long a host may be away before it counts as failed (policy fail).
     #[arg(long, value_parser = humantime::parse_duration)]
     pub vanish_deadline: Option<std::time::Duration>,
+    /// Print what the deploy would decide (targets, batches, verdicts,
+    /// pre-flight, the metric gates now) and change nothing. Exits 0 when
+    /// it would start, 4 when it would be refused.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// With --dry-run: text, or json.
+    #[arg(long, value_enum, default_value = "text", requires = "dry_run")]
+    pub output: super::Output,
 }
 
 pub async fn deploy(conn: &Conn, a: DeployArgs) -> Result<(), Failure> {
     let mut client = conn.connect().await?;
-    let stream = client
-        .deploy(DeployRequest {
-            app: a.app.clone(),
-            version: a.release.clone(),
-            environment: a.env.clone(),
-            strategy: a.strategy.clone(),
-            batch_size: a.batch_size.clone().unwrap_or_default(),
-            stages: a.stages.clone().unwrap_or_default(),
-            bake_ms: a.bake.map(|d| d.as_millis() as u64).unwrap_or(0),
-            failure_budget: a.failure_budget.clone().unwrap_or_default(),
-            no_rollback: a.no_rollback,
-            hotfix: a.hotfix,
-            reason: a.reason.clone().unwrap_or_default(),
-            order: a.order.clone(),
-            select: a.select.iter().cloned().collect(),
-            canary_group: a.canary_group.iter().cloned().collect(),
-            manual_promote: a.promote == "manual",
-            wait_for_vanished: a.on_vanish == "wait",
-            vanish_deadline_ms: a.vanish_deadline.map(|d| d.as_millis() as u64).unwrap_or(0),
-        })
-        .await?
-        .into_inner();
-    follow(stream, &format!("{} {} to {}", a.app, a.release, a.env)).await
+    let request = DeployRequest {
+        app: a.app.clone(),
+        version: a.release.clone(),
+        environment: a.env.clone(),
+        strategy: a.strategy.clone(),
+        batch_size: a.batch_size.clone().unwrap_or_default(),
+        stages: a.stages.clone().unwrap_or_default(),
+        bake_ms: a.bake.map(|d| d.as_millis() as u64).unwrap_or(0),
+        failure_budget: a.failure_budget.clone().unwrap_or_default(),
+        no_rollback: a.no_rollback,
+        hotfix: a.hotfix,
+        reason: a.reason.clone().unwrap_or_default(),
+        order: a.order.clone(),
+        select: a.select.iter().cloned().collect(),
+        canary_group: a.canary_group.iter().cloned().collect(),
+        manual_promote: a.promote == "manual",
+        wait_for_vanished: a.on_vanish == "wait",
+        vanish_deadline_ms: a.vanish_deadline.map(|d| d.as_millis() as u64).unwrap_or(0),
+    };
+    let title = format!("{} {} to {}", a.app, a.release, a.env);
+    if a.dry_run {
+        let plan = client.plan_deploy(request).await?.into_inner();
+        return super::dry_run::print(&title, plan, matches!(a.output, super::Output::Json));
+    }
+    let stream = client.deploy(request).await?.into_inner();
+    follow(stream, &title).await
 }
 
 /// How fast `convoy rollback` goes: all at once unless told otherwise.

@@ -9,6 +9,7 @@
 //! - `admin`: releases and keys, enrollment tokens, revocation.
 
 mod admin;
+mod dry_run;
 mod follow;
 mod records;
 
@@ -176,4 +177,11 @@ pub fn parse_label(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
+}
+
+/// How a command prints what it reads.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum Output {
+    Text,
+    Json,
 }

@@ -48,7 +48,7 @@ struct HistoryJson {
 
 /// One metric gate measurement.
 #[derive(Serialize)]
-struct MeasurementJson {
+pub(super) struct MeasurementJson {
     metric: String,
     hosts: Vec<String>,
     query: String,
@@ -96,6 +96,21 @@ struct EventJson {
     at_unix_ms: i64,
 }
 
+impl From<convoy_proto::Measurement> for MeasurementJson {
+    fn from(m: convoy_proto::Measurement) -> Self {
+        MeasurementJson {
+            metric: m.metric,
+            hosts: m.hosts,
+            query: m.query,
+            value: m.value,
+            baseline: m.baseline,
+            verdict: m.verdict,
+            reason: m.reason,
+            at_unix_ms: m.at_unix_ms,
+        }
+    }
+}
+
 fn when(ms: i64) -> String {
     if ms <= 0 {
         return "-".into();
@@ -125,20 +140,7 @@ pub async fn history(
         .into_inner();
     let measurement_lines: Vec<String> = reply.measurements.iter().map(super::follow::measurement_line).collect();
     let out = HistoryJson {
-        measurements: reply
-            .measurements
-            .into_iter()
-            .map(|m| MeasurementJson {
-                metric: m.metric,
-                hosts: m.hosts,
-                query: m.query,
-                value: m.value,
-                baseline: m.baseline,
-                verdict: m.verdict,
-                reason: m.reason,
-                at_unix_ms: m.at_unix_ms,
-            })
-            .collect(),
+        measurements: reply.measurements.into_iter().map(Into::into).collect(),
         rollouts: reply
             .rollouts
             .into_iter()

@@ -16,6 +16,7 @@
 
 pub mod analysis;
 pub mod control;
+pub mod dry_run;
 pub mod events;
 pub mod fleet;
 pub mod freeze;
@@ -75,6 +76,25 @@ pub struct EngineConfig {
     pub prestage_parallel: usize,
     /// How long a resumed rollout waits for its hosts to reconnect.
     pub reconnect_grace: Duration,
+}
+
+/// One rule that may hold a deploy back, and what it says.
+#[derive(Debug)]
+pub struct Gatekeeper {
+    pub name: &'static str,
+    /// What lets the deploy through, or why it is refused.
+    pub verdict: Result<String, Refused>,
+}
+
+/// A deploy as planned, before anything happens.
+pub struct DeployPlan {
+    pub spec: AppSpec,
+    pub plan: Plan,
+    pub verdicts: Vec<Gatekeeper>,
+    kind: Kind,
+    targets: Vec<FleetHost>,
+    /// What an admin's hotfix passes (a freeze, a window).
+    passes: Option<Vec<String>>,
 }
 
 /// A running rollout as others reach it: to watch it or to control it.
@@ -179,8 +199,12 @@ impl Engine {
             .partition(|h| h.connected)
     }
 
-    /// Plans and starts a deploy; returns its event stream.
-    pub fn start_deploy(self: &Arc<Self>, who: &str, o: DeployOrder) -> Result<broadcast::Receiver<Event>, Refused> {
+    /// Everything a deploy decides before it starts, with no side
+    /// effect: what `start_deploy` acts on and `--dry-run` shows. Input
+    /// that makes no deploy at all (an unknown environment, a release
+    /// never pushed, no target) is an error; the rules that may hold a
+    /// deploy back are verdicts.
+    pub fn plan_deploy(&self, who: &str, o: &DeployOrder) -> Result<DeployPlan, Refused> {
         let (app, version, env) = (&o.app, &o.version, &o.env);
         let spec = self.load_spec(app)?;
         let Some(pos) = spec.environments.iter().position(|e| e == env) else {
@@ -189,28 +213,69 @@ impl Engine {
                 spec.environments.join(", ")
             )));
         };
-        let clearance = self.clearance(&spec, env, o.hotfix.as_deref(), o.admin)?;
-        if spec.analysis.is_some() && self.metrics.is_none() {
-            return Err(Refused::Precondition(format!(
-                "{app}'s spec has metric gates ([analysis]) but the controller has no prometheus_url to measure them on"
-            )));
-        }
         let release = self.store.release(app, version)?.ok_or_else(|| {
             Refused::NotFound(format!(
                 "{app} {version} has not been pushed; run `convoy release push {app} {version} FILE`"
             ))
         })?;
+        let mut verdicts = Vec::new();
+        let clearance = self.clearance(&spec, env, o.hotfix.as_deref(), o.admin);
+        let clearance_passes = match &clearance {
+            Ok(freeze::Clearance::Passes(held)) => Some(held.clone()),
+            _ => None,
+        };
+        verdicts.push(Gatekeeper {
+            name: "freeze and windows",
+            verdict: match clearance {
+                Ok(freeze::Clearance::Clear) => Ok(if spec.windows.is_empty() {
+                    format!("{env} is not frozen")
+                } else {
+                    format!("{env} is not frozen; inside {app}'s deploy windows")
+                }),
+                Ok(freeze::Clearance::Passes(held)) => Ok(format!("hotfix by {who} passes: {}", held.join("; "))),
+                Err(e) => Err(e),
+            },
+        });
+        verdicts.push(Gatekeeper {
+            name: "metric gates",
+            verdict: match (&spec.analysis, &self.metrics) {
+                (None, _) => Ok("none in the spec".into()),
+                (Some(a), Some(_)) => Ok(format!("{} metric(s), measured every {}", a.metrics.len(), humantime::format_duration(a.interval))),
+                (Some(_), None) => Err(Refused::Precondition(format!(
+                    "{app}'s spec has metric gates ([analysis]) but the controller has no prometheus_url to measure them on"
+                ))),
+            },
+        });
         // Promotion: a version enters an environment only after it
         // completed in the one before, unless this is a recorded hotfix.
-        if spec.promotion && pos > 0 && o.hotfix.is_none() {
-            let before = &spec.environments[pos - 1];
-            if !self.store.completed_in(app, version, before)? {
-                return Err(Refused::Precondition(format!(
-                    "{app} {version} has not completed in {before}, which comes before {env}; deploy it there first, \
-                     or pass --hotfix --reason TEXT"
-                )));
-            }
-        }
+        verdicts.push(Gatekeeper {
+            name: "promotion",
+            verdict: if !spec.promotion {
+                Ok("off: environments are independent".into())
+            } else if pos == 0 {
+                Ok(format!("{env} is the first environment"))
+            } else if let Some(reason) = &o.hotfix {
+                Ok(format!("skipped by a hotfix: {}", reason.trim()))
+            } else {
+                let before = &spec.environments[pos - 1];
+                if self.store.completed_in(app, version, before)? {
+                    Ok(format!("{app} {version} completed in {before}"))
+                } else {
+                    Err(Refused::Precondition(format!(
+                        "{app} {version} has not completed in {before}, which comes before {env}; deploy it there first, \
+                         or pass --hotfix --reason TEXT"
+                    )))
+                }
+            },
+        });
+        verdicts.push(Gatekeeper {
+            name: "approval",
+            verdict: Ok(if spec.approval.contains(env) {
+                format!("{env} needs approval: the rollout waits for an operator other than {who}")
+            } else {
+                "not needed".into()
+            }),
+        });
         let (connected, missing) = self.hosts_in(env, &spec.selector, &o.select);
         if connected.is_empty() {
             return Err(Refused::Precondition(format!(
@@ -269,6 +334,7 @@ impl Engine {
             let names: Vec<&str> = a.metrics.iter().map(|m| m.name.as_str()).collect();
             strategy_text.push_str(&format!(", metric gates {}", names.join(", ")));
         }
+        let passes = verdicts[0].verdict.as_ref().ok().and_then(|_| clearance_passes.clone());
         let kind = Kind::Deploy {
             cmd: Box::new(cmd),
             strategy: o.strategy.clone(),
@@ -278,13 +344,8 @@ impl Engine {
             manual_promote: o.manual_promote,
             vanish: o.vanish,
             analysis: spec.analysis.clone().map(Box::new),
-            passes_freeze: matches!(clearance, freeze::Clearance::Passes(_)),
+            passes_freeze: passes.is_some(),
             preflight: Some(Box::new(preflight)),
-        };
-        let control = if spec.approval.contains(env) {
-            Control::AwaitApproval(who.to_owned())
-        } else {
-            Control::Run
         };
         let names: Vec<HostName> = targets.iter().map(|h| h.name.clone()).collect();
         let plan = Plan {
@@ -300,14 +361,37 @@ impl Engine {
                     bake,
                 })
                 .collect(),
-            strategy: strategy_text.clone(),
+            strategy: strategy_text,
             failure_budget: budget,
-            notes: match &clearance {
-                freeze::Clearance::Passes(held) => vec![format!("hotfix by {who} passes: {}", held.join("; "))],
-                freeze::Clearance::Clear => vec![],
-            },
+            notes: passes
+                .iter()
+                .map(|held| format!("hotfix by {who} passes: {}", held.join("; ")))
+                .collect(),
         };
-        let rollout = self.claim(who, app, env, kind, &targets, control)?;
+        Ok(DeployPlan {
+            spec,
+            plan,
+            verdicts,
+            kind,
+            targets,
+            passes,
+        })
+    }
+
+    /// Plans and starts a deploy; returns its event stream.
+    pub fn start_deploy(self: &Arc<Self>, who: &str, o: DeployOrder) -> Result<broadcast::Receiver<Event>, Refused> {
+        let (app, version, env) = (&o.app, &o.version, &o.env);
+        let mut p = self.plan_deploy(who, &o)?;
+        for g in std::mem::take(&mut p.verdicts) {
+            g.verdict?;
+        }
+        let control = if p.spec.approval.contains(env) {
+            Control::AwaitApproval(who.to_owned())
+        } else {
+            Control::Run
+        };
+        let strategy_text = p.plan.strategy.clone();
+        let rollout = self.claim(who, app, env, p.kind, &p.targets, control)?;
         let record = NewRollout {
             id: &rollout.id,
             app,
@@ -323,7 +407,7 @@ impl Engine {
             self.release_slot(app, env);
             return Err(e.into());
         }
-        if let freeze::Clearance::Passes(held) = &clearance {
+        if let Some(held) = &p.passes {
             let detail = format!(
                 "rollout {} of {app} {version} passed: {} (hotfix: {})",
                 rollout.id,
@@ -338,7 +422,7 @@ impl Engine {
                 .send(self.environment_payload("hotfix_passed", who, env, &detail));
         }
         tracing::info!(rollout = %rollout.id, %app, %version, %env, by = %who, hotfix = o.hotfix.is_some(), "deploy started");
-        Ok(self.launch(rollout, false, Some(plan)))
+        Ok(self.launch(rollout, false, Some(p.plan)))
     }
 
     /// Checks and starts a manual rollback; returns its event stream. It

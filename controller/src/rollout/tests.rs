@@ -1086,3 +1086,45 @@ async fn a_failing_pre_flight_on_one_host_refuses_the_deploy_before_anything_mov
     let (_, done) = finish(b.engine.start_deploy("operator:alice", order()).unwrap()).await;
     assert_eq!(done.verdict, Verdict::Succeeded, "{}", done.reason);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_dry_run_decides_what_the_deploy_then_does_and_changes_nothing() {
+    let b = bed(WEB4, "approval = [\"production\"]");
+    let o = DeployOrder {
+        strategy: Strategy::from_flags("canary", None, Some("1,50%,100%"), Some(Duration::from_secs(60))).unwrap(),
+        ..order()
+    };
+    let dry = b.engine.dry_run("operator:alice", &o).await.unwrap();
+    assert!(dry.would_start());
+    let names: Vec<&str> = dry.verdicts.iter().map(|(n, _)| *n).collect();
+    assert_eq!(names, ["freeze and windows", "metric gates", "promotion", "approval"]);
+    assert_eq!(dry.preflight.len(), 4);
+    assert!(b.fleet.sent().is_empty(), "no host was sent anything");
+    assert!(b.db.history(&app(), 10).unwrap().is_empty(), "no rollout recorded");
+    // The real deploy plans the same batches.
+    let (events, done) = finish(b.engine.start_deploy("operator:alice", o.clone()).unwrap()).await;
+    assert_eq!(done.verdict, Verdict::Succeeded);
+    let EventBody::Plan(real) = &events[0].body else {
+        panic!("the plan comes first")
+    };
+    let batches = |p: &super::events::Plan| -> Vec<Vec<String>> {
+        p.batches
+            .iter()
+            .map(|b| b.hosts.iter().map(|h| h.to_string()).collect())
+            .collect()
+    };
+    assert_eq!(batches(&dry.plan), batches(real));
+    assert_eq!(batches(real), [vec!["web1"], vec!["web2"], vec!["web3", "web4"]]);
+
+    // A deploy that would be refused says why, and still changes nothing.
+    let mut p = o.clone();
+    p.env = "production".into();
+    let err = b.engine.dry_run("operator:alice", &p).await;
+    // No production host: no deploy at all.
+    assert!(err.is_err());
+    b.engine.freeze("operator:root", "staging", "incident", None).unwrap();
+    let dry = b.engine.dry_run("operator:alice", &o).await.unwrap();
+    assert!(!dry.would_start());
+    assert!(matches!(&dry.verdicts[0], ("freeze and windows", Err(e)) if e.contains("incident")));
+    assert_eq!(b.db.history(&app(), 10).unwrap().len(), 1);
+}

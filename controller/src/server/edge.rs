@@ -11,8 +11,10 @@ use convoy_proto::{
     RolloutNote, RolloutPlan,
 };
 
+use crate::rollout::dry_run::DryRun;
 use crate::rollout::events::{Done, Event, EventBody, Plan, Verdict};
 use crate::rollout::order::{DeployOrder, FailureBudget, InvalidOrder, RollbackOrder, Vanish, DEFAULT_VANISH_DEADLINE};
+use crate::rollout::preflight::HostPreflight;
 
 fn name<T>(flag: &str, r: Result<T, convoy_common::names::InvalidName>) -> Result<T, InvalidOrder> {
     r.map_err(|e| InvalidOrder(format!("{flag}: {e}")))
@@ -132,6 +134,37 @@ impl From<&Done> for RolloutDone {
     }
 }
 
+impl From<&HostPreflight> for convoy_proto::HostPreflight {
+    fn from(h: &HostPreflight) -> Self {
+        convoy_proto::HostPreflight {
+            host: h.host.to_string(),
+            checks: h.checks.iter().map(Into::into).collect(),
+        }
+    }
+}
+
+impl From<&DryRun> for convoy_proto::DeployPlanReply {
+    fn from(d: &DryRun) -> Self {
+        convoy_proto::DeployPlanReply {
+            plan: Some((&d.plan).into()),
+            verdicts: d
+                .verdicts
+                .iter()
+                .map(|(name, v)| convoy_proto::PlanVerdict {
+                    name: (*name).to_owned(),
+                    passed: v.is_ok(),
+                    detail: match v {
+                        Ok(s) | Err(s) => s.clone(),
+                    },
+                })
+                .collect(),
+            preflight: d.preflight.iter().map(Into::into).collect(),
+            gates: d.gates.iter().map(Into::into).collect(),
+            would_start: d.would_start(),
+        }
+    }
+}
+
 impl From<&Event> for RolloutEvent {
     fn from(e: &Event) -> Self {
         let body = match &e.body {
@@ -147,13 +180,7 @@ impl From<&Event> for RolloutEvent {
             }),
             EventBody::Measurement(m) => rollout_event::Body::Measurement(m.into()),
             EventBody::Preflight(hosts) => rollout_event::Body::Preflight(convoy_proto::PreflightReport {
-                hosts: hosts
-                    .iter()
-                    .map(|h| convoy_proto::HostPreflight {
-                        host: h.host.to_string(),
-                        checks: h.checks.iter().map(Into::into).collect(),
-                    })
-                    .collect(),
+                hosts: hosts.iter().map(Into::into).collect(),
             }),
             EventBody::Done(d) => rollout_event::Body::Done(d.into()),
         };

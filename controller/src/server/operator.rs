@@ -329,6 +329,17 @@ impl OperatorService for OperatorApi {
         Ok(Response::new(event_stream(&self.shared, rx)))
     }
 
+    async fn plan_deploy(
+        &self,
+        req: Request<DeployRequest>,
+    ) -> Result<Response<convoy_proto::DeployPlanReply>, Status> {
+        let id = operator(&req, Role::Deployer, "plan deploys")?;
+        let mut order = DeployOrder::try_from(req.into_inner()).map_err(invalid)?;
+        order.admin = id.role == Some(Role::Admin);
+        let plan = self.shared.engine.dry_run(&id.to_string(), &order).await?;
+        Ok(Response::new((&plan).into()))
+    }
+
     async fn rollback(&self, req: Request<RollbackRequest>) -> Result<Response<Self::RollbackStream>, Status> {
         let id = operator(&req, Role::Deployer, "roll back")?;
         let order = RollbackOrder::try_from(req.into_inner()).map_err(invalid)?;
