@@ -21,6 +21,7 @@ pub mod ops;
 pub mod rollout;
 pub mod signing;
 pub mod spec;
+pub mod traffic;
 pub mod window;
 
 pub use digest::Digest;

@@ -105,6 +105,9 @@ pub enum Step {
     Commit,
     Restore,
     Recover,
+    /// Taking the host out of the load balancer and putting it back
+    /// (the controller's step, around the agent's).
+    Traffic,
 }
 
 impl Step {
@@ -119,6 +122,7 @@ impl Step {
             Step::Commit => "commit",
             Step::Restore => "restore",
             Step::Recover => "recover",
+            Step::Traffic => "traffic",
         }
     }
 }
@@ -142,6 +146,7 @@ impl std::str::FromStr for Step {
             "commit" => Step::Commit,
             "restore" => Step::Restore,
             "recover" => Step::Recover,
+            "traffic" => Step::Traffic,
             other => return Err(format!("unknown step {other:?}")),
         })
     }

@@ -223,6 +223,8 @@ pub struct AppSpec {
     /// When rollouts may start; empty: any time.
     pub windows: Vec<crate::window::Window>,
     pub preflight: Preflight,
+    /// How requests reach the hosts: drained around each activation.
+    pub traffic: Option<crate::traffic::TrafficSpec>,
 }
 
 /// What every target must have before a deploy moves any byte to it.
@@ -300,6 +302,8 @@ struct RawSpec {
     windows: Vec<String>,
     #[serde(default)]
     preflight: RawPreflight,
+    #[serde(default)]
+    traffic: Option<crate::traffic::RawTraffic>,
 }
 
 #[derive(Deserialize, Default)]
@@ -537,7 +541,9 @@ impl AppSpec {
             .enumerate()
             .map(|(i, w)| crate::window::Window::parse(w).map_err(|e| invalid(&format!("windows[{i}]"), e)))
             .collect::<Result<_, _>>()?;
+        let traffic = raw.traffic.map(|t| t.check(invalid)).transpose()?;
         Ok(AppSpec {
+            traffic,
             preflight,
             windows,
             analysis,
@@ -698,6 +704,7 @@ mod tests {
         code.extend(prefixed("hooks.<point>.", serde_introspect::<RawHook>()));
         code.extend(prefixed("analysis.", crate::analysis::raw_keys()));
         code.extend(prefixed("preflight.", serde_introspect::<RawPreflight>()));
+        code.extend(prefixed("traffic.", crate::traffic::raw_keys()));
         code.extend(prefixed("preflight.checks[].", serde_introspect::<RawCheck>()));
         code.extend(prefixed("analysis.metrics[].", crate::analysis::raw_metric_keys()));
         code.insert("selector.<label>".into());

@@ -12,6 +12,7 @@ mod progress;
 mod prometheus;
 mod rollout;
 mod sandbox;
+mod traffic;
 mod server;
 mod webhooks;
 

@@ -11,6 +11,7 @@ use super::events::Plan;
 use super::order::DeployOrder;
 use super::preflight::HostPreflight;
 use super::run::Kind;
+use super::seams::RolloutRef;
 use super::{Engine, Refused};
 
 pub struct DryRun {
@@ -40,15 +41,23 @@ impl Engine {
             .map(|g| (g.name, g.verdict.map_err(|e| e.to_string())))
             .collect();
         let Kind::Deploy {
-            preflight, analysis, ..
+            preflight,
+            analysis,
+            traffic,
+            ..
         } = &p.kind
         else {
             unreachable!("plan_deploy plans deploys")
         };
-        let id = format!("dryrun-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+        let rollout = RolloutRef {
+            id: format!("dryrun-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]),
+            app: o.app.clone(),
+            env: o.env.clone(),
+            traffic: traffic.as_deref().cloned(),
+        };
         let targets = p.plan.hosts.clone();
         let preflight = match preflight {
-            Some(cmd) => self.preflight(&id, cmd, &targets).await,
+            Some(cmd) => self.preflight(&rollout, cmd, &targets).await,
             None => vec![],
         };
         let mut gates = vec![];

@@ -148,7 +148,6 @@ impl Engine {
     }
 
     /// Puts `steps` around every host's activation.
-    #[cfg_attr(not(test), expect(dead_code, reason = "traffic steps plug in here"))]
     pub fn with_steps(mut self, steps: Arc<dyn HostSteps>) -> Self {
         self.steps = steps;
         self
@@ -346,6 +345,7 @@ impl Engine {
             analysis: spec.analysis.clone().map(Box::new),
             passes_freeze: passes.is_some(),
             preflight: Some(Box::new(preflight)),
+            traffic: spec.traffic.clone().map(Box::new),
         };
         let names: Vec<HostName> = targets.iter().map(|h| h.name.clone()).collect();
         let plan = Plan {

@@ -11,6 +11,7 @@ use futures::future::join_all;
 use tokio::sync::Semaphore;
 
 use super::store::{Release, ReleaseContents};
+use super::seams::RolloutRef;
 use super::Engine;
 
 /// One target's pre-flight checks.
@@ -56,7 +57,7 @@ impl Engine {
     /// Asks every target, at most `prestage_parallel` at once.
     pub(super) async fn preflight(
         &self,
-        rollout: &str,
+        rollout: &RolloutRef,
         cmd: &PreflightCommand,
         targets: &[HostName],
     ) -> Vec<HostPreflight> {
@@ -77,10 +78,17 @@ impl Engine {
             } else {
                 checks.push(check("agent protocol", true, format!("{protocol}")));
                 let mut c = cmd.clone();
-                c.op_id = format!("{rollout}:preflight:{h}");
+                c.op_id = format!("{}:preflight:{h}", rollout.id);
                 match self.fleet.preflight(h, c).await {
                     Ok(answers) => checks.extend(answers),
                     Err(e) => checks.push(check("answer", false, e)),
+                }
+            }
+            // The load balancer answers and knows the host.
+            if rollout.traffic.is_some() {
+                match self.steps.check(rollout, h).await {
+                    Ok(detail) => checks.push(check("traffic", true, detail)),
+                    Err(e) => checks.push(check("traffic", false, e)),
                 }
             }
             HostPreflight {

@@ -13,9 +13,10 @@ use std::time::Duration;
 
 use convoy_common::analysis::AnalysisSpec;
 use convoy_common::ops::{
-    ActivateCommand, OpId, OpKind, OpReport, Outcome, PreflightCommand, RollbackCommand, StepEvent,
+    ActivateCommand, EventKind, OpId, OpKind, OpReport, Outcome, PreflightCommand, RollbackCommand, Step, StepEvent,
 };
 use convoy_common::rollout::Strategy;
+use convoy_common::traffic::TrafficSpec;
 use convoy_common::{AppName, HostName, Version};
 use futures::future::join_all;
 use serde::{Deserialize, Serialize};
@@ -54,6 +55,9 @@ pub(super) enum Kind {
         /// What every target is asked before anything moves.
         #[serde(default)]
         preflight: Option<Box<PreflightCommand>>,
+        /// How requests reach the hosts, from the app spec.
+        #[serde(default)]
+        traffic: Option<Box<TrafficSpec>>,
     },
     Rollback {
         to: Option<Version>,
@@ -158,11 +162,15 @@ impl Rollout {
         serde_json::to_string(&plan).expect("plan serialises")
     }
 
-    fn reference(&self) -> RolloutRef {
+    pub(super) fn reference(&self) -> RolloutRef {
         RolloutRef {
             id: self.id.clone(),
             app: self.app.clone(),
             env: self.env.clone(),
+            traffic: match &self.kind {
+                Kind::Deploy { traffic, .. } => traffic.as_deref().cloned(),
+                Kind::Rollback { .. } => None,
+            },
         }
     }
 
@@ -415,7 +423,7 @@ impl Rollout {
         // resumed rollout did this before it first moved).
         if let Some(cmd) = preflight.as_ref().filter(|_| self.recorded.is_empty()) {
             self.note(format!("pre-flight on {} host(s)", self.targets.len()));
-            let results = engine.preflight(&self.id, cmd, &self.targets).await;
+            let results = engine.preflight(&self.reference(), cmd, &self.targets).await;
             if let Some(reason) = super::preflight::refusal(&results) {
                 self.emit(EventBody::Preflight(results));
                 return Done {
@@ -675,19 +683,39 @@ impl Rollout {
         if let Some(done) = self.recorded.get(op) {
             return Ok(done.clone());
         }
-        engine
-            .steps
-            .before_activate(rollout, host)
-            .await
+        self.traffic_step(engine, op, engine.steps.before_activate(rollout, host).await)
             .map_err(|e| format!("before activating {host}: {e}"))?;
         let mut c = ActivateCommand::clone(cmd);
         c.op_id = op.to_string();
         let r = self.run_op(engine, op, Command::Activate(c)).await;
         let succeeded = matches!(&r, Ok(o) if o.outcome.is_success());
-        if let Err(e) = engine.steps.after_activate(rollout, host, succeeded).await {
+        let after = engine.steps.after_activate(rollout, host, succeeded).await;
+        if let Err(e) = self.traffic_step(engine, op, after) {
             return Err(format!("after activating {host}: {e}"));
         }
         r
+    }
+
+    /// Records what a host step did as a `traffic` event of the host.
+    fn traffic_step(&self, engine: &Engine, op: &OpId, done: Result<String, String>) -> Result<(), String> {
+        let (kind, message) = match &done {
+            Ok(m) if m.is_empty() => return Ok(()),
+            Ok(m) => (EventKind::Succeeded, m.clone()),
+            Err(e) => (EventKind::Failed, e.clone()),
+        };
+        self.record_event(
+            engine,
+            op.host(),
+            StepEvent {
+                op_id: op.to_string(),
+                app: self.app.clone(),
+                step: Step::Traffic,
+                kind,
+                message,
+                at_unix_ms: convoy_common::ops::now_unix_ms(),
+            },
+        );
+        done.map(drop)
     }
 
     /// Stops a deploy and, unless told not to, rolls the hosts it moved

@@ -10,22 +10,27 @@
 //! The default steps do nothing; without a metric source, an app whose
 //! spec has metric gates cannot be deployed.
 
+use convoy_common::traffic::TrafficSpec;
 use convoy_common::{AppName, HostName};
 use futures::future::BoxFuture;
 
 /// The rollout a seam is called for.
 #[derive(Debug, Clone)]
-#[cfg_attr(not(test), expect(dead_code, reason = "read by the steps and gates that plug in"))]
 pub struct RolloutRef {
     pub id: String,
     pub app: AppName,
     pub env: String,
+    /// How requests reach its hosts, from the app spec.
+    pub traffic: Option<TrafficSpec>,
 }
 
+/// Each step says what it did (empty: nothing to do), which the rollout
+/// records as a `traffic` step event of the host; an error says why the
+/// host fails.
 pub trait HostSteps: Send + Sync {
     /// Before the host is sent its activation. An error fails the host
     /// without activating it.
-    fn before_activate<'a>(&'a self, rollout: &'a RolloutRef, host: &'a HostName) -> BoxFuture<'a, Result<(), String>>;
+    fn before_activate<'a>(&'a self, rollout: &'a RolloutRef, host: &'a HostName) -> BoxFuture<'a, Result<String, String>>;
 
     /// After the host's activation ended, whether it succeeded or not (a
     /// failed host runs its previous release again and can take traffic).
@@ -35,7 +40,11 @@ pub trait HostSteps: Send + Sync {
         rollout: &'a RolloutRef,
         host: &'a HostName,
         succeeded: bool,
-    ) -> BoxFuture<'a, Result<(), String>>;
+    ) -> BoxFuture<'a, Result<String, String>>;
+
+    /// At pre-flight: whether the steps can act on this host (the
+    /// balancer answers and knows it).
+    fn check<'a>(&'a self, rollout: &'a RolloutRef, host: &'a HostName) -> BoxFuture<'a, Result<String, String>>;
 }
 
 /// Why a metric query gave no value.
@@ -60,11 +69,15 @@ pub trait MetricSource: Send + Sync {
 pub struct NoSteps;
 
 impl HostSteps for NoSteps {
-    fn before_activate<'a>(&'a self, _: &'a RolloutRef, _: &'a HostName) -> BoxFuture<'a, Result<(), String>> {
-        Box::pin(async { Ok(()) })
+    fn before_activate<'a>(&'a self, _: &'a RolloutRef, _: &'a HostName) -> BoxFuture<'a, Result<String, String>> {
+        Box::pin(async { Ok(String::new()) })
     }
 
-    fn after_activate<'a>(&'a self, _: &'a RolloutRef, _: &'a HostName, _: bool) -> BoxFuture<'a, Result<(), String>> {
-        Box::pin(async { Ok(()) })
+    fn after_activate<'a>(&'a self, _: &'a RolloutRef, _: &'a HostName, _: bool) -> BoxFuture<'a, Result<String, String>> {
+        Box::pin(async { Ok(String::new()) })
+    }
+
+    fn check<'a>(&'a self, _: &'a RolloutRef, _: &'a HostName) -> BoxFuture<'a, Result<String, String>> {
+        Box::pin(async { Ok(String::new()) })
     }
 }

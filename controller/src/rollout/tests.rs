@@ -203,23 +203,41 @@ impl Fleet for TestFleet {
     fn forget(&self, _: &OpId) {}
 }
 
-/// Records the host steps' calls.
+/// Records the host steps' calls; draining the hosts named fails.
 #[derive(Default)]
 struct Recorder {
     calls: Mutex<Vec<String>>,
+    unreachable: Vec<String>,
 }
 
 impl HostSteps for Recorder {
-    fn before_activate<'a>(&'a self, r: &'a RolloutRef, h: &'a HostName) -> BoxFuture<'a, Result<(), String>> {
+    fn before_activate<'a>(&'a self, r: &'a RolloutRef, h: &'a HostName) -> BoxFuture<'a, Result<String, String>> {
         assert_eq!((r.app.as_str(), r.env.as_str()), ("demo", "staging"));
         assert_eq!(r.id.len(), 12);
         self.calls.lock().unwrap().push(format!("drain {h}"));
-        Box::pin(async { Ok(()) })
+        let fail = self.unreachable.contains(&h.to_string());
+        let said = format!("drained {h}");
+        Box::pin(async move {
+            match fail {
+                true => Err("haproxy runtime API at 127.0.0.1:9999: Connection refused".into()),
+                false => Ok(said),
+            }
+        })
     }
 
-    fn after_activate<'a>(&'a self, _: &'a RolloutRef, h: &'a HostName, ok: bool) -> BoxFuture<'a, Result<(), String>> {
+    fn after_activate<'a>(
+        &'a self,
+        _: &'a RolloutRef,
+        h: &'a HostName,
+        ok: bool,
+    ) -> BoxFuture<'a, Result<String, String>> {
         self.calls.lock().unwrap().push(format!("ready {h} {ok}"));
-        Box::pin(async { Ok(()) })
+        Box::pin(async { Ok(String::new()) })
+    }
+
+    fn check<'a>(&'a self, _: &'a RolloutRef, h: &'a HostName) -> BoxFuture<'a, Result<String, String>> {
+        self.calls.lock().unwrap().push(format!("check {h}"));
+        Box::pin(async { Ok("known".into()) })
     }
 }
 
@@ -1127,4 +1145,26 @@ async fn a_dry_run_decides_what_the_deploy_then_does_and_changes_nothing() {
     assert!(!dry.would_start());
     assert!(matches!(&dry.verdicts[0], ("freeze and windows", Err(e)) if e.contains("incident")));
     assert_eq!(b.db.history(&app(), 10).unwrap().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_host_the_balancer_cannot_drain_is_not_switched() {
+    let b = bed(&WEB4[..2], "");
+    let recorder = Arc::new(Recorder {
+        unreachable: vec!["web1".into()],
+        ..Default::default()
+    });
+    let engine = engine_on(&b.dir, b.fleet.clone(), b.db.clone(), b.stop.clone(), Some(recorder.clone()));
+    let (events, done) = finish(engine.start_deploy("operator:alice", order()).unwrap()).await;
+    assert_eq!(done.verdict, Verdict::Failed);
+    assert!(
+        done.reason.starts_with("before activating web1: haproxy runtime API at 127.0.0.1:9999"),
+        "{}",
+        done.reason
+    );
+    assert!(b.fleet.sent_of(OpKind::Activate).is_empty(), "nothing switched");
+    // The failed step is in the output and the history.
+    assert!(events.iter().any(|e| matches!(&e.body,
+        EventBody::Host { event, .. } if event.step == convoy_common::ops::Step::Traffic
+            && event.kind == convoy_common::ops::EventKind::Failed)));
 }

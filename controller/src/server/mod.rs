@@ -176,6 +176,7 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'sta
         };
         engine = engine.with_metrics(Arc::new(crate::prometheus::Prometheus::new(url, tls)));
     }
+    let engine = engine.with_steps(Arc::new(crate::traffic::Traffic));
     engine
         .load_freezes()
         .map_err(|e| anyhow::anyhow!("reading the freezes: {e}"))?;

@@ -1,0 +1,258 @@
+//! Traffic steps: a host leaves the load balancer before it switches and
+//! comes back once it is healthy, through HAProxy's runtime API or an
+//! operator's own program (`[traffic]` in the app spec).
+
+use std::time::Duration;
+
+use convoy_common::traffic::{Provider, TrafficSpec};
+use convoy_common::HostName;
+use futures::future::BoxFuture;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::rollout::seams::{HostSteps, RolloutRef};
+
+/// Longest one runtime API command may take.
+const API_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a drain or a return is polled.
+const POLL: Duration = Duration::from_millis(200);
+
+/// The real host steps: act on the rollout's `[traffic]`, if any.
+pub struct Traffic;
+
+impl HostSteps for Traffic {
+    fn before_activate<'a>(&'a self, r: &'a RolloutRef, host: &'a HostName) -> BoxFuture<'a, Result<String, String>> {
+        Box::pin(async move {
+            match &r.traffic {
+                None => Ok(String::new()),
+                Some(t) => drain(r, t, host).await,
+            }
+        })
+    }
+
+    fn after_activate<'a>(
+        &'a self,
+        r: &'a RolloutRef,
+        host: &'a HostName,
+        _succeeded: bool,
+    ) -> BoxFuture<'a, Result<String, String>> {
+        // A host that failed runs its previous release again, checked:
+        // it goes back the same way.
+        Box::pin(async move {
+            match &r.traffic {
+                None => Ok(String::new()),
+                Some(t) => ready(r, t, host).await,
+            }
+        })
+    }
+
+    fn check<'a>(&'a self, r: &'a RolloutRef, host: &'a HostName) -> BoxFuture<'a, Result<String, String>> {
+        Box::pin(async move {
+            match &r.traffic {
+                None => Ok(String::new()),
+                Some(t) => match &t.provider {
+                    Provider::Haproxy {
+                        runtime_api,
+                        backend,
+                        server,
+                    } => {
+                        let server = server_name(server, host);
+                        let row = server_row(runtime_api, backend, &server).await?;
+                        Ok(format!("haproxy {backend}/{server}: {}", row.status))
+                    }
+                    Provider::Command { argv } => run(argv, "check", r, host, t.ready_timeout).await,
+                },
+            }
+        })
+    }
+}
+
+fn server_name(pattern: &str, host: &HostName) -> String {
+    pattern.replace("{{host}}", host.as_str())
+}
+
+async fn drain(r: &RolloutRef, t: &TrafficSpec, host: &HostName) -> Result<String, String> {
+    match &t.provider {
+        Provider::Haproxy {
+            runtime_api,
+            backend,
+            server,
+        } => {
+            let server = server_name(server, host);
+            let started = tokio::time::Instant::now();
+            set_state(runtime_api, backend, &server, "drain").await?;
+            loop {
+                let row = server_row(runtime_api, backend, &server).await?;
+                if row.sessions == 0 {
+                    return Ok(format!(
+                        "drained from haproxy {backend}/{server}: no session left after {:.1}s",
+                        started.elapsed().as_secs_f64()
+                    ));
+                }
+                if started.elapsed() >= t.drain_timeout {
+                    return Ok(format!(
+                        "haproxy {backend}/{server} still had {} session(s) after drain_timeout {}; switching anyway",
+                        row.sessions,
+                        humantime::format_duration(t.drain_timeout)
+                    ));
+                }
+                tokio::time::sleep(POLL).await;
+            }
+        }
+        Provider::Command { argv } => run(argv, "drain", r, host, t.drain_timeout).await,
+    }
+}
+
+async fn ready(r: &RolloutRef, t: &TrafficSpec, host: &HostName) -> Result<String, String> {
+    match &t.provider {
+        Provider::Haproxy {
+            runtime_api,
+            backend,
+            server,
+        } => {
+            let server = server_name(server, host);
+            let started = tokio::time::Instant::now();
+            set_state(runtime_api, backend, &server, "ready").await?;
+            loop {
+                let row = server_row(runtime_api, backend, &server).await?;
+                // A server without health checks is up once it is ready.
+                if row.status.starts_with("UP") || row.status == "no check" {
+                    return Ok(format!(
+                        "back in haproxy {backend}/{server}: {} after {:.1}s",
+                        row.status,
+                        started.elapsed().as_secs_f64()
+                    ));
+                }
+                if started.elapsed() >= t.ready_timeout {
+                    return Err(format!(
+                        "haproxy does not see {backend}/{server} up after {} (status {})",
+                        humantime::format_duration(t.ready_timeout),
+                        row.status
+                    ));
+                }
+                tokio::time::sleep(POLL).await;
+            }
+        }
+        Provider::Command { argv } => run(argv, "ready", r, host, t.ready_timeout).await,
+    }
+}
+
+/// Runs the operator's program for `action`; its last line of output says
+/// what it did.
+async fn run(argv: &[String], action: &str, r: &RolloutRef, host: &HostName, limit: Duration) -> Result<String, String> {
+    let mut cmd = tokio::process::Command::new(&argv[0]);
+    cmd.args(&argv[1..])
+        .env("CONVOY_ACTION", action)
+        .env("CONVOY_HOST", host.as_str())
+        .env("CONVOY_APP", r.app.as_str())
+        .env("CONVOY_ENV", &r.env)
+        .env("CONVOY_ROLLOUT", &r.id)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let limit = limit + Duration::from_secs(5);
+    let out = tokio::time::timeout(limit, cmd.output())
+        .await
+        .map_err(|_| format!("{} {action}: no end within {}", argv[0], humantime::format_duration(limit)))?
+        .map_err(|e| format!("{} {action}: {e}", argv[0]))?;
+    let last = |b: &[u8]| String::from_utf8_lossy(b).lines().last().unwrap_or("").trim().to_owned();
+    if out.status.success() {
+        let said = last(&out.stdout);
+        Ok(if said.is_empty() {
+            format!("{} {action}: done", argv[0])
+        } else {
+            said
+        })
+    } else {
+        Err(format!("{} {action}: {} {}", argv[0], out.status, last(&out.stderr)))
+    }
+}
+
+/// One command to HAProxy's runtime API; returns its answer.
+pub async fn api(runtime_api: &str, command: &str) -> Result<String, String> {
+    async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, command: &str) -> std::io::Result<String> {
+        s.write_all(format!("{command}\n").as_bytes()).await?;
+        let mut out = String::new();
+        // The API answers one command and closes the connection.
+        s.take(4 << 20).read_to_string(&mut out).await?;
+        Ok(out)
+    }
+    let talk = async {
+        if runtime_api.starts_with('/') {
+            exchange(tokio::net::UnixStream::connect(runtime_api).await?, command).await
+        } else {
+            exchange(tokio::net::TcpStream::connect(runtime_api).await?, command).await
+        }
+    };
+    tokio::time::timeout(API_TIMEOUT, talk)
+        .await
+        .map_err(|_| format!("haproxy runtime API at {runtime_api}: no answer within {API_TIMEOUT:?}"))?
+        .map_err(|e| format!("haproxy runtime API at {runtime_api}: {e}"))
+}
+
+async fn set_state(runtime_api: &str, backend: &str, server: &str, state: &str) -> Result<(), String> {
+    let answer = api(runtime_api, &format!("set server {backend}/{server} state {state}")).await?;
+    match answer.trim() {
+        "" => Ok(()),
+        other => Err(format!("haproxy refused to set {backend}/{server} {state}: {other}")),
+    }
+}
+
+/// A server's line of `show stat`.
+#[derive(Debug, PartialEq, Eq)]
+struct ServerRow {
+    sessions: u64,
+    status: String,
+}
+
+async fn server_row(runtime_api: &str, backend: &str, server: &str) -> Result<ServerRow, String> {
+    let csv = api(runtime_api, "show stat").await?;
+    parse_stat(&csv, backend, server)
+}
+
+fn parse_stat(csv: &str, backend: &str, server: &str) -> Result<ServerRow, String> {
+    let mut lines = csv.lines();
+    let header = lines
+        .next()
+        .and_then(|h| h.strip_prefix("# "))
+        .ok_or_else(|| format!("haproxy's show stat is not CSV: {}", csv.lines().next().unwrap_or("")))?;
+    let cols: Vec<&str> = header.split(',').collect();
+    let col = |name: &str| {
+        cols.iter()
+            .position(|c| *c == name)
+            .ok_or_else(|| format!("haproxy's show stat has no {name} column"))
+    };
+    let (px, sv, scur, status) = (col("pxname")?, col("svname")?, col("scur")?, col("status")?);
+    for l in lines {
+        let f: Vec<&str> = l.split(',').collect();
+        if f.get(px) == Some(&backend) && f.get(sv) == Some(&server) {
+            return Ok(ServerRow {
+                sessions: f.get(scur).and_then(|v| v.parse().ok()).unwrap_or(0),
+                status: f.get(status).unwrap_or(&"").to_string(),
+            });
+        }
+    }
+    Err(format!("haproxy has no server {backend}/{server}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn show_stat_rows_are_found_by_backend_and_server() {
+        let csv = "# pxname,svname,qcur,qmax,scur,smax,slim,stot,status,weight\n\
+                   web,FRONTEND,,,3,9,,100,OPEN,\n\
+                   web,host1,0,0,2,5,,50,UP,1\n\
+                   web,host2,0,0,0,4,,50,DRAIN,0\n\
+                   web,BACKEND,0,0,2,9,,100,UP,1\n";
+        assert_eq!(
+            parse_stat(csv, "web", "host1").unwrap(),
+            ServerRow {
+                sessions: 2,
+                status: "UP".into()
+            }
+        );
+        assert_eq!(parse_stat(csv, "web", "host2").unwrap().status, "DRAIN");
+        assert_eq!(parse_stat(csv, "web", "host9").unwrap_err(), "haproxy has no server web/host9");
+        assert!(parse_stat("Unknown command\n", "web", "host1").unwrap_err().contains("not CSV"));
+    }
+}
