@@ -64,7 +64,10 @@ impl RawTraffic {
         }
         let not_for = |field: &str, present: bool, kind: &str| {
             if present {
-                Err(invalid(&format!("traffic.{field}"), format!("does not apply to kind = {kind:?}")))
+                Err(invalid(
+                    &format!("traffic.{field}"),
+                    format!("does not apply to kind = {kind:?}"),
+                ))
             } else {
                 Ok(())
             }
@@ -72,9 +75,12 @@ impl RawTraffic {
         let provider = match self.kind.as_str() {
             "haproxy" => {
                 not_for("command", self.command.is_some(), "haproxy")?;
-                let runtime_api = self
-                    .runtime_api
-                    .ok_or_else(|| invalid("traffic.runtime_api", "required for haproxy (host:port or a unix socket path)".into()))?;
+                let runtime_api = self.runtime_api.ok_or_else(|| {
+                    invalid(
+                        "traffic.runtime_api",
+                        "required for haproxy (host:port or a unix socket path)".into(),
+                    )
+                })?;
                 let tcp = runtime_api
                     .rsplit_once(':')
                     .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));

@@ -12,8 +12,8 @@ mod progress;
 mod prometheus;
 mod rollout;
 mod sandbox;
-mod traffic;
 mod server;
+mod traffic;
 mod webhooks;
 
 use std::path::PathBuf;

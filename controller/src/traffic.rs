@@ -138,7 +138,13 @@ async fn ready(r: &RolloutRef, t: &TrafficSpec, host: &HostName) -> Result<Strin
 
 /// Runs the operator's program for `action`; its last line of output says
 /// what it did.
-async fn run(argv: &[String], action: &str, r: &RolloutRef, host: &HostName, limit: Duration) -> Result<String, String> {
+async fn run(
+    argv: &[String],
+    action: &str,
+    r: &RolloutRef,
+    host: &HostName,
+    limit: Duration,
+) -> Result<String, String> {
     let mut cmd = tokio::process::Command::new(&argv[0]);
     cmd.args(&argv[1..])
         .env("CONVOY_ACTION", action)
@@ -151,9 +157,22 @@ async fn run(argv: &[String], action: &str, r: &RolloutRef, host: &HostName, lim
     let limit = limit + Duration::from_secs(5);
     let out = tokio::time::timeout(limit, cmd.output())
         .await
-        .map_err(|_| format!("{} {action}: no end within {}", argv[0], humantime::format_duration(limit)))?
+        .map_err(|_| {
+            format!(
+                "{} {action}: no end within {}",
+                argv[0],
+                humantime::format_duration(limit)
+            )
+        })?
         .map_err(|e| format!("{} {action}: {e}", argv[0]))?;
-    let last = |b: &[u8]| String::from_utf8_lossy(b).lines().last().unwrap_or("").trim().to_owned();
+    let last = |b: &[u8]| {
+        String::from_utf8_lossy(b)
+            .lines()
+            .last()
+            .unwrap_or("")
+            .trim()
+            .to_owned()
+    };
     if out.status.success() {
         let said = last(&out.stdout);
         Ok(if said.is_empty() {
@@ -237,6 +256,46 @@ fn parse_stat(csv: &str, backend: &str, server: &str) -> Result<ServerRow, Strin
 mod tests {
     use super::*;
 
+    fn rollout(argv: &[&str]) -> RolloutRef {
+        RolloutRef {
+            id: "r1".into(),
+            app: convoy_common::AppName::new("web").unwrap(),
+            env: "production".into(),
+            traffic: Some(TrafficSpec {
+                provider: Provider::Command {
+                    argv: argv.iter().map(|a| a.to_string()).collect(),
+                },
+                drain_timeout: Duration::from_secs(5),
+                ready_timeout: Duration::from_secs(5),
+            }),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_command_provider_gets_the_action_and_the_host_and_its_failure_is_the_hosts() {
+        let host = HostName::new("web3").unwrap();
+        let ok = rollout(&[
+            "sh",
+            "-c",
+            "echo \"$CONVOY_ACTION $CONVOY_HOST of $CONVOY_APP in $CONVOY_ENV\"",
+        ]);
+        assert_eq!(
+            Traffic.before_activate(&ok, &host).await.unwrap(),
+            "drain web3 of web in production"
+        );
+        assert_eq!(
+            Traffic.after_activate(&ok, &host, true).await.unwrap(),
+            "ready web3 of web in production"
+        );
+        assert_eq!(
+            Traffic.check(&ok, &host).await.unwrap(),
+            "check web3 of web in production"
+        );
+        let bad = rollout(&["sh", "-c", "echo 'lb api: 503' >&2; exit 3"]);
+        let e = Traffic.before_activate(&bad, &host).await.unwrap_err();
+        assert!(e.contains("sh drain: exit status: 3 lb api: 503"), "{e}");
+    }
+
     #[test]
     fn show_stat_rows_are_found_by_backend_and_server() {
         let csv = "# pxname,svname,qcur,qmax,scur,smax,slim,stot,status,weight\n\
@@ -252,7 +311,12 @@ mod tests {
             }
         );
         assert_eq!(parse_stat(csv, "web", "host2").unwrap().status, "DRAIN");
-        assert_eq!(parse_stat(csv, "web", "host9").unwrap_err(), "haproxy has no server web/host9");
-        assert!(parse_stat("Unknown command\n", "web", "host1").unwrap_err().contains("not CSV"));
+        assert_eq!(
+            parse_stat(csv, "web", "host9").unwrap_err(),
+            "haproxy has no server web/host9"
+        );
+        assert!(parse_stat("Unknown command\n", "web", "host1")
+            .unwrap_err()
+            .contains("not CSV"));
     }
 }

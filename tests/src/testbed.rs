@@ -354,6 +354,17 @@ impl Testbed {
         Ok(())
     }
 
+    /// Starts a real HAProxy in front of every host's demo app (backend
+    /// `web`, one server per host named as the host).
+    pub fn start_haproxy(&self) -> Result<crate::haproxy::Haproxy> {
+        let servers: Vec<(String, SocketAddr)> = self
+            .hosts
+            .iter()
+            .map(|h| (h.name.clone(), SocketAddr::from((h.ip, DEMO_PORT))))
+            .collect();
+        crate::haproxy::Haproxy::start(&self.dir.path().join("haproxy"), &servers)
+    }
+
     fn host_ip(&self, i: usize) -> Ipv4Addr {
         Ipv4Addr::new(198, 18, self.subnet, 10 + i as u8)
     }

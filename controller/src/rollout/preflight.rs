@@ -10,8 +10,8 @@ use convoy_common::HostName;
 use futures::future::join_all;
 use tokio::sync::Semaphore;
 
-use super::store::{Release, ReleaseContents};
 use super::seams::RolloutRef;
+use super::store::{Release, ReleaseContents};
 use super::Engine;
 
 /// One target's pre-flight checks.

@@ -30,7 +30,11 @@ pub struct RolloutRef {
 pub trait HostSteps: Send + Sync {
     /// Before the host is sent its activation. An error fails the host
     /// without activating it.
-    fn before_activate<'a>(&'a self, rollout: &'a RolloutRef, host: &'a HostName) -> BoxFuture<'a, Result<String, String>>;
+    fn before_activate<'a>(
+        &'a self,
+        rollout: &'a RolloutRef,
+        host: &'a HostName,
+    ) -> BoxFuture<'a, Result<String, String>>;
 
     /// After the host's activation ended, whether it succeeded or not (a
     /// failed host runs its previous release again and can take traffic).
@@ -73,7 +77,12 @@ impl HostSteps for NoSteps {
         Box::pin(async { Ok(String::new()) })
     }
 
-    fn after_activate<'a>(&'a self, _: &'a RolloutRef, _: &'a HostName, _: bool) -> BoxFuture<'a, Result<String, String>> {
+    fn after_activate<'a>(
+        &'a self,
+        _: &'a RolloutRef,
+        _: &'a HostName,
+        _: bool,
+    ) -> BoxFuture<'a, Result<String, String>> {
         Box::pin(async { Ok(String::new()) })
     }
 

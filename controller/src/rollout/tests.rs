@@ -1154,11 +1154,18 @@ async fn a_host_the_balancer_cannot_drain_is_not_switched() {
         unreachable: vec!["web1".into()],
         ..Default::default()
     });
-    let engine = engine_on(&b.dir, b.fleet.clone(), b.db.clone(), b.stop.clone(), Some(recorder.clone()));
+    let engine = engine_on(
+        &b.dir,
+        b.fleet.clone(),
+        b.db.clone(),
+        b.stop.clone(),
+        Some(recorder.clone()),
+    );
     let (events, done) = finish(engine.start_deploy("operator:alice", order()).unwrap()).await;
     assert_eq!(done.verdict, Verdict::Failed);
     assert!(
-        done.reason.starts_with("before activating web1: haproxy runtime API at 127.0.0.1:9999"),
+        done.reason
+            .starts_with("before activating web1: haproxy runtime API at 127.0.0.1:9999"),
         "{}",
         done.reason
     );

@@ -10,6 +10,7 @@
 //! extra_latency = "300ms" # added to it: a slower release
 //! error_rate = 0.2        # the share of GET / answered 500 (exactly, in order)
 //! errors_after = "20s"    # error_rate applies only this long after start
+//! start_delay = "500ms"   # how long it takes to start listening
 //! ```
 //!
 //! `GET /` answers `demo <version>`; `GET /health` answers 200 `ok`, or
@@ -120,6 +121,8 @@ fn main() {
         eprintln!("demo-app {version}: crashing on start, as packed");
         std::process::exit(3);
     }
+    // A real service takes a moment to start; meanwhile its port refuses.
+    std::thread::sleep(millis(field(&text, "start_delay")));
     let listener = TcpListener::bind(("0.0.0.0", port)).unwrap_or_else(|e| {
         eprintln!("demo-app: bind port {port}: {e}");
         std::process::exit(1)
