@@ -173,6 +173,28 @@ fn scenario_b_failed_health_check_restores_and_halts() -> Result<()> {
     let releases = bed.convoy_ok(&["releases", "demo", "--output", "json"])?;
     assert!(!releases.contains("4.1.0"), "{releases}");
 
+    // The hosts hold a release to the spec's limits too, while they
+    // unpack it: a release pushed under a looser spec is refused on every
+    // host at pre-staging once the spec is tightened, and leaves no
+    // partial tree behind.
+    bed.push_demo("4.2.0", "healthy")?;
+    std::fs::write(&spec_path, format!("max_ratio = 2\n{spec}"))?;
+    let out = bed.convoy(&["deploy", "demo", "4.2.0", "--env", "staging", "--strategy", "all-at-once"])?;
+    std::fs::write(&spec_path, &spec)?;
+    let text = format!("{}{}", out.stdout, out.stderr);
+    assert_eq!(out.code, 4, "{text}");
+    assert!(text.contains("max_ratio"), "{text}");
+    for h in &bed.hosts {
+        let left = h.exec_ok(&[
+            "sh",
+            "-c",
+            "ls -A /var/lib/convoy/apps/demo/staging /var/lib/convoy/apps/demo/releases",
+        ])?;
+        assert!(!left.contains("4.2.0"), "{}: {left}", h.name);
+        let staging = h.exec_ok(&["sh", "-c", "ls -A /var/lib/convoy/apps/demo/staging | grep -v '\\.part$' || true"])?;
+        assert_eq!(staging.trim(), "", "{}: no partial tree", h.name);
+    }
+
     // Every host still holds the broken 3.0.0. A rollback to it host by
     // host halts at the first host, which restores itself; the others are
     // never switched.
