@@ -179,7 +179,15 @@ fn scenario_b_failed_health_check_restores_and_halts() -> Result<()> {
     // partial tree behind.
     bed.push_demo("4.2.0", "healthy")?;
     std::fs::write(&spec_path, format!("max_ratio = 2\n{spec}"))?;
-    let out = bed.convoy(&["deploy", "demo", "4.2.0", "--env", "staging", "--strategy", "all-at-once"])?;
+    let out = bed.convoy(&[
+        "deploy",
+        "demo",
+        "4.2.0",
+        "--env",
+        "staging",
+        "--strategy",
+        "all-at-once",
+    ])?;
     std::fs::write(&spec_path, &spec)?;
     let text = format!("{}{}", out.stdout, out.stderr);
     assert_eq!(out.code, 4, "{text}");
@@ -191,7 +199,11 @@ fn scenario_b_failed_health_check_restores_and_halts() -> Result<()> {
             "ls -A /var/lib/convoy/apps/demo/staging /var/lib/convoy/apps/demo/releases",
         ])?;
         assert!(!left.contains("4.2.0"), "{}: {left}", h.name);
-        let staging = h.exec_ok(&["sh", "-c", "ls -A /var/lib/convoy/apps/demo/staging | grep -v '\\.part$' || true"])?;
+        let staging = h.exec_ok(&[
+            "sh",
+            "-c",
+            "ls -A /var/lib/convoy/apps/demo/staging | grep -v '\\.part$' || true",
+        ])?;
         assert_eq!(staging.trim(), "", "{}: no partial tree", h.name);
     }
 
