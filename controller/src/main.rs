@@ -66,7 +66,7 @@ enum Cmd {
         #[arg(long, value_delimiter = ',')]
         hosts: Vec<String>,
         #[command(flatten)]
-        pace: cli::RollbackPace,
+        pace: cli::Pace,
     },
     /// Deploy frequency, change failure rate and mean time to restore.
     Report {

@@ -78,25 +78,17 @@ async fn drain(r: &RolloutRef, t: &TrafficSpec, host: &HostName) -> Result<Strin
             server,
         } => {
             let server = server_name(server, host);
-            let started = tokio::time::Instant::now();
-            set_state(runtime_api, backend, &server, "drain").await?;
-            loop {
-                let row = server_row(runtime_api, backend, &server).await?;
-                if row.sessions == 0 {
-                    return Ok(format!(
-                        "drained from haproxy {backend}/{server}: no session left after {:.1}s",
-                        started.elapsed().as_secs_f64()
-                    ));
-                }
-                if started.elapsed() >= t.drain_timeout {
-                    return Ok(format!(
+            let no_sessions = |row: &ServerRow| row.sessions == 0;
+            Ok(
+                match set_and_wait(runtime_api, backend, &server, "drain", t.drain_timeout, no_sessions).await? {
+                    Ok(secs) => format!("drained from haproxy {backend}/{server}: no session left after {secs:.1}s"),
+                    Err(row) => format!(
                         "haproxy {backend}/{server} still had {} session(s) after drain_timeout {}; switching anyway",
                         row.sessions,
                         humantime::format_duration(t.drain_timeout)
-                    ));
-                }
-                tokio::time::sleep(POLL).await;
-            }
+                    ),
+                },
+            )
         }
         Provider::Command { argv } => run(argv, "drain", r, host, t.drain_timeout).await,
     }
@@ -110,29 +102,42 @@ async fn ready(r: &RolloutRef, t: &TrafficSpec, host: &HostName) -> Result<Strin
             server,
         } => {
             let server = server_name(server, host);
-            let started = tokio::time::Instant::now();
-            set_state(runtime_api, backend, &server, "ready").await?;
-            loop {
-                let row = server_row(runtime_api, backend, &server).await?;
-                // A server without health checks is up once it is ready.
-                if row.status.starts_with("UP") || row.status == "no check" {
-                    return Ok(format!(
-                        "back in haproxy {backend}/{server}: {} after {:.1}s",
-                        row.status,
-                        started.elapsed().as_secs_f64()
-                    ));
-                }
-                if started.elapsed() >= t.ready_timeout {
-                    return Err(format!(
-                        "haproxy does not see {backend}/{server} up after {} (status {})",
-                        humantime::format_duration(t.ready_timeout),
-                        row.status
-                    ));
-                }
-                tokio::time::sleep(POLL).await;
+            // A server without health checks is up once it is ready.
+            let up = |row: &ServerRow| row.status.starts_with("UP") || row.status == "no check";
+            match set_and_wait(runtime_api, backend, &server, "ready", t.ready_timeout, up).await? {
+                Ok(secs) => Ok(format!("back in haproxy {backend}/{server}: UP after {secs:.1}s")),
+                Err(row) => Err(format!(
+                    "haproxy does not see {backend}/{server} up after {} (status {})",
+                    humantime::format_duration(t.ready_timeout),
+                    row.status
+                )),
             }
         }
         Provider::Command { argv } => run(argv, "ready", r, host, t.ready_timeout).await,
+    }
+}
+
+/// Sets a server's state, then polls its row until `done` holds (the
+/// seconds it took) or `limit` passes (the last row seen).
+async fn set_and_wait(
+    runtime_api: &str,
+    backend: &str,
+    server: &str,
+    state: &str,
+    limit: Duration,
+    done: impl Fn(&ServerRow) -> bool,
+) -> Result<Result<f64, ServerRow>, String> {
+    let started = tokio::time::Instant::now();
+    set_state(runtime_api, backend, server, state).await?;
+    loop {
+        let row = server_row(runtime_api, backend, server).await?;
+        if done(&row) {
+            return Ok(Ok(started.elapsed().as_secs_f64()));
+        }
+        if started.elapsed() >= limit {
+            return Ok(Err(row));
+        }
+        tokio::time::sleep(POLL).await;
     }
 }
 

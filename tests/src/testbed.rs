@@ -602,6 +602,19 @@ impl Testbed {
         self.dir.path().join("controller/data/artifacts").join(digest)
     }
 
+    /// Deploys `version` of the demo app to every staging host at once.
+    pub fn deploy_everywhere(&self, version: &str) -> Result<String> {
+        self.convoy_ok(&[
+            "deploy",
+            "demo",
+            version,
+            "--env",
+            "staging",
+            "--strategy",
+            "all-at-once",
+        ])
+    }
+
     /// Packs and pushes the demo app.
     pub fn push_demo(&self, version: &str, mode: &str) -> Result<()> {
         let file = self.pack_demo(version, mode)?;

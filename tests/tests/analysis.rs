@@ -39,15 +39,7 @@ const BASE: &str = "latency = \"40ms\"";
 fn fleet_under_load(gates: &str) -> Result<(Testbed, Load)> {
     let bed = Testbed::boot_analysed(3, PLAIN)?;
     bed.push_demo_release("1.0.0", BASE)?;
-    bed.convoy_ok(&[
-        "deploy",
-        "demo",
-        "1.0.0",
-        "--env",
-        "staging",
-        "--strategy",
-        "all-at-once",
-    ])?;
+    bed.deploy_everywhere("1.0.0")?;
     bed.set_spec(&format!("{PLAIN}\n{gates}"))?;
     let targets: Vec<_> = bed.hosts.iter().map(|h| (h.ip, DEMO_PORT).into()).collect();
     let load = Load::start(&targets, "/", 20, Duration::from_secs(400));
@@ -66,23 +58,17 @@ fn deploy(bed: &Testbed, args: &[&str]) -> Result<(i32, String)> {
     Ok((out.code, format!("{}{}", out.stdout, out.stderr)))
 }
 
+/// `convoy deploy` of `version` as a canary (host1, bake 12 s, the
+/// rest), with `extra` flags.
+fn canary_args<'a>(version: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["deploy", "demo", version, "--env", "staging", "--strategy", "canary"];
+    args.extend_from_slice(&["--stages", "1,100%", "--bake", "12s"]);
+    args.extend_from_slice(extra);
+    args
+}
+
 fn canary(bed: &Testbed, version: &str) -> Result<(i32, String)> {
-    deploy(
-        bed,
-        &[
-            "deploy",
-            "demo",
-            version,
-            "--env",
-            "staging",
-            "--strategy",
-            "canary",
-            "--stages",
-            "1,100%",
-            "--bake",
-            "12s",
-        ],
-    )
+    deploy(bed, &canary_args(version, &[]))
 }
 
 fn serving(bed: &Testbed) -> Vec<String> {
@@ -135,22 +121,7 @@ fn an_error_rate_gate_stops_a_canary_that_fails_real_traffic() -> Result<()> {
         Ok(v["rollouts"].as_array().map_or(0, |a| a.len()))
     };
     let before = rollouts(&bed)?;
-    let dry = bed.convoy(&[
-        "deploy",
-        "demo",
-        "2.0.0",
-        "--env",
-        "staging",
-        "--strategy",
-        "canary",
-        "--stages",
-        "1,100%",
-        "--bake",
-        "12s",
-        "--dry-run",
-        "--output",
-        "json",
-    ])?;
+    let dry = bed.convoy(&canary_args("2.0.0", &["--dry-run", "--output", "json"]))?;
     assert_eq!(dry.code, 0, "{dry:?}");
     let plan: serde_json::Value = serde_json::from_str(&dry.stdout)?;
     assert_eq!(plan["would_start"], true);
@@ -167,20 +138,7 @@ fn an_error_rate_gate_stops_a_canary_that_fails_real_traffic() -> Result<()> {
     assert!(plan["preflight"].as_array().unwrap().len() == 3, "{plan}");
     assert_eq!(rollouts(&bed)?, before, "no rollout recorded");
     assert_eq!(serving(&bed), ["1.0.0"; 3], "no host touched");
-    let text = bed.convoy_ok(&[
-        "deploy",
-        "demo",
-        "2.0.0",
-        "--env",
-        "staging",
-        "--strategy",
-        "canary",
-        "--stages",
-        "1,100%",
-        "--bake",
-        "12s",
-        "--dry-run",
-    ])?;
+    let text = bed.convoy_ok(&canary_args("2.0.0", &["--dry-run"]))?;
     assert!(text.contains("the deploy would start"), "{text}");
 
     let (code, out) = canary(&bed, "2.0.0")?;

@@ -27,15 +27,7 @@ fn freezes_hold_deploys_and_an_admins_hotfix_passes() -> Result<()> {
     for v in ["1.0.0", "2.0.0", "3.0.0"] {
         bed.push_demo(v, "healthy")?;
     }
-    bed.convoy_ok(&[
-        "deploy",
-        "demo",
-        "1.0.0",
-        "--env",
-        "staging",
-        "--strategy",
-        "all-at-once",
-    ])?;
+    bed.deploy_everywhere("1.0.0")?;
     let pki = bed.dir.path().join("pki");
     let pki_s = pki.to_str().unwrap().to_owned();
     bed.convoy_ok(&["pki", "issue", "operator", "root", "--role", "admin", "--dir", &pki_s])?;

@@ -53,6 +53,24 @@ fn configure_agent(host: &Host) -> Result<()> {
     Ok(())
 }
 
+/// Issues the controller's certificate into host1's test-bed folder
+/// (`/etc/convoy-testbed` on the host), beside the CA.
+fn issue_controller_cert(bed: &Testbed) -> Result<()> {
+    let pki = bed.dir.path().join("pki");
+    let out = bed.dir.path().join("hosts/host1");
+    bed.convoy_ok(&[
+        "pki",
+        "issue",
+        "controller",
+        "controller",
+        "--dir",
+        pki.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ])?;
+    Ok(())
+}
+
 fn agent_metrics(host: &Host) -> Result<String> {
     host.exec_ok(&["curl", "-sf", "http://127.0.0.1:9465/metrics"])
 }
@@ -294,18 +312,7 @@ fn controller_package_runs_unprivileged() -> Result<()> {
     assert!(version.starts_with("convoy 0.1.0 (commit "), "{version}");
     host.exec_ok(&["test", "-s", "/usr/share/man/man1/convoy-deploy.1.gz"])?;
 
-    let pki = bed.dir.path().join("pki");
-    let out = bed.dir.path().join("hosts/host1");
-    bed.convoy_ok(&[
-        "pki",
-        "issue",
-        "controller",
-        "controller",
-        "--dir",
-        pki.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ])?;
+    issue_controller_cert(&bed)?;
     host.exec_ok(&[
         "sh",
         "-c",
@@ -353,18 +360,7 @@ fn controller_under_systemd_stops_promptly_with_agents_connected() -> Result<()>
     let bed = Testbed::boot_packaged(1)?;
     let host = &bed.hosts[0];
     host.exec_ok(&["dpkg", "-i", &Testbed::package(CONTROLLER)?, &Testbed::package(AGENT)?])?;
-    let pki = bed.dir.path().join("pki");
-    let out = bed.dir.path().join("hosts/host1");
-    bed.convoy_ok(&[
-        "pki",
-        "issue",
-        "controller",
-        "controller",
-        "--dir",
-        pki.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ])?;
+    issue_controller_cert(&bed)?;
     // The host's agent dials the controller on the same host.
     host.exec_ok(&[
         "sh",

@@ -29,15 +29,7 @@ fn history(bed: &Testbed, args: &[&str]) -> Result<serde_json::Value> {
 fn fleet_on_v1(n: usize) -> Result<Testbed> {
     let bed = Testbed::boot(n)?;
     bed.push_demo("1.0.0", "healthy")?;
-    bed.convoy_ok(&[
-        "deploy",
-        "demo",
-        "1.0.0",
-        "--env",
-        "staging",
-        "--strategy",
-        "all-at-once",
-    ])?;
+    bed.deploy_everywhere("1.0.0")?;
     bed.push_demo("2.0.0", "healthy")?;
     Ok(bed)
 }
@@ -59,15 +51,7 @@ fn canary_budget_halt_and_manual_rollback() -> Result<()> {
         bed.push_demo(v, "healthy")?;
     }
     // All at once, pre-staged everywhere before anything switches.
-    let out = bed.convoy_ok(&[
-        "deploy",
-        "demo",
-        "1.0.0",
-        "--env",
-        "staging",
-        "--strategy",
-        "all-at-once",
-    ])?;
+    let out = bed.deploy_everywhere("1.0.0")?;
     let staged = out.find("-- pre-staged on 5 host(s)").expect(&out);
     assert!(
         out.find("switch   started").unwrap() > staged,

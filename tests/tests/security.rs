@@ -414,15 +414,7 @@ fn enrollment_rotation_and_revocation() -> Result<()> {
     assert!(bed.controller_log().contains("certificate renewed"));
     std::thread::sleep(std::time::Duration::from_secs(35).saturating_sub(enrolled_at.elapsed()));
     bed.push_demo("1.0.0", "healthy")?;
-    let out = bed.convoy_ok(&[
-        "deploy",
-        "demo",
-        "1.0.0",
-        "--env",
-        "staging",
-        "--strategy",
-        "all-at-once",
-    ])?;
+    let out = bed.deploy_everywhere("1.0.0")?;
     assert!(out.contains("[web9] => succeeded"), "{out}");
     host.exec_ok(&["systemctl", "restart", "convoy-agent"])?;
     bed.wait_host_connected("web9")?;

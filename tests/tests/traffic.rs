@@ -54,15 +54,7 @@ fn a_rolling_deploy_behind_haproxy_with_drain_fails_no_request() -> Result<()> {
     let bed = Testbed::boot(4)?;
     let haproxy = bed.start_haproxy()?;
     bed.push_demo_release("1.0.0", SERVICE)?;
-    bed.convoy_ok(&[
-        "deploy",
-        "demo",
-        "1.0.0",
-        "--env",
-        "staging",
-        "--strategy",
-        "all-at-once",
-    ])?;
+    bed.deploy_everywhere("1.0.0")?;
     haproxy.wait_all_up()?;
     let api = haproxy.api.to_string();
 

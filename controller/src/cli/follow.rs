@@ -12,21 +12,8 @@ pub struct DeployArgs {
     pub release: String,
     #[arg(long)]
     pub env: String,
-    /// rolling, canary or all-at-once.
-    #[arg(long, default_value = "rolling")]
-    pub strategy: String,
-    /// Rolling: hosts per batch, a count or a percentage (default 1).
-    #[arg(long)]
-    pub batch_size: Option<String>,
-    /// Canary: cumulative stages, e.g. 1,10%,50%,100%.
-    #[arg(long)]
-    pub stages: Option<String>,
-    /// Canary: wait after each stage but the last, e.g. 10m.
-    #[arg(long, value_parser = humantime::parse_duration)]
-    pub bake: Option<std::time::Duration>,
-    /// Failed hosts tolerated before the rollout halts: a count or a percentage (default 0).
-    #[arg(long)]
-    pub failure_budget: Option<String>,
+    #[command(flatten)]
+    pub pace: Pace,
     /// On halt, leave the hosts this rollout moved where they are.
     #[arg(long)]
     pub no_rollback: bool,
@@ -73,11 +60,11 @@ pub async fn deploy(conn: &Conn, a: DeployArgs) -> Result<(), Failure> {
         app: a.app.clone(),
         version: a.release.clone(),
         environment: a.env.clone(),
-        strategy: a.strategy.clone(),
-        batch_size: a.batch_size.clone().unwrap_or_default(),
-        stages: a.stages.clone().unwrap_or_default(),
-        bake_ms: a.bake.map(|d| d.as_millis() as u64).unwrap_or(0),
-        failure_budget: a.failure_budget.clone().unwrap_or_default(),
+        strategy: a.pace.strategy.clone().unwrap_or_default(),
+        batch_size: a.pace.batch_size.clone().unwrap_or_default(),
+        stages: a.pace.stages.clone().unwrap_or_default(),
+        bake_ms: a.pace.bake.map(|d| d.as_millis() as u64).unwrap_or(0),
+        failure_budget: a.pace.failure_budget.clone().unwrap_or_default(),
         no_rollback: a.no_rollback,
         hotfix: a.hotfix,
         reason: a.reason.clone().unwrap_or_default(),
@@ -97,23 +84,23 @@ pub async fn deploy(conn: &Conn, a: DeployArgs) -> Result<(), Failure> {
     follow(stream, &title).await
 }
 
-/// How fast `convoy rollback` goes: all at once unless told otherwise.
+/// How fast a deploy or a rollback goes.
 #[derive(clap::Args, Debug, Clone)]
-pub struct RollbackPace {
-    /// all-at-once (the default: an emergency is fixed everywhere at once),
-    /// rolling or canary, as for deploy.
-    #[arg(long, default_value = "all-at-once")]
-    pub strategy: String,
-    /// Rolling: hosts per batch, a count or a percentage.
+pub struct Pace {
+    /// rolling, canary or all-at-once. Default: rolling for a deploy;
+    /// all-at-once for a rollback (an emergency is fixed everywhere at once).
+    #[arg(long)]
+    pub strategy: Option<String>,
+    /// Rolling: hosts per batch, a count or a percentage (default 1).
     #[arg(long)]
     pub batch_size: Option<String>,
     /// Canary: cumulative stages, e.g. 1,10%,50%,100%.
     #[arg(long)]
     pub stages: Option<String>,
-    /// Canary: wait after each stage but the last, e.g. 1m.
+    /// Canary: wait after each stage but the last, e.g. 10m.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub bake: Option<std::time::Duration>,
-    /// Failed hosts tolerated before the rollback halts: a count or a percentage (default 0).
+    /// Failed hosts tolerated before it halts: a count or a percentage (default 0).
     #[arg(long)]
     pub failure_budget: Option<String>,
 }
@@ -124,7 +111,7 @@ pub async fn rollback(
     env: String,
     to: Option<String>,
     hosts: Vec<String>,
-    pace: RollbackPace,
+    pace: Pace,
 ) -> Result<(), Failure> {
     let mut client = conn.connect().await?;
     let target = to.clone().unwrap_or_else(|| "each host's previous release".into());
@@ -134,7 +121,7 @@ pub async fn rollback(
             environment: env.clone(),
             to_version: to.unwrap_or_default(),
             hosts,
-            strategy: pace.strategy,
+            strategy: pace.strategy.unwrap_or_default(),
             batch_size: pace.batch_size.unwrap_or_default(),
             stages: pace.stages.unwrap_or_default(),
             bake_ms: pace.bake.map_or(0, |b| b.as_millis() as u64),

@@ -14,7 +14,7 @@ mod follow;
 mod records;
 
 pub use admin::{create_token, freeze, freezes, keys_generate, push, revoke_host, unfreeze};
-pub use follow::{control, deploy, rollback, watch, DeployArgs, RollbackPace};
+pub use follow::{control, deploy, rollback, watch, DeployArgs, Pace};
 pub use records::{delivery_report, history, hosts, releases, status};
 
 use std::path::PathBuf;
