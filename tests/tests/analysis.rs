@@ -32,8 +32,10 @@ max_ratio_to_baseline = 2.0
 baseline_floor = 0.005
 "#;
 
-/// The demo app's normal pace: GET / takes 40 ms.
-const BASE: &str = "latency = \"40ms\"";
+/// The demo app's normal pace: GET / takes 100 ms. Its p95 falls in the
+/// histogram's 75-100 ms bucket; +10 ms moves it one bucket up (1.5 times
+/// the baseline), +300 ms five times.
+const BASE: &str = "latency = \"100ms\"";
 
 /// Three hosts on 1.0.0 under load, with the gates in the spec.
 fn fleet_under_load(gates: &str) -> Result<(Testbed, Load)> {
@@ -260,8 +262,8 @@ fn latency_is_judged_against_the_baseline_and_a_lost_prometheus_fails_closed() -
 fn a_breach_while_watching_after_the_last_batch_rolls_every_host_back() -> Result<()> {
     let gates = GATES.replace("failure_limit = 2", "failure_limit = 2\nwatch_after = \"60s\"");
     let (bed, _load) = fleet_under_load(&gates)?;
-    // Starts failing half of its requests 25 s after it starts.
-    bed.push_demo_release("2.0.0", &format!("{BASE}\nerror_rate = 0.5\nerrors_after = \"25s\""))?;
+    // Starts failing half of its requests 30 s after it starts.
+    bed.push_demo_release("2.0.0", &format!("{BASE}\nerror_rate = 0.5\nerrors_after = \"30s\""))?;
     let (code, out) = deploy(
         &bed,
         &[

@@ -52,7 +52,7 @@ fn freezes_hold_deploys_and_an_admins_hotfix_passes() -> Result<()> {
         "--stages",
         "1,100%",
         "--bake",
-        "3s",
+        "10s",
     ])?;
     convoy_nspawn::wait_for("the canary to move host1", Duration::from_secs(60), || {
         (bed.hosts[0].serving()? == "2.0.0").then_some(())
