@@ -836,5 +836,27 @@ fn webhooks_notify_and_never_block() -> Result<()> {
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
     assert_eq!(bed.hosts[0].serving().as_deref(), Some("1.0.0"));
+
+    // Freezes and unfreezes of an environment are heard too.
+    let pki = bed.dir.path().join("pki");
+    let pki_s = pki.to_str().unwrap().to_owned();
+    bed.convoy_ok(&["pki", "issue", "operator", "root", "--role", "admin", "--dir", &pki_s])?;
+    let (cert, key) = (pki.join("root.pem"), pki.join("root.key"));
+    let out = bed.convoy_as(
+        &cert,
+        &key,
+        &["freeze", "--env", "staging", "--reason", "incident 4711"],
+    )?;
+    assert_eq!(out.code, 0, "{out:?}");
+    let frozen = next()?;
+    assert_eq!(frozen["event"], "environment_frozen");
+    assert_eq!(
+        (frozen["kind"].as_str(), frozen["environment"].as_str()),
+        (Some("environment"), Some("staging"))
+    );
+    assert_eq!(frozen["operator"], "operator root (admin)");
+    assert!(frozen["text"].as_str().unwrap().contains("incident 4711"), "{frozen}");
+    bed.convoy_as(&cert, &key, &["unfreeze", "--env", "staging"])?;
+    assert_eq!(next()?["event"], "environment_unfrozen");
     Ok(())
 }
