@@ -67,6 +67,9 @@ enum Cmd {
         hosts: Vec<String>,
         #[command(flatten)]
         pace: cli::Pace,
+        /// text, or json: one JSON object per event, one per line.
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
     },
     /// Deploy frequency, change failure rate and mean time to restore.
     Report {
@@ -94,7 +97,12 @@ enum Cmd {
         output: Output,
     },
     /// Follow a running rollout's progress until it ends.
-    Watch { rollout: String },
+    Watch {
+        rollout: String,
+        /// text, or json: one JSON object per event, one per line.
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
     /// Pause a running rollout before its next batch.
     Pause { rollout: String },
     /// Resume a paused rollout.
@@ -370,7 +378,7 @@ fn main() -> ExitCode {
         Cmd::Releases { app, output } => {
             cli::report(rt.block_on(cli::releases(&cli.conn, app, matches!(output, Output::Json))))
         }
-        Cmd::Watch { rollout } => cli::report(rt.block_on(cli::watch(&cli.conn, rollout))),
+        Cmd::Watch { rollout, output } => cli::report(rt.block_on(cli::watch(&cli.conn, rollout, output))),
         Cmd::Pause { rollout } => cli::report(rt.block_on(cli::control(&cli.conn, rollout, "pause"))),
         Cmd::Resume { rollout } => cli::report(rt.block_on(cli::control(&cli.conn, rollout, "resume"))),
         Cmd::Abort { rollout } => cli::report(rt.block_on(cli::control(&cli.conn, rollout, "abort"))),
@@ -383,7 +391,8 @@ fn main() -> ExitCode {
             to,
             hosts,
             pace,
-        } => cli::report(rt.block_on(cli::rollback(&cli.conn, app, env, to, hosts, pace))),
+            output,
+        } => cli::report(rt.block_on(cli::rollback(&cli.conn, app, env, to, hosts, pace, output))),
         Cmd::History {
             app,
             rollout,

@@ -11,6 +11,8 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 pub enum Progress {
     Lines,
     Bars(Bars),
+    /// Nothing: the events go out as JSON lines instead.
+    Quiet,
 }
 
 pub struct Bars {
@@ -50,11 +52,15 @@ impl Progress {
             Progress::Bars(b) => {
                 let _ = b.multi.println(s);
             }
+            Progress::Quiet => {}
         }
     }
 
     /// A rollout note: batch started, baking, waiting for promotion, ...
     pub fn note(&self, s: &str) {
+        if matches!(self, Progress::Quiet) {
+            return;
+        }
         self.line(&format!("-- {s}"));
         if let Progress::Bars(b) = self {
             b.phase.set_message(s.to_owned());
@@ -64,6 +70,7 @@ impl Progress {
     /// A host's latest step.
     pub fn host(&mut self, host: &str, step: &str, kind: &str, message: &str) {
         match self {
+            Progress::Quiet => {}
             Progress::Lines => println!("  [{host}] {step:<8} {kind:<9} {message}"),
             Progress::Bars(b) => {
                 let bar = b.bar(host);
@@ -76,6 +83,7 @@ impl Progress {
     /// A host's operation ended.
     pub fn result(&mut self, host: &str, outcome: &str) {
         match self {
+            Progress::Quiet => {}
             Progress::Lines => println!("  [{host}] => {outcome}"),
             Progress::Bars(b) => {
                 let mark = if outcome == "succeeded" { "✔" } else { "✘" };

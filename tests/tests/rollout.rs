@@ -860,3 +860,44 @@ fn webhooks_notify_and_never_block() -> Result<()> {
     assert_eq!(next()?["event"], "environment_unfrozen");
     Ok(())
 }
+
+/// `--output json` gives CI one JSON object per event, ending with the
+/// result; its host events are the ones history keeps.
+#[test]
+fn deploy_events_as_json_lines_match_history() -> Result<()> {
+    let bed = fleet_on_v1(2)?;
+    bed.hosts[1].exec_ok(&["sh", "-c", "echo 2.0.0 > /etc/demo-unhealthy"])?;
+    let out = bed.convoy(&["deploy", "demo", "2.0.0", "--env", "staging", "--output", "json"])?;
+    assert_eq!(out.code, 1, "{out:?}");
+    let events: Vec<serde_json::Value> = out
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).map_err(|e| anyhow::anyhow!("not a JSON line: {l}: {e}")))
+        .collect::<Result<_>>()?;
+    assert_eq!(events[0]["type"], "plan", "{}", out.stdout);
+    let done = events.last().unwrap();
+    assert_eq!(done["type"], "done");
+    assert_eq!(done["exit_code"], 1);
+    assert_eq!(done["failed_hosts"], serde_json::json!(["host2"]));
+    assert_eq!(done["rolled_back_hosts"], serde_json::json!(["host1"]));
+    let id = done["rollout_id"].as_str().unwrap();
+    assert!(events.iter().all(|e| e["rollout_id"] == id));
+    let results: Vec<(&str, &str)> = events
+        .iter()
+        .filter(|e| e["type"] == "host_result")
+        .map(|e| (e["host"].as_str().unwrap(), e["outcome"].as_str().unwrap()))
+        .collect();
+    assert!(results.contains(&("host2", "failed_restored")), "{results:?}");
+
+    // The same host events as history, event for event.
+    let key =
+        |e: &serde_json::Value| format!("{} {} {} {}", e["host"], e["step"], e["kind"], e["message"]).replace('"', "");
+    let mut streamed: Vec<String> = events.iter().filter(|e| e["type"] == "host_event").map(key).collect();
+    let h = history(&bed, &["--rollout", id])?;
+    let mut kept: Vec<String> = h["events"].as_array().unwrap().iter().map(key).collect();
+    streamed.sort();
+    kept.sort();
+    assert!(!kept.is_empty());
+    assert_eq!(streamed, kept);
+    Ok(())
+}

@@ -49,8 +49,9 @@ pub struct DeployArgs {
     /// it would start, 4 when it would be refused.
     #[arg(long)]
     pub dry_run: bool,
-    /// With --dry-run: text, or json.
-    #[arg(long, value_enum, default_value = "text", requires = "dry_run")]
+    /// text, or json: one JSON object per event, one per line (with
+    /// --dry-run: the plan as one JSON object).
+    #[arg(long, value_enum, default_value = "text")]
     pub output: super::Output,
 }
 
@@ -81,7 +82,7 @@ pub async fn deploy(conn: &Conn, a: DeployArgs) -> Result<(), Failure> {
         return super::dry_run::print(&title, plan, matches!(a.output, super::Output::Json));
     }
     let stream = client.deploy(request).await?.into_inner();
-    follow(stream, &title).await
+    follow(stream, &title, a.output).await
 }
 
 /// How fast a deploy or a rollback goes.
@@ -112,6 +113,7 @@ pub async fn rollback(
     to: Option<String>,
     hosts: Vec<String>,
     pace: Pace,
+    output: super::Output,
 ) -> Result<(), Failure> {
     let mut client = conn.connect().await?;
     let target = to.clone().unwrap_or_else(|| "each host's previous release".into());
@@ -129,7 +131,7 @@ pub async fn rollback(
         })
         .await?
         .into_inner();
-    follow(stream, &format!("rollback of {app} in {env} to {target}")).await
+    follow(stream, &format!("rollback of {app} in {env} to {target}"), output).await
 }
 
 /// `convoy pause|resume|abort ROLLOUT`.
@@ -147,7 +149,7 @@ pub async fn control(conn: &Conn, rollout: String, action: &str) -> Result<(), F
 }
 
 /// `convoy watch ROLLOUT`: follows a running rollout; exits as `deploy` would.
-pub async fn watch(conn: &Conn, rollout: String) -> Result<(), Failure> {
+pub async fn watch(conn: &Conn, rollout: String, output: super::Output) -> Result<(), Failure> {
     let mut client = conn.connect().await?;
     let stream = client
         .watch(WatchRequest {
@@ -155,14 +157,26 @@ pub async fn watch(conn: &Conn, rollout: String) -> Result<(), Failure> {
         })
         .await?
         .into_inner();
-    println!("watching rollout {rollout}");
-    follow(stream, &format!("rollout {rollout}")).await
+    if matches!(output, super::Output::Text) {
+        println!("watching rollout {rollout}");
+    }
+    follow(stream, &format!("rollout {rollout}"), output).await
 }
 
-/// Prints a rollout's events as they come and maps its end to an exit code.
-async fn follow(mut stream: tonic::Streaming<convoy_proto::RolloutEvent>, title: &str) -> Result<(), Failure> {
-    let mut out = crate::progress::Progress::for_stdout();
-    let r = show(&mut stream, title, &mut out).await;
+/// Prints a rollout's events as they come (lines, live bars on a
+/// terminal, or one JSON object per line) and maps its end to an exit code.
+async fn follow(
+    mut stream: tonic::Streaming<convoy_proto::RolloutEvent>,
+    title: &str,
+    output: super::Output,
+) -> Result<(), Failure> {
+    let json = matches!(output, super::Output::Json);
+    let mut out = if json {
+        crate::progress::Progress::Quiet
+    } else {
+        crate::progress::Progress::for_stdout()
+    };
+    let r = show(&mut stream, title, &mut out, json).await;
     out.finish();
     r
 }
@@ -171,6 +185,7 @@ async fn show(
     stream: &mut tonic::Streaming<convoy_proto::RolloutEvent>,
     title: &str,
     out: &mut crate::progress::Progress,
+    json: bool,
 ) -> Result<(), Failure> {
     let started = std::time::Instant::now();
     let mut hosts = 0;
@@ -196,6 +211,11 @@ async fn show(
             Err(e) => return Err(e.into()),
         };
         rollout.clone_from(&ev.rollout_id);
+        if json {
+            if let Some(v) = super::events::to_json(&ev) {
+                println!("{v}");
+            }
+        }
         match ev.body {
             Some(rollout_event::Body::Plan(p)) => {
                 hosts = p.hosts.len();
@@ -278,14 +298,7 @@ async fn show(
                 if !d.untouched_hosts.is_empty() {
                     msg.push_str(&format!("\nhosts not touched: {}", d.untouched_hosts.join(", ")));
                 }
-                let code = if d.rollback_failed {
-                    exit::RESTORE_FAILED
-                } else if d.nothing_changed {
-                    exit::REFUSED
-                } else {
-                    exit::FAILED
-                };
-                return Err(Failure::new(code, msg));
+                return Err(Failure::new(super::events::exit_code(&d), msg));
             }
             None => {}
         }

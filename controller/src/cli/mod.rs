@@ -10,6 +10,7 @@
 
 mod admin;
 mod dry_run;
+mod events;
 mod follow;
 mod records;
 
