@@ -1,6 +1,8 @@
-//! How `deploy`, `rollback` and `watch` show a running rollout: live
-//! per-host lines on a terminal (indicatif), plain lines otherwise (pipes,
-//! logs, CI), which is also what scripts and tests read.
+//! How `deploy`, `rollback` and `watch` show a running rollout: on a
+//! terminal a live view (indicatif): one progress bar per batch, a line
+//! per host in flight with its current step, failures printed as they
+//! happen; plain lines otherwise (pipes, logs, CI), which is also what
+//! scripts and tests read.
 
 use std::collections::HashMap;
 use std::io::IsTerminal;
@@ -19,7 +21,13 @@ pub struct Bars {
     multi: MultiProgress,
     /// The rollout's current phase (the latest note) and its elapsed time.
     phase: ProgressBar,
-    /// One line per host: its latest step, then its outcome.
+    /// One bar per batch, filled as its hosts finish.
+    batches: Vec<ProgressBar>,
+    /// Which batch each host is in.
+    batch_of: HashMap<String, usize>,
+    /// Hosts whose switch has been counted in their batch.
+    counted: std::collections::HashSet<String>,
+    /// One line per host in flight: its latest step.
     hosts: HashMap<String, ProgressBar>,
 }
 
@@ -41,6 +49,9 @@ impl Progress {
         Progress::Bars(Bars {
             multi,
             phase,
+            batches: vec![],
+            batch_of: HashMap::new(),
+            counted: Default::default(),
             hosts: HashMap::new(),
         })
     }
@@ -53,6 +64,24 @@ impl Progress {
                 let _ = b.multi.println(s);
             }
             Progress::Quiet => {}
+        }
+    }
+
+    /// The plan's batches: on a terminal, a bar for each.
+    pub fn plan(&mut self, batches: &[Vec<String>]) {
+        let Progress::Bars(b) = self else { return };
+        let style = ProgressStyle::with_template("  batch {prefix:<6} [{bar:24}] {pos}/{len} {msg}")
+            .expect("template")
+            .progress_chars("=> ");
+        for (i, hosts) in batches.iter().enumerate() {
+            let bar = b.multi.insert_before(&b.phase, ProgressBar::new(hosts.len() as u64));
+            bar.set_style(style.clone());
+            bar.set_prefix(format!("{}/{}", i + 1, batches.len()));
+            bar.set_message(hosts.join(", "));
+            for h in hosts {
+                b.batch_of.insert(h.clone(), i);
+            }
+            b.batches.push(bar);
         }
     }
 
@@ -80,16 +109,28 @@ impl Progress {
         }
     }
 
-    /// A host's operation ended.
-    pub fn result(&mut self, host: &str, outcome: &str) {
+    /// A host's operation ended. `switch`: it was the host's activation
+    /// or rollback (not its pre-staging), which its batch counts.
+    pub fn result(&mut self, host: &str, outcome: &str, switch: bool) {
         match self {
             Progress::Quiet => {}
             Progress::Lines => println!("  [{host}] => {outcome}"),
             Progress::Bars(b) => {
-                let mark = if outcome == "succeeded" { "✔" } else { "✘" };
-                let bar = b.bar(host);
-                bar.set_message(format!("{mark} {outcome}"));
-                bar.tick();
+                let ok = outcome == "succeeded";
+                if let Some(bar) = b.hosts.remove(host) {
+                    bar.finish_and_clear();
+                }
+                if !ok {
+                    let _ = b.multi.println(format!("  ✘ {host}: {outcome}"));
+                }
+                if switch && b.counted.insert(host.to_owned()) {
+                    if let Some(bar) = b.batch_of.get(host).and_then(|i| b.batches.get(*i)) {
+                        bar.inc(1);
+                        if bar.position() == bar.length().unwrap_or(0) {
+                            bar.finish();
+                        }
+                    }
+                }
             }
         }
     }
@@ -98,8 +139,8 @@ impl Progress {
     pub fn finish(&mut self) {
         if let Progress::Bars(b) = self {
             b.phase.finish_and_clear();
-            for bar in b.hosts.values() {
-                bar.finish();
+            for bar in b.hosts.values().chain(&b.batches) {
+                bar.abandon();
             }
         }
     }
@@ -164,18 +205,31 @@ mod tests {
     fn bars_show_each_host_and_its_outcome() {
         let screen = Screen::default();
         let mut p = Progress::bars(ProgressDrawTarget::term_like(Box::new(screen.clone())));
-        p.line("rollout abc: web 2.0.0 to staging, 2 host(s)");
-        p.note("batch 1/1: web1, web2");
+        p.line("rollout abc: web 2.0.0 to staging, 3 host(s)");
+        p.plan(&[vec!["web1".into(), "web2".into()], vec!["web3".into()]]);
+        p.result("web1", "succeeded", false);
+        p.note("batch 1/2: web1, web2");
         p.host("web1", "check", "started", "http /health");
         p.host("web2", "restart", "started", "web.service");
-        p.result("web1", "succeeded");
-        p.result("web2", "failed_restored");
+        p.result("web1", "succeeded", true);
+        p.result("web2", "failed_restored", true);
         p.finish();
         let drawn = screen.0.lock().unwrap().clone();
         assert!(drawn.contains("rollout abc: web 2.0.0 to staging"), "{drawn}");
-        assert!(drawn.contains("-- batch 1/1: web1, web2"), "{drawn}");
-        let last = |host: &str| drawn.lines().rev().find(|l| l.contains(host)).unwrap_or("").to_owned();
-        assert!(last("web1").contains("✔ succeeded"), "{drawn}");
-        assert!(last("web2").contains("✘ failed_restored"), "{drawn}");
+        assert!(drawn.contains("-- batch 1/2: web1, web2"), "{drawn}");
+        assert!(
+            drawn.contains("restart  started   web.service"),
+            "the host in flight: {drawn}"
+        );
+        assert!(drawn.contains("✘ web2: failed_restored"), "{drawn}");
+        // web1's pre-staging result is not its switch; each switch counts once.
+        let full = drawn.find("] 2/2 web1, web2").expect("batch 1 full");
+        let staged = drawn.find("] 1/2 web1, web2").expect("one host counted");
+        assert!(staged < full, "{drawn}");
+        assert!(
+            drawn[..drawn.find("-- batch 1/2").unwrap()].contains("] 0/2 web1, web2"),
+            "{drawn}"
+        );
+        assert!(drawn[full..].contains("] 0/1 web3"), "{drawn}");
     }
 }

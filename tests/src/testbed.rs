@@ -507,18 +507,44 @@ impl Testbed {
         self.convoy(&all)
     }
 
-    /// Starts the `convoy` CLI as the operator without waiting for it.
-    pub fn convoy_spawn(&self, args: &[&str]) -> Result<Child> {
+    /// Runs the `convoy` CLI as the operator on a pseudo-terminal (through
+    /// util-linux's `script`), as on an operator's terminal: its output is
+    /// what the terminal received, control sequences included.
+    pub fn convoy_on_tty(&self, args: &[&str]) -> Result<CliOutput> {
+        let quote = |a: &str| format!("'{}'", a.replace('\'', "'\\''"));
+        let line: Vec<String> = std::iter::once(self.bins.join("convoy").display().to_string())
+            .chain(args.iter().map(|a| a.to_string()))
+            .map(|a| quote(&a))
+            .collect();
+        let mut cmd = Command::new("script");
+        cmd.args(["-q", "-e", "-c", &line.join(" "), "/dev/null"])
+            .env("COLUMNS", "120");
+        let out = self.operator_env(&mut cmd).output()?;
+        Ok(CliOutput {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
+    }
+
+    /// The operator's environment for a `convoy` command.
+    fn operator_env<'a>(&self, cmd: &'a mut Command) -> &'a mut Command {
         let pki = self.pki();
         let url = format!("https://{}:{CONTROLLER_PORT}", self.controller_ip());
-        Ok(Command::new(self.bins.join("convoy"))
-            .args(args)
-            .env("CONVOY_CONTROLLER", url)
+        cmd.env("CONVOY_CONTROLLER", url)
             .env("CONVOY_SERVER_NAME", "controller")
             .env("CONVOY_CA", pki.join("ca.pem"))
             .env("CONVOY_CERT", pki.join("operator.pem"))
             .env("CONVOY_KEY", pki.join("operator.key"))
             .stdin(Stdio::null())
+    }
+
+    /// Starts the `convoy` CLI as the operator without waiting for it.
+    pub fn convoy_spawn(&self, args: &[&str]) -> Result<Child> {
+        let mut cmd = Command::new(self.bins.join("convoy"));
+        cmd.args(args);
+        Ok(self
+            .operator_env(&mut cmd)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()?)

@@ -901,3 +901,28 @@ fn deploy_events_as_json_lines_match_history() -> Result<()> {
     assert_eq!(streamed, kept);
     Ok(())
 }
+
+/// On a terminal `deploy` draws a live view (a bar per batch, the hosts in
+/// flight) and ends with the same result line as without one.
+#[test]
+fn deploy_on_a_terminal_draws_live_bars_and_ends_with_the_result_line() -> Result<()> {
+    let bed = fleet_on_v1(2)?;
+    let out = bed.convoy_on_tty(&["deploy", "demo", "2.0.0", "--env", "staging"])?;
+    assert_eq!(out.code, 0, "{out:?}");
+    let screen = &out.stdout;
+    assert!(screen.contains('\u{1b}'), "drawn with control sequences: {screen:?}");
+    assert!(
+        screen.contains("batch 1/2") && screen.contains("batch 2/2"),
+        "{screen:?}"
+    );
+    assert!(
+        screen.contains("] 1/1 host1") && screen.contains("] 1/1 host2"),
+        "both batches filled: {screen:?}"
+    );
+    assert!(
+        screen.contains("rollout ") && screen.contains("succeeded: 2 host(s) in"),
+        "{screen:?}"
+    );
+    assert_eq!(bed.hosts[1].serving().as_deref(), Some("2.0.0"));
+    Ok(())
+}

@@ -234,6 +234,7 @@ async fn show(
                     };
                     out.line(&format!("  batch {}: {}{bake}", i + 1, b.hosts.join(", ")));
                 }
+                out.plan(&p.batches.iter().map(|b| b.hosts.clone()).collect::<Vec<_>>());
                 if p.failure_budget > 0 {
                     out.line(&format!("  failure budget: {} host(s)", p.failure_budget));
                 }
@@ -261,7 +262,8 @@ async fn show(
                     let outcome = convoy_proto::Outcome::try_from(r.outcome)
                         .map(|o| o.as_str_name())
                         .unwrap_or("?");
-                    out.result(&h.host, &outcome.trim_start_matches("OUTCOME_").to_lowercase());
+                    let switch = !r.op_id.contains(":stage:");
+                    out.result(&h.host, &outcome.trim_start_matches("OUTCOME_").to_lowercase(), switch);
                 }
             }
             Some(rollout_event::Body::Done(d)) => {
