@@ -1,6 +1,7 @@
 //! Unpacking a release: the agent's extractor (every entry checked, see
-//! `convoy_common::archive`) beside GNU `tar xzf`, on the same archives in
-//! the same run: one with many small files, one with a few large ones.
+//! `convoy_common::archive`) on a tar.gz and on a tar.zst of the same
+//! tree, beside GNU `tar xzf` on the tar.gz, in the same run: one tree of
+//! many small files, one of a few large ones.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -9,14 +10,15 @@ use std::time::Instant;
 use crate::fixture;
 use crate::report::{mbps, median, Section};
 
-/// Builds (once, cached under target/bench) a tar.gz of about `size`
-/// bytes of files of `file_size` bytes each.
-fn archive(size: u64, file_size: u64) -> anyhow::Result<PathBuf> {
+/// Builds (once, cached under target/bench) a tar.gz and a tar.zst of
+/// the same tree of about `size` bytes of files of `file_size` bytes each.
+fn archive(size: u64, file_size: u64) -> anyhow::Result<(PathBuf, PathBuf)> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     std::fs::create_dir_all(&dir)?;
     let out = dir.join(format!("unpack-v2-{size}-{file_size}.tar.gz"));
-    if out.exists() {
-        return Ok(out);
+    let zst = dir.join(format!("unpack-v2-{size}-{file_size}.tar.zst"));
+    if out.exists() && zst.exists() {
+        return Ok((out, zst));
     }
     eprintln!("unpack: building {}", out.display());
     let tree = tempfile::tempdir_in(&dir)?;
@@ -27,10 +29,15 @@ fn archive(size: u64, file_size: u64) -> anyhow::Result<PathBuf> {
         std::fs::create_dir_all(&sub)?;
         fixture::compressible(&sub.join(format!("f{i:07}")), file_size, 11 + i)?;
     }
-    let tmp = out.with_extension("tmp");
-    convoy_common::archive::pack_dir(tree.path(), std::fs::File::create(&tmp)?)?;
-    std::fs::rename(&tmp, &out)?;
-    Ok(out)
+    for (file, how) in [
+        (&out, convoy_common::archive::Compression::Gzip),
+        (&zst, convoy_common::archive::Compression::Zstd),
+    ] {
+        let tmp = file.with_extension("tmp");
+        convoy_common::archive::pack_dir_as(tree.path(), std::fs::File::create(&tmp)?, how)?;
+        std::fs::rename(&tmp, file)?;
+    }
+    Ok((out, zst))
 }
 
 /// Writes back every dirty page, so a timed run does not pay for the
@@ -71,52 +78,63 @@ pub fn run(size: u64, which: &[String], runs: usize) -> anyhow::Result<Section> 
         if !which.iter().any(|w| w == key) {
             continue;
         }
-        let tgz = archive(size, file_size.min(size))?;
+        let (tgz, tzst) = archive(size, file_size.min(size))?;
         let work = tempfile::tempdir_in(tgz.parent().unwrap())?;
-        let (mut c, mut t) = (vec![], vec![]);
+        let (mut c, mut z, mut t) = (vec![], vec![], vec![]);
         for r in 0..runs {
             eprintln!("unpack: {name}, run {}/{runs}", r + 1);
             // Each side starts with nothing left to write back from the
             // other (the tree it wrote, then its removal), and they take
             // turns going first.
-            let sides: [bool; 2] = if r % 2 == 0 { [true, false] } else { [false, true] };
-            for is_convoy in sides {
+            // 0: convoy on the tar.gz, 1: convoy on the tar.zst, 2: tar xzf.
+            let mut sides = [0usize, 1, 2];
+            sides.rotate_left(r % 3);
+            for side in sides {
                 settle()?;
-                if is_convoy {
-                    let d = work.path().join(format!("convoy{r}"));
-                    c.push(time_convoy(&tgz, &d)?);
-                    std::fs::remove_dir_all(&d)?;
-                } else {
-                    let d = work.path().join(format!("tar{r}"));
-                    t.push(time_tar(&tgz, &d)?);
-                    std::fs::remove_dir_all(&d)?;
+                let d = work.path().join(format!("side{side}-{r}"));
+                match side {
+                    0 => c.push(time_convoy(&tgz, &d)?),
+                    1 => z.push(time_convoy(&tzst, &d)?),
+                    _ => t.push(time_tar(&tgz, &d)?),
                 }
+                std::fs::remove_dir_all(&d)?;
             }
         }
-        let (c, t) = (median(c), median(t));
+        let (c, z, t) = (median(c), median(z), median(t));
         let gz = std::fs::metadata(&tgz)?.len();
+        let zs = std::fs::metadata(&tzst)?.len();
         rows.push(vec![
             name.to_owned(),
-            format!("{} MiB → {} MiB", gz >> 20, size >> 20),
+            format!("{} MiB / {} MiB → {} MiB", gz >> 20, zs >> 20, size >> 20),
             format!("{c:.2} s ({:.0} MB/s)", mbps(size, c)),
+            format!("{z:.2} s ({:.0} MB/s)", mbps(size, z)),
             format!("{t:.2} s ({:.0} MB/s)", mbps(size, t)),
-            format!("{:.2}x", t / c),
+            format!("{:.2}x / {:.2}x", t / c, t / z),
         ]);
-        notes.push(format!("{name}: convoy {c:.2} s, tar {t:.2} s."));
+        notes.push(format!(
+            "{name}: convoy {c:.2} s (gzip), {z:.2} s (zstd), tar {t:.2} s."
+        ));
     }
     Ok(Section {
         key: "unpack",
-        title: format!("2. Unpack a {} MiB tar.gz", size >> 20),
+        title: format!("2. Unpack a {} MiB tar.gz or tar.zst", size >> 20),
         command: format!(
             "scripts/bench unpack --size {}MiB --cases {} --runs {runs}",
             size >> 20,
             which.join(",")
         ),
-        header: vec!["archive", "gzip → tree", "convoy", "GNU tar xzf", "speed vs tar"],
+        header: vec![
+            "archive",
+            "gzip / zstd → tree",
+            "convoy, tar.gz",
+            "convoy, tar.zst",
+            "GNU tar xzf",
+            "speed vs tar (gz / zst)",
+        ],
         rows,
         notes: vec![
-            "Both unpack the same archive into a new directory on the same file system, warm page cache. \
-             Before each timed unpack, `sync` writes back what the previous one left dirty, and the two take \
+            "Each unpacks the same tree (gzip level 6, zstd level 3 with a content checksum) into a new directory on the same file system, warm page cache. \
+             Before each timed unpack, `sync` writes back what the previous one left dirty, and the three take \
              turns going first; neither syncs what it writes, so both are timed to the page cache. convoy's extractor checks every entry (paths, links, types, modes, limits) and is the code the \
              agent runs; `tar xzf` checks nothing. \"speed vs tar\" above 1 means convoy is faster."
                 .into(),

@@ -1,5 +1,5 @@
-//! The artifact format (a gzip-compressed tar of one release tree) and its
-//! safe extraction.
+//! The artifact format (a tar of one release tree, compressed with gzip
+//! or zstd, told apart by their magic bytes) and its safe extraction.
 //!
 //! Extraction trusts nothing in the archive: every entry path must be
 //! relative and stay inside the destination, links must resolve inside it,
@@ -96,9 +96,9 @@ pub enum ArchiveError {
         #[source]
         source: io::Error,
     },
-    #[error("archive is corrupt or not a gzip-compressed tar: {0}")]
+    #[error("archive is corrupt or not a gzip- or zstd-compressed tar: {0}")]
     Corrupt(#[source] io::Error),
-    #[error("archive is corrupt: the gzip stream does not end whole after the tar end-of-archive marker (its checksum or length trailer fails or is missing): {0}")]
+    #[error("archive is corrupt: the compressed stream does not end whole after the tar end-of-archive marker (its checksum or length trailer fails or is missing): {0}")]
     BadTrailer(#[source] io::Error),
     #[error("archive has data after the tar end-of-archive marker ({0}); a release archive ends there")]
     TrailingData(&'static str),
@@ -166,9 +166,27 @@ enum Kind {
     Symlink,
 }
 
-/// Unpacks a gzip-compressed tar from `reader` into `dest`, which must not
-/// exist yet. On error, whatever was written stays inside `dest` and the
-/// caller removes `dest`.
+/// How an artifact is compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    Gzip,
+    Zstd,
+}
+
+impl Compression {
+    /// The compression whose magic bytes `head` starts with.
+    pub fn sniff(head: &[u8]) -> Option<Self> {
+        match head {
+            [0x1f, 0x8b, ..] => Some(Compression::Gzip),
+            [0x28, 0xb5, 0x2f, 0xfd, ..] => Some(Compression::Zstd),
+            _ => None,
+        }
+    }
+}
+
+/// Unpacks a gzip- or zstd-compressed tar from `reader` into `dest`, which
+/// must not exist yet. On error, whatever was written stays inside `dest`
+/// and the caller removes `dest`.
 pub fn unpack(reader: impl Read, dest: &Path, limits: &Limits) -> Result<UnpackStats, ArchiveError> {
     match fs::create_dir(dest) {
         Ok(()) => {}
@@ -182,11 +200,57 @@ pub fn unpack(reader: impl Read, dest: &Path, limits: &Limits) -> Result<UnpackS
             })
         }
     }
-    // Our own buffer under the decoder, so that what follows the gzip
-    // stream can be read once the stream ends.
-    let mut archive = tar::Archive::new(GzDecoder::new(io::BufReader::with_capacity(1 << 16, reader)));
+    // Our own buffer under the decoder, so that what follows the
+    // compressed stream can be read once the stream ends.
+    let mut buffered = io::BufReader::with_capacity(1 << 16, reader);
+    let head = io::BufRead::fill_buf(&mut buffered).map_err(ArchiveError::Corrupt)?;
+    let (stats, dir_modes) = match Compression::sniff(head) {
+        Some(Compression::Gzip) => {
+            let mut archive = tar::Archive::new(GzDecoder::new(buffered));
+            let done = entries(&mut archive, dest, limits)?;
+            check_end(archive.into_inner(), "gzip", |gz| gz.into_inner())?;
+            done
+        }
+        Some(Compression::Zstd) => {
+            // One frame: whatever follows it is trailing data, not a
+            // second frame to decode.
+            let zst = zstd::stream::read::Decoder::with_buffer(buffered)
+                .map_err(ArchiveError::Corrupt)?
+                .single_frame();
+            let mut archive = tar::Archive::new(zst);
+            let done = entries(&mut archive, dest, limits)?;
+            check_end(archive.into_inner(), "zstd", |z| z.finish())?;
+            done
+        }
+        None => {
+            return Err(ArchiveError::Corrupt(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "it starts with neither the gzip nor the zstd magic bytes",
+            )))
+        }
+    };
+    // Directory modes last, so a read-only directory does not stop us
+    // writing its children.
+    for (dir, mode) in dir_modes.into_iter().rev() {
+        fs::set_permissions(&dir, fs::Permissions::from_mode(mode)).map_err(|source| ArchiveError::Io {
+            entry: dir.display().to_string(),
+            source,
+        })?;
+    }
+    Ok(stats)
+}
+
+/// A directory and the mode it gets once its children are written.
+type DirMode = (PathBuf, u32);
+
+/// Extracts every entry of `archive` into `dest`, checking each.
+fn entries<R: Read>(
+    archive: &mut tar::Archive<R>,
+    dest: &Path,
+    limits: &Limits,
+) -> Result<(UnpackStats, Vec<DirMode>), ArchiveError> {
     let mut kinds: HashMap<PathBuf, Kind> = HashMap::new();
-    let mut dir_modes: Vec<(PathBuf, u32)> = Vec::new();
+    let mut dir_modes: Vec<DirMode> = Vec::new();
     let mut stats = UnpackStats::default();
 
     for entry in archive.entries().map_err(ArchiveError::Corrupt)? {
@@ -332,38 +396,41 @@ pub fn unpack(reader: impl Read, dest: &Path, limits: &Limits) -> Result<UnpackS
             }
         }
     }
-    check_end(archive.into_inner())?;
-    // Directory modes last, so a read-only directory does not stop us
-    // writing its children.
-    for (dir, mode) in dir_modes.into_iter().rev() {
-        fs::set_permissions(&dir, fs::Permissions::from_mode(mode)).map_err(|source| ArchiveError::Io {
-            entry: dir.display().to_string(),
-            source,
-        })?;
-    }
-    Ok(stats)
+    Ok((stats, dir_modes))
 }
 
-/// After the tar end-of-archive marker: reads the gzip stream to its end,
-/// which verifies its CRC and length trailer, and checks that nothing but
-/// the zero padding of the last tar record is left, inside the stream or
-/// after it. Extraction stops at the marker; without this, a stream that
-/// fails its checksum, or carries more behind the marker, would pass.
-fn check_end<R: io::BufRead>(mut gz: GzDecoder<R>) -> Result<(), ArchiveError> {
+/// After the tar end-of-archive marker: reads the compressed stream to its
+/// end, which verifies its checksum and length trailer (gzip) or its frame
+/// and content checksum (zstd), and checks that nothing but the zero
+/// padding of the last tar record is left, inside the stream or after it
+/// (`inner` gives back what the decoder read from). Extraction stops at
+/// the marker; without this, a stream that fails its checksum, or carries
+/// more behind the marker, would pass.
+fn check_end<D: Read, B: io::BufRead>(
+    mut decoder: D,
+    format: &'static str,
+    inner: impl FnOnce(D) -> B,
+) -> Result<(), ArchiveError> {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        let n = gz.read(&mut buf).map_err(ArchiveError::BadTrailer)?;
+        let n = decoder.read(&mut buf).map_err(ArchiveError::BadTrailer)?;
         if n == 0 {
             break;
         }
         if buf[..n].iter().any(|b| *b != 0) {
-            return Err(ArchiveError::TrailingData("non-zero bytes inside the gzip stream"));
+            return Err(ArchiveError::TrailingData(match format {
+                "zstd" => "non-zero bytes inside the zstd stream",
+                _ => "non-zero bytes inside the gzip stream",
+            }));
         }
     }
-    let mut rest = gz.into_inner();
+    let mut rest = inner(decoder);
     match rest.fill_buf() {
         Ok([]) => Ok(()),
-        Ok(_) => Err(ArchiveError::TrailingData("bytes after the end of the gzip stream")),
+        Ok(_) => Err(ArchiveError::TrailingData(match format {
+            "zstd" => "bytes after the end of the zstd frame",
+            _ => "bytes after the end of the gzip stream",
+        })),
         Err(e) => Err(ArchiveError::Corrupt(e)),
     }
 }
@@ -384,12 +451,30 @@ fn copy_bounded(from: &mut impl Read, to: &mut impl Write) -> io::Result<u64> {
 /// Packs the directory `src` into a gzip-compressed tar at `out`, the
 /// format `unpack` reads. Used by the CLI and the test bed.
 pub fn pack_dir(src: &Path, out: impl Write) -> io::Result<()> {
-    let gz = flate2::write::GzEncoder::new(out, flate2::Compression::default());
-    let mut builder = tar::Builder::new(gz);
-    builder.follow_symlinks(false);
-    builder.mode(tar::HeaderMode::Deterministic);
-    builder.append_dir_all(".", src)?;
-    builder.into_inner()?.finish()?.flush()
+    pack_dir_as(src, out, Compression::Gzip)
+}
+
+/// Packs `src` as a tar compressed with `how` (zstd with a content
+/// checksum, as the `zstd` program writes by default).
+pub fn pack_dir_as(src: &Path, out: impl Write, how: Compression) -> io::Result<()> {
+    fn tar_into<W: Write>(src: &Path, w: W) -> io::Result<W> {
+        let mut builder = tar::Builder::new(w);
+        builder.follow_symlinks(false);
+        builder.mode(tar::HeaderMode::Deterministic);
+        builder.append_dir_all(".", src)?;
+        builder.into_inner()
+    }
+    match how {
+        Compression::Gzip => {
+            let gz = flate2::write::GzEncoder::new(out, flate2::Compression::default());
+            tar_into(src, gz)?.finish()?.flush()
+        }
+        Compression::Zstd => {
+            let mut zst = zstd::stream::write::Encoder::new(out, 3)?;
+            zst.include_checksum(true)?;
+            tar_into(src, zst)?.finish()?.flush()
+        }
+    }
 }
 
 /// Names of the entries in an unpacked tree, for tests and diagnostics.

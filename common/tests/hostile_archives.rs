@@ -167,8 +167,18 @@ fn check(case: &str, archive: Vec<u8>, limits: Limits, expect: &str) {
     println!("| {case} | `{err}` |");
 }
 
+fn zstd(data: &[u8]) -> Vec<u8> {
+    let mut z = zstd::stream::write::Encoder::new(Vec::new(), 1).unwrap();
+    z.include_checksum(true).unwrap();
+    z.write_all(data).unwrap();
+    z.finish().unwrap()
+}
+
+/// Each hostile tree is refused the same way, gzip- or zstd-compressed.
 fn check_entries(case: &str, entries: Vec<E>, expect: &str) {
-    check(case, gzip(&tar_bytes(&entries)), Limits::default(), expect);
+    let tar = tar_bytes(&entries);
+    check(case, gzip(&tar), Limits::default(), expect);
+    check(&format!("{case} (zstd)"), zstd(&tar), Limits::default(), expect);
 }
 
 #[test]
@@ -305,10 +315,10 @@ fn hostile_corpus_is_refused() {
         "more than 4096 bytes",
     );
     check(
-        "not gzip",
+        "neither gzip nor zstd (a zip)",
         b"PK\x03\x04 this is a zip".to_vec(),
         Limits::default(),
-        "corrupt or not a gzip-compressed tar",
+        "starts with neither the gzip nor the zstd magic bytes",
     );
     let good = gzip(&tar_bytes(&[file("a", &"y".repeat(100_000))]));
     check(
@@ -417,6 +427,67 @@ fn corrupt_or_extended_streams_are_refused() {
             "incomplete deflate stream",
         );
     }
+}
+
+#[test]
+fn corrupt_or_extended_zstd_streams_are_refused() {
+    println!("| case | error |\n| --- | --- |");
+    let tar = tar_bytes(&[file("a", &"z".repeat(20_000)), file("b", "bee")]);
+    let good = zstd(&tar);
+    unpack(
+        &good[..],
+        &tempfile::tempdir().unwrap().path().join("r"),
+        &Limits::default(),
+    )
+    .expect("the control archive unpacks");
+    let n = good.len();
+    // A frame with a content checksum ends with its 4 bytes.
+    let mut bad_sum = good.clone();
+    bad_sum[n - 2] ^= 0xff;
+    check(
+        "content checksum does not match (zstd)",
+        bad_sum,
+        Limits::default(),
+        "does not end whole",
+    );
+    let mut garbage_after = good.clone();
+    garbage_after.extend_from_slice(b"#!/bin/sh\nrm -rf /\n");
+    check(
+        "garbage after the zstd frame",
+        garbage_after,
+        Limits::default(),
+        "bytes after the end of the zstd frame",
+    );
+    let mut second = good.clone();
+    second.extend_from_slice(&zstd(b"a second frame"));
+    check(
+        "a second frame after the first",
+        second,
+        Limits::default(),
+        "bytes after the end of the zstd frame",
+    );
+    let mut hidden = tar.clone();
+    hidden.extend_from_slice(b"a second payload the extractor never looks at");
+    check(
+        "data after the tar end marker (zstd)",
+        zstd(&hidden),
+        Limits::default(),
+        "non-zero bytes inside the zstd stream",
+    );
+    for cut in [10, n / 2, n - 5, n - 1] {
+        check(
+            &format!("zstd truncated at byte {cut} of {n}"),
+            good[..cut].to_vec(),
+            Limits::default(),
+            "archive is corrupt",
+        );
+    }
+    check(
+        "neither gzip nor zstd",
+        tar.clone(),
+        Limits::default(),
+        "starts with neither the gzip nor the zstd magic bytes",
+    );
 }
 
 #[test]

@@ -573,6 +573,18 @@ impl Testbed {
         self.push_file(version, &file)
     }
 
+    /// Packs the demo app as `version` into a zstd-compressed tar.
+    pub fn pack_demo_zstd(&self, version: &str) -> Result<PathBuf> {
+        self.pack_demo(version, "healthy")?;
+        let out = self.dir.path().join(format!("demo-{version}.tar.zst"));
+        convoy_common::archive::pack_dir_as(
+            &self.dir.path().join(format!("pack-{version}")),
+            fs::File::create(&out)?,
+            convoy_common::archive::Compression::Zstd,
+        )?;
+        Ok(out)
+    }
+
     /// Like `pack_demo`, with extra files: (path in the release, content, mode).
     pub fn pack_demo_with(&self, version: &str, mode: &str, extra: &[(&str, &[u8], u32)]) -> Result<PathBuf> {
         self.pack_demo_full(version, mode, "", extra)

@@ -77,6 +77,20 @@ fn scenario_a_rolling_v1_then_v2() -> Result<()> {
         3,
         "{text}"
     );
+
+    // A zstd-compressed release travels and unpacks like a gzip one.
+    let zst = bed.pack_demo_zstd("2.1.0")?;
+    bed.push_file("2.1.0", &zst)?;
+    bed.convoy_ok(&[
+        "deploy",
+        "demo",
+        "2.1.0",
+        "--env",
+        "staging",
+        "--strategy",
+        "all-at-once",
+    ])?;
+    all_serve(&bed, "2.1.0");
     Ok(())
 }
 

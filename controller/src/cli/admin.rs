@@ -24,12 +24,13 @@ pub async fn push(
     let unreadable = |e: std::io::Error| Failure::new(exit::USAGE, format!("{}: {e}", file.display()));
     let mut f = std::fs::File::open(&file).map_err(unreadable)?;
     let size = f.metadata().map_err(unreadable)?.len();
-    let mut magic = [0u8; 2];
-    if std::io::Read::read_exact(&mut f, &mut magic).is_err() || magic != [0x1f, 0x8b] {
+    let mut magic = [0u8; 4];
+    let read = std::io::Read::read(&mut f, &mut magic).map_err(unreadable)?;
+    if convoy_common::archive::Compression::sniff(&magic[..read]).is_none() {
         return Err(Failure::new(
             exit::USAGE,
             format!(
-                "{}: not a gzip file; an artifact is a .tar.gz of the release tree",
+                "{}: neither gzip nor zstd; an artifact is a .tar.gz or .tar.zst of the release tree",
                 file.display()
             ),
         ));
