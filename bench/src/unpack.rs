@@ -135,7 +135,7 @@ pub fn run(size: u64, which: &[String], runs: usize) -> anyhow::Result<Section> 
         notes: vec![
             "Each unpacks the same tree (gzip level 6, zstd level 3 with a content checksum) into a new directory on the same file system, warm page cache. \
              Before each timed unpack, `sync` writes back what the previous one left dirty, and the three take \
-             turns going first; neither syncs what it writes, so both are timed to the page cache. convoy's extractor checks every entry (paths, links, types, modes, limits) and is the code the \
+             turns going first; no side syncs what it writes, so all are timed to the page cache. convoy's extractor checks every entry (paths, links, types, modes, limits) and is the code the \
              agent runs; `tar xzf` checks nothing. \"speed vs tar\" above 1 means convoy is faster."
                 .into(),
             notes.join(" "),
