@@ -66,6 +66,24 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     Some((status, body))
 }
 
+/// The arguments of `convoy deploy demo VERSION --env staging` as a
+/// canary with `stages` and `bake`.
+pub fn canary_deploy<'a>(version: &'a str, stages: &'a str, bake: &'a str) -> Vec<&'a str> {
+    vec![
+        "deploy",
+        "demo",
+        version,
+        "--env",
+        "staging",
+        "--strategy",
+        "canary",
+        "--stages",
+        stages,
+        "--bake",
+        bake,
+    ]
+}
+
 /// One booted host.
 pub struct Host {
     /// The name in its certificate: host1, host2, ...

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use convoy_tests::load::Load;
+use convoy_tests::testbed::canary_deploy;
 use convoy_tests::testbed::DEMO_PORT;
 use convoy_tests::Testbed;
 
@@ -64,8 +65,7 @@ fn deploy(bed: &Testbed, args: &[&str]) -> Result<(i32, String)> {
 /// `convoy deploy` of `version` as a canary (host1, bake 12 s, the
 /// rest), with `extra` flags.
 fn canary_args<'a>(version: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
-    let mut args = vec!["deploy", "demo", version, "--env", "staging", "--strategy", "canary"];
-    args.extend_from_slice(&["--stages", "1,100%", "--bake", "12s"]);
+    let mut args = canary_deploy(version, "1,100%", "12s");
     args.extend_from_slice(extra);
     args
 }
@@ -230,19 +230,7 @@ fn latency_is_judged_against_the_baseline_and_a_lost_prometheus_fails_closed() -
     // Prometheus goes away during the canary's bake: measurements fail
     // with the reason, and the rollout halts after failure_limit.
     bed.push_demo_release("2.2.0", BASE)?;
-    let child = bed.convoy_spawn(&[
-        "deploy",
-        "demo",
-        "2.2.0",
-        "--env",
-        "staging",
-        "--strategy",
-        "canary",
-        "--stages",
-        "1,100%",
-        "--bake",
-        "60s",
-    ])?;
+    let child = bed.convoy_spawn(&canary_deploy("2.2.0", "1,100%", "60s"))?;
     convoy_nspawn::wait_for("the canary's first passing round", Duration::from_secs(60), || {
         let list: serde_json::Value =
             serde_json::from_str(&bed.convoy_ok(&["history", "demo", "--output", "json"]).ok()?).ok()?;

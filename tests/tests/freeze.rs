@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use anyhow::Result;
+use convoy_tests::testbed::canary_deploy;
 use convoy_tests::Testbed;
 
 fn serving(bed: &Testbed) -> Vec<String> {
@@ -41,19 +42,7 @@ fn freezes_hold_deploys_and_an_admins_hotfix_passes() -> Result<()> {
 
     // A canary is baking when the environment freezes: it waits before its
     // next batch.
-    let canary = bed.convoy_spawn(&[
-        "deploy",
-        "demo",
-        "2.0.0",
-        "--env",
-        "staging",
-        "--strategy",
-        "canary",
-        "--stages",
-        "1,100%",
-        "--bake",
-        "10s",
-    ])?;
+    let canary = bed.convoy_spawn(&canary_deploy("2.0.0", "1,100%", "10s"))?;
     convoy_nspawn::wait_for("the canary to move host1", Duration::from_secs(60), || {
         (bed.hosts[0].serving()? == "2.0.0").then_some(())
     })?;

@@ -2,6 +2,7 @@
 //! audit trail, on five booted hosts.
 
 use anyhow::Result;
+use convoy_tests::testbed::canary_deploy;
 use convoy_tests::Testbed;
 
 fn serving(bed: &Testbed) -> Vec<String> {
@@ -60,19 +61,7 @@ fn canary_budget_halt_and_manual_rollback() -> Result<()> {
     assert_eq!(serving(&bed), ["1.0.0"; 5]);
 
     // Canary: 20% (one host), bake, then the rest.
-    let out = bed.convoy_ok(&[
-        "deploy",
-        "demo",
-        "2.0.0",
-        "--env",
-        "staging",
-        "--strategy",
-        "canary",
-        "--stages",
-        "20%,100%",
-        "--bake",
-        "2s",
-    ])?;
+    let out = bed.convoy_ok(&canary_deploy("2.0.0", "20%,100%", "2s"))?;
     assert!(out.contains("batch 1: host1, then bake 2s"), "{out}");
     assert!(out.contains("batch 2: host2, host3, host4, host5"), "{out}");
     assert!(out.contains("-- baking for 2s"), "{out}");
