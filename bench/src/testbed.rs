@@ -6,6 +6,7 @@
 use std::time::Instant;
 
 use anyhow::Context;
+use convoy_tests::testbed::rollout_id;
 use convoy_tests::Testbed;
 
 use crate::fixture;
@@ -28,14 +29,6 @@ fn events(bed: &Testbed, id: &str) -> anyhow::Result<Vec<(String, String, String
             )
         })
         .collect())
-}
-
-fn rollout_id(out: &str) -> String {
-    out.split_whitespace()
-        .nth(1)
-        .unwrap_or("")
-        .trim_end_matches(':')
-        .to_owned()
 }
 
 /// When `host` last had `step` end as `kind` (or start, for "started").

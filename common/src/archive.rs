@@ -208,7 +208,7 @@ pub fn unpack(reader: impl Read, dest: &Path, limits: &Limits) -> Result<UnpackS
         Some(Compression::Gzip) => {
             let mut archive = tar::Archive::new(GzDecoder::new(buffered));
             let done = entries(&mut archive, dest, limits)?;
-            check_end(archive.into_inner(), "gzip", |gz| gz.into_inner())?;
+            check_end(archive.into_inner(), Compression::Gzip, |gz| gz.into_inner())?;
             done
         }
         Some(Compression::Zstd) => {
@@ -219,7 +219,7 @@ pub fn unpack(reader: impl Read, dest: &Path, limits: &Limits) -> Result<UnpackS
                 .single_frame();
             let mut archive = tar::Archive::new(zst);
             let done = entries(&mut archive, dest, limits)?;
-            check_end(archive.into_inner(), "zstd", |z| z.finish())?;
+            check_end(archive.into_inner(), Compression::Zstd, |z| z.finish())?;
             done
         }
         None => {
@@ -408,7 +408,7 @@ fn entries<R: Read>(
 /// more behind the marker, would pass.
 fn check_end<D: Read, B: io::BufRead>(
     mut decoder: D,
-    format: &'static str,
+    format: Compression,
     inner: impl FnOnce(D) -> B,
 ) -> Result<(), ArchiveError> {
     let mut buf = vec![0u8; 64 * 1024];
@@ -419,8 +419,8 @@ fn check_end<D: Read, B: io::BufRead>(
         }
         if buf[..n].iter().any(|b| *b != 0) {
             return Err(ArchiveError::TrailingData(match format {
-                "zstd" => "non-zero bytes inside the zstd stream",
-                _ => "non-zero bytes inside the gzip stream",
+                Compression::Gzip => "non-zero bytes inside the gzip stream",
+                Compression::Zstd => "non-zero bytes inside the zstd stream",
             }));
         }
     }
@@ -428,8 +428,8 @@ fn check_end<D: Read, B: io::BufRead>(
     match rest.fill_buf() {
         Ok([]) => Ok(()),
         Ok(_) => Err(ArchiveError::TrailingData(match format {
-            "zstd" => "bytes after the end of the zstd frame",
-            _ => "bytes after the end of the gzip stream",
+            Compression::Gzip => "bytes after the end of the gzip stream",
+            Compression::Zstd => "bytes after the end of the zstd frame",
         })),
         Err(e) => Err(ArchiveError::Corrupt(e)),
     }

@@ -87,14 +87,7 @@ impl Prometheus {
 
     /// The value of an instant query, if it has one.
     pub fn value(&self, promql: &str) -> Option<f64> {
-        let mut q = String::new();
-        for b in promql.bytes() {
-            if b.is_ascii_alphanumeric() {
-                q.push(b as char);
-            } else {
-                q.push_str(&format!("%{b:02X}"));
-            }
-        }
+        let q = percent_encoding::utf8_percent_encode(promql, percent_encoding::NON_ALPHANUMERIC);
         let (status, body) = http_get(self.addr, &format!("/api/v1/query?query={q}"))?;
         if status != 200 {
             return None;

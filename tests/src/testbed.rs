@@ -84,6 +84,15 @@ pub fn canary_deploy<'a>(version: &'a str, stages: &'a str, bake: &'a str) -> Ve
     ]
 }
 
+/// The id in a rollout's first line of output: "rollout ID: ...".
+pub fn rollout_id(out: &str) -> String {
+    out.split_whitespace()
+        .nth(1)
+        .unwrap_or("")
+        .trim_end_matches(':')
+        .to_owned()
+}
+
 /// One booted host.
 pub struct Host {
     /// The name in its certificate: host1, host2, ...
@@ -656,6 +665,23 @@ impl Testbed {
     /// The controller's artifact store.
     pub fn artifact_path(&self, digest: &str) -> PathBuf {
         self.dir.path().join("controller/data/artifacts").join(digest)
+    }
+
+    /// `convoy history ARGS --output json`, parsed.
+    pub fn history(&self, args: &[&str]) -> Result<serde_json::Value> {
+        let mut all = vec!["history"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--output", "json"]);
+        Ok(serde_json::from_str(&self.convoy_ok(&all)?)?)
+    }
+
+    /// What each host's demo app serves, in host order ("-" when it does
+    /// not answer 200).
+    pub fn serving(&self) -> Vec<String> {
+        self.hosts
+            .iter()
+            .map(|h| h.serving().unwrap_or_else(|| "-".into()))
+            .collect()
     }
 
     /// Deploys `version` of the demo app to every staging host at once.

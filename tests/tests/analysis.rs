@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use convoy_tests::load::Load;
-use convoy_tests::testbed::canary_deploy;
 use convoy_tests::testbed::DEMO_PORT;
+use convoy_tests::testbed::{canary_deploy, rollout_id};
 use convoy_tests::Testbed;
 
 const PLAIN: &str = include_str!("../testbed/demo.toml");
@@ -74,32 +74,6 @@ fn canary(bed: &Testbed, version: &str) -> Result<(i32, String)> {
     deploy(bed, &canary_args(version, &[]))
 }
 
-fn serving(bed: &Testbed) -> Vec<String> {
-    bed.hosts
-        .iter()
-        .map(|h| h.serving().unwrap_or_else(|| "-".into()))
-        .collect()
-}
-
-fn history(bed: &Testbed, id: &str) -> Result<serde_json::Value> {
-    Ok(serde_json::from_str(&bed.convoy_ok(&[
-        "history",
-        "--rollout",
-        id,
-        "--output",
-        "json",
-    ])?)?)
-}
-
-/// The id in a rollout's first line: "rollout ID: ...".
-fn rollout_id(out: &str) -> String {
-    out.split_whitespace()
-        .nth(1)
-        .unwrap_or("")
-        .trim_end_matches(':')
-        .to_owned()
-}
-
 /// A rollout's measurements of `metric` with `verdict`.
 fn measured<'a>(h: &'a serde_json::Value, metric: &str, verdict: &str) -> Vec<&'a serde_json::Value> {
     h["measurements"]
@@ -120,7 +94,7 @@ fn an_error_rate_gate_stops_a_canary_that_fails_real_traffic() -> Result<()> {
 
     // A dry run decides what the deploy will do and changes nothing.
     let rollouts = |bed: &Testbed| -> Result<usize> {
-        let v: serde_json::Value = serde_json::from_str(&bed.convoy_ok(&["history", "demo", "--output", "json"])?)?;
+        let v = bed.history(&["demo"])?;
         Ok(v["rollouts"].as_array().map_or(0, |a| a.len()))
     };
     let before = rollouts(&bed)?;
@@ -140,7 +114,7 @@ fn an_error_rate_gate_stops_a_canary_that_fails_real_traffic() -> Result<()> {
     assert_eq!(gate["value"], 0.0, "today's release serves well: {gate}");
     assert!(plan["preflight"].as_array().unwrap().len() == 3, "{plan}");
     assert_eq!(rollouts(&bed)?, before, "no rollout recorded");
-    assert_eq!(serving(&bed), ["1.0.0"; 3], "no host touched");
+    assert_eq!(bed.serving(), ["1.0.0"; 3], "no host touched");
     let text = bed.convoy_ok(&canary_args("2.0.0", &["--dry-run"]))?;
     assert!(text.contains("the deploy would start"), "{text}");
 
@@ -161,11 +135,11 @@ fn an_error_rate_gate_stops_a_canary_that_fails_real_traffic() -> Result<()> {
             || out.contains("metric gates during the bake of batch 1: metric error-rate failed 2 measurement(s)"),
         "{out}"
     );
-    assert_eq!(serving(&bed), ["1.0.0"; 3], "the canary is back on 1.0.0");
+    assert_eq!(bed.serving(), ["1.0.0"; 3], "the canary is back on 1.0.0");
     let back = ended.elapsed();
 
     let id = rollout_id(&out);
-    let h = history(&bed, &id)?;
+    let h = bed.history(&["--rollout", &id])?;
     assert_eq!(h["rollouts"][0]["state"], "rolled_back");
     let failed = measured(&h, "error-rate", "fail");
     assert!(failed.len() >= 2, "{h}");
@@ -210,8 +184,8 @@ fn latency_is_judged_against_the_baseline_and_a_lost_prometheus_fails_closed() -
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("metric p95-latency failed 2 measurement(s)"), "{out}");
     assert!(out.contains("the baseline"), "{out}");
-    assert_eq!(serving(&bed), ["1.0.0"; 3]);
-    let h = history(&bed, &rollout_id(&out))?;
+    assert_eq!(bed.serving(), ["1.0.0"; 3]);
+    let h = bed.history(&["--rollout", &rollout_id(&out)])?;
     let failed = measured(&h, "p95-latency", "fail");
     let (value, baseline) = (
         failed[0]["value"].as_f64().unwrap(),
@@ -223,8 +197,8 @@ fn latency_is_judged_against_the_baseline_and_a_lost_prometheus_fails_closed() -
     bed.push_demo_release("2.1.0", &format!("{BASE}\nextra_latency = \"10ms\""))?;
     let (code, out) = canary(&bed, "2.1.0")?;
     assert_eq!(code, 0, "{out}");
-    assert_eq!(serving(&bed), ["2.1.0"; 3]);
-    let h = history(&bed, &rollout_id(&out))?;
+    assert_eq!(bed.serving(), ["2.1.0"; 3]);
+    let h = bed.history(&["--rollout", &rollout_id(&out)])?;
     assert!(!measured(&h, "p95-latency", "pass").is_empty(), "{h}");
 
     // Prometheus goes away during the canary's bake: measurements fail
@@ -232,10 +206,9 @@ fn latency_is_judged_against_the_baseline_and_a_lost_prometheus_fails_closed() -
     bed.push_demo_release("2.2.0", BASE)?;
     let child = bed.convoy_spawn(&canary_deploy("2.2.0", "1,100%", "60s"))?;
     convoy_nspawn::wait_for("the canary's first passing round", Duration::from_secs(60), || {
-        let list: serde_json::Value =
-            serde_json::from_str(&bed.convoy_ok(&["history", "demo", "--output", "json"]).ok()?).ok()?;
+        let list = bed.history(&["demo"]).ok()?;
         let id = list["rollouts"][0]["id"].as_str()?.to_owned();
-        let h = history(&bed, &id).ok()?;
+        let h = bed.history(&["--rollout", &id]).ok()?;
         (list["rollouts"][0]["version"] == "2.2.0" && !measured(&h, "error-rate", "pass").is_empty()).then_some(())
     })?;
     bed.prometheus().kill();
@@ -248,7 +221,7 @@ fn latency_is_judged_against_the_baseline_and_a_lost_prometheus_fails_closed() -
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(text.contains("failed 2 measurement(s)"), "{text}");
     assert!(text.contains("connect"), "the reason names the lost connection: {text}");
-    assert_eq!(serving(&bed), ["2.1.0"; 3]);
+    assert_eq!(bed.serving(), ["2.1.0"; 3]);
     Ok(())
 }
 
@@ -276,8 +249,8 @@ fn a_breach_while_watching_after_the_last_batch_rolls_every_host_back() -> Resul
         out.contains("metric gates while watching after the last batch: metric error-rate failed"),
         "{out}"
     );
-    assert_eq!(serving(&bed), ["1.0.0"; 3]);
-    let h = history(&bed, &rollout_id(&out))?;
+    assert_eq!(bed.serving(), ["1.0.0"; 3]);
+    let h = bed.history(&["--rollout", &rollout_id(&out)])?;
     assert_eq!(h["rollouts"][0]["state"], "rolled_back");
     // Control case: the first rounds after every host moved passed.
     assert!(!measured(&h, "error-rate", "pass").is_empty(), "{h}");

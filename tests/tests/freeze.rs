@@ -9,17 +9,8 @@ use anyhow::Result;
 use convoy_tests::testbed::canary_deploy;
 use convoy_tests::Testbed;
 
-fn serving(bed: &Testbed) -> Vec<String> {
-    bed.hosts
-        .iter()
-        .map(|h| h.serving().unwrap_or_else(|| "-".into()))
-        .collect()
-}
-
 fn latest(bed: &Testbed) -> Option<serde_json::Value> {
-    let list: serde_json::Value =
-        serde_json::from_str(&bed.convoy_ok(&["history", "demo", "--output", "json"]).ok()?).ok()?;
-    Some(list["rollouts"][0].clone())
+    Some(bed.history(&["demo"]).ok()?["rollouts"][0].clone())
 }
 
 #[test]
@@ -56,7 +47,7 @@ fn freezes_hold_deploys_and_an_admins_hotfix_passes() -> Result<()> {
     convoy_nspawn::wait_for("the canary to be held", Duration::from_secs(30), || {
         (latest(&bed)?["state"] == "frozen").then_some(())
     })?;
-    assert_eq!(serving(&bed), ["2.0.0", "1.0.0"], "host2 waits");
+    assert_eq!(bed.serving(), ["2.0.0", "1.0.0"], "host2 waits");
 
     // A new deploy is refused with who, why and how to pass.
     let out = bed.convoy(&["deploy", "demo", "3.0.0", "--env", "staging"])?;
@@ -85,7 +76,7 @@ fn freezes_hold_deploys_and_an_admins_hotfix_passes() -> Result<()> {
     assert_eq!(out.status.code(), Some(0), "{text}");
     assert!(text.contains("staging is frozen by operator root (admin)"), "{text}");
     assert!(text.contains("staging is no longer frozen; going on"), "{text}");
-    assert_eq!(serving(&bed), ["2.0.0", "2.0.0"]);
+    assert_eq!(bed.serving(), ["2.0.0", "2.0.0"]);
 
     // Frozen again, an admin's hotfix passes, and the audit says so.
     admin(&[
@@ -114,7 +105,7 @@ fn freezes_hold_deploys_and_an_admins_hotfix_passes() -> Result<()> {
         "{}",
         out.stdout
     );
-    assert_eq!(serving(&bed), ["3.0.0", "3.0.0"]);
+    assert_eq!(bed.serving(), ["3.0.0", "3.0.0"]);
     let freezes: serde_json::Value = serde_json::from_str(&bed.convoy_ok(&["freezes", "--output", "json"])?)?;
     assert_eq!(freezes["freezes"][0]["environment"], "staging");
     assert!(freezes["freezes"][0]["until_unix_ms"].as_i64().is_some(), "{freezes}");
@@ -133,7 +124,7 @@ fn freezes_hold_deploys_and_an_admins_hotfix_passes() -> Result<()> {
     // Unfrozen, a plain deploy goes through.
     admin(&["unfreeze", "--env", "staging"])?;
     bed.convoy_ok(&["deploy", "demo", "2.0.0", "--env", "staging"])?;
-    assert_eq!(serving(&bed), ["2.0.0", "2.0.0"]);
+    assert_eq!(bed.serving(), ["2.0.0", "2.0.0"]);
 
     // Outside the spec's windows a deploy is refused; inside, it runs.
     let spec = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/testbed/demo.toml"))?;
@@ -148,7 +139,7 @@ fn freezes_hold_deploys_and_an_admins_hotfix_passes() -> Result<()> {
     let out = bed.convoy(&["deploy", "demo", "3.0.0", "--env", "staging"])?;
     assert_eq!(out.code, 4, "{out:?}");
     assert!(out.stderr.contains("outside demo's deploy windows"), "{}", out.stderr);
-    assert_eq!(serving(&bed), ["2.0.0", "2.0.0"], "nothing changed");
+    assert_eq!(bed.serving(), ["2.0.0", "2.0.0"], "nothing changed");
     bed.set_spec(&format!("windows = [\"{today} 00:00-24:00 UTC\"]\n{spec}"))?;
     bed.convoy_ok(&["deploy", "demo", "3.0.0", "--env", "staging"])?;
     Ok(())

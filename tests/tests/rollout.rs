@@ -2,28 +2,14 @@
 //! audit trail, on five booted hosts.
 
 use anyhow::Result;
-use convoy_tests::testbed::canary_deploy;
+use convoy_tests::testbed::{canary_deploy, rollout_id};
 use convoy_tests::Testbed;
-
-fn serving(bed: &Testbed) -> Vec<String> {
-    bed.hosts
-        .iter()
-        .map(|h| h.serving().unwrap_or_else(|| "-".into()))
-        .collect()
-}
 
 fn fetches(bed: &Testbed) -> usize {
     bed.controller_log()
         .lines()
         .filter(|l| l.contains("streaming artifact"))
         .count()
-}
-
-fn history(bed: &Testbed, args: &[&str]) -> Result<serde_json::Value> {
-    let mut all = vec!["history"];
-    all.extend_from_slice(args);
-    all.extend_from_slice(&["--output", "json"]);
-    Ok(serde_json::from_str(&bed.convoy_ok(&all)?)?)
 }
 
 /// `n` hosts on 1.0.0, with 2.0.0 pushed and ready to roll.
@@ -33,16 +19,6 @@ fn fleet_on_v1(n: usize) -> Result<Testbed> {
     bed.deploy_everywhere("1.0.0")?;
     bed.push_demo("2.0.0", "healthy")?;
     Ok(bed)
-}
-
-/// The id in a rollout's first line: "rollout ID: ...".
-fn rollout_id(first_line: &str) -> String {
-    first_line
-        .split_whitespace()
-        .nth(1)
-        .unwrap_or("")
-        .trim_end_matches(':')
-        .to_owned()
 }
 
 #[test]
@@ -58,16 +34,16 @@ fn canary_budget_halt_and_manual_rollback() -> Result<()> {
         out.find("switch   started").unwrap() > staged,
         "switched before pre-staging ended:\n{out}"
     );
-    assert_eq!(serving(&bed), ["1.0.0"; 5]);
+    assert_eq!(bed.serving(), ["1.0.0"; 5]);
 
     // Canary: 20% (one host), bake, then the rest.
     let out = bed.convoy_ok(&canary_deploy("2.0.0", "20%,100%", "2s"))?;
     assert!(out.contains("batch 1: host1, then bake 2s"), "{out}");
     assert!(out.contains("batch 2: host2, host3, host4, host5"), "{out}");
     assert!(out.contains("-- baking for 2s"), "{out}");
-    assert_eq!(serving(&bed), ["2.0.0"; 5]);
+    assert_eq!(bed.serving(), ["2.0.0"; 5]);
     let id = rollout_id(&out);
-    let detail = history(&bed, &["--rollout", &id])?;
+    let detail = bed.history(&["--rollout", &id])?;
     let at = |host: &str, step: &str| -> i64 {
         detail["events"]
             .as_array()
@@ -100,9 +76,9 @@ fn canary_budget_halt_and_manual_rollback() -> Result<()> {
         out.stderr
     );
     assert!(out.stderr.contains("hosts not touched: host5"), "{}", out.stderr);
-    assert_eq!(serving(&bed), ["2.0.0"; 5]);
+    assert_eq!(bed.serving(), ["2.0.0"; 5]);
     bed.hosts[2].exec_ok(&["rm", "/etc/demo-unhealthy"])?;
-    let h = history(&bed, &["demo"])?;
+    let h = bed.history(&["demo"])?;
     assert_eq!(h["rollouts"][0]["state"], "rolled_back");
     assert_eq!(h["rollouts"][0]["strategy"], "rolling, batches of 2");
 
@@ -111,7 +87,7 @@ fn canary_budget_halt_and_manual_rollback() -> Result<()> {
     let before = fetches(&bed);
     let out = bed.convoy_ok(&["rollback", "demo", "--env", "staging", "--to", "1.0.0"])?;
     assert!(out.contains("already on this host"), "{out}");
-    assert_eq!(serving(&bed), ["1.0.0"; 5]);
+    assert_eq!(bed.serving(), ["1.0.0"; 5]);
     assert_eq!(fetches(&bed), before, "a rollback must not download anything");
 
     // Refused before touching anything when the target was never pushed
@@ -124,12 +100,12 @@ fn canary_budget_halt_and_manual_rollback() -> Result<()> {
         "{}",
         out.stderr
     );
-    assert_eq!(serving(&bed), ["1.0.0"; 5]);
+    assert_eq!(bed.serving(), ["1.0.0"; 5]);
 
     // One host back to its own previous release.
     bed.convoy_ok(&["rollback", "demo", "--env", "staging", "--hosts", "host1"])?;
-    assert_eq!(serving(&bed), ["2.0.0", "1.0.0", "1.0.0", "1.0.0", "1.0.0"]);
-    let h = history(&bed, &["demo"])?;
+    assert_eq!(bed.serving(), ["2.0.0", "1.0.0", "1.0.0", "1.0.0", "1.0.0"]);
+    let h = bed.history(&["demo"])?;
     assert_eq!(h["rollouts"][0]["kind"], "rollback");
 
     // The report: three deploys, one rolled back and then restored by the
@@ -167,7 +143,7 @@ fn promotion_rule_hotfix_and_audit() -> Result<()> {
         "{}",
         out.stderr
     );
-    assert_eq!(serving(&bed), ["-"; 5], "nothing deployed");
+    assert_eq!(bed.serving(), ["-"; 5], "nothing deployed");
 
     let out = bed.convoy(&["deploy", "demo", "1.0.0", "--env", "production", "--hotfix"])?;
     assert_eq!(out.code, 2, "--hotfix needs --reason: {out:?}");
@@ -182,8 +158,8 @@ fn promotion_rule_hotfix_and_audit() -> Result<()> {
         "--reason",
         "CVE-2026-1234",
     ])?;
-    assert_eq!(serving(&bed), ["-", "-", "-", "1.0.0", "1.0.0"], "production only");
-    let h = history(&bed, &["demo"])?;
+    assert_eq!(bed.serving(), ["-", "-", "-", "1.0.0", "1.0.0"], "production only");
+    let h = bed.history(&["demo"])?;
     assert_eq!(h["rollouts"][0]["hotfix_reason"], "CVE-2026-1234");
     assert_eq!(h["rollouts"][0]["environment"], "production");
     assert_eq!(h["rollouts"][0]["operator"], "operator operator (deployer)");
@@ -195,7 +171,7 @@ fn promotion_rule_hotfix_and_audit() -> Result<()> {
     for env in envs {
         bed.convoy_ok(&["deploy", "demo", "2.0.0", "--env", env])?;
     }
-    assert_eq!(serving(&bed), ["2.0.0"; 5]);
+    assert_eq!(bed.serving(), ["2.0.0"; 5]);
     bed.push_demo("3.0.0", "healthy")?;
     let out = bed.convoy(&["deploy", "demo", "3.0.0", "--env", "staging"])?;
     assert_eq!(out.code, 4);
@@ -207,7 +183,7 @@ fn promotion_rule_hotfix_and_audit() -> Result<()> {
 
     // One rollout in detail: its host results and events.
     let id = h["rollouts"][0]["id"].as_str().unwrap().to_owned();
-    let detail = history(&bed, &["--rollout", &id])?;
+    let detail = bed.history(&["--rollout", &id])?;
     let mut results: Vec<(String, String)> = detail["hosts"]
         .as_array()
         .unwrap()
@@ -279,7 +255,7 @@ fn controller_killed_mid_rollout(after_first_activation: bool) -> Result<()> {
     bed.start_controller()?;
     let start = std::time::Instant::now();
     let state = loop {
-        let h = history(&bed, &["--rollout", &id])?;
+        let h = bed.history(&["--rollout", &id])?;
         let state = h["rollouts"][0]["state"].as_str().unwrap_or("").to_owned();
         if state != "running" {
             break state;
@@ -291,7 +267,7 @@ fn controller_killed_mid_rollout(after_first_activation: bool) -> Result<()> {
         std::thread::sleep(std::time::Duration::from_millis(500));
     };
     assert_eq!(state, "succeeded");
-    assert_eq!(serving(&bed), ["2.0.0"; 5], "no host skipped");
+    assert_eq!(bed.serving(), ["2.0.0"; 5], "no host skipped");
     if after_first_activation {
         let now = bed.hosts[0].unit_property("demo.service", "InvocationID")?;
         assert_eq!(now, invocation, "host1's app was not restarted a second time");
@@ -349,7 +325,7 @@ fn host_cut_off_mid_rollout_is_reconciled() -> Result<()> {
         out.find("[host2] => succeeded") < out.find("[host3] switch"),
         "host3 only after host2:\n{out}"
     );
-    assert_eq!(serving(&bed), ["2.0.0"; 5]);
+    assert_eq!(bed.serving(), ["2.0.0"; 5]);
     Ok(())
 }
 
@@ -408,12 +384,12 @@ fn vanished_hosts_fail_after_the_deadline_or_are_waited_for() -> Result<()> {
     // host2 comes back having finished its activation on its own: that is
     // recorded in the rollout, and host2 is rolled back like host1.
     eventually("host2's late result is reconciled", || {
-        let h = history(&bed, &["--rollout", &id])?;
+        let h = bed.history(&["--rollout", &id])?;
         let hosts = h["hosts"].as_array().cloned().unwrap_or_default();
         let op = |op: &str| hosts.iter().any(|r| r["op_id"] == op && r["outcome"] == "succeeded");
         Ok(op(&format!("{id}:activate:host2")) && op(&format!("{id}:rollback:host2")))
     })?;
-    assert_eq!(serving(&bed), ["1.0.0"; 5], "the fleet is where the rollout says");
+    assert_eq!(bed.serving(), ["1.0.0"; 5], "the fleet is where the rollout says");
     assert!(bed.controller_log().contains("late result reconciled into its rollout"));
 
     // Wait policy: host3 is away for longer than the deadline, and the
@@ -442,7 +418,7 @@ fn vanished_hosts_fail_after_the_deadline_or_are_waited_for() -> Result<()> {
     let stdout = seen.join("\n");
     assert!(status.success(), "{stdout}");
     assert!(stdout.contains("-- host3 is back"), "{stdout}");
-    assert_eq!(serving(&bed), ["2.0.0"; 5]);
+    assert_eq!(bed.serving(), ["2.0.0"; 5]);
     Ok(())
 }
 
@@ -475,12 +451,12 @@ fn labelled_canary_group_with_manual_promotion() -> Result<()> {
     assert!(plan.contains("batch 2: host1, host3"), "{plan}");
     assert!(plan.contains("batch 3: host5"), "{plan}");
     assert_eq!(
-        history(&bed, &["--rollout", &id])?["rollouts"][0]["state"],
+        bed.history(&["--rollout", &id])?["rollouts"][0]["state"],
         "awaiting_promotion"
     );
     std::thread::sleep(std::time::Duration::from_secs(2));
     assert_eq!(
-        serving(&bed),
+        bed.serving(),
         ["1.0.0", "2.0.0", "1.0.0", "2.0.0", "1.0.0"],
         "only the canary group moved"
     );
@@ -495,13 +471,13 @@ fn labelled_canary_group_with_manual_promotion() -> Result<()> {
     );
     assert!(bed.convoy_ok(&["promote", &id])?.contains("stage 1 promoted"));
     wait_line(&lines, "stage 2 is done; waiting for `convoy promote", &mut seen)?;
-    assert_eq!(serving(&bed), ["2.0.0", "2.0.0", "2.0.0", "2.0.0", "1.0.0"]);
+    assert_eq!(bed.serving(), ["2.0.0", "2.0.0", "2.0.0", "2.0.0", "1.0.0"]);
     bed.convoy_ok(&["promote", &id])?;
     let status = child.wait()?;
     seen.extend(lines.try_iter());
     assert!(status.success(), "{}", seen.join("\n"));
-    assert_eq!(serving(&bed), ["2.0.0"; 5]);
-    let h = history(&bed, &["--rollout", &id])?;
+    assert_eq!(bed.serving(), ["2.0.0"; 5]);
+    let h = bed.history(&["--rollout", &id])?;
     assert_eq!(
         h["rollouts"][0]["strategy"],
         "canary group of 2 first, then stages 50%, 100%, promoted by hand"
@@ -572,10 +548,10 @@ fn pause_resume_abort_and_watch() -> Result<()> {
     let out = bed.convoy_ok(&["pause", &id])?;
     assert!(out.contains("pausing before its next batch"), "{out}");
     wait_line(&lines, "-- paused by operator operator (deployer)", &mut seen)?;
-    let h = history(&bed, &["--rollout", &id])?;
+    let h = bed.history(&["--rollout", &id])?;
     assert_eq!(h["rollouts"][0]["state"], "paused");
     std::thread::sleep(std::time::Duration::from_secs(2));
-    assert_eq!(serving(&bed), ["2.0.0", "1.0.0", "1.0.0"], "nothing moves while paused");
+    assert_eq!(bed.serving(), ["2.0.0", "1.0.0", "1.0.0"], "nothing moves while paused");
 
     // Another terminal watches; resume lets both finish.
     let mut watch = bed.convoy_spawn(&["watch", &id])?;
@@ -589,7 +565,7 @@ fn pause_resume_abort_and_watch() -> Result<()> {
     let watch_out = watch_seen.join("\n");
     assert!(watch_out.contains("-- resumed"), "{watch_out}");
     assert!(watch_out.contains("[host3] => succeeded"), "{watch_out}");
-    assert_eq!(serving(&bed), ["2.0.0"; 3]);
+    assert_eq!(bed.serving(), ["2.0.0"; 3]);
 
     // Abort after the first batch: halt and roll back what moved.
     let mut deploy = bed.convoy_spawn(&["deploy", "demo", "3.0.0", "--env", "staging"])?;
@@ -603,11 +579,8 @@ fn pause_resume_abort_and_watch() -> Result<()> {
     assert!(stderr.contains("aborted by operator operator (deployer)"), "{stderr}");
     assert!(stderr.contains("rolled back: host1"), "{stderr}");
     assert!(stderr.contains("hosts not touched: host2, host3"), "{stderr}");
-    assert_eq!(serving(&bed), ["2.0.0"; 3]);
-    assert_eq!(
-        history(&bed, &["--rollout", &id])?["rollouts"][0]["state"],
-        "rolled_back"
-    );
+    assert_eq!(bed.serving(), ["2.0.0"; 3]);
+    assert_eq!(bed.history(&["--rollout", &id])?["rollouts"][0]["state"], "rolled_back");
 
     // Controls on a finished or unknown rollout are refused.
     let out = bed.convoy(&["pause", &id])?;
@@ -638,7 +611,7 @@ fn approval_by_another_operator() -> Result<()> {
     let id = rollout_id(&wait_line(&lines, "rollout ", &mut seen)?);
     wait_line(&lines, "production needs approval", &mut seen)?;
     assert_eq!(
-        history(&bed, &["--rollout", &id])?["rollouts"][0]["state"],
+        bed.history(&["--rollout", &id])?["rollouts"][0]["state"],
         "awaiting_approval"
     );
     assert_eq!(bed.hosts[0].serving(), None, "nothing before approval");
@@ -655,7 +628,7 @@ fn approval_by_another_operator() -> Result<()> {
     assert_eq!(out.code, 0, "{out:?}");
     assert!(deploy.wait()?.success(), "{}", seen.join("\n"));
     assert_eq!(bed.hosts[0].serving().as_deref(), Some("1.0.0"));
-    let h = history(&bed, &["--rollout", &id])?;
+    let h = bed.history(&["--rollout", &id])?;
     assert_eq!(h["rollouts"][0]["approved_by"], "operator olivia (deployer)");
     assert_eq!(h["rollouts"][0]["state"], "succeeded");
 
@@ -670,7 +643,7 @@ fn approval_by_another_operator() -> Result<()> {
     assert_eq!(out.status.code(), Some(4), "nothing changed: exit 4");
     assert!(String::from_utf8_lossy(&out.stderr).contains("aborted by operator olivia (deployer)"));
     assert_eq!(bed.hosts[0].serving().as_deref(), Some("1.0.0"));
-    let h = history(&bed, &["--rollout", &id])?;
+    let h = bed.history(&["--rollout", &id])?;
     assert_eq!(h["rollouts"][0]["state"], "cancelled", "not a failed change");
     Ok(())
 }
@@ -882,7 +855,7 @@ fn deploy_events_as_json_lines_match_history() -> Result<()> {
     let key =
         |e: &serde_json::Value| format!("{} {} {} {}", e["host"], e["step"], e["kind"], e["message"]).replace('"', "");
     let mut streamed: Vec<String> = events.iter().filter(|e| e["type"] == "host_event").map(key).collect();
-    let h = history(&bed, &["--rollout", id])?;
+    let h = bed.history(&["--rollout", id])?;
     let mut kept: Vec<String> = h["events"].as_array().unwrap().iter().map(key).collect();
     streamed.sort();
     kept.sort();

@@ -219,7 +219,7 @@ impl Engine {
         })?;
         let mut verdicts = Vec::new();
         let clearance = self.clearance(&spec, env, o.hotfix.as_deref(), o.admin);
-        let clearance_passes = match &clearance {
+        let passes = match &clearance {
             Ok(freeze::Clearance::Passes(held)) => Some(held.clone()),
             _ => None,
         };
@@ -333,7 +333,6 @@ impl Engine {
             let names: Vec<&str> = a.metrics.iter().map(|m| m.name.as_str()).collect();
             strategy_text.push_str(&format!(", metric gates {}", names.join(", ")));
         }
-        let passes = verdicts[0].verdict.as_ref().ok().and_then(|_| clearance_passes.clone());
         let kind = Kind::Deploy {
             cmd: Box::new(cmd),
             strategy: o.strategy.clone(),
