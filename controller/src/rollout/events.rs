@@ -100,6 +100,20 @@ pub struct Done {
 }
 
 impl Done {
+    /// A rollout that ended before any host was sent anything.
+    pub fn untouched(verdict: Verdict, reason: String, targets: &[HostName]) -> Self {
+        Done {
+            verdict,
+            failed_host: None,
+            reason,
+            untouched_hosts: targets.to_vec(),
+            failed_hosts: vec![],
+            rolled_back_hosts: vec![],
+            rollback_failed: false,
+            nothing_changed: true,
+        }
+    }
+
     pub fn succeeded(reason: String, failed_hosts: Vec<HostName>, rollback_failed: bool) -> Self {
         Done {
             verdict: Verdict::Succeeded,

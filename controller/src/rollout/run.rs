@@ -407,16 +407,11 @@ impl Rollout {
         };
         // Approval comes before anything is sent to any host.
         if let Err(cause) = self.wait_for_go(engine).await {
-            return Done {
-                verdict: Verdict::Cancelled,
-                failed_host: None,
-                reason: format!("{cause} before it started; no host was touched"),
-                untouched_hosts: self.targets.clone(),
-                failed_hosts: vec![],
-                rolled_back_hosts: vec![],
-                rollback_failed: false,
-                nothing_changed: true,
-            };
+            return Done::untouched(
+                Verdict::Cancelled,
+                format!("{cause} before it started; no host was touched"),
+                &self.targets,
+            );
         }
 
         // Pre-flight: every target must be able to take the release (a
@@ -426,16 +421,7 @@ impl Rollout {
             let results = engine.preflight(&self.reference(), cmd, &self.targets).await;
             if let Some(reason) = super::preflight::refusal(&results) {
                 self.emit(EventBody::Preflight(results));
-                return Done {
-                    verdict: Verdict::Failed,
-                    failed_host: None,
-                    reason,
-                    untouched_hosts: self.targets.clone(),
-                    failed_hosts: vec![],
-                    rolled_back_hosts: vec![],
-                    rollback_failed: false,
-                    nothing_changed: true,
-                };
+                return Done::untouched(Verdict::Failed, reason, &self.targets);
             }
             self.note(format!("pre-flight passed on {} host(s)", results.len()));
         }
@@ -446,16 +432,8 @@ impl Rollout {
             Some(spec) => match self.start_analysis(engine, spec, &cmd.version).await {
                 Ok(running) => Some(running),
                 Err(why) => {
-                    return Done {
-                        verdict: Verdict::Failed,
-                        failed_host: None,
-                        reason: format!("refused before any host was touched: analysis: {why}"),
-                        untouched_hosts: self.targets.clone(),
-                        failed_hosts: vec![],
-                        rolled_back_hosts: vec![],
-                        rollback_failed: false,
-                        nothing_changed: true,
-                    }
+                    let reason = format!("refused before any host was touched: analysis: {why}");
+                    return Done::untouched(Verdict::Failed, reason, &self.targets);
                 }
             },
             None => None,
