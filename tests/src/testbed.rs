@@ -140,7 +140,21 @@ impl Host {
         };
         self.exec_ok(&["sh", "-c", &script])?;
         self.exec_ok(&["systemctl", "daemon-reload"])?;
-        self.exec_ok(&["systemctl", "restart", "convoy-agent.service"])?;
+        self.exec_ok(&["systemctl", "restart", "convoy-agent.service"])
+            .map_err(|e| {
+                // Say why the start failed (the unit's result and exit
+                // status, its journal), so a failure names its cause.
+                let why = self
+                    .exec(&[
+                        "sh",
+                        "-c",
+                        "systemctl show -p Result -p ExecMainStatus -p ExecMainCode convoy-agent.service; \
+                         journalctl --no-pager -n 20 -u convoy-agent.service",
+                    ])
+                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                    .unwrap_or_default();
+                anyhow!("{e}\n{why}")
+            })?;
         Ok(())
     }
 
