@@ -166,6 +166,7 @@ pub fn empty_status(app: &AppName) -> AppStatus {
         health: Health::Unknown,
         health_reason: String::new(),
         inflight_op: None,
+        slots: vec![],
     }
 }
 

@@ -188,6 +188,7 @@ async fn run(cfg: config::Config) -> anyhow::Result<()> {
         move || session::endpoint(&cfg)
     };
     tokio::spawn(enroll::renew_forever(cfg.clone(), dial.clone()));
+    tokio::spawn(activate::keep_warm(agent.clone()));
     if let Some(listen) = cfg.metrics_listen {
         convoy_common::observe::serve_metrics(listen, metrics::get().registry.clone())
             .await

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use convoy_common::ops::{ActivateCommand, PreflightCommand, RollbackCommand};
+use convoy_common::slots::PromoteCommand;
 use convoy_proto::agent_service_client::AgentServiceClient;
 use convoy_proto::{agent_message, controller_message, AgentMessage, Heartbeat, Hello};
 use tokio::sync::mpsc;
@@ -135,6 +136,10 @@ async fn session(agent: &Arc<Agent>, endpoint: &Endpoint) -> anyhow::Result<()> 
                 Ok(cmd) => start(agent, Work::Rollback(channel.clone(), cmd)),
                 Err(e) => tracing::error!(error = %e, "refusing malformed rollback command"),
             },
+            Some(controller_message::Body::Promote(p)) => match PromoteCommand::try_from(p) {
+                Ok(cmd) => start(agent, Work::Promote(cmd)),
+                Err(e) => tracing::error!(error = %e, "refusing malformed promote command"),
+            },
             Some(controller_message::Body::Preflight(p)) => match PreflightCommand::try_from(p) {
                 Ok(cmd) => {
                     let (agent, tx) = (agent.clone(), tx.clone());
@@ -171,6 +176,7 @@ enum Work {
     Activate(Channel, ActivateCommand),
     Stage(Channel, ActivateCommand),
     Rollback(Channel, RollbackCommand),
+    Promote(PromoteCommand),
 }
 
 impl Work {
@@ -178,6 +184,7 @@ impl Work {
         match self {
             Work::Activate(_, c) | Work::Stage(_, c) => (&c.spec.app, &c.op_id),
             Work::Rollback(_, c) => (&c.app, &c.op_id),
+            Work::Promote(c) => (&c.app, &c.op_id),
         }
     }
 
@@ -186,6 +193,7 @@ impl Work {
         match self {
             Work::Activate(_, c) | Work::Stage(_, c) => c.version.to_string(),
             Work::Rollback(_, c) => c.to.as_ref().map_or("previous".into(), |v| v.to_string()),
+            Work::Promote(c) => format!("slot {}", c.slot),
         }
     }
 }
@@ -205,6 +213,7 @@ fn start(agent: &Arc<Agent>, work: Work) {
                     let activated = match work {
                         Work::Activate(ch, cmd) => activate::activate(agent, ch, cmd).await,
                         Work::Stage(ch, cmd) => return drop(activate::stage_only(agent, ch, cmd).await),
+                        Work::Promote(cmd) => return drop(activate::promote(agent, cmd).await),
                         Work::Rollback(ch, cmd) => match activate::rollback_command(&agent.store, &cmd) {
                             Ok(act) => activate::activate(agent, ch, act).await,
                             Err(report) => {
@@ -229,9 +238,10 @@ fn start(agent: &Arc<Agent>, work: Work) {
                     c.to.clone()
                         .or_else(|| agent.store.status(&app).ok().and_then(|s| s.previous))
                 }
+                Work::Promote(_) => None,
             };
             let report = activate::refusal(&agent.store, &op_id, &app, version, busy.to_string());
-            if !matches!(work, Work::Stage(..)) {
+            if !matches!(work, Work::Stage(..) | Work::Promote(..)) {
                 crate::metrics::get().activation(report.outcome);
             }
             agent.reporter.result(&report);

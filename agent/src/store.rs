@@ -11,12 +11,14 @@
 //! The journal is replaced atomically and fsynced before every step of an
 //! activation, so that after a crash `recover` knows exactly what to undo.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
 use convoy_common::fsutil;
 use convoy_common::ops::{AppStatus, Health, OpReport};
+use convoy_common::slots::{Slot, SlotState, SlotStatus};
 use convoy_common::spec::InstallSpec;
 use convoy_common::{AppName, Digest, Version};
 use serde::{Deserialize, Serialize};
@@ -33,6 +35,14 @@ pub enum Phase {
     Restoring,
 }
 
+/// One blue-green slot in the journal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlotRecord {
+    pub version: Version,
+    pub state: SlotState,
+    pub port: u16,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Inflight {
     pub op_id: String,
@@ -46,6 +56,10 @@ pub struct Inflight {
     /// Unit files as they were before the switch touched them.
     #[serde(default)]
     pub unit_snapshot: Option<crate::units::Snapshot>,
+    /// Blue-green: the idle slot this activation starts `to` in; the live
+    /// slot is never touched.
+    #[serde(default)]
+    pub slot: Option<Slot>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,9 +79,20 @@ pub struct Journal {
     /// Versions in the order they were last made current (newest last).
     #[serde(default)]
     pub history: Vec<Version>,
+    /// Blue-green apps: what each slot holds and does.
+    #[serde(default)]
+    pub slots: BTreeMap<Slot, SlotRecord>,
 }
 
 impl Journal {
+    /// The slot taking traffic, if any.
+    pub fn live_slot(&self) -> Option<Slot> {
+        self.slots
+            .iter()
+            .find(|(_, r)| r.state == SlotState::Live)
+            .map(|(s, _)| *s)
+    }
+
     /// Records `v` as the newest current release.
     pub fn push_history(&mut self, v: &Version) {
         self.history.retain(|h| h != v);
@@ -88,6 +113,7 @@ impl Default for Journal {
             last_op: None,
             unit_files: Vec::new(),
             history: Vec::new(),
+            slots: BTreeMap::new(),
         }
     }
 }
@@ -290,6 +316,16 @@ impl Store {
             health: j.health,
             health_reason: j.health_reason,
             inflight_op: j.inflight.map(|i| i.op_id),
+            slots: j
+                .slots
+                .into_iter()
+                .map(|(slot, r)| SlotStatus {
+                    slot,
+                    version: r.version,
+                    state: r.state,
+                    port: r.port,
+                })
+                .collect(),
         })
     }
 

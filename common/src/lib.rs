@@ -20,6 +20,7 @@ pub mod observe;
 pub mod ops;
 pub mod rollout;
 pub mod signing;
+pub mod slots;
 pub mod spec;
 pub mod traffic;
 pub mod window;

@@ -81,6 +81,9 @@ pub struct AppStatus {
     pub health: Health,
     pub health_reason: String,
     pub inflight_op: Option<String>,
+    /// Blue-green apps: both slots (empty otherwise).
+    #[serde(default)]
+    pub slots: Vec<crate::slots::SlotStatus>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -224,6 +227,11 @@ pub enum OpKind {
     /// A switch to a release the host holds: a manual rollback, or putting
     /// back what a halted deploy moved.
     Rollback,
+    /// Blue-green: making the slot an activation readied the live one,
+    /// once traffic switched to it.
+    Switch,
+    /// The same after a rollback readied a slot.
+    SwitchBack,
 }
 
 impl OpKind {
@@ -232,6 +240,8 @@ impl OpKind {
             OpKind::Stage => "stage",
             OpKind::Activate => "activate",
             OpKind::Rollback => "rollback",
+            OpKind::Switch => "switch",
+            OpKind::SwitchBack => "switch-back",
         }
     }
 }
@@ -283,7 +293,9 @@ impl OpId {
             "stage" => OpKind::Stage,
             "activate" => OpKind::Activate,
             "rollback" => OpKind::Rollback,
-            _ => return Err(bad("the kind must be stage, activate or rollback")),
+            "switch" => OpKind::Switch,
+            "switch-back" => OpKind::SwitchBack,
+            _ => return Err(bad("the kind must be stage, activate, rollback, switch or switch-back")),
         };
         let host = HostName::new(host).map_err(|e| bad(&e.to_string()))?;
         Ok(OpId {
@@ -377,7 +389,10 @@ mod tests {
             ("5e7ca08efb36-web1", "fewer than three parts"),
             ("5e7c-a08:stage:web1", "letters and digits"),
             (":stage:web1", "letters and digits"),
-            ("5e7ca08efb36:deploy:web1", "stage, activate or rollback"),
+            (
+                "5e7ca08efb36:deploy:web1",
+                "stage, activate, rollback, switch or switch-back",
+            ),
             ("5e7ca08efb36:stage:web1:x", "host name"),
             ("5e7ca08efb36:stage:", "host name"),
         ] {

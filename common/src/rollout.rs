@@ -115,7 +115,7 @@ impl Strategy {
                 Ok(Strategy::AllAtOnce)
             }
             other => Err(format!(
-                "unknown strategy {other:?} (expected rolling, canary or all-at-once)"
+                "unknown strategy {other:?} (expected rolling, canary or all-at-once; a deploy also takes blue-green)"
             )),
         }
     }

@@ -37,6 +37,10 @@ pub struct InstallSpec {
     /// What a release archive may expand to, checked at push and on every
     /// host while it unpacks.
     pub limits: ArchiveLimits,
+    /// Two slots instead of one install (`[blue_green]`): `units` are
+    /// templates, each slot lives at `<install_path>/<slot>`.
+    #[serde(default)]
+    pub blue_green: Option<crate::slots::BlueGreen>,
 }
 
 /// Bounds on a release archive. The defaults suit a typical service; an
@@ -304,6 +308,8 @@ struct RawSpec {
     preflight: RawPreflight,
     #[serde(default)]
     traffic: Option<crate::traffic::RawTraffic>,
+    #[serde(default)]
+    blue_green: Option<crate::slots::RawBlueGreen>,
 }
 
 #[derive(Deserialize, Default)]
@@ -542,6 +548,16 @@ impl AppSpec {
             .map(|(i, w)| crate::window::Window::parse(w).map_err(|e| invalid(&format!("windows[{i}]"), e)))
             .collect::<Result<_, _>>()?;
         let traffic = raw.traffic.map(|t| t.check(invalid)).transpose()?;
+        let blue_green = raw.blue_green.map(|b| b.check(invalid)).transpose()?;
+        check_slots(
+            blue_green.as_ref(),
+            traffic.as_ref(),
+            &raw.units,
+            switch,
+            &raw.backup_paths,
+            &checks,
+            &invalid,
+        )?;
         Ok(AppSpec {
             traffic,
             preflight,
@@ -563,6 +579,7 @@ impl AppSpec {
                 keep_backups: raw.keep_backups.unwrap_or(5).max(1),
                 allow_setid: raw.allow_setid,
                 limits,
+                blue_green,
             },
             environments,
             selector: raw.selector,
@@ -570,6 +587,72 @@ impl AppSpec {
             approval: raw.approval,
         })
     }
+}
+
+/// What `[blue_green]` asks of the rest of the spec, and the slot
+/// placeholders that only it allows.
+fn check_slots(
+    blue_green: Option<&crate::slots::BlueGreen>,
+    traffic: Option<&crate::traffic::TrafficSpec>,
+    units: &[String],
+    switch: SwitchMode,
+    backup_paths: &[PathBuf],
+    checks: &[HealthCheck],
+    invalid: &dyn Fn(&str, String) -> SpecError,
+) -> Result<(), SpecError> {
+    use crate::slots::{check_texts, has_placeholder, is_template};
+    let Some(_) = blue_green else {
+        for (i, c) in checks.iter().enumerate() {
+            if check_texts(c).iter().any(|t| has_placeholder(t)) {
+                return Err(invalid(
+                    &format!("health.checks[{i}]"),
+                    "{{slot}} and {{port}} need [blue_green]".into(),
+                ));
+            }
+        }
+        if let Some(crate::traffic::Provider::Haproxy { server, .. }) = traffic.map(|t| &t.provider) {
+            if server.contains("{{slot}}") {
+                return Err(invalid("traffic.server", "{{slot}} needs [blue_green]".into()));
+            }
+        }
+        return Ok(());
+    };
+    for (i, u) in units.iter().enumerate() {
+        if !is_template(u) {
+            return Err(invalid(
+                &format!("units[{i}]"),
+                format!("{u:?}: with [blue_green] every unit is a template that each slot runs an instance of, e.g. \"web@.service\""),
+            ));
+        }
+    }
+    if switch != SwitchMode::Symlink {
+        return Err(invalid(
+            "switch",
+            "[blue_green] switches slots, not the install path: leave switch out (or \"symlink\")".into(),
+        ));
+    }
+    if !backup_paths.is_empty() {
+        return Err(invalid(
+            "backup_paths",
+            "does not apply with [blue_green]: the live slot is never touched, so there is nothing to restore".into(),
+        ));
+    }
+    match traffic.map(|t| &t.provider) {
+        None => {
+            return Err(invalid(
+                "blue_green",
+                "needs [traffic]: the switch between slots is a traffic switch".into(),
+            ))
+        }
+        Some(crate::traffic::Provider::Haproxy { server, .. }) if !server.contains("{{slot}}") => {
+            return Err(invalid(
+                "traffic.server",
+                format!("{server:?}: with [blue_green] each slot is its own HAProxy server; name it with {{{{slot}}}}, e.g. \"{{{{host}}}}-{{{{slot}}}}\""),
+            ))
+        }
+        Some(_) => {}
+    }
+    Ok(())
 }
 
 /// Health or dependency checks as the spec lists them under `prefix`.
@@ -622,7 +705,8 @@ fn parse_checks(
                 let unit = c
                     .unit
                     .ok_or_else(|| invalid(&field("unit"), "required for a systemd check".into()))?;
-                if !valid_unit_name(&unit) {
+                // A slot's placeholders are checked as a slot fills them.
+                if !valid_unit_name(&crate::slots::fill(&unit, crate::slots::Slot::Blue, 1)) {
                     return Err(invalid(&field("unit"), format!("{unit:?} is not a systemd unit name")));
                 }
                 CheckKind::Systemd { unit }
@@ -631,7 +715,7 @@ fn parse_checks(
                 let address = c
                     .address
                     .ok_or_else(|| invalid(&field("address"), "required for a tcp check".into()))?;
-                match address.rsplit_once(':') {
+                match crate::slots::fill(&address, crate::slots::Slot::Blue, 1).rsplit_once(':') {
                     Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0) => {}
                     _ => {
                         return Err(invalid(
@@ -705,6 +789,7 @@ mod tests {
         code.extend(prefixed("analysis.", crate::analysis::raw_keys()));
         code.extend(prefixed("preflight.", serde_introspect::<RawPreflight>()));
         code.extend(prefixed("traffic.", crate::traffic::raw_keys()));
+        code.extend(prefixed("blue_green.", crate::slots::raw_keys()));
         code.extend(prefixed("preflight.checks[].", serde_introspect::<RawCheck>()));
         code.extend(prefixed("analysis.metrics[].", crate::analysis::raw_metric_keys()));
         code.insert("selector.<label>".into());
@@ -782,6 +867,88 @@ interval = "200ms"
         let err = AppSpec::parse("demo.toml", &text).unwrap_err().to_string();
         assert!(err.contains(expect), "error {err:?} should contain {expect:?}");
         assert!(err.starts_with("demo.toml: "), "{err}");
+    }
+
+    const BLUE_GREEN: &str = r#"
+name = "web"
+install_path = "/opt/web"
+units = ["web@.service"]
+
+[[health.checks]]
+type = "http"
+url = "http://127.0.0.1:{{port}}/health"
+
+[[health.checks]]
+type = "systemd"
+unit = "web@{{slot}}.service"
+
+[blue_green]
+blue_port = 8081
+green_port = 8082
+keep_warm = "5m"
+
+[traffic]
+kind = "haproxy"
+runtime_api = "127.0.0.1:9999"
+backend = "web"
+server = "{{host}}-{{slot}}"
+"#;
+
+    #[test]
+    fn a_blue_green_spec_and_its_mistakes() {
+        let spec = AppSpec::parse("web.toml", BLUE_GREEN).unwrap();
+        let bg = spec.install.blue_green.clone().unwrap();
+        assert_eq!(
+            (bg.blue_port, bg.green_port, bg.keep_warm),
+            (8081, 8082, Duration::from_secs(300))
+        );
+        let green = crate::slots::policy_for(&spec.install.health, crate::slots::Slot::Green, 8082);
+        assert_eq!(green.checks[0].kind.describe(), "http http://127.0.0.1:8082/health");
+        assert_eq!(green.checks[1].kind.describe(), "systemd web@green.service");
+        let err = |from: &str, to: &str, expect: &str| {
+            let e = AppSpec::parse("web.toml", &BLUE_GREEN.replacen(from, to, 1))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(expect), "{e:?} should contain {expect:?}");
+        };
+        err(
+            "[\"web@.service\"]",
+            "[\"web.service\"]",
+            "units[0]: \"web.service\": with [blue_green] every unit is a template",
+        );
+        err(
+            "green_port = 8082",
+            "green_port = 8081",
+            "blue_green.green_port: 8081 is blue_port too",
+        );
+        err(
+            "keep_warm = \"5m\"",
+            "keep_warm = \"soon\"",
+            "blue_green.keep_warm: \"soon\" is not a duration",
+        );
+        err(
+            "server = \"{{host}}-{{slot}}\"",
+            "server = \"{{host}}\"",
+            "traffic.server: \"{{host}}\": with [blue_green] each slot is its own HAProxy server",
+        );
+        err(
+            "units = [",
+            "backup_paths = [\"/etc/web\"]\nunits = [",
+            "backup_paths: does not apply with [blue_green]",
+        );
+        err(
+            "units = [",
+            "switch = \"exchange\"\nunits = [",
+            "switch: [blue_green] switches slots",
+        );
+        let no_traffic = BLUE_GREEN.split("[traffic]").next().unwrap();
+        let e = AppSpec::parse("web.toml", no_traffic).unwrap_err().to_string();
+        assert!(e.contains("blue_green: needs [traffic]"), "{e}");
+        // Slot placeholders mean nothing without slots.
+        let e = AppSpec::parse("demo.toml", &GOOD.replace("127.0.0.1:8080", "127.0.0.1:{{port}}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("{{slot}} and {{port}} need [blue_green]"), "{e}");
     }
 
     #[test]

@@ -4,12 +4,13 @@
 
 use std::time::Duration;
 
+use convoy_common::slots::Slot;
 use convoy_common::traffic::{Provider, TrafficSpec};
 use convoy_common::HostName;
 use futures::future::BoxFuture;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::rollout::seams::{HostSteps, RolloutRef};
+use crate::rollout::seams::{HostSteps, RolloutRef, SlotAction};
 
 /// Longest one runtime API command may take.
 const API_TIMEOUT: Duration = Duration::from_secs(5);
@@ -55,19 +56,141 @@ impl HostSteps for Traffic {
                         backend,
                         server,
                     } => {
-                        let server = server_name(server, host);
-                        let row = server_row(runtime_api, backend, &server).await?;
-                        Ok(format!("haproxy {backend}/{server}: {}", row.status))
+                        let slots: &[Option<Slot>] = match r.blue_green {
+                            Some(_) => &[Some(Slot::Blue), Some(Slot::Green)],
+                            None => &[None],
+                        };
+                        let mut seen = Vec::new();
+                        for slot in slots {
+                            let server = server_name(server, host, *slot);
+                            let row = server_row(runtime_api, backend, &server).await?;
+                            seen.push(format!("haproxy {backend}/{server}: {}", row.status));
+                        }
+                        Ok(seen.join(", "))
                     }
-                    Provider::Command { argv } => run(argv, "check", r, host, t.ready_timeout).await,
+                    Provider::Command { argv } => run(argv, "check", r, host, t.ready_timeout, &[]).await,
                 },
+            }
+        })
+    }
+
+    fn slots<'a>(
+        &'a self,
+        r: &'a RolloutRef,
+        host: &'a HostName,
+        action: SlotAction,
+    ) -> BoxFuture<'a, Result<String, String>> {
+        Box::pin(async move {
+            let Some(t) = &r.traffic else {
+                return Err("blue-green needs [traffic] in the app spec".to_owned());
+            };
+            match (&t.provider, action) {
+                (
+                    Provider::Haproxy {
+                        runtime_api,
+                        backend,
+                        server,
+                    },
+                    SlotAction::Isolate,
+                ) => {
+                    let names = Slot::BOTH.map(|s| server_name(server, host, Some(s)));
+                    for n in &names {
+                        set_state(runtime_api, backend, n, "drain").await?;
+                    }
+                    Ok(format!(
+                        "haproxy {backend}/{} and {backend}/{}: drain, no traffic before a switch",
+                        names[0], names[1]
+                    ))
+                }
+                (
+                    Provider::Haproxy {
+                        runtime_api,
+                        backend,
+                        server,
+                    },
+                    SlotAction::Switch { from, to },
+                ) => {
+                    let to_name = server_name(server, host, Some(to));
+                    let from_name = from.map(|f| server_name(server, host, Some(f)));
+                    switch_haproxy(runtime_api, backend, &to_name, from_name.as_deref(), t).await
+                }
+                (Provider::Command { argv }, SlotAction::Isolate) => {
+                    run(argv, "isolate", r, host, t.ready_timeout, &[]).await
+                }
+                (Provider::Command { argv }, SlotAction::Switch { from, to }) => {
+                    let from = from.map(|f| f.to_string()).unwrap_or_default();
+                    let env = [("CONVOY_SLOT", to.to_string()), ("CONVOY_FROM_SLOT", from)];
+                    run(argv, "switch", r, host, t.ready_timeout + t.drain_timeout, &env).await
+                }
             }
         })
     }
 }
 
-fn server_name(pattern: &str, host: &HostName) -> String {
-    pattern.replace("{{host}}", host.as_str())
+fn server_name(pattern: &str, host: &HostName, slot: Option<Slot>) -> String {
+    let named = pattern.replace("{{host}}", host.as_str());
+    match slot {
+        Some(s) => named.replace("{{slot}}", s.as_str()),
+        None => named,
+    }
+}
+
+/// Whether HAProxy's health checks see a server up, whatever its admin
+/// state (a drained server that passes its checks shows DRAIN).
+fn checks_up(row: &ServerRow) -> bool {
+    row.status.starts_with("UP") || row.status == "DRAIN" || row.status == "no check"
+}
+
+/// Moves a blue-green host's traffic to `to`: it waits drained (checked,
+/// taking nothing) until HAProxy sees it up, then one runtime API line
+/// readies it and drains `from` (HAProxy runs the two back to back, so
+/// new requests move at once); then `from`'s sessions drain.
+async fn switch_haproxy(
+    runtime_api: &str,
+    backend: &str,
+    to: &str,
+    from: Option<&str>,
+    t: &TrafficSpec,
+) -> Result<String, String> {
+    let started = tokio::time::Instant::now();
+    let row = server_row(runtime_api, backend, to).await?;
+    let serving = row.status.starts_with("UP") || row.status == "no check";
+    if !serving {
+        match set_and_wait(runtime_api, backend, to, "drain", t.ready_timeout, checks_up).await? {
+            Ok(_) => {}
+            Err(row) => {
+                return Err(format!(
+                    "haproxy does not see {backend}/{to} up after {} (status {}); traffic did not move",
+                    humantime::format_duration(t.ready_timeout),
+                    row.status
+                ))
+            }
+        }
+    }
+    let mut line = format!("set server {backend}/{to} state ready");
+    if let Some(f) = from {
+        line.push_str(&format!("; set server {backend}/{f} state drain"));
+    }
+    let answer = api(runtime_api, &line).await?;
+    if !answer.trim().is_empty() {
+        return Err(format!("haproxy refused {line:?}: {}", answer.trim()));
+    }
+    let switched = started.elapsed().as_secs_f64();
+    let Some(f) = from else {
+        return Ok(format!("traffic on haproxy {backend}/{to} after {switched:.1}s"));
+    };
+    let drained = set_and_wait(runtime_api, backend, f, "drain", t.drain_timeout, |r| r.sessions == 0).await?;
+    Ok(match drained {
+        Ok(_) => format!(
+            "traffic switched in haproxy {backend}: {to} ready, {f} drained (switch after {switched:.1}s, no session left on {f} after {:.1}s)",
+            started.elapsed().as_secs_f64()
+        ),
+        Err(row) => format!(
+            "traffic switched in haproxy {backend}: {to} ready, {f} still had {} session(s) after drain_timeout {}",
+            row.sessions,
+            humantime::format_duration(t.drain_timeout)
+        ),
+    })
 }
 
 async fn drain(r: &RolloutRef, t: &TrafficSpec, host: &HostName) -> Result<String, String> {
@@ -77,7 +200,7 @@ async fn drain(r: &RolloutRef, t: &TrafficSpec, host: &HostName) -> Result<Strin
             backend,
             server,
         } => {
-            let server = server_name(server, host);
+            let server = server_name(server, host, None);
             let no_sessions = |row: &ServerRow| row.sessions == 0;
             Ok(
                 match set_and_wait(runtime_api, backend, &server, "drain", t.drain_timeout, no_sessions).await? {
@@ -90,7 +213,7 @@ async fn drain(r: &RolloutRef, t: &TrafficSpec, host: &HostName) -> Result<Strin
                 },
             )
         }
-        Provider::Command { argv } => run(argv, "drain", r, host, t.drain_timeout).await,
+        Provider::Command { argv } => run(argv, "drain", r, host, t.drain_timeout, &[]).await,
     }
 }
 
@@ -101,7 +224,7 @@ async fn ready(r: &RolloutRef, t: &TrafficSpec, host: &HostName) -> Result<Strin
             backend,
             server,
         } => {
-            let server = server_name(server, host);
+            let server = server_name(server, host, None);
             // A server without health checks is up once it is ready.
             let up = |row: &ServerRow| row.status.starts_with("UP") || row.status == "no check";
             match set_and_wait(runtime_api, backend, &server, "ready", t.ready_timeout, up).await? {
@@ -113,7 +236,7 @@ async fn ready(r: &RolloutRef, t: &TrafficSpec, host: &HostName) -> Result<Strin
                 )),
             }
         }
-        Provider::Command { argv } => run(argv, "ready", r, host, t.ready_timeout).await,
+        Provider::Command { argv } => run(argv, "ready", r, host, t.ready_timeout, &[]).await,
     }
 }
 
@@ -149,9 +272,11 @@ async fn run(
     r: &RolloutRef,
     host: &HostName,
     limit: Duration,
+    env: &[(&str, String)],
 ) -> Result<String, String> {
     let mut cmd = tokio::process::Command::new(&argv[0]);
     cmd.args(&argv[1..])
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .env("CONVOY_ACTION", action)
         .env("CONVOY_HOST", host.as_str())
         .env("CONVOY_APP", r.app.as_str())
@@ -273,6 +398,7 @@ mod tests {
                 drain_timeout: Duration::from_secs(5),
                 ready_timeout: Duration::from_secs(5),
             }),
+            blue_green: None,
         }
     }
 
@@ -295,6 +421,32 @@ mod tests {
         assert_eq!(
             Traffic.check(&ok, &host).await.unwrap(),
             "check web3 of web in production"
+        );
+        // Blue-green: the slots travel in the environment.
+        let slots = rollout(&[
+            "sh",
+            "-c",
+            "echo \"$CONVOY_ACTION $CONVOY_HOST from '$CONVOY_FROM_SLOT' to '$CONVOY_SLOT'\"",
+        ]);
+        let switch = SlotAction::Switch {
+            from: Some(Slot::Blue),
+            to: Slot::Green,
+        };
+        assert_eq!(
+            Traffic.slots(&slots, &host, switch).await.unwrap(),
+            "switch web3 from 'blue' to 'green'"
+        );
+        let first = SlotAction::Switch {
+            from: None,
+            to: Slot::Blue,
+        };
+        assert_eq!(
+            Traffic.slots(&slots, &host, first).await.unwrap(),
+            "switch web3 from '' to 'blue'"
+        );
+        assert_eq!(
+            Traffic.slots(&slots, &host, SlotAction::Isolate).await.unwrap(),
+            "isolate web3 from '' to ''"
         );
         let bad = rollout(&["sh", "-c", "echo 'lb api: 503' >&2; exit 3"]);
         let e = Traffic.before_activate(&bad, &host).await.unwrap_err();

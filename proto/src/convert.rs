@@ -12,6 +12,7 @@ use convoy_common::ops::{
     ActivateCommand, AppStatus, EventKind, Health, OpReport, Outcome, PreflightCheck, PreflightCommand,
     RollbackCommand, Step, StepEvent,
 };
+use convoy_common::slots::{PromoteCommand, Slot, SlotState, SlotStatus};
 use convoy_common::spec::{
     self, ArchiveLimits, CheckKind, HealthCheck, HealthPolicy, Hook, HookPoint, InstallSpec, SwitchMode,
 };
@@ -78,6 +79,11 @@ impl From<&InstallSpec> for pb::InstallSpec {
                 SwitchMode::Symlink => pb::SwitchMode::Symlink,
                 SwitchMode::Exchange => pb::SwitchMode::Exchange,
             } as i32,
+            blue_green: s.blue_green.as_ref().map(|b| pb::BlueGreen {
+                blue_port: b.blue_port.into(),
+                green_port: b.green_port.into(),
+                keep_warm_ms: ms(b.keep_warm),
+            }),
         }
     }
 }
@@ -127,7 +133,31 @@ impl TryFrom<pb::InstallSpec> for InstallSpec {
         if s.keep_releases < 2 {
             return Err(bad(T, "keep_releases", "must be at least 2"));
         }
+        let blue_green = match s.blue_green {
+            None => None,
+            Some(b) => {
+                let port = |field: &'static str, p: u32| {
+                    u16::try_from(p)
+                        .ok()
+                        .filter(|p| *p > 0)
+                        .ok_or_else(|| bad("BlueGreen", field, format!("{p} is not a port")))
+                };
+                let (blue_port, green_port) = (port("blue_port", b.blue_port)?, port("green_port", b.green_port)?);
+                if blue_port == green_port {
+                    return Err(bad("BlueGreen", "green_port", "equals blue_port"));
+                }
+                if let Some(u) = s.units.iter().find(|u| !convoy_common::slots::is_template(u)) {
+                    return Err(bad(T, "units", format!("{u:?} is not a template unit")));
+                }
+                Some(convoy_common::slots::BlueGreen {
+                    blue_port,
+                    green_port,
+                    keep_warm: Duration::from_millis(b.keep_warm_ms),
+                })
+            }
+        };
         Ok(InstallSpec {
+            blue_green,
             app,
             install_path,
             switch: match pb::SwitchMode::try_from(s.switch_mode) {
@@ -322,7 +352,72 @@ impl From<&AppStatus> for pb::AppState {
             health: pb::Health::from(s.health) as i32,
             health_reason: s.health_reason.clone(),
             inflight_op: s.inflight_op.clone().unwrap_or_default(),
+            slots: s
+                .slots
+                .iter()
+                .map(|x| pb::SlotState {
+                    slot: x.slot.to_string(),
+                    version: x.version.to_string(),
+                    state: x.state.name().to_owned(),
+                    warm_until_ms: match x.state {
+                        SlotState::Warm { until_ms } => until_ms,
+                        _ => 0,
+                    },
+                    port: x.port.into(),
+                })
+                .collect(),
         }
+    }
+}
+
+impl TryFrom<pb::SlotState> for SlotStatus {
+    type Error = InvalidMessage;
+    fn try_from(x: pb::SlotState) -> Result<Self, InvalidMessage> {
+        const T: &str = "SlotState";
+        Ok(SlotStatus {
+            slot: Slot::parse(&x.slot).ok_or_else(|| bad(T, "slot", format!("unknown slot {:?}", x.slot)))?,
+            version: Version::new(x.version).map_err(|e| bad(T, "version", e))?,
+            state: match x.state.as_str() {
+                "live" => SlotState::Live,
+                "warm" => SlotState::Warm {
+                    until_ms: x.warm_until_ms,
+                },
+                "ready" => SlotState::Ready,
+                "preview" => SlotState::Preview,
+                "stopped" => SlotState::Stopped,
+                other => return Err(bad(T, "state", format!("unknown state {other:?}"))),
+            },
+            port: u16::try_from(x.port).map_err(|_| bad(T, "port", format!("{} is not a port", x.port)))?,
+        })
+    }
+}
+
+// ── promote ───────────────────────────────────────────────────────────
+
+impl From<&PromoteCommand> for pb::Promote {
+    fn from(c: &PromoteCommand) -> Self {
+        pb::Promote {
+            op_id: c.op_id.clone(),
+            app: c.app.to_string(),
+            slot: c.slot.to_string(),
+            keep_warm_ms: ms(c.keep_warm),
+        }
+    }
+}
+
+impl TryFrom<pb::Promote> for PromoteCommand {
+    type Error = InvalidMessage;
+    fn try_from(p: pb::Promote) -> Result<Self, InvalidMessage> {
+        const T: &str = "Promote";
+        if p.op_id.is_empty() || p.op_id.len() > 128 {
+            return Err(bad(T, "op_id", "must be 1 to 128 characters"));
+        }
+        Ok(PromoteCommand {
+            op_id: p.op_id,
+            app: AppName::new(p.app).map_err(|e| bad(T, "app", e))?,
+            slot: Slot::parse(&p.slot).ok_or_else(|| bad(T, "slot", format!("unknown slot {:?}", p.slot)))?,
+            keep_warm: Duration::from_millis(p.keep_warm_ms),
+        })
     }
 }
 
@@ -343,6 +438,11 @@ impl TryFrom<pb::AppState> for AppStatus {
             health: pb::Health::try_from(s.health).unwrap_or(pb::Health::Unknown).into(),
             health_reason: s.health_reason,
             inflight_op: Some(s.inflight_op).filter(|o| !o.is_empty()),
+            slots: s
+                .slots
+                .into_iter()
+                .map(SlotStatus::try_from)
+                .collect::<Result<_, _>>()?,
         })
     }
 }
@@ -571,7 +671,9 @@ pub fn health_check_from_pb(c: pb::HealthCheck) -> Result<HealthCheck, InvalidMe
             }
         }
         Some(pb::health_check::Kind::Systemd(sd)) => {
-            if !spec::valid_unit_name(&sd.unit) {
+            // A blue-green check names its slot's unit with {{slot}}.
+            let unit = convoy_common::slots::fill(&sd.unit, convoy_common::slots::Slot::Blue, 1);
+            if !spec::valid_unit_name(&unit) {
                 return Err(bad("SystemdCheck", "unit", "not a unit name"));
             }
             CheckKind::Systemd { unit: sd.unit }

@@ -77,34 +77,12 @@ impl Haproxy {
 
     /// One runtime API command and its answer.
     pub fn command(&self, cmd: &str) -> Result<String> {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect_timeout(&self.api, Duration::from_secs(2))?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        s.write_all(format!("{cmd}\n").as_bytes())?;
-        let mut out = String::new();
-        s.read_to_string(&mut out)?;
-        Ok(out)
+        command_at(self.api, cmd)
     }
 
     /// Each server's status as `show stat` says (UP, DOWN, DRAIN, ...).
     pub fn statuses(&self) -> Result<Vec<(String, String)>> {
-        let csv = self.command("show stat")?;
-        let mut lines = csv.lines();
-        let header: Vec<&str> = lines
-            .next()
-            .and_then(|h| h.strip_prefix("# "))
-            .unwrap_or("")
-            .split(',')
-            .collect();
-        let col = |n: &str| header.iter().position(|c| *c == n);
-        let (Some(px), Some(sv), Some(st)) = (col("pxname"), col("svname"), col("status")) else {
-            bail!("show stat: {csv}");
-        };
-        Ok(lines
-            .map(|l| l.split(',').collect::<Vec<_>>())
-            .filter(|f| f.get(px) == Some(&"web") && !matches!(f.get(sv), Some(&"BACKEND") | Some(&"FRONTEND")))
-            .map(|f| (f[sv].to_owned(), f[st].to_owned()))
-            .collect())
+        statuses_at(self.api)
     }
 
     /// Waits until every server is UP.
@@ -118,6 +96,38 @@ impl Haproxy {
     pub fn log(&self) -> String {
         fs::read_to_string(self.dir.join("haproxy.log")).unwrap_or_default()
     }
+}
+
+/// One command to the runtime API at `api` and its answer.
+pub fn command_at(api: SocketAddr, cmd: &str) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&api, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(format!("{cmd}\n").as_bytes())?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}
+
+/// Each server of backend `web` and its status, from the runtime API at `api`.
+pub fn statuses_at(api: SocketAddr) -> Result<Vec<(String, String)>> {
+    let csv = command_at(api, "show stat")?;
+    let mut lines = csv.lines();
+    let header: Vec<&str> = lines
+        .next()
+        .and_then(|h| h.strip_prefix("# "))
+        .unwrap_or("")
+        .split(',')
+        .collect();
+    let col = |n: &str| header.iter().position(|c| *c == n);
+    let (Some(px), Some(sv), Some(st)) = (col("pxname"), col("svname"), col("status")) else {
+        bail!("show stat: {csv}");
+    };
+    Ok(lines
+        .map(|l| l.split(',').collect::<Vec<_>>())
+        .filter(|f| f.get(px) == Some(&"web") && !matches!(f.get(sv), Some(&"BACKEND") | Some(&"FRONTEND")))
+        .map(|f| (f[sv].to_owned(), f[st].to_owned()))
+        .collect())
 }
 
 impl Drop for Haproxy {

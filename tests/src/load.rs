@@ -4,7 +4,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -19,6 +19,16 @@ pub struct Counts {
     pub errors: AtomicU64,
     /// No answer (connection refused or reset, timeout).
     pub failed: AtomicU64,
+    /// Every answer 200: when its request was sent and answered, and its
+    /// body.
+    pub answers: Mutex<Vec<Answer>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub sent: Instant,
+    pub done: Instant,
+    pub body: String,
 }
 
 pub struct Load {
@@ -73,8 +83,13 @@ fn drive(target: SocketAddr, path: &str, rate: u32, duration: Duration, stop: &A
             in_flight.fetch_add(1, Ordering::SeqCst);
             let (counts, in_flight, path) = (counts.clone(), in_flight.clone(), path.to_owned());
             std::thread::spawn(move || {
+                let sent = Instant::now();
                 match http_get(target, &path) {
-                    Some((200, _)) => counts.ok.fetch_add(1, Ordering::Relaxed),
+                    Some((200, body)) => {
+                        let done = Instant::now();
+                        counts.answers.lock().unwrap().push(Answer { sent, done, body });
+                        counts.ok.fetch_add(1, Ordering::Relaxed)
+                    }
                     Some(_) => counts.errors.fetch_add(1, Ordering::Relaxed),
                     None => counts.failed.fetch_add(1, Ordering::Relaxed),
                 };

@@ -406,6 +406,23 @@ impl Testbed {
         crate::haproxy::Haproxy::start(&self.dir.path().join("haproxy"), &servers)
     }
 
+    /// Starts a real HAProxy in front of every host's two blue-green
+    /// slots (backend `web`, servers `HOST-blue` on `port_of(blue)` and
+    /// `HOST-green`), both drained until convoy switches traffic.
+    pub fn start_haproxy_slots(&self, blue_port: u16, green_port: u16) -> Result<crate::haproxy::Haproxy> {
+        let servers: Vec<(String, SocketAddr)> = self
+            .hosts
+            .iter()
+            .flat_map(|h| {
+                [
+                    (format!("{}-blue", h.name), SocketAddr::from((h.ip, blue_port))),
+                    (format!("{}-green", h.name), SocketAddr::from((h.ip, green_port))),
+                ]
+            })
+            .collect();
+        crate::haproxy::Haproxy::start(&self.dir.path().join("haproxy"), &servers)
+    }
+
     fn host_ip(&self, i: usize) -> Ipv4Addr {
         Ipv4Addr::new(198, 18, self.subnet, 10 + i as u8)
     }
@@ -487,6 +504,10 @@ impl Testbed {
         binds_ro.push(bind(
             &workspace_root().join("tests/testbed/demo.service"),
             "/etc/systemd/system/demo.service",
+        ));
+        binds_ro.push(bind(
+            &workspace_root().join("tests/testbed/demo@.service"),
+            "/etc/systemd/system/demo@.service",
         ));
         let booted = convoy_nspawn::boot(&convoy_nspawn::HostSpec {
             rootfs: &rootfs(),

@@ -33,10 +33,12 @@ use crate::store::{AppDirs, Inflight, Journal, Phase, ReleaseMeta};
 use crate::{backup, health, hooks, switch, units};
 
 mod restore;
+mod slots;
 mod stage;
 
 pub use restore::recover_all;
 use restore::restore;
+pub use slots::{keep_warm, promote};
 pub use stage::stage_only;
 use stage::{clean_staging, stage};
 
@@ -76,6 +78,9 @@ pub async fn activate(agent: Arc<Agent>, channel: Channel, cmd: ActivateCommand)
     };
     if let Some(last) = j.last_op.as_ref().filter(|r| r.op_id == cmd.op_id) {
         return answer_again(&agent, last);
+    }
+    if let Some(bg) = spec.blue_green.clone() {
+        return slots::activate_slot(&agent, &channel, &cmd, j, &bg, &op).await;
     }
     if let Err(reason) = switch::check_install_path(spec) {
         return refuse(&agent, &cmd, reason);
@@ -117,6 +122,7 @@ pub async fn activate(agent: Arc<Agent>, channel: Channel, cmd: ActivateCommand)
         spec: spec.clone(),
         backup: None,
         unit_snapshot: None,
+        slot: None,
     });
     if let Err(e) = agent.store.save_journal(&app, &j) {
         return refuse(&agent, &cmd, e.to_string());
@@ -432,8 +438,17 @@ fn describe_policy(spec: &InstallSpec) -> String {
 }
 
 async fn check(agent: &Agent, op: &Op<'_>, spec: &InstallSpec, root: &Path) -> Result<String, String> {
-    let base = health::baseline(&agent.systemd, &spec.health).await;
-    health::wait_healthy(&agent.systemd, &spec.health, &base, root, |v| {
+    check_policy(agent, op, &spec.health, root).await
+}
+
+async fn check_policy(
+    agent: &Agent,
+    op: &Op<'_>,
+    policy: &convoy_common::spec::HealthPolicy,
+    root: &Path,
+) -> Result<String, String> {
+    let base = health::baseline(&agent.systemd, policy).await;
+    health::wait_healthy(&agent.systemd, policy, &base, root, |v| {
         if let Err(m) = v {
             op.event(Step::Check, EventKind::Info, format!("not yet healthy: {m}"));
         }

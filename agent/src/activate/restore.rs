@@ -183,7 +183,9 @@ async fn recover_one(agent: &Agent, app: AppName, mut j: Journal, inflight: Infl
     );
     op.event(Step::Recover, EventKind::Started, &reason);
     tracing::warn!(%app, op_id = %inflight.op_id, phase = ?inflight.phase, "recovering interrupted activation");
-    let (outcome, detail) = if inflight.phase == Phase::Staging {
+    let (outcome, detail) = if let Some(idle) = inflight.slot {
+        super::slots::recover_preview(agent, &op, &mut j, idle).await
+    } else if inflight.phase == Phase::Staging {
         j.inflight = None;
         (
             Outcome::FailedRestored,

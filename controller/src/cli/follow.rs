@@ -88,8 +88,10 @@ pub async fn deploy(conn: &Conn, a: DeployArgs) -> Result<(), Failure> {
 /// How fast a deploy or a rollback goes.
 #[derive(clap::Args, Debug, Clone)]
 pub struct Pace {
-    /// rolling, canary or all-at-once. Default: rolling for a deploy;
-    /// all-at-once for a rollback (an emergency is fixed everywhere at once).
+    /// rolling, canary or all-at-once; a deploy also takes blue-green
+    /// (rolling batches; refused unless the app's spec has [blue_green]).
+    /// Default: rolling for a deploy; all-at-once for a rollback (an
+    /// emergency is fixed everywhere at once).
     #[arg(long)]
     pub strategy: Option<String>,
     /// Rolling: hosts per batch, a count or a percentage (default 1).

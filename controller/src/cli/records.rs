@@ -287,31 +287,50 @@ pub async fn status(conn: &Conn, app: String, json: bool) -> Result<(), Failure>
         super::print_json(&out);
         return Ok(());
     }
+    // Blue-green apps show both slots: release, state, which one is live.
+    let slotted = hosts
+        .iter()
+        .any(|h| h.app.as_ref().is_some_and(|a| !a.slots.is_empty()));
     let rows = hosts.into_iter().map(|h| {
         let v = |v: Option<&convoy_common::Version>| v.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
-        let (cur, prev, health, reason) = match &h.app {
+        let (cur, prev, health, reason, slots) = match &h.app {
             Some(a) => (
                 v(a.current.as_ref()),
                 v(a.previous.as_ref()),
                 format!("{:?}", a.health).to_lowercase(),
                 a.health_reason.clone(),
+                a.slots.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(", "),
             ),
-            None => ("-".into(), "-".into(), "-".into(), String::new()),
+            None => ("-".into(), "-".into(), "-".into(), String::new(), String::new()),
         };
-        vec![
+        let mut row = vec![
             h.host,
             yes_no(h.connected),
             h.labels.get("env").cloned().unwrap_or_else(|| "-".into()),
             cur,
             prev,
-            health,
-            reason,
-        ]
+        ];
+        if slotted {
+            row.push(if slots.is_empty() { "-".into() } else { slots });
+        }
+        row.extend([health, reason]);
+        row
     });
-    print_table(
-        &["HOST", "CONNECTED", "ENV", "CURRENT", "PREVIOUS", "HEALTH", "REASON"],
-        rows,
-    );
+    let header: &[&str] = if slotted {
+        &[
+            "HOST",
+            "CONNECTED",
+            "ENV",
+            "CURRENT",
+            "PREVIOUS",
+            "SLOTS",
+            "HEALTH",
+            "REASON",
+        ]
+    } else {
+        &["HOST", "CONNECTED", "ENV", "CURRENT", "PREVIOUS", "HEALTH", "REASON"]
+    };
+    print_table(header, rows);
     Ok(())
 }
 

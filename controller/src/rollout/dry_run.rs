@@ -41,6 +41,7 @@ impl Engine {
             .map(|g| (g.name, g.verdict.map_err(|e| e.to_string())))
             .collect();
         let Kind::Deploy {
+            cmd,
             preflight,
             analysis,
             traffic,
@@ -54,6 +55,7 @@ impl Engine {
             app: o.app.clone(),
             env: o.env.clone(),
             traffic: traffic.as_deref().cloned(),
+            blue_green: cmd.spec.blue_green.clone(),
         };
         let targets = p.plan.hosts.clone();
         let preflight = match preflight {

@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use convoy_common::ops::{
     ActivateCommand, AppStatus, OpId, OpReport, PreflightCheck, PreflightCommand, RollbackCommand, StepEvent,
 };
+use convoy_common::slots::PromoteCommand;
 use convoy_common::{AppName, HostName};
 use futures::future::BoxFuture;
 use tokio::sync::{mpsc, oneshot};
@@ -31,6 +32,8 @@ pub enum Command {
     Activate(ActivateCommand),
     /// Switch to a release the host holds.
     Rollback(RollbackCommand),
+    /// Blue-green: make a slot live once traffic switched to it.
+    Promote(PromoteCommand),
 }
 
 /// What the one waiting for an operation holds: its progress events,

@@ -176,6 +176,16 @@ impl Engine {
         Ok(spec)
     }
 
+    /// What a host last said about an app's blue-green slots.
+    pub(super) fn fleet_slots(&self, host: &HostName, app: &AppName) -> Vec<convoy_common::slots::SlotStatus> {
+        self.fleet
+            .hosts()
+            .into_iter()
+            .find(|h| &h.name == host)
+            .and_then(|h| h.apps.get(app).map(|a| a.slots.clone()))
+            .unwrap_or_default()
+    }
+
     /// Hosts of `env` that match the spec's and the order's labels:
     /// (connected, not connected), sorted by name.
     fn hosts_in(
@@ -328,7 +338,18 @@ impl Engine {
             size: release.size,
             signature: release.signature.clone(),
         };
+        if o.blue_green && spec.install.blue_green.is_none() {
+            return Err(Refused::Invalid(format!(
+                "--strategy blue-green: {app}'s spec has no [blue_green], so its hosts run one install; add [blue_green] (slot ports, keep_warm) to run two slots"
+            )));
+        }
         let mut strategy_text = describe(&o.strategy.describe(), group, o.manual_promote, o.vanish);
+        if let Some(bg) = &spec.install.blue_green {
+            strategy_text.push_str(&format!(
+                ", blue-green slots (keep_warm {})",
+                humantime::format_duration(bg.keep_warm)
+            ));
+        }
         if let Some(a) = &spec.analysis {
             let names: Vec<&str> = a.metrics.iter().map(|m| m.name.as_str()).collect();
             strategy_text.push_str(&format!(", metric gates {}", names.join(", ")));
@@ -509,6 +530,8 @@ impl Engine {
             to: o.to.clone(),
             strategy: o.strategy.clone(),
             budget,
+            traffic: spec.traffic.clone().map(Box::new),
+            blue_green: spec.install.blue_green.clone(),
         };
         let rollout = self.claim(who, app, env, kind, &targets, Control::Run)?;
         let record = NewRollout {

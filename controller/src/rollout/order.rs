@@ -34,6 +34,8 @@ pub struct DeployOrder {
     pub vanish: Vanish,
     /// Asked by an admin: a hotfix passes freezes and deploy windows.
     pub admin: bool,
+    /// `--strategy blue-green`: the app must run as slots (`[blue_green]`).
+    pub blue_green: bool,
 }
 
 /// A manual rollback of an environment's hosts to a release they hold.

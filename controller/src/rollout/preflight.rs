@@ -38,7 +38,16 @@ pub fn command(spec: &AppSpec, release: &Release, contents: Option<&ReleaseConte
         app: spec.install.app.clone(),
         needed_bytes: release.size + unpacked + spec.preflight.free_space_margin,
         min_memory_bytes: spec.preflight.min_memory,
-        units: spec.install.units.clone(),
+        units: match &spec.install.blue_green {
+            // Each slot runs an instance of the template.
+            Some(_) => spec
+                .install
+                .units
+                .iter()
+                .flat_map(|u| convoy_common::slots::Slot::BOTH.map(|s| convoy_common::slots::instance(u, s)))
+                .collect(),
+            None => spec.install.units.clone(),
+        },
         units_in_release: contents.map(|c| c.units.clone()).unwrap_or_default(),
         checks: spec.preflight.checks.clone(),
         install_path: spec.install.install_path.clone(),

@@ -68,6 +68,7 @@ impl Engine {
                                 outcome,
                                 reason: h.reason,
                                 restore_detail: h.restore_detail,
+                                slots: vec![],
                             },
                         );
                     }

@@ -16,6 +16,7 @@ use convoy_common::ops::{
     ActivateCommand, EventKind, OpId, OpKind, OpReport, Outcome, PreflightCommand, RollbackCommand, Step, StepEvent,
 };
 use convoy_common::rollout::Strategy;
+use convoy_common::slots::{BlueGreen, PromoteCommand, SlotState, SlotStatus};
 use convoy_common::traffic::TrafficSpec;
 use convoy_common::{AppName, HostName, Version};
 use futures::future::join_all;
@@ -27,7 +28,7 @@ use super::control::Control;
 use super::events::{Done, Event, EventBody, Plan, Verdict};
 use super::fleet::{Command, OpWait};
 use super::order::Vanish;
-use super::seams::RolloutRef;
+use super::seams::{RolloutRef, SlotAction};
 use super::Engine;
 
 /// What a rollout does, as its saved plan keeps it.
@@ -66,6 +67,12 @@ pub(super) enum Kind {
         strategy: Strategy,
         #[serde(default)]
         budget: usize,
+        /// How requests reach the hosts, from the app spec.
+        #[serde(default)]
+        traffic: Option<Box<TrafficSpec>>,
+        /// Blue-green hosts switch traffic back to a slot.
+        #[serde(default)]
+        blue_green: Option<BlueGreen>,
     },
 }
 
@@ -96,6 +103,9 @@ pub(super) struct HostOutcome {
     pub outcome: Outcome,
     pub reason: String,
     pub restore_detail: String,
+    /// Blue-green: the host's slots after the operation (empty when the
+    /// outcome was read back from the store).
+    pub slots: Vec<SlotStatus>,
 }
 
 impl From<&OpReport> for HostOutcome {
@@ -104,6 +114,7 @@ impl From<&OpReport> for HostOutcome {
             outcome: r.outcome,
             reason: r.reason.clone(),
             restore_detail: r.restore_detail.clone(),
+            slots: r.state.slots.clone(),
         }
     }
 }
@@ -168,8 +179,11 @@ impl Rollout {
             app: self.app.clone(),
             env: self.env.clone(),
             traffic: match &self.kind {
-                Kind::Deploy { traffic, .. } => traffic.as_deref().cloned(),
-                Kind::Rollback { .. } => None,
+                Kind::Deploy { traffic, .. } | Kind::Rollback { traffic, .. } => traffic.as_deref().cloned(),
+            },
+            blue_green: match &self.kind {
+                Kind::Deploy { cmd, .. } => cmd.spec.blue_green.clone(),
+                Kind::Rollback { blue_green, .. } => blue_green.clone(),
             },
         }
     }
@@ -657,6 +671,14 @@ impl Rollout {
         cmd: &ActivateCommand,
     ) -> Result<HostOutcome, String> {
         let host = op.host();
+        if let Some(bg) = &rollout.blue_green {
+            let mut c = ActivateCommand::clone(cmd);
+            c.op_id = op.to_string();
+            let switch = OpId::new(&self.id, OpKind::Switch, host);
+            return self
+                .slot_host(engine, rollout, bg, op, Command::Activate(c), &switch, &cmd.version)
+                .await;
+        }
         // A resumed rollout reuses what it recorded, steps included.
         if let Some(done) = self.recorded.get(op) {
             return Ok(done.clone());
@@ -672,6 +694,90 @@ impl Rollout {
             return Err(format!("after activating {host}: {e}"));
         }
         r
+    }
+
+    /// Blue-green on one host: the host readies a slot with `version`
+    /// (`prepare`: an activation, or a rollback that finds its release
+    /// still warm), traffic switches to that slot, and the host makes it
+    /// live (`switch`). Traffic that cannot switch stays on the live slot,
+    /// and the readied one stops.
+    #[allow(clippy::too_many_arguments)]
+    async fn slot_host(
+        &self,
+        engine: &Engine,
+        rollout: &RolloutRef,
+        bg: &BlueGreen,
+        op: &OpId,
+        prepare: Command,
+        switch: &OpId,
+        version: &Version,
+    ) -> Result<HostOutcome, String> {
+        let host = op.host();
+        if let Some(done) = self.recorded.get(switch) {
+            return Ok(done.clone());
+        }
+        let slots = match self.recorded.get(op) {
+            Some(done) => done.slots.clone(),
+            None => engine.fleet_slots(host, &self.app),
+        };
+        if slots.iter().all(|s| s.state != SlotState::Live) {
+            // Nothing is live yet: no slot takes traffic before a switch.
+            self.traffic_step(engine, op, engine.steps.slots(rollout, host, SlotAction::Isolate).await)
+                .map_err(|e| format!("before activating {host}: {e}"))?;
+        }
+        let readied = self.run_op(engine, op, prepare).await?;
+        if !readied.outcome.is_success() {
+            return Ok(readied);
+        }
+        let slots = if readied.slots.is_empty() {
+            engine.fleet_slots(host, &self.app)
+        } else {
+            readied.slots.clone()
+        };
+        let live = slots.iter().find(|s| s.state == SlotState::Live);
+        let to = match live {
+            // Already live there: traffic is made sure of all the same.
+            Some(l) if &l.version == version => l.slot,
+            _ => match slots
+                .iter()
+                .find(|s| &s.version == version && s.state == SlotState::Ready)
+            {
+                Some(r) => r.slot,
+                None => return Err(format!("{host} reports no slot ready with {version}")),
+            },
+        };
+        // The other slot, whatever it does: a switch leaves it without
+        // traffic (made sure of again when `to` was live already).
+        let from = slots.iter().map(|s| s.slot).find(|s| *s != to);
+        let promote = |slot| {
+            Command::Promote(PromoteCommand {
+                op_id: switch.to_string(),
+                app: self.app.clone(),
+                slot,
+                keep_warm: bg.keep_warm,
+            })
+        };
+        let moved = engine.steps.slots(rollout, host, SlotAction::Switch { from, to }).await;
+        match self.traffic_step(engine, switch, moved) {
+            Ok(()) => {
+                let promoted = self.run_op(engine, switch, promote(to)).await?;
+                Ok(if promoted.outcome.is_success() {
+                    readied
+                } else {
+                    promoted
+                })
+            }
+            Err(e) => {
+                let kept = match live.map(|l| l.slot).filter(|l| *l != to) {
+                    Some(live) => match verdict(self.run_op(engine, switch, promote(live)).await) {
+                        Ok(()) => format!("traffic stays on slot {live}; slot {to} stopped"),
+                        Err(why) => format!("traffic stays on slot {live}; stopping slot {to}: {why}"),
+                    },
+                    None => "no slot takes traffic".to_owned(),
+                };
+                Err(format!("switching {host} to slot {to}: {e}; {kept}"))
+            }
+        }
     }
 
     /// Records what a host step did as a `traffic` event of the host.
@@ -773,7 +879,10 @@ impl Rollout {
     /// by default); past its failure budget it halts, and the hosts it did
     /// not reach stay as they are.
     async fn run_rollback(&self, engine: &Engine) -> Done {
-        let Kind::Rollback { to, strategy, budget } = &self.kind else {
+        let Kind::Rollback {
+            to, strategy, budget, ..
+        } = &self.kind
+        else {
             unreachable!("run_rollback runs rollbacks")
         };
         let mut failed: Vec<(HostName, String)> = Vec::new();
@@ -836,12 +945,30 @@ impl Rollout {
     /// Switches the host `op` names back to `to` (its previous release
     /// when `None`).
     pub async fn rollback_host(&self, engine: &Engine, op: &OpId, to: Option<Version>) -> Result<HostOutcome, String> {
+        let rollout = self.reference();
+        let bg_to = match (&rollout.blue_green, &to) {
+            (Some(bg), Some(v)) => Some((bg.clone(), v.clone())),
+            // Without a named release, the previous one: the other slot's.
+            (Some(bg), None) => engine
+                .fleet_slots(op.host(), &self.app)
+                .iter()
+                .find(|s| s.state != SlotState::Live)
+                .map(|s| (bg.clone(), s.version.clone())),
+            (None, _) => None,
+        };
         let c = RollbackCommand {
             op_id: op.to_string(),
             app: self.app.clone(),
             to,
         };
-        self.run_op(engine, op, Command::Rollback(c)).await
+        match bg_to {
+            Some((bg, version)) => {
+                let switch = OpId::new(&self.id, OpKind::SwitchBack, op.host());
+                self.slot_host(engine, &rollout, &bg, op, Command::Rollback(c), &switch, &version)
+                    .await
+            }
+            None => self.run_op(engine, op, Command::Rollback(c)).await,
+        }
     }
 
     /// Sends one command to the host `op` names and waits for its result,

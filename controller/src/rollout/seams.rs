@@ -2,14 +2,15 @@
 //! behaviour without reshaping the batch loop:
 //!
 //! - [`HostSteps`] run around each host's activation, in every strategy:
-//!   take the host out of the load balancer before, put it back after
-//!   (or switch a blue-green pair).
+//!   take the host out of the load balancer before, put it back after,
+//!   or switch a blue-green host's traffic between its slots.
 //! - A [`MetricSource`] answers the metric gates' queries (Prometheus);
 //!   see [`super::analysis`] for how they judge a rollout.
 //!
 //! The default steps do nothing; without a metric source, an app whose
 //! spec has metric gates cannot be deployed.
 
+use convoy_common::slots::{BlueGreen, Slot};
 use convoy_common::traffic::TrafficSpec;
 use convoy_common::{AppName, HostName};
 use futures::future::BoxFuture;
@@ -22,6 +23,22 @@ pub struct RolloutRef {
     pub env: String,
     /// How requests reach its hosts, from the app spec.
     pub traffic: Option<TrafficSpec>,
+    /// Blue-green hosts: the app runs as two slots, and traffic switches
+    /// between them instead of draining the host.
+    pub blue_green: Option<BlueGreen>,
+}
+
+/// What a blue-green host's traffic does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotAction {
+    /// Before a host's first slot starts: no slot takes traffic until a
+    /// switch says so (drained, still health-checked by the balancer).
+    Isolate,
+    /// Traffic moves to `to` at once; `from` gets no new requests and its
+    /// sessions drain. The slot that lost traffic stays out of the
+    /// balancer until the next switch, so an idle slot's preview never
+    /// receives a request.
+    Switch { from: Option<Slot>, to: Slot },
 }
 
 /// Each step says what it did (empty: nothing to do), which the rollout
@@ -49,6 +66,17 @@ pub trait HostSteps: Send + Sync {
     /// At pre-flight: whether the steps can act on this host (the
     /// balancer answers and knows it).
     fn check<'a>(&'a self, rollout: &'a RolloutRef, host: &'a HostName) -> BoxFuture<'a, Result<String, String>>;
+
+    /// Blue-green: acts on the traffic to a host's slots. An error means
+    /// traffic did not move.
+    fn slots<'a>(
+        &'a self,
+        _rollout: &'a RolloutRef,
+        _host: &'a HostName,
+        _action: SlotAction,
+    ) -> BoxFuture<'a, Result<String, String>> {
+        Box::pin(async { Ok(String::new()) })
+    }
 }
 
 /// Why a metric query gave no value.

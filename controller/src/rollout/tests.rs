@@ -69,6 +69,7 @@ fn status(current: Option<&str>) -> AppStatus {
         health: Health::Healthy,
         health_reason: String::new(),
         inflight_op: None,
+        slots: vec![],
     }
 }
 
@@ -181,6 +182,7 @@ impl Fleet for TestFleet {
             Command::Stage(_) => OpKind::Stage,
             Command::Activate(_) => OpKind::Activate,
             Command::Rollback(_) => OpKind::Rollback,
+            Command::Promote(_) => OpKind::Switch,
         };
         assert_eq!(kind, op.kind(), "the command matches its id");
         self.sent.lock().unwrap().push(op.clone());
@@ -351,6 +353,7 @@ fn order() -> DeployOrder {
         manual_promote: false,
         vanish: Vanish::default(),
         admin: false,
+        blue_green: false,
     }
 }
 

@@ -42,8 +42,12 @@ fn apps_from_wire(host: &HostName, apps: Vec<convoy_proto::AppState>) -> Vec<App
 /// A result from `host`: to the rollout waiting for it, or reconciled
 /// into its rollout's record when none waits any more.
 fn result_arrived(shared: &Arc<Shared>, host: &HostName, report: OpReport) {
+    let state = report.state.clone();
     match shared.registry.deliver_result(host, report.clone()) {
-        Delivery::Delivered | Delivery::Refused => {}
+        // A result someone waits for is the host's newest word on the
+        // app (repeated old ones are not): the next step reads it.
+        Delivery::Delivered => shared.registry.update_apps(host, vec![state]),
+        Delivery::Refused => {}
         Delivery::NotAwaited => shared.engine.late_result(host, &report),
     }
 }

@@ -48,9 +48,13 @@ impl TryFrom<DeployRequest> for DeployOrder {
     type Error = InvalidOrder;
 
     fn try_from(r: DeployRequest) -> Result<Self, InvalidOrder> {
-        let strategy = strategy("rolling", &r.strategy, &r.batch_size, &r.stages, r.bake_ms)?;
+        // Blue-green goes batch by batch like rolling; the hosts switch slots.
+        let blue_green = r.strategy == "blue-green";
+        let named = if blue_green { "rolling" } else { r.strategy.as_str() };
+        let strategy = strategy("rolling", named, &r.batch_size, &r.stages, r.bake_ms)?;
         let failure_budget = failure_budget(&r.failure_budget)?;
         DeployOrder {
+            blue_green,
             app: name("app", AppName::new(r.app))?,
             version: name("version", Version::new(r.version))?,
             env: r.environment,

@@ -265,6 +265,7 @@ impl Fleet for Registry {
                 Command::Stage(c) => controller_message::Body::Stage(c.into()),
                 Command::Activate(c) => controller_message::Body::Activate(c.into()),
                 Command::Rollback(c) => controller_message::Body::Rollback(c.into()),
+                Command::Promote(c) => controller_message::Body::Promote(c.into()),
             };
             let msg = ControllerMessage { body: Some(body) };
             let wait = self.wait_for(op, msg.clone());
@@ -345,6 +346,7 @@ mod tests {
                 health: Health::Unknown,
                 health_reason: String::new(),
                 inflight_op: None,
+                slots: vec![],
             },
         }
     }

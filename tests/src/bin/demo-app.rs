@@ -13,6 +13,10 @@
 //! start_delay = "500ms"   # how long it takes to start listening
 //! ```
 //!
+//! `CONVOY_PORT` in the environment (a blue-green slot's) overrides
+//! `port`; with `CONVOY_SLOT` set, `GET /` answers
+//! `demo <version> <address it was reached at>/<slot>`.
+//!
 //! `GET /` answers `demo <version>`; `GET /health` answers 200 `ok`, or
 //! 500 when packed `unhealthy` or while `/etc/demo-unhealthy` on the host
 //! lists this version on a line of its own (to make one host of a fleet fail
@@ -98,6 +102,7 @@ struct Behaviour {
     error_rate: f64,
     errors_after: Duration,
     started: Instant,
+    slot: Option<String>,
 }
 
 fn main() {
@@ -116,7 +121,12 @@ fn main() {
     });
     let version = field(&text, "version").unwrap_or("unknown").to_owned();
     let mode = field(&text, "mode").unwrap_or("healthy").to_owned();
-    let port: u16 = field(&text, "port").and_then(|p| p.parse().ok()).unwrap_or(8080);
+    // A blue-green slot's port comes from its environment file.
+    let port: u16 = std::env::var("CONVOY_PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .or_else(|| field(&text, "port").and_then(|p| p.parse().ok()))
+        .unwrap_or(8080);
     if mode == "crash" {
         eprintln!("demo-app {version}: crashing on start, as packed");
         std::process::exit(3);
@@ -132,6 +142,9 @@ fn main() {
         latency: millis(field(&text, "latency")) + millis(field(&text, "extra_latency")),
         error_rate: field(&text, "error_rate").and_then(|r| r.parse().ok()).unwrap_or(0.0),
         errors_after: millis(field(&text, "errors_after")),
+        // A slot says where it runs, so that traffic through a balancer
+        // can be traced to a host's slot.
+        slot: std::env::var("CONVOY_SLOT").ok(),
         started: Instant::now(),
         version,
         mode,
@@ -179,7 +192,11 @@ fn serve(mut stream: TcpStream, b: &Behaviour, stats: &Mutex<Stats>) {
                 ("500 Internal Server Error", "error\n".to_owned())
             } else {
                 s.ok += 1;
-                ("200 OK", format!("demo {}\n", b.version))
+                let whoami = match (&b.slot, stream.local_addr()) {
+                    (Some(slot), Ok(addr)) => format!(" {}/{slot}", addr.ip()),
+                    _ => String::new(),
+                };
+                ("200 OK", format!("demo {}{whoami}\n", b.version))
             }
         }
     };
