@@ -749,18 +749,21 @@ impl Rollout {
         // The other slot, whatever it does: a switch leaves it without
         // traffic (made sure of again when `to` was live already).
         let from = slots.iter().map(|s| s.slot).find(|s| *s != to);
-        let promote = |slot| {
+        let promote = |op: &OpId, slot| {
             Command::Promote(PromoteCommand {
-                op_id: switch.to_string(),
+                op_id: op.to_string(),
                 app: self.app.clone(),
                 slot,
                 keep_warm: bg.keep_warm,
             })
         };
+        // Keeping the live slot is recorded apart from the switch: a host
+        // whose switch op succeeded is a host that moved.
+        let keep = OpId::new(&self.id, OpKind::SwitchBack, host);
         let moved = engine.steps.slots(rollout, host, SlotAction::Switch { from, to }).await;
         match self.traffic_step(engine, switch, moved) {
             Ok(()) => {
-                let promoted = self.run_op(engine, switch, promote(to)).await?;
+                let promoted = self.run_op(engine, switch, promote(switch, to)).await?;
                 Ok(if promoted.outcome.is_success() {
                     readied
                 } else {
@@ -769,7 +772,7 @@ impl Rollout {
             }
             Err(e) => {
                 let kept = match live.map(|l| l.slot).filter(|l| *l != to) {
-                    Some(live) => match verdict(self.run_op(engine, switch, promote(live)).await) {
+                    Some(live) => match verdict(self.run_op(engine, &keep, promote(&keep, live)).await) {
                         Ok(()) => format!("traffic stays on slot {live}; slot {to} stopped"),
                         Err(why) => format!("traffic stays on slot {live}; stopping slot {to}: {why}"),
                     },
@@ -820,8 +823,13 @@ impl Rollout {
         };
         // A host counted as failed because it vanished may have come back
         // since and reported that it did activate: it moved too.
+        // (A blue-green host moved once its traffic switched.)
+        let moved_by = match self.reference().blue_green {
+            Some(_) => OpKind::Switch,
+            None => OpKind::Activate,
+        };
         for (h, _) in &failed {
-            let op = OpId::new(&self.id, OpKind::Activate, h);
+            let op = OpId::new(&self.id, moved_by, h);
             if matches!(engine.store.host_outcome(&self.id, &op.to_string()), Ok(Some(o)) if o.is_success()) {
                 moved.push(h.clone());
             }

@@ -10,6 +10,7 @@ use std::time::Duration;
 use convoy_common::analysis::Judgement;
 use convoy_common::ops::{AppStatus, Health, OpId, OpKind, OpReport, Outcome, PreflightCheck, PreflightCommand};
 use convoy_common::rollout::{Amount, Strategy};
+use convoy_common::slots::{Slot, SlotState, SlotStatus};
 use convoy_common::{AppName, Digest, HostName, Version};
 use futures::future::BoxFuture;
 use tokio::sync::{broadcast, oneshot};
@@ -20,7 +21,7 @@ use super::control::Action;
 use super::events::{Done, Event, EventBody, Verdict};
 use super::fleet::{Command, Fleet, FleetHost, OpWait};
 use super::order::{DeployOrder, FailureBudget, RollbackOrder, Vanish};
-use super::seams::{HostSteps, MetricSource, QueryError, RolloutRef};
+use super::seams::{HostSteps, MetricSource, QueryError, RolloutRef, SlotAction};
 use super::{Engine, EngineConfig};
 use crate::db::{Db, Release};
 
@@ -49,6 +50,10 @@ struct TestFleet {
     /// pre-flights asked, in order.
     preflight_fails: Mutex<HashMap<HostName, PreflightCheck>>,
     preflights: Mutex<Vec<PreflightCommand>>,
+    /// Blue-green hosts: blue runs 1.0.0 live; an activation readies
+    /// green, a rollback finds blue warm. The promotions sent, in order.
+    blue_green: bool,
+    promoted: Mutex<Vec<(String, Slot)>>,
 }
 
 fn host(s: &str) -> HostName {
@@ -182,6 +187,7 @@ impl Fleet for TestFleet {
             Command::Stage(_) => OpKind::Stage,
             Command::Activate(_) => OpKind::Activate,
             Command::Rollback(_) => OpKind::Rollback,
+            Command::Promote(_) if op.kind() == OpKind::SwitchBack => OpKind::SwitchBack,
             Command::Promote(_) => OpKind::Switch,
         };
         assert_eq!(kind, op.kind(), "the command matches its id");
@@ -194,8 +200,31 @@ impl Fleet for TestFleet {
             .unwrap()
             .get(&(op.host().clone(), kind))
             .unwrap_or(&Answer::Succeed);
+        if let Command::Promote(p) = &command {
+            self.promoted.lock().unwrap().push((op.host().to_string(), p.slot));
+        }
+        let mut done = report(op, Outcome::Succeeded);
+        if self.blue_green {
+            let slot = |slot, v: &str, state| SlotStatus {
+                slot,
+                version: Version::new(v).unwrap(),
+                state,
+                port: 8080,
+            };
+            done.state.slots = match kind {
+                OpKind::Activate => vec![
+                    slot(Slot::Blue, "1.0.0", SlotState::Live),
+                    slot(Slot::Green, "2.0.0", SlotState::Ready),
+                ],
+                OpKind::Rollback => vec![
+                    slot(Slot::Blue, "1.0.0", SlotState::Ready),
+                    slot(Slot::Green, "2.0.0", SlotState::Live),
+                ],
+                _ => vec![],
+            };
+        }
         match answer {
-            Answer::Succeed => drop(tx.send(report(op, Outcome::Succeeded))),
+            Answer::Succeed => drop(tx.send(done)),
             Answer::Fail => drop(tx.send(report(op, Outcome::FailedRestored))),
             Answer::Silent | Answer::Hold => drop(self.held.lock().unwrap().insert(op.clone(), tx)),
         }
@@ -240,6 +269,21 @@ impl HostSteps for Recorder {
     fn check<'a>(&'a self, _: &'a RolloutRef, h: &'a HostName) -> BoxFuture<'a, Result<String, String>> {
         self.calls.lock().unwrap().push(format!("check {h}"));
         Box::pin(async { Ok("known".into()) })
+    }
+
+    fn slots<'a>(&'a self, _: &'a RolloutRef, h: &'a HostName, a: SlotAction) -> BoxFuture<'a, Result<String, String>> {
+        let said = match a {
+            SlotAction::Isolate => format!("isolate {h}"),
+            SlotAction::Switch { from, to } => format!("switch {h} {from:?} -> {to}"),
+        };
+        self.calls.lock().unwrap().push(said.clone());
+        let fail = self.unreachable.contains(&h.to_string()) && matches!(a, SlotAction::Switch { to: Slot::Green, .. });
+        Box::pin(async move {
+            match fail {
+                true => Err("haproxy does not see web/web2-green up after 30s (status DOWN)".into()),
+                false => Ok(said),
+            }
+        })
     }
 }
 
@@ -1177,4 +1221,107 @@ async fn a_host_the_balancer_cannot_drain_is_not_switched() {
     assert!(events.iter().any(|e| matches!(&e.body,
         EventBody::Host { event, .. } if event.step == convoy_common::ops::Step::Traffic
             && event.kind == convoy_common::ops::EventKind::Failed)));
+}
+
+const BLUE_GREEN: &str = r#"
+[blue_green]
+blue_port = 8081
+green_port = 8082
+keep_warm = "10m"
+
+[traffic]
+kind = "command"
+command = ["true"]
+"#;
+
+#[tokio::test(start_paused = true)]
+async fn blue_green_switches_traffic_before_promoting_and_keeps_it_on_the_live_slot_when_it_cannot() {
+    let mut b = bed(&WEB4[..2], "");
+    std::fs::write(
+        b.dir.path().join("apps/demo.toml"),
+        format!("{}\n{BLUE_GREEN}", SPEC.replace("demo.service", "demo@.service")),
+    )
+    .unwrap();
+    let mut fleet = TestFleet::with_hosts(&WEB4[..2]);
+    Arc::get_mut(&mut fleet).unwrap().blue_green = true;
+    b.fleet = fleet;
+    let recorder = Arc::new(Recorder::default());
+    let engine = engine_on(
+        &b.dir,
+        b.fleet.clone(),
+        b.db.clone(),
+        b.stop.clone(),
+        Some(recorder.clone()),
+    );
+    let (_, done) = finish(engine.start_deploy("operator:alice", order()).unwrap()).await;
+    assert_eq!(done.verdict, Verdict::Succeeded, "{}", done.reason);
+    // Each host: ready a slot, switch its traffic, then make it live; no drain.
+    assert_eq!(
+        b.fleet
+            .sent()
+            .into_iter()
+            .filter(|(k, _)| *k != OpKind::Stage)
+            .collect::<Vec<_>>(),
+        [
+            (OpKind::Activate, "web1".into()),
+            (OpKind::Switch, "web1".into()),
+            (OpKind::Activate, "web2".into()),
+            (OpKind::Switch, "web2".into()),
+        ]
+    );
+    let calls = recorder.calls.lock().unwrap().clone();
+    assert!(
+        calls.contains(&"switch web1 Some(Blue) -> green".to_owned()),
+        "{calls:?}"
+    );
+    assert!(!calls.iter().any(|c| c.starts_with("drain")), "{calls:?}");
+    assert_eq!(
+        *b.fleet.promoted.lock().unwrap(),
+        [("web1".into(), Slot::Green), ("web2".into(), Slot::Green)]
+    );
+
+    // Control case: web2's switch fails. Its traffic stays on blue, which
+    // it is told is still live (green stops); the rollout halts and web1,
+    // which moved, switches back to its warm slot.
+    b.fleet.sent.lock().unwrap().clear();
+    b.fleet.promoted.lock().unwrap().clear();
+    let recorder = Arc::new(Recorder {
+        unreachable: vec!["web2".into()],
+        ..Default::default()
+    });
+    let engine = engine_on(
+        &b.dir,
+        b.fleet.clone(),
+        b.db.clone(),
+        b.stop.clone(),
+        Some(recorder.clone()),
+    );
+    let (_, done) = finish(engine.start_deploy("operator:alice", order()).unwrap()).await;
+    assert_eq!(done.verdict, Verdict::RolledBack, "{}", done.reason);
+    assert!(
+        done.reason
+            .starts_with("switching web2 to slot green: haproxy does not see web/web2-green up"),
+        "{}",
+        done.reason
+    );
+    assert!(
+        done.reason.ends_with("traffic stays on slot blue; slot green stopped"),
+        "{}",
+        done.reason
+    );
+    assert_eq!(
+        *b.fleet.promoted.lock().unwrap(),
+        [
+            ("web1".into(), Slot::Green),
+            ("web2".into(), Slot::Blue),
+            ("web1".into(), Slot::Blue)
+        ]
+    );
+    // web2 keeps blue, web1 switches back.
+    assert_eq!(b.fleet.sent_of(OpKind::SwitchBack), ["web2", "web1"]);
+    let calls = recorder.calls.lock().unwrap().clone();
+    assert!(
+        calls.contains(&"switch web1 Some(Green) -> blue".to_owned()),
+        "{calls:?}"
+    );
 }
