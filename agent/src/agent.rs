@@ -128,6 +128,11 @@ impl OpLocks {
         self.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
+    /// The id of the operation holding `app`, if any.
+    pub fn holder(&self, app: &AppName) -> Option<String> {
+        self.running.lock().unwrap().get(app).cloned()
+    }
+
     /// The ids of the operations running now.
     pub fn running(&self) -> Vec<String> {
         self.running.lock().unwrap().values().cloned().collect()

@@ -230,6 +230,17 @@ fn start(agent: &Arc<Agent>, work: Work) {
         Err(Busy::Running(running)) if running == op_id => {
             tracing::info!(%op_id, "operation already running; its result will follow");
         }
+        Err(Busy::Running(running)) if running == activate::HOUSEKEEPING => {
+            // Stopping a slot whose keep_warm ended is short: the command
+            // waits for it rather than being refused.
+            let agent = agent.clone();
+            tokio::spawn(async move {
+                while agent.ops.holder(&app).as_deref() == Some(activate::HOUSEKEEPING) {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                start(&agent, work);
+            });
+        }
         Err(busy) => {
             let version = match &work {
                 Work::Activate(_, c) | Work::Stage(_, c) => Some(c.version.clone()),

@@ -127,6 +127,86 @@ pub struct HostSpec<'a> {
     pub detach: bool,
 }
 
+/// The `cgroup.procs` of a new cgroup for host `machine` in every
+/// cgroup hierarchy this process is in, under `convoy-hosts/`. Without
+/// them, every host booted from one process shares nspawn's `payload`
+/// cgroup: one host's systemd removing `system.slice/demo.service` while
+/// another host starts its own `demo.service` fails that start with exit
+/// status 219/CGROUP. Cgroups of hosts that are gone are removed first.
+fn own_cgroups(machine: &str) -> Result<Vec<PathBuf>> {
+    let mounts = fs::read_to_string("/proc/self/mounts")?;
+    let mine = fs::read_to_string("/proc/self/cgroup")?;
+    let mut out = Vec::new();
+    for line in mine.lines() {
+        let mut f = line.splitn(3, ':');
+        let (Some(_), Some(ctrls), Some(path)) = (f.next(), f.next(), f.next()) else {
+            continue;
+        };
+        let mount = mounts.lines().find_map(|m| {
+            let f: Vec<&str> = m.split(' ').collect();
+            let (point, kind, opts) = (f.get(1)?, f.get(2)?, f.get(3)?);
+            let hit = match (*kind, ctrls) {
+                ("cgroup2", "") => true,
+                ("cgroup", c) if !c.is_empty() => c.split(',').all(|c| opts.split(',').any(|o| o == c)),
+                _ => false,
+            };
+            hit.then(|| PathBuf::from(point))
+        });
+        let Some(mount) = mount else { continue };
+        let parent = mount.join(path.trim_start_matches('/'));
+        let hosts = parent.join("convoy-hosts");
+        if let Ok(entries) = fs::read_dir(&hosts) {
+            for e in entries.flatten() {
+                // Only hosts that are gone: no process left in the tree,
+                // and not one booting now (its cgroup is new).
+                let old = e
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|t| t.elapsed().is_ok_and(|a| a > Duration::from_secs(120)));
+                if old && e.file_type().is_ok_and(|t| t.is_dir()) && !has_processes(&e.path()) {
+                    remove_cgroup_tree(&e.path());
+                }
+            }
+        }
+        let dir = hosts.join(machine);
+        fs::create_dir_all(&dir).with_context(|| format!("creating cgroup {}", dir.display()))?;
+        // A new cpuset is empty until given its parent's CPUs and memory nodes.
+        for (file, from) in [("cpuset.cpus", &parent), ("cpuset.mems", &parent)] {
+            if let Ok(v) = fs::read_to_string(from.join(file)) {
+                let _ = fs::write(hosts.join(file), &v);
+                let _ = fs::write(dir.join(file), &v);
+            }
+        }
+        out.push(dir.join("cgroup.procs"));
+    }
+    Ok(out)
+}
+
+/// Whether any cgroup in the tree at `dir` holds a process.
+fn has_processes(dir: &Path) -> bool {
+    if fs::read_to_string(dir.join("cgroup.procs")).map_or(true, |p| !p.trim().is_empty()) {
+        return true;
+    }
+    fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| e.file_type().is_ok_and(|t| t.is_dir()) && has_processes(&e.path()))
+}
+
+/// Removes a cgroup and the ones below it, deepest first; a cgroup with
+/// processes in it stays.
+fn remove_cgroup_tree(dir: &Path) {
+    if let Ok(entries) = fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup_tree(&e.path());
+            }
+        }
+    }
+    let _ = fs::remove_dir(dir);
+}
+
 /// A booted host.
 pub struct Booted {
     pub nspawn: Child,
@@ -138,7 +218,20 @@ pub struct Booted {
 pub fn boot(spec: &HostSpec) -> Result<Booted> {
     use std::os::unix::process::CommandExt;
     let console = fs::File::create(&spec.console)?;
-    let mut cmd = Command::new("systemd-nspawn");
+    // The host starts in cgroups of its own (see `own_cgroups`): a shell
+    // moves itself there, then becomes systemd-nspawn.
+    let procs: Vec<String> = own_cgroups(spec.machine)?
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
+    let mut cmd = Command::new("sh");
+    cmd.args([
+        "-c",
+        "IFS='|'; for f in $CONVOY_CGROUP_PROCS; do echo $$ > \"$f\" || exit 1; done; \
+         unset CONVOY_CGROUP_PROCS; exec systemd-nspawn \"$@\"",
+        "sh",
+    ])
+    .env("CONVOY_CGROUP_PROCS", procs.join("|"));
     cmd.arg("-D")
         .arg(spec.rootfs)
         .args([

@@ -338,6 +338,46 @@ fn blue_green_switches_traffic_without_a_failed_request_and_rolls_back_without_a
             ("blue".into(), "1.0.0".into(), "live".into())
         );
     }
+
+    // ── keep_warm ends: the old slot stops ──
+    bed.set_spec(&spec(&api, "2s"))?;
+    let out = bed.convoy(&[
+        "deploy",
+        "demo",
+        "4.0.0",
+        "--env",
+        "staging",
+        "--strategy",
+        "blue-green",
+    ])?;
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    wait_traffic_on(&haproxy, &bed, "green")?;
+    for h in &bed.hosts {
+        convoy_nspawn::wait_for(
+            &format!("{}'s blue slot to stop after keep_warm", h.name),
+            Duration::from_secs(20),
+            || {
+                let stopped = h.unit_property("demo@blue.service", "ActiveState").ok()? == "inactive";
+                let said = slots_of(&bed, &h.name)
+                    .ok()?
+                    .contains(&("blue".into(), "1.0.0".into(), "stopped".into()));
+                (stopped && said).then_some(())
+            },
+        )?;
+    }
+    // --strategy blue-green insists on slots.
+    bed.set_spec(include_str!("../testbed/demo.toml"))?;
+    let out = bed.convoy(&[
+        "deploy",
+        "demo",
+        "4.0.0",
+        "--env",
+        "staging",
+        "--strategy",
+        "blue-green",
+    ])?;
+    assert_eq!(out.code, 2, "{}{}", out.stdout, out.stderr);
+    assert!(out.stderr.contains("has no [blue_green]"), "{}", out.stderr);
     Ok(())
 }
 

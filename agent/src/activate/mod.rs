@@ -38,7 +38,7 @@ mod stage;
 
 pub use restore::recover_all;
 use restore::restore;
-pub use slots::{keep_warm, promote};
+pub use slots::{keep_warm, promote, HOUSEKEEPING};
 pub use stage::stage_only;
 use stage::{clean_staging, stage};
 

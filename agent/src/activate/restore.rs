@@ -159,6 +159,7 @@ pub async fn recover_all(agent: &Agent) -> Vec<OpReport> {
         crate::metrics::get().activation(report.outcome);
         reports.push(report);
     }
+    super::slots::settle_all(agent).await;
     reports
 }
 

@@ -399,64 +399,85 @@ fn refusal_of(agent: &Agent, cmd: &PromoteCommand, version: Option<Version>, rea
 /// How often warm slots are looked at.
 const WARM_TICK: Duration = Duration::from_secs(1);
 
-/// Stops each warm slot once its `keep_warm` is over, and at start puts
-/// every slot's units in the state its journal says (a slot that was
-/// stopping runs no more; a live one runs). Runs for the agent's life.
+/// The operation id housekeeping holds an app's lock under; a command
+/// that finds it waits instead of being refused (see `session::start`).
+pub const HOUSEKEEPING: &str = "keep-warm";
+
+/// Stops each warm slot once its `keep_warm` is over. Runs for the
+/// agent's life; the app's lock is taken only when a slot is due.
 pub async fn keep_warm(agent: Arc<Agent>) {
-    let mut first = true;
     loop {
+        tokio::time::sleep(WARM_TICK).await;
         for app in agent.store.apps().unwrap_or_default() {
+            let due = agent.store.load_journal(&app).is_ok_and(|j| !expired(&j).is_empty());
+            if !due {
+                continue;
+            }
             // Under the app's lock, so never beside an operation.
-            let Ok(_guard) = agent.ops.try_begin(&app, "keep-warm") else {
+            let Ok(_guard) = agent.ops.try_begin(&app, HOUSEKEEPING) else {
                 continue;
             };
-            let Ok(mut j) = agent.store.load_journal(&app) else {
-                continue;
-            };
-            let Some(spec) = j.spec.clone().filter(|s| s.blue_green.is_some()) else {
-                continue;
-            };
-            if j.inflight.is_some() {
-                continue;
+            settle(&agent, &app, false).await;
+        }
+    }
+}
+
+/// At start, before the agent says hello: every slot's units in the state
+/// its journal says (a slot whose stop was interrupted stops, a running
+/// one runs), and warm slots past their time stopped.
+pub async fn settle_all(agent: &Agent) {
+    for app in agent.store.apps().unwrap_or_default() {
+        settle(agent, &app, true).await;
+    }
+}
+
+fn expired(j: &Journal) -> Vec<Slot> {
+    let now = now_unix_ms().max(0) as u64;
+    j.slots
+        .iter()
+        .filter(|(_, r)| matches!(r.state, SlotState::Warm { until_ms } if until_ms <= now))
+        .map(|(s, _)| *s)
+        .collect()
+}
+
+async fn settle(agent: &Agent, app: &AppName, all: bool) {
+    let Ok(mut j) = agent.store.load_journal(app) else {
+        return;
+    };
+    let Some(spec) = j.spec.clone().filter(|s| s.blue_green.is_some()) else {
+        return;
+    };
+    if j.inflight.is_some() {
+        return;
+    }
+    let expired = expired(&j);
+    for s in &expired {
+        if let Some(r) = j.slots.get_mut(s) {
+            r.state = SlotState::Stopped;
+        }
+    }
+    // The new states are saved before any unit stops.
+    if !expired.is_empty() {
+        if let Err(e) = agent.store.save_journal(app, &j) {
+            tracing::error!(%app, error = %e, "could not save journal");
+            return;
+        }
+    }
+    for (slot, r) in j.slots.clone() {
+        if expired.contains(&slot) || (all && r.state == SlotState::Stopped) {
+            for p in stop_slot(agent, &spec, slot).await {
+                tracing::warn!(%app, %slot, "{p}");
             }
-            let now = now_unix_ms().max(0) as u64;
-            let expired: Vec<Slot> = j
-                .slots
-                .iter()
-                .filter(|(_, r)| matches!(r.state, SlotState::Warm { until_ms } if until_ms <= now))
-                .map(|(s, _)| *s)
-                .collect();
-            for s in &expired {
-                if let Some(r) = j.slots.get_mut(s) {
-                    r.state = SlotState::Stopped;
-                }
+            if expired.contains(&slot) {
+                tracing::info!(%app, %slot, version = %r.version, "keep_warm is over; slot stopped");
             }
-            if !expired.is_empty() {
-                if let Err(e) = agent.store.save_journal(&app, &j) {
-                    tracing::error!(%app, error = %e, "could not save journal");
-                    continue;
-                }
-            }
-            for (slot, r) in j.slots.clone() {
-                let stopping = expired.contains(&slot) || (first && r.state == SlotState::Stopped);
-                if stopping {
-                    for p in stop_slot(&agent, &spec, slot).await {
-                        tracing::warn!(%app, %slot, "{p}");
-                    }
-                    if expired.contains(&slot) {
-                        tracing::info!(%app, %slot, version = %r.version, "keep_warm is over; slot stopped");
-                    }
-                } else if first && r.state.running() && !all_active(&agent, &spec, slot).await {
-                    for u in units(&spec, slot) {
-                        match agent.systemd.restart(&u, agent.unit_timeout).await {
-                            Ok(()) => tracing::info!(%app, %slot, unit = %u, "slot was not running; started"),
-                            Err(e) => tracing::error!(%app, %slot, unit = %u, error = %e, "cannot start slot"),
-                        }
-                    }
+        } else if all && r.state.running() && !all_active(agent, &spec, slot).await {
+            for u in units(&spec, slot) {
+                match agent.systemd.restart(&u, agent.unit_timeout).await {
+                    Ok(()) => tracing::info!(%app, %slot, unit = %u, "slot was not running; started"),
+                    Err(e) => tracing::error!(%app, %slot, unit = %u, error = %e, "cannot start slot"),
                 }
             }
         }
-        first = false;
-        tokio::time::sleep(WARM_TICK).await;
     }
 }
