@@ -171,6 +171,7 @@ pub fn empty_status(app: &AppName) -> AppStatus {
         health: Health::Unknown,
         health_reason: String::new(),
         inflight_op: None,
+        config_revision: None,
         slots: vec![],
     }
 }

@@ -122,6 +122,9 @@ impl Default for Journal {
 pub struct ReleaseMeta {
     pub digest: Digest,
     pub size: u64,
+    /// The configuration revision rendered into the tree, if any.
+    #[serde(default)]
+    pub config_revision: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -307,7 +310,13 @@ impl Store {
 
     pub fn status(&self, app: &AppName) -> Result<AppStatus, StoreError> {
         let j = self.load_journal(app)?;
+        let config_revision = j
+            .current
+            .as_ref()
+            .and_then(|v| self.release_meta(app, v))
+            .and_then(|m| m.config_revision);
         Ok(AppStatus {
+            config_revision,
             app: app.clone(),
             current: j.current,
             previous: j.previous,

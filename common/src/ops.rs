@@ -20,6 +20,44 @@ pub struct ActivateCommand {
     pub size: u64,
     /// ed25519 over app, version and digest, when the release was signed.
     pub signature: Option<Vec<u8>>,
+    /// The environment's configuration rendered for this release: written
+    /// into the staged tree before the switch. Never stored (it may hold
+    /// secrets): the controller renders it when it sends the command.
+    #[serde(skip)]
+    pub config: Option<RenderedConfig>,
+}
+
+/// A configuration revision rendered into files of a release tree.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct RenderedConfig {
+    pub revision: u64,
+    pub files: Vec<ConfigFile>,
+}
+
+/// One rendered file: where in the release tree, its mode, its bytes.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ConfigFile {
+    pub path: String,
+    pub mode: u32,
+    pub content: Vec<u8>,
+}
+
+impl std::fmt::Debug for RenderedConfig {
+    /// Paths and sizes only: the contents may be secret.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let files: Vec<String> = self
+            .files
+            .iter()
+            .map(|c| format!("{} ({} bytes, mode {:o})", c.path, c.content.len(), c.mode))
+            .collect();
+        write!(f, "RenderedConfig {{ revision: {}, files: {files:?} }}", self.revision)
+    }
+}
+
+impl std::fmt::Debug for ConfigFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ConfigFile({}, {} bytes)", self.path, self.content.len())
+    }
 }
 
 /// Switch an app back to a release the host already holds.
@@ -81,6 +119,9 @@ pub struct AppStatus {
     pub health: Health,
     pub health_reason: String,
     pub inflight_op: Option<String>,
+    /// The configuration revision the current release was activated with.
+    #[serde(default)]
+    pub config_revision: Option<u64>,
     /// Blue-green apps: both slots (empty otherwise).
     #[serde(default)]
     pub slots: Vec<crate::slots::SlotStatus>,

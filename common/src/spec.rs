@@ -41,6 +41,10 @@ pub struct InstallSpec {
     /// templates, each slot lives at `<install_path>/<slot>`.
     #[serde(default)]
     pub blue_green: Option<crate::slots::BlueGreen>,
+    /// The user the app runs as: rendered configuration files are owned
+    /// by it. `None`: root.
+    #[serde(default)]
+    pub user: Option<String>,
 }
 
 /// Bounds on a release archive. The defaults suit a typical service; an
@@ -310,6 +314,8 @@ struct RawSpec {
     traffic: Option<crate::traffic::RawTraffic>,
     #[serde(default)]
     blue_green: Option<crate::slots::RawBlueGreen>,
+    #[serde(default)]
+    user: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -358,6 +364,14 @@ struct RawCheck {
     command: Option<Vec<String>>,
     interval: Option<String>,
     timeout: Option<String>,
+}
+
+/// A user name as `useradd` takes it.
+pub fn valid_user(u: &str) -> bool {
+    !u.is_empty()
+        && u.len() <= 32
+        && !u.starts_with('-')
+        && u.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
 }
 
 pub fn valid_unit_name(unit: &str) -> bool {
@@ -549,6 +563,11 @@ impl AppSpec {
             .collect::<Result<_, _>>()?;
         let traffic = raw.traffic.map(|t| t.check(invalid)).transpose()?;
         let blue_green = raw.blue_green.map(|b| b.check(invalid)).transpose()?;
+        if let Some(u) = &raw.user {
+            if !valid_user(u) {
+                return Err(invalid("user", format!("{u:?} is not a user name")));
+            }
+        }
         check_slots(
             blue_green.as_ref(),
             traffic.as_ref(),
@@ -580,6 +599,7 @@ impl AppSpec {
                 allow_setid: raw.allow_setid,
                 limits,
                 blue_green,
+                user: raw.user,
             },
             environments,
             selector: raw.selector,

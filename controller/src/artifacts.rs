@@ -55,11 +55,7 @@ impl Artifacts {
     /// will (every entry checked, the gzip stream read to its verified
     /// end), then removes the scratch tree. Returns what the archive holds
     /// and the unit files in its `systemd/` folder.
-    pub async fn check(
-        &self,
-        inc: &Incoming,
-        limits: archive::Limits,
-    ) -> Result<(archive::UnpackStats, Vec<String>), archive::ArchiveError> {
+    pub async fn check(&self, inc: &Incoming, limits: archive::Limits) -> Result<Checked, archive::ArchiveError> {
         let scratch = self.dir.join(format!("{}.check", uuid::Uuid::new_v4()));
         let file = inc.tmp.clone();
         tokio::task::spawn_blocking(move || {
@@ -73,7 +69,11 @@ impl Artifacts {
                         &limits,
                     )
                 })
-                .map(|stats| (stats, unit_files(&scratch.join("tree/systemd"))));
+                .map(|stats| Checked {
+                    stats,
+                    units: unit_files(&scratch.join("tree/systemd")),
+                    config: declared_config(&scratch.join("tree")),
+                });
             let _ = std::fs::remove_dir_all(&scratch);
             r
         })
@@ -106,6 +106,34 @@ impl Incoming {
     pub async fn abort(self) {
         let _ = tokio::fs::remove_file(&self.tmp).await;
     }
+}
+
+/// What a pushed archive holds, read while it is checked.
+pub struct Checked {
+    pub stats: archive::UnpackStats,
+    pub units: Vec<String>,
+    /// Its `convoy/config.toml` and templates, checked (`Ok(None)`: none).
+    pub config: Result<Option<crate::appconfig::schema::Schema>, String>,
+}
+
+/// Reads and checks the configuration a release tree declares.
+fn declared_config(tree: &std::path::Path) -> Result<Option<crate::appconfig::schema::Schema>, String> {
+    use crate::appconfig::schema::{Schema, SCHEMA_FILE, TEMPLATE_DIR};
+    let regular = |p: &std::path::Path| std::fs::symlink_metadata(p).is_ok_and(|m| m.is_file() && m.len() <= 1 << 20);
+    let schema_file = tree.join(SCHEMA_FILE);
+    if std::fs::symlink_metadata(&schema_file).is_err() {
+        return Ok(None);
+    }
+    if !regular(&schema_file) {
+        return Err(format!("{SCHEMA_FILE} must be a regular file of at most 1 MiB"));
+    }
+    let text = std::fs::read_to_string(&schema_file).map_err(|e| format!("{SCHEMA_FILE}: {e}"))?;
+    let schema = Schema::parse(&text, |name| {
+        let p = tree.join(TEMPLATE_DIR).join(name);
+        regular(&p).then(|| std::fs::read_to_string(p).ok()).flatten()
+    })?;
+    crate::appconfig::render::check(&schema)?;
+    Ok(Some(schema))
 }
 
 /// The unit file names in a release's `systemd/` folder (none without one).

@@ -35,6 +35,8 @@ struct Raw {
     prometheus_url: Option<String>,
     #[serde(default)]
     prometheus_ca: Option<PathBuf>,
+    #[serde(default)]
+    config_key: Option<PathBuf>,
 }
 
 fn default_prestage_parallel() -> usize {
@@ -52,6 +54,8 @@ fn default_host_timeout() -> String {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
+    /// The key that seals configuration secrets (created on first start).
+    pub config_key: PathBuf,
     /// SQLite database and artifacts.
     pub data_dir: PathBuf,
     /// One `<app>.toml` spec per app.
@@ -124,6 +128,7 @@ impl Config {
             anyhow::bail!("{file}: prometheus_ca: set prometheus_url too (the CA is for it)");
         }
         Ok(Config {
+            config_key: raw.config_key.unwrap_or_else(|| raw.data_dir.join("config.key")),
             prometheus_url: raw.prometheus_url,
             prometheus_ca: raw.prometheus_ca,
             prestage_parallel: raw.prestage_parallel,

@@ -14,6 +14,21 @@ pub struct Db {
     conn: Mutex<Connection>,
 }
 
+impl Db {
+    /// Runs `f` in one transaction (for stores of their own, such as
+    /// `appconfig`, that keep their SQL beside their logic).
+    pub fn transaction<T>(
+        &self,
+        f: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<T>,
+    ) -> Result<T, DbError> {
+        let mut conn = self.conn.lock().unwrap();
+        let tx = conn.transaction()?;
+        let out = f(&tx)?;
+        tx.commit()?;
+        Ok(out)
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Release {
     pub digest: Digest,
@@ -117,7 +132,33 @@ const MIGRATIONS: &[Migration] = &[
         what: "the unit files each release ships",
         apply: |tx| tx.execute_batch("ALTER TABLE releases ADD COLUMN units TEXT;"),
     },
+    Migration {
+        what: "configuration revisions, their values (secrets sealed) and each release's schema",
+        apply: |tx| tx.execute_batch(CONFIG_8),
+    },
 ];
+
+const CONFIG_8: &str = r#"
+CREATE TABLE config_revisions (
+    app TEXT NOT NULL,
+    environment TEXT NOT NULL,
+    revision INTEGER NOT NULL,
+    author TEXT NOT NULL,
+    at_ms INTEGER NOT NULL,
+    change TEXT NOT NULL,
+    PRIMARY KEY (app, environment, revision)
+);
+CREATE TABLE config_values (
+    app TEXT NOT NULL,
+    environment TEXT NOT NULL,
+    revision INTEGER NOT NULL,
+    key TEXT NOT NULL,
+    secret INTEGER NOT NULL,
+    value BLOB NOT NULL,
+    PRIMARY KEY (app, environment, revision, key)
+);
+ALTER TABLE releases ADD COLUMN config_schema TEXT;
+"#;
 
 const FREEZES_6: &str = r#"
 CREATE TABLE freezes (

@@ -1,6 +1,7 @@
 //! `convoy`: the controller daemon (`convoy serve`) and the operator CLI.
 #![forbid(unsafe_code)]
 
+mod appconfig;
 mod artifacts;
 mod cli;
 use cli::Output;
@@ -48,6 +49,10 @@ enum Cmd {
     /// Manage releases.
     #[command(subcommand)]
     Release(ReleaseCmd),
+    /// An app's configuration per environment: values and secrets, in
+    /// immutable revisions that deploys render into the release.
+    #[command(subcommand)]
+    Config(ConfigCmd),
     /// Manage release signing keys.
     #[command(subcommand)]
     Keys(KeysCmd),
@@ -280,6 +285,60 @@ enum KeysCmd {
 }
 
 #[derive(Subcommand)]
+enum ConfigCmd {
+    /// Set values (KEY=VALUE) and secrets (--secret KEY reads the value
+    /// from stdin, --secret KEY=FILE from a file): a new revision.
+    Set {
+        app: String,
+        #[arg(long)]
+        env: String,
+        #[arg(value_parser = cli::config::parse_pair, value_name = "KEY=VALUE")]
+        pairs: Vec<(String, String)>,
+        /// A secret: its value from stdin (KEY) or a file (KEY=FILE), never argv.
+        #[arg(long = "secret", value_name = "KEY[=FILE]")]
+        secrets: Vec<String>,
+    },
+    /// Remove keys: a new revision.
+    Unset {
+        app: String,
+        #[arg(long)]
+        env: String,
+        #[arg(required = true)]
+        keys: Vec<String>,
+    },
+    /// A revision's keys and values (the newest by default); secrets show
+    /// only a fingerprint.
+    Show {
+        app: String,
+        #[arg(long)]
+        env: String,
+        #[arg(long)]
+        revision: Option<u64>,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Every revision: who changed which keys, when.
+    History {
+        app: String,
+        #[arg(long)]
+        env: String,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Keys that differ between two environments' newest revisions
+    /// (secrets compared by fingerprint): --env staging --env production.
+    Diff {
+        app: String,
+        #[arg(long = "env", num_args = 1)]
+        envs: Vec<String>,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Admin: reseal every secret with a new controller key.
+    RotateKey,
+}
+
+#[derive(Subcommand)]
 enum ReleaseCmd {
     /// Upload FILE (a .tar.gz of the release tree) as VERSION of APP.
     Push {
@@ -344,6 +403,31 @@ fn main() -> ExitCode {
             file,
             sign,
         }) => cli::report(rt.block_on(cli::push(&cli.conn, app, release, file, sign))),
+        Cmd::Config(c) => cli::report(rt.block_on(async {
+            use cli::config;
+            match c {
+                ConfigCmd::Set {
+                    app,
+                    env,
+                    pairs,
+                    secrets,
+                } => config::set(&cli.conn, app, env, pairs, secrets, vec![]).await,
+                ConfigCmd::Unset { app, env, keys } => config::set(&cli.conn, app, env, vec![], vec![], keys).await,
+                ConfigCmd::Show {
+                    app,
+                    env,
+                    revision,
+                    output,
+                } => config::show(&cli.conn, app, env, revision, matches!(output, Output::Json)).await,
+                ConfigCmd::History { app, env, output } => {
+                    config::history(&cli.conn, app, env, matches!(output, Output::Json)).await
+                }
+                ConfigCmd::Diff { app, envs, output } => {
+                    config::diff(&cli.conn, app, envs, matches!(output, Output::Json)).await
+                }
+                ConfigCmd::RotateKey => config::rotate_key(&cli.conn).await,
+            }
+        })),
         Cmd::Keys(KeysCmd::Generate { name, dir }) => cli::report(cli::keys_generate(&dir, &name)),
         Cmd::Report { app, since, output } => cli::report(rt.block_on(cli::delivery_report(
             &cli.conn,

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use convoy_common::analysis::Measurement;
 use convoy_common::ops::{
-    ActivateCommand, AppStatus, EventKind, Health, OpReport, Outcome, PreflightCheck, PreflightCommand,
-    RollbackCommand, Step, StepEvent,
+    ActivateCommand, AppStatus, ConfigFile, EventKind, Health, OpReport, Outcome, PreflightCheck, PreflightCommand,
+    RenderedConfig, RollbackCommand, Step, StepEvent,
 };
 use convoy_common::slots::{PromoteCommand, Slot, SlotState, SlotStatus};
 use convoy_common::spec::{
@@ -79,6 +79,7 @@ impl From<&InstallSpec> for pb::InstallSpec {
                 SwitchMode::Symlink => pb::SwitchMode::Symlink,
                 SwitchMode::Exchange => pb::SwitchMode::Exchange,
             } as i32,
+            user: s.user.clone().unwrap_or_default(),
             blue_green: s.blue_green.as_ref().map(|b| pb::BlueGreen {
                 blue_port: b.blue_port.into(),
                 green_port: b.green_port.into(),
@@ -156,7 +157,12 @@ impl TryFrom<pb::InstallSpec> for InstallSpec {
                 })
             }
         };
+        let user = Some(s.user).filter(|u| !u.is_empty());
+        if let Some(u) = user.as_deref().filter(|u| !spec::valid_user(u)) {
+            return Err(bad(T, "user", format!("{u:?} is not a user name")));
+        }
         Ok(InstallSpec {
+            user,
             blue_green,
             app,
             install_path,
@@ -200,6 +206,18 @@ impl From<&ActivateCommand> for pb::Activate {
             digest: c.digest.to_hex(),
             size: c.size,
             signature: c.signature.clone().unwrap_or_default(),
+            config: c.config.as_ref().map(|r| pb::Config {
+                revision: r.revision,
+                files: r
+                    .files
+                    .iter()
+                    .map(|f| pb::ConfigFile {
+                        path: f.path.clone(),
+                        mode: f.mode,
+                        content: f.content.clone(),
+                    })
+                    .collect(),
+            }),
         }
     }
 }
@@ -218,6 +236,33 @@ impl TryFrom<pb::Activate> for ActivateCommand {
             digest: Digest::parse(&a.digest).map_err(|e| bad(T, "digest", e))?,
             size: a.size,
             signature: Some(a.signature).filter(|s| !s.is_empty()),
+            config: match a.config {
+                None => None,
+                Some(c) => {
+                    let mut files = Vec::with_capacity(c.files.len());
+                    for f in c.files {
+                        let inside = !f.path.is_empty()
+                            && !f.path.starts_with('/')
+                            && f.path.split('/').all(|p| !p.is_empty() && p != "." && p != "..");
+                        if !inside || f.mode > 0o777 {
+                            return Err(bad(
+                                "ConfigFile",
+                                "path",
+                                format!("{:?} is not a file of the release tree", f.path),
+                            ));
+                        }
+                        files.push(ConfigFile {
+                            path: f.path,
+                            mode: f.mode,
+                            content: f.content,
+                        });
+                    }
+                    Some(RenderedConfig {
+                        revision: c.revision,
+                        files,
+                    })
+                }
+            },
         })
     }
 }
@@ -352,6 +397,7 @@ impl From<&AppStatus> for pb::AppState {
             health: pb::Health::from(s.health) as i32,
             health_reason: s.health_reason.clone(),
             inflight_op: s.inflight_op.clone().unwrap_or_default(),
+            config_revision: s.config_revision.unwrap_or(0),
             slots: s
                 .slots
                 .iter()
@@ -438,6 +484,7 @@ impl TryFrom<pb::AppState> for AppStatus {
             health: pb::Health::try_from(s.health).unwrap_or(pb::Health::Unknown).into(),
             health_reason: s.health_reason,
             inflight_op: Some(s.inflight_op).filter(|o| !o.is_empty()),
+            config_revision: Some(s.config_revision).filter(|r| *r > 0),
             slots: s
                 .slots
                 .into_iter()
@@ -581,6 +628,7 @@ command = ["bin/check"]
             digest: Digest::of_bytes(b"x"),
             size: 42,
             signature: Some(vec![7; 64]),
+            config: None,
         };
         let wire = pb::Activate::from(&cmd);
         assert_eq!(ActivateCommand::try_from(wire).unwrap(), cmd);
@@ -595,6 +643,7 @@ command = ["bin/check"]
             digest: Digest::of_bytes(b"x"),
             size: 42,
             signature: None,
+            config: None,
         };
         let mut wire = pb::Activate::from(&cmd);
         wire.version = "../../etc".into();

@@ -32,6 +32,7 @@ use crate::fetch::{self, FetchError};
 use crate::store::{AppDirs, Inflight, Journal, Phase, ReleaseMeta};
 use crate::{backup, health, hooks, switch, units};
 
+mod configure;
 mod restore;
 mod slots;
 mod stage;
@@ -91,13 +92,23 @@ pub async fn activate(agent: Arc<Agent>, channel: Channel, cmd: ActivateCommand)
     };
     let from = j.current.clone();
     let to = cmd.version.clone();
+    let meta = agent.store.release_meta(&app, &to);
     if from.as_ref() == Some(&to)
-        && agent
-            .store
-            .release_meta(&app, &to)
-            .is_some_and(|m| m.digest == cmd.digest)
+        && meta.as_ref().is_some_and(|m| m.digest == cmd.digest)
         && switch::live_version(spec).as_ref() == Some(&to)
     {
+        let live_config = meta.and_then(|m| m.config_revision);
+        let wanted = cmd.config.as_ref().map(|c| c.revision);
+        if wanted.is_some() && wanted != live_config {
+            return refuse(
+                &agent,
+                &cmd,
+                format!(
+                    "{to} is live with configuration revision {}; a new revision for the live release is not deployed in place (deploy another release with it)",
+                    live_config.map_or("none".into(), |r| r.to_string())
+                ),
+            );
+        }
         op.event(
             Step::Commit,
             EventKind::Succeeded,
@@ -142,6 +153,17 @@ pub async fn activate(agent: Arc<Agent>, channel: Channel, cmd: ActivateCommand)
         }
     }
     crash_point("after-stage");
+    if let Some(cfg) = &cmd.config {
+        match configure::write(&agent, spec, &dirs, &to, cfg) {
+            Ok(msg) => op.event(Step::Stage, EventKind::Info, msg),
+            Err(reason) => {
+                let reason = format!("configuration: {reason}");
+                op.event(Step::Stage, EventKind::Failed, &reason);
+                j.inflight = None;
+                return finish(&agent, &cmd, j, Outcome::FailedRestored, reason, not_switched(&from));
+            }
+        }
+    }
 
     // ── before_install, backup, unit snapshot: nothing live changes yet ──
     let new_tree = dirs.release(&to);
@@ -314,6 +336,7 @@ pub fn rollback_command(store: &crate::store::Store, cmd: &RollbackCommand) -> R
         digest: meta.digest,
         size: meta.size,
         signature: None,
+        config: None,
     })
 }
 

@@ -130,6 +130,17 @@ pub(super) async fn activate_slot(
         }
     }
     crash_point("after-stage");
+    if let Some(cfg) = &cmd.config {
+        match super::configure::write(agent, spec, &dirs, to, cfg) {
+            Ok(msg) => op.event(Step::Stage, EventKind::Info, msg),
+            Err(reason) => {
+                let reason = format!("configuration: {reason}");
+                op.event(Step::Stage, EventKind::Failed, &reason);
+                j.inflight = None;
+                return finish(agent, cmd, j, Outcome::FailedRestored, reason, untouched);
+            }
+        }
+    }
     let new_tree = dirs.release(to);
     let prepared: Result<(), String> = async {
         let shipped = units::shipped(&new_tree).map_err(|e| format!("unit files: {e}"))?;
@@ -382,6 +393,7 @@ pub async fn promote(agent: Arc<Agent>, cmd: PromoteCommand) -> OpReport {
         digest: convoy_common::Digest::of_bytes(b""),
         size: 0,
         signature: None,
+        config: None,
     };
     let report = finish(&agent, &like, j.clone(), Outcome::Succeeded, String::new(), said);
     if let Ok(dirs) = agent.store.ensure_app(&cmd.app) {

@@ -126,6 +126,7 @@ pub(super) async fn stage(
             &ReleaseMeta {
                 digest: cmd.digest,
                 size: cmd.size,
+                config_revision: None,
             },
         )
         .map_err(|e| e.to_string())?;

@@ -44,6 +44,10 @@ pub struct DeployArgs {
     /// How long a host may be away before it counts as failed (policy fail).
     #[arg(long, value_parser = humantime::parse_duration)]
     pub vanish_deadline: Option<std::time::Duration>,
+    /// Deploy with this configuration revision of the environment
+    /// (default: its newest).
+    #[arg(long)]
+    pub config_revision: Option<u64>,
     /// Print what the deploy would decide (targets, batches, verdicts,
     /// pre-flight, the metric gates now) and change nothing. Exits 0 when
     /// it would start, 4 when it would be refused.
@@ -75,6 +79,7 @@ pub async fn deploy(conn: &Conn, a: DeployArgs) -> Result<(), Failure> {
         manual_promote: a.promote == "manual",
         wait_for_vanished: a.on_vanish == "wait",
         vanish_deadline_ms: a.vanish_deadline.map(|d| d.as_millis() as u64).unwrap_or(0),
+        config_revision: a.config_revision.unwrap_or(0),
     };
     let title = format!("{} {} to {}", a.app, a.release, a.env);
     if a.dry_run {

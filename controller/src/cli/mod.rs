@@ -9,6 +9,7 @@
 //! - `admin`: releases and keys, enrollment tokens, revocation.
 
 mod admin;
+pub mod config;
 mod dry_run;
 mod events;
 mod follow;

@@ -8,7 +8,7 @@ use super::{exit, Conn, Failure};
 
 /// Prints a table for a terminal: each column as wide as its longest
 /// value, so a long value never pushes the next column out of line.
-fn print_table(header: &[&str], rows: impl IntoIterator<Item = Vec<String>>) {
+pub(super) fn print_table(header: &[&str], rows: impl IntoIterator<Item = Vec<String>>) {
     println!("{}", table(header, rows));
 }
 
@@ -111,7 +111,7 @@ impl From<convoy_proto::Measurement> for MeasurementJson {
     }
 }
 
-fn when(ms: i64) -> String {
+pub(super) fn when(ms: i64) -> String {
     if ms <= 0 {
         return "-".into();
     }

@@ -111,6 +111,8 @@ pub struct Engine {
     steps: Arc<dyn HostSteps>,
     /// Where metric gates are measured; none without `prometheus_url`.
     metrics: Option<Arc<dyn MetricSource>>,
+    /// Configuration revisions and their rendering.
+    config: Option<Arc<dyn seams::ConfigSource>>,
     /// Environment → its freeze (also expired ones, until lifted).
     freezes: watch::Sender<BTreeMap<String, store::Freeze>>,
     /// (app, environment) → the rollout running there.
@@ -139,6 +141,7 @@ impl Engine {
             notifier,
             steps: Arc::new(NoSteps),
             metrics: None,
+            config: None,
             freezes: watch::channel(BTreeMap::new()).0,
             running: Mutex::new(HashMap::new()),
             live: Mutex::new(HashMap::new()),
@@ -151,6 +154,26 @@ impl Engine {
     pub fn with_steps(mut self, steps: Arc<dyn HostSteps>) -> Self {
         self.steps = steps;
         self
+    }
+
+    /// Takes deploys' configuration from `source`.
+    pub fn with_config(mut self, source: Arc<dyn seams::ConfigSource>) -> Self {
+        self.config = Some(source);
+        self
+    }
+
+    /// Renders a revision for a host's activation.
+    pub(super) fn render_config(
+        &self,
+        app: &AppName,
+        env: &str,
+        version: &convoy_common::Version,
+        revision: u64,
+    ) -> Result<convoy_common::ops::RenderedConfig, String> {
+        match &self.config {
+            Some(c) => c.render(app, env, version, revision),
+            None => Err("this controller keeps no configuration".into()),
+        }
     }
 
     /// Measures metric gates on `source`.
@@ -337,6 +360,14 @@ impl Engine {
             digest: release.digest,
             size: release.size,
             signature: release.signature.clone(),
+            config: None,
+        };
+        // The configuration the release declares must fit before anything moves.
+        let config_revision = match &self.config {
+            Some(c) => c
+                .for_deploy(app, env, version, o.config_revision)
+                .map_err(|e| Refused::Precondition(format!("deploy refused, nothing was changed: {e}")))?,
+            None => None,
         };
         if o.blue_green && spec.install.blue_green.is_none() {
             return Err(Refused::Invalid(format!(
@@ -366,6 +397,7 @@ impl Engine {
             passes_freeze: passes.is_some(),
             preflight: Some(Box::new(preflight)),
             traffic: spec.traffic.clone().map(Box::new),
+            config_revision,
         };
         let names: Vec<HostName> = targets.iter().map(|h| h.name.clone()).collect();
         let plan = Plan {
@@ -386,6 +418,10 @@ impl Engine {
             notes: passes
                 .iter()
                 .map(|held| format!("hotfix by {who} passes: {}", held.join("; ")))
+                .chain(config_revision.map(|r| match r {
+                    0 => "configuration: the release's defaults (no revision set)".to_owned(),
+                    r => format!("configuration revision {r}"),
+                }))
                 .collect(),
         };
         Ok(DeployPlan {

@@ -36,6 +36,8 @@ pub struct DeployOrder {
     pub admin: bool,
     /// `--strategy blue-green`: the app must run as slots (`[blue_green]`).
     pub blue_green: bool,
+    /// `--config-revision`: this revision, not the environment's newest.
+    pub config_revision: Option<u64>,
 }
 
 /// A manual rollback of an environment's hosts to a release they hold.

@@ -59,6 +59,10 @@ pub(super) enum Kind {
         /// How requests reach the hosts, from the app spec.
         #[serde(default)]
         traffic: Option<Box<TrafficSpec>>,
+        /// The configuration revision rendered into the release (0: its
+        /// defaults); `None`: it declares none.
+        #[serde(default)]
+        config_revision: Option<u64>,
     },
     Rollback {
         to: Option<Version>,
@@ -671,9 +675,22 @@ impl Rollout {
         cmd: &ActivateCommand,
     ) -> Result<HostOutcome, String> {
         let host = op.host();
+        let mut c = ActivateCommand::clone(cmd);
+        c.op_id = op.to_string();
+        if let Kind::Deploy {
+            config_revision: Some(rev),
+            ..
+        } = &self.kind
+        {
+            if !self.recorded.contains_key(op) {
+                c.config = Some(
+                    engine
+                        .render_config(&self.app, &self.env, &cmd.version, *rev)
+                        .map_err(|e| format!("configuration of {host}: {e}"))?,
+                );
+            }
+        }
         if let Some(bg) = &rollout.blue_green {
-            let mut c = ActivateCommand::clone(cmd);
-            c.op_id = op.to_string();
             let switch = OpId::new(&self.id, OpKind::Switch, host);
             return self
                 .slot_host(engine, rollout, bg, op, Command::Activate(c), &switch, &cmd.version)
@@ -685,8 +702,6 @@ impl Rollout {
         }
         self.traffic_step(engine, op, engine.steps.before_activate(rollout, host).await)
             .map_err(|e| format!("before activating {host}: {e}"))?;
-        let mut c = ActivateCommand::clone(cmd);
-        c.op_id = op.to_string();
         let r = self.run_op(engine, op, Command::Activate(c)).await;
         let succeeded = matches!(&r, Ok(o) if o.outcome.is_success());
         let after = engine.steps.after_activate(rollout, host, succeeded).await;

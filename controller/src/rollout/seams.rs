@@ -10,9 +10,10 @@
 //! The default steps do nothing; without a metric source, an app whose
 //! spec has metric gates cannot be deployed.
 
+use convoy_common::ops::RenderedConfig;
 use convoy_common::slots::{BlueGreen, Slot};
 use convoy_common::traffic::TrafficSpec;
-use convoy_common::{AppName, HostName};
+use convoy_common::{AppName, HostName, Version};
 use futures::future::BoxFuture;
 
 /// The rollout a seam is called for.
@@ -117,4 +118,23 @@ impl HostSteps for NoSteps {
     fn check<'a>(&'a self, _: &'a RolloutRef, _: &'a HostName) -> BoxFuture<'a, Result<String, String>> {
         Box::pin(async { Ok(String::new()) })
     }
+}
+
+/// Where a deploy's configuration comes from: the revision a release
+/// takes, checked against what it declares, and the files rendered from it
+/// when a host is sent its activation (never stored: they may hold
+/// secrets).
+pub trait ConfigSource: Send + Sync {
+    /// The revision a deploy of `version` takes (the newest, or the one
+    /// named); `Ok(None)` when the release declares no configuration. An
+    /// error lists every problem.
+    fn for_deploy(
+        &self,
+        app: &AppName,
+        env: &str,
+        version: &Version,
+        revision: Option<u64>,
+    ) -> Result<Option<u64>, String>;
+
+    fn render(&self, app: &AppName, env: &str, version: &Version, revision: u64) -> Result<RenderedConfig, String>;
 }

@@ -74,6 +74,7 @@ fn status(current: Option<&str>) -> AppStatus {
         health: Health::Healthy,
         health_reason: String::new(),
         inflight_op: None,
+        config_revision: None,
         slots: vec![],
     }
 }
@@ -398,6 +399,7 @@ fn order() -> DeployOrder {
         vanish: Vanish::default(),
         admin: false,
         blue_green: false,
+        config_revision: None,
     }
 }
 

@@ -55,6 +55,7 @@ impl TryFrom<DeployRequest> for DeployOrder {
         let failure_budget = failure_budget(&r.failure_budget)?;
         DeployOrder {
             blue_green,
+            config_revision: Some(r.config_revision).filter(|r| *r > 0),
             app: name("app", AppName::new(r.app))?,
             version: name("version", Version::new(r.version))?,
             env: r.environment,

@@ -35,6 +35,8 @@ pub struct Shared {
     pub artifacts: Artifacts,
     pub registry: Arc<registry::Registry>,
     pub engine: Arc<Engine>,
+    /// Configuration revisions and secrets.
+    pub appconfig: Arc<crate::appconfig::AppConfig>,
     /// Cancelled when the controller stops: agent sessions, operator
     /// streams and rollout tasks end at once.
     pub stop: CancellationToken,
@@ -176,7 +178,11 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'sta
         };
         engine = engine.with_metrics(Arc::new(crate::prometheus::Prometheus::new(url, tls)));
     }
-    let engine = engine.with_steps(Arc::new(crate::traffic::Traffic));
+    let keys = crate::appconfig::Keyring::open(&cfg.config_key).map_err(|e| anyhow::anyhow!("config_key: {e}"))?;
+    let appconfig = Arc::new(crate::appconfig::AppConfig::new(db.clone(), keys));
+    let engine = engine
+        .with_steps(Arc::new(crate::traffic::Traffic))
+        .with_config(appconfig.clone());
     engine
         .load_freezes()
         .map_err(|e| anyhow::anyhow!("reading the freezes: {e}"))?;
@@ -186,6 +192,7 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'sta
         artifacts,
         registry,
         engine: Arc::new(engine),
+        appconfig,
         stop,
         tasks,
     });

@@ -154,6 +154,125 @@ impl OperatorService for OperatorApi {
         }))
     }
 
+    async fn config_set(
+        &self,
+        req: Request<convoy_proto::ConfigSetRequest>,
+    ) -> Result<Response<convoy_proto::ConfigSetReply>, Status> {
+        let who = operator(&req, Role::Deployer, "change configuration")?;
+        let r = req.into_inner();
+        let app = self.config_env(&r.app, &r.environment)?;
+        let revision = self
+            .shared
+            .appconfig
+            .change(
+                &app,
+                &r.environment,
+                &who.to_string(),
+                crate::appconfig::Change {
+                    set: r.set.into_iter().collect(),
+                    secrets: r.secrets.into_iter().collect(),
+                    unset: r.unset,
+                },
+            )
+            .map_err(config_status)?;
+        Ok(Response::new(convoy_proto::ConfigSetReply { revision }))
+    }
+
+    async fn config_show(
+        &self,
+        req: Request<convoy_proto::ConfigShowRequest>,
+    ) -> Result<Response<convoy_proto::ConfigShowReply>, Status> {
+        operator(&req, Role::Viewer, "read configuration")?;
+        let r = req.into_inner();
+        let app = self.config_env(&r.app, &r.environment)?;
+        let revision = Some(r.revision).filter(|r| *r > 0);
+        let (head, shown) = self
+            .shared
+            .appconfig
+            .show(&app, &r.environment, revision)
+            .map_err(config_status)?;
+        Ok(Response::new(convoy_proto::ConfigShowReply {
+            revision: Some(revision_info(head)),
+            entries: shown
+                .into_iter()
+                .map(|s| convoy_proto::ConfigEntry {
+                    key: s.key,
+                    secret: s.secret,
+                    value: s.value,
+                    fingerprint: s.fingerprint,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn config_history(
+        &self,
+        req: Request<convoy_proto::ConfigHistoryRequest>,
+    ) -> Result<Response<convoy_proto::ConfigHistoryReply>, Status> {
+        operator(&req, Role::Viewer, "read configuration")?;
+        let r = req.into_inner();
+        let app = self.config_env(&r.app, &r.environment)?;
+        let revisions = self
+            .shared
+            .appconfig
+            .history(&app, &r.environment)
+            .map_err(config_status)?;
+        Ok(Response::new(convoy_proto::ConfigHistoryReply {
+            revisions: revisions.into_iter().map(revision_info).collect(),
+        }))
+    }
+
+    async fn config_diff(
+        &self,
+        req: Request<convoy_proto::ConfigDiffRequest>,
+    ) -> Result<Response<convoy_proto::ConfigDiffReply>, Status> {
+        operator(&req, Role::Viewer, "read configuration")?;
+        let r = req.into_inner();
+        let app = self.config_env(&r.app, &r.from_environment)?;
+        self.config_env(&r.app, &r.to_environment)?;
+        let c = &self.shared.appconfig;
+        let from = c.fingerprints(&app, &r.from_environment).map_err(config_status)?;
+        let to = c.fingerprints(&app, &r.to_environment).map_err(config_status)?;
+        let keys: std::collections::BTreeSet<&String> = from.keys().chain(to.keys()).collect();
+        let entries = keys
+            .into_iter()
+            .map(|k| {
+                let (f, t) = (from.get(k), to.get(k));
+                let state = match (f, t) {
+                    (Some(a), Some(b)) if a.0 == b.0 && a.2 == b.2 => "same",
+                    (Some(_), Some(_)) => "changed",
+                    (Some(_), None) => "only-from",
+                    (None, _) => "only-to",
+                };
+                convoy_proto::ConfigDiffEntry {
+                    key: k.clone(),
+                    secret: f.or(t).is_some_and(|v| v.0),
+                    from_value: f.map(|v| v.1.clone()).unwrap_or_default(),
+                    to_value: t.map(|v| v.1.clone()).unwrap_or_default(),
+                    state: state.into(),
+                }
+            })
+            .collect();
+        Ok(Response::new(convoy_proto::ConfigDiffReply {
+            from_revision: c.latest(&app, &r.from_environment).map_err(config_status)?,
+            to_revision: c.latest(&app, &r.to_environment).map_err(config_status)?,
+            entries,
+        }))
+    }
+
+    async fn config_rotate_key(
+        &self,
+        req: Request<convoy_proto::ConfigRotateKeyRequest>,
+    ) -> Result<Response<convoy_proto::ConfigRotateKeyReply>, Status> {
+        let who = operator(&req, Role::Admin, "rotate the configuration key")?;
+        let (key_id, resealed) = self.shared.appconfig.rotate_key().map_err(config_status)?;
+        tracing::info!(by = %who, key = key_id, resealed, "configuration key rotated");
+        Ok(Response::new(convoy_proto::ConfigRotateKeyReply {
+            key_id,
+            resealed: resealed as u64,
+        }))
+    }
+
     async fn freezes(
         &self,
         req: Request<convoy_proto::FreezesRequest>,
@@ -279,13 +398,24 @@ impl OperatorService for OperatorApi {
         }
         // A corrupt or unsafe build is refused here, before any host sees it.
         let limits = convoy_common::archive::Limits::of(&spec.install, inc.size());
-        let (contents, units) = match self.shared.artifacts.check(&inc, limits).await {
-            Ok(stats) => stats,
+        let checked = match self.shared.artifacts.check(&inc, limits).await {
+            Ok(c) => c,
             Err(e) => {
                 inc.abort().await;
                 tracing::warn!(%app, %version, by = %id, error = %e, "release refused at push");
                 return Err(Status::invalid_argument(format!(
                     "{app} {version} refused, nothing was stored: not a sound release archive: {e}"
+                )));
+            }
+        };
+        let (contents, units) = (checked.stats, checked.units);
+        let config = match checked.config {
+            Ok(c) => c,
+            Err(e) => {
+                inc.abort().await;
+                tracing::warn!(%app, %version, by = %id, error = %e, "release refused at push");
+                return Err(Status::invalid_argument(format!(
+                    "{app} {version} refused, nothing was stored: its configuration: {e}"
                 )));
             }
         };
@@ -312,6 +442,12 @@ impl OperatorService for OperatorApi {
                 .db
                 .set_release_contents(&app, &version, contents.bytes, contents.entries, &units)
                 .map_err(internal)?;
+            if let Some(schema) = &config {
+                self.shared
+                    .appconfig
+                    .set_schema(&app, &version, schema)
+                    .map_err(internal)?;
+            }
         }
         tracing::info!(%app, %version, %digest, size, by = %id, new = added, unpacked = contents.bytes, entries = contents.entries, "release pushed");
         Ok(Response::new(PushReply {
@@ -443,5 +579,39 @@ fn freeze_info(f: crate::db::Freeze) -> convoy_proto::FreezeInfo {
         frozen_by: f.by,
         at_unix_ms: f.at_ms,
         until_unix_ms: f.until_ms.unwrap_or(0),
+    }
+}
+
+fn revision_info(r: crate::appconfig::Revision) -> convoy_proto::ConfigRevision {
+    convoy_proto::ConfigRevision {
+        revision: r.revision,
+        author: r.author,
+        at_unix_ms: r.at_ms,
+        change: r.change,
+    }
+}
+
+fn config_status(e: crate::appconfig::ConfigError) -> Status {
+    use crate::appconfig::ConfigError;
+    match e {
+        ConfigError::Invalid(m) => Status::invalid_argument(m),
+        ConfigError::NotFound(m) => Status::not_found(m),
+        ConfigError::Sealed(m) => Status::internal(m),
+        ConfigError::Db(e) => internal(e),
+    }
+}
+
+impl OperatorApi {
+    /// An app with a spec, and one of its environments.
+    fn config_env(&self, app: &str, env: &str) -> Result<convoy_common::AppName, Status> {
+        let app = convoy_common::AppName::new(app.to_owned()).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let spec = self.shared.engine.load_spec(&app)?;
+        if !spec.environments.iter().any(|e| e == env) {
+            return Err(Status::invalid_argument(format!(
+                "environment {env:?} is not one of {app}'s environments ({})",
+                spec.environments.join(", ")
+            )));
+        }
+        Ok(app)
     }
 }

@@ -346,6 +346,7 @@ mod tests {
                 health: Health::Unknown,
                 health_reason: String::new(),
                 inflight_op: None,
+                config_revision: None,
                 slots: vec![],
             },
         }

@@ -23,6 +23,10 @@
 //! one release). `/health` ignores `error_rate` and the latencies: a release
 //! can pass its health checks and still fail real traffic.
 //!
+//! `GET /config` answers what the release's rendered `config/app.env`
+//! holds: `DATABASE_URL=...` and `API_KEY_SHA256=<sha256 of API_KEY>`;
+//! `FAIL_HEALTH=true` in it makes `/health` answer 500.
+//!
 //! `GET /metrics` serves, in Prometheus' text format, the requests to `/`
 //! by status (`http_requests_total{code}`) and their latency
 //! (`http_request_duration_seconds`, a histogram).
@@ -103,6 +107,8 @@ struct Behaviour {
     errors_after: Duration,
     started: Instant,
     slot: Option<String>,
+    /// `config/app.env` of the release, when configuration rendered one.
+    config: Option<String>,
 }
 
 fn main() {
@@ -145,6 +151,7 @@ fn main() {
         // A slot says where it runs, so that traffic through a balancer
         // can be traced to a host's slot.
         slot: std::env::var("CONVOY_SLOT").ok(),
+        config: std::fs::read_to_string(root.join("config/app.env")).ok(),
         started: Instant::now(),
         version,
         mode,
@@ -170,12 +177,35 @@ fn serve(mut stream: TcpStream, b: &Behaviour, stats: &Mutex<Stats>) {
         h.clear();
     }
     let path = line.split_whitespace().nth(1).unwrap_or("/");
+    let configured = |key: &str| {
+        b.config.as_deref().and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+                .map(str::to_owned)
+        })
+    };
     let (status, body) = match path {
-        "/health" if b.mode == "unhealthy" || failing_here(&b.version) => {
+        "/health"
+            if b.mode == "unhealthy"
+                || failing_here(&b.version)
+                || configured("FAIL_HEALTH").as_deref() == Some("true") =>
+        {
             ("500 Internal Server Error", "unhealthy\n".to_owned())
         }
         "/health" => ("200 OK", "ok\n".to_owned()),
         "/metrics" => ("200 OK", stats.lock().unwrap().render()),
+        // What the app read from its rendered configuration: DATABASE_URL
+        // as is, API_KEY only as its sha256.
+        "/config" => (
+            "200 OK",
+            format!(
+                "DATABASE_URL={}\nAPI_KEY_SHA256={}\n",
+                configured("DATABASE_URL").unwrap_or_default(),
+                configured("API_KEY")
+                    .map(|k| convoy_common::Digest::of_bytes(k.as_bytes()).to_hex())
+                    .unwrap_or_default()
+            ),
+        ),
         _ => {
             std::thread::sleep(b.latency);
             let mut s = stats.lock().unwrap();

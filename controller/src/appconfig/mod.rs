@@ -1,0 +1,639 @@
+//! Configuration per app and environment: immutable revisions in the
+//! controller's store, secrets sealed with the controller's key
+//! (XChaCha20-Poly1305), checked against what a release declares
+//! (`schema.rs`) and rendered into its files (`render.rs`) when a host is
+//! sent its activation.
+//!
+//! A secret's value is never logged, never in history, events, webhooks or
+//! any answer of the operator API: it leaves the controller only rendered,
+//! inside the mTLS session of a host that is a target of a deploy of that
+//! app in that environment.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use convoy_common::ops::RenderedConfig;
+use convoy_common::{AppName, Digest, Version};
+use rusqlite::{params, OptionalExtension};
+
+use crate::db::{Db, DbError};
+
+pub mod render;
+pub mod schema;
+
+use schema::{ConfigValue, Schema};
+
+/// One key of the controller: its id (stored with every sealed value) and
+/// its 32 bytes.
+#[derive(Clone)]
+struct Key {
+    id: u32,
+    cipher: XChaCha20Poly1305,
+    bytes: [u8; 32],
+}
+
+impl Key {
+    fn new(id: u32, bytes: [u8; 32]) -> Key {
+        Key {
+            id,
+            cipher: XChaCha20Poly1305::new(&bytes.into()),
+            bytes,
+        }
+    }
+
+    fn random(id: u32) -> Key {
+        let mut b = [0u8; 32];
+        getrandom::getrandom(&mut b).expect("the system's random source");
+        Key::new(id, b)
+    }
+
+    fn text(&self) -> String {
+        format!("convoy-config-key {} {}\n", self.id, hex::encode(self.bytes))
+    }
+
+    fn parse(path: &Path, text: &str) -> Result<Key, String> {
+        let bad = || format!("{}: not a convoy configuration key", path.display());
+        let mut w = text.split_whitespace();
+        if w.next() != Some("convoy-config-key") {
+            return Err(bad());
+        }
+        let id: u32 = w.next().and_then(|i| i.parse().ok()).ok_or_else(bad)?;
+        let bytes: [u8; 32] = w
+            .next()
+            .and_then(|h| hex::decode(h).ok())
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(bad)?;
+        Ok(Key::new(id, bytes))
+    }
+}
+
+/// What a sealed value is bound to: a ciphertext cannot be moved to
+/// another app, environment or key.
+fn aad(app: &AppName, env: &str, key: &str) -> Vec<u8> {
+    format!("{app}\0{env}\0{key}").into_bytes()
+}
+
+/// The controller's configuration keys: the current one seals, any known
+/// one opens (a rotation interrupted halfway leaves values under both).
+pub struct Keyring {
+    path: PathBuf,
+    keys: RwLock<Vec<Key>>,
+}
+
+impl Keyring {
+    /// Reads the key file, creating it (mode 0600, 32 random bytes) on
+    /// first use; a `.new` file beside it is a rotation that did not
+    /// finish, whose key is known too.
+    pub fn open(path: &Path) -> Result<Keyring, String> {
+        let read = |p: &Path| -> Result<Option<Key>, String> {
+            match std::fs::read_to_string(p) {
+                Ok(t) => Key::parse(p, &t).map(Some),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(format!("{}: {e}", p.display())),
+            }
+        };
+        let mut keys = Vec::new();
+        match read(path)? {
+            Some(k) => keys.push(k),
+            None => {
+                let k = Key::random(1);
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+                }
+                convoy_common::fsutil::write_atomic(path, k.text().as_bytes(), 0o600)
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                tracing::info!(path = %path.display(), "created the configuration key");
+                keys.push(k);
+            }
+        }
+        if let Some(k) = read(&pending(path))? {
+            keys.push(k);
+        }
+        Ok(Keyring {
+            path: path.to_owned(),
+            keys: RwLock::new(keys),
+        })
+    }
+
+    fn current(&self) -> Key {
+        self.keys.read().unwrap()[0].clone()
+    }
+
+    fn seal_with(k: &Key, aad: &[u8], plain: &[u8]) -> Vec<u8> {
+        let mut nonce = [0u8; 24];
+        getrandom::getrandom(&mut nonce).expect("the system's random source");
+        let ct = k
+            .cipher
+            .encrypt(XNonce::from_slice(&nonce), Payload { msg: plain, aad })
+            .expect("sealing never fails");
+        let mut out = k.id.to_be_bytes().to_vec();
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&ct);
+        out
+    }
+
+    fn open_value(&self, aad: &[u8], sealed: &[u8]) -> Result<Vec<u8>, String> {
+        if sealed.len() < 4 + 24 + 16 {
+            return Err("a sealed value is too short".into());
+        }
+        let id = u32::from_be_bytes(sealed[..4].try_into().expect("4 bytes"));
+        let keys = self.keys.read().unwrap();
+        let k = keys
+            .iter()
+            .find(|k| k.id == id)
+            .ok_or_else(|| format!("a secret is sealed with key {id}, which this controller does not have"))?;
+        k.cipher
+            .decrypt(
+                XNonce::from_slice(&sealed[4..28]),
+                Payload {
+                    msg: &sealed[28..],
+                    aad,
+                },
+            )
+            .map_err(|_| "a sealed value does not open: wrong key, or altered".to_owned())
+    }
+
+    /// A keyed fingerprint of a value: equal values have equal ones, and
+    /// without the key it says nothing about the value.
+    fn fingerprint(&self, value: &str) -> String {
+        let k = self.current();
+        let mut data = k.bytes.to_vec();
+        data.extend_from_slice(b"convoy-config-fingerprint\0");
+        data.extend_from_slice(value.as_bytes());
+        Digest::of_bytes(&data).to_hex()[..12].to_owned()
+    }
+}
+
+fn pending(path: &Path) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".new");
+    PathBuf::from(p)
+}
+
+/// One revision's head.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revision {
+    pub revision: u64,
+    pub author: String,
+    pub at_ms: i64,
+    /// What changed, by key name (never a value).
+    pub change: String,
+}
+
+/// One key as an operator sees it: a secret's value is never shown, only
+/// its keyed fingerprint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shown {
+    pub key: String,
+    pub secret: bool,
+    /// The value; empty for a secret.
+    pub value: String,
+    pub fingerprint: String,
+}
+
+/// A change an operator asks for.
+#[derive(Default)]
+pub struct Change {
+    pub set: BTreeMap<String, String>,
+    pub secrets: BTreeMap<String, String>,
+    pub unset: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Sealed(String),
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+/// Revisions, values and schemas in the controller's store.
+pub struct AppConfig {
+    db: Arc<Db>,
+    keys: Keyring,
+}
+
+impl AppConfig {
+    pub fn new(db: Arc<Db>, keys: Keyring) -> Self {
+        AppConfig { db, keys }
+    }
+
+    /// The newest revision of an app's environment (0: none yet).
+    pub fn latest(&self, app: &AppName, env: &str) -> Result<u64, ConfigError> {
+        Ok(self.db.transaction(|tx| {
+            tx.query_row(
+                "SELECT COALESCE(MAX(revision), 0) FROM config_revisions WHERE app = ?1 AND environment = ?2",
+                params![app.as_str(), env],
+                |r| r.get::<_, i64>(0),
+            )
+        })? as u64)
+    }
+
+    /// Makes a new revision from the newest one and the change; returns it.
+    pub fn change(&self, app: &AppName, env: &str, who: &str, c: Change) -> Result<u64, ConfigError> {
+        for k in c.set.keys().chain(c.secrets.keys()).chain(c.unset.iter()) {
+            if !schema::valid_key(k) {
+                return Err(ConfigError::Invalid(format!(
+                    "{k:?} is not a key name (letters, digits and _, not starting with a digit)"
+                )));
+            }
+        }
+        if let Some(k) = c.set.keys().find(|k| c.secrets.contains_key(*k)) {
+            return Err(ConfigError::Invalid(format!(
+                "{k} is set both as a value and as a secret"
+            )));
+        }
+        if c.set.is_empty() && c.secrets.is_empty() && c.unset.is_empty() {
+            return Err(ConfigError::Invalid("nothing to change".into()));
+        }
+        let current = self.latest(app, env)?;
+        let mut rows = self.rows(app, env, current)?;
+        let mut said = Vec::new();
+        for k in &c.unset {
+            if rows.remove(k).is_none() {
+                return Err(ConfigError::Invalid(format!("{k} is not set in {app} {env}")));
+            }
+            said.push(format!("unset {k}"));
+        }
+        for (k, v) in &c.set {
+            rows.insert(k.clone(), (false, v.clone().into_bytes()));
+            said.push(format!("set {k}"));
+        }
+        let key = self.keys.current();
+        for (k, v) in &c.secrets {
+            rows.insert(
+                k.clone(),
+                (true, Keyring::seal_with(&key, &aad(app, env, k), v.as_bytes())),
+            );
+            said.push(format!("set secret {k}"));
+        }
+        let next = current + 1;
+        let change = said.join(", ");
+        self.db.transaction(|tx| {
+            tx.execute(
+                "INSERT INTO config_revisions (app, environment, revision, author, at_ms, change) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![app.as_str(), env, next as i64, who, convoy_common::ops::now_unix_ms(), change],
+            )?;
+            for (k, (secret, v)) in &rows {
+                tx.execute(
+                    "INSERT INTO config_values (app, environment, revision, key, secret, value) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![app.as_str(), env, next as i64, k, secret, v],
+                )?;
+            }
+            Ok(())
+        })?;
+        tracing::info!(%app, env, revision = next, by = who, change = %change, "configuration changed");
+        Ok(next)
+    }
+
+    /// Stored rows of a revision: key → (secret, stored bytes).
+    fn rows(&self, app: &AppName, env: &str, revision: u64) -> Result<BTreeMap<String, (bool, Vec<u8>)>, ConfigError> {
+        Ok(self.db.transaction(|tx| {
+            let mut stmt = tx.prepare(
+                "SELECT key, secret, value FROM config_values WHERE app = ?1 AND environment = ?2 AND revision = ?3",
+            )?;
+            let rows = stmt
+                .query_map(params![app.as_str(), env, revision as i64], |r| {
+                    Ok((r.get::<_, String>(0)?, (r.get::<_, bool>(1)?, r.get::<_, Vec<u8>>(2)?)))
+                })?
+                .collect::<rusqlite::Result<BTreeMap<_, _>>>()?;
+            Ok(rows)
+        })?)
+    }
+
+    fn check_revision(&self, app: &AppName, env: &str, revision: u64) -> Result<(), ConfigError> {
+        let latest = self.latest(app, env)?;
+        if revision == 0 || revision > latest {
+            return Err(ConfigError::NotFound(match latest {
+                0 => format!("{app} has no configuration in {env}"),
+                n => format!("{app} in {env} has configuration revisions 1 to {n}, not {revision}"),
+            }));
+        }
+        Ok(())
+    }
+
+    /// A revision's values, secrets opened (for rendering only).
+    pub fn values(
+        &self,
+        app: &AppName,
+        env: &str,
+        revision: u64,
+    ) -> Result<BTreeMap<String, ConfigValue>, ConfigError> {
+        let mut out = BTreeMap::new();
+        for (k, (secret, v)) in self.rows(app, env, revision)? {
+            let value = if secret {
+                let plain = self
+                    .keys
+                    .open_value(&aad(app, env, &k), &v)
+                    .map_err(ConfigError::Sealed)?;
+                String::from_utf8(plain).map_err(|_| ConfigError::Sealed(format!("{k} does not open to text")))?
+            } else {
+                String::from_utf8(v).map_err(|_| ConfigError::Sealed(format!("{k} is not text")))?
+            };
+            out.insert(k, ConfigValue { value, secret });
+        }
+        Ok(out)
+    }
+
+    /// A revision as an operator sees it (the newest with `None`).
+    pub fn show(&self, app: &AppName, env: &str, revision: Option<u64>) -> Result<(Revision, Vec<Shown>), ConfigError> {
+        let revision = match revision {
+            Some(r) => r,
+            None => self.latest(app, env)?,
+        };
+        self.check_revision(app, env, revision)?;
+        let head = self
+            .history(app, env)?
+            .into_iter()
+            .find(|r| r.revision == revision)
+            .ok_or_else(|| ConfigError::NotFound(format!("no revision {revision}")))?;
+        let shown = self
+            .values(app, env, revision)?
+            .into_iter()
+            .map(|(key, v)| Shown {
+                fingerprint: self.keys.fingerprint(&v.value),
+                value: if v.secret { String::new() } else { v.value },
+                secret: v.secret,
+                key,
+            })
+            .collect();
+        Ok((head, shown))
+    }
+
+    /// Every revision, newest first.
+    pub fn history(&self, app: &AppName, env: &str) -> Result<Vec<Revision>, ConfigError> {
+        Ok(self.db.transaction(|tx| {
+            let mut stmt = tx.prepare(
+                "SELECT revision, author, at_ms, change FROM config_revisions
+                 WHERE app = ?1 AND environment = ?2 ORDER BY revision DESC",
+            )?;
+            let rows = stmt
+                .query_map(params![app.as_str(), env], |r| {
+                    Ok(Revision {
+                        revision: r.get::<_, i64>(0)? as u64,
+                        author: r.get(1)?,
+                        at_ms: r.get(2)?,
+                        change: r.get(3)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })?)
+    }
+
+    /// Seals every secret with a new key. The new key is written beside
+    /// the old one first, the values are resealed in one transaction, then
+    /// the new key replaces the old: an interruption at any point leaves
+    /// every value openable. Returns (the new key's id, values resealed).
+    pub fn rotate_key(&self) -> Result<(u32, usize), ConfigError> {
+        let old = self.keys.current();
+        let new = Key::random(old.id + 1);
+        let pending = pending(&self.keys.path);
+        convoy_common::fsutil::write_atomic(&pending, new.text().as_bytes(), 0o600)
+            .map_err(|e| ConfigError::Sealed(format!("{}: {e}", pending.display())))?;
+        self.keys.keys.write().unwrap().push(new.clone());
+        let sealed: Vec<(String, String, i64, String, Vec<u8>)> = self.db.transaction(|tx| {
+            let mut stmt =
+                tx.prepare("SELECT app, environment, revision, key, value FROM config_values WHERE secret = 1")?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })?;
+        let mut resealed = Vec::with_capacity(sealed.len());
+        for (app, env, rev, key, value) in &sealed {
+            let name = AppName::new(app.clone()).map_err(|e| ConfigError::Sealed(e.to_string()))?;
+            let a = aad(&name, env, key);
+            let plain = self.keys.open_value(&a, value).map_err(ConfigError::Sealed)?;
+            resealed.push((app, env, rev, key, Keyring::seal_with(&new, &a, &plain)));
+        }
+        self.db.transaction(|tx| {
+            for (app, env, rev, key, value) in &resealed {
+                tx.execute(
+                    "UPDATE config_values SET value = ?5 WHERE app = ?1 AND environment = ?2 AND revision = ?3 AND key = ?4",
+                    params![app, env, rev, key, value],
+                )?;
+            }
+            Ok(())
+        })?;
+        std::fs::rename(&pending, &self.keys.path)
+            .map_err(|e| ConfigError::Sealed(format!("{}: {e}", self.keys.path.display())))?;
+        let _ = convoy_common::fsutil::fsync_dir(self.keys.path.parent().unwrap_or(Path::new("/")));
+        *self.keys.keys.write().unwrap() = vec![new.clone()];
+        tracing::info!(key = new.id, resealed = resealed.len(), "configuration key rotated");
+        Ok((new.id, resealed.len()))
+    }
+
+    /// A fingerprint per key of a revision, for comparing environments.
+    pub fn fingerprints(
+        &self,
+        app: &AppName,
+        env: &str,
+    ) -> Result<BTreeMap<String, (bool, String, String)>, ConfigError> {
+        let latest = self.latest(app, env)?;
+        Ok(self
+            .values(app, env, latest)?
+            .into_iter()
+            .map(|(k, v)| {
+                let fp = self.keys.fingerprint(&v.value);
+                let shown = if v.secret { String::new() } else { v.value };
+                (k, (v.secret, shown, fp))
+            })
+            .collect())
+    }
+
+    /// The schema a release declared at push, if any.
+    pub fn schema(&self, app: &AppName, version: &Version) -> Result<Option<Schema>, ConfigError> {
+        let text: Option<String> = self.db.transaction(|tx| {
+            Ok(tx
+                .query_row(
+                    "SELECT config_schema FROM releases WHERE app = ?1 AND version = ?2",
+                    params![app.as_str(), version.as_str()],
+                    |r| r.get::<_, Option<String>>(0),
+                )
+                .optional()?
+                .flatten())
+        })?;
+        text.map(|t| serde_json::from_str(&t).map_err(|e| ConfigError::Sealed(format!("stored schema: {e}"))))
+            .transpose()
+    }
+
+    pub fn set_schema(&self, app: &AppName, version: &Version, schema: &Schema) -> Result<(), ConfigError> {
+        let text = serde_json::to_string(schema).expect("a schema serialises");
+        self.db.transaction(|tx| {
+            tx.execute(
+                "UPDATE releases SET config_schema = ?3 WHERE app = ?1 AND version = ?2",
+                params![app.as_str(), version.as_str(), text],
+            )
+        })?;
+        Ok(())
+    }
+
+    /// Which revision a deploy of `version` takes (the newest, or the one
+    /// named), checked against what the release declares. `Ok(None)`: the
+    /// release declares nothing, and there is nothing to render.
+    pub fn for_deploy(
+        &self,
+        app: &AppName,
+        env: &str,
+        version: &Version,
+        revision: Option<u64>,
+    ) -> Result<Option<u64>, ConfigError> {
+        let Some(schema) = self.schema(app, version)? else {
+            return match revision {
+                Some(_) => Err(ConfigError::Invalid(format!(
+                    "--config-revision: {app} {version} declares no configuration (no convoy/config.toml)"
+                ))),
+                None => Ok(None),
+            };
+        };
+        let revision = match revision {
+            Some(r) => {
+                self.check_revision(app, env, r)?;
+                r
+            }
+            None => self.latest(app, env)?,
+        };
+        let values = match revision {
+            0 => BTreeMap::new(),
+            r => self.values(app, env, r)?,
+        };
+        let problems = schema.problems(&values);
+        if !problems.is_empty() {
+            let which = match revision {
+                0 => "(no revision yet)".to_owned(),
+                r => format!("(revision {r})"),
+            };
+            return Err(ConfigError::Invalid(format!(
+                "{app} {version} does not fit {env}'s configuration {which}: {}",
+                problems.join("; ")
+            )));
+        }
+        render::render(&schema, &values).map_err(ConfigError::Invalid)?;
+        Ok(Some(revision))
+    }
+
+    /// The files of `version` rendered with a revision.
+    pub fn render(&self, app: &AppName, env: &str, version: &Version, revision: u64) -> Result<RenderedConfig, String> {
+        let schema = self
+            .schema(app, version)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("{app} {version} declares no configuration"))?;
+        let values = match revision {
+            0 => BTreeMap::new(),
+            r => self.values(app, env, r).map_err(|e| e.to_string())?,
+        };
+        Ok(RenderedConfig {
+            revision,
+            files: render::render(&schema, &values)?,
+        })
+    }
+}
+
+impl crate::rollout::seams::ConfigSource for AppConfig {
+    fn for_deploy(
+        &self,
+        app: &AppName,
+        env: &str,
+        version: &Version,
+        revision: Option<u64>,
+    ) -> Result<Option<u64>, String> {
+        AppConfig::for_deploy(self, app, env, version, revision).map_err(|e| e.to_string())
+    }
+
+    fn render(&self, app: &AppName, env: &str, version: &Version, revision: u64) -> Result<RenderedConfig, String> {
+        AppConfig::render(self, app, env, version, revision)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store(dir: &Path) -> AppConfig {
+        let db = Arc::new(Db::open(&dir.join("convoy.db")).unwrap());
+        AppConfig::new(db, Keyring::open(&dir.join("config.key")).unwrap())
+    }
+
+    #[test]
+    fn revisions_are_immutable_and_secrets_are_sealed_at_rest_and_survive_rotation() {
+        let d = tempfile::tempdir().unwrap();
+        let c = store(d.path());
+        let app = AppName::new("web").unwrap();
+        let secret = "hunter2-very-secret-value";
+        let r1 = c
+            .change(
+                &app,
+                "staging",
+                "operator:alice",
+                Change {
+                    set: [("DATABASE_URL".into(), "postgres://db/web".into())].into(),
+                    secrets: [("API_KEY".into(), secret.into())].into(),
+                    unset: vec![],
+                },
+            )
+            .unwrap();
+        assert_eq!(r1, 1);
+        let r2 = c
+            .change(
+                &app,
+                "staging",
+                "operator:bob",
+                Change {
+                    unset: vec!["DATABASE_URL".into()],
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        assert_eq!(r2, 2);
+        assert_eq!(
+            c.values(&app, "staging", 1).unwrap().len(),
+            2,
+            "revision 1 is unchanged"
+        );
+        assert_eq!(c.values(&app, "staging", 2).unwrap()["API_KEY"].value, secret);
+        let (head, shown) = c.show(&app, "staging", None).unwrap();
+        assert_eq!((head.revision, head.author.as_str()), (2, "operator:bob"));
+        assert_eq!(head.change, "unset DATABASE_URL");
+        assert_eq!(shown[0].value, "", "a secret is never shown");
+        let file = std::fs::read(d.path().join("convoy.db")).unwrap();
+        assert!(
+            !file.windows(secret.len()).any(|w| w == secret.as_bytes()),
+            "sealed at rest"
+        );
+        let key_mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(d.path().join("config.key")).unwrap().permissions(),
+        );
+        assert_eq!(key_mode & 0o777, 0o600);
+        // Rotation: a new key, every secret resealed, still openable after a restart.
+        let before = std::fs::read_to_string(d.path().join("config.key")).unwrap();
+        assert_eq!(c.rotate_key().unwrap(), (2, 2));
+        assert_ne!(std::fs::read_to_string(d.path().join("config.key")).unwrap(), before);
+        let again = store(d.path());
+        assert_eq!(again.values(&app, "staging", 1).unwrap()["API_KEY"].value, secret);
+        // A sealed value moved to another key does not open.
+        let e = c
+            .change(
+                &app,
+                "staging",
+                "x",
+                Change {
+                    unset: vec!["NOPE".into()],
+                    ..Default::default()
+                },
+            )
+            .unwrap_err();
+        assert_eq!(e.to_string(), "NOPE is not set in web staging");
+        assert!(matches!(
+            c.show(&app, "staging", Some(9)),
+            Err(ConfigError::NotFound(_))
+        ));
+    }
+}
