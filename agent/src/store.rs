@@ -2,6 +2,8 @@
 //!
 //! ```text
 //! <state_dir>/apps/<app>/releases/<version>/   complete, verified trees
+//! <state_dir>/apps/<app>/releases/<version>+cfg.<revision>/
+//!                                              the same with a configuration rendered in
 //! <state_dir>/apps/<app>/meta/<version>.json   digest of each release
 //! <state_dir>/apps/<app>/staging/              partial downloads and unpacks
 //! <state_dir>/apps/<app>/journal.json          current, previous, in-flight op
@@ -118,7 +120,25 @@ impl Default for Journal {
     }
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+/// The tree of a release with a configuration revision rendered into it:
+/// `<version>+cfg.<revision>`, a tree of its own, so that a switch moves
+/// code and configuration together and the previous tree is the previous
+/// pair of both.
+pub fn tree_version(release: &Version, revision: u64) -> Version {
+    Version::new(format!("{release}+cfg.{revision}")).unwrap_or_else(|_| release.clone())
+}
+
+/// The release a tree holds, and the configuration revision in it.
+pub fn release_of(tree: &Version) -> (Version, Option<u64>) {
+    if let Some((base, rev)) = tree.as_str().rsplit_once("+cfg.") {
+        if let (Ok(r), Ok(v)) = (rev.parse::<u64>(), Version::new(base)) {
+            return (v, Some(r));
+        }
+    }
+    (tree.clone(), None)
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ReleaseMeta {
     pub digest: Digest,
     pub size: u64,
@@ -310,18 +330,18 @@ impl Store {
 
     pub fn status(&self, app: &AppName) -> Result<AppStatus, StoreError> {
         let j = self.load_journal(app)?;
-        let config_revision = j
-            .current
-            .as_ref()
-            .and_then(|v| self.release_meta(app, v))
-            .and_then(|m| m.config_revision);
+        let config_revision = j.current.as_ref().and_then(|v| release_of(v).1);
+        let public = |v: Option<Version>| v.map(|v| release_of(&v).0);
+        let mut releases: Vec<Version> = self.releases(app).iter().map(|v| release_of(v).0).collect();
+        releases.sort();
+        releases.dedup();
         Ok(AppStatus {
             config_revision,
             app: app.clone(),
-            current: j.current,
-            previous: j.previous,
-            last_known_good: j.last_known_good,
-            releases: self.releases(app),
+            current: public(j.current),
+            previous: public(j.previous),
+            last_known_good: public(j.last_known_good),
+            releases,
             health: j.health,
             health_reason: j.health_reason,
             inflight_op: j.inflight.map(|i| i.op_id),
@@ -330,7 +350,7 @@ impl Store {
                 .into_iter()
                 .map(|(slot, r)| SlotStatus {
                     slot,
-                    version: r.version,
+                    version: release_of(&r.version).0,
                     state: r.state,
                     port: r.port,
                 })

@@ -233,6 +233,9 @@ pub struct AppSpec {
     pub preflight: Preflight,
     /// How requests reach the hosts: drained around each activation.
     pub traffic: Option<crate::traffic::TrafficSpec>,
+    /// A deploy is refused when a key of the configuration is set in the
+    /// environment before and not in this one, or the other way round.
+    pub strict_parity: bool,
 }
 
 /// What every target must have before a deploy moves any byte to it.
@@ -316,6 +319,8 @@ struct RawSpec {
     blue_green: Option<crate::slots::RawBlueGreen>,
     #[serde(default)]
     user: Option<String>,
+    #[serde(default)]
+    parity: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -577,7 +582,13 @@ impl AppSpec {
             &checks,
             &invalid,
         )?;
+        let strict_parity = match raw.parity.as_deref() {
+            None | Some("off") => false,
+            Some("strict") => true,
+            Some(other) => return Err(invalid("parity", format!("{other:?} is not \"strict\" or \"off\""))),
+        };
         Ok(AppSpec {
+            strict_parity,
             traffic,
             preflight,
             windows,

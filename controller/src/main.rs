@@ -292,6 +292,8 @@ enum ConfigCmd {
         app: String,
         #[arg(long)]
         env: String,
+        #[command(flatten)]
+        whom: cli::config::Whom,
         #[arg(value_parser = cli::config::parse_pair, value_name = "KEY=VALUE")]
         pairs: Vec<(String, String)>,
         /// A secret: its value from stdin (KEY) or a file (KEY=FILE), never argv.
@@ -303,8 +305,23 @@ enum ConfigCmd {
         app: String,
         #[arg(long)]
         env: String,
+        #[command(flatten)]
+        whom: cli::config::Whom,
         #[arg(required = true)]
         keys: Vec<String>,
+    },
+    /// Which value of KEY a host gets, from where, and what it overrides.
+    Explain {
+        app: String,
+        #[arg(long)]
+        env: String,
+        #[arg(long)]
+        host: String,
+        /// The key.
+        #[arg(value_name = "KEY")]
+        name: String,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
     },
     /// A revision's keys and values (the newest by default); secrets show
     /// only a fingerprint.
@@ -336,6 +353,20 @@ enum ConfigCmd {
     },
     /// Admin: reseal every secret with a new controller key.
     RotateKey,
+    /// Roll the release the environment runs out again with a
+    /// configuration revision (its newest by default), like a deploy:
+    /// strategies, health checks, gates and restore.
+    Apply {
+        app: String,
+        #[arg(long)]
+        env: String,
+        #[arg(long)]
+        revision: Option<u64>,
+        #[command(flatten)]
+        pace: cli::Pace,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
 }
 
 #[derive(Subcommand)]
@@ -409,10 +440,20 @@ fn main() -> ExitCode {
                 ConfigCmd::Set {
                     app,
                     env,
+                    whom,
                     pairs,
                     secrets,
-                } => config::set(&cli.conn, app, env, pairs, secrets, vec![]).await,
-                ConfigCmd::Unset { app, env, keys } => config::set(&cli.conn, app, env, vec![], vec![], keys).await,
+                } => config::set(&cli.conn, app, env, whom, pairs, secrets, vec![]).await,
+                ConfigCmd::Unset { app, env, whom, keys } => {
+                    config::set(&cli.conn, app, env, whom, vec![], vec![], keys).await
+                }
+                ConfigCmd::Explain {
+                    app,
+                    env,
+                    host,
+                    name,
+                    output,
+                } => config::explain(&cli.conn, app, env, host, name, matches!(output, Output::Json)).await,
                 ConfigCmd::Show {
                     app,
                     env,
@@ -426,6 +467,13 @@ fn main() -> ExitCode {
                     config::diff(&cli.conn, app, envs, matches!(output, Output::Json)).await
                 }
                 ConfigCmd::RotateKey => config::rotate_key(&cli.conn).await,
+                ConfigCmd::Apply {
+                    app,
+                    env,
+                    revision,
+                    pace,
+                    output,
+                } => config::apply(&cli.conn, app, env, revision, pace, output).await,
             }
         })),
         Cmd::Keys(KeysCmd::Generate { name, dir }) => cli::report(cli::keys_generate(&dir, &name)),

@@ -136,6 +136,15 @@ pub struct HostSpec<'a> {
 fn own_cgroups(machine: &str) -> Result<Vec<PathBuf>> {
     let mounts = fs::read_to_string("/proc/self/mounts")?;
     let mine = fs::read_to_string("/proc/self/cgroup")?;
+    // A name of its own per boot: a host booted again under the same
+    // machine name must not join the cgroup its predecessor's systemd
+    // shaped (on cgroup v2, one with controllers enabled for its children
+    // takes no process itself).
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    let name = format!("{machine}.{}.{nanos}", std::process::id());
     let mut out = Vec::new();
     for line in mine.lines() {
         let mut f = line.splitn(3, ':');
@@ -168,7 +177,7 @@ fn own_cgroups(machine: &str) -> Result<Vec<PathBuf>> {
                 }
             }
         }
-        let dir = hosts.join(machine);
+        let dir = hosts.join(&name);
         fs::create_dir_all(&dir).with_context(|| format!("creating cgroup {}", dir.display()))?;
         // A new cpuset is empty until given its parent's CPUs and memory nodes.
         for (file, from) in [("cpuset.cpus", &parent), ("cpuset.mems", &parent)] {

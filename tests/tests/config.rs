@@ -55,7 +55,8 @@ fn app_config(bed: &Testbed, i: usize) -> String {
 
 #[test]
 fn configuration_is_validated_rendered_with_secrets_sealed_and_rolled_back_with_the_release() -> Result<()> {
-    let bed = Testbed::boot(2)?;
+    // host1 and host2 in staging, host3 in production.
+    let bed = Testbed::boot_with(3, |i| if i < 3 { "staging" } else { "production" }.to_owned())?;
     for h in &bed.hosts {
         h.exec_ok(&["useradd", "--system", "--no-create-home", "demo"])?;
     }
@@ -90,7 +91,7 @@ fn configuration_is_validated_rendered_with_secrets_sealed_and_rolled_back_with_
         "{}",
         text(&out)
     );
-    assert_eq!(bed.serving(), ["-", "-"], "nothing moved");
+    assert_eq!(bed.serving(), ["-", "-", "-"], "nothing moved");
 
     // A value of the wrong shape is named too; then the right ones.
     bed.convoy_ok(&["config", "set", "demo", "--env", "staging", "DATABASE_URL=mysql://db1"])?;
@@ -113,11 +114,19 @@ fn configuration_is_validated_rendered_with_secrets_sealed_and_rolled_back_with_
     assert!(said.contains("configuration revision 3"), "{said}");
     let out = bed.convoy_ok(&["deploy", "demo", "1.0.0", "--env", "staging"])?;
     assert!(out.contains("configuration revision 3"), "{out}");
-    let sha = convoy_common::Digest::of_bytes(SECRET.as_bytes()).to_hex();
-    for (i, h) in bed.hosts.iter().enumerate() {
+    // The demo app shows the secret it read as its FNV-1a hash.
+    let sha = {
+        let mut h: u64 = 0xcbf29ce484222325;
+        for b in SECRET.bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x100000001b3);
+        }
+        format!("{h:016x}")
+    };
+    for (i, h) in bed.hosts[..2].iter().enumerate() {
         assert_eq!(
             app_config(&bed, i),
-            format!("DATABASE_URL=postgres://db1/app\nAPI_KEY_SHA256={sha}\n"),
+            format!("DATABASE_URL=postgres://db1/app\nAPI_KEY_HASH={sha}\n"),
             "{} reads the rendered values",
             h.name
         );
@@ -139,30 +148,125 @@ fn configuration_is_validated_rendered_with_secrets_sealed_and_rolled_back_with_
     bed.push_file("2.0.0", &pack(&bed, "2.0.0", TEMPLATE)?)?;
     bed.convoy_ok(&["deploy", "demo", "2.0.0", "--env", "staging"])?;
     assert!(app_config(&bed, 0).starts_with("DATABASE_URL=postgres://db2/app\n"));
+    let set = |kv: &str| bed.convoy_ok(&["config", "set", "demo", "--env", "staging", kv]);
     let before = bed.hosts[0].exec_ok(&["sha256sum", "/opt/demo/config/app.env"])?;
-    // A revision that breaks the health check: the host restores 2.0.0
-    // with its configuration byte for byte, and the rollout halts.
-    bed.convoy_ok(&["config", "set", "demo", "--env", "staging", "FAIL_HEALTH=true"])?;
-    bed.push_file("3.0.0", &pack(&bed, "3.0.0", TEMPLATE)?)?;
-    let out = bed.convoy(&["deploy", "demo", "3.0.0", "--env", "staging"])?;
+
+    // `config apply` of a revision that breaks the health check: the host
+    // restores 2.0.0 with its configuration byte for byte; the rollout halts.
+    set("FAIL_HEALTH=true")?;
+    let out = bed.convoy(&["config", "apply", "demo", "--env", "staging"])?;
+    println!("config apply of a breaking revision:\n{}", text(&out));
     assert_eq!(out.code, 1, "{}", text(&out));
-    assert_eq!(bed.serving(), ["2.0.0", "2.0.0"]);
+    assert!(text(&out).contains("demo 2.0.0 to staging"), "{}", text(&out));
+    assert_eq!(bed.serving(), ["2.0.0", "2.0.0", "-"]);
     assert_eq!(
         bed.hosts[0].exec_ok(&["sha256sum", "/opt/demo/config/app.env"])?,
         before
     );
+    assert_eq!(
+        Testbed::host_status(&bed.status()?, "host1")?["app"]["config_revision"],
+        4
+    );
+
+    // A good revision applied: the same release, the new values.
+    bed.convoy_ok(&["config", "unset", "demo", "--env", "staging", "FAIL_HEALTH"])?;
+    set("DATABASE_URL=postgres://db3/app")?;
+    let out = bed.convoy_ok(&["config", "apply", "demo", "--env", "staging"])?;
+    assert!(out.contains("configuration revision 7"), "{out}");
+    assert_eq!(bed.serving(), ["2.0.0", "2.0.0", "-"]);
+    assert!(app_config(&bed, 1).starts_with("DATABASE_URL=postgres://db3/app\n"));
+    let st = bed.status()?;
+    let h1 = &Testbed::host_status(&st, "host1")?["app"];
+    assert_eq!(
+        (h1["current"].as_str(), h1["config_revision"].as_u64()),
+        (Some("2.0.0"), Some(7))
+    );
+
+    let at7 = bed.hosts[0].exec_ok(&["sha256sum", "/opt/demo/config/app.env"])?;
+
+    // Values per host group and per host: the most specific wins.
+    // host1 is in zone z1, host2 in zone z0.
+    bed.convoy_ok(&[
+        "config",
+        "set",
+        "demo",
+        "--env",
+        "staging",
+        "--group",
+        "zone=z1",
+        "DATABASE_URL=postgres://z1/app",
+    ])?;
+    bed.convoy_ok(&[
+        "config",
+        "set",
+        "demo",
+        "--env",
+        "staging",
+        "--host",
+        "host2",
+        "DATABASE_URL=postgres://h2/app",
+    ])?;
+    bed.convoy_ok(&["config", "apply", "demo", "--env", "staging"])?;
+    assert!(
+        app_config(&bed, 0).starts_with("DATABASE_URL=postgres://z1/app\n"),
+        "{}",
+        app_config(&bed, 0)
+    );
+    assert!(
+        app_config(&bed, 1).starts_with("DATABASE_URL=postgres://h2/app\n"),
+        "{}",
+        app_config(&bed, 1)
+    );
+    let why = bed.convoy_ok(&[
+        "config",
+        "explain",
+        "demo",
+        "--env",
+        "staging",
+        "--host",
+        "host1",
+        "DATABASE_URL",
+    ])?;
+    println!("config explain:\n{why}");
+    assert!(
+        why.contains(
+            "host1 (env=staging, zone=z1) gets DATABASE_URL = \"postgres://z1/app\" from group zone=z1 (revision 9)"
+        ),
+        "{why}"
+    );
+    assert!(
+        why.contains("overrides \"postgres://db3/app\" from the environment"),
+        "{why}"
+    );
+    let shown = bed.convoy_ok(&["config", "show", "demo", "--env", "staging"])?;
+    assert!(
+        shown.contains("host host2") && shown.contains("group zone=z1"),
+        "{shown}"
+    );
+
+    // A manual rollback returns to the previous pair: 2.0.0 with revision
+    // 7, locally, without a download; then to 1.0.0 with its revision 3.
     let out = bed.convoy_ok(&["rollback", "demo", "--env", "staging"])?;
     assert!(
         out.contains("already on this host") && !out.contains("fetched"),
         "no download: {out}"
     );
-    assert_eq!(bed.serving(), ["1.0.0", "1.0.0"]);
+    assert_eq!(bed.serving(), ["2.0.0", "2.0.0", "-"]);
+    assert_eq!(bed.hosts[0].exec_ok(&["sha256sum", "/opt/demo/config/app.env"])?, at7);
+    assert!(app_config(&bed, 1).starts_with("DATABASE_URL=postgres://db3/app\n"));
+    bed.convoy_ok(&["rollback", "demo", "--env", "staging", "--to", "1.0.0"])?;
+    assert_eq!(bed.serving(), ["1.0.0", "1.0.0", "-"]);
     assert!(
         app_config(&bed, 0).starts_with("DATABASE_URL=postgres://db1/app\n"),
         "config came back with the code"
     );
 
     // History names who changed what; diff against production.
+    let audit = bed.convoy_ok(&["freezes"])?;
+    assert!(
+        audit.contains("demo revision 3: set secret API_KEY"),
+        "the audit trail: {audit}"
+    );
     let history = bed.convoy_ok(&["config", "history", "demo", "--env", "staging"])?;
     assert!(history.contains("set secret API_KEY"), "{history}");
     assert!(history.contains("operator"), "{history}");
@@ -181,10 +285,31 @@ fn configuration_is_validated_rendered_with_secrets_sealed_and_rolled_back_with_
         diff.contains("DATABASE_URL") && diff.contains("postgres://prod/app"),
         "{diff}"
     );
-    assert!(diff.contains("FAIL_HEALTH") && diff.contains("only-from"), "{diff}");
     assert!(
         !diff.contains("API_KEY"),
         "the same secret in both does not differ: {diff}"
+    );
+
+    // Promotion to production says what differs from the configuration
+    // 1.0.0 passed staging with (revision 3); strict parity refuses a key
+    // set on one side only.
+    let out = bed.convoy_ok(&["deploy", "demo", "1.0.0", "--env", "production"])?;
+    assert!(
+        out.contains("configuration differs from staging's revision 3, which 1.0.0 passed: DATABASE_URL (differs)"),
+        "{out}"
+    );
+    assert!(app_config(&bed, 2).starts_with("DATABASE_URL=postgres://prod/app\n"));
+    bed.convoy_ok(&["config", "set", "demo", "--env", "production", "FAIL_HEALTH=false"])?;
+    bed.set_spec(&PLAIN.replace("units = [", "user = \"demo\"\nparity = \"strict\"\nunits = ["))?;
+    let out = bed.convoy(&["deploy", "demo", "1.0.0", "--env", "production"])?;
+    println!("strict parity:\n{}", text(&out));
+    assert_eq!(out.code, 4, "{}", text(&out));
+    assert!(
+        text(&out).contains(
+            "parity = \"strict\": set in only one of staging (revision 3, which 1.0.0 passed) and production (revision 3): FAIL_HEALTH"
+        ),
+        "{}",
+        text(&out)
     );
 
     // A viewer reads keys but sets nothing and never sees a secret.
@@ -230,7 +355,11 @@ fn configuration_is_validated_rendered_with_secrets_sealed_and_rolled_back_with_
         .as_array()
         .cloned()
         .unwrap_or_default();
-    assert_eq!(rollouts.len(), 4, "1.0.0, 2.0.0, 3.0.0 and the rollback");
+    assert_eq!(
+        rollouts.len(),
+        8,
+        "1.0.0, 2.0.0, three applies, two rollbacks, 1.0.0 in production"
+    );
     for r in rollouts {
         if let Some(id) = r["id"].as_str() {
             let one = bed.history(&["--rollout", id])?;
@@ -275,9 +404,9 @@ fn configuration_is_validated_rendered_with_secrets_sealed_and_rolled_back_with_
         "{}",
         text(&rotated)
     );
-    bed.convoy_ok(&["config", "unset", "demo", "--env", "staging", "FAIL_HEALTH"])?;
     bed.push_file("4.0.0", &pack(&bed, "4.0.0", TEMPLATE)?)?;
     bed.convoy_ok(&["deploy", "demo", "4.0.0", "--env", "staging"])?;
-    assert!(app_config(&bed, 1).ends_with(&format!("API_KEY_SHA256={sha}\n")));
+    assert!(app_config(&bed, 1).ends_with(&format!("API_KEY_HASH={sha}\n")));
+    assert_eq!(bed.serving(), ["4.0.0", "4.0.0", "1.0.0"]);
     Ok(())
 }

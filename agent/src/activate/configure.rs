@@ -10,17 +10,68 @@ use convoy_common::ops::RenderedConfig;
 
 use super::*;
 
-/// Writes each file under the release tree of `version` with its mode,
-/// owned by the spec's user; records the revision in the release's meta.
-/// Returns what it did, for the step event.
-pub(super) fn write(
+/// Stages the release of `base` (fetch, verify, unpack) and, when `cmd`
+/// carries a configuration, the tree of that release and revision: a
+/// copy of the release's tree (hard links: releases are never written
+/// to, and a rendered file replaces its link instead of writing through
+/// it) with the rendered files in it.
+pub(super) async fn stage_tree(
     agent: &Agent,
-    spec: &InstallSpec,
+    channel: &Channel,
+    base: &ActivateCommand,
+    cmd: &ActivateCommand,
     dirs: &AppDirs,
-    version: &Version,
-    cfg: &RenderedConfig,
 ) -> Result<String, String> {
-    let tree = dirs.release(version);
+    let staged = super::stage::stage(agent, channel, base, dirs).await?;
+    let Some(cfg) = &cmd.config else { return Ok(staged) };
+    let (from, to) = (dirs.release(&base.version), dirs.release(&cmd.version));
+    let scratch = dirs.staging.join(format!("{}.tree", cmd.version));
+    let _ = fs::remove_dir_all(&scratch);
+    clone_tree(&from, &scratch).map_err(|e| format!("copying {} for its configuration: {e}", base.version))?;
+    let meta = agent
+        .store
+        .release_meta(&cmd.spec.app, &base.version)
+        .ok_or_else(|| format!("release {} has no record on this host", base.version))?;
+    let wrote = write(&cmd.spec, &scratch, cfg)?;
+    let _ = fs::remove_dir_all(&to);
+    agent
+        .store
+        .write_release_meta(
+            &cmd.spec.app,
+            &cmd.version,
+            &crate::store::ReleaseMeta {
+                config_revision: Some(cfg.revision),
+                ..meta
+            },
+        )
+        .map_err(|e| e.to_string())?;
+    fs::rename(&scratch, &to).map_err(|e| format!("moving {} into place: {e}", cmd.version))?;
+    fsutil::fsync_dir(&dirs.releases).map_err(|e| e.to_string())?;
+    Ok(format!("{staged}; {wrote}"))
+}
+
+/// Copies a tree: directories made, files hard-linked, links copied.
+fn clone_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+    fs::create_dir(to)?;
+    fs::set_permissions(to, fs::metadata(from)?.permissions())?;
+    for e in fs::read_dir(from)? {
+        let e = e?;
+        let (src, dst) = (e.path(), to.join(e.file_name()));
+        let t = e.file_type()?;
+        if t.is_dir() {
+            clone_tree(&src, &dst)?;
+        } else if t.is_symlink() {
+            std::os::unix::fs::symlink(fs::read_link(&src)?, &dst)?;
+        } else {
+            fs::hard_link(&src, &dst)?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes each file under `tree` with its mode, owned by the spec's user.
+/// Returns what it did, for the step event.
+fn write(spec: &InstallSpec, tree: &Path, cfg: &RenderedConfig) -> Result<String, String> {
     let owner = match &spec.user {
         None => None,
         Some(u) => match nix::unistd::User::from_name(u) {
@@ -31,24 +82,15 @@ pub(super) fn write(
     };
     for f in &cfg.files {
         let path = tree.join(&f.path);
-        make_parents(&tree, Path::new(&f.path)).map_err(|e| format!("{}: {e}", f.path))?;
+        make_parents(tree, Path::new(&f.path)).map_err(|e| format!("{}: {e}", f.path))?;
         fsutil::write_atomic(&path, &f.content, f.mode).map_err(|e| format!("writing {}: {e}", f.path))?;
         if let Some((uid, gid)) = owner {
             nix::unistd::chown(&path, Some(uid), Some(gid)).map_err(|e| format!("chown {}: {e}", f.path))?;
         }
     }
-    let mut meta = agent
-        .store
-        .release_meta(&spec.app, version)
-        .ok_or_else(|| format!("release {version} has no record on this host"))?;
-    meta.config_revision = Some(cfg.revision);
-    agent
-        .store
-        .write_release_meta(&spec.app, version, &meta)
-        .map_err(|e| e.to_string())?;
     let names: Vec<&str> = cfg.files.iter().map(|f| f.path.as_str()).collect();
     Ok(format!(
-        "configuration revision {} written into {version}: {}{}",
+        "configuration revision {} written: {}{}",
         cfg.revision,
         names.join(", "),
         spec.user

@@ -40,8 +40,8 @@ mod stage;
 pub use restore::recover_all;
 use restore::restore;
 pub use slots::{keep_warm, promote, HOUSEKEEPING};
+use stage::clean_staging;
 pub use stage::stage_only;
-use stage::{clean_staging, stage};
 
 /// Emits step events for one operation.
 struct Op<'a> {
@@ -65,7 +65,16 @@ impl Op<'_> {
 
 /// Runs one activation to its end and returns the report (also stored in
 /// the journal as `last_op`). The caller holds the app's operation lock.
-pub async fn activate(agent: Arc<Agent>, channel: Channel, cmd: ActivateCommand) -> OpReport {
+pub async fn activate(agent: Arc<Agent>, channel: Channel, base: ActivateCommand) -> OpReport {
+    // With a configuration, the activation goes to the tree of the release
+    // and that revision (`store::tree_version`); `base` stages the release.
+    let cmd = match &base.config {
+        Some(c) => ActivateCommand {
+            version: crate::store::tree_version(&base.version, c.revision),
+            ..base.clone()
+        },
+        None => base.clone(),
+    };
     let app = cmd.spec.app.clone();
     let spec = &cmd.spec;
     let op = Op {
@@ -81,7 +90,7 @@ pub async fn activate(agent: Arc<Agent>, channel: Channel, cmd: ActivateCommand)
         return answer_again(&agent, last);
     }
     if let Some(bg) = spec.blue_green.clone() {
-        return slots::activate_slot(&agent, &channel, &cmd, j, &bg, &op).await;
+        return slots::activate_slot(&agent, &channel, (&base, &cmd), j, &bg, &op).await;
     }
     if let Err(reason) = switch::check_install_path(spec) {
         return refuse(&agent, &cmd, reason);
@@ -97,18 +106,6 @@ pub async fn activate(agent: Arc<Agent>, channel: Channel, cmd: ActivateCommand)
         && meta.as_ref().is_some_and(|m| m.digest == cmd.digest)
         && switch::live_version(spec).as_ref() == Some(&to)
     {
-        let live_config = meta.and_then(|m| m.config_revision);
-        let wanted = cmd.config.as_ref().map(|c| c.revision);
-        if wanted.is_some() && wanted != live_config {
-            return refuse(
-                &agent,
-                &cmd,
-                format!(
-                    "{to} is live with configuration revision {}; a new revision for the live release is not deployed in place (deploy another release with it)",
-                    live_config.map_or("none".into(), |r| r.to_string())
-                ),
-            );
-        }
         op.event(
             Step::Commit,
             EventKind::Succeeded,
@@ -144,7 +141,7 @@ pub async fn activate(agent: Arc<Agent>, channel: Channel, cmd: ActivateCommand)
         EventKind::Started,
         format!("{to}: {} bytes, sha256 {}", cmd.size, cmd.digest),
     );
-    match stage(&agent, &channel, &cmd, &dirs).await {
+    match configure::stage_tree(&agent, &channel, &base, &cmd, &dirs).await {
         Ok(msg) => op.event(Step::Stage, EventKind::Succeeded, msg),
         Err(reason) => {
             op.event(Step::Stage, EventKind::Failed, &reason);
@@ -153,18 +150,6 @@ pub async fn activate(agent: Arc<Agent>, channel: Channel, cmd: ActivateCommand)
         }
     }
     crash_point("after-stage");
-    if let Some(cfg) = &cmd.config {
-        match configure::write(&agent, spec, &dirs, &to, cfg) {
-            Ok(msg) => op.event(Step::Stage, EventKind::Info, msg),
-            Err(reason) => {
-                let reason = format!("configuration: {reason}");
-                op.event(Step::Stage, EventKind::Failed, &reason);
-                j.inflight = None;
-                return finish(&agent, &cmd, j, Outcome::FailedRestored, reason, not_switched(&from));
-            }
-        }
-    }
-
     // ── before_install, backup, unit snapshot: nothing live changes yet ──
     let new_tree = dirs.release(&to);
     let prepared: Result<_, String> = async {
@@ -321,11 +306,21 @@ pub fn rollback_command(store: &crate::store::Store, cmd: &RollbackCommand) -> R
         .spec
         .clone()
         .ok_or_else(|| refusal(None, format!("{} is not installed on this host", cmd.app)))?;
-    let to = cmd
-        .to
-        .clone()
-        .or(j.previous.clone())
-        .ok_or_else(|| refusal(None, "no previous release to roll back to".into()))?;
+    // A release named goes back to its newest tree that is not live (with
+    // the configuration it last ran with); none named, to the previous tree.
+    let to = match &cmd.to {
+        Some(v) => j
+            .history
+            .iter()
+            .rev()
+            .find(|t| crate::store::release_of(t).0 == *v && Some(*t) != j.current.as_ref())
+            .cloned()
+            .unwrap_or_else(|| v.clone()),
+        None => j
+            .previous
+            .clone()
+            .ok_or_else(|| refusal(None, "no previous release to roll back to".into()))?,
+    };
     let held = store.releases(&cmd.app).contains(&to) || switch::live_version(&spec).as_ref() == Some(&to);
     let meta = store.release_meta(&cmd.app, &to).filter(|_| held);
     let meta = meta.ok_or_else(|| refusal(Some(to.clone()), format!("this host no longer holds release {to}")))?;
@@ -504,6 +499,7 @@ pub fn refusal(
         op_id: op_id.to_owned(),
         app: app.clone(),
         version: version
+            .map(|v| crate::store::release_of(&v).0)
             .or_else(|| state.current.clone())
             .unwrap_or_else(|| Version::new("none").expect("valid")),
         outcome: Outcome::Refused,
@@ -538,7 +534,8 @@ fn finish(
     let mut report = OpReport {
         op_id: cmd.op_id.clone(),
         app: app.clone(),
-        version: cmd.version.clone(),
+        // The release, not the tree of its configuration revision.
+        version: crate::store::release_of(&cmd.version).0,
         outcome,
         reason,
         restore_detail: detail,

@@ -48,7 +48,7 @@ async fn stop_slot(agent: &Agent, spec: &InstallSpec, slot: Slot) -> Vec<String>
 pub(super) async fn activate_slot(
     agent: &Arc<Agent>,
     channel: &Channel,
-    cmd: &ActivateCommand,
+    (base, cmd): (&ActivateCommand, &ActivateCommand),
     mut j: Journal,
     bgs: &BlueGreen,
     op: &Op<'_>,
@@ -121,7 +121,7 @@ pub(super) async fn activate_slot(
         EventKind::Started,
         format!("{to} for slot {idle}: {} bytes, sha256 {}", cmd.size, cmd.digest),
     );
-    match stage(agent, channel, cmd, &dirs).await {
+    match super::configure::stage_tree(agent, channel, base, cmd, &dirs).await {
         Ok(msg) => op.event(Step::Stage, EventKind::Succeeded, msg),
         Err(reason) => {
             op.event(Step::Stage, EventKind::Failed, &reason);
@@ -130,17 +130,6 @@ pub(super) async fn activate_slot(
         }
     }
     crash_point("after-stage");
-    if let Some(cfg) = &cmd.config {
-        match super::configure::write(agent, spec, &dirs, to, cfg) {
-            Ok(msg) => op.event(Step::Stage, EventKind::Info, msg),
-            Err(reason) => {
-                let reason = format!("configuration: {reason}");
-                op.event(Step::Stage, EventKind::Failed, &reason);
-                j.inflight = None;
-                return finish(agent, cmd, j, Outcome::FailedRestored, reason, untouched);
-            }
-        }
-    }
     let new_tree = dirs.release(to);
     let prepared: Result<(), String> = async {
         let shipped = units::shipped(&new_tree).map_err(|e| format!("unit files: {e}"))?;

@@ -20,6 +20,7 @@ use convoy_common::{AppName, Digest, Version};
 use rusqlite::{params, OptionalExtension};
 
 use crate::db::{Db, DbError};
+use crate::rollout::seams::Passed;
 
 pub mod render;
 pub mod schema;
@@ -200,6 +201,111 @@ pub struct Change {
     pub set: BTreeMap<String, String>,
     pub secrets: BTreeMap<String, String>,
     pub unset: Vec<String>,
+    /// Whom the values are for: the whole environment (default), a host
+    /// group or one host.
+    pub scope: Scope,
+}
+
+/// Whom a value is for; the most specific that matches a host wins: its
+/// own value, then a group's (more labels first), then the environment's.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Scope {
+    #[default]
+    Environment,
+    /// Hosts with all these labels.
+    Group(BTreeMap<String, String>),
+    Host(String),
+}
+
+impl Scope {
+    /// The suffix a scoped key is stored under: `KEY@host:web1`,
+    /// `KEY@group:role=db,zone=eu`; nothing for the environment.
+    fn suffix(&self) -> String {
+        match self {
+            Scope::Environment => String::new(),
+            Scope::Host(h) => format!("@host:{h}"),
+            Scope::Group(l) => {
+                let l: Vec<String> = l.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                format!("@group:{}", l.join(","))
+            }
+        }
+    }
+
+    /// A stored key as (key, scope).
+    pub fn split(stored: &str) -> (&str, Scope) {
+        let Some((key, scope)) = stored.split_once('@') else {
+            return (stored, Scope::Environment);
+        };
+        let scope = if let Some(h) = scope.strip_prefix("host:") {
+            Scope::Host(h.to_owned())
+        } else if let Some(g) = scope.strip_prefix("group:") {
+            Scope::Group(
+                g.split(',')
+                    .filter_map(|kv| kv.split_once('='))
+                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                    .collect(),
+            )
+        } else {
+            Scope::Environment
+        };
+        (key, scope)
+    }
+
+    /// Whether it applies to a host; how specific it is when it does.
+    fn rank(&self, host: &str, labels: &BTreeMap<String, String>) -> Option<usize> {
+        match self {
+            Scope::Environment => Some(0),
+            Scope::Group(l) => l.iter().all(|(k, v)| labels.get(k) == Some(v)).then_some(l.len()),
+            Scope::Host(h) => (h == host).then_some(usize::MAX),
+        }
+    }
+}
+
+impl std::fmt::Display for Scope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Scope::Environment => f.write_str("the environment"),
+            Scope::Host(h) => write!(f, "host {h}"),
+            Scope::Group(l) => {
+                let l: Vec<String> = l.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                write!(f, "group {}", l.join(","))
+            }
+        }
+    }
+}
+
+/// A host as configuration sees it.
+pub struct Target<'a> {
+    pub name: &'a str,
+    pub labels: &'a BTreeMap<String, String>,
+}
+
+/// The candidates for each key a host may get, the winner first.
+pub fn candidates<'v>(
+    values: &'v BTreeMap<String, ConfigValue>,
+    host: &Target<'_>,
+) -> BTreeMap<String, Vec<(Scope, &'v ConfigValue)>> {
+    let mut out: BTreeMap<String, Vec<(usize, Scope, &ConfigValue)>> = BTreeMap::new();
+    for (stored, v) in values {
+        let (key, scope) = Scope::split(stored);
+        if let Some(rank) = scope.rank(host.name, host.labels) {
+            out.entry(key.to_owned()).or_default().push((rank, scope, v));
+        }
+    }
+    out.into_iter()
+        .map(|(k, mut c)| {
+            c.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+            (k, c.into_iter().map(|(_, s, v)| (s, v)).collect())
+        })
+        .collect()
+}
+
+/// The values a host gets: for each key, the most specific.
+pub fn resolve(values: &BTreeMap<String, ConfigValue>, host: &Target<'_>) -> BTreeMap<String, ConfigValue> {
+    candidates(values, host)
+        .into_iter()
+        .filter_map(|(k, c)| c.first().map(|(_, v)| (k, (*v).clone())))
+        .collect()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -238,6 +344,21 @@ impl AppConfig {
 
     /// Makes a new revision from the newest one and the change; returns it.
     pub fn change(&self, app: &AppName, env: &str, who: &str, c: Change) -> Result<u64, ConfigError> {
+        let scope = c.scope.suffix();
+        if let Scope::Host(h) = &c.scope {
+            convoy_common::HostName::new(h.clone()).map_err(|e| ConfigError::Invalid(format!("--host: {e}")))?;
+        }
+        if let Scope::Group(l) = &c.scope {
+            if l.is_empty()
+                || l.iter().any(|(k, v)| {
+                    !schema::valid_key(&k.replace('-', "_")) || v.is_empty() || v.contains([',', '@', '='])
+                })
+            {
+                return Err(ConfigError::Invalid(
+                    "--group takes labels, e.g. role=db,zone=eu".into(),
+                ));
+            }
+        }
         for k in c.set.keys().chain(c.secrets.keys()).chain(c.unset.iter()) {
             if !schema::valid_key(k) {
                 return Err(ConfigError::Invalid(format!(
@@ -256,23 +377,26 @@ impl AppConfig {
         let current = self.latest(app, env)?;
         let mut rows = self.rows(app, env, current)?;
         let mut said = Vec::new();
+        let whom = match &c.scope {
+            Scope::Environment => String::new(),
+            s => format!(" for {s}"),
+        };
         for k in &c.unset {
-            if rows.remove(k).is_none() {
-                return Err(ConfigError::Invalid(format!("{k} is not set in {app} {env}")));
+            if rows.remove(&format!("{k}{scope}")).is_none() {
+                return Err(ConfigError::Invalid(format!("{k} is not set{whom} in {app} {env}")));
             }
-            said.push(format!("unset {k}"));
+            said.push(format!("unset {k}{whom}"));
         }
         for (k, v) in &c.set {
-            rows.insert(k.clone(), (false, v.clone().into_bytes()));
-            said.push(format!("set {k}"));
+            rows.insert(format!("{k}{scope}"), (false, v.clone().into_bytes()));
+            said.push(format!("set {k}{whom}"));
         }
         let key = self.keys.current();
         for (k, v) in &c.secrets {
-            rows.insert(
-                k.clone(),
-                (true, Keyring::seal_with(&key, &aad(app, env, k), v.as_bytes())),
-            );
-            said.push(format!("set secret {k}"));
+            let stored = format!("{k}{scope}");
+            let sealed = Keyring::seal_with(&key, &aad(app, env, &stored), v.as_bytes());
+            rows.insert(stored, (true, sealed));
+            said.push(format!("set secret {k}{whom}"));
         }
         let next = current + 1;
         let change = said.join(", ");
@@ -367,6 +491,40 @@ impl AppConfig {
         Ok((head, shown))
     }
 
+    /// The values of `key` a host may get in the newest revision, the one
+    /// it gets first; each as (scope, secret, shown value, fingerprint) in
+    /// a `Shown` whose `key` is the scope.
+    pub fn explain(
+        &self,
+        app: &AppName,
+        env: &str,
+        host: &str,
+        labels: &BTreeMap<String, String>,
+        key: &str,
+    ) -> Result<(u64, Vec<Shown>), ConfigError> {
+        let revision = self.latest(app, env)?;
+        self.check_revision(app, env, revision)?;
+        let values = self.values(app, env, revision)?;
+        let all = candidates(&values, &Target { name: host, labels });
+        let found = all.get(key).ok_or_else(|| {
+            ConfigError::NotFound(format!(
+                "{key} has no value for {host} in {app} {env} (revision {revision})"
+            ))
+        })?;
+        Ok((
+            revision,
+            found
+                .iter()
+                .map(|(scope, v)| Shown {
+                    key: scope.to_string(),
+                    secret: v.secret,
+                    value: if v.secret { String::new() } else { v.value.clone() },
+                    fingerprint: self.keys.fingerprint(&v.value),
+                })
+                .collect(),
+        ))
+    }
+
     /// Every revision, newest first.
     pub fn history(&self, app: &AppName, env: &str) -> Result<Vec<Revision>, ConfigError> {
         Ok(self.db.transaction(|tx| {
@@ -431,15 +589,20 @@ impl AppConfig {
         Ok((new.id, resealed.len()))
     }
 
-    /// A fingerprint per key of a revision, for comparing environments.
+    /// A fingerprint per key of a revision (the newest with `None`), for
+    /// comparing environments: key → (secret, shown value, fingerprint).
     pub fn fingerprints(
         &self,
         app: &AppName,
         env: &str,
+        revision: Option<u64>,
     ) -> Result<BTreeMap<String, (bool, String, String)>, ConfigError> {
-        let latest = self.latest(app, env)?;
+        let revision = match revision {
+            Some(r) => r,
+            None => self.latest(app, env)?,
+        };
         Ok(self
-            .values(app, env, latest)?
+            .values(app, env, revision)?
             .into_iter()
             .map(|(k, v)| {
                 let fp = self.keys.fingerprint(&v.value);
@@ -485,6 +648,7 @@ impl AppConfig {
         env: &str,
         version: &Version,
         revision: Option<u64>,
+        targets: &[Target<'_>],
     ) -> Result<Option<u64>, ConfigError> {
         let Some(schema) = self.schema(app, version)? else {
             return match revision {
@@ -505,7 +669,37 @@ impl AppConfig {
             0 => BTreeMap::new(),
             r => self.values(app, env, r)?,
         };
-        let problems = schema.problems(&values);
+        // Each target gets its own values: every one must fit. A problem
+        // that not every target has names the hosts that have it.
+        let mut found: Vec<(String, Vec<&str>)> = Vec::new();
+        let everyone = [Target {
+            name: "",
+            labels: &BTreeMap::new(),
+        }];
+        let hosts = if targets.is_empty() { &everyone[..] } else { targets };
+        for t in hosts {
+            let mine = resolve(&values, t);
+            let problems = schema.problems(&mine);
+            if problems.is_empty() {
+                render::render(&schema, &mine).map_err(ConfigError::Invalid)?;
+            }
+            for p in problems {
+                match found.iter_mut().find(|(q, _)| *q == p) {
+                    Some((_, on)) => on.push(t.name),
+                    None => found.push((p, vec![t.name])),
+                }
+            }
+        }
+        let problems: Vec<String> = found
+            .into_iter()
+            .map(|(p, on)| {
+                if on.len() == hosts.len() {
+                    p
+                } else {
+                    format!("{p} (on {})", on.join(", "))
+                }
+            })
+            .collect();
         if !problems.is_empty() {
             let which = match revision {
                 0 => "(no revision yet)".to_owned(),
@@ -516,12 +710,62 @@ impl AppConfig {
                 problems.join("; ")
             )));
         }
-        render::render(&schema, &values).map_err(ConfigError::Invalid)?;
         Ok(Some(revision))
     }
 
+    /// The revision a deploy of `version` into `env` used the last time
+    /// it succeeded there, if any.
+    pub fn passed_revision(&self, app: &AppName, version: &Version, env: &str) -> Result<Option<u64>, ConfigError> {
+        let plan: Option<String> = self.db.transaction(|tx| {
+            tx.query_row(
+                "SELECT plan FROM rollouts WHERE app = ?1 AND version = ?2 AND environment = ?3
+                 AND kind = 'deploy' AND state = 'succeeded' ORDER BY finished_at_ms DESC LIMIT 1",
+                params![app.as_str(), version.as_str(), env],
+                |r| r.get(0),
+            )
+            .optional()
+        })?;
+        Ok(plan
+            .and_then(|p| serde_json::from_str::<serde_json::Value>(&p).ok())
+            .and_then(|v| v["kind"]["Deploy"]["config_revision"].as_u64()))
+    }
+
+    /// Keys whose values differ between two revisions (0: none): (key, how).
+    pub fn compare(
+        &self,
+        app: &AppName,
+        (from_env, from_rev): (&str, u64),
+        (to_env, to_rev): (&str, u64),
+    ) -> Result<Vec<(String, &'static str)>, ConfigError> {
+        let side = |env: &str, rev: u64| match rev {
+            0 => Ok(BTreeMap::new()),
+            r => self.fingerprints(app, env, Some(r)),
+        };
+        let (from, to) = (side(from_env, from_rev)?, side(to_env, to_rev)?);
+        let keys: std::collections::BTreeSet<&String> = from.keys().chain(to.keys()).collect();
+        Ok(keys
+            .into_iter()
+            .filter_map(|k| {
+                let how = match (from.get(k), to.get(k)) {
+                    (Some(a), Some(b)) if a.0 == b.0 && a.2 == b.2 => return None,
+                    (Some(_), Some(_)) => "changed",
+                    (Some(_), None) => "only-from",
+                    (None, _) => "only-to",
+                };
+                Some((k.clone(), how))
+            })
+            .collect())
+    }
+
     /// The files of `version` rendered with a revision.
-    pub fn render(&self, app: &AppName, env: &str, version: &Version, revision: u64) -> Result<RenderedConfig, String> {
+    pub fn render(
+        &self,
+        app: &AppName,
+        env: &str,
+        version: &Version,
+        revision: u64,
+        host: &Target<'_>,
+    ) -> Result<RenderedConfig, String> {
         let schema = self
             .schema(app, version)
             .map_err(|e| e.to_string())?
@@ -532,7 +776,7 @@ impl AppConfig {
         };
         Ok(RenderedConfig {
             revision,
-            files: render::render(&schema, &values)?,
+            files: render::render(&schema, &resolve(&values, host))?,
         })
     }
 }
@@ -544,18 +788,81 @@ impl crate::rollout::seams::ConfigSource for AppConfig {
         env: &str,
         version: &Version,
         revision: Option<u64>,
+        targets: &[crate::rollout::seams::Labelled<'_>],
     ) -> Result<Option<u64>, String> {
-        AppConfig::for_deploy(self, app, env, version, revision).map_err(|e| e.to_string())
+        let targets: Vec<Target<'_>> = targets.iter().map(|(name, labels)| Target { name, labels }).collect();
+        AppConfig::for_deploy(self, app, env, version, revision, &targets).map_err(|e| e.to_string())
     }
 
-    fn render(&self, app: &AppName, env: &str, version: &Version, revision: u64) -> Result<RenderedConfig, String> {
-        AppConfig::render(self, app, env, version, revision)
+    fn render(
+        &self,
+        app: &AppName,
+        env: &str,
+        version: &Version,
+        revision: u64,
+        (name, labels): crate::rollout::seams::Labelled<'_>,
+    ) -> Result<RenderedConfig, String> {
+        AppConfig::render(self, app, env, version, revision, &Target { name, labels })
+    }
+
+    fn against_passed(
+        &self,
+        app: &AppName,
+        version: &Version,
+        before: &str,
+        env: &str,
+        revision: u64,
+    ) -> Result<Option<Passed>, String> {
+        let Some(passed) = self.passed_revision(app, version, before).map_err(|e| e.to_string())? else {
+            return Ok(None);
+        };
+        let diff = self
+            .compare(app, (before, passed), (env, revision))
+            .map_err(|e| e.to_string())?;
+        Ok(Some((passed, diff)))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_most_specific_value_wins() {
+        let v = |s: &str| ConfigValue {
+            value: s.into(),
+            secret: false,
+        };
+        let values: BTreeMap<String, ConfigValue> = [
+            ("URL".to_owned(), v("env")),
+            ("URL@group:role=db".to_owned(), v("db")),
+            ("URL@group:role=db,zone=eu".to_owned(), v("db-eu")),
+            ("URL@host:web2".to_owned(), v("web2")),
+            ("PORT".to_owned(), v("80")),
+        ]
+        .into();
+        let labels = |l: &[(&str, &str)]| -> BTreeMap<String, String> {
+            l.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        };
+        let get = |name: &str, l: BTreeMap<String, String>| {
+            resolve(&values, &Target { name, labels: &l })["URL"].value.clone()
+        };
+        assert_eq!(get("web1", labels(&[])), "env");
+        assert_eq!(get("web1", labels(&[("role", "db")])), "db");
+        assert_eq!(get("web1", labels(&[("role", "db"), ("zone", "eu")])), "db-eu");
+        assert_eq!(get("web2", labels(&[("role", "db"), ("zone", "eu")])), "web2");
+        let l = labels(&[("role", "db")]);
+        let c = candidates(
+            &values,
+            &Target {
+                name: "web1",
+                labels: &l,
+            },
+        );
+        let order: Vec<String> = c["URL"].iter().map(|(s, _)| s.to_string()).collect();
+        assert_eq!(order, ["group role=db", "the environment"]);
+        assert_eq!(c["PORT"].len(), 1);
+    }
 
     fn store(dir: &Path) -> AppConfig {
         let db = Arc::new(Db::open(&dir.join("convoy.db")).unwrap());
@@ -576,7 +883,7 @@ mod tests {
                 Change {
                     set: [("DATABASE_URL".into(), "postgres://db/web".into())].into(),
                     secrets: [("API_KEY".into(), secret.into())].into(),
-                    unset: vec![],
+                    ..Default::default()
                 },
             )
             .unwrap();

@@ -46,10 +46,23 @@ fn secret_value(arg: &str, stdin_used: &mut bool) -> Result<(String, String), Fa
     Ok((key, value))
 }
 
+/// Whom a change is for: `--host` or `--group` (neither: the environment).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct Whom {
+    /// Values for this host only (the most specific; they win).
+    #[arg(long, conflicts_with = "group")]
+    pub host: Option<String>,
+    /// Values for hosts with these labels, e.g. --group role=db (repeatable;
+    /// a host must match all). A host's own values win over a group's.
+    #[arg(long, value_parser = super::parse_label)]
+    pub group: Vec<(String, String)>,
+}
+
 pub async fn set(
     conn: &Conn,
     app: String,
     env: String,
+    whom: Whom,
     pairs: Vec<(String, String)>,
     secrets: Vec<String>,
     unset: Vec<String>,
@@ -68,6 +81,8 @@ pub async fn set(
             set: pairs.into_iter().collect(),
             secrets: sealed.into_iter().collect(),
             unset,
+            host: whom.host.unwrap_or_default(),
+            group: whom.group.into_iter().collect(),
         })
         .await?
         .into_inner();
@@ -136,14 +151,15 @@ pub async fn show(conn: &Conn, app: String, env: String, revision: Option<u64>, 
         head.change
     );
     super::records::print_table(
-        &["KEY", "VALUE"],
+        &["KEY", "FOR", "VALUE"],
         reply.entries.into_iter().map(|e| {
             let v = if e.secret {
                 format!("(secret, fingerprint {})", e.fingerprint)
             } else {
                 e.value
             };
-            vec![e.key, v]
+            let (key, whom) = scoped(&e.key);
+            vec![key, whom, v]
         }),
     );
     Ok(())
@@ -266,8 +282,13 @@ pub async fn diff(conn: &Conn, app: String, envs: Vec<String>, json: bool) -> Re
     super::records::print_table(
         &["KEY", "STATE", from.as_str(), to.as_str()],
         differ.iter().map(|e| {
+            let (key, whom) = scoped(&e.key);
             vec![
-                e.key.clone(),
+                if whom == "environment" {
+                    key
+                } else {
+                    format!("{key} ({whom})")
+                },
                 e.state.clone(),
                 cell(e, &e.from_value, e.state != "only-to"),
                 cell(e, &e.to_value, e.state != "only-from"),
@@ -287,5 +308,166 @@ pub async fn rotate_key(conn: &Conn) -> Result<(), Failure> {
         "configuration key {} in use; {} secret value(s) resealed",
         reply.key_id, reply.resealed
     );
+    Ok(())
+}
+
+/// `convoy config apply`: the release the environment runs, deployed
+/// again with a configuration revision (its newest by default), through
+/// the same strategies, checks, gates and restore as any deploy.
+pub async fn apply(
+    conn: &Conn,
+    app: String,
+    env: String,
+    revision: Option<u64>,
+    pace: super::Pace,
+    output: super::Output,
+) -> Result<(), Failure> {
+    let mut client = conn.connect().await?;
+    let reply = client
+        .status(convoy_proto::StatusRequest { app: app.clone() })
+        .await?
+        .into_inner();
+    let mut running: BTreeMap<String, usize> = BTreeMap::new();
+    for h in reply.hosts.iter().filter(|h| h.labels.get("env") == Some(&env)) {
+        if let Some(v) = h.app.as_ref().map(|a| a.current.clone()).filter(|v| !v.is_empty()) {
+            *running.entry(v).or_default() += 1;
+        }
+    }
+    let version = match running.len() {
+        0 => {
+            return Err(Failure::new(
+                super::exit::REFUSED,
+                format!(
+                    "config apply refused, nothing was changed: no host of {app} in {env} runs a release; deploy one"
+                ),
+            ))
+        }
+        1 => running.into_keys().next().expect("one"),
+        _ => {
+            let each: Vec<String> = running.iter().map(|(v, n)| format!("{v} on {n}")).collect();
+            return Err(Failure::new(
+                super::exit::REFUSED,
+                format!(
+                    "config apply refused, nothing was changed: the hosts of {app} in {env} run different releases ({}); deploy one everywhere first",
+                    each.join(", ")
+                ),
+            ));
+        }
+    };
+    super::deploy(
+        conn,
+        super::DeployArgs {
+            app,
+            release: version,
+            env,
+            pace,
+            no_rollback: false,
+            hotfix: false,
+            reason: None,
+            order: vec![],
+            select: vec![],
+            canary_group: vec![],
+            promote: "auto".into(),
+            on_vanish: "fail".into(),
+            vanish_deadline: None,
+            config_revision: revision,
+            dry_run: false,
+            output,
+        },
+    )
+    .await
+}
+
+/// A stored key as (key, whom it is for): `DATABASE_URL@host:web1`.
+fn scoped(stored: &str) -> (String, String) {
+    match stored.split_once('@') {
+        None => (stored.to_owned(), "environment".to_owned()),
+        Some((k, w)) => (k.to_owned(), w.replacen(':', " ", 1)),
+    }
+}
+
+pub async fn explain(
+    conn: &Conn,
+    app: String,
+    env: String,
+    host: String,
+    key: String,
+    json: bool,
+) -> Result<(), Failure> {
+    let mut client = conn.connect().await?;
+    let reply = client
+        .config_explain(convoy_proto::ConfigExplainRequest {
+            app: app.clone(),
+            environment: env.clone(),
+            host: host.clone(),
+            key: key.clone(),
+        })
+        .await?
+        .into_inner();
+    let shown = |e: &convoy_proto::ConfigExplainEntry| {
+        if e.secret {
+            format!("(secret, fingerprint {})", e.fingerprint)
+        } else {
+            format!("{:?}", e.value)
+        }
+    };
+    if json {
+        #[derive(Serialize)]
+        struct Candidate {
+            scope: String,
+            secret: bool,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            value: Option<String>,
+            fingerprint: String,
+        }
+        #[derive(Serialize)]
+        struct Explained {
+            app: String,
+            environment: String,
+            host: String,
+            key: String,
+            revision: u64,
+            labels: BTreeMap<String, String>,
+            /// The value the host gets first.
+            candidates: Vec<Candidate>,
+        }
+        super::print_json(&Explained {
+            app,
+            environment: env,
+            host,
+            key,
+            revision: reply.revision,
+            labels: reply.labels.into_iter().collect(),
+            candidates: reply
+                .candidates
+                .into_iter()
+                .map(|c| Candidate {
+                    value: (!c.secret).then_some(c.value),
+                    scope: c.scope,
+                    secret: c.secret,
+                    fingerprint: c.fingerprint,
+                })
+                .collect(),
+        });
+        return Ok(());
+    }
+    let labels: Vec<String> = reply.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let Some((first, rest)) = reply.candidates.split_first() else {
+        return Err(Failure::new(
+            super::exit::FAILED,
+            format!("{key} has no value for {host}"),
+        ));
+    };
+    println!(
+        "{host} ({}) gets {key} = {} from {} (revision {}).",
+        labels.join(", "),
+        shown(first),
+        first.scope,
+        reply.revision
+    );
+    for c in rest {
+        println!("  overrides {} from {}", shown(c), c.scope);
+    }
+    println!("A host's own value wins over a group's (more labels first), and a group's over the environment's.");
     Ok(())
 }

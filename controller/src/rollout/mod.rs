@@ -162,6 +162,60 @@ impl Engine {
         self
     }
 
+    /// Parity: how the configuration differs from the one this version
+    /// passed the environment before with (plan notes); with `parity =
+    /// "strict"`, a key set on one side only refuses the deploy.
+    fn parity(
+        &self,
+        spec: &AppSpec,
+        app: &AppName,
+        version: &convoy_common::Version,
+        env: &str,
+        pos: usize,
+        revision: Option<u64>,
+    ) -> Result<Vec<String>, Refused> {
+        let (Some(c), Some(rev), Some(before)) = (
+            &self.config,
+            revision,
+            pos.checked_sub(1).map(|p| &spec.environments[p]),
+        ) else {
+            return Ok(vec![]);
+        };
+        let Some((passed, diff)) = c
+            .against_passed(app, version, before, env, rev)
+            .map_err(Refused::Precondition)?
+        else {
+            return Ok(vec![]);
+        };
+        let one_sided: Vec<&str> = diff
+            .iter()
+            .filter(|(_, how)| *how != "changed")
+            .map(|(k, _)| k.as_str())
+            .collect();
+        if spec.strict_parity && !one_sided.is_empty() {
+            return Err(Refused::Precondition(format!(
+                "deploy refused, nothing was changed: parity = \"strict\": set in only one of {before} (revision {passed}, which {version} passed) and {env} (revision {rev}): {}",
+                one_sided.join(", ")
+            )));
+        }
+        let said: Vec<String> = diff
+            .iter()
+            .map(|(k, how)| match *how {
+                "only-from" => format!("{k} (only in {before})"),
+                "only-to" => format!("{k} (only in {env})"),
+                _ => format!("{k} (differs)"),
+            })
+            .collect();
+        Ok(vec![if said.is_empty() {
+            format!("configuration: the same values as {before}'s revision {passed}, which {version} passed")
+        } else {
+            format!(
+                "configuration differs from {before}'s revision {passed}, which {version} passed: {}",
+                said.join(", ")
+            )
+        }])
+    }
+
     /// Renders a revision for a host's activation.
     pub(super) fn render_config(
         &self,
@@ -169,11 +223,19 @@ impl Engine {
         env: &str,
         version: &convoy_common::Version,
         revision: u64,
+        host: &HostName,
     ) -> Result<convoy_common::ops::RenderedConfig, String> {
-        match &self.config {
-            Some(c) => c.render(app, env, version, revision),
-            None => Err("this controller keeps no configuration".into()),
-        }
+        let Some(c) = &self.config else {
+            return Err("this controller keeps no configuration".into());
+        };
+        let labels = self
+            .fleet
+            .hosts()
+            .into_iter()
+            .find(|h| &h.name == host)
+            .map(|h| h.labels)
+            .unwrap_or_default();
+        c.render(app, env, version, revision, (host.as_str(), &labels))
     }
 
     /// Measures metric gates on `source`.
@@ -365,10 +427,17 @@ impl Engine {
         // The configuration the release declares must fit before anything moves.
         let config_revision = match &self.config {
             Some(c) => c
-                .for_deploy(app, env, version, o.config_revision)
+                .for_deploy(
+                    app,
+                    env,
+                    version,
+                    o.config_revision,
+                    &targets.iter().map(|h| (h.name.as_str(), &h.labels)).collect::<Vec<_>>(),
+                )
                 .map_err(|e| Refused::Precondition(format!("deploy refused, nothing was changed: {e}")))?,
             None => None,
         };
+        let config_notes = self.parity(&spec, app, version, env, pos, config_revision)?;
         if o.blue_green && spec.install.blue_green.is_none() {
             return Err(Refused::Invalid(format!(
                 "--strategy blue-green: {app}'s spec has no [blue_green], so its hosts run one install; add [blue_green] (slot ports, keep_warm) to run two slots"
@@ -422,6 +491,7 @@ impl Engine {
                     0 => "configuration: the release's defaults (no revision set)".to_owned(),
                     r => format!("configuration revision {r}"),
                 }))
+                .chain(config_notes)
                 .collect(),
         };
         Ok(DeployPlan {

@@ -685,7 +685,7 @@ impl Rollout {
             if !self.recorded.contains_key(op) {
                 c.config = Some(
                     engine
-                        .render_config(&self.app, &self.env, &cmd.version, *rev)
+                        .render_config(&self.app, &self.env, &cmd.version, *rev, host)
                         .map_err(|e| format!("configuration of {host}: {e}"))?,
                 );
             }

@@ -120,6 +120,13 @@ impl HostSteps for NoSteps {
     }
 }
 
+/// A host's name and labels.
+pub type Labelled<'a> = (&'a str, &'a std::collections::BTreeMap<String, String>);
+
+/// The revision a release passed the environment before with, and the
+/// keys that differ from it: (key, `changed`, `only-from` or `only-to`).
+pub type Passed = (u64, Vec<(String, &'static str)>);
+
 /// Where a deploy's configuration comes from: the revision a release
 /// takes, checked against what it declares, and the files rendered from it
 /// when a host is sent its activation (never stored: they may hold
@@ -128,13 +135,36 @@ pub trait ConfigSource: Send + Sync {
     /// The revision a deploy of `version` takes (the newest, or the one
     /// named); `Ok(None)` when the release declares no configuration. An
     /// error lists every problem.
+    /// Values may be set per host group or host: each target must fit.
     fn for_deploy(
         &self,
         app: &AppName,
         env: &str,
         version: &Version,
         revision: Option<u64>,
+        targets: &[Labelled<'_>],
     ) -> Result<Option<u64>, String>;
 
-    fn render(&self, app: &AppName, env: &str, version: &Version, revision: u64) -> Result<RenderedConfig, String>;
+    /// The files for one host, its most specific values rendered.
+    fn render(
+        &self,
+        app: &AppName,
+        env: &str,
+        version: &Version,
+        revision: u64,
+        host: Labelled<'_>,
+    ) -> Result<RenderedConfig, String>;
+
+    /// The keys whose values differ between `revision` of `env` and the
+    /// revision `version` passed `before` with (its number); `None` when
+    /// it never passed there with a configuration. How a key differs:
+    /// `changed`, `only-from` (only in `before`), `only-to`.
+    fn against_passed(
+        &self,
+        app: &AppName,
+        version: &Version,
+        before: &str,
+        env: &str,
+        revision: u64,
+    ) -> Result<Option<Passed>, String>;
 }

@@ -172,9 +172,36 @@ impl OperatorService for OperatorApi {
                     set: r.set.into_iter().collect(),
                     secrets: r.secrets.into_iter().collect(),
                     unset: r.unset,
+                    scope: match (r.host.is_empty(), r.group.is_empty()) {
+                        (true, true) => crate::appconfig::Scope::Environment,
+                        (false, true) => crate::appconfig::Scope::Host(r.host),
+                        (true, false) => crate::appconfig::Scope::Group(r.group.into_iter().collect()),
+                        (false, false) => {
+                            return Err(Status::invalid_argument("--host and --group exclude each other"))
+                        }
+                    },
                 },
             )
             .map_err(config_status)?;
+        // The audit trail names the keys, never a value.
+        let change = self
+            .shared
+            .appconfig
+            .history(&app, &r.environment)
+            .map_err(config_status)?
+            .into_iter()
+            .find(|h| h.revision == revision)
+            .map(|h| h.change)
+            .unwrap_or_default();
+        self.shared
+            .db
+            .audit(
+                &who.to_string(),
+                "config",
+                &r.environment,
+                &format!("{app} revision {revision}: {change}"),
+            )
+            .map_err(internal)?;
         Ok(Response::new(convoy_proto::ConfigSetReply { revision }))
     }
 
@@ -231,8 +258,8 @@ impl OperatorService for OperatorApi {
         let app = self.config_env(&r.app, &r.from_environment)?;
         self.config_env(&r.app, &r.to_environment)?;
         let c = &self.shared.appconfig;
-        let from = c.fingerprints(&app, &r.from_environment).map_err(config_status)?;
-        let to = c.fingerprints(&app, &r.to_environment).map_err(config_status)?;
+        let from = c.fingerprints(&app, &r.from_environment, None).map_err(config_status)?;
+        let to = c.fingerprints(&app, &r.to_environment, None).map_err(config_status)?;
         let keys: std::collections::BTreeSet<&String> = from.keys().chain(to.keys()).collect();
         let entries = keys
             .into_iter()
@@ -260,12 +287,59 @@ impl OperatorService for OperatorApi {
         }))
     }
 
+    async fn config_explain(
+        &self,
+        req: Request<convoy_proto::ConfigExplainRequest>,
+    ) -> Result<Response<convoy_proto::ConfigExplainReply>, Status> {
+        operator(&req, Role::Viewer, "read configuration")?;
+        let r = req.into_inner();
+        let app = self.config_env(&r.app, &r.environment)?;
+        let labels = crate::rollout::fleet::Fleet::hosts(&*self.shared.registry)
+            .into_iter()
+            .find(|h| h.name.as_str() == r.host)
+            .map(|h| h.labels)
+            .ok_or_else(|| Status::not_found(format!("no host {} has connected to this controller", r.host)))?;
+        if labels.get("env") != Some(&r.environment) {
+            return Err(Status::invalid_argument(format!(
+                "{} is not a host of {}",
+                r.host, r.environment
+            )));
+        }
+        let (revision, candidates) = self
+            .shared
+            .appconfig
+            .explain(&app, &r.environment, &r.host, &labels, &r.key)
+            .map_err(config_status)?;
+        Ok(Response::new(convoy_proto::ConfigExplainReply {
+            revision,
+            labels: labels.into_iter().collect(),
+            candidates: candidates
+                .into_iter()
+                .map(|s| convoy_proto::ConfigExplainEntry {
+                    scope: s.key,
+                    secret: s.secret,
+                    value: s.value,
+                    fingerprint: s.fingerprint,
+                })
+                .collect(),
+        }))
+    }
+
     async fn config_rotate_key(
         &self,
         req: Request<convoy_proto::ConfigRotateKeyRequest>,
     ) -> Result<Response<convoy_proto::ConfigRotateKeyReply>, Status> {
         let who = operator(&req, Role::Admin, "rotate the configuration key")?;
         let (key_id, resealed) = self.shared.appconfig.rotate_key().map_err(config_status)?;
+        self.shared
+            .db
+            .audit(
+                &who.to_string(),
+                "config key rotated",
+                "",
+                &format!("key {key_id}, {resealed} secret(s) resealed"),
+            )
+            .map_err(internal)?;
         tracing::info!(by = %who, key = key_id, resealed, "configuration key rotated");
         Ok(Response::new(convoy_proto::ConfigRotateKeyReply {
             key_id,

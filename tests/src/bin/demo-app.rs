@@ -24,7 +24,7 @@
 //! can pass its health checks and still fail real traffic.
 //!
 //! `GET /config` answers what the release's rendered `config/app.env`
-//! holds: `DATABASE_URL=...` and `API_KEY_SHA256=<sha256 of API_KEY>`;
+//! holds: `DATABASE_URL=...` and `API_KEY_HASH=<FNV-1a of API_KEY>`;
 //! `FAIL_HEALTH=true` in it makes `/health` answer 500.
 //!
 //! `GET /metrics` serves, in Prometheus' text format, the requests to `/`
@@ -195,15 +195,13 @@ fn serve(mut stream: TcpStream, b: &Behaviour, stats: &Mutex<Stats>) {
         "/health" => ("200 OK", "ok\n".to_owned()),
         "/metrics" => ("200 OK", stats.lock().unwrap().render()),
         // What the app read from its rendered configuration: DATABASE_URL
-        // as is, API_KEY only as its sha256.
+        // as is, API_KEY only as a hash.
         "/config" => (
             "200 OK",
             format!(
-                "DATABASE_URL={}\nAPI_KEY_SHA256={}\n",
+                "DATABASE_URL={}\nAPI_KEY_HASH={}\n",
                 configured("DATABASE_URL").unwrap_or_default(),
-                configured("API_KEY")
-                    .map(|k| convoy_common::Digest::of_bytes(k.as_bytes()).to_hex())
-                    .unwrap_or_default()
+                configured("API_KEY").map(|k| fnv1a(&k)).unwrap_or_default()
             ),
         ),
         _ => {
@@ -235,4 +233,15 @@ fn serve(mut stream: TcpStream, b: &Behaviour, stats: &Mutex<Stats>) {
         "HTTP/1.1 {status}\r\nContent-Length: {}\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
+}
+
+/// FNV-1a, 64 bits, in hex: enough to show which value the app read
+/// without showing it (and without a hashing crate in this small binary).
+pub fn fnv1a(s: &str) -> String {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in s.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    format!("{h:016x}")
 }
