@@ -9,5 +9,6 @@ pub mod haproxy;
 pub mod load;
 pub mod prometheus;
 pub mod testbed;
+pub mod webhook;
 
 pub use testbed::{Host, Testbed};

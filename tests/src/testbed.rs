@@ -756,6 +756,17 @@ impl Testbed {
         fs::read_to_string(self.dir.path().join("controller/controller.log")).unwrap_or_default()
     }
 
+    /// Puts `lines` at the top of controller.toml, restarts the controller
+    /// and waits until every host is connected again.
+    pub fn reconfigure_controller(&mut self, lines: &str) -> Result<()> {
+        let conf = self.dir.path().join("controller/controller.toml");
+        let text = fs::read_to_string(&conf)?;
+        fs::write(&conf, format!("{lines}\n{text}"))?;
+        self.kill_controller();
+        self.start_controller()?;
+        self.wait_connected(self.hosts.len())
+    }
+
     /// Kills the controller (SIGKILL) and waits for it.
     pub fn kill_controller(&mut self) {
         if let Some(mut c) = self.controller.take() {

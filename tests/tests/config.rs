@@ -56,7 +56,10 @@ fn app_config(bed: &Testbed, i: usize) -> String {
 #[test]
 fn configuration_is_validated_rendered_with_secrets_sealed_and_rolled_back_with_the_release() -> Result<()> {
     // host1 and host2 in staging, host3 in production.
-    let bed = Testbed::boot_with(3, |i| if i < 3 { "staging" } else { "production" }.to_owned())?;
+    let mut bed = Testbed::boot_with(3, |i| if i < 3 { "staging" } else { "production" }.to_owned())?;
+    // A webhook receiver hears every rollout: its bodies are searched too.
+    let (port, hooks) = convoy_tests::webhook::webhook_receiver(None)?;
+    bed.reconfigure_controller(&format!("webhooks = [\"http://127.0.0.1:{port}/hook\"]"))?;
     for h in &bed.hosts {
         h.exec_ok(&["useradd", "--system", "--no-create-home", "demo"])?;
     }
@@ -133,6 +136,8 @@ fn configuration_is_validated_rendered_with_secrets_sealed_and_rolled_back_with_
         let st = h.exec_ok(&["stat", "-L", "-c", "%a %U", "/opt/demo/config/app.env"])?;
         assert_eq!(st.trim(), "600 demo", "{}", h.name);
     }
+    let table = bed.convoy_ok(&["status", "demo"])?;
+    assert!(table.contains("CONFIG"), "{table}");
     let status = bed.status()?;
     assert_eq!(Testbed::host_status(&status, "host1")?["app"]["config_revision"], 3);
 
@@ -376,6 +381,16 @@ fn configuration_is_validated_rendered_with_secrets_sealed_and_rolled_back_with_
         ])?;
         places.push((format!("{} agent state", h.name), state.into_bytes()));
     }
+    let mut bodies = Vec::new();
+    convoy_nspawn::wait_for(
+        "a webhook for the start and end of every rollout",
+        std::time::Duration::from_secs(30),
+        || {
+            bodies.extend(hooks.try_iter());
+            (bodies.len() >= 2 * 8).then_some(())
+        },
+    )?;
+    places.push(("webhook bodies".into(), serde_json::to_vec(&bodies)?));
     for f in std::fs::read_dir(bed.dir.path().join("controller/data"))? {
         let f = f?.path();
         if f.is_file() {

@@ -273,15 +273,7 @@ fn enrollment_rotation_and_revocation() -> Result<()> {
     let pki = bed.dir.path().join("pki");
     let pki_s = pki.to_str().unwrap().to_owned();
     // Certificates signed by this controller live 30s, so renewal is seen.
-    let conf = bed.dir.path().join("controller/controller.toml");
-    let text = std::fs::read_to_string(&conf)?;
-    std::fs::write(
-        &conf,
-        format!("ca_key = \"{pki_s}/ca.key\"\nagent_cert_validity = \"30s\"\n{text}"),
-    )?;
-    bed.kill_controller();
-    bed.start_controller()?;
-    bed.wait_connected(2)?;
+    bed.reconfigure_controller(&format!("ca_key = \"{pki_s}/ca.key\"\nagent_cert_validity = \"30s\""))?;
     bed.convoy_ok(&["pki", "issue", "operator", "root", "--role", "admin", "--dir", &pki_s])?;
     let (ac, ak) = (pki.join("root.pem"), pki.join("root.key"));
 

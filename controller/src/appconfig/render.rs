@@ -52,6 +52,21 @@ pub fn check(schema: &Schema) -> Result<(), String> {
     for t in &schema.templates {
         let tmpl = env.get_template(&t.source).map_err(|e| explain(&t.source, &e))?;
         tmpl.render(&sample).map_err(|e| explain(&t.source, &e))?;
+        // A file that holds a secret is the app user's alone.
+        let mut secrets: Vec<String> = tmpl
+            .undeclared_variables(false)
+            .into_iter()
+            .filter(|k| schema.keys.get(k).is_some_and(|s| s.secret))
+            .collect();
+        secrets.sort();
+        if !secrets.is_empty() && t.mode & 0o077 != 0 {
+            return Err(format!(
+                "{TEMPLATE_DIR}/{} renders the secret {} into a file of mode {:04o}, which others may read; give it mode \"0600\" or \"0400\"",
+                t.source,
+                secrets.join(", "),
+                t.mode
+            ));
+        }
     }
     Ok(())
 }
@@ -126,6 +141,18 @@ mod tests {
             String::from_utf8(files[0].content.clone()).unwrap(),
             "URL=postgres://db/x?a=<b>\nTOKEN=t0k\nPORT=80\n"
         );
+    }
+
+    #[test]
+    fn a_secret_goes_only_into_a_file_of_its_user() {
+        let mut s = schema("TOKEN={{ TOKEN }}\n");
+        s.templates[0].mode = 0o640;
+        assert_eq!(
+            check(&s).unwrap_err(),
+            "convoy/templates/app.env renders the secret TOKEN into a file of mode 0640, which others may read; give it mode \"0600\" or \"0400\""
+        );
+        s.templates[0].mode = 0o400;
+        check(&s).unwrap();
     }
 
     #[test]

@@ -451,7 +451,9 @@ pub async fn explain(
         });
         return Ok(());
     }
-    let labels: Vec<String> = reply.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    // In name order: the wire's map has none.
+    let labels: BTreeMap<&String, &String> = reply.labels.iter().collect();
+    let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
     let Some((first, rest)) = reply.candidates.split_first() else {
         return Err(Failure::new(
             super::exit::FAILED,

@@ -287,12 +287,21 @@ pub async fn status(conn: &Conn, app: String, json: bool) -> Result<(), Failure>
         super::print_json(&out);
         return Ok(());
     }
-    // Blue-green apps show both slots: release, state, which one is live.
+    // Blue-green apps show both slots: release, state, which one is live;
+    // apps with configuration the revision each host runs with.
     let slotted = hosts
         .iter()
         .any(|h| h.app.as_ref().is_some_and(|a| !a.slots.is_empty()));
+    let configured = hosts
+        .iter()
+        .any(|h| h.app.as_ref().is_some_and(|a| a.config_revision.is_some()));
     let rows = hosts.into_iter().map(|h| {
         let v = |v: Option<&convoy_common::Version>| v.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
+        let config = h
+            .app
+            .as_ref()
+            .and_then(|a| a.config_revision)
+            .map_or("-".to_owned(), |r| r.to_string());
         let (cur, prev, health, reason, slots) = match &h.app {
             Some(a) => (
                 v(a.current.as_ref()),
@@ -308,29 +317,27 @@ pub async fn status(conn: &Conn, app: String, json: bool) -> Result<(), Failure>
             yes_no(h.connected),
             h.labels.get("env").cloned().unwrap_or_else(|| "-".into()),
             cur,
-            prev,
         ];
+        if configured {
+            row.push(config);
+        }
+        row.push(prev);
         if slotted {
             row.push(if slots.is_empty() { "-".into() } else { slots });
         }
         row.extend([health, reason]);
         row
     });
-    let header: &[&str] = if slotted {
-        &[
-            "HOST",
-            "CONNECTED",
-            "ENV",
-            "CURRENT",
-            "PREVIOUS",
-            "SLOTS",
-            "HEALTH",
-            "REASON",
-        ]
-    } else {
-        &["HOST", "CONNECTED", "ENV", "CURRENT", "PREVIOUS", "HEALTH", "REASON"]
-    };
-    print_table(header, rows);
+    let mut header = vec!["HOST", "CONNECTED", "ENV", "CURRENT"];
+    if configured {
+        header.push("CONFIG");
+    }
+    header.push("PREVIOUS");
+    if slotted {
+        header.push("SLOTS");
+    }
+    header.extend(["HEALTH", "REASON"]);
+    print_table(&header, rows);
     Ok(())
 }
 
