@@ -95,6 +95,125 @@ fn joined<T>(r: Result<io::Result<T>, tokio::task::JoinError>) -> io::Result<T> 
     r.map_err(|e| io::Error::other(format!("staging writer: {e}")))?
 }
 
+/// How far a download is, for a reader following its file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Progress {
+    /// The file may still be cut back (a kept prefix longer than the
+    /// artifact starts over): not to be read yet.
+    Opening,
+    Writing,
+    Complete,
+    Failed,
+}
+
+/// Shared between a download and the reader that follows its file.
+pub struct Follow {
+    state: std::sync::Mutex<Progress>,
+    moved: std::sync::Condvar,
+}
+
+impl Default for Follow {
+    fn default() -> Self {
+        Follow {
+            state: std::sync::Mutex::new(Progress::Opening),
+            moved: std::sync::Condvar::new(),
+        }
+    }
+}
+
+impl Follow {
+    fn set(&self, p: Progress) {
+        let mut s = self.state.lock().unwrap();
+        // Complete and Failed are final.
+        if !matches!(*s, Progress::Complete | Progress::Failed) {
+            *s = p;
+        }
+        self.moved.notify_all();
+    }
+
+    /// Bytes arrived (or the download started writing).
+    pub fn writing(&self) {
+        self.set(Progress::Writing)
+    }
+
+    /// The whole artifact is in the file and its digest matched.
+    pub fn complete(&self) {
+        self.set(Progress::Complete)
+    }
+
+    /// The download stopped short: the reader gets an error.
+    pub fn failed(&self) {
+        self.set(Progress::Failed)
+    }
+
+    fn now(&self) -> Progress {
+        *self.state.lock().unwrap()
+    }
+
+    /// Waits for the download to move on (more bytes, its end). Bytes are
+    /// announced as they arrive, a moment before they are on disk: the
+    /// timeout bounds the wait for those.
+    fn wait(&self) {
+        let s = self.state.lock().unwrap();
+        let _ = self.moved.wait_timeout(s, Duration::from_millis(20)).unwrap();
+    }
+
+    /// A reader of `part` that waits at its end for the download to add
+    /// more, and ends (or fails) with it: the unpacker reads the artifact
+    /// while it arrives.
+    pub fn reader(self: std::sync::Arc<Self>, part: std::path::PathBuf) -> Following {
+        Following {
+            follow: self,
+            part,
+            file: None,
+        }
+    }
+}
+
+/// Ends a follow as failed when dropped before it was completed (the
+/// download given up on, the stage cut short), so no reader waits on.
+pub struct EndsFollow(pub std::sync::Arc<Follow>);
+
+impl Drop for EndsFollow {
+    fn drop(&mut self) {
+        self.0.failed();
+    }
+}
+
+pub struct Following {
+    follow: std::sync::Arc<Follow>,
+    part: std::path::PathBuf,
+    file: Option<std::fs::File>,
+}
+
+impl Read for Following {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            let file = match &mut self.file {
+                Some(f) => f,
+                None => match self.follow.now() {
+                    Progress::Opening => {
+                        self.follow.wait();
+                        continue;
+                    }
+                    Progress::Failed => return Err(io::Error::other("the download stopped before the end")),
+                    _ => self.file.insert(std::fs::File::open(&self.part)?),
+                },
+            };
+            // The state is read before the file: once it says complete,
+            // every byte is in the file and a read of 0 is the end.
+            let state = self.follow.now();
+            let n = file.read(buf)?;
+            match (n, state) {
+                (0, Progress::Complete) => return Ok(0),
+                (0, Progress::Failed) => return Err(io::Error::other("the download stopped before the end")),
+                (0, _) => self.follow.wait(),
+                (n, _) => return Ok(n),
+            }
+        }
+    }
+}
+
 /// Downloads `digest` into `part` (appending to what is there) and verifies
 /// it. Returns the number of bytes fetched in this call.
 pub async fn fetch(
@@ -220,6 +339,38 @@ mod tests {
         assert_eq!(staged.len, whole.len() as u64);
         assert_eq!(staged.hasher.finish(), Digest::of_bytes(&whole));
         assert_eq!(std::fs::read(&part).unwrap(), whole);
+    }
+
+    #[test]
+    fn a_follower_reads_what_arrives_and_ends_with_the_download() {
+        use std::sync::Arc;
+        let dir = tempfile::tempdir().unwrap();
+        let part = dir.path().join("c.part");
+        let whole: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
+        let follow = Arc::new(Follow::default());
+        let mut reader = follow.clone().reader(part.clone());
+        let writer = {
+            let (follow, part, whole) = (follow.clone(), part.clone(), whole.clone());
+            std::thread::spawn(move || {
+                let mut f = std::fs::File::create(&part).unwrap();
+                for chunk in whole.chunks(7_000) {
+                    f.write_all(chunk).unwrap();
+                    follow.writing();
+                }
+                follow.complete();
+            })
+        };
+        let mut got = Vec::new();
+        reader.read_to_end(&mut got).unwrap();
+        writer.join().unwrap();
+        assert_eq!(got, whole, "every byte, in order, and the end only at the end");
+
+        // A download that stops short is an error for the reader, also
+        // when it stops before writing anything.
+        let follow = Arc::new(Follow::default());
+        let mut reader = follow.clone().reader(dir.path().join("d.part"));
+        drop(EndsFollow(follow));
+        assert!(reader.read_to_end(&mut Vec::new()).is_err());
     }
 
     #[test]

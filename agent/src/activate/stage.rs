@@ -73,43 +73,59 @@ pub(super) async fn stage(
         };
     }
     let part = dirs.staging.join(format!("{}.part", cmd.digest));
-    let fetched = match fetch::fetch(channel.clone(), cmd.digest, cmd.size, &part, |_, _| {}).await {
+    // The archive is unpacked on its own thread while its bytes arrive,
+    // into staging: nothing is renamed into `releases/` before the digest
+    // and the signature verify.
+    let unpack_dir = dirs.staging.join(format!("{}.unpack", cmd.version));
+    let _ = fs::remove_dir_all(&unpack_dir);
+    let follow = Arc::new(fetch::Follow::default());
+    let _ends = fetch::EndsFollow(follow.clone());
+    let unpacking = {
+        let (reader, dir, version) = (
+            follow.clone().reader(part.clone()),
+            unpack_dir.clone(),
+            cmd.version.clone(),
+        );
+        let limits = Limits::of(&cmd.spec, cmd.size);
+        tokio::task::spawn_blocking(move || -> Result<archive::UnpackStats, String> {
+            let stats = archive::unpack(io::BufReader::with_capacity(1 << 20, reader), &dir, &limits)
+                .map_err(|e| format!("unsafe or corrupt archive: {e}"))?;
+            switch::write_marker(&dir, &version).map_err(|e| format!("writing release marker: {e}"))?;
+            // One syncfs makes the whole tree durable before it becomes visible.
+            let d = fs::File::open(&dir).map_err(|e| e.to_string())?;
+            nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&d)).map_err(|e| format!("syncfs: {e}"))?;
+            Ok(stats)
+        })
+    };
+    let fetched = fetch::fetch(channel.clone(), cmd.digest, cmd.size, &part, |_, _| follow.writing()).await;
+    match &fetched {
+        Ok(_) => follow.complete(),
+        Err(_) => follow.failed(),
+    }
+    let unpacked = unpacking.await.map_err(|e| format!("unpack task: {e}"));
+    let fetched = match fetched {
         Ok(n) => n,
         // A network failure keeps the partial file so the next try resumes;
         // anything else (disk full, bad digest) leaves staging clean.
-        Err(e @ FetchError::GaveUp { .. }) => return Err(e.to_string()),
         Err(e) => {
-            let _ = fs::remove_file(&part);
+            let _ = fs::remove_dir_all(&unpack_dir);
+            if !matches!(e, FetchError::GaveUp { .. }) {
+                let _ = fs::remove_file(&part);
+            }
             return Err(e.to_string());
         }
     };
     crash_point("after-fetch");
     // The digest matched what the controller announced; the signature says
-    // whether someone this host trusts made the artifact. Checked before a
-    // single byte is unpacked, whatever the controller claims.
+    // whether someone this host trusts made the artifact. Checked before
+    // anything unpacked is used, whatever the controller claims.
     let sig = cmd.signature.as_deref();
     if let Err(e) = convoy_common::signing::verify(&agent.trusted_keys, app, &cmd.version, &cmd.digest, sig) {
+        let _ = fs::remove_dir_all(&unpack_dir);
         let _ = fs::remove_file(&part);
         return Err(e.to_string());
     }
-
-    let unpack_dir = dirs.staging.join(format!("{}.unpack", cmd.version));
-    let _ = fs::remove_dir_all(&unpack_dir);
-    let (part2, dir2, version) = (part.clone(), unpack_dir.clone(), cmd.version.clone());
-    let limits = Limits::of(&cmd.spec, cmd.size);
-    let stats = tokio::task::spawn_blocking(move || -> Result<archive::UnpackStats, String> {
-        let f = fs::File::open(&part2).map_err(|e| format!("{}: {e}", part2.display()))?;
-        let stats = archive::unpack(io::BufReader::with_capacity(1 << 20, f), &dir2, &limits)
-            .map_err(|e| format!("unsafe or corrupt archive: {e}"))?;
-        switch::write_marker(&dir2, &version).map_err(|e| format!("writing release marker: {e}"))?;
-        // One syncfs makes the whole tree durable before it becomes visible.
-        let d = fs::File::open(&dir2).map_err(|e| e.to_string())?;
-        nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&d)).map_err(|e| format!("syncfs: {e}"))?;
-        Ok(stats)
-    })
-    .await
-    .map_err(|e| format!("unpack task: {e}"))?;
-    let stats = match stats {
+    let stats = match unpacked.and_then(|r| r) {
         Ok(s) => s,
         Err(e) => {
             let _ = fs::remove_dir_all(&unpack_dir);
