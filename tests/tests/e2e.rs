@@ -40,6 +40,16 @@ fn scenario_a_rolling_v1_then_v2() -> Result<()> {
     // Pre-staged everywhere first, then host by host: host1 commits
     // before host2 switches.
     let staged = out.find("-- pre-staged on 3 host(s)").expect("pre-staging");
+    // The controller's egress: the whole artifact to each host, once.
+    let size = std::fs::metadata(bed.dir.path().join("demo-2.0.0.tar.gz"))?.len();
+    let each = format!("{:.1} MiB", size as f64 / (1 << 20) as f64);
+    let total = format!("{:.1} MiB", (3 * size) as f64 / (1 << 20) as f64);
+    assert!(
+        out.contains(&format!(
+            "-- pre-staged on 3 host(s); the controller sent them {total} ({each} each)"
+        )),
+        "{out}"
+    );
     let h1_commit = out.find("[host1] commit").expect("host1 commit");
     let h2_switch = out.find("[host2] switch").expect("host2 switch");
     assert!(staged < h1_commit && h1_commit < h2_switch, "not host by host:\n{out}");

@@ -48,6 +48,11 @@ pub trait Fleet: Send + Sync {
     /// Every host known, connected or not.
     fn hosts(&self) -> Vec<FleetHost>;
 
+    /// Artifact bytes the controller has streamed to a host (egress).
+    fn bytes_sent(&self, _host: &HostName) -> u64 {
+        0
+    }
+
     fn connected(&self, host: &HostName) -> bool;
 
     /// Registers interest in operation `op` and sends `command` to the

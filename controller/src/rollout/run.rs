@@ -458,6 +458,7 @@ impl Rollout {
         };
 
         // ── pre-stage everywhere, bounded ──
+        let sent_before: Vec<u64> = self.targets.iter().map(|h| engine.fleet.bytes_sent(h)).collect();
         self.note(format!("pre-staging {} on {} host(s)", cmd.version, self.targets.len()));
         let permits = &Semaphore::new(engine.cfg.prestage_parallel);
         let staged = join_all(self.targets.iter().map(|h| async move {
@@ -476,8 +477,28 @@ impl Rollout {
         if halt.failed.len() > *budget {
             return self.halt(engine, None, halt, *rollback_on_halt).await;
         }
+        // Egress: what the controller streamed to the targets meanwhile.
+        let sent: Vec<u64> = self
+            .targets
+            .iter()
+            .zip(&sent_before)
+            .map(|(h, before)| engine.fleet.bytes_sent(h).saturating_sub(*before))
+            .collect();
+        let total: u64 = sent.iter().sum();
+        let egress = match (sent.iter().min(), sent.iter().max()) {
+            (Some(lo), Some(hi)) if total > 0 && lo == hi => {
+                format!("; the controller sent them {} ({} each)", mib(total), mib(*lo))
+            }
+            (Some(lo), Some(hi)) if total > 0 => format!(
+                "; the controller sent them {} ({} to {} per host)",
+                mib(total),
+                mib(*lo),
+                mib(*hi)
+            ),
+            _ => String::new(),
+        };
         self.note(format!(
-            "pre-staged on {} host(s)",
+            "pre-staged on {} host(s){egress}",
             self.targets.len() - halt.failed.len()
         ));
 
@@ -1150,4 +1171,9 @@ fn verdict(r: Result<HostOutcome, String>) -> Result<(), String> {
         }
         Err(e) => Err(e),
     }
+}
+
+/// Bytes as MiB with one decimal.
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
 }

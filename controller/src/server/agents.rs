@@ -196,40 +196,45 @@ impl AgentService for AgentApi {
         // into the buffer the message carries.
         let file = std::sync::Arc::new(file);
         let start = r.offset;
-        let stream = futures::stream::unfold((file, r.offset), move |(file, offset)| async move {
-            if offset >= total {
-                return None;
-            }
-            if offset > start && cut_stream() {
-                return Some((
-                    Err(Status::unavailable("stream cut by the fetch-cut failpoint")),
-                    (file, total),
-                ));
-            }
-            let want = (total - offset).min(convoy_proto::CHUNK_SIZE as u64) as usize;
-            let reader = file.clone();
-            let read = tokio::task::spawn_blocking(move || {
-                use std::os::unix::fs::FileExt;
-                let mut buf = vec![0u8; want];
-                reader.read_exact_at(&mut buf, offset).map(|()| buf)
-            })
-            .await
-            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
-            match read {
-                Ok(buf) => {
-                    // Counted as read for the stream; HTTP/2 flow control
-                    // keeps at most a window of it unsent.
-                    crate::metrics::get().bytes_streamed.inc_by(want as u64);
-                    Some((
-                        Ok(Chunk {
-                            offset,
-                            data: buf.into(),
-                            total_size: total,
-                        }),
-                        (file, offset + want as u64),
-                    ))
+        let (shared, host) = (self.shared.clone(), id.name.clone());
+        let stream = futures::stream::unfold((file, r.offset), move |(file, offset)| {
+            let (shared, host) = (shared.clone(), host.clone());
+            async move {
+                if offset >= total {
+                    return None;
                 }
-                Err(e) => Some((Err(Status::internal(format!("reading artifact: {e}"))), (file, total))),
+                if offset > start && cut_stream() {
+                    return Some((
+                        Err(Status::unavailable("stream cut by the fetch-cut failpoint")),
+                        (file, total),
+                    ));
+                }
+                let want = (total - offset).min(convoy_proto::CHUNK_SIZE as u64) as usize;
+                let reader = file.clone();
+                let read = tokio::task::spawn_blocking(move || {
+                    use std::os::unix::fs::FileExt;
+                    let mut buf = vec![0u8; want];
+                    reader.read_exact_at(&mut buf, offset).map(|()| buf)
+                })
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+                match read {
+                    Ok(buf) => {
+                        // Counted as read for the stream; HTTP/2 flow control
+                        // keeps at most a window of it unsent.
+                        crate::metrics::get().bytes_streamed.inc_by(want as u64);
+                        shared.registry.count_sent(&host, want as u64);
+                        Some((
+                            Ok(Chunk {
+                                offset,
+                                data: buf.into(),
+                                total_size: total,
+                            }),
+                            (file, offset + want as u64),
+                        ))
+                    }
+                    Err(e) => Some((Err(Status::internal(format!("reading artifact: {e}"))), (file, total))),
+                }
             }
         });
         Ok(Response::new(Box::pin(stream)))

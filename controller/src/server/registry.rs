@@ -63,6 +63,8 @@ pub struct Registry {
     /// Pre-flight checks asked for, by id: the host asked, and who waits.
     preflights: Mutex<HashMap<String, PreflightAsked>>,
     next_session: AtomicU64,
+    /// Artifact bytes streamed to each host since the controller started.
+    sent: Mutex<HashMap<HostName, u64>>,
 }
 
 /// A pre-flight asked of a host, and who waits for its answer.
@@ -72,6 +74,11 @@ type PreflightAsked = (HostName, oneshot::Sender<Vec<PreflightCheck>>);
 const PREFLIGHT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl Registry {
+    /// Counts artifact bytes streamed to a host.
+    pub fn count_sent(&self, host: &HostName, bytes: u64) {
+        *self.sent.lock().unwrap().entry(host.clone()).or_default() += bytes;
+    }
+
     /// Records a new session for `name`; returns its id.
     pub fn connect(
         &self,
@@ -240,6 +247,10 @@ impl Registry {
 /// The registry is the engine's fleet: its hosts are the ones that have
 /// connected, and commands go down their sessions.
 impl Fleet for Registry {
+    fn bytes_sent(&self, host: &HostName) -> u64 {
+        self.sent.lock().unwrap().get(host).copied().unwrap_or(0)
+    }
+
     fn hosts(&self) -> Vec<FleetHost> {
         self.hosts
             .lock()
