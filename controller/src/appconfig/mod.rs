@@ -195,6 +195,17 @@ pub struct Shown {
     pub fingerprint: String,
 }
 
+/// One key of two revisions compared (`AppConfig::diff`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Compared {
+    pub key: String,
+    pub secret: bool,
+    /// The values as shown: empty for a secret or a missing key.
+    pub from: String,
+    pub to: String,
+    pub how: &'static str,
+}
+
 /// A change an operator asks for.
 #[derive(Default)]
 pub struct Change {
@@ -342,8 +353,9 @@ impl AppConfig {
         })? as u64)
     }
 
-    /// Makes a new revision from the newest one and the change; returns it.
-    pub fn change(&self, app: &AppName, env: &str, who: &str, c: Change) -> Result<u64, ConfigError> {
+    /// Makes a new revision from the newest one and the change; returns it
+    /// with what changed (key names only).
+    pub fn change(&self, app: &AppName, env: &str, who: &str, c: Change) -> Result<(u64, String), ConfigError> {
         let scope = c.scope.suffix();
         if let Scope::Host(h) = &c.scope {
             convoy_common::HostName::new(h.clone()).map_err(|e| ConfigError::Invalid(format!("--host: {e}")))?;
@@ -414,7 +426,7 @@ impl AppConfig {
             Ok(())
         })?;
         tracing::info!(%app, env, revision = next, by = who, change = %change, "configuration changed");
-        Ok(next)
+        Ok((next, change))
     }
 
     /// Stored rows of a revision: key → (secret, stored bytes).
@@ -589,18 +601,14 @@ impl AppConfig {
         Ok((new.id, resealed.len()))
     }
 
-    /// A fingerprint per key of a revision (the newest with `None`), for
-    /// comparing environments: key → (secret, shown value, fingerprint).
-    pub fn fingerprints(
+    /// A fingerprint per key of a revision, for comparing environments:
+    /// key → (secret, shown value, fingerprint).
+    fn fingerprints(
         &self,
         app: &AppName,
         env: &str,
-        revision: Option<u64>,
+        revision: u64,
     ) -> Result<BTreeMap<String, (bool, String, String)>, ConfigError> {
-        let revision = match revision {
-            Some(r) => r,
-            None => self.latest(app, env)?,
-        };
         Ok(self
             .values(app, env, revision)?
             .into_iter()
@@ -730,29 +738,38 @@ impl AppConfig {
             .and_then(|v| v["kind"]["Deploy"]["config_revision"].as_u64()))
     }
 
-    /// Keys whose values differ between two revisions (0: none): (key, how).
-    pub fn compare(
+    /// Every key of two revisions (0: none) side by side: its values as
+    /// shown (empty for a secret) and how they compare: `same`, `changed`,
+    /// `only-from`, `only-to`.
+    pub fn diff(
         &self,
         app: &AppName,
         (from_env, from_rev): (&str, u64),
         (to_env, to_rev): (&str, u64),
-    ) -> Result<Vec<(String, &'static str)>, ConfigError> {
+    ) -> Result<Vec<Compared>, ConfigError> {
         let side = |env: &str, rev: u64| match rev {
             0 => Ok(BTreeMap::new()),
-            r => self.fingerprints(app, env, Some(r)),
+            r => self.fingerprints(app, env, r),
         };
         let (from, to) = (side(from_env, from_rev)?, side(to_env, to_rev)?);
         let keys: std::collections::BTreeSet<&String> = from.keys().chain(to.keys()).collect();
         Ok(keys
             .into_iter()
-            .filter_map(|k| {
-                let how = match (from.get(k), to.get(k)) {
-                    (Some(a), Some(b)) if a.0 == b.0 && a.2 == b.2 => return None,
+            .map(|k| {
+                let (f, t) = (from.get(k), to.get(k));
+                let how = match (f, t) {
+                    (Some(a), Some(b)) if a.0 == b.0 && a.2 == b.2 => "same",
                     (Some(_), Some(_)) => "changed",
                     (Some(_), None) => "only-from",
                     (None, _) => "only-to",
                 };
-                Some((k.clone(), how))
+                Compared {
+                    key: k.clone(),
+                    secret: f.or(t).is_some_and(|v| v.0),
+                    from: f.map(|v| v.1.clone()).unwrap_or_default(),
+                    to: t.map(|v| v.1.clone()).unwrap_or_default(),
+                    how,
+                }
             })
             .collect())
     }
@@ -817,8 +834,12 @@ impl crate::rollout::seams::ConfigSource for AppConfig {
             return Ok(None);
         };
         let diff = self
-            .compare(app, (before, passed), (env, revision))
-            .map_err(|e| e.to_string())?;
+            .diff(app, (before, passed), (env, revision))
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .filter(|c| c.how != "same")
+            .map(|c| (c.key, c.how))
+            .collect();
         Ok(Some((passed, diff)))
     }
 }
@@ -887,7 +908,7 @@ mod tests {
                 },
             )
             .unwrap();
-        assert_eq!(r1, 1);
+        assert_eq!(r1, (1, "set DATABASE_URL, set secret API_KEY".to_owned()));
         let r2 = c
             .change(
                 &app,
@@ -899,7 +920,7 @@ mod tests {
                 },
             )
             .unwrap();
-        assert_eq!(r2, 2);
+        assert_eq!(r2.0, 2);
         assert_eq!(
             c.values(&app, "staging", 1).unwrap().len(),
             2,

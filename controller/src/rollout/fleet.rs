@@ -48,6 +48,11 @@ pub trait Fleet: Send + Sync {
     /// Every host known, connected or not.
     fn hosts(&self) -> Vec<FleetHost>;
 
+    /// One host, without copying the whole fleet.
+    fn host(&self, name: &HostName) -> Option<FleetHost> {
+        self.hosts().into_iter().find(|h| &h.name == name)
+    }
+
     /// Artifact bytes the controller has streamed to a host (egress).
     fn bytes_sent(&self, _host: &HostName) -> u64 {
         0

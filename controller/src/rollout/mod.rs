@@ -228,13 +228,7 @@ impl Engine {
         let Some(c) = &self.config else {
             return Err("this controller keeps no configuration".into());
         };
-        let labels = self
-            .fleet
-            .hosts()
-            .into_iter()
-            .find(|h| &h.name == host)
-            .map(|h| h.labels)
-            .unwrap_or_default();
+        let labels = self.fleet.host(host).map(|h| h.labels).unwrap_or_default();
         c.render(app, env, version, revision, (host.as_str(), &labels))
     }
 
@@ -264,9 +258,7 @@ impl Engine {
     /// What a host last said about an app's blue-green slots.
     pub(super) fn fleet_slots(&self, host: &HostName, app: &AppName) -> Vec<convoy_common::slots::SlotStatus> {
         self.fleet
-            .hosts()
-            .into_iter()
-            .find(|h| &h.name == host)
+            .host(host)
             .and_then(|h| h.apps.get(app).map(|a| a.slots.clone()))
             .unwrap_or_default()
     }

@@ -161,7 +161,7 @@ impl OperatorService for OperatorApi {
         let who = operator(&req, Role::Deployer, "change configuration")?;
         let r = req.into_inner();
         let app = self.config_env(&r.app, &r.environment)?;
-        let revision = self
+        let (revision, change) = self
             .shared
             .appconfig
             .change(
@@ -184,15 +184,6 @@ impl OperatorService for OperatorApi {
             )
             .map_err(config_status)?;
         // The audit trail names the keys, never a value.
-        let change = self
-            .shared
-            .appconfig
-            .history(&app, &r.environment)
-            .map_err(config_status)?
-            .into_iter()
-            .find(|h| h.revision == revision)
-            .map(|h| h.change)
-            .unwrap_or_default();
         self.shared
             .db
             .audit(
@@ -258,31 +249,27 @@ impl OperatorService for OperatorApi {
         let app = self.config_env(&r.app, &r.from_environment)?;
         self.config_env(&r.app, &r.to_environment)?;
         let c = &self.shared.appconfig;
-        let from = c.fingerprints(&app, &r.from_environment, None).map_err(config_status)?;
-        let to = c.fingerprints(&app, &r.to_environment, None).map_err(config_status)?;
-        let keys: std::collections::BTreeSet<&String> = from.keys().chain(to.keys()).collect();
-        let entries = keys
+        let from_revision = c.latest(&app, &r.from_environment).map_err(config_status)?;
+        let to_revision = c.latest(&app, &r.to_environment).map_err(config_status)?;
+        let entries = c
+            .diff(
+                &app,
+                (&r.from_environment, from_revision),
+                (&r.to_environment, to_revision),
+            )
+            .map_err(config_status)?
             .into_iter()
-            .map(|k| {
-                let (f, t) = (from.get(k), to.get(k));
-                let state = match (f, t) {
-                    (Some(a), Some(b)) if a.0 == b.0 && a.2 == b.2 => "same",
-                    (Some(_), Some(_)) => "changed",
-                    (Some(_), None) => "only-from",
-                    (None, _) => "only-to",
-                };
-                convoy_proto::ConfigDiffEntry {
-                    key: k.clone(),
-                    secret: f.or(t).is_some_and(|v| v.0),
-                    from_value: f.map(|v| v.1.clone()).unwrap_or_default(),
-                    to_value: t.map(|v| v.1.clone()).unwrap_or_default(),
-                    state: state.into(),
-                }
+            .map(|e| convoy_proto::ConfigDiffEntry {
+                key: e.key,
+                secret: e.secret,
+                from_value: e.from,
+                to_value: e.to,
+                state: e.how.into(),
             })
             .collect();
         Ok(Response::new(convoy_proto::ConfigDiffReply {
-            from_revision: c.latest(&app, &r.from_environment).map_err(config_status)?,
-            to_revision: c.latest(&app, &r.to_environment).map_err(config_status)?,
+            from_revision,
+            to_revision,
             entries,
         }))
     }
@@ -294,9 +281,9 @@ impl OperatorService for OperatorApi {
         operator(&req, Role::Viewer, "read configuration")?;
         let r = req.into_inner();
         let app = self.config_env(&r.app, &r.environment)?;
-        let labels = crate::rollout::fleet::Fleet::hosts(&*self.shared.registry)
-            .into_iter()
-            .find(|h| h.name.as_str() == r.host)
+        let labels = convoy_common::HostName::new(r.host.clone())
+            .ok()
+            .and_then(|h| crate::rollout::fleet::Fleet::host(&*self.shared.registry, &h))
             .map(|h| h.labels)
             .ok_or_else(|| Status::not_found(format!("no host {} has connected to this controller", r.host)))?;
         if labels.get("env") != Some(&r.environment) {

@@ -246,24 +246,29 @@ impl Registry {
 
 /// The registry is the engine's fleet: its hosts are the ones that have
 /// connected, and commands go down their sessions.
+impl HostEntry {
+    fn fleet_host(&self) -> FleetHost {
+        FleetHost {
+            name: self.name.clone(),
+            labels: self.labels.clone(),
+            apps: self.apps.clone(),
+            connected: self.session.is_some(),
+            protocol: self.protocol,
+        }
+    }
+}
+
 impl Fleet for Registry {
     fn bytes_sent(&self, host: &HostName) -> u64 {
         self.sent.lock().unwrap().get(host).copied().unwrap_or(0)
     }
 
     fn hosts(&self) -> Vec<FleetHost> {
-        self.hosts
-            .lock()
-            .unwrap()
-            .values()
-            .map(|h| FleetHost {
-                name: h.name.clone(),
-                labels: h.labels.clone(),
-                apps: h.apps.clone(),
-                connected: h.session.is_some(),
-                protocol: h.protocol,
-            })
-            .collect()
+        self.hosts.lock().unwrap().values().map(HostEntry::fleet_host).collect()
+    }
+
+    fn host(&self, name: &HostName) -> Option<FleetHost> {
+        self.hosts.lock().unwrap().get(name).map(HostEntry::fleet_host)
     }
 
     fn connected(&self, host: &HostName) -> bool {
