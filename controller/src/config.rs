@@ -37,6 +37,22 @@ struct Raw {
     prometheus_ca: Option<PathBuf>,
     #[serde(default)]
     config_key: Option<PathBuf>,
+    #[serde(default)]
+    database: Option<String>,
+    #[serde(default)]
+    database_ca: Option<PathBuf>,
+    #[serde(default)]
+    database_cert: Option<PathBuf>,
+    #[serde(default)]
+    database_key: Option<PathBuf>,
+    #[serde(default = "default_database_pool")]
+    database_pool: usize,
+    #[serde(default)]
+    name: Option<String>,
+}
+
+fn default_database_pool() -> usize {
+    16
 }
 
 fn default_prestage_parallel() -> usize {
@@ -51,9 +67,22 @@ fn default_host_timeout() -> String {
     "10m".into()
 }
 
+/// Where the controller keeps its state.
+#[derive(Debug, Clone)]
+pub enum Database {
+    /// `<data_dir>/convoy.db` (the default): one controller.
+    Sqlite(PathBuf),
+    /// A PostgreSQL database several controllers share.
+    Postgres(crate::db::PostgresOptions),
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
+    /// This controller's name among several (default: host name and
+    /// listen port).
+    pub name: String,
+    pub database: Database,
     /// The key that seals configuration secrets (created on first start).
     pub config_key: PathBuf,
     /// SQLite database and artifacts.
@@ -93,7 +122,7 @@ impl Config {
 
     pub fn parse(file: &str, text: &str) -> anyhow::Result<Self> {
         let raw: Raw = toml::from_str(text).map_err(|e| anyhow::anyhow!("{file}: {}", e.to_string().trim_end()))?;
-        let listen = raw
+        let listen: SocketAddr = raw
             .listen
             .parse()
             .map_err(|e| anyhow::anyhow!("{file}: listen: {:?} is not an address:port ({e})", raw.listen))?;
@@ -127,7 +156,57 @@ impl Config {
         if raw.prometheus_ca.is_some() && raw.prometheus_url.is_none() {
             anyhow::bail!("{file}: prometheus_ca: set prometheus_url too (the CA is for it)");
         }
+        let database = match raw.database.as_deref() {
+            None => {
+                for (key, set) in [
+                    ("database_ca", raw.database_ca.is_some()),
+                    ("database_cert", raw.database_cert.is_some()),
+                    ("database_key", raw.database_key.is_some()),
+                ] {
+                    if set {
+                        anyhow::bail!("{file}: {key}: set database = \"postgres://...\" too (it is for PostgreSQL)");
+                    }
+                }
+                Database::Sqlite(raw.data_dir.join("convoy.db"))
+            }
+            Some(url) => {
+                check_postgres_url(url).map_err(|e| anyhow::anyhow!("{file}: database: {e}"))?;
+                if raw.database_cert.is_some() != raw.database_key.is_some() {
+                    anyhow::bail!(
+                        "{file}: database_cert and database_key go together (a client certificate and its key)"
+                    );
+                }
+                if !(1..=1000).contains(&raw.database_pool) {
+                    anyhow::bail!(
+                        "{file}: database_pool: {} is out of range (1 to 1000 connections)",
+                        raw.database_pool
+                    );
+                }
+                Database::Postgres(crate::db::PostgresOptions {
+                    url: url.to_owned(),
+                    ca: raw.database_ca.clone(),
+                    cert: raw.database_cert.clone(),
+                    key: raw.database_key.clone(),
+                    pool: raw.database_pool,
+                })
+            }
+        };
+        let name = match raw.name {
+            Some(n) => {
+                convoy_common::HostName::new(n.clone()).map_err(|e| anyhow::anyhow!("{file}: name: {e}"))?;
+                n
+            }
+            None => format!(
+                "{}-{}",
+                std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .map(|h| h.trim().to_owned())
+                    .unwrap_or_else(|_| "controller".into()),
+                listen.port()
+            ),
+        };
         Ok(Config {
+            name,
+            database,
             config_key: raw.config_key.unwrap_or_else(|| raw.data_dir.join("config.key")),
             prometheus_url: raw.prometheus_url,
             prometheus_ca: raw.prometheus_ca,
@@ -147,6 +226,17 @@ impl Config {
             log_level: raw.log_level,
         })
     }
+}
+
+/// A `postgres://` URL the driver accepts, without saying what is in it
+/// (it may hold a password).
+fn check_postgres_url(url: &str) -> Result<(), String> {
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err("must be a postgres:// URL (leave it out for the embedded SQLite)".into());
+    }
+    url.parse::<tokio_postgres::Config>()
+        .map(|_| ())
+        .map_err(|e| format!("not a usable postgres:// URL: {e}"))
 }
 
 #[cfg(test)]

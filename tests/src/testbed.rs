@@ -198,6 +198,9 @@ pub struct Testbed {
     /// A Prometheus scraping every host's demo app (see `boot_analysed`).
     prometheus: Option<crate::prometheus::Prometheus>,
     with_prometheus: bool,
+    /// The controller's PostgreSQL (see `boot_on_postgres`); SQLite without.
+    pub postgres: Option<convoy_nspawn::postgres::Postgres>,
+    with_postgres: bool,
 }
 
 /// Result of a CLI call.
@@ -229,14 +232,21 @@ impl Testbed {
     /// Like `boot_spec`, with extra top-level settings in every agent's
     /// agent.toml (e.g. `trusted_keys = [...]`).
     pub fn boot_full(n: usize, env_of: impl Fn(usize) -> String, spec: &str, agent_extra: &str) -> Result<Testbed> {
-        Self::boot_inner(n, &env_of, spec, agent_extra, false, false)
+        Self::boot_inner(n, &env_of, spec, agent_extra, false, false, false)
+    }
+
+    /// Like `boot`, with the controller keeping its state in a real
+    /// PostgreSQL (`database = "postgres://..."`) instead of SQLite.
+    pub fn boot_on_postgres(n: usize) -> Result<Testbed> {
+        let spec = fs::read_to_string(workspace_root().join("tests/testbed/demo.toml"))?;
+        Self::boot_inner(n, &|_| "staging".to_owned(), &spec, "", false, false, true)
     }
 
     /// Boots `n` hosts (env=staging) and a real Prometheus scraping each
     /// host's demo app every second (label `host` = the host's name); the
     /// controller measures metric gates on it (`prometheus_url`).
     pub fn boot_analysed(n: usize, spec: &str) -> Result<Testbed> {
-        Self::boot_inner(n, &|_| "staging".to_owned(), spec, "", false, true)
+        Self::boot_inner(n, &|_| "staging".to_owned(), spec, "", false, true, false)
     }
 
     /// The test bed's Prometheus (`boot_analysed`).
@@ -250,7 +260,7 @@ impl Testbed {
     /// /etc/convoy/tls are at /etc/convoy-testbed. The controller runs.
     pub fn boot_packaged(n: usize) -> Result<Testbed> {
         let spec = fs::read_to_string(workspace_root().join("tests/testbed/demo.toml"))?;
-        Self::boot_inner(n, &|_| "staging".to_owned(), &spec, "", true, false)
+        Self::boot_inner(n, &|_| "staging".to_owned(), &spec, "", true, false, false)
     }
 
     /// The Debian package `name` (e.g. `convoy-agent_0.1.0-1`) that
@@ -272,6 +282,7 @@ impl Testbed {
         agent_extra: &str,
         packaged: bool,
         with_prometheus: bool,
+        with_postgres: bool,
     ) -> Result<Testbed> {
         let bins = bin_dir();
         for b in ["convoy", "convoy-agent", "demo-app"] {
@@ -302,6 +313,8 @@ impl Testbed {
             envs: vec![],
             prometheus: None,
             with_prometheus,
+            postgres: None,
+            with_postgres,
         };
         bed.setup(n, env_of, spec)?;
         Ok(bed)
@@ -353,10 +366,17 @@ impl Testbed {
             prometheus = format!("prometheus_url = \"{}\"\n", p.url());
             self.prometheus = Some(p);
         }
+        let mut database = String::new();
+        if self.with_postgres {
+            let pg = convoy_nspawn::postgres::Postgres::start()?;
+            pg.create_database("convoy")?;
+            database = format!("database = \"{}\"\n", pg.url("convoy"));
+            self.postgres = Some(pg);
+        }
         fs::write(
             cdir.join("controller.toml"),
             format!(
-                "listen = \"{ip}:{CONTROLLER_PORT}\"\ndata_dir = \"{d}/data\"\napps_dir = \"{d}/apps\"\nca = \"{p}/ca.pem\"\ncert = \"{p}/controller.pem\"\nkey = \"{p}/controller.key\"\nhost_timeout = \"2m\"\nmetrics_listen = \"{ip}:{METRICS_PORT}\"\n{prometheus}",
+                "{database}listen = \"{ip}:{CONTROLLER_PORT}\"\ndata_dir = \"{d}/data\"\napps_dir = \"{d}/apps\"\nca = \"{p}/ca.pem\"\ncert = \"{p}/controller.pem\"\nkey = \"{p}/controller.key\"\nhost_timeout = \"2m\"\nmetrics_listen = \"{ip}:{METRICS_PORT}\"\n{prometheus}",
                 d = cdir.display(),
                 p = pki.display()
             ),

@@ -15,7 +15,10 @@ fn fetches(bed: &Testbed) -> usize {
 
 /// `n` hosts on 1.0.0, with 2.0.0 pushed and ready to roll.
 fn fleet_on_v1(n: usize) -> Result<Testbed> {
-    let bed = Testbed::boot(n)?;
+    on_v1(Testbed::boot(n)?)
+}
+
+fn on_v1(bed: Testbed) -> Result<Testbed> {
     bed.push_demo("1.0.0", "healthy")?;
     bed.deploy_everywhere("1.0.0")?;
     bed.push_demo("2.0.0", "healthy")?;
@@ -217,18 +220,24 @@ fn promotion_rule_hotfix_and_audit() -> Result<()> {
 /// twice and none is skipped.
 #[test]
 fn controller_killed_after_the_first_activation_resumes() -> Result<()> {
-    controller_killed_mid_rollout(true)
+    controller_killed_mid_rollout(fleet_on_v1(5)?, true)
+}
+
+/// The same with the controller's state in PostgreSQL: the plan, results
+/// and history it resumes from are read back from there.
+#[test]
+fn controller_killed_after_the_first_activation_resumes_on_postgres() -> Result<()> {
+    controller_killed_mid_rollout(on_v1(Testbed::boot_on_postgres(5)?)?, true)
 }
 
 /// The same, killed while the artifact is being pre-staged: agents answer
 /// the re-sent commands they already carried out with their results.
 #[test]
 fn controller_killed_while_pre_staging_resumes() -> Result<()> {
-    controller_killed_mid_rollout(false)
+    controller_killed_mid_rollout(fleet_on_v1(5)?, false)
 }
 
-fn controller_killed_mid_rollout(after_first_activation: bool) -> Result<()> {
-    let mut bed = fleet_on_v1(5)?;
+fn controller_killed_mid_rollout(mut bed: Testbed, after_first_activation: bool) -> Result<()> {
     let mut child = bed.convoy_spawn(&["deploy", "demo", "2.0.0", "--env", "staging"])?;
     let lines = line_feed(&mut child);
     let mut seen = Vec::new();
@@ -284,6 +293,16 @@ fn controller_killed_mid_rollout(after_first_activation: bool) -> Result<()> {
         log.contains("resuming a rollout interrupted by a controller restart"),
         "{log}"
     );
+    if let Some(pg) = &bed.postgres {
+        // The state really is in PostgreSQL: no SQLite file was made, and
+        // the rollout's five activations are recorded there once each.
+        assert!(!bed.dir.path().join("controller/data/convoy.db").exists());
+        let n = pg.psql(
+            "convoy",
+            &format!("SELECT count(*) FROM rollout_hosts WHERE rollout_id = '{id}' AND op_id LIKE '%:activate:%'"),
+        )?;
+        assert_eq!(n.trim(), "5", "activations recorded");
+    }
     Ok(())
 }
 

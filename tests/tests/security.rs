@@ -269,7 +269,17 @@ fn token_of(out: &str) -> String {
 /// host disconnects it and refuses it until it enrolls again.
 #[test]
 fn enrollment_rotation_and_revocation() -> Result<()> {
-    let mut bed = Testbed::boot(2)?;
+    enrollment(Testbed::boot(2)?)
+}
+
+/// The same with the controller's state in PostgreSQL (tokens, labels,
+/// revocations).
+#[test]
+fn enrollment_rotation_and_revocation_on_postgres() -> Result<()> {
+    enrollment(Testbed::boot_on_postgres(2)?)
+}
+
+fn enrollment(mut bed: Testbed) -> Result<()> {
     let pki = bed.dir.path().join("pki");
     let pki_s = pki.to_str().unwrap().to_owned();
     // Certificates signed by this controller live 30s, so renewal is seen.

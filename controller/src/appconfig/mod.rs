@@ -13,11 +13,11 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
+use crate::params;
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use convoy_common::ops::RenderedConfig;
 use convoy_common::{AppName, Digest, Version};
-use rusqlite::{params, OptionalExtension};
 
 use crate::db::{Db, DbError};
 use crate::rollout::seams::Passed;
@@ -343,19 +343,22 @@ impl AppConfig {
     }
 
     /// The newest revision of an app's environment (0: none yet).
-    pub fn latest(&self, app: &AppName, env: &str) -> Result<u64, ConfigError> {
-        Ok(self.db.transaction(|tx| {
-            tx.query_row(
+    pub async fn latest(&self, app: &AppName, env: &str) -> Result<u64, ConfigError> {
+        Ok(self
+            .db
+            .query_opt(
                 "SELECT COALESCE(MAX(revision), 0) FROM config_revisions WHERE app = ?1 AND environment = ?2",
                 params![app.as_str(), env],
-                |r| r.get::<_, i64>(0),
             )
-        })? as u64)
+            .await?
+            .map(|r| r.get::<i64>(0))
+            .transpose()?
+            .unwrap_or(0) as u64)
     }
 
     /// Makes a new revision from the newest one and the change; returns it
     /// with what changed (key names only).
-    pub fn change(&self, app: &AppName, env: &str, who: &str, c: Change) -> Result<(u64, String), ConfigError> {
+    pub async fn change(&self, app: &AppName, env: &str, who: &str, c: Change) -> Result<(u64, String), ConfigError> {
         let scope = c.scope.suffix();
         if let Scope::Host(h) = &c.scope {
             convoy_common::HostName::new(h.clone()).map_err(|e| ConfigError::Invalid(format!("--host: {e}")))?;
@@ -386,8 +389,8 @@ impl AppConfig {
         if c.set.is_empty() && c.secrets.is_empty() && c.unset.is_empty() {
             return Err(ConfigError::Invalid("nothing to change".into()));
         }
-        let current = self.latest(app, env)?;
-        let mut rows = self.rows(app, env, current)?;
+        let current = self.latest(app, env).await?;
+        let mut rows = self.rows(app, env, current).await?;
         let mut said = Vec::new();
         let whom = match &c.scope {
             Scope::Environment => String::new(),
@@ -412,40 +415,54 @@ impl AppConfig {
         }
         let next = current + 1;
         let change = said.join(", ");
-        self.db.transaction(|tx| {
-            tx.execute(
+        let mut tx = self.db.begin().await?;
+        let made = tx
+            .execute(
                 "INSERT INTO config_revisions (app, environment, revision, author, at_ms, change) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![app.as_str(), env, next as i64, who, convoy_common::ops::now_unix_ms(), change],
-            )?;
-            for (k, (secret, v)) in &rows {
-                tx.execute(
-                    "INSERT INTO config_values (app, environment, revision, key, secret, value) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                    params![app.as_str(), env, next as i64, k, secret, v],
-                )?;
+                params![app.as_str(), env, next, who, convoy_common::ops::now_unix_ms(), &change],
+            )
+            .await;
+        match made {
+            Err(e) if e.is_conflict() => {
+                return Err(ConfigError::Invalid(format!(
+                    "revision {next} of {app} {env} was made by someone else meanwhile; look at it (config show) and change again"
+                )))
             }
-            Ok(())
-        })?;
+            r => r?,
+        };
+        for (k, (secret, v)) in &rows {
+            tx.execute(
+                "INSERT INTO config_values (app, environment, revision, key, secret, value) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![app.as_str(), env, next, k, secret, v],
+            )
+            .await?;
+        }
+        tx.commit().await?;
         tracing::info!(%app, env, revision = next, by = who, change = %change, "configuration changed");
         Ok((next, change))
     }
 
     /// Stored rows of a revision: key → (secret, stored bytes).
-    fn rows(&self, app: &AppName, env: &str, revision: u64) -> Result<BTreeMap<String, (bool, Vec<u8>)>, ConfigError> {
-        Ok(self.db.transaction(|tx| {
-            let mut stmt = tx.prepare(
+    async fn rows(
+        &self,
+        app: &AppName,
+        env: &str,
+        revision: u64,
+    ) -> Result<BTreeMap<String, (bool, Vec<u8>)>, ConfigError> {
+        Ok(self
+            .db
+            .query(
                 "SELECT key, secret, value FROM config_values WHERE app = ?1 AND environment = ?2 AND revision = ?3",
-            )?;
-            let rows = stmt
-                .query_map(params![app.as_str(), env, revision as i64], |r| {
-                    Ok((r.get::<_, String>(0)?, (r.get::<_, bool>(1)?, r.get::<_, Vec<u8>>(2)?)))
-                })?
-                .collect::<rusqlite::Result<BTreeMap<_, _>>>()?;
-            Ok(rows)
-        })?)
+                params![app.as_str(), env, revision],
+            )
+            .await?
+            .iter()
+            .map(|r| Ok((r.get::<String>(0)?, (r.get::<bool>(1)?, r.get::<Vec<u8>>(2)?))))
+            .collect::<Result<BTreeMap<_, _>, DbError>>()?)
     }
 
-    fn check_revision(&self, app: &AppName, env: &str, revision: u64) -> Result<(), ConfigError> {
-        let latest = self.latest(app, env)?;
+    async fn check_revision(&self, app: &AppName, env: &str, revision: u64) -> Result<(), ConfigError> {
+        let latest = self.latest(app, env).await?;
         if revision == 0 || revision > latest {
             return Err(ConfigError::NotFound(match latest {
                 0 => format!("{app} has no configuration in {env}"),
@@ -456,14 +473,14 @@ impl AppConfig {
     }
 
     /// A revision's values, secrets opened (for rendering only).
-    pub fn values(
+    pub async fn values(
         &self,
         app: &AppName,
         env: &str,
         revision: u64,
     ) -> Result<BTreeMap<String, ConfigValue>, ConfigError> {
         let mut out = BTreeMap::new();
-        for (k, (secret, v)) in self.rows(app, env, revision)? {
+        for (k, (secret, v)) in self.rows(app, env, revision).await? {
             let value = if secret {
                 let plain = self
                     .keys
@@ -479,19 +496,26 @@ impl AppConfig {
     }
 
     /// A revision as an operator sees it (the newest with `None`).
-    pub fn show(&self, app: &AppName, env: &str, revision: Option<u64>) -> Result<(Revision, Vec<Shown>), ConfigError> {
+    pub async fn show(
+        &self,
+        app: &AppName,
+        env: &str,
+        revision: Option<u64>,
+    ) -> Result<(Revision, Vec<Shown>), ConfigError> {
         let revision = match revision {
             Some(r) => r,
-            None => self.latest(app, env)?,
+            None => self.latest(app, env).await?,
         };
-        self.check_revision(app, env, revision)?;
+        self.check_revision(app, env, revision).await?;
         let head = self
-            .history(app, env)?
+            .history(app, env)
+            .await?
             .into_iter()
             .find(|r| r.revision == revision)
             .ok_or_else(|| ConfigError::NotFound(format!("no revision {revision}")))?;
         let shown = self
-            .values(app, env, revision)?
+            .values(app, env, revision)
+            .await?
             .into_iter()
             .map(|(key, v)| Shown {
                 fingerprint: self.keys.fingerprint(&v.value),
@@ -506,7 +530,7 @@ impl AppConfig {
     /// The values of `key` a host may get in the newest revision, the one
     /// it gets first; each as (scope, secret, shown value, fingerprint) in
     /// a `Shown` whose `key` is the scope.
-    pub fn explain(
+    pub async fn explain(
         &self,
         app: &AppName,
         env: &str,
@@ -514,9 +538,9 @@ impl AppConfig {
         labels: &BTreeMap<String, String>,
         key: &str,
     ) -> Result<(u64, Vec<Shown>), ConfigError> {
-        let revision = self.latest(app, env)?;
-        self.check_revision(app, env, revision)?;
-        let values = self.values(app, env, revision)?;
+        let revision = self.latest(app, env).await?;
+        self.check_revision(app, env, revision).await?;
+        let values = self.values(app, env, revision).await?;
         let all = candidates(&values, &Target { name: host, labels });
         let found = all.get(key).ok_or_else(|| {
             ConfigError::NotFound(format!(
@@ -538,45 +562,48 @@ impl AppConfig {
     }
 
     /// Every revision, newest first.
-    pub fn history(&self, app: &AppName, env: &str) -> Result<Vec<Revision>, ConfigError> {
-        Ok(self.db.transaction(|tx| {
-            let mut stmt = tx.prepare(
+    pub async fn history(&self, app: &AppName, env: &str) -> Result<Vec<Revision>, ConfigError> {
+        Ok(self
+            .db
+            .query(
                 "SELECT revision, author, at_ms, change FROM config_revisions
                  WHERE app = ?1 AND environment = ?2 ORDER BY revision DESC",
-            )?;
-            let rows = stmt
-                .query_map(params![app.as_str(), env], |r| {
-                    Ok(Revision {
-                        revision: r.get::<_, i64>(0)? as u64,
-                        author: r.get(1)?,
-                        at_ms: r.get(2)?,
-                        change: r.get(3)?,
-                    })
-                })?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
-            Ok(rows)
-        })?)
+                params![app.as_str(), env],
+            )
+            .await?
+            .iter()
+            .map(|r| {
+                Ok(Revision {
+                    revision: r.get::<i64>(0)? as u64,
+                    author: r.get(1)?,
+                    at_ms: r.get(2)?,
+                    change: r.get(3)?,
+                })
+            })
+            .collect::<Result<Vec<_>, DbError>>()?)
     }
 
     /// Seals every secret with a new key. The new key is written beside
     /// the old one first, the values are resealed in one transaction, then
     /// the new key replaces the old: an interruption at any point leaves
     /// every value openable. Returns (the new key's id, values resealed).
-    pub fn rotate_key(&self) -> Result<(u32, usize), ConfigError> {
+    pub async fn rotate_key(&self) -> Result<(u32, usize), ConfigError> {
         let old = self.keys.current();
         let new = Key::random(old.id + 1);
         let pending = pending(&self.keys.path);
         convoy_common::fsutil::write_atomic(&pending, new.text().as_bytes(), 0o600)
             .map_err(|e| ConfigError::Sealed(format!("{}: {e}", pending.display())))?;
         self.keys.keys.write().unwrap().push(new.clone());
-        let sealed: Vec<(String, String, i64, String, Vec<u8>)> = self.db.transaction(|tx| {
-            let mut stmt =
-                tx.prepare("SELECT app, environment, revision, key, value FROM config_values WHERE secret = 1")?;
-            let rows = stmt
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
-            Ok(rows)
-        })?;
+        let sealed: Vec<(String, String, i64, String, Vec<u8>)> = self
+            .db
+            .query(
+                "SELECT app, environment, revision, key, value FROM config_values WHERE secret = 1",
+                &[],
+            )
+            .await?
+            .iter()
+            .map(|r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))
+            .collect::<Result<_, DbError>>()?;
         let mut resealed = Vec::with_capacity(sealed.len());
         for (app, env, rev, key, value) in &sealed {
             let name = AppName::new(app.clone()).map_err(|e| ConfigError::Sealed(e.to_string()))?;
@@ -584,15 +611,15 @@ impl AppConfig {
             let plain = self.keys.open_value(&a, value).map_err(ConfigError::Sealed)?;
             resealed.push((app, env, rev, key, Keyring::seal_with(&new, &a, &plain)));
         }
-        self.db.transaction(|tx| {
-            for (app, env, rev, key, value) in &resealed {
-                tx.execute(
-                    "UPDATE config_values SET value = ?5 WHERE app = ?1 AND environment = ?2 AND revision = ?3 AND key = ?4",
-                    params![app, env, rev, key, value],
-                )?;
-            }
-            Ok(())
-        })?;
+        let mut tx = self.db.begin().await?;
+        for (app, env, rev, key, value) in &resealed {
+            tx.execute(
+                "UPDATE config_values SET value = ?5 WHERE app = ?1 AND environment = ?2 AND revision = ?3 AND key = ?4",
+                params![*app, *env, *rev, *key, value],
+            )
+            .await?;
+        }
+        tx.commit().await?;
         std::fs::rename(&pending, &self.keys.path)
             .map_err(|e| ConfigError::Sealed(format!("{}: {e}", self.keys.path.display())))?;
         let _ = convoy_common::fsutil::fsync_dir(self.keys.path.parent().unwrap_or(Path::new("/")));
@@ -603,14 +630,15 @@ impl AppConfig {
 
     /// A fingerprint per key of a revision, for comparing environments:
     /// key → (secret, shown value, fingerprint).
-    fn fingerprints(
+    async fn fingerprints(
         &self,
         app: &AppName,
         env: &str,
         revision: u64,
     ) -> Result<BTreeMap<String, (bool, String, String)>, ConfigError> {
         Ok(self
-            .values(app, env, revision)?
+            .values(app, env, revision)
+            .await?
             .into_iter()
             .map(|(k, v)| {
                 let fp = self.keys.fingerprint(&v.value);
@@ -621,36 +649,37 @@ impl AppConfig {
     }
 
     /// The schema a release declared at push, if any.
-    pub fn schema(&self, app: &AppName, version: &Version) -> Result<Option<Schema>, ConfigError> {
-        let text: Option<String> = self.db.transaction(|tx| {
-            Ok(tx
-                .query_row(
-                    "SELECT config_schema FROM releases WHERE app = ?1 AND version = ?2",
-                    params![app.as_str(), version.as_str()],
-                    |r| r.get::<_, Option<String>>(0),
-                )
-                .optional()?
-                .flatten())
-        })?;
+    pub async fn schema(&self, app: &AppName, version: &Version) -> Result<Option<Schema>, ConfigError> {
+        let text: Option<String> = match self
+            .db
+            .query_opt(
+                "SELECT config_schema FROM releases WHERE app = ?1 AND version = ?2",
+                params![app.as_str(), version.as_str()],
+            )
+            .await?
+        {
+            Some(r) => r.get(0)?,
+            None => None,
+        };
         text.map(|t| serde_json::from_str(&t).map_err(|e| ConfigError::Sealed(format!("stored schema: {e}"))))
             .transpose()
     }
 
-    pub fn set_schema(&self, app: &AppName, version: &Version, schema: &Schema) -> Result<(), ConfigError> {
+    pub async fn set_schema(&self, app: &AppName, version: &Version, schema: &Schema) -> Result<(), ConfigError> {
         let text = serde_json::to_string(schema).expect("a schema serialises");
-        self.db.transaction(|tx| {
-            tx.execute(
+        self.db
+            .execute(
                 "UPDATE releases SET config_schema = ?3 WHERE app = ?1 AND version = ?2",
                 params![app.as_str(), version.as_str(), text],
             )
-        })?;
+            .await?;
         Ok(())
     }
 
     /// Which revision a deploy of `version` takes (the newest, or the one
     /// named), checked against what the release declares. `Ok(None)`: the
     /// release declares nothing, and there is nothing to render.
-    pub fn for_deploy(
+    pub async fn for_deploy(
         &self,
         app: &AppName,
         env: &str,
@@ -658,7 +687,7 @@ impl AppConfig {
         revision: Option<u64>,
         targets: &[Target<'_>],
     ) -> Result<Option<u64>, ConfigError> {
-        let Some(schema) = self.schema(app, version)? else {
+        let Some(schema) = self.schema(app, version).await? else {
             return match revision {
                 Some(_) => Err(ConfigError::Invalid(format!(
                     "--config-revision: {app} {version} declares no configuration (no convoy/config.toml)"
@@ -668,14 +697,14 @@ impl AppConfig {
         };
         let revision = match revision {
             Some(r) => {
-                self.check_revision(app, env, r)?;
+                self.check_revision(app, env, r).await?;
                 r
             }
-            None => self.latest(app, env)?,
+            None => self.latest(app, env).await?,
         };
         let values = match revision {
             0 => BTreeMap::new(),
-            r => self.values(app, env, r)?,
+            r => self.values(app, env, r).await?,
         };
         // Each target gets its own values: every one must fit. A problem
         // that not every target has names the hosts that have it.
@@ -723,16 +752,22 @@ impl AppConfig {
 
     /// The revision a deploy of `version` into `env` used the last time
     /// it succeeded there, if any.
-    pub fn passed_revision(&self, app: &AppName, version: &Version, env: &str) -> Result<Option<u64>, ConfigError> {
-        let plan: Option<String> = self.db.transaction(|tx| {
-            tx.query_row(
+    pub async fn passed_revision(
+        &self,
+        app: &AppName,
+        version: &Version,
+        env: &str,
+    ) -> Result<Option<u64>, ConfigError> {
+        let plan: Option<String> = self
+            .db
+            .query_opt(
                 "SELECT plan FROM rollouts WHERE app = ?1 AND version = ?2 AND environment = ?3
                  AND kind = 'deploy' AND state = 'succeeded' ORDER BY finished_at_ms DESC LIMIT 1",
                 params![app.as_str(), version.as_str(), env],
-                |r| r.get(0),
             )
-            .optional()
-        })?;
+            .await?
+            .map(|r| r.get(0))
+            .transpose()?;
         Ok(plan
             .and_then(|p| serde_json::from_str::<serde_json::Value>(&p).ok())
             .and_then(|v| v["kind"]["Deploy"]["config_revision"].as_u64()))
@@ -741,17 +776,22 @@ impl AppConfig {
     /// Every key of two revisions (0: none) side by side: its values as
     /// shown (empty for a secret) and how they compare: `same`, `changed`,
     /// `only-from`, `only-to`.
-    pub fn diff(
+    pub async fn diff(
         &self,
         app: &AppName,
         (from_env, from_rev): (&str, u64),
         (to_env, to_rev): (&str, u64),
     ) -> Result<Vec<Compared>, ConfigError> {
-        let side = |env: &str, rev: u64| match rev {
-            0 => Ok(BTreeMap::new()),
-            r => self.fingerprints(app, env, r),
+        let side = |env: &str, rev: u64| {
+            let env = env.to_owned();
+            async move {
+                match rev {
+                    0 => Ok(BTreeMap::new()),
+                    r => self.fingerprints(app, &env, r).await,
+                }
+            }
         };
-        let (from, to) = (side(from_env, from_rev)?, side(to_env, to_rev)?);
+        let (from, to) = (side(from_env, from_rev).await?, side(to_env, to_rev).await?);
         let keys: std::collections::BTreeSet<&String> = from.keys().chain(to.keys()).collect();
         Ok(keys
             .into_iter()
@@ -775,7 +815,7 @@ impl AppConfig {
     }
 
     /// The files of `version` rendered with a revision.
-    pub fn render(
+    pub async fn render(
         &self,
         app: &AppName,
         env: &str,
@@ -785,11 +825,12 @@ impl AppConfig {
     ) -> Result<RenderedConfig, String> {
         let schema = self
             .schema(app, version)
+            .await
             .map_err(|e| e.to_string())?
             .ok_or_else(|| format!("{app} {version} declares no configuration"))?;
         let values = match revision {
             0 => BTreeMap::new(),
-            r => self.values(app, env, r).map_err(|e| e.to_string())?,
+            r => self.values(app, env, r).await.map_err(|e| e.to_string())?,
         };
         Ok(RenderedConfig {
             revision,
@@ -798,8 +839,9 @@ impl AppConfig {
     }
 }
 
+#[async_trait::async_trait]
 impl crate::rollout::seams::ConfigSource for AppConfig {
-    fn for_deploy(
+    async fn for_deploy(
         &self,
         app: &AppName,
         env: &str,
@@ -808,10 +850,12 @@ impl crate::rollout::seams::ConfigSource for AppConfig {
         targets: &[crate::rollout::seams::Labelled<'_>],
     ) -> Result<Option<u64>, String> {
         let targets: Vec<Target<'_>> = targets.iter().map(|(name, labels)| Target { name, labels }).collect();
-        AppConfig::for_deploy(self, app, env, version, revision, &targets).map_err(|e| e.to_string())
+        AppConfig::for_deploy(self, app, env, version, revision, &targets)
+            .await
+            .map_err(|e| e.to_string())
     }
 
-    fn render(
+    async fn render(
         &self,
         app: &AppName,
         env: &str,
@@ -819,10 +863,10 @@ impl crate::rollout::seams::ConfigSource for AppConfig {
         revision: u64,
         (name, labels): crate::rollout::seams::Labelled<'_>,
     ) -> Result<RenderedConfig, String> {
-        AppConfig::render(self, app, env, version, revision, &Target { name, labels })
+        AppConfig::render(self, app, env, version, revision, &Target { name, labels }).await
     }
 
-    fn against_passed(
+    async fn against_passed(
         &self,
         app: &AppName,
         version: &Version,
@@ -830,11 +874,16 @@ impl crate::rollout::seams::ConfigSource for AppConfig {
         env: &str,
         revision: u64,
     ) -> Result<Option<Passed>, String> {
-        let Some(passed) = self.passed_revision(app, version, before).map_err(|e| e.to_string())? else {
+        let Some(passed) = self
+            .passed_revision(app, version, before)
+            .await
+            .map_err(|e| e.to_string())?
+        else {
             return Ok(None);
         };
         let diff = self
             .diff(app, (before, passed), (env, revision))
+            .await
             .map_err(|e| e.to_string())?
             .into_iter()
             .filter(|c| c.how != "same")
@@ -885,15 +934,17 @@ mod tests {
         assert_eq!(c["PORT"].len(), 1);
     }
 
-    fn store(dir: &Path) -> AppConfig {
-        let db = Arc::new(Db::open(&dir.join("convoy.db")).unwrap());
-        AppConfig::new(db, Keyring::open(&dir.join("config.key")).unwrap())
+    #[tokio::test]
+    async fn revisions_are_immutable_and_secrets_are_sealed_at_rest_and_survive_rotation() {
+        for (what, db, keep) in crate::db::testing::both("config").await {
+            let d = tempfile::tempdir().unwrap();
+            let db = Arc::new(db);
+            let c = AppConfig::new(db.clone(), Keyring::open(&d.path().join("config.key")).unwrap());
+            sealed_values(what, &c, db, keep, d.path()).await;
+        }
     }
 
-    #[test]
-    fn revisions_are_immutable_and_secrets_are_sealed_at_rest_and_survive_rotation() {
-        let d = tempfile::tempdir().unwrap();
-        let c = store(d.path());
+    async fn sealed_values(what: &str, c: &AppConfig, db: Arc<Db>, sqlite: Option<tempfile::TempDir>, d: &Path) {
         let app = AppName::new("web").unwrap();
         let secret = "hunter2-very-secret-value";
         let r1 = c
@@ -907,6 +958,7 @@ mod tests {
                     ..Default::default()
                 },
             )
+            .await
             .unwrap();
         assert_eq!(r1, (1, "set DATABASE_URL, set secret API_KEY".to_owned()));
         let r2 = c
@@ -919,33 +971,44 @@ mod tests {
                     ..Default::default()
                 },
             )
+            .await
             .unwrap();
         assert_eq!(r2.0, 2);
         assert_eq!(
-            c.values(&app, "staging", 1).unwrap().len(),
+            c.values(&app, "staging", 1).await.unwrap().len(),
             2,
             "revision 1 is unchanged"
         );
-        assert_eq!(c.values(&app, "staging", 2).unwrap()["API_KEY"].value, secret);
-        let (head, shown) = c.show(&app, "staging", None).unwrap();
+        assert_eq!(c.values(&app, "staging", 2).await.unwrap()["API_KEY"].value, secret);
+        let (head, shown) = c.show(&app, "staging", None).await.unwrap();
         assert_eq!((head.revision, head.author.as_str()), (2, "operator:bob"));
         assert_eq!(head.change, "unset DATABASE_URL");
         assert_eq!(shown[0].value, "", "a secret is never shown");
-        let file = std::fs::read(d.path().join("convoy.db")).unwrap();
-        assert!(
-            !file.windows(secret.len()).any(|w| w == secret.as_bytes()),
-            "sealed at rest"
-        );
-        let key_mode = std::os::unix::fs::PermissionsExt::mode(
-            &std::fs::metadata(d.path().join("config.key")).unwrap().permissions(),
-        );
+        let stored = db.query("SELECT value FROM config_values", &[]).await.unwrap();
+        assert_eq!(stored.len(), 3, "{what}");
+        for r in stored {
+            let v: Vec<u8> = r.get(0).unwrap();
+            assert!(
+                !v.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                "{what}: sealed at rest"
+            );
+        }
+        if let Some(dir) = &sqlite {
+            let file = std::fs::read(dir.path().join("config.db")).unwrap();
+            assert!(
+                !file.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                "sealed in the file"
+            );
+        }
+        let key_mode =
+            std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(d.join("config.key")).unwrap().permissions());
         assert_eq!(key_mode & 0o777, 0o600);
         // Rotation: a new key, every secret resealed, still openable after a restart.
-        let before = std::fs::read_to_string(d.path().join("config.key")).unwrap();
-        assert_eq!(c.rotate_key().unwrap(), (2, 2));
-        assert_ne!(std::fs::read_to_string(d.path().join("config.key")).unwrap(), before);
-        let again = store(d.path());
-        assert_eq!(again.values(&app, "staging", 1).unwrap()["API_KEY"].value, secret);
+        let before = std::fs::read_to_string(d.join("config.key")).unwrap();
+        assert_eq!(c.rotate_key().await.unwrap(), (2, 2));
+        assert_ne!(std::fs::read_to_string(d.join("config.key")).unwrap(), before);
+        let again = AppConfig::new(db.clone(), Keyring::open(&d.join("config.key")).unwrap());
+        assert_eq!(again.values(&app, "staging", 1).await.unwrap()["API_KEY"].value, secret);
         // A sealed value moved to another key does not open.
         let e = c
             .change(
@@ -957,10 +1020,11 @@ mod tests {
                     ..Default::default()
                 },
             )
+            .await
             .unwrap_err();
         assert_eq!(e.to_string(), "NOPE is not set in web staging");
         assert!(matches!(
-            c.show(&app, "staging", Some(9)),
+            c.show(&app, "staging", Some(9)).await,
             Err(ConfigError::NotFound(_))
         ));
     }

@@ -335,8 +335,8 @@ pub struct Sink {
 }
 
 impl Sink {
-    pub fn record(&self, m: &Measurement) {
-        if let Err(e) = self.store.record_measurement(&self.rollout_id, m) {
+    pub async fn record(&self, m: &Measurement) {
+        if let Err(e) = self.store.record_measurement(&self.rollout_id, m).await {
             tracing::error!(rollout = %self.rollout_id, error = %e, "could not record a measurement");
         }
         tracing::info!(
@@ -432,7 +432,7 @@ async fn measure_loop(analyzer: Analyzer, sink: Sink, sides: Arc<Mutex<Sides>>, 
         tx.send_modify(|s| s.started = n);
         let round = analyzer.round(&now).await;
         for m in &round {
-            sink.record(m);
+            sink.record(m).await;
         }
         let (verdict, breach) = tally.add(&analyzer.spec, &round);
         tx.send_modify(|s| {

@@ -34,7 +34,7 @@ impl DryRun {
 
 impl Engine {
     pub async fn dry_run(&self, who: &str, o: &DeployOrder) -> Result<DryRun, Refused> {
-        let p = self.plan_deploy(who, o)?;
+        let p = self.plan_deploy(who, o).await?;
         let mut verdicts: Vec<(&'static str, Result<String, String>)> = p
             .verdicts
             .into_iter()

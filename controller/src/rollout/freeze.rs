@@ -46,8 +46,8 @@ pub(super) enum Clearance {
 
 impl Engine {
     /// Takes the freezes from the store (at start).
-    pub fn load_freezes(&self) -> Result<(), Refused> {
-        let all = self.store.freezes()?;
+    pub async fn load_freezes(&self) -> Result<(), Refused> {
+        let all = self.store.freezes().await?;
         self.freezes
             .send_replace(all.into_iter().map(|f| (f.env.clone(), f)).collect());
         Ok(())
@@ -55,7 +55,7 @@ impl Engine {
 
     /// Freezes `env` (replacing a freeze it has) for `span`, or until
     /// unfrozen.
-    pub fn freeze(&self, who: &str, env: &str, reason: &str, span: Option<Duration>) -> Result<Freeze, Refused> {
+    pub async fn freeze(&self, who: &str, env: &str, reason: &str, span: Option<Duration>) -> Result<Freeze, Refused> {
         convoy_common::AppName::new(env.to_owned()).map_err(|e| Refused::Invalid(format!("--env: {e}")))?;
         if reason.trim().is_empty() {
             return Err(Refused::Invalid(
@@ -70,7 +70,7 @@ impl Engine {
             at_ms: now,
             until_ms: span.map(|d| now + d.as_millis() as i64),
         };
-        self.store.set_freeze(&f)?;
+        self.store.set_freeze(&f).await?;
         self.freezes.send_modify(|m| {
             m.insert(env.to_owned(), f.clone());
         });
@@ -81,10 +81,11 @@ impl Engine {
     }
 
     /// Lifts `env`'s freeze; refused when it has none.
-    pub fn unfreeze(&self, who: &str, env: &str) -> Result<Freeze, Refused> {
+    pub async fn unfreeze(&self, who: &str, env: &str) -> Result<Freeze, Refused> {
         let f = self
             .store
-            .clear_freeze(env, who)?
+            .clear_freeze(env, who)
+            .await?
             .ok_or_else(|| Refused::NotFound(format!("{env} is not frozen")))?;
         self.freezes.send_modify(|m| {
             m.remove(env);

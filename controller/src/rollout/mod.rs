@@ -165,7 +165,7 @@ impl Engine {
     /// Parity: how the configuration differs from the one this version
     /// passed the environment before with (plan notes); with `parity =
     /// "strict"`, a key set on one side only refuses the deploy.
-    fn parity(
+    async fn parity(
         &self,
         spec: &AppSpec,
         app: &AppName,
@@ -183,6 +183,7 @@ impl Engine {
         };
         let Some((passed, diff)) = c
             .against_passed(app, version, before, env, rev)
+            .await
             .map_err(Refused::Precondition)?
         else {
             return Ok(vec![]);
@@ -217,7 +218,7 @@ impl Engine {
     }
 
     /// Renders a revision for a host's activation.
-    pub(super) fn render_config(
+    pub(super) async fn render_config(
         &self,
         app: &AppName,
         env: &str,
@@ -229,7 +230,7 @@ impl Engine {
             return Err("this controller keeps no configuration".into());
         };
         let labels = self.fleet.host(host).map(|h| h.labels).unwrap_or_default();
-        c.render(app, env, version, revision, (host.as_str(), &labels))
+        c.render(app, env, version, revision, (host.as_str(), &labels)).await
     }
 
     /// Measures metric gates on `source`.
@@ -290,7 +291,7 @@ impl Engine {
     /// that makes no deploy at all (an unknown environment, a release
     /// never pushed, no target) is an error; the rules that may hold a
     /// deploy back are verdicts.
-    pub fn plan_deploy(&self, who: &str, o: &DeployOrder) -> Result<DeployPlan, Refused> {
+    pub async fn plan_deploy(&self, who: &str, o: &DeployOrder) -> Result<DeployPlan, Refused> {
         let (app, version, env) = (&o.app, &o.version, &o.env);
         let spec = self.load_spec(app)?;
         let Some(pos) = spec.environments.iter().position(|e| e == env) else {
@@ -299,7 +300,7 @@ impl Engine {
                 spec.environments.join(", ")
             )));
         };
-        let release = self.store.release(app, version)?.ok_or_else(|| {
+        let release = self.store.release(app, version).await?.ok_or_else(|| {
             Refused::NotFound(format!(
                 "{app} {version} has not been pushed; run `convoy release push {app} {version} FILE`"
             ))
@@ -344,7 +345,7 @@ impl Engine {
                 Ok(format!("skipped by a hotfix: {}", reason.trim()))
             } else {
                 let before = &spec.environments[pos - 1];
-                if self.store.completed_in(app, version, before)? {
+                if self.store.completed_in(app, version, before).await? {
                     Ok(format!("{app} {version} completed in {before}"))
                 } else {
                     Err(Refused::Precondition(format!(
@@ -404,7 +405,7 @@ impl Engine {
             n
         };
         let budget = o.failure_budget.hosts(targets.len());
-        let contents = self.store.release_contents(app, version)?;
+        let contents = self.store.release_contents(app, version).await?;
         let preflight = preflight::command(&spec, &release, contents.as_ref());
         // Each host's command gets its own operation id when it is sent.
         let cmd = ActivateCommand {
@@ -426,10 +427,11 @@ impl Engine {
                     o.config_revision,
                     &targets.iter().map(|h| (h.name.as_str(), &h.labels)).collect::<Vec<_>>(),
                 )
+                .await
                 .map_err(|e| Refused::Precondition(format!("deploy refused, nothing was changed: {e}")))?,
             None => None,
         };
-        let config_notes = self.parity(&spec, app, version, env, pos, config_revision)?;
+        let config_notes = self.parity(&spec, app, version, env, pos, config_revision).await?;
         if o.blue_green && spec.install.blue_green.is_none() {
             return Err(Refused::Invalid(format!(
                 "--strategy blue-green: {app}'s spec has no [blue_green], so its hosts run one install; add [blue_green] (slot ports, keep_warm) to run two slots"
@@ -497,9 +499,13 @@ impl Engine {
     }
 
     /// Plans and starts a deploy; returns its event stream.
-    pub fn start_deploy(self: &Arc<Self>, who: &str, o: DeployOrder) -> Result<broadcast::Receiver<Event>, Refused> {
+    pub async fn start_deploy(
+        self: &Arc<Self>,
+        who: &str,
+        o: DeployOrder,
+    ) -> Result<broadcast::Receiver<Event>, Refused> {
         let (app, version, env) = (&o.app, &o.version, &o.env);
-        let mut p = self.plan_deploy(who, &o)?;
+        let mut p = self.plan_deploy(who, &o).await?;
         for g in std::mem::take(&mut p.verdicts) {
             g.verdict?;
         }
@@ -521,7 +527,7 @@ impl Engine {
             operator: who,
             plan: &rollout.saved_plan(),
         };
-        if let Err(e) = self.store.start_rollout(&record) {
+        if let Err(e) = self.store.start_rollout(&record).await {
             self.release_slot(app, env);
             return Err(e.into());
         }
@@ -532,7 +538,7 @@ impl Engine {
                 held.join("; "),
                 o.hotfix.as_deref().unwrap_or("").trim()
             );
-            if let Err(e) = self.store.audit(who, "hotfix_pass", env, &detail) {
+            if let Err(e) = self.store.audit(who, "hotfix_pass", env, &detail).await {
                 tracing::error!(error = %e, "could not audit a hotfix pass");
             }
             tracing::warn!(rollout = %rollout.id, by = %who, "{detail}");
@@ -546,7 +552,7 @@ impl Engine {
     /// Checks and starts a manual rollback; returns its event stream. It
     /// is refused before anything changes if a host does not hold its
     /// target.
-    pub fn start_rollback(
+    pub async fn start_rollback(
         self: &Arc<Self>,
         who: &str,
         o: RollbackOrder,
@@ -559,7 +565,7 @@ impl Engine {
             )));
         }
         if let Some(v) = &o.to {
-            if self.store.release(app, v)?.is_none() {
+            if self.store.release(app, v).await?.is_none() {
                 return Err(Refused::NotFound(format!(
                     "rollback refused, nothing was changed: {app} {v} was never pushed"
                 )));
@@ -643,7 +649,7 @@ impl Engine {
             operator: who,
             plan: &rollout.saved_plan(),
         };
-        if let Err(e) = self.store.start_rollout(&record) {
+        if let Err(e) = self.store.start_rollout(&record).await {
             self.release_slot(app, env);
             return Err(e.into());
         }
@@ -722,39 +728,50 @@ impl Engine {
 
     /// Applies an operator's action to a running rollout; returns what the
     /// operator is told.
-    pub fn control(&self, id: &str, action: Action, who: &str) -> Result<String, Refused> {
-        let live = self.live.lock().unwrap();
-        let Some(l) = live.get(id) else {
-            return Err(match self.store.rollout(id)? {
+    pub async fn control(&self, id: &str, action: Action, who: &str) -> Result<String, Refused> {
+        let (now, applied) = {
+            let live = self.live.lock().unwrap();
+            match live.get(id) {
+                None => (None, None),
+                Some(l) => {
+                    let now = l.control.borrow().clone();
+                    let applied = control::apply(&now, action, who).map_err(|r| {
+                        let message = r.message(id);
+                        if r.is_permission() {
+                            Refused::Permission(message)
+                        } else {
+                            Refused::Precondition(message)
+                        }
+                    })?;
+                    (Some(now), Some(applied))
+                }
+            }
+        };
+        let (Some(now), Some(applied)) = (now, applied) else {
+            return Err(match self.store.rollout(id).await? {
                 Some(row) => Refused::Precondition(format!("rollout {id} is not running (state: {})", row.state)),
                 None => Refused::NotFound(format!("no rollout {id}")),
             });
         };
-        let now = l.control.borrow().clone();
-        let applied = control::apply(&now, action, who).map_err(|r| {
-            let message = r.message(id);
-            if r.is_permission() {
-                Refused::Permission(message)
-            } else {
-                Refused::Precondition(message)
-            }
-        })?;
+        // The approval is recorded before the rollout may go on.
         if applied.approved {
-            self.store.approve(id, who)?;
+            self.store.approve(id, who).await?;
         }
         tracing::info!(rollout = %id, by = %who, ?action, "rollout control");
         if applied.next != now {
-            l.control.send_replace(applied.next);
+            if let Some(l) = self.live.lock().unwrap().get(id) {
+                l.control.send_replace(applied.next);
+            }
         }
         Ok(applied.reply)
     }
 
     /// A running rollout's event stream, from now until it ends.
-    pub fn watch(&self, id: &str) -> Result<broadcast::Receiver<Event>, Refused> {
+    pub async fn watch(&self, id: &str) -> Result<broadcast::Receiver<Event>, Refused> {
         if let Some(l) = self.live.lock().unwrap().get(id) {
             return Ok(l.events.subscribe());
         }
-        Err(match self.store.rollout(id)? {
+        Err(match self.store.rollout(id).await? {
             Some(row) => Refused::Precondition(format!(
                 "rollout {id} has ended (state: {}); see `convoy history --rollout {id}`",
                 row.state

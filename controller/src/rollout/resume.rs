@@ -29,7 +29,7 @@ impl Engine {
     /// answers a repeated id with what it already did, so no host is
     /// activated twice.
     pub async fn resume_all(self: Arc<Self>) {
-        let rows = match self.store.running_rollouts() {
+        let rows = match self.store.running_rollouts().await {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(error = %e, "cannot read running rollouts");
@@ -38,19 +38,22 @@ impl Engine {
         };
         for (row, plan) in rows {
             let fail = |why: String| {
-                tracing::error!(rollout = %row.id, "{why}");
-                if let Err(e) = self.store.finish_rollout(&row.id, "failed", &why) {
-                    tracing::error!(rollout = %row.id, error = %e, "could not record rollout end");
+                let (store, id) = (self.store.clone(), row.id.clone());
+                async move {
+                    tracing::error!(rollout = %id, "{why}");
+                    if let Err(e) = store.finish_rollout(&id, "failed", &why).await {
+                        tracing::error!(rollout = %id, error = %e, "could not record rollout end");
+                    }
                 }
             };
             let (Ok(plan), Ok(app)) = (serde_json::from_str::<SavedPlan>(&plan), AppName::new(row.app.clone())) else {
-                fail("the controller restarted and this rollout's plan could not be read".into());
+                fail("the controller restarted and this rollout's plan could not be read".into()).await;
                 continue;
             };
-            let hosts = match self.store.rollout_hosts(&row.id) {
+            let hosts = match self.store.rollout_hosts(&row.id).await {
                 Ok(hosts) => hosts,
                 Err(e) => {
-                    fail(format!("cannot read recorded results: {e}"));
+                    fail(format!("cannot read recorded results: {e}")).await;
                     continue;
                 }
             };
@@ -81,7 +84,8 @@ impl Engine {
                 fail(format!(
                     "the controller restarted and cannot match a recorded host result to its operation ({e}); \
                      nothing more was sent: check the hosts with `convoy status` and deploy again"
-                ));
+                ))
+                .await;
                 continue;
             }
             let control = match row.state.as_str() {
@@ -111,13 +115,13 @@ impl Engine {
     /// hosts it moved, a host that did activate is rolled back too, so the
     /// fleet ends where the rollout says it is. Only the host an operation
     /// was sent to may answer for it.
-    pub fn late_result(self: &Arc<Self>, host: &HostName, r: &OpReport) {
+    pub async fn late_result(self: &Arc<Self>, host: &HostName, r: &OpReport) {
         let Ok(op) = OpId::parse(&r.op_id) else { return };
         if op.host() != host {
             return;
         }
         let id = op.rollout();
-        let Ok(Some((row, plan))) = self.store.rollout_with_plan(id) else {
+        let Ok(Some((row, plan))) = self.store.rollout_with_plan(id).await else {
             return;
         };
         let (Ok(plan), Ok(app)) = (serde_json::from_str::<SavedPlan>(&plan), AppName::new(row.app.clone())) else {
@@ -127,11 +131,11 @@ impl Engine {
             tracing::warn!(rollout = %id, %host, %op, "result for a rollout the host is not a target of ignored");
             return;
         }
-        if !matches!(self.store.host_outcome(id, &r.op_id), Ok(None)) {
+        if !matches!(self.store.host_outcome(id, &r.op_id).await, Ok(None)) {
             return; // already recorded: every hello repeats recent results
         }
         crate::metrics::get().host_result(r.outcome);
-        if let Err(e) = self.store.record_host_result(id, host, r) {
+        if let Err(e) = self.store.record_host_result(id, host, r).await {
             tracing::error!(rollout = %id, %host, error = %e, "could not record a late result");
             return;
         }
@@ -151,7 +155,7 @@ impl Engine {
             return;
         };
         let rollback_op = OpId::new(id, OpKind::Rollback, host);
-        if !matches!(self.store.host_outcome(id, &rollback_op.to_string()), Ok(None)) {
+        if !matches!(self.store.host_outcome(id, &rollback_op.to_string()).await, Ok(None)) {
             return;
         }
         let rollout = Rollout::new(head(&row, app), plan, HashMap::new(), Control::Run);

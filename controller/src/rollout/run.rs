@@ -225,7 +225,7 @@ impl Rollout {
         };
         let state = done.verdict.state();
         crate::metrics::get().rollout(self.kind.name(), state);
-        if let Err(e) = engine.store.finish_rollout(&self.id, state, &done.reason) {
+        if let Err(e) = engine.store.finish_rollout(&self.id, state, &done.reason).await {
             tracing::error!(rollout = %self.id, error = %e, "could not record rollout end");
         }
         engine.release_slot(&self.app, &self.env);
@@ -280,8 +280,8 @@ impl Rollout {
     }
 
     /// Records a state an operator sees in history while the rollout waits.
-    fn set_state(&self, engine: &Engine, state: &str) {
-        if let Err(e) = engine.store.set_rollout_state(&self.id, state) {
+    async fn set_state(&self, engine: &Engine, state: &str) {
+        if let Err(e) = engine.store.set_rollout_state(&self.id, state).await {
             tracing::error!(rollout = %self.id, state, error = %e, "could not record rollout state");
         }
     }
@@ -301,7 +301,7 @@ impl Rollout {
                 Control::Run => match self.held_by_freeze(engine) {
                     None => {
                         if let Some((was, _)) = waited {
-                            self.set_state(engine, "running");
+                            self.set_state(engine, "running").await;
                             match was {
                                 "paused" => self.note("resumed".into()),
                                 "awaiting_promotion" => self.note("promoted".into()),
@@ -342,7 +342,7 @@ impl Rollout {
             };
             if waited.as_ref().is_none_or(|(s, n)| *s != state || *n != note) {
                 self.note(note.clone());
-                self.set_state(engine, state);
+                self.set_state(engine, state).await;
                 waited = Some((state, note));
             }
             let until_expiry = async {
@@ -667,7 +667,7 @@ impl Rollout {
             events: self.tx.clone(),
             rollout_id: self.id.clone(),
         };
-        let recorded = engine.store.measurements(&self.id).map_err(|e| e.to_string())?;
+        let recorded = engine.store.measurements(&self.id).await.map_err(|e| e.to_string())?;
         if recorded
             .iter()
             .any(|m| m.judgement == convoy_common::analysis::Judgement::Before)
@@ -675,7 +675,7 @@ impl Rollout {
             analyzer.restore_before(&recorded);
         } else {
             for m in analyzer.prepare(&self.targets).await? {
-                sink.record(&m);
+                sink.record(&m).await;
             }
         }
         let names: Vec<&str> = spec.metrics.iter().map(|m| m.name.as_str()).collect();
@@ -707,6 +707,7 @@ impl Rollout {
                 c.config = Some(
                     engine
                         .render_config(&self.app, &self.env, &cmd.version, *rev, host)
+                        .await
                         .map_err(|e| format!("configuration of {host}: {e}"))?,
                 );
             }
@@ -722,11 +723,12 @@ impl Rollout {
             return Ok(done.clone());
         }
         self.traffic_step(engine, op, engine.steps.before_activate(rollout, host).await)
+            .await
             .map_err(|e| format!("before activating {host}: {e}"))?;
         let r = self.run_op(engine, op, Command::Activate(c)).await;
         let succeeded = matches!(&r, Ok(o) if o.outcome.is_success());
         let after = engine.steps.after_activate(rollout, host, succeeded).await;
-        if let Err(e) = self.traffic_step(engine, op, after) {
+        if let Err(e) = self.traffic_step(engine, op, after).await {
             return Err(format!("after activating {host}: {e}"));
         }
         r
@@ -759,6 +761,7 @@ impl Rollout {
         if slots.iter().all(|s| s.state != SlotState::Live) {
             // Nothing is live yet: no slot takes traffic before a switch.
             self.traffic_step(engine, op, engine.steps.slots(rollout, host, SlotAction::Isolate).await)
+                .await
                 .map_err(|e| format!("before activating {host}: {e}"))?;
         }
         let readied = self.run_op(engine, op, prepare).await?;
@@ -797,7 +800,7 @@ impl Rollout {
         // whose switch op succeeded is a host that moved.
         let keep = OpId::new(&self.id, OpKind::SwitchBack, host);
         let moved = engine.steps.slots(rollout, host, SlotAction::Switch { from, to }).await;
-        match self.traffic_step(engine, switch, moved) {
+        match self.traffic_step(engine, switch, moved).await {
             Ok(()) => {
                 let promoted = self.run_op(engine, switch, promote(switch, to)).await?;
                 Ok(if promoted.outcome.is_success() {
@@ -820,7 +823,7 @@ impl Rollout {
     }
 
     /// Records what a host step did as a `traffic` event of the host.
-    fn traffic_step(&self, engine: &Engine, op: &OpId, done: Result<String, String>) -> Result<(), String> {
+    async fn traffic_step(&self, engine: &Engine, op: &OpId, done: Result<String, String>) -> Result<(), String> {
         let (kind, message) = match &done {
             Ok(m) if m.is_empty() => return Ok(()),
             Ok(m) => (EventKind::Succeeded, m.clone()),
@@ -837,7 +840,8 @@ impl Rollout {
                 message,
                 at_unix_ms: convoy_common::ops::now_unix_ms(),
             },
-        );
+        )
+        .await;
         done.map(drop)
     }
 
@@ -866,7 +870,7 @@ impl Rollout {
         };
         for (h, _) in &failed {
             let op = OpId::new(&self.id, moved_by, h);
-            if matches!(engine.store.host_outcome(&self.id, &op.to_string()), Ok(Some(o)) if o.is_success()) {
+            if matches!(engine.store.host_outcome(&self.id, &op.to_string()).await, Ok(Some(o)) if o.is_success()) {
                 moved.push(h.clone());
             }
         }
@@ -1031,13 +1035,13 @@ impl Rollout {
         // not be lost.
         engine.fleet.forget(op);
         match (ended, result.try_recv()) {
-            (Ok(r), _) | (Err(_), Ok(r)) => Ok(self.accept(engine, op.host(), r, &mut events)),
+            (Ok(r), _) | (Err(_), Ok(r)) => Ok(self.accept(engine, op.host(), r, &mut events).await),
             (Err(why), Err(_)) => Err(why),
         }
     }
 
     /// Records a host's result (after the events it sent before it).
-    fn accept(
+    async fn accept(
         &self,
         engine: &Engine,
         host: &HostName,
@@ -1045,10 +1049,10 @@ impl Rollout {
         events: &mut tokio::sync::mpsc::Receiver<StepEvent>,
     ) -> HostOutcome {
         while let Ok(ev) = events.try_recv() {
-            self.record_event(engine, host, ev);
+            self.record_event(engine, host, ev).await;
         }
         crate::metrics::get().host_result(r.outcome);
-        if let Err(e) = engine.store.record_host_result(&self.id, host, &r) {
+        if let Err(e) = engine.store.record_host_result(&self.id, host, &r).await {
             tracing::error!(error = %e, "could not record host result");
         }
         let outcome = HostOutcome::from(&r);
@@ -1124,15 +1128,15 @@ impl Rollout {
                     if away.take().is_some() {
                         self.note(format!("{host} is back"));
                     }
-                    self.record_event(engine, host, ev);
+                    self.record_event(engine, host, ev).await;
                 }
                 _ = tick => {}
             }
         }
     }
 
-    fn record_event(&self, engine: &Engine, host: &HostName, ev: StepEvent) {
-        if let Err(e) = engine.store.record_event(&self.id, host, &ev) {
+    async fn record_event(&self, engine: &Engine, host: &HostName, ev: StepEvent) {
+        if let Err(e) = engine.store.record_event(&self.id, host, &ev).await {
             tracing::error!(error = %e, "could not record event");
         }
         self.emit(EventBody::Host {

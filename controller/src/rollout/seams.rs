@@ -131,12 +131,13 @@ pub type Passed = (u64, Vec<(String, &'static str)>);
 /// takes, checked against what it declares, and the files rendered from it
 /// when a host is sent its activation (never stored: they may hold
 /// secrets).
+#[async_trait::async_trait]
 pub trait ConfigSource: Send + Sync {
     /// The revision a deploy of `version` takes (the newest, or the one
     /// named); `Ok(None)` when the release declares no configuration. An
     /// error lists every problem.
     /// Values may be set per host group or host: each target must fit.
-    fn for_deploy(
+    async fn for_deploy(
         &self,
         app: &AppName,
         env: &str,
@@ -146,7 +147,7 @@ pub trait ConfigSource: Send + Sync {
     ) -> Result<Option<u64>, String>;
 
     /// The files for one host, its most specific values rendered.
-    fn render(
+    async fn render(
         &self,
         app: &AppName,
         env: &str,
@@ -159,7 +160,7 @@ pub trait ConfigSource: Send + Sync {
     /// revision `version` passed `before` with (its number); `None` when
     /// it never passed there with a configuration. How a key differs:
     /// `changed`, `only-from` (only in `before`), `only-to`.
-    fn against_passed(
+    async fn against_passed(
         &self,
         app: &AppName,
         version: &Version,

@@ -1,5 +1,5 @@
-//! What the engine keeps of rollouts, behind one interface so that a
-//! second database engine can stand beside SQLite (`crate::db`). Every
+//! What the engine keeps of rollouts, behind one interface (`crate::db`
+//! runs it on SQLite or PostgreSQL). Every
 //! rollout, host result, event, approval and end is recorded here as it
 //! happens; a restarted controller resumes from it.
 
@@ -23,96 +23,98 @@ impl From<crate::db::DbError> for StoreError {
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
+#[async_trait::async_trait]
 pub trait RolloutStore: Send + Sync {
-    fn release(&self, app: &AppName, version: &Version) -> Result<Option<Release>>;
+    async fn release(&self, app: &AppName, version: &Version) -> Result<Option<Release>>;
     /// What a release unpacks to and the units it ships, when recorded.
-    fn release_contents(&self, app: &AppName, version: &Version) -> Result<Option<ReleaseContents>>;
+    async fn release_contents(&self, app: &AppName, version: &Version) -> Result<Option<ReleaseContents>>;
     /// Whether `version` of `app` completed a deploy in `env`.
-    fn completed_in(&self, app: &AppName, version: &Version, env: &str) -> Result<bool>;
-    fn start_rollout(&self, r: &NewRollout<'_>) -> Result<()>;
-    fn set_rollout_state(&self, id: &str, state: &str) -> Result<()>;
-    fn approve(&self, id: &str, by: &str) -> Result<()>;
-    fn finish_rollout(&self, id: &str, state: &str, reason: &str) -> Result<()>;
-    fn record_event(&self, rollout: &str, host: &HostName, e: &StepEvent) -> Result<()>;
+    async fn completed_in(&self, app: &AppName, version: &Version, env: &str) -> Result<bool>;
+    async fn start_rollout(&self, r: &NewRollout<'_>) -> Result<()>;
+    async fn set_rollout_state(&self, id: &str, state: &str) -> Result<()>;
+    async fn approve(&self, id: &str, by: &str) -> Result<()>;
+    async fn finish_rollout(&self, id: &str, state: &str, reason: &str) -> Result<()>;
+    async fn record_event(&self, rollout: &str, host: &HostName, e: &StepEvent) -> Result<()>;
     /// Records a host's result once: a repeat of the same operation is ignored.
-    fn record_host_result(&self, rollout: &str, host: &HostName, r: &OpReport) -> Result<()>;
-    fn host_outcome(&self, rollout: &str, op_id: &str) -> Result<Option<Outcome>>;
-    fn rollout(&self, id: &str) -> Result<Option<RolloutRow>>;
+    async fn record_host_result(&self, rollout: &str, host: &HostName, r: &OpReport) -> Result<()>;
+    async fn host_outcome(&self, rollout: &str, op_id: &str) -> Result<Option<Outcome>>;
+    async fn rollout(&self, id: &str) -> Result<Option<RolloutRow>>;
     /// A rollout with its saved plan (JSON).
-    fn rollout_with_plan(&self, id: &str) -> Result<Option<(RolloutRow, String)>>;
+    async fn rollout_with_plan(&self, id: &str) -> Result<Option<(RolloutRow, String)>>;
     /// Rollouts not yet finished, with their plans, oldest first.
-    fn running_rollouts(&self) -> Result<Vec<(RolloutRow, String)>>;
-    fn rollout_hosts(&self, id: &str) -> Result<Vec<HostRow>>;
-    fn record_measurement(&self, rollout: &str, m: &Measurement) -> Result<()>;
+    async fn running_rollouts(&self) -> Result<Vec<(RolloutRow, String)>>;
+    async fn rollout_hosts(&self, id: &str) -> Result<Vec<HostRow>>;
+    async fn record_measurement(&self, rollout: &str, m: &Measurement) -> Result<()>;
     /// A rollout's measurements, oldest first.
-    fn measurements(&self, rollout: &str) -> Result<Vec<Measurement>>;
+    async fn measurements(&self, rollout: &str) -> Result<Vec<Measurement>>;
     /// Freezes an environment and audits it.
-    fn set_freeze(&self, f: &Freeze) -> Result<()>;
+    async fn set_freeze(&self, f: &Freeze) -> Result<()>;
     /// Lifts a freeze and audits it; `None` when there was none.
-    fn clear_freeze(&self, env: &str, who: &str) -> Result<Option<Freeze>>;
-    fn freezes(&self) -> Result<Vec<Freeze>>;
-    fn audit(&self, who: &str, action: &str, env: &str, detail: &str) -> Result<()>;
+    async fn clear_freeze(&self, env: &str, who: &str) -> Result<Option<Freeze>>;
+    async fn freezes(&self) -> Result<Vec<Freeze>>;
+    async fn audit(&self, who: &str, action: &str, env: &str, detail: &str) -> Result<()>;
 }
 
+#[async_trait::async_trait]
 impl RolloutStore for crate::db::Db {
-    fn release(&self, app: &AppName, version: &Version) -> Result<Option<Release>> {
-        Ok(crate::db::Db::release(self, app, version)?)
+    async fn release(&self, app: &AppName, version: &Version) -> Result<Option<Release>> {
+        Ok(crate::db::Db::release(self, app, version).await?)
     }
-    fn release_contents(&self, app: &AppName, version: &Version) -> Result<Option<ReleaseContents>> {
-        Ok(crate::db::Db::release_contents(self, app, version)?)
+    async fn release_contents(&self, app: &AppName, version: &Version) -> Result<Option<ReleaseContents>> {
+        Ok(crate::db::Db::release_contents(self, app, version).await?)
     }
-    fn completed_in(&self, app: &AppName, version: &Version, env: &str) -> Result<bool> {
-        Ok(crate::db::Db::completed_in(self, app, version, env)?)
+    async fn completed_in(&self, app: &AppName, version: &Version, env: &str) -> Result<bool> {
+        Ok(crate::db::Db::completed_in(self, app, version, env).await?)
     }
-    fn start_rollout(&self, r: &NewRollout<'_>) -> Result<()> {
-        Ok(crate::db::Db::start_rollout(self, r)?)
+    async fn start_rollout(&self, r: &NewRollout<'_>) -> Result<()> {
+        Ok(crate::db::Db::start_rollout(self, r).await?)
     }
-    fn set_rollout_state(&self, id: &str, state: &str) -> Result<()> {
-        Ok(crate::db::Db::set_rollout_state(self, id, state)?)
+    async fn set_rollout_state(&self, id: &str, state: &str) -> Result<()> {
+        Ok(crate::db::Db::set_rollout_state(self, id, state).await?)
     }
-    fn approve(&self, id: &str, by: &str) -> Result<()> {
-        Ok(crate::db::Db::approve(self, id, by)?)
+    async fn approve(&self, id: &str, by: &str) -> Result<()> {
+        Ok(crate::db::Db::approve(self, id, by).await?)
     }
-    fn finish_rollout(&self, id: &str, state: &str, reason: &str) -> Result<()> {
-        Ok(crate::db::Db::finish_rollout(self, id, state, reason)?)
+    async fn finish_rollout(&self, id: &str, state: &str, reason: &str) -> Result<()> {
+        Ok(crate::db::Db::finish_rollout(self, id, state, reason).await?)
     }
-    fn record_event(&self, rollout: &str, host: &HostName, e: &StepEvent) -> Result<()> {
-        Ok(crate::db::Db::record_event(self, rollout, host, e)?)
+    async fn record_event(&self, rollout: &str, host: &HostName, e: &StepEvent) -> Result<()> {
+        Ok(crate::db::Db::record_event(self, rollout, host, e).await?)
     }
-    fn record_host_result(&self, rollout: &str, host: &HostName, r: &OpReport) -> Result<()> {
-        Ok(crate::db::Db::record_host_result(self, rollout, host, r)?)
+    async fn record_host_result(&self, rollout: &str, host: &HostName, r: &OpReport) -> Result<()> {
+        Ok(crate::db::Db::record_host_result(self, rollout, host, r).await?)
     }
-    fn host_outcome(&self, rollout: &str, op_id: &str) -> Result<Option<Outcome>> {
-        Ok(crate::db::Db::host_outcome(self, rollout, op_id)?)
+    async fn host_outcome(&self, rollout: &str, op_id: &str) -> Result<Option<Outcome>> {
+        Ok(crate::db::Db::host_outcome(self, rollout, op_id).await?)
     }
-    fn rollout(&self, id: &str) -> Result<Option<RolloutRow>> {
-        Ok(crate::db::Db::rollout(self, id)?)
+    async fn rollout(&self, id: &str) -> Result<Option<RolloutRow>> {
+        Ok(crate::db::Db::rollout(self, id).await?)
     }
-    fn rollout_with_plan(&self, id: &str) -> Result<Option<(RolloutRow, String)>> {
-        Ok(crate::db::Db::rollout_with_plan(self, id)?)
+    async fn rollout_with_plan(&self, id: &str) -> Result<Option<(RolloutRow, String)>> {
+        Ok(crate::db::Db::rollout_with_plan(self, id).await?)
     }
-    fn running_rollouts(&self) -> Result<Vec<(RolloutRow, String)>> {
-        Ok(crate::db::Db::running_rollouts(self)?)
+    async fn running_rollouts(&self) -> Result<Vec<(RolloutRow, String)>> {
+        Ok(crate::db::Db::running_rollouts(self).await?)
     }
-    fn rollout_hosts(&self, id: &str) -> Result<Vec<HostRow>> {
-        Ok(crate::db::Db::rollout_hosts(self, id)?)
+    async fn rollout_hosts(&self, id: &str) -> Result<Vec<HostRow>> {
+        Ok(crate::db::Db::rollout_hosts(self, id).await?)
     }
-    fn record_measurement(&self, rollout: &str, m: &Measurement) -> Result<()> {
-        Ok(crate::db::Db::record_measurement(self, rollout, m)?)
+    async fn record_measurement(&self, rollout: &str, m: &Measurement) -> Result<()> {
+        Ok(crate::db::Db::record_measurement(self, rollout, m).await?)
     }
-    fn measurements(&self, rollout: &str) -> Result<Vec<Measurement>> {
-        Ok(crate::db::Db::measurements(self, rollout)?)
+    async fn measurements(&self, rollout: &str) -> Result<Vec<Measurement>> {
+        Ok(crate::db::Db::measurements(self, rollout).await?)
     }
-    fn set_freeze(&self, f: &Freeze) -> Result<()> {
-        Ok(crate::db::Db::set_freeze(self, f)?)
+    async fn set_freeze(&self, f: &Freeze) -> Result<()> {
+        Ok(crate::db::Db::set_freeze(self, f).await?)
     }
-    fn clear_freeze(&self, env: &str, who: &str) -> Result<Option<Freeze>> {
-        Ok(crate::db::Db::clear_freeze(self, env, who)?)
+    async fn clear_freeze(&self, env: &str, who: &str) -> Result<Option<Freeze>> {
+        Ok(crate::db::Db::clear_freeze(self, env, who).await?)
     }
-    fn freezes(&self) -> Result<Vec<Freeze>> {
-        Ok(crate::db::Db::freezes(self)?)
+    async fn freezes(&self) -> Result<Vec<Freeze>> {
+        Ok(crate::db::Db::freezes(self).await?)
     }
-    fn audit(&self, who: &str, action: &str, env: &str, detail: &str) -> Result<()> {
-        Ok(crate::db::Db::audit(self, who, action, env, detail)?)
+    async fn audit(&self, who: &str, action: &str, env: &str, detail: &str) -> Result<()> {
+        Ok(crate::db::Db::audit(self, who, action, env, detail).await?)
     }
 }

@@ -328,7 +328,7 @@ units = ["demo.service"]
 environments = ["staging", "production"]
 "#;
 
-fn bed(hosts: &[(&str, &[(&str, &str)])], spec_extra: &str) -> Bed {
+async fn bed(hosts: &[(&str, &[(&str, &str)])], spec_extra: &str) -> Bed {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("apps")).unwrap();
     std::fs::write(dir.path().join("apps/demo.toml"), format!("{SPEC}\n{spec_extra}")).unwrap();
@@ -340,6 +340,7 @@ fn bed(hosts: &[(&str, &[(&str, &str)])], spec_extra: &str) -> Bed {
     };
     for v in ["1.0.0", "2.0.0", "3.0.0"] {
         db.add_release(&app(), &Version::new(v).unwrap(), &release, "operator:alice")
+            .await
             .unwrap();
     }
     let fleet = TestFleet::with_hosts(hosts);
@@ -430,9 +431,9 @@ fn names(hosts: &[HostName]) -> Vec<&str> {
 
 #[tokio::test(start_paused = true)]
 async fn a_rolling_deploy_halts_at_the_first_failure_and_rolls_back_what_moved() {
-    let b = bed(WEB4, "");
+    let b = bed(WEB4, "").await;
     b.fleet.answer("web3", OpKind::Activate, Answer::Fail);
-    let (_, done) = finish(b.engine.start_deploy("operator:alice", order()).unwrap()).await;
+    let (_, done) = finish(b.engine.start_deploy("operator:alice", order()).await.unwrap()).await;
     assert_eq!(done.verdict, Verdict::RolledBack);
     assert_eq!(done.failed_host.as_ref().map(|h| h.as_str()), Some("web3"));
     assert_eq!(names(&done.rolled_back_hosts), ["web1", "web2"]);
@@ -460,7 +461,7 @@ async fn the_failure_budget_is_a_count_or_a_percentage_of_the_targets() {
         (Some("50%"), &["web1", "web4"], Verdict::Succeeded, 4),
     ];
     for (limit, failing, verdict, activated) in cases {
-        let b = bed(WEB4, "");
+        let b = bed(WEB4, "").await;
         for h in *failing {
             b.fleet.answer(h, OpKind::Activate, Answer::Fail);
         }
@@ -468,7 +469,7 @@ async fn the_failure_budget_is_a_count_or_a_percentage_of_the_targets() {
             failure_budget: limit.map(budget).unwrap_or_default(),
             ..order()
         };
-        let (_, done) = finish(b.engine.start_deploy("operator:alice", o).unwrap()).await;
+        let (_, done) = finish(b.engine.start_deploy("operator:alice", o).await.unwrap()).await;
         let case = format!("budget {limit:?}, failing {failing:?}: {done:?}");
         assert_eq!(done.verdict, *verdict, "{case}");
         assert_eq!(b.fleet.sent_of(OpKind::Activate).len(), *activated, "{case}");
@@ -481,13 +482,13 @@ async fn the_failure_budget_is_a_count_or_a_percentage_of_the_targets() {
 
 #[tokio::test(start_paused = true)]
 async fn no_rollback_leaves_the_moved_hosts_where_they_are() {
-    let b = bed(WEB4, "");
+    let b = bed(WEB4, "").await;
     b.fleet.answer("web2", OpKind::Activate, Answer::Fail);
     let o = DeployOrder {
         rollback_on_halt: false,
         ..order()
     };
-    let (_, done) = finish(b.engine.start_deploy("operator:alice", o).unwrap()).await;
+    let (_, done) = finish(b.engine.start_deploy("operator:alice", o).await.unwrap()).await;
     assert_eq!(done.verdict, Verdict::Failed);
     assert!(done.rolled_back_hosts.is_empty());
     assert!(b.fleet.sent_of(OpKind::Rollback).is_empty());
@@ -501,13 +502,13 @@ async fn select_and_order_choose_and_sequence_the_targets() {
         ("db1", &[("role", "db")]),
         ("web3", &[("role", "web")]),
     ];
-    let b = bed(hosts, "");
+    let b = bed(hosts, "").await;
     let o = DeployOrder {
         select: [("role".to_owned(), "web".to_owned())].into(),
         order: vec![host("web3")],
         ..order()
     };
-    let (events, done) = finish(b.engine.start_deploy("operator:alice", o).unwrap()).await;
+    let (events, done) = finish(b.engine.start_deploy("operator:alice", o).await.unwrap()).await;
     assert_eq!(done.verdict, Verdict::Succeeded);
     assert_eq!(b.fleet.sent_of(OpKind::Activate), ["web3", "web1", "web2"]);
     let EventBody::Plan(plan) = &events[0].body else {
@@ -520,7 +521,7 @@ async fn select_and_order_choose_and_sequence_the_targets() {
         order: vec![host("db1")],
         ..order()
     };
-    let e = b.engine.start_deploy("operator:alice", o).unwrap_err();
+    let e = b.engine.start_deploy("operator:alice", o).await.unwrap_err();
     assert!(
         e.to_string()
             .contains("--order names db1, which is not a connected target"),
@@ -530,10 +531,10 @@ async fn select_and_order_choose_and_sequence_the_targets() {
 
 #[tokio::test(start_paused = true)]
 async fn a_host_that_never_answers_fails_after_the_host_timeout() {
-    let b = bed(&WEB4[..2], "");
+    let b = bed(&WEB4[..2], "").await;
     b.fleet.answer("web2", OpKind::Activate, Answer::Silent);
     let started = tokio::time::Instant::now();
-    let (_, done) = finish(b.engine.start_deploy("operator:alice", order()).unwrap()).await;
+    let (_, done) = finish(b.engine.start_deploy("operator:alice", order()).await.unwrap()).await;
     assert_eq!(done.verdict, Verdict::RolledBack);
     assert!(done.reason.contains("web2 did not finish within 2m"), "{}", done.reason);
     assert!(started.elapsed() >= HOST_TIMEOUT);
@@ -542,21 +543,25 @@ async fn a_host_that_never_answers_fails_after_the_host_timeout() {
 
 #[tokio::test(start_paused = true)]
 async fn aborting_a_rollout_awaiting_approval_cancels_it_and_is_no_failed_change() {
-    let b = bed(WEB4, "approval = [\"staging\"]");
-    let rx = b.engine.start_deploy("operator:alice", order()).unwrap();
-    let id = rx_id(&b, &rx);
+    let b = bed(WEB4, "approval = [\"staging\"]").await;
+    let rx = b.engine.start_deploy("operator:alice", order()).await.unwrap();
+    let id = rx_id(&b, &rx).await;
     wait_state(&b.db, &id, "awaiting_approval").await;
-    let e = b.engine.control(&id, Action::Approve, "operator:alice").unwrap_err();
+    let e = b
+        .engine
+        .control(&id, Action::Approve, "operator:alice")
+        .await
+        .unwrap_err();
     assert!(e.to_string().contains("cannot approve it"), "{e}");
     assert_eq!(
-        b.engine.control(&id, Action::Abort, "operator:bob").unwrap(),
+        b.engine.control(&id, Action::Abort, "operator:bob").await.unwrap(),
         "aborted before it started"
     );
     let (_, done) = finish(rx).await;
     assert_eq!(done.verdict, Verdict::Cancelled);
     assert!(b.fleet.sent().is_empty(), "no host was sent anything");
-    assert_eq!(b.db.rollout(&id).unwrap().unwrap().state, "cancelled");
-    let report = b.db.report(&app(), 0, convoy_common::ops::now_unix_ms()).unwrap();
+    assert_eq!(b.db.rollout(&id).await.unwrap().unwrap().state, "cancelled");
+    let report = b.db.report(&app(), 0, convoy_common::ops::now_unix_ms()).await.unwrap();
     assert_eq!(
         (report.deploys, report.failed_deploys),
         (0, 0),
@@ -564,8 +569,9 @@ async fn aborting_a_rollout_awaiting_approval_cancels_it_and_is_no_failed_change
     );
 }
 
-fn rx_id(b: &Bed, _rx: &broadcast::Receiver<Event>) -> String {
+async fn rx_id(b: &Bed, _rx: &broadcast::Receiver<Event>) -> String {
     b.db.running_rollouts()
+        .await
         .unwrap()
         .last()
         .expect("a running rollout")
@@ -576,7 +582,7 @@ fn rx_id(b: &Bed, _rx: &broadcast::Receiver<Event>) -> String {
 
 async fn wait_state(db: &Db, id: &str, state: &str) {
     for _ in 0..1000 {
-        if db.rollout(id).unwrap().is_some_and(|r| r.state == state) {
+        if db.rollout(id).await.unwrap().is_some_and(|r| r.state == state) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -617,11 +623,11 @@ fn with_gauge(b: &Bed, gauge: Arc<Gauge>) -> Arc<Engine> {
 
 #[tokio::test(start_paused = true)]
 async fn a_breaching_metric_halts_the_rollout_and_rolls_back_what_moved() {
-    let b = bed(WEB4, ANALYSIS);
+    let b = bed(WEB4, ANALYSIS).await;
     // web2's release fails a fifth of its requests.
     let gauge = Gauge::new(|q| Ok(Some(if q.contains("web2") { 0.2 } else { 0.0 })));
     let engine = with_gauge(&b, gauge.clone());
-    let (events, done) = finish(engine.start_deploy("operator:alice", order()).unwrap()).await;
+    let (events, done) = finish(engine.start_deploy("operator:alice", order()).await.unwrap()).await;
     assert_eq!(done.verdict, Verdict::RolledBack);
     assert_eq!(
         done.reason,
@@ -638,7 +644,7 @@ async fn a_breaching_metric_halts_the_rollout_and_rolls_back_what_moved() {
         })
         .collect();
     let id = &events[0].rollout_id;
-    let kept = b.db.measurements(id).unwrap();
+    let kept = b.db.measurements(id).await.unwrap();
     assert_eq!(streamed, kept);
     assert_eq!(kept[0].judgement, Judgement::Before, "{kept:?}");
     assert_eq!(kept[0].query, r#"errors{host=~"web1|web2|web3|web4"}"#);
@@ -648,15 +654,15 @@ async fn a_breaching_metric_halts_the_rollout_and_rolls_back_what_moved() {
     assert_eq!(failed[0].value, Some(0.2));
 
     // Control case: the same rollout with a release that serves well completes.
-    let b2 = bed(WEB4, ANALYSIS);
+    let b2 = bed(WEB4, ANALYSIS).await;
     let engine = with_gauge(&b2, Gauge::new(|_| Ok(Some(0.0))));
-    let (_, done) = finish(engine.start_deploy("operator:alice", order()).unwrap()).await;
+    let (_, done) = finish(engine.start_deploy("operator:alice", order()).await.unwrap()).await;
     assert_eq!(done.verdict, Verdict::Succeeded, "{}", done.reason);
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_query_prometheus_refuses_stops_the_rollout_before_any_host_is_touched() {
-    let b = bed(WEB4, ANALYSIS);
+    let b = bed(WEB4, ANALYSIS).await;
     let engine = with_gauge(
         &b,
         Gauge::new(|_| {
@@ -665,7 +671,7 @@ async fn a_query_prometheus_refuses_stops_the_rollout_before_any_host_is_touched
             ))
         }),
     );
-    let (_, done) = finish(engine.start_deploy("operator:alice", order()).unwrap()).await;
+    let (_, done) = finish(engine.start_deploy("operator:alice", order()).await.unwrap()).await;
     assert_eq!(done.verdict, Verdict::Failed);
     assert!(done.nothing_changed);
     assert!(
@@ -684,12 +690,12 @@ async fn too_few_requests_hold_the_rollout_then_halt_it() {
         "failure_limit = 2",
         "failure_limit = 2\ninconclusive_limit = 3\nrequests_query = 'requests{host=~\"{{hosts}}\"}'\nmin_requests = 100",
     );
-    let b = bed(&WEB4[..2], &spec);
+    let b = bed(&WEB4[..2], &spec).await;
     let engine = with_gauge(
         &b,
         Gauge::new(|q| Ok(Some(if q.starts_with("requests") { 4.0 } else { 0.0 }))),
     );
-    let (events, done) = finish(engine.start_deploy("operator:alice", order()).unwrap()).await;
+    let (events, done) = finish(engine.start_deploy("operator:alice", order()).await.unwrap()).await;
     assert_eq!(done.verdict, Verdict::RolledBack);
     assert!(
         done.reason
@@ -707,7 +713,7 @@ async fn too_few_requests_hold_the_rollout_then_halt_it() {
 #[tokio::test(start_paused = true)]
 async fn a_breach_while_watching_after_the_last_batch_rolls_every_host_back() {
     let spec = ANALYSIS.replace("failure_limit = 2", "failure_limit = 1\nwatch_after = \"5m\"");
-    let b = bed(&WEB4[..3], &spec);
+    let b = bed(&WEB4[..3], &spec).await;
     // The new release degrades two minutes after its last host moved.
     let start = tokio::time::Instant::now();
     let degraded_after = Arc::new(Mutex::new(None::<tokio::time::Instant>));
@@ -722,7 +728,7 @@ async fn a_breach_while_watching_after_the_last_batch_rolls_every_host_back() {
         Ok(Some(if bad { 0.3 } else { 0.0 }))
     });
     let engine = with_gauge(&b, gauge);
-    let (events, done) = finish(engine.start_deploy("operator:alice", order()).unwrap()).await;
+    let (events, done) = finish(engine.start_deploy("operator:alice", order()).await.unwrap()).await;
     assert_eq!(done.verdict, Verdict::RolledBack, "{}", done.reason);
     assert!(
         done.reason
@@ -738,10 +744,11 @@ async fn a_breach_while_watching_after_the_last_batch_rolls_every_host_back() {
 
 #[tokio::test(start_paused = true)]
 async fn a_spec_with_metric_gates_needs_a_metric_source() {
-    let b = bed(WEB4, ANALYSIS);
+    let b = bed(WEB4, ANALYSIS).await;
     let err = b
         .engine
         .start_deploy("operator:alice", order())
+        .await
         .unwrap_err()
         .to_string();
     assert!(err.contains("has no prometheus_url"), "{err}");
@@ -749,7 +756,7 @@ async fn a_spec_with_metric_gates_needs_a_metric_source() {
 
 #[tokio::test(start_paused = true)]
 async fn host_steps_run_around_every_activation() {
-    let b = bed(&WEB4[..3], "");
+    let b = bed(&WEB4[..3], "").await;
     b.fleet.answer("web2", OpKind::Activate, Answer::Fail);
     let recorder = Arc::new(Recorder::default());
     let engine = engine_on(
@@ -763,7 +770,7 @@ async fn host_steps_run_around_every_activation() {
         failure_budget: budget("1"),
         ..order()
     };
-    let (_, done) = finish(engine.start_deploy("operator:alice", o).unwrap()).await;
+    let (_, done) = finish(engine.start_deploy("operator:alice", o).await.unwrap()).await;
     assert_eq!(done.verdict, Verdict::Succeeded);
     assert_eq!(
         *recorder.calls.lock().unwrap(),
@@ -780,7 +787,7 @@ async fn host_steps_run_around_every_activation() {
 
 #[tokio::test(start_paused = true)]
 async fn abort_ends_the_wait_for_a_vanished_host() {
-    let b = bed(&WEB4[..2], "");
+    let b = bed(&WEB4[..2], "").await;
     b.fleet.answer("web1", OpKind::Activate, Answer::Silent);
     let o = DeployOrder {
         vanish: Vanish {
@@ -789,8 +796,8 @@ async fn abort_ends_the_wait_for_a_vanished_host() {
         },
         ..order()
     };
-    let mut rx = b.engine.start_deploy("operator:alice", o).unwrap();
-    let id = rx_id(&b, &rx);
+    let mut rx = b.engine.start_deploy("operator:alice", o).await.unwrap();
+    let id = rx_id(&b, &rx).await;
     // The host drops away during its activation.
     loop {
         if let EventBody::Note(n) = rx.recv().await.unwrap().body {
@@ -802,8 +809,8 @@ async fn abort_ends_the_wait_for_a_vanished_host() {
     b.fleet.set_connected("web1", false);
     // Long past the host timeout: a vanished host is waited for.
     tokio::time::sleep(HOST_TIMEOUT * 3).await;
-    assert_eq!(b.db.rollout(&id).unwrap().unwrap().state, "running");
-    b.engine.control(&id, Action::Abort, "operator:bob").unwrap();
+    assert_eq!(b.db.rollout(&id).await.unwrap().unwrap().state, "running");
+    b.engine.control(&id, Action::Abort, "operator:bob").await.unwrap();
     let (_, done) = finish(rx).await;
     assert_eq!(done.verdict, Verdict::Failed);
     assert_eq!(
@@ -816,15 +823,15 @@ async fn abort_ends_the_wait_for_a_vanished_host() {
 #[tokio::test(start_paused = true)]
 async fn paused_and_awaiting_approval_rollouts_survive_a_controller_restart() {
     // Paused: web1's activation is under way when an operator pauses.
-    let b = bed(&WEB4[..2], "");
+    let b = bed(&WEB4[..2], "").await;
     b.fleet.answer("web1", OpKind::Activate, Answer::Hold);
-    let rx = b.engine.start_deploy("operator:alice", order()).unwrap();
-    let id = rx_id(&b, &rx);
+    let rx = b.engine.start_deploy("operator:alice", order()).await.unwrap();
+    let id = rx_id(&b, &rx).await;
     while b.fleet.sent_of(OpKind::Activate).is_empty() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(
-        b.engine.control(&id, Action::Pause, "operator:bob").unwrap(),
+        b.engine.control(&id, Action::Pause, "operator:bob").await.unwrap(),
         "pausing before its next batch"
     );
     b.fleet.release("web1", OpKind::Activate);
@@ -835,15 +842,15 @@ async fn paused_and_awaiting_approval_rollouts_survive_a_controller_restart() {
     let fleet = TestFleet::with_hosts(&WEB4[..2]);
     let engine = engine_on(&b.dir, fleet.clone(), b.db.clone(), CancellationToken::new(), None);
     engine.clone().resume_all().await;
-    let rx = engine.watch(&id).expect("resumed");
+    let rx = engine.watch(&id).await.expect("resumed");
     tokio::time::sleep(Duration::from_secs(30)).await;
     assert_eq!(
-        b.db.rollout(&id).unwrap().unwrap().state,
+        b.db.rollout(&id).await.unwrap().unwrap().state,
         "paused",
         "still paused after the restart"
     );
     assert!(fleet.sent_of(OpKind::Activate).is_empty(), "nothing moves while paused");
-    engine.control(&id, Action::Resume, "operator:bob").unwrap();
+    engine.control(&id, Action::Resume, "operator:bob").await.unwrap();
     let (_, done) = finish(rx).await;
     assert_eq!(done.verdict, Verdict::Succeeded);
     assert_eq!(
@@ -853,36 +860,39 @@ async fn paused_and_awaiting_approval_rollouts_survive_a_controller_restart() {
     );
 
     // Awaiting approval.
-    let b = bed(&WEB4[..1], "approval = [\"staging\"]");
-    let rx = b.engine.start_deploy("operator:alice", order()).unwrap();
-    let id = rx_id(&b, &rx);
+    let b = bed(&WEB4[..1], "approval = [\"staging\"]").await;
+    let rx = b.engine.start_deploy("operator:alice", order()).await.unwrap();
+    let id = rx_id(&b, &rx).await;
     wait_state(&b.db, &id, "awaiting_approval").await;
     b.stop.cancel();
     drop(rx);
     let fleet = TestFleet::with_hosts(&WEB4[..1]);
     let engine = engine_on(&b.dir, fleet.clone(), b.db.clone(), CancellationToken::new(), None);
     engine.clone().resume_all().await;
-    let rx = engine.watch(&id).expect("resumed");
+    let rx = engine.watch(&id).await.expect("resumed");
     tokio::time::sleep(Duration::from_secs(30)).await;
-    assert_eq!(b.db.rollout(&id).unwrap().unwrap().state, "awaiting_approval");
+    assert_eq!(b.db.rollout(&id).await.unwrap().unwrap().state, "awaiting_approval");
     assert!(fleet.sent().is_empty());
-    let e = engine.control(&id, Action::Approve, "operator:alice").unwrap_err();
+    let e = engine
+        .control(&id, Action::Approve, "operator:alice")
+        .await
+        .unwrap_err();
     assert!(
         e.to_string().contains("cannot approve it"),
         "the requester is remembered: {e}"
     );
-    engine.control(&id, Action::Approve, "operator:carol").unwrap();
+    engine.control(&id, Action::Approve, "operator:carol").await.unwrap();
     let (_, done) = finish(rx).await;
     assert_eq!(done.verdict, Verdict::Succeeded);
-    assert_eq!(b.db.rollout(&id).unwrap().unwrap().approved_by, "operator:carol");
+    assert_eq!(b.db.rollout(&id).await.unwrap().unwrap().approved_by, "operator:carol");
 }
 
 #[tokio::test(start_paused = true)]
 async fn one_rollout_at_a_time_per_app_and_environment() {
-    let b = bed(&WEB4[..1], "");
+    let b = bed(&WEB4[..1], "").await;
     b.fleet.answer("web1", OpKind::Activate, Answer::Hold);
-    let rx = b.engine.start_deploy("operator:alice", order()).unwrap();
-    let e = b.engine.start_deploy("operator:bob", order()).unwrap_err();
+    let rx = b.engine.start_deploy("operator:alice", order()).await.unwrap();
+    let e = b.engine.start_deploy("operator:bob", order()).await.unwrap_err();
     assert!(matches!(e, super::Refused::Busy(_)), "{e}");
     while b.fleet.sent_of(OpKind::Activate).is_empty() {
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -899,17 +909,31 @@ async fn one_rollout_at_a_time_per_app_and_environment() {
         strategy: Strategy::AllAtOnce,
         failure_budget: FailureBudget(None),
     };
-    let e = b.engine.start_rollback("operator:bob", rollback("0.9.0")).unwrap_err();
+    let e = b
+        .engine
+        .start_rollback("operator:bob", rollback("0.9.0"))
+        .await
+        .unwrap_err();
     assert_eq!(
         e.to_string(),
         "rollback refused, nothing was changed: demo 0.9.0 was never pushed"
     );
-    let e = b.engine.start_rollback("operator:bob", rollback("3.0.0")).unwrap_err();
+    let e = b
+        .engine
+        .start_rollback("operator:bob", rollback("3.0.0"))
+        .await
+        .unwrap_err();
     assert_eq!(
         e.to_string(),
         "rollback refused, nothing was changed: web1 no longer holds demo 3.0.0"
     );
-    let (_, done) = finish(b.engine.start_rollback("operator:bob", rollback("1.0.0")).unwrap()).await;
+    let (_, done) = finish(
+        b.engine
+            .start_rollback("operator:bob", rollback("1.0.0"))
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!(done.verdict, Verdict::Succeeded);
     assert_eq!(b.fleet.sent_of(OpKind::Rollback), ["web1"], "the rollback's switch");
 }
@@ -927,7 +951,7 @@ fn rollback_to(to: &str, strategy: Strategy) -> RollbackOrder {
 
 #[tokio::test(start_paused = true)]
 async fn a_rollback_host_by_host_halts_at_the_first_host_that_fails() {
-    let b = bed(WEB4, "");
+    let b = bed(WEB4, "").await;
     for h in ["web1", "web2", "web3", "web4"] {
         b.fleet.answer(h, OpKind::Rollback, Answer::Fail);
     }
@@ -935,6 +959,7 @@ async fn a_rollback_host_by_host_halts_at_the_first_host_that_fails() {
     let (events, done) = finish(
         b.engine
             .start_rollback("operator:alice", rollback_to("1.0.0", rolling))
+            .await
             .unwrap(),
     )
     .await;
@@ -951,13 +976,14 @@ async fn a_rollback_host_by_host_halts_at_the_first_host_that_fails() {
     };
     assert_eq!(plan.batches.len(), 4);
     // Control case: the default, all at once, takes every host down together.
-    let b = bed(WEB4, "");
+    let b = bed(WEB4, "").await;
     for h in ["web1", "web2", "web3", "web4"] {
         b.fleet.answer(h, OpKind::Rollback, Answer::Fail);
     }
     let (_, done) = finish(
         b.engine
             .start_rollback("operator:alice", rollback_to("1.0.0", Strategy::AllAtOnce))
+            .await
             .unwrap(),
     )
     .await;
@@ -968,32 +994,33 @@ async fn a_rollback_host_by_host_halts_at_the_first_host_that_fails() {
 
 #[tokio::test(start_paused = true)]
 async fn a_rollout_refused_at_pre_staging_changed_nothing() {
-    let b = bed(WEB4, "");
+    let b = bed(WEB4, "").await;
     b.fleet.answer("web3", OpKind::Stage, Answer::Fail);
-    let (_, done) = finish(b.engine.start_deploy("operator:alice", order()).unwrap()).await;
+    let (_, done) = finish(b.engine.start_deploy("operator:alice", order()).await.unwrap()).await;
     assert_eq!(done.verdict, Verdict::Failed);
     assert!(done.nothing_changed);
     assert!(b.fleet.sent_of(OpKind::Activate).is_empty());
     assert!(done.reason.starts_with("pre-staging: "), "{}", done.reason);
     // Once a host was sent its activation, something changed.
-    let b = bed(WEB4, "");
+    let b = bed(WEB4, "").await;
     b.fleet.answer("web1", OpKind::Activate, Answer::Fail);
-    let (_, done) = finish(b.engine.start_deploy("operator:alice", order()).unwrap()).await;
+    let (_, done) = finish(b.engine.start_deploy("operator:alice", order()).await.unwrap()).await;
     assert!(!done.nothing_changed);
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_freeze_refuses_new_deploys_and_holds_running_ones_before_their_next_batch() {
-    let b = bed(&[("web1", &[]), ("web2", &[]), ("web3", &[("env", "production")])], "");
+    let b = bed(&[("web1", &[]), ("web2", &[]), ("web3", &[("env", "production")])], "").await;
     // A running rollout: web1's activation is under way when staging freezes.
     b.fleet.answer("web1", OpKind::Activate, Answer::Hold);
-    let rx = b.engine.start_deploy("operator:alice", order()).unwrap();
-    let id = rx_id(&b, &rx);
+    let rx = b.engine.start_deploy("operator:alice", order()).await.unwrap();
+    let id = rx_id(&b, &rx).await;
     while b.fleet.sent_of(OpKind::Activate).is_empty() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     b.engine
         .freeze("operator:root", "staging", "incident 4711", None)
+        .await
         .unwrap();
     b.fleet.release("web1", OpKind::Activate);
     wait_state(&b.db, &id, "frozen").await;
@@ -1009,8 +1036,9 @@ async fn a_freeze_refuses_new_deploys_and_holds_running_ones_before_their_next_b
     o.env = "production".into();
     b.engine
         .freeze("operator:root", "production", "incident 4711", None)
+        .await
         .unwrap();
-    let e = b.engine.start_deploy("operator:bob", o.clone()).unwrap_err();
+    let e = b.engine.start_deploy("operator:bob", o.clone()).await.unwrap_err();
     assert!(matches!(e, super::Refused::Precondition(_)), "{e}");
     assert!(
         e.to_string()
@@ -1020,15 +1048,15 @@ async fn a_freeze_refuses_new_deploys_and_holds_running_ones_before_their_next_b
     assert!(e.to_string().contains(": incident 4711; nothing was changed"), "{e}");
     // A deployer's hotfix does not pass; an admin's does, and is audited.
     o.hotfix = Some("fix for 4711".into());
-    let e = b.engine.start_deploy("operator:bob", o.clone()).unwrap_err();
+    let e = b.engine.start_deploy("operator:bob", o.clone()).await.unwrap_err();
     assert!(matches!(e, super::Refused::Permission(_)), "{e}");
     o.admin = true;
-    let (events, done) = finish(b.engine.start_deploy("operator:root", o).unwrap()).await;
+    let (events, done) = finish(b.engine.start_deploy("operator:root", o).await.unwrap()).await;
     assert_eq!(done.verdict, Verdict::Succeeded, "{}", done.reason);
     assert!(events
         .iter()
         .any(|e| matches!(&e.body, EventBody::Note(n) if n.starts_with("hotfix by operator:root passes: production is frozen"))));
-    let audit = b.db.audit_log(10).unwrap();
+    let audit = b.db.audit_log(10).await.unwrap();
     let actions: Vec<&str> = audit.iter().map(|a| a.action.as_str()).collect();
     assert_eq!(actions, ["hotfix_pass", "freeze", "freeze"]);
     assert!(
@@ -1038,22 +1066,22 @@ async fn a_freeze_refuses_new_deploys_and_holds_running_ones_before_their_next_b
     );
 
     // Unfreezing lets the held rollout go on.
-    b.engine.unfreeze("operator:root", "staging").unwrap();
+    b.engine.unfreeze("operator:root", "staging").await.unwrap();
     let (events, done) = finish(rx).await;
     assert_eq!(done.verdict, Verdict::Succeeded);
     assert!(events
         .iter()
         .any(|e| matches!(&e.body, EventBody::Note(n) if n == "staging is no longer frozen; going on")));
     assert!(
-        b.engine.unfreeze("operator:root", "staging").is_err(),
+        b.engine.unfreeze("operator:root", "staging").await.is_err(),
         "not frozen any more"
     );
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_freeze_with_an_end_lifts_itself_and_rollbacks_are_never_held() {
-    let b = bed(&WEB4[..1], "");
-    finish(b.engine.start_deploy("operator:alice", order()).unwrap()).await;
+    let b = bed(&WEB4[..1], "").await;
+    finish(b.engine.start_deploy("operator:alice", order()).await.unwrap()).await;
     b.engine
         .freeze(
             "operator:root",
@@ -1061,6 +1089,7 @@ async fn a_freeze_with_an_end_lifts_itself_and_rollbacks_are_never_held() {
             "maintenance",
             Some(Duration::from_millis(1)),
         )
+        .await
         .unwrap();
     // The end is wall-clock time; it comes within a few milliseconds.
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
@@ -1068,7 +1097,10 @@ async fn a_freeze_with_an_end_lifts_itself_and_rollbacks_are_never_held() {
         assert!(std::time::Instant::now() < deadline, "the freeze never expired");
         std::thread::yield_now();
     }
-    b.engine.freeze("operator:root", "staging", "incident", None).unwrap();
+    b.engine
+        .freeze("operator:root", "staging", "incident", None)
+        .await
+        .unwrap();
     let o = RollbackOrder {
         app: app(),
         env: "staging".into(),
@@ -1077,7 +1109,7 @@ async fn a_freeze_with_an_end_lifts_itself_and_rollbacks_are_never_held() {
         strategy: Strategy::AllAtOnce,
         failure_budget: FailureBudget(None),
     };
-    let (_, done) = finish(b.engine.start_rollback("operator:alice", o).unwrap()).await;
+    let (_, done) = finish(b.engine.start_rollback("operator:alice", o).await.unwrap()).await;
     assert_eq!(done.verdict, Verdict::Succeeded, "{}", done.reason);
 }
 
@@ -1086,10 +1118,11 @@ async fn deploys_start_only_inside_the_spec_windows() {
     let now = jiff::Timestamp::now().to_zoned_datetime(jiff::tz::TimeZone::UTC);
     let today = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"][now.weekday().to_monday_zero_offset() as usize];
     let other = ["Tue", "Wed", "Thu", "Fri", "Sat", "Sun", "Mon"][now.weekday().to_monday_zero_offset() as usize];
-    let b = bed(&WEB4[..1], &format!("windows = [\"{other} 00:00-24:00 UTC\"]"));
+    let b = bed(&WEB4[..1], &format!("windows = [\"{other} 00:00-24:00 UTC\"]")).await;
     let e = b
         .engine
         .start_deploy("operator:alice", order())
+        .await
         .unwrap_err()
         .to_string();
     assert!(
@@ -1100,14 +1133,15 @@ async fn deploys_start_only_inside_the_spec_windows() {
     let b = bed(
         &WEB4[..1],
         &format!("windows = [\"{other} 00:00-24:00 UTC\", \"{today} 00:00-24:00 UTC\"]"),
-    );
-    let (_, done) = finish(b.engine.start_deploy("operator:alice", order()).unwrap()).await;
+    )
+    .await;
+    let (_, done) = finish(b.engine.start_deploy("operator:alice", order()).await.unwrap()).await;
     assert_eq!(done.verdict, Verdict::Succeeded);
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_failing_pre_flight_on_one_host_refuses_the_deploy_before_anything_moves() {
-    let b = bed(&WEB4[..3], "[preflight]\nfree_space_margin = \"1MiB\"\n");
+    let b = bed(&WEB4[..3], "[preflight]\nfree_space_margin = \"1MiB\"\n").await;
     b.fleet.preflight_fails.lock().unwrap().insert(
         host("web2"),
         PreflightCheck {
@@ -1118,7 +1152,7 @@ async fn a_failing_pre_flight_on_one_host_refuses_the_deploy_before_anything_mov
     );
     // web3 runs an agent from before pre-flight checks.
     b.fleet.hosts.lock().unwrap()[2].protocol = 0;
-    let (events, done) = finish(b.engine.start_deploy("operator:alice", order()).unwrap()).await;
+    let (events, done) = finish(b.engine.start_deploy("operator:alice", order()).await.unwrap()).await;
     assert_eq!(done.verdict, Verdict::Failed);
     assert!(done.nothing_changed);
     assert!(
@@ -1150,13 +1184,13 @@ async fn a_failing_pre_flight_on_one_host_refuses_the_deploy_before_anything_mov
     // Control case: with web2's space back and web3's agent upgraded, it goes.
     b.fleet.preflight_fails.lock().unwrap().clear();
     b.fleet.hosts.lock().unwrap()[2].protocol = convoy_common::ops::PROTOCOL;
-    let (_, done) = finish(b.engine.start_deploy("operator:alice", order()).unwrap()).await;
+    let (_, done) = finish(b.engine.start_deploy("operator:alice", order()).await.unwrap()).await;
     assert_eq!(done.verdict, Verdict::Succeeded, "{}", done.reason);
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_dry_run_decides_what_the_deploy_then_does_and_changes_nothing() {
-    let b = bed(WEB4, "approval = [\"production\"]");
+    let b = bed(WEB4, "approval = [\"production\"]").await;
     let o = DeployOrder {
         strategy: Strategy::from_flags("canary", None, Some("1,50%,100%"), Some(Duration::from_secs(60))).unwrap(),
         ..order()
@@ -1167,9 +1201,12 @@ async fn a_dry_run_decides_what_the_deploy_then_does_and_changes_nothing() {
     assert_eq!(names, ["freeze and windows", "metric gates", "promotion", "approval"]);
     assert_eq!(dry.preflight.len(), 4);
     assert!(b.fleet.sent().is_empty(), "no host was sent anything");
-    assert!(b.db.history(&app(), 10).unwrap().is_empty(), "no rollout recorded");
+    assert!(
+        b.db.history(&app(), 10).await.unwrap().is_empty(),
+        "no rollout recorded"
+    );
     // The real deploy plans the same batches.
-    let (events, done) = finish(b.engine.start_deploy("operator:alice", o.clone()).unwrap()).await;
+    let (events, done) = finish(b.engine.start_deploy("operator:alice", o.clone()).await.unwrap()).await;
     assert_eq!(done.verdict, Verdict::Succeeded);
     let EventBody::Plan(real) = &events[0].body else {
         panic!("the plan comes first")
@@ -1189,16 +1226,19 @@ async fn a_dry_run_decides_what_the_deploy_then_does_and_changes_nothing() {
     let err = b.engine.dry_run("operator:alice", &p).await;
     // No production host: no deploy at all.
     assert!(err.is_err());
-    b.engine.freeze("operator:root", "staging", "incident", None).unwrap();
+    b.engine
+        .freeze("operator:root", "staging", "incident", None)
+        .await
+        .unwrap();
     let dry = b.engine.dry_run("operator:alice", &o).await.unwrap();
     assert!(!dry.would_start());
     assert!(matches!(&dry.verdicts[0], ("freeze and windows", Err(e)) if e.contains("incident")));
-    assert_eq!(b.db.history(&app(), 10).unwrap().len(), 1);
+    assert_eq!(b.db.history(&app(), 10).await.unwrap().len(), 1);
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_host_the_balancer_cannot_drain_is_not_switched() {
-    let b = bed(&WEB4[..2], "");
+    let b = bed(&WEB4[..2], "").await;
     let recorder = Arc::new(Recorder {
         unreachable: vec!["web1".into()],
         ..Default::default()
@@ -1210,7 +1250,7 @@ async fn a_host_the_balancer_cannot_drain_is_not_switched() {
         b.stop.clone(),
         Some(recorder.clone()),
     );
-    let (events, done) = finish(engine.start_deploy("operator:alice", order()).unwrap()).await;
+    let (events, done) = finish(engine.start_deploy("operator:alice", order()).await.unwrap()).await;
     assert_eq!(done.verdict, Verdict::Failed);
     assert!(
         done.reason
@@ -1238,7 +1278,7 @@ command = ["true"]
 
 #[tokio::test(start_paused = true)]
 async fn blue_green_switches_traffic_before_promoting_and_keeps_it_on_the_live_slot_when_it_cannot() {
-    let mut b = bed(&WEB4[..2], "");
+    let mut b = bed(&WEB4[..2], "").await;
     std::fs::write(
         b.dir.path().join("apps/demo.toml"),
         format!("{}\n{BLUE_GREEN}", SPEC.replace("demo.service", "demo@.service")),
@@ -1255,7 +1295,7 @@ async fn blue_green_switches_traffic_before_promoting_and_keeps_it_on_the_live_s
         b.stop.clone(),
         Some(recorder.clone()),
     );
-    let (_, done) = finish(engine.start_deploy("operator:alice", order()).unwrap()).await;
+    let (_, done) = finish(engine.start_deploy("operator:alice", order()).await.unwrap()).await;
     assert_eq!(done.verdict, Verdict::Succeeded, "{}", done.reason);
     // Each host: ready a slot, switch its traffic, then make it live; no drain.
     assert_eq!(
@@ -1298,7 +1338,7 @@ async fn blue_green_switches_traffic_before_promoting_and_keeps_it_on_the_live_s
         b.stop.clone(),
         Some(recorder.clone()),
     );
-    let (_, done) = finish(engine.start_deploy("operator:alice", order()).unwrap()).await;
+    let (_, done) = finish(engine.start_deploy("operator:alice", order()).await.unwrap()).await;
     assert_eq!(done.verdict, Verdict::RolledBack, "{}", done.reason);
     assert!(
         done.reason

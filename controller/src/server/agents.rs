@@ -41,14 +41,14 @@ fn apps_from_wire(host: &HostName, apps: Vec<convoy_proto::AppState>) -> Vec<App
 
 /// A result from `host`: to the rollout waiting for it, or reconciled
 /// into its rollout's record when none waits any more.
-fn result_arrived(shared: &Arc<Shared>, host: &HostName, report: OpReport) {
+async fn result_arrived(shared: &Arc<Shared>, host: &HostName, report: OpReport) {
     let state = report.state.clone();
     match shared.registry.deliver_result(host, report.clone()) {
         // A result someone waits for is the host's newest word on the
         // app (repeated old ones are not): the next step reads it.
         Delivery::Delivered => shared.registry.update_apps(host, vec![state]),
         Delivery::Refused => {}
-        Delivery::NotAwaited => shared.engine.late_result(host, &report),
+        Delivery::NotAwaited => shared.engine.late_result(host, &report).await,
     }
 }
 
@@ -65,7 +65,7 @@ impl AgentService for AgentApi {
     type FetchArtifactStream = BoxStream<Chunk>;
 
     async fn session(&self, req: Request<Streaming<AgentMessage>>) -> Result<Response<Self::SessionStream>, Status> {
-        let id = super::enroll::agent_peer(&self.shared, &req)?;
+        let id = super::enroll::agent_peer(&self.shared, &req).await?;
         let host = id.name;
         let mut inbound = req.into_inner();
         let first = tokio::time::timeout(Duration::from_secs(10), inbound.message())
@@ -77,7 +77,13 @@ impl AgentService for AgentApi {
         };
         let mut labels: BTreeMap<String, String> = hello.labels.into_iter().collect();
         // Labels a host enrolled with are the controller's, not the host's.
-        for (k, v) in self.shared.db.host_labels(host.as_str()).map_err(super::internal)? {
+        for (k, v) in self
+            .shared
+            .db
+            .host_labels(host.as_str())
+            .await
+            .map_err(super::internal)?
+        {
             if labels.get(&k).is_some_and(|own| *own != v) {
                 tracing::warn!(%host, label = %k, claimed = %labels[&k], enrolled = %v, "ignoring a label the host's config changes");
             }
@@ -101,7 +107,7 @@ impl AgentService for AgentApi {
         for r in hello.recent_results {
             if let Ok(report) = OpReport::try_from(r) {
                 answered.push(report.op_id.clone());
-                result_arrived(&self.shared, &host, report);
+                result_arrived(&self.shared, &host, report).await;
             }
         }
         for cmd in registry.pending_for(&host, &answered) {
@@ -147,7 +153,7 @@ impl AgentService for AgentApi {
                         Ok(rep) => {
                             // A live result is the newest state of its app.
                             registry.update_apps(&host, vec![rep.state.clone()]);
-                            result_arrived(&shared, &host, rep)
+                            result_arrived(&shared, &host, rep).await
                         }
                         Err(err) => tracing::warn!(%host, error = %err, "malformed result"),
                     },
@@ -175,10 +181,10 @@ impl AgentService for AgentApi {
     }
 
     async fn fetch_artifact(&self, req: Request<FetchRequest>) -> Result<Response<Self::FetchArtifactStream>, Status> {
-        let id = super::enroll::agent_peer(&self.shared, &req)?;
+        let id = super::enroll::agent_peer(&self.shared, &req).await?;
         let r = req.into_inner();
         let digest = Digest::parse(&r.digest).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        if !self.shared.db.digest_known(&digest).map_err(super::internal)? {
+        if !self.shared.db.digest_known(&digest).await.map_err(super::internal)? {
             return Err(Status::not_found(format!("no artifact with sha256 {digest}")));
         }
         let path = self.shared.artifacts.path(&digest);

@@ -21,9 +21,9 @@ use tonic::{Request, Response, Status};
 use super::{internal, peer, Shared};
 
 /// The calling agent, unless its certificate was revoked.
-pub fn agent_peer<T>(shared: &Shared, req: &Request<T>) -> Result<PeerIdentity, Status> {
+pub async fn agent_peer<T>(shared: &Shared, req: &Request<T>) -> Result<PeerIdentity, Status> {
     let id = peer(req, &[PeerKind::Agent])?;
-    if let Some(revoked_at) = shared.db.revoked_at(id.name.as_str()).map_err(internal)? {
+    if let Some(revoked_at) = shared.db.revoked_at(id.name.as_str()).await.map_err(internal)? {
         let der = req
             .peer_certs()
             .and_then(|c| c.first().map(|d| d.to_vec()))
@@ -52,7 +52,7 @@ async fn sign(shared: &Shared, name: &HostName, csr_pem: &str) -> Result<CertRep
     let key = convoy_common::identity::read_key_pem(ca_key).map_err(internal)?;
     let key = String::from_utf8(key).map_err(internal)?;
     let mut now = SystemTime::now();
-    if let Some(revoked_at) = shared.db.revoked_at(name.as_str()).map_err(internal)? {
+    if let Some(revoked_at) = shared.db.revoked_at(name.as_str()).await.map_err(internal)? {
         let after = UNIX_EPOCH + Duration::from_millis(revoked_at as u64 / 1000 * 1000 + 1000);
         if let Ok(wait) = after.duration_since(now) {
             tokio::time::sleep(wait).await;
@@ -70,7 +70,7 @@ async fn sign(shared: &Shared, name: &HostName, csr_pem: &str) -> Result<CertRep
 
 /// `Renew`: a fresh certificate for the calling agent's own name.
 pub async fn renew(shared: &Shared, req: Request<convoy_proto::CsrRequest>) -> Result<Response<CertReply>, Status> {
-    let id = agent_peer(shared, &req)?;
+    let id = agent_peer(shared, &req).await?;
     let reply = sign(shared, &id.name, &req.get_ref().csr_pem).await?;
     tracing::info!(host = %id.name, "certificate renewed");
     Ok(Response::new(reply))
@@ -87,7 +87,7 @@ pub fn new_token() -> String {
 }
 
 /// Creates a token for `name` (or any new name) with `labels`.
-pub fn create_token(
+pub async fn create_token(
     shared: &Shared,
     who: &PeerIdentity,
     name: &str,
@@ -110,6 +110,7 @@ pub fn create_token(
     shared
         .db
         .add_token(&token_hash(&token), name, labels, expires, &who.to_string())
+        .await
         .map_err(internal)?;
     tracing::info!(by = %who, name, ?labels, expires_at_ms = expires, "enrollment token created");
     Ok((token, expires))
@@ -117,16 +118,17 @@ pub fn create_token(
 
 /// Revokes `host`: from now on its certificates are refused, and its
 /// session (if any) is closed.
-pub fn revoke(shared: &Shared, who: &PeerIdentity, host: &str) -> Result<bool, Status> {
+pub async fn revoke(shared: &Shared, who: &PeerIdentity, host: &str) -> Result<bool, Status> {
     let name = HostName::new(host).map_err(|e| Status::invalid_argument(e.to_string()))?;
     let known = shared.registry.hosts().iter().any(|h| h.name == name)
-        || !shared.db.host_labels(host).map_err(internal)?.is_empty();
+        || !shared.db.host_labels(host).await.map_err(internal)?.is_empty();
     if !known {
         return Err(Status::not_found(format!("no host {host} is known to this controller")));
     }
     shared
         .db
         .revoke_host(host, convoy_common::ops::now_unix_ms(), &who.to_string())
+        .await
         .map_err(internal)?;
     let was_connected = shared.registry.kick(&name, "this host's certificate was revoked");
     tracing::warn!(%host, by = %who, was_connected, "host revoked");
@@ -167,6 +169,7 @@ impl EnrollService for EnrollApi {
                 known.is_some(),
                 convoy_common::ops::now_unix_ms(),
             )
+            .await
             .map_err(|e| {
                 tracing::warn!(%name, ?remote, error = %e, "enrollment refused");
                 match e {

@@ -120,7 +120,11 @@ pub fn internal(e: impl std::fmt::Display) -> Status {
 /// Runs the controller until `shutdown` resolves.
 pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating {}", cfg.data_dir.display()))?;
-    let db = Db::open(&cfg.data_dir.join("convoy.db"))?;
+    let db = match &cfg.database {
+        crate::config::Database::Sqlite(path) => Db::open(path)?,
+        crate::config::Database::Postgres(o) => Db::connect(o, &cfg.name).await?.0,
+    };
+    tracing::info!(controller = %cfg.name, database = db.engine_name(), "store open");
     let artifacts = Artifacts::open(&cfg.data_dir)?;
     let ca = convoy_common::identity::read_cert_pem(&cfg.ca)?;
     let cert = convoy_common::identity::read_cert_pem(&cfg.cert)?;
@@ -185,6 +189,7 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'sta
         .with_config(appconfig.clone());
     engine
         .load_freezes()
+        .await
         .map_err(|e| anyhow::anyhow!("reading the freezes: {e}"))?;
     let shared = Arc::new(Shared {
         cfg,
@@ -245,7 +250,7 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'sta
         Ok(r) => r?,
         Err(_) => tracing::warn!("not every connection or task ended within {STOP_GRACE:?}; stopping anyway"),
     }
-    shared.db.close();
+    shared.db.close().await;
     tracing::info!("stopped");
     Ok(())
 }

@@ -66,7 +66,7 @@ impl OperatorService for OperatorApi {
         let app = arg("app", AppName::new(r.app))?;
         let now = convoy_common::ops::now_unix_ms();
         let since = now - (r.since_secs.min(10 * 365 * 86_400) as i64) * 1000;
-        let rep = self.shared.db.report(&app, since, now).map_err(internal)?;
+        let rep = self.shared.db.report(&app, since, now).await.map_err(internal)?;
         Ok(Response::new(ReportReply {
             deploys: rep.deploys,
             failed_deploys: rep.failed_deploys,
@@ -108,7 +108,8 @@ impl OperatorService for OperatorApi {
         let r = req.into_inner();
         let labels = r.labels.into_iter().collect();
         let ttl = std::time::Duration::from_millis(r.ttl_ms);
-        let (token, expires_at_unix_ms) = super::enroll::create_token(&self.shared, &who, &r.name, &labels, ttl)?;
+        let (token, expires_at_unix_ms) =
+            super::enroll::create_token(&self.shared, &who, &r.name, &labels, ttl).await?;
         Ok(Response::new(convoy_proto::CreateTokenReply {
             token,
             expires_at_unix_ms,
@@ -120,7 +121,7 @@ impl OperatorService for OperatorApi {
         req: Request<convoy_proto::RevokeRequest>,
     ) -> Result<Response<convoy_proto::RevokeReply>, Status> {
         let who = operator(&req, Role::Admin, "revoke hosts")?;
-        let was_connected = super::enroll::revoke(&self.shared, &who, &req.get_ref().host)?;
+        let was_connected = super::enroll::revoke(&self.shared, &who, &req.get_ref().host).await?;
         Ok(Response::new(convoy_proto::RevokeReply { was_connected }))
     }
 
@@ -134,7 +135,8 @@ impl OperatorService for OperatorApi {
         let f = self
             .shared
             .engine
-            .freeze(&who.to_string(), &r.environment, &r.reason, span)?;
+            .freeze(&who.to_string(), &r.environment, &r.reason, span)
+            .await?;
         Ok(Response::new(convoy_proto::FreezeReply {
             freeze: Some(freeze_info(f)),
         }))
@@ -148,7 +150,8 @@ impl OperatorService for OperatorApi {
         let f = self
             .shared
             .engine
-            .unfreeze(&who.to_string(), &req.get_ref().environment)?;
+            .unfreeze(&who.to_string(), &req.get_ref().environment)
+            .await?;
         Ok(Response::new(convoy_proto::FreezeReply {
             freeze: Some(freeze_info(f)),
         }))
@@ -182,6 +185,7 @@ impl OperatorService for OperatorApi {
                     },
                 },
             )
+            .await
             .map_err(config_status)?;
         // The audit trail names the keys, never a value.
         self.shared
@@ -192,6 +196,7 @@ impl OperatorService for OperatorApi {
                 &r.environment,
                 &format!("{app} revision {revision}: {change}"),
             )
+            .await
             .map_err(internal)?;
         Ok(Response::new(convoy_proto::ConfigSetReply { revision }))
     }
@@ -208,6 +213,7 @@ impl OperatorService for OperatorApi {
             .shared
             .appconfig
             .show(&app, &r.environment, revision)
+            .await
             .map_err(config_status)?;
         Ok(Response::new(convoy_proto::ConfigShowReply {
             revision: Some(revision_info(head)),
@@ -234,6 +240,7 @@ impl OperatorService for OperatorApi {
             .shared
             .appconfig
             .history(&app, &r.environment)
+            .await
             .map_err(config_status)?;
         Ok(Response::new(convoy_proto::ConfigHistoryReply {
             revisions: revisions.into_iter().map(revision_info).collect(),
@@ -249,14 +256,15 @@ impl OperatorService for OperatorApi {
         let app = self.config_env(&r.app, &r.from_environment)?;
         self.config_env(&r.app, &r.to_environment)?;
         let c = &self.shared.appconfig;
-        let from_revision = c.latest(&app, &r.from_environment).map_err(config_status)?;
-        let to_revision = c.latest(&app, &r.to_environment).map_err(config_status)?;
+        let from_revision = c.latest(&app, &r.from_environment).await.map_err(config_status)?;
+        let to_revision = c.latest(&app, &r.to_environment).await.map_err(config_status)?;
         let entries = c
             .diff(
                 &app,
                 (&r.from_environment, from_revision),
                 (&r.to_environment, to_revision),
             )
+            .await
             .map_err(config_status)?
             .into_iter()
             .map(|e| convoy_proto::ConfigDiffEntry {
@@ -296,6 +304,7 @@ impl OperatorService for OperatorApi {
             .shared
             .appconfig
             .explain(&app, &r.environment, &r.host, &labels, &r.key)
+            .await
             .map_err(config_status)?;
         Ok(Response::new(convoy_proto::ConfigExplainReply {
             revision,
@@ -317,7 +326,7 @@ impl OperatorService for OperatorApi {
         req: Request<convoy_proto::ConfigRotateKeyRequest>,
     ) -> Result<Response<convoy_proto::ConfigRotateKeyReply>, Status> {
         let who = operator(&req, Role::Admin, "rotate the configuration key")?;
-        let (key_id, resealed) = self.shared.appconfig.rotate_key().map_err(config_status)?;
+        let (key_id, resealed) = self.shared.appconfig.rotate_key().await.map_err(config_status)?;
         self.shared
             .db
             .audit(
@@ -326,6 +335,7 @@ impl OperatorService for OperatorApi {
                 "",
                 &format!("key {key_id}, {resealed} secret(s) resealed"),
             )
+            .await
             .map_err(internal)?;
         tracing::info!(by = %who, key = key_id, resealed, "configuration key rotated");
         Ok(Response::new(convoy_proto::ConfigRotateKeyReply {
@@ -343,7 +353,7 @@ impl OperatorService for OperatorApi {
             0 => 50,
             n => n.min(1000),
         };
-        let audit = self.shared.db.audit_log(limit).map_err(internal)?;
+        let audit = self.shared.db.audit_log(limit).await.map_err(internal)?;
         Ok(Response::new(convoy_proto::FreezesReply {
             freezes: self.shared.engine.freezes().into_iter().map(freeze_info).collect(),
             audit: audit
@@ -366,6 +376,7 @@ impl OperatorService for OperatorApi {
             .shared
             .db
             .releases(&app)
+            .await
             .map_err(internal)?
             .into_iter()
             .map(|r| ReleaseInfo {
@@ -390,13 +401,17 @@ impl OperatorService for OperatorApi {
         )?;
         let r = req.into_inner();
         let action: Action = r.action.parse().map_err(Status::invalid_argument)?;
-        let state = self.shared.engine.control(&r.rollout_id, action, &id.to_string())?;
+        let state = self
+            .shared
+            .engine
+            .control(&r.rollout_id, action, &id.to_string())
+            .await?;
         Ok(Response::new(ControlReply { state }))
     }
 
     async fn watch(&self, req: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
         operator(&req, Role::Viewer, "watch rollouts")?;
-        let rx = self.shared.engine.watch(&req.into_inner().rollout_id)?;
+        let rx = self.shared.engine.watch(&req.into_inner().rollout_id).await?;
         Ok(Response::new(event_stream(&self.shared, rx)))
     }
 
@@ -418,7 +433,7 @@ impl OperatorService for OperatorApi {
                 header.size
             )));
         }
-        if let Some(existing) = self.shared.db.release(&app, &version).map_err(internal)? {
+        if let Some(existing) = self.shared.db.release(&app, &version).await.map_err(internal)? {
             // Fail fast, before the bytes travel, unless it is a retry.
             if existing.size != header.size {
                 return Err(Status::already_exists(format!(
@@ -494,6 +509,7 @@ impl OperatorService for OperatorApi {
                 },
                 &id.to_string(),
             )
+            .await
             .map_err(|e| match e {
                 DbError::VersionTaken { .. } => Status::already_exists(e.to_string()),
                 other => internal(other),
@@ -502,11 +518,13 @@ impl OperatorService for OperatorApi {
             self.shared
                 .db
                 .set_release_contents(&app, &version, contents.bytes, contents.entries, &units)
+                .await
                 .map_err(internal)?;
             if let Some(schema) = &config {
                 self.shared
                     .appconfig
                     .set_schema(&app, &version, schema)
+                    .await
                     .map_err(internal)?;
             }
         }
@@ -522,7 +540,7 @@ impl OperatorService for OperatorApi {
         let id = operator(&req, Role::Deployer, "deploy")?;
         let mut order = DeployOrder::try_from(req.into_inner()).map_err(invalid)?;
         order.admin = id.role == Some(Role::Admin);
-        let rx = self.shared.engine.start_deploy(&id.to_string(), order)?;
+        let rx = self.shared.engine.start_deploy(&id.to_string(), order).await?;
         Ok(Response::new(event_stream(&self.shared, rx)))
     }
 
@@ -540,7 +558,7 @@ impl OperatorService for OperatorApi {
     async fn rollback(&self, req: Request<RollbackRequest>) -> Result<Response<Self::RollbackStream>, Status> {
         let id = operator(&req, Role::Deployer, "roll back")?;
         let order = RollbackOrder::try_from(req.into_inner()).map_err(invalid)?;
-        let rx = self.shared.engine.start_rollback(&id.to_string(), order)?;
+        let rx = self.shared.engine.start_rollback(&id.to_string(), order).await?;
         Ok(Response::new(event_stream(&self.shared, rx)))
     }
 
@@ -566,11 +584,12 @@ impl OperatorService for OperatorApi {
         if !r.rollout_id.is_empty() {
             let row = db
                 .rollout(&r.rollout_id)
+                .await
                 .map_err(internal)?
                 .ok_or_else(|| Status::not_found(format!("no rollout {}", r.rollout_id)))?;
-            let hosts = db.rollout_hosts(&r.rollout_id).map_err(internal)?;
-            let events = db.rollout_events(&r.rollout_id).map_err(internal)?;
-            let measurements = db.measurements(&r.rollout_id).map_err(internal)?;
+            let hosts = db.rollout_hosts(&r.rollout_id).await.map_err(internal)?;
+            let events = db.rollout_events(&r.rollout_id).await.map_err(internal)?;
+            let measurements = db.measurements(&r.rollout_id).await.map_err(internal)?;
             return Ok(Response::new(HistoryReply {
                 measurements: measurements.iter().map(Into::into).collect(),
                 rollouts: vec![record(row)],
@@ -601,6 +620,7 @@ impl OperatorService for OperatorApi {
         let limit = if r.limit == 0 { 50 } else { r.limit.min(1000) };
         let rollouts = db
             .history(&app, limit)
+            .await
             .map_err(internal)?
             .into_iter()
             .map(record)
