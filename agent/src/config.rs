@@ -12,6 +12,8 @@ struct Raw {
     /// Absent in the file the package installs: not configured yet.
     #[serde(default)]
     controller: Option<String>,
+    #[serde(default)]
+    controllers: Option<Vec<String>>,
     server_name: Option<String>,
     #[serde(default)]
     ca: Option<PathBuf>,
@@ -55,10 +57,12 @@ fn default_unit_timeout() -> String {
 
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// e.g. `https://controller.example:7443`
+    /// e.g. `https://controller.example:7443` (the first of `controllers`).
     pub controller: String,
     /// The name in the controller's certificate; defaults to the URL's host.
     pub server_name: String,
+    /// Every controller the agent may use: (URL, name in its certificate).
+    pub controllers: Vec<(String, String)>,
     pub ca: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
@@ -132,23 +136,43 @@ impl Config {
             message,
         };
         let raw: Raw = toml::from_str(text).map_err(|e| invalid(e.to_string().trim_end().to_owned()))?;
-        let Some(controller) = raw.controller else {
-            return Err(ConfigError::NotConfigured { path: file.to_owned() });
+        let urls = match (raw.controller, raw.controllers) {
+            (None, None) => return Err(ConfigError::NotConfigured { path: file.to_owned() }),
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "controller and controllers: set one (controllers lists several)".into(),
+                ))
+            }
+            (Some(c), None) => vec![c],
+            (None, Some(list)) if list.is_empty() => {
+                return Err(invalid("controllers: empty; list at least one https:// URL".into()))
+            }
+            (None, Some(list)) => list,
         };
+        let mut controllers = Vec::new();
+        for (i, url) in urls.iter().enumerate() {
+            let key = if urls.len() == 1 && i == 0 {
+                "controller".to_owned()
+            } else {
+                format!("controllers[{i}]")
+            };
+            let rest = url
+                .strip_prefix("https://")
+                .ok_or_else(|| invalid(format!("{key}: {url:?} must start with https://")))?;
+            let host = rest.rsplit_once(':').map(|(h, _)| h).unwrap_or(rest);
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            if host.is_empty() {
+                return Err(invalid(format!("{key}: URL has no host")));
+            }
+            controllers.push((url.clone(), raw.server_name.clone().unwrap_or_else(|| host.to_owned())));
+        }
+        let controller = urls[0].clone();
         let required = |value: Option<PathBuf>, key: &str, what: &str| {
             value.ok_or_else(|| invalid(format!("{key}: missing; it is the path of {what}")))
         };
         let ca = required(raw.ca, "ca", "the fleet CA certificate (PEM)")?;
         let cert = required(raw.cert, "cert", "this host's certificate (PEM)")?;
         let key = required(raw.key, "key", "this host's private key (PEM)")?;
-        let rest = controller
-            .strip_prefix("https://")
-            .ok_or_else(|| invalid(format!("controller: {controller:?} must start with https://")))?;
-        let host = rest.rsplit_once(':').map(|(h, _)| h).unwrap_or(rest);
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        if host.is_empty() {
-            return Err(invalid("controller: URL has no host".into()));
-        }
         for (k, v) in &raw.labels {
             if !valid_label_part(k) || !valid_label_part(v) {
                 return Err(invalid(format!(
@@ -196,8 +220,9 @@ impl Config {
             .transpose()?;
         Ok(Config {
             metrics_listen,
-            server_name: raw.server_name.unwrap_or_else(|| host.to_owned()),
+            server_name: controllers[0].1.clone(),
             controller: controller.clone(),
+            controllers,
             ca,
             cert,
             key,

@@ -183,11 +183,23 @@ async fn run(cfg: config::Config) -> anyhow::Result<()> {
         tracing::warn!(count = recovered.len(), "recovered interrupted operations");
     }
     // Each dial reads the certificate afresh, so a renewed one is used.
+    // Spread by what tells hosts apart: the name, or the certificate when
+    // the host has no name of its own.
+    let seed = match cfg.name.is_empty() {
+        false => cfg.name.clone(),
+        true => std::fs::read_to_string(&cfg.cert).unwrap_or_default(),
+    };
+    let current = Arc::new(session::Current::starting_for(&seed, cfg.controllers.len()));
     let dial = {
         let cfg = cfg.clone();
-        move || session::endpoint(&cfg)
+        move |i: usize| session::endpoint_for(&cfg, i)
     };
-    tokio::spawn(enroll::renew_forever(cfg.clone(), dial.clone()));
+    // Renewal asks the controller the session uses.
+    let renew_dial = {
+        let (dial, current) = (dial.clone(), current.clone());
+        move || dial(current.get())
+    };
+    tokio::spawn(enroll::renew_forever(cfg.clone(), renew_dial));
     tokio::spawn(activate::keep_warm(agent.clone()));
     if let Some(listen) = cfg.metrics_listen {
         convoy_common::observe::serve_metrics(listen, metrics::get().registry.clone())
@@ -195,7 +207,7 @@ async fn run(cfg: config::Config) -> anyhow::Result<()> {
             .with_context(|| format!("metrics_listen: binding {listen}"))?;
     }
     convoy_common::observe::notify::spawn_watchdog();
-    let session = tokio::spawn(session::run(agent.clone(), dial));
+    let session = tokio::spawn(session::run(agent.clone(), current, dial));
     shutdown_signal().await;
     stop(&agent).await;
     session.abort();

@@ -20,14 +20,20 @@ use crate::config::Config;
 const HEARTBEAT: Duration = Duration::from_secs(10);
 
 pub fn endpoint(cfg: &Config) -> anyhow::Result<Endpoint> {
+    endpoint_for(cfg, 0)
+}
+
+/// The endpoint of the `i`th of the configured controllers.
+pub fn endpoint_for(cfg: &Config, i: usize) -> anyhow::Result<Endpoint> {
+    let (url, server_name) = &cfg.controllers[i % cfg.controllers.len()];
     let ca = convoy_common::identity::read_cert_pem(&cfg.ca)?;
     let cert = convoy_common::identity::read_cert_pem(&cfg.cert)?;
     let key = convoy_common::identity::read_key_pem(&cfg.key)?;
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(ca))
         .identity(Identity::from_pem(cert, key))
-        .domain_name(cfg.server_name.clone());
-    Ok(Endpoint::from_shared(cfg.controller.clone())?
+        .domain_name(server_name.clone());
+    Ok(Endpoint::from_shared(url.clone())?
         .tls_config(tls)?
         .connect_timeout(Duration::from_secs(5))
         .tcp_keepalive(Some(Duration::from_secs(30)))
@@ -44,15 +50,41 @@ pub fn endpoint(cfg: &Config) -> anyhow::Result<Endpoint> {
 /// Receive window of a stream (the connection's is twice that), in bytes.
 const FETCH_WINDOW: u32 = 4 << 20;
 
-/// Runs sessions until the process ends.
-pub async fn run(agent: Arc<Agent>, endpoint: impl Fn() -> anyhow::Result<Endpoint>) {
+/// Which of the configured controllers the agent uses now; a host's
+/// first is picked from its name, so a fleet spreads over them.
+#[derive(Default)]
+pub struct Current(std::sync::atomic::AtomicUsize);
+
+impl Current {
+    pub fn starting_for(name: &str, controllers: usize) -> Current {
+        let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        });
+        Current(std::sync::atomic::AtomicUsize::new(
+            (h % controllers.max(1) as u64) as usize,
+        ))
+    }
+
+    pub fn get(&self) -> usize {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn next(&self) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Runs sessions until the process ends, with the controller `current`
+/// names; when a session cannot start or ends, with the next one.
+pub async fn run(agent: Arc<Agent>, current: Arc<Current>, endpoint: impl Fn(usize) -> anyhow::Result<Endpoint>) {
     let mut backoff = convoy_common::backoff::Backoff::new(Duration::from_millis(250), Duration::from_secs(15));
     loop {
         let started = tokio::time::Instant::now();
-        let result = match endpoint() {
+        let result = match endpoint(current.get()) {
             Ok(e) => session(&agent, &e).await,
             Err(e) => Err(e),
         };
+        current.next();
         let why = match result {
             Ok(()) => "the controller closed the session".to_string(),
             Err(e) => format!("{e:#}"),
@@ -65,7 +97,10 @@ pub async fn run(agent: Arc<Agent>, endpoint: impl Fn() -> anyhow::Result<Endpoi
             backoff.reset();
         }
         // Jitter spreads a fleet's reconnects after a controller restart.
-        let jitter = Duration::from_millis(u64::from(std::process::id() % 250));
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let jitter = Duration::from_millis(u64::from((std::process::id() ^ nanos) % 500));
         tokio::time::sleep(backoff.next_delay() + jitter).await;
     }
 }

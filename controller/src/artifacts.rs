@@ -92,6 +92,40 @@ impl Artifacts {
     }
 }
 
+impl Artifacts {
+    /// Copies an artifact another controller shared (`Db::share_artifact`)
+    /// into this one's store, checking its sha256 on the way; `false` when
+    /// the database holds no such artifact.
+    pub async fn fetch_shared(&self, db: &crate::db::Db, digest: &Digest) -> std::io::Result<bool> {
+        let mut inc = self.begin().await?;
+        let mut n = 0;
+        loop {
+            match db.artifact_chunk(digest, n).await {
+                Ok(Some(chunk)) => inc.write(&chunk).await?,
+                Ok(None) => break,
+                Err(e) => {
+                    inc.abort().await;
+                    return Err(std::io::Error::other(e));
+                }
+            }
+            n += 1;
+        }
+        if n == 0 {
+            inc.abort().await;
+            return Ok(false);
+        }
+        let (got, _) = self.commit(inc).await?;
+        if got != *digest {
+            let _ = tokio::fs::remove_file(self.path(&got)).await;
+            return Err(std::io::Error::other(format!(
+                "the artifact shared as sha256 {digest} has sha256 {got}; not used"
+            )));
+        }
+        tracing::info!(%digest, "artifact copied from the shared store");
+        Ok(true)
+    }
+}
+
 impl Incoming {
     pub async fn write(&mut self, data: &[u8]) -> std::io::Result<()> {
         self.hasher.update(data);

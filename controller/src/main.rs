@@ -143,6 +143,13 @@ enum Cmd {
         #[arg(long, value_enum, default_value = "text")]
         output: Output,
     },
+    /// The controllers sharing this controller's database: which are up,
+    /// their agent sessions, the rollouts each drives and how fresh their
+    /// leases are.
+    Controllers {
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
     /// Rollouts of an app, newest first; or one rollout in detail.
     History {
         app: Option<String>,
@@ -485,6 +492,9 @@ fn main() -> ExitCode {
         ))),
         Cmd::Freeze { env, reason, until } => cli::report(rt.block_on(cli::freeze(&cli.conn, env, reason, until))),
         Cmd::Unfreeze { env } => cli::report(rt.block_on(cli::unfreeze(&cli.conn, env))),
+        Cmd::Controllers { output } => {
+            cli::report(rt.block_on(cli::controllers(&cli.conn, matches!(output, Output::Json))))
+        }
         Cmd::Freezes { limit, output } => {
             cli::report(rt.block_on(cli::freezes(&cli.conn, limit, matches!(output, Output::Json))))
         }

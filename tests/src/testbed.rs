@@ -11,6 +11,11 @@ use convoy_nspawn::wait_for;
 
 /// Port of the controller on the bridge.
 const CONTROLLER_PORT: u16 = 7443;
+
+thread_local! {
+    /// Controllers the next boot starts (`boot_cluster`).
+    static CLUSTER: std::cell::Cell<usize> = const { std::cell::Cell::new(1) };
+}
 /// Port of the controller's Prometheus endpoint on the bridge.
 const METRICS_PORT: u16 = 9464;
 /// Port the demo app listens on inside each host.
@@ -91,6 +96,32 @@ pub fn rollout_id(out: &str) -> String {
         .unwrap_or("")
         .trim_end_matches(':')
         .to_owned()
+}
+
+/// Reads a child's stdout lines on a thread, so a test can wait for one
+/// with a timeout while the child keeps running.
+pub fn line_feed(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
+    use std::io::{BufRead, BufReader};
+    let out = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(|l| l.ok()) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+pub fn wait_line(rx: &std::sync::mpsc::Receiver<String>, what: &str, seen: &mut Vec<String>) -> Result<String> {
+    loop {
+        let line = rx.recv_timeout(std::time::Duration::from_secs(60))?;
+        seen.push(line.clone());
+        if line.contains(what) {
+            return Ok(line);
+        }
+    }
 }
 
 /// One booted host.
@@ -201,6 +232,9 @@ pub struct Testbed {
     /// The controller's PostgreSQL (see `boot_on_postgres`); SQLite without.
     pub postgres: Option<convoy_nspawn::postgres::Postgres>,
     with_postgres: bool,
+    /// Controllers 2.. (see `boot_cluster`); index 0 is `controller`.
+    others: Vec<Option<Child>>,
+    controllers: usize,
 }
 
 /// Result of a CLI call.
@@ -233,6 +267,17 @@ impl Testbed {
     /// agent.toml (e.g. `trusted_keys = [...]`).
     pub fn boot_full(n: usize, env_of: impl Fn(usize) -> String, spec: &str, agent_extra: &str) -> Result<Testbed> {
         Self::boot_inner(n, &env_of, spec, agent_extra, false, false, false)
+    }
+
+    /// Boots `n` hosts (env=staging) and `controllers` controllers named
+    /// c1, c2… on one PostgreSQL, on the controller address at ports
+    /// 7443, 7444…; every agent and the operator's CLI know them all.
+    pub fn boot_cluster(n: usize, controllers: usize) -> Result<Testbed> {
+        let spec = fs::read_to_string(workspace_root().join("tests/testbed/demo.toml"))?;
+        CLUSTER.with(|c| c.set(controllers));
+        let bed = Self::boot_inner(n, &|_| "staging".to_owned(), &spec, "", false, false, true);
+        CLUSTER.with(|c| c.set(1));
+        bed
     }
 
     /// Like `boot`, with the controller keeping its state in a real
@@ -315,7 +360,11 @@ impl Testbed {
             with_prometheus,
             postgres: None,
             with_postgres,
+            others: Vec::new(),
+            controllers: 1,
         };
+        bed.controllers = CLUSTER.with(|c| c.get());
+        bed.others = (1..bed.controllers).map(|_| None).collect();
         bed.setup(n, env_of, spec)?;
         Ok(bed)
     }
@@ -373,6 +422,28 @@ impl Testbed {
             database = format!("database = \"{}\"\n", pg.url("convoy"));
             self.postgres = Some(pg);
         }
+        if self.controllers > 1 {
+            database.push_str(&format!(
+                "name = \"c1\"\nconfig_key = \"{}/config.key\"\n",
+                cdir.display()
+            ));
+            for i in 1..self.controllers {
+                let other = self.dir.path().join(format!("controller{}", i + 1));
+                fs::create_dir_all(&other)?;
+                fs::write(
+                    other.join("controller.toml"),
+                    format!(
+                        "database = \"{db}\"\nname = \"c{n}\"\nconfig_key = \"{d}/config.key\"\nlisten = \"{ip}:{port}\"\ndata_dir = \"{o}/data\"\napps_dir = \"{d}/apps\"\nca = \"{p}/ca.pem\"\ncert = \"{p}/controller.pem\"\nkey = \"{p}/controller.key\"\nhost_timeout = \"2m\"\n",
+                        db = self.postgres.as_ref().expect("a cluster runs on PostgreSQL").url("convoy"),
+                        n = i + 1,
+                        d = cdir.display(),
+                        o = other.display(),
+                        p = pki.display(),
+                        port = CONTROLLER_PORT + i as u16,
+                    ),
+                )?;
+            }
+        }
         fs::write(
             cdir.join("controller.toml"),
             format!(
@@ -382,6 +453,9 @@ impl Testbed {
             ),
         )?;
         self.start_controller()?;
+        for i in 1..self.controllers {
+            self.start_other_controller(i)?;
+        }
 
         for i in 1..=n {
             let host = self.boot_host(i, &env_of(i))?;
@@ -471,6 +545,58 @@ impl Testbed {
         Ok(())
     }
 
+    /// Starts (or restarts) controller `i + 1` of a cluster (1 for c2).
+    pub fn start_other_controller(&mut self, i: usize) -> Result<()> {
+        let dir = self.dir.path().join(format!("controller{}", i + 1));
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("controller.log"))?;
+        let child = Command::new(self.bins.join("convoy"))
+            .args(["serve", "--config"])
+            .arg(dir.join("controller.toml"))
+            .env("CONVOY_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        self.others[i - 1] = Some(child);
+        let addr = SocketAddr::from((self.controller_ip(), CONTROLLER_PORT + i as u16));
+        wait_for("a controller to listen", Duration::from_secs(20), || {
+            TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()
+        })?;
+        Ok(())
+    }
+
+    /// Kills controller `i + 1` of a cluster with SIGKILL (0: c1).
+    pub fn kill_controller_at(&mut self, i: usize) {
+        let child = if i == 0 {
+            self.controller.take()
+        } else {
+            self.others[i - 1].take()
+        };
+        if let Some(mut c) = child {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Controller `i + 1`'s log (0: c1).
+    pub fn controller_log_at(&self, i: usize) -> String {
+        let dir = match i {
+            0 => "controller".to_owned(),
+            i => format!("controller{}", i + 1),
+        };
+        fs::read_to_string(self.dir.path().join(dir).join("controller.log")).unwrap_or_default()
+    }
+
+    /// Every controller's URL, in order.
+    pub fn controller_urls(&self) -> Vec<String> {
+        (0..self.controllers)
+            .map(|i| format!("https://{}:{}", self.controller_ip(), CONTROLLER_PORT + i as u16))
+            .collect()
+    }
+
     fn boot_host(&self, i: usize, env: &str) -> Result<Host> {
         let name = format!("host{i}");
         let machine = format!("cv{}h{i}", self.subnet);
@@ -495,11 +621,14 @@ impl Testbed {
         } else {
             "/etc/convoy"
         };
+        let controllers = match self.controllers {
+            1 => format!("controller = \"https://{}:{CONTROLLER_PORT}\"", self.controller_ip()),
+            _ => format!("controllers = {:?}\nname = \"{name}\"", self.controller_urls()),
+        };
         fs::write(
             etc.join("agent.toml"),
             format!(
-                "controller = \"https://{}:{CONTROLLER_PORT}\"\nserver_name = \"controller\"\nca = \"{tls}/ca.pem\"\ncert = \"{tls}/{name}.pem\"\nkey = \"{tls}/{name}.key\"\nunit_timeout = \"30s\"\n{}\n\n[labels]\nenv = \"{env}\"\nzone = \"z{}\"\n",
-                self.controller_ip(),
+                "{controllers}\nserver_name = \"controller\"\nca = \"{tls}/ca.pem\"\ncert = \"{tls}/{name}.pem\"\nkey = \"{tls}/{name}.key\"\nunit_timeout = \"30s\"\n{}\n\n[labels]\nenv = \"{env}\"\nzone = \"z{}\"\n",
                 self.agent_extra,
                 i % 2
             ),
@@ -612,13 +741,25 @@ impl Testbed {
     /// The operator's environment for a `convoy` command.
     fn operator_env<'a>(&self, cmd: &'a mut Command) -> &'a mut Command {
         let pki = self.pki();
-        let url = format!("https://{}:{CONTROLLER_PORT}", self.controller_ip());
-        cmd.env("CONVOY_CONTROLLER", url)
+        cmd.env("CONVOY_CONTROLLER", self.controller_urls().join(","))
             .env("CONVOY_SERVER_NAME", "controller")
             .env("CONVOY_CA", pki.join("ca.pem"))
             .env("CONVOY_CERT", pki.join("operator.pem"))
             .env("CONVOY_KEY", pki.join("operator.key"))
             .stdin(Stdio::null())
+    }
+
+    /// Starts the `convoy` CLI as the operator, talking to the controller
+    /// at `url` only, without waiting for it.
+    pub fn convoy_spawn_at(&self, url: &str, args: &[&str]) -> Result<Child> {
+        let mut cmd = Command::new(self.bins.join("convoy"));
+        cmd.args(args);
+        Ok(self
+            .operator_env(&mut cmd)
+            .env("CONVOY_CONTROLLER", url)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?)
     }
 
     /// Starts the `convoy` CLI as the operator without waiting for it.
@@ -850,6 +991,9 @@ impl Drop for Testbed {
             }
         }
         self.kill_controller();
+        for i in 1..self.controllers {
+            self.kill_controller_at(i);
+        }
         convoy_nspawn::remove_bridge(&self.bridge);
     }
 }

@@ -2,7 +2,7 @@
 //! audit trail, on five booted hosts.
 
 use anyhow::Result;
-use convoy_tests::testbed::{canary_deploy, rollout_id};
+use convoy_tests::testbed::{canary_deploy, line_feed, rollout_id, wait_line};
 use convoy_tests::webhook::webhook_receiver;
 use convoy_tests::Testbed;
 
@@ -526,32 +526,6 @@ fn labelled_canary_group_with_manual_promotion() -> Result<()> {
         out.stderr
     );
     Ok(())
-}
-
-/// Reads a child's stdout lines on a thread, so a test can wait for one
-/// with a timeout while the child keeps running.
-fn line_feed(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
-    use std::io::{BufRead, BufReader};
-    let out = child.stdout.take().expect("piped stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(|l| l.ok()) {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    rx
-}
-
-fn wait_line(rx: &std::sync::mpsc::Receiver<String>, what: &str, seen: &mut Vec<String>) -> Result<String> {
-    loop {
-        let line = rx.recv_timeout(std::time::Duration::from_secs(60))?;
-        seen.push(line.clone());
-        if line.contains(what) {
-            return Ok(line);
-        }
-    }
 }
 
 #[test]

@@ -335,3 +335,105 @@ pub async fn freezes(conn: &Conn, limit: u32, json: bool) -> Result<(), Failure>
     }
     Ok(())
 }
+
+#[derive(serde::Serialize)]
+struct ControllersJson {
+    answered_by: String,
+    database: String,
+    controllers: Vec<ControllerJson>,
+}
+
+#[derive(serde::Serialize)]
+struct ControllerJson {
+    name: String,
+    address: String,
+    up: bool,
+    seen_ago_ms: i64,
+    started_at_unix_ms: i64,
+    sessions: i64,
+    rollouts: Vec<LeaseJson>,
+}
+
+#[derive(serde::Serialize)]
+struct LeaseJson {
+    rollout: String,
+    epoch: i64,
+    renewed_ago_ms: i64,
+    expires_in_ms: i64,
+}
+
+/// `convoy controllers`.
+pub async fn controllers(conn: &Conn, json: bool) -> Result<(), Failure> {
+    let mut client = conn.connect().await?;
+    let reply = client
+        .controllers(convoy_proto::ControllersRequest {})
+        .await?
+        .into_inner();
+    let out = ControllersJson {
+        answered_by: reply.answered_by,
+        database: reply.database,
+        controllers: reply
+            .controllers
+            .into_iter()
+            .map(|c| ControllerJson {
+                rollouts: c
+                    .leases
+                    .into_iter()
+                    .map(|l| LeaseJson {
+                        rollout: l.rollout_id,
+                        epoch: l.epoch,
+                        renewed_ago_ms: l.renewed_ago_ms,
+                        expires_in_ms: l.expires_in_ms,
+                    })
+                    .collect(),
+                name: c.name,
+                address: c.address,
+                up: c.up,
+                seen_ago_ms: c.seen_ago_ms,
+                started_at_unix_ms: c.started_at_unix_ms,
+                sessions: c.sessions,
+            })
+            .collect(),
+    };
+    if json {
+        super::print_json(&out);
+        return Ok(());
+    }
+    let secs = |ms: i64| format!("{:.1}s", ms as f64 / 1000.0);
+    let mut table = comfy_table::Table::new();
+    table.load_preset(comfy_table::presets::NOTHING);
+    table.set_header([
+        "CONTROLLER",
+        "ADDRESS",
+        "STATE",
+        "SESSIONS",
+        "ROLLOUTS (epoch, lease renewed)",
+    ]);
+    for c in &out.controllers {
+        let rollouts: Vec<String> = c
+            .rollouts
+            .iter()
+            .map(|l| match l.expires_in_ms {
+                e if e < 0 => format!("{} (epoch {}, lease expired {} ago)", l.rollout, l.epoch, secs(-e)),
+                _ => format!("{} (epoch {}, {} ago)", l.rollout, l.epoch, secs(l.renewed_ago_ms)),
+            })
+            .collect();
+        let state = match c.up {
+            true => "up".to_owned(),
+            false => format!("down (last seen {} ago)", secs(c.seen_ago_ms)),
+        };
+        table.add_row([
+            c.name.clone(),
+            c.address.clone(),
+            state,
+            c.sessions.to_string(),
+            match rollouts.is_empty() {
+                true => "-".to_owned(),
+                false => rollouts.join(", "),
+            },
+        ]);
+    }
+    println!("{table}");
+    println!("answered by {} ({} database)", out.answered_by, out.database);
+    Ok(())
+}

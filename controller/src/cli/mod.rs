@@ -15,7 +15,7 @@ mod events;
 mod follow;
 mod records;
 
-pub use admin::{create_token, freeze, freezes, keys_generate, push, revoke_host, unfreeze};
+pub use admin::{controllers, create_token, freeze, freezes, keys_generate, push, revoke_host, unfreeze};
 pub use follow::{control, deploy, rollback, watch, DeployArgs, Pace};
 pub use records::{delivery_report, history, hosts, releases, status};
 
@@ -144,15 +144,39 @@ impl Conn {
         if let Some(n) = &self.server_name {
             tls = tls.domain_name(n.clone());
         }
-        let endpoint = Endpoint::from_shared(url.clone())
-            .map_err(|e| Failure::new(exit::USAGE, format!("--controller {url:?}: {e}")))?
-            .tls_config(tls)
-            .map_err(|e| Failure::new(exit::USAGE, format!("TLS: {e}")))?
-            .connect_timeout(Duration::from_secs(5));
-        let channel = endpoint.connect().await.map_err(|e| {
+        // A list (`https://a:7443,https://b:7443`) is tried from a random
+        // one on, each once: the first that answers is used.
+        let urls: Vec<&str> = url.split(',').map(str::trim).filter(|u| !u.is_empty()).collect();
+        if urls.is_empty() {
+            return Err(Failure::new(exit::USAGE, "--controller: no URL in it"));
+        }
+        let start = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos() as usize)
+            % urls.len();
+        let mut failed = Vec::new();
+        let mut channel = None;
+        for u in urls.iter().cycle().skip(start).take(urls.len()) {
+            let endpoint = Endpoint::from_shared(u.to_string())
+                .map_err(|e| Failure::new(exit::USAGE, format!("--controller {u:?}: {e}")))?
+                .tls_config(tls.clone())
+                .map_err(|e| Failure::new(exit::USAGE, format!("TLS: {e}")))?
+                .connect_timeout(Duration::from_secs(5));
+            match endpoint.connect().await {
+                Ok(c) => {
+                    channel = Some(c);
+                    break;
+                }
+                Err(e) => failed.push(format!("{u}: {}", error_chain(&e))),
+            }
+        }
+        let channel = channel.ok_or_else(|| {
             Failure::new(
                 exit::UNREACHABLE,
-                format!("cannot reach the controller at {url}: {}", error_chain(&e)),
+                match failed.len() {
+                    1 => format!("cannot reach the controller at {}", failed[0]),
+                    _ => format!("cannot reach any controller: {}", failed.join("; ")),
+                },
             )
         })?;
         Ok(OperatorServiceClient::new(channel).max_decoding_message_size(64 << 20))

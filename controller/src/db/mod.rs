@@ -3,6 +3,7 @@
 //! engines: SQLite (the embedded default, one controller) and PostgreSQL
 //! (several controllers on one database); every query runs on both.
 
+mod cluster;
 mod schema;
 mod sql;
 #[cfg(test)]
@@ -18,10 +19,20 @@ use convoy_common::ops::{OpReport, StepEvent};
 use convoy_common::{AppName, Digest, HostName, Version};
 
 use crate::params;
+pub use cluster::Takeable;
 pub use sql::{Conn, Row, Tx, Value};
+
+/// How long a rollout's lease lasts unless renewed: a controller that
+/// stops renewing loses its rollouts to another this long after.
+pub const LEASE_TTL_MS: i64 = 10_000;
 
 pub struct Db {
     engine: sql::Engine,
+    /// This controller's name: the owner of the leases it takes.
+    owner: String,
+    /// Rollouts this controller drives → the lease epoch it holds;
+    /// their writes are fenced (`cluster::fence`).
+    fences: std::sync::Mutex<std::collections::HashMap<String, i64>>,
 }
 
 /// Where a PostgreSQL store is and how to reach it (`database` and the
@@ -148,6 +159,14 @@ pub enum DbError {
     },
     #[error("database holds a bad value: {0}")]
     Corrupt(String),
+    #[error("{0}")]
+    Busy(String),
+    #[error("rollout {rollout} was taken over by another controller (its lease is at epoch {now:?}, this controller held {epoch}); this controller stopped driving it")]
+    Fenced {
+        rollout: String,
+        epoch: i64,
+        now: Option<i64>,
+    },
     #[error("database schema version {found} is newer than this convoy knows ({known}); run the convoy that made it, or a newer one")]
     TooNew { found: usize, known: usize },
     #[error("database migration to schema version {version} ({what}) failed: {cause}")]
@@ -246,7 +265,32 @@ impl Db {
         schema::migrate_sqlite(&mut conn)?;
         Ok(Self {
             engine: sql::Engine::Sqlite(Arc::new(tokio::sync::Mutex::new(conn))),
+            owner: "controller".into(),
+            fences: Default::default(),
         })
+    }
+
+    /// Names this controller as the owner of the leases it takes.
+    pub fn owned_by(mut self, name: &str) -> Self {
+        self.owner = name.to_owned();
+        self
+    }
+
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+
+    /// Runs a write for `rollout`, fenced when this controller drives it:
+    /// refused once another controller took its lease over.
+    async fn fenced_execute(&self, rollout: &str, sql: &str, params: &[Value]) -> Result<u64, DbError> {
+        if !self.fences.lock().unwrap().contains_key(rollout) {
+            return self.execute(sql, params).await;
+        }
+        let mut tx = self.begin().await?;
+        self.fence(&mut tx, rollout).await?;
+        let n = tx.execute(sql, params).await?;
+        tx.commit().await?;
+        Ok(n)
     }
 
     /// Connects to a PostgreSQL store and brings its schema up to date
@@ -283,6 +327,8 @@ impl Db {
             .map_err(|e| DbError::Unavailable(e.to_string()))?;
         let db = Self {
             engine: sql::Engine::Postgres(pool),
+            owner: by.to_owned(),
+            fences: Default::default(),
         };
         let applied = schema::migrate_postgres(db.conn().await?, by).await?;
         Ok((db, applied))
@@ -533,8 +579,11 @@ impl Db {
             .is_some())
     }
 
+    /// Records a new rollout and takes its lease (epoch 1) for this
+    /// controller, in one transaction.
     pub async fn start_rollout(&self, r: &NewRollout<'_>) -> Result<(), DbError> {
-        self.execute(
+        let mut tx = self.begin().await?;
+        let inserted = tx.execute(
             "INSERT INTO rollouts (id, app, version, environment, kind, strategy, hotfix_reason, operator, state, started_at_ms, plan)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'running', ?9, ?10)",
             params![
@@ -550,7 +599,24 @@ impl Db {
                 r.plan
             ],
         )
+        .await;
+        match inserted {
+            // PostgreSQL: one unfinished rollout per app and environment.
+            Err(e) if e.is_conflict() => {
+                return Err(DbError::Busy(format!(
+                "another rollout of {} in {} is running (started through another controller); see `convoy controllers`",
+                r.app, r.env
+            )))
+            }
+            r => r?,
+        };
+        tx.execute(
+            "INSERT INTO leases (rollout_id, owner, epoch, expires_at_ms) VALUES (?1, ?2, 1, ?3)",
+            params![r.id, &self.owner, convoy_common::ops::now_unix_ms() + LEASE_TTL_MS],
+        )
         .await?;
+        tx.commit().await?;
+        self.hold(r.id, 1);
         Ok(())
     }
 
@@ -567,6 +633,7 @@ impl Db {
     }
 
     /// Rollouts still marked running, with their saved plans, oldest first.
+    #[cfg(test)]
     pub async fn running_rollouts(&self) -> Result<Vec<(RolloutRow, String)>, DbError> {
         self.query(
             &format!(
@@ -733,7 +800,8 @@ impl Db {
 
     pub async fn record_measurement(&self, rollout: &str, m: &Measurement) -> Result<(), DbError> {
         let hosts: Vec<&str> = m.hosts.iter().map(|h| h.as_str()).collect();
-        self.execute(
+        self.fenced_execute(
+            rollout,
             "INSERT INTO measurements (rollout_id, metric, hosts, query, value, baseline, verdict, reason, at_ms)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             params![
@@ -823,29 +891,41 @@ impl Db {
 
     /// Records who approved a rollout.
     pub async fn approve(&self, id: &str, by: &str) -> Result<(), DbError> {
-        self.execute("UPDATE rollouts SET approved_by = ?2 WHERE id = ?1", params![id, by])
-            .await?;
-        Ok(())
-    }
-
-    /// Marks a rollout paused or running again.
-    pub async fn set_rollout_state(&self, id: &str, state: &str) -> Result<(), DbError> {
-        self.execute("UPDATE rollouts SET state = ?2 WHERE id = ?1", params![id, state])
-            .await?;
-        Ok(())
-    }
-
-    pub async fn finish_rollout(&self, id: &str, state: &str, reason: &str) -> Result<(), DbError> {
-        self.execute(
-            "UPDATE rollouts SET state = ?2, reason = ?3, finished_at_ms = ?4 WHERE id = ?1",
-            params![id, state, reason, convoy_common::ops::now_unix_ms()],
+        self.fenced_execute(
+            id,
+            "UPDATE rollouts SET approved_by = ?2 WHERE id = ?1",
+            params![id, by],
         )
         .await?;
         Ok(())
     }
 
+    /// Marks a rollout paused or running again.
+    pub async fn set_rollout_state(&self, id: &str, state: &str) -> Result<(), DbError> {
+        self.fenced_execute(id, "UPDATE rollouts SET state = ?2 WHERE id = ?1", params![id, state])
+            .await?;
+        Ok(())
+    }
+
+    /// Records a rollout's end and gives its lease up.
+    pub async fn finish_rollout(&self, id: &str, state: &str, reason: &str) -> Result<(), DbError> {
+        let mut tx = self.begin().await?;
+        self.fence(&mut tx, id).await?;
+        tx.execute(
+            "UPDATE rollouts SET state = ?2, reason = ?3, finished_at_ms = ?4 WHERE id = ?1",
+            params![id, state, reason, convoy_common::ops::now_unix_ms()],
+        )
+        .await?;
+        tx.execute("DELETE FROM leases WHERE rollout_id = ?1", params![id])
+            .await?;
+        tx.commit().await?;
+        self.let_go(id);
+        Ok(())
+    }
+
     pub async fn record_event(&self, rollout: &str, host: &HostName, e: &StepEvent) -> Result<(), DbError> {
-        self.execute(
+        self.fenced_execute(
+            rollout,
             "INSERT INTO events (rollout_id, host, op_id, step, kind, message, at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             params![rollout, host.as_str(), &e.op_id, e.step.as_str(), format!("{:?}", e.kind).to_lowercase(), &e.message, e.at_unix_ms],
         )
@@ -854,7 +934,8 @@ impl Db {
     }
 
     pub async fn record_host_result(&self, rollout: &str, host: &HostName, r: &OpReport) -> Result<(), DbError> {
-        self.execute(
+        self.fenced_execute(
+            rollout,
             "INSERT INTO rollout_hosts (rollout_id, host, op_id, outcome, reason, restore_detail, finished_at_ms)
              SELECT CAST(?1 AS TEXT), CAST(?2 AS TEXT), CAST(?3 AS TEXT), CAST(?4 AS TEXT), CAST(?5 AS TEXT),
                     CAST(?6 AS TEXT), CAST(?7 AS BIGINT)
@@ -1266,12 +1347,12 @@ mod tests {
             );
             assert!(db.digest_known(&rel.digest).await.unwrap(), "{what}");
             assert!(!db.digest_known(&Digest::of_bytes(b"b")).await.unwrap(), "{what}");
-            for (id, started) in [("r1", 0), ("r2", 1)] {
+            for (id, started, env) in [("r1", 0, "staging"), ("r2", 1, "production")] {
                 db.start_rollout(&NewRollout {
                     id,
                     app: &app,
                     version: "1.0.0",
-                    env: "staging",
+                    env,
                     kind: "deploy",
                     strategy: "rolling",
                     hotfix_reason: "",
@@ -1429,6 +1510,69 @@ mod tests {
             assert!(matches!(err, DbError::VersionTaken { .. }), "{what}: {err}");
             let stored = db.release(&app, &v).await.unwrap().unwrap();
             assert_eq!((stored.digest, stored.signature), (rel.digest, rel.signature));
+        }
+    }
+
+    /// Two controllers (two stores on one database): the one that took a
+    /// rollout over fences the other's writes out.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_taken_over_rollout_refuses_its_old_owners_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let sqlite = dir.path().join("leases.db");
+        let pg = testing::postgres();
+        pg.create_database("leases").unwrap();
+        let o = testing::options(&pg.url("leases"));
+        let pairs = [
+            (
+                "sqlite",
+                Db::open(&sqlite).unwrap().owned_by("a"),
+                Db::open(&sqlite).unwrap().owned_by("b"),
+            ),
+            (
+                "postgres",
+                Db::connect(&o, "a").await.unwrap().0,
+                Db::connect(&o, "b").await.unwrap().0,
+            ),
+        ];
+        for (what, a, b) in pairs {
+            let app = AppName::new("demo").unwrap();
+            a.start_rollout(&NewRollout {
+                id: "r1",
+                app: &app,
+                version: "1.0.0",
+                env: "staging",
+                kind: "deploy",
+                strategy: "rolling",
+                hotfix_reason: "",
+                operator: "operator:alice",
+                plan: "{}",
+            })
+            .await
+            .unwrap();
+            assert!(b.takeable().await.unwrap().is_empty(), "{what}: a holds it");
+            assert!(a.renew_leases().await.unwrap().is_empty(), "{what}: a renews");
+            // a stops renewing; its lease runs out.
+            a.execute("UPDATE leases SET expires_at_ms = 0", &[]).await.unwrap();
+            assert_eq!(b.takeable().await.unwrap(), [("r1".to_owned(), Some(1))], "{what}");
+            let (t1, t2) = tokio::join!(b.take_over("r1", Some(1)), b.take_over("r1", Some(1)));
+            let won: Vec<i64> = [t1.unwrap(), t2.unwrap()].into_iter().flatten().collect();
+            assert_eq!(won, [2], "{what}: taken once, at the next epoch");
+            let e = a.set_rollout_state("r1", "paused").await.unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    DbError::Fenced {
+                        epoch: 1,
+                        now: Some(2),
+                        ..
+                    }
+                ),
+                "{what}: {e}"
+            );
+            assert_eq!(a.renew_leases().await.unwrap(), ["r1"], "{what}: a learns it lost r1");
+            assert_eq!(b.rollout("r1").await.unwrap().unwrap().state, "running", "{what}");
+            b.finish_rollout("r1", "succeeded", "").await.unwrap();
+            assert!(b.held().is_empty() && b.leases().await.unwrap().is_empty(), "{what}");
         }
     }
 

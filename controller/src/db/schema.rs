@@ -111,7 +111,42 @@ pub(super) const MIGRATIONS: &[Migration] = &[
         what: "configuration revisions, their values (secrets sealed) and each release's schema",
         apply: |tx| tx.execute_batch(CONFIG_8),
     },
+    Migration {
+        what: "rollout leases, controllers, host sessions, the relay between controllers, shared artifacts",
+        apply: |tx| {
+            tx.execute_batch(
+                &CLUSTER_9
+                    .replace(
+                        "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
+                        "INTEGER PRIMARY KEY AUTOINCREMENT",
+                    )
+                    .replace("BYTEA", "BLOB"),
+            )
+        },
+    },
 ];
+
+/// What several controllers on one database share (SQLite has them too,
+/// for its one controller's leases). Written in PostgreSQL's spelling;
+/// SQLite's migration respells the two types that differ.
+const CLUSTER_9: &str = r#"
+CREATE TABLE leases (
+    rollout_id TEXT PRIMARY KEY, owner TEXT NOT NULL, epoch BIGINT NOT NULL, expires_at_ms BIGINT NOT NULL);
+CREATE TABLE controllers (
+    name TEXT PRIMARY KEY, address TEXT NOT NULL, started_at_ms BIGINT NOT NULL,
+    seen_at_ms BIGINT NOT NULL, sessions BIGINT NOT NULL);
+CREATE TABLE host_sessions (
+    host TEXT PRIMARY KEY, controller TEXT NOT NULL, labels TEXT NOT NULL, apps TEXT NOT NULL,
+    protocol BIGINT NOT NULL, connected BIGINT NOT NULL, seen_at_ms BIGINT NOT NULL);
+CREATE TABLE relay (
+    id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    kind TEXT NOT NULL, op_id TEXT NOT NULL, host TEXT NOT NULL, target TEXT NOT NULL,
+    payload BYTEA NOT NULL, at_ms BIGINT NOT NULL);
+CREATE INDEX relay_by_target ON relay (kind, target, id);
+CREATE INDEX relay_by_host ON relay (kind, host, id);
+CREATE TABLE artifact_chunks (
+    digest TEXT NOT NULL, n BIGINT NOT NULL, data BYTEA NOT NULL, PRIMARY KEY (digest, n));
+"#;
 
 const CONFIG_8: &str = r#"
 CREATE TABLE config_revisions (
@@ -197,13 +232,24 @@ pub(super) fn migrate_sqlite(conn: &mut rusqlite::Connection) -> Result<(), DbEr
 #[cfg(test)]
 pub(super) const SQLITE_VERSION: usize = MIGRATIONS.len();
 
-/// PostgreSQL's migrations: (what, SQL). A database at version N has had
+/// PostgreSQL's migrations: (what, SQL texts). A database at version N has had
 /// the first N applied.
-const POSTGRES: &[(&str, &str)] = &[(
-    "the schema of SQLite version 8: releases, rollouts, results, events, enrollment, \
-     revocation, measurements, freezes, audit, configuration",
-    POSTGRES_1,
-)];
+const POSTGRES: &[(&str, &[&str])] = &[
+    (
+        "the schema of SQLite version 8: releases, rollouts, results, events, enrollment, \
+         revocation, measurements, freezes, audit, configuration",
+        &[POSTGRES_1],
+    ),
+    (
+        "rollout leases, controllers, host sessions, the relay between controllers, shared artifacts",
+        &[CLUSTER_9, ONE_RUNNING],
+    ),
+];
+
+/// One running rollout per app and environment, whichever controller
+/// starts it (SQLite has one controller, which checks).
+const ONE_RUNNING: &str =
+    "CREATE UNIQUE INDEX one_running_rollout ON rollouts (app, environment) WHERE finished_at_ms IS NULL;";
 
 /// Every table, as SQLite's eight migrations leave it. `rowid` columns
 /// stand for SQLite's implicit ones, which queries order by.
@@ -287,12 +333,14 @@ pub(super) async fn migrate_postgres(conn: Conn, by: &str) -> Result<Vec<usize>,
         });
     }
     let mut applied = Vec::new();
-    for (i, (what, sql)) in POSTGRES.iter().enumerate().skip(at) {
-        tx.batch(sql).await.map_err(|e| DbError::Migration {
-            version: i + 1,
-            what,
-            cause: e.to_string(),
-        })?;
+    for (i, (what, sqls)) in POSTGRES.iter().enumerate().skip(at) {
+        for sql in *sqls {
+            tx.batch(sql).await.map_err(|e| DbError::Migration {
+                version: i + 1,
+                what,
+                cause: e.to_string(),
+            })?;
+        }
         tx.execute(
             "INSERT INTO convoy_schema (version, what, by_controller, at_ms) VALUES (?1, ?2, ?3, ?4)",
             params![(i + 1) as i64, *what, by, convoy_common::ops::now_unix_ms()],

@@ -47,9 +47,21 @@ pub(super) enum Clearance {
 impl Engine {
     /// Takes the freezes from the store (at start).
     pub async fn load_freezes(&self) -> Result<(), Refused> {
-        let all = self.store.freezes().await?;
-        self.freezes
-            .send_replace(all.into_iter().map(|f| (f.env.clone(), f)).collect());
+        let all: BTreeMap<String, Freeze> = self
+            .store
+            .freezes()
+            .await?
+            .into_iter()
+            .map(|f| (f.env.clone(), f))
+            .collect();
+        // Watchers wake only when something changed.
+        self.freezes.send_if_modified(|now| {
+            let changed = *now != all;
+            if changed {
+                *now = all;
+            }
+            changed
+        });
         Ok(())
     }
 

@@ -101,6 +101,8 @@ pub struct DeployPlan {
 struct Live {
     events: broadcast::Sender<Event>,
     control: watch::Sender<Control>,
+    /// Ends the rollout's task where it is (its lease was lost).
+    stop: CancellationToken,
 }
 
 pub struct Engine {
@@ -529,7 +531,10 @@ impl Engine {
         };
         if let Err(e) = self.store.start_rollout(&record).await {
             self.release_slot(app, env);
-            return Err(e.into());
+            return Err(match e.is_busy() {
+                true => Refused::Busy(e.to_string()),
+                false => e.into(),
+            });
         }
         if let Some(held) = &p.passes {
             let detail = format!(
@@ -651,7 +656,10 @@ impl Engine {
         };
         if let Err(e) = self.store.start_rollout(&record).await {
             self.release_slot(app, env);
-            return Err(e.into());
+            return Err(match e.is_busy() {
+                true => Refused::Busy(e.to_string()),
+                false => e.into(),
+            });
         }
         tracing::info!(rollout = %rollout.id, %app, %env, to = %version, by = %who, "rollback started");
         Ok(self.launch(rollout, false, Some(plan)))
@@ -704,14 +712,25 @@ impl Engine {
     /// only watch its events, so an operator going away does not stop it.
     fn launch(self: &Arc<Self>, rollout: Rollout, resumed: bool, plan: Option<Plan>) -> broadcast::Receiver<Event> {
         let rx = rollout.tx.subscribe();
+        let stop = self.stop.child_token();
         self.live.lock().unwrap().insert(
             rollout.id.clone(),
             Live {
                 events: rollout.tx.clone(),
                 control: rollout.control.clone(),
+                stop: stop.clone(),
             },
         );
-        self.spawn(rollout.run(self.clone(), resumed, plan));
+        let (store, id) = (self.store.clone(), rollout.id.clone());
+        let run = rollout.run(self.clone(), resumed, plan);
+        self.tasks.spawn(async move {
+            tokio::select! {
+                () = run => {}
+                // Stopped mid-way (the controller stops, or lost the lease):
+                // the rollout stays in the store for whoever resumes it.
+                () = stop.cancelled() => store.let_go(&id),
+            }
+        });
         rx
     }
 

@@ -22,90 +22,134 @@ fn head(row: &RolloutRow, app: AppName) -> Head {
 use super::Engine;
 
 impl Engine {
-    /// Picks up the rollouts a previous controller left unfinished: each
-    /// goes on from its recorded host results, in the state it was in
-    /// (paused, awaiting approval or promotion). Operations without a
-    /// recorded result are sent again under the same id, and an agent
-    /// answers a repeated id with what it already did, so no host is
-    /// activated twice.
-    pub async fn resume_all(self: Arc<Self>) {
-        let rows = match self.store.running_rollouts().await {
-            Ok(r) => r,
+    /// One round of lease keeping. It picks up the rollouts a previous
+    /// controller left unfinished (at start, and whenever the controller
+    /// that drove one stopped renewing its lease): each goes on from its
+    /// recorded host results, in the state it was in (paused, awaiting
+    /// approval or promotion). Operations without a recorded result are
+    /// sent again under the same id, and an agent answers a repeated id
+    /// with what it already did, so no host is activated twice.
+    ///
+    /// It also renews the leases of the rollouts this
+    /// controller drives, stops driving those another controller took
+    /// over, and takes over the rollouts whose controller stopped renewing.
+    pub async fn keep_leases(self: &Arc<Self>) {
+        match self.store.renew_leases().await {
+            Ok(lost) => {
+                for id in lost {
+                    self.lost(&id);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not renew rollout leases (retrying)"),
+        }
+        let takeable = match self.store.takeable().await {
+            Ok(t) => t,
             Err(e) => {
-                tracing::error!(error = %e, "cannot read running rollouts");
+                tracing::warn!(error = %e, "cannot read running rollouts (retrying)");
                 return;
             }
         };
-        for (row, plan) in rows {
-            let fail = |why: String| {
-                let (store, id) = (self.store.clone(), row.id.clone());
-                async move {
-                    tracing::error!(rollout = %id, "{why}");
-                    if let Err(e) = store.finish_rollout(&id, "failed", &why).await {
-                        tracing::error!(rollout = %id, error = %e, "could not record rollout end");
-                    }
-                }
-            };
-            let (Ok(plan), Ok(app)) = (serde_json::from_str::<SavedPlan>(&plan), AppName::new(row.app.clone())) else {
-                fail("the controller restarted and this rollout's plan could not be read".into()).await;
-                continue;
-            };
-            let hosts = match self.store.rollout_hosts(&row.id).await {
-                Ok(hosts) => hosts,
-                Err(e) => {
-                    fail(format!("cannot read recorded results: {e}")).await;
-                    continue;
-                }
-            };
-            let mut recorded: HashMap<OpId, HostOutcome> = HashMap::new();
-            let mut unreadable = None;
-            for h in hosts {
-                let Some(outcome) = crate::db::outcome_from_name(&h.outcome) else {
-                    continue;
-                };
-                match OpId::parse(&h.op_id) {
-                    Ok(op) => {
-                        recorded.insert(
-                            op,
-                            HostOutcome {
-                                outcome,
-                                reason: h.reason,
-                                restore_detail: h.restore_detail,
-                                slots: vec![],
-                            },
-                        );
-                    }
-                    Err(e) => unreadable = Some(e),
-                }
+        for (id, seen) in takeable {
+            match self.store.take_over(&id, seen).await {
+                Ok(Some(epoch)) => self.resume(&id, epoch).await,
+                Ok(None) => {} // another controller got there first
+                Err(e) => tracing::warn!(rollout = %id, error = %e, "could not take a rollout over (retrying)"),
             }
-            // A result the controller cannot match to its operation would
-            // have the operation sent again: halt instead, touching nothing.
-            if let Some(e) = unreadable {
-                fail(format!(
-                    "the controller restarted and cannot match a recorded host result to its operation ({e}); \
-                     nothing more was sent: check the hosts with `convoy status` and deploy again"
-                ))
-                .await;
-                continue;
-            }
-            let control = match row.state.as_str() {
-                "paused" => Control::Pause("an operator, before the controller restarted".into()),
-                "awaiting_approval" => Control::AwaitApproval(row.operator.clone()),
-                _ => Control::Run,
-            };
-            self.running
-                .lock()
-                .unwrap()
-                .insert((app.clone(), row.env.clone()), row.id.clone());
-            let rollout = Rollout::new(head(&row, app), plan, recorded, control);
-            tracing::warn!(
-                rollout = %rollout.id,
-                recorded = rollout.recorded.len(),
-                state = %row.state,
-                "resuming a rollout interrupted by a controller restart"
-            );
-            self.launch(rollout, true, None);
         }
+    }
+
+    /// Stops driving a rollout another controller took over: its task
+    /// ends where it is, recording nothing more.
+    fn lost(&self, id: &str) {
+        let live = self.live.lock().unwrap().remove(id);
+        self.running.lock().unwrap().retain(|_, r| r != id);
+        if let Some(l) = live {
+            l.stop.cancel();
+        }
+        tracing::warn!(rollout = %id, "another controller took this rollout over; this controller stopped driving it");
+    }
+
+    /// Goes on with rollout `id`, whose lease this controller just took at
+    /// `epoch`.
+    async fn resume(self: &Arc<Self>, id: &str, epoch: i64) {
+        let fail = |why: String| {
+            let (store, id) = (self.store.clone(), id.to_owned());
+            async move {
+                tracing::error!(rollout = %id, "{why}");
+                if let Err(e) = store.finish_rollout(&id, "failed", &why).await {
+                    tracing::error!(rollout = %id, error = %e, "could not record rollout end");
+                }
+            }
+        };
+        let (row, plan) = match self.store.rollout_with_plan(id).await {
+            Ok(Some(r)) => r,
+            Ok(None) => return,
+            Err(e) => {
+                self.store.let_go(id);
+                tracing::warn!(rollout = %id, error = %e, "cannot read a rollout to resume (retrying)");
+                return;
+            }
+        };
+        let (Ok(plan), Ok(app)) = (serde_json::from_str::<SavedPlan>(&plan), AppName::new(row.app.clone())) else {
+            fail("the controller restarted and this rollout's plan could not be read".into()).await;
+            return;
+        };
+        let hosts = match self.store.rollout_hosts(&row.id).await {
+            Ok(hosts) => hosts,
+            Err(e) => {
+                fail(format!("cannot read recorded results: {e}")).await;
+                return;
+            }
+        };
+        let mut recorded: HashMap<OpId, HostOutcome> = HashMap::new();
+        let mut unreadable = None;
+        for h in hosts {
+            let Some(outcome) = crate::db::outcome_from_name(&h.outcome) else {
+                continue;
+            };
+            match OpId::parse(&h.op_id) {
+                Ok(op) => {
+                    recorded.insert(
+                        op,
+                        HostOutcome {
+                            outcome,
+                            reason: h.reason,
+                            restore_detail: h.restore_detail,
+                            slots: vec![],
+                        },
+                    );
+                }
+                Err(e) => unreadable = Some(e),
+            }
+        }
+        // A result the controller cannot match to its operation would
+        // have the operation sent again: halt instead, touching nothing.
+        if let Some(e) = unreadable {
+            fail(format!(
+                "the controller restarted and cannot match a recorded host result to its operation ({e}); \
+                 nothing more was sent: check the hosts with `convoy status` and deploy again"
+            ))
+            .await;
+            return;
+        }
+        let control = match row.state.as_str() {
+            "paused" => Control::Pause("an operator, before the controller restarted".into()),
+            "awaiting_approval" => Control::AwaitApproval(row.operator.clone()),
+            _ => Control::Run,
+        };
+        self.running
+            .lock()
+            .unwrap()
+            .insert((app.clone(), row.env.clone()), row.id.clone());
+        let rollout = Rollout::new(head(&row, app), plan, recorded, control);
+        tracing::warn!(
+            rollout = %rollout.id,
+            recorded = rollout.recorded.len(),
+            state = %row.state,
+            epoch,
+            "resuming a rollout interrupted by a controller restart"
+        );
+        self.launch(rollout, true, None);
     }
 
     /// Reconciles a result no one was waiting for: a host that vanished

@@ -21,6 +21,17 @@ impl From<crate::db::DbError> for StoreError {
     }
 }
 
+impl StoreError {
+    /// Whether the store refused because another controller runs a
+    /// rollout there.
+    pub fn is_busy(&self) -> bool {
+        matches!(
+            self.0.downcast_ref::<crate::db::DbError>(),
+            Some(crate::db::DbError::Busy(_))
+        )
+    }
+}
+
 pub type Result<T> = std::result::Result<T, StoreError>;
 
 #[async_trait::async_trait]
@@ -41,8 +52,6 @@ pub trait RolloutStore: Send + Sync {
     async fn rollout(&self, id: &str) -> Result<Option<RolloutRow>>;
     /// A rollout with its saved plan (JSON).
     async fn rollout_with_plan(&self, id: &str) -> Result<Option<(RolloutRow, String)>>;
-    /// Rollouts not yet finished, with their plans, oldest first.
-    async fn running_rollouts(&self) -> Result<Vec<(RolloutRow, String)>>;
     async fn rollout_hosts(&self, id: &str) -> Result<Vec<HostRow>>;
     async fn record_measurement(&self, rollout: &str, m: &Measurement) -> Result<()>;
     /// A rollout's measurements, oldest first.
@@ -53,6 +62,15 @@ pub trait RolloutStore: Send + Sync {
     async fn clear_freeze(&self, env: &str, who: &str) -> Result<Option<Freeze>>;
     async fn freezes(&self) -> Result<Vec<Freeze>>;
     async fn audit(&self, who: &str, action: &str, env: &str, detail: &str) -> Result<()>;
+    /// Renews the leases of the rollouts this controller drives; returns
+    /// those another controller took over (no longer held).
+    async fn renew_leases(&self) -> Result<Vec<String>>;
+    /// Unfinished rollouts no controller is driving (`db::Takeable`).
+    async fn takeable(&self) -> Result<Vec<crate::db::Takeable>>;
+    /// Takes a rollout's lease over; the new epoch when won.
+    async fn take_over(&self, id: &str, seen: Option<i64>) -> Result<Option<i64>>;
+    /// Stops fencing a rollout this controller stopped driving.
+    fn let_go(&self, id: &str);
 }
 
 #[async_trait::async_trait]
@@ -93,9 +111,6 @@ impl RolloutStore for crate::db::Db {
     async fn rollout_with_plan(&self, id: &str) -> Result<Option<(RolloutRow, String)>> {
         Ok(crate::db::Db::rollout_with_plan(self, id).await?)
     }
-    async fn running_rollouts(&self) -> Result<Vec<(RolloutRow, String)>> {
-        Ok(crate::db::Db::running_rollouts(self).await?)
-    }
     async fn rollout_hosts(&self, id: &str) -> Result<Vec<HostRow>> {
         Ok(crate::db::Db::rollout_hosts(self, id).await?)
     }
@@ -116,5 +131,17 @@ impl RolloutStore for crate::db::Db {
     }
     async fn audit(&self, who: &str, action: &str, env: &str, detail: &str) -> Result<()> {
         Ok(crate::db::Db::audit(self, who, action, env, detail).await?)
+    }
+    async fn renew_leases(&self) -> Result<Vec<String>> {
+        Ok(crate::db::Db::renew_leases(self).await?)
+    }
+    async fn takeable(&self) -> Result<Vec<crate::db::Takeable>> {
+        Ok(crate::db::Db::takeable(self).await?)
+    }
+    async fn take_over(&self, id: &str, seen: Option<i64>) -> Result<Option<i64>> {
+        Ok(crate::db::Db::take_over(self, id, seen).await?)
+    }
+    fn let_go(&self, id: &str) {
+        crate::db::Db::let_go(self, id)
     }
 }

@@ -839,9 +839,13 @@ async fn paused_and_awaiting_approval_rollouts_survive_a_controller_restart() {
     // The controller stops; a new one on the same store resumes.
     b.stop.cancel();
     drop(rx);
+    // Its rollout tasks end and let their leases' fences go.
+    while !b.db.held().is_empty() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let fleet = TestFleet::with_hosts(&WEB4[..2]);
     let engine = engine_on(&b.dir, fleet.clone(), b.db.clone(), CancellationToken::new(), None);
-    engine.clone().resume_all().await;
+    engine.keep_leases().await;
     let rx = engine.watch(&id).await.expect("resumed");
     tokio::time::sleep(Duration::from_secs(30)).await;
     assert_eq!(
@@ -866,9 +870,13 @@ async fn paused_and_awaiting_approval_rollouts_survive_a_controller_restart() {
     wait_state(&b.db, &id, "awaiting_approval").await;
     b.stop.cancel();
     drop(rx);
+    // Its rollout tasks end and let their leases' fences go.
+    while !b.db.held().is_empty() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let fleet = TestFleet::with_hosts(&WEB4[..1]);
     let engine = engine_on(&b.dir, fleet.clone(), b.db.clone(), CancellationToken::new(), None);
-    engine.clone().resume_all().await;
+    engine.keep_leases().await;
     let rx = engine.watch(&id).await.expect("resumed");
     tokio::time::sleep(Duration::from_secs(30)).await;
     assert_eq!(b.db.rollout(&id).await.unwrap().unwrap().state, "awaiting_approval");

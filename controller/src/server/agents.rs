@@ -42,6 +42,26 @@ fn apps_from_wire(host: &HostName, apps: Vec<convoy_proto::AppState>) -> Vec<App
 /// A result from `host`: to the rollout waiting for it, or reconciled
 /// into its rollout's record when none waits any more.
 async fn result_arrived(shared: &Arc<Shared>, host: &HostName, report: OpReport) {
+    if let Some(relay) = shared.registry.relay() {
+        if let Err(e) = relay.answered(&report.op_id).await {
+            tracing::warn!(%host, op = %report.op_id, error = %e, "could not mark a relayed command answered");
+        }
+        // Nobody here waits for it: the controller driving its rollout may.
+        if shared.registry.awaits(host, &report.op_id) == Delivery::NotAwaited {
+            match relay.forward_result(host, &report).await {
+                Ok(true) => return,
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(%host, error = %e, "could not pass a result to the controller driving its rollout")
+                }
+            }
+        }
+    }
+    result_here(shared, host, report).await
+}
+
+/// Hands a result to the rollout here waiting for it, or reconciles it.
+pub(super) async fn result_here(shared: &Arc<Shared>, host: &HostName, report: OpReport) {
     let state = report.state.clone();
     match shared.registry.deliver_result(host, report.clone()) {
         // A result someone waits for is the host's newest word on the
@@ -145,7 +165,13 @@ impl AgentService for AgentApi {
                     Some(agent_message::Body::Event(e)) => match StepEvent::try_from(e) {
                         Ok(ev) => {
                             steps.observe(&ev);
-                            registry.deliver_event(&host, ev);
+                            if !registry.deliver_event(&host, ev.clone()) {
+                                if let Some(relay) = registry.relay() {
+                                    if let Err(e) = relay.forward_event(&host, &ev).await {
+                                        tracing::debug!(%host, error = %e, "event not relayed");
+                                    }
+                                }
+                            }
                         }
                         Err(err) => tracing::warn!(%host, error = %err, "malformed event"),
                     },
@@ -158,8 +184,17 @@ impl AgentService for AgentApi {
                         Err(err) => tracing::warn!(%host, error = %err, "malformed result"),
                     },
                     Some(agent_message::Body::Preflight(p)) => {
-                        let checks = p.checks.into_iter().map(Into::into).collect();
-                        registry.deliver_preflight(&host, &p.op_id, checks)
+                        let checks: Vec<_> = p.checks.into_iter().map(Into::into).collect();
+                        if !registry.deliver_preflight(&host, &p.op_id, checks.clone()) {
+                            match registry.relay() {
+                                Some(relay) => {
+                                    if let Err(e) = relay.forward_preflight(&host, &p.op_id, &checks).await {
+                                        tracing::warn!(%host, error = %e, "pre-flight answer not relayed");
+                                    }
+                                }
+                                None => tracing::info!(%host, op = %p.op_id, "pre-flight answer nobody waits for"),
+                            }
+                        }
                     }
                     Some(agent_message::Body::Hello(_)) => {
                         tracing::warn!(%host, "second Hello ignored")
@@ -188,6 +223,14 @@ impl AgentService for AgentApi {
             return Err(Status::not_found(format!("no artifact with sha256 {digest}")));
         }
         let path = self.shared.artifacts.path(&digest);
+        if !path.exists() && self.shared.registry.relay().is_some() {
+            // Pushed through another controller.
+            self.shared
+                .artifacts
+                .fetch_shared(&self.shared.db, &digest)
+                .await
+                .map_err(super::internal)?;
+        }
         let file = std::fs::File::open(&path).map_err(|e| Status::not_found(format!("artifact {digest}: {e}")))?;
         let total = file.metadata().map_err(super::internal)?.len();
         if r.offset > total {

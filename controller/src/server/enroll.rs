@@ -151,7 +151,7 @@ impl EnrollService for EnrollApi {
             .hosts()
             .iter()
             .find(|h| h.name == name)
-            .map(|h| h.session.is_some());
+            .map(|h| h.connected());
         if known == Some(true) {
             return Err(Status::failed_precondition(format!(
                 "host {name} is connected; a host cannot be enrolled twice at once"

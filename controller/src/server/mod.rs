@@ -7,6 +7,7 @@ mod edge;
 mod enroll;
 mod operator;
 mod registry;
+mod relay;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -59,6 +60,55 @@ impl Shared {
         });
     }
 }
+
+/// Works with the other controllers on the database: publishes this
+/// one's hosts and that it is up, sends what others left for its hosts,
+/// and takes what they left for it.
+async fn relay_rounds(shared: Arc<Shared>, relay: Arc<relay::Relay>) {
+    let mut round: u64 = 0;
+    loop {
+        let registry = &shared.registry;
+        if round.is_multiple_of(5) {
+            if let Err(e) = relay.refresh_remote().await {
+                tracing::warn!(error = %e, "could not read other controllers' hosts (retrying)");
+            }
+        }
+        round += 1;
+        if let Err(e) = relay.publish(|h| registry.published(h)).await {
+            tracing::warn!(error = %e, "could not publish this controller's hosts (retrying)");
+        }
+        match relay.outbound(|h| registry.session_of(h)).await {
+            Ok(out) => {
+                for (session, op_id, host, msg) in out {
+                    tracing::info!(%host, %op_id, "sending a command another controller left");
+                    registry.send_on(&host, session, msg).await;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not read commands left for this controller's hosts"),
+        }
+        match relay.inbound().await {
+            Ok(items) => {
+                for item in items {
+                    match item {
+                        relay::Inbound::Result(host, r) => agents::result_here(&shared, &host, *r).await,
+                        relay::Inbound::Event(host, e) => {
+                            registry.deliver_event(&host, e);
+                        }
+                        relay::Inbound::PreflightAnswer(host, op_id, checks) => {
+                            registry.deliver_preflight(&host, &op_id, checks);
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not read what other controllers left for this one"),
+        }
+        tokio::time::sleep(relay::ROUND).await;
+    }
+}
+
+/// How often leases are renewed and expired ones looked for. A rollout
+/// whose controller died is taken over within `db::LEASE_TTL_MS` plus this.
+pub const LEASE_ROUND: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// How long a restarted controller waits for a resumed rollout's hosts to
 /// reconnect before it carries on (hosts still away then count as failed).
@@ -121,7 +171,7 @@ pub fn internal(e: impl std::fmt::Display) -> Status {
 pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating {}", cfg.data_dir.display()))?;
     let db = match &cfg.database {
-        crate::config::Database::Sqlite(path) => Db::open(path)?,
+        crate::config::Database::Sqlite(path) => Db::open(path)?.owned_by(&cfg.name),
         crate::config::Database::Postgres(o) => Db::connect(o, &cfg.name).await?.0,
     };
     tracing::info!(controller = %cfg.name, database = db.engine_name(), "store open");
@@ -158,6 +208,9 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'sta
     let stop = CancellationToken::new();
     let db = Arc::new(db);
     let registry = Arc::new(registry::Registry::default());
+    if matches!(cfg.database, crate::config::Database::Postgres(_)) {
+        registry.set_relay(Arc::new(relay::Relay::new(db.clone())));
+    }
     let mut engine = Engine::new(
         EngineConfig {
             apps_dir: cfg.apps_dir.clone(),
@@ -209,7 +262,29 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'sta
     tracing::info!(%addr, "controller listening");
     convoy_common::observe::notify::ready(&format!("listening on {addr}"));
     convoy_common::observe::notify::spawn_watchdog();
-    shared.spawn(shared.engine.clone().resume_all());
+    // Rollout leases: renewed, lost ones let go, and rollouts whose
+    // controller stopped renewing (or this one, before it restarted)
+    // taken over and resumed; the first round right away.
+    let (engine, me) = (shared.engine.clone(), shared.clone());
+    let started = convoy_common::ops::now_unix_ms();
+    let address = addr.to_string();
+    shared.spawn(async move {
+        loop {
+            engine.keep_leases().await;
+            // Freezes set through another controller hold here too.
+            if let Err(e) = engine.load_freezes().await {
+                tracing::warn!(error = %e, "could not read the freezes (retrying)");
+            }
+            let sessions = me.registry.hosts().iter().filter(|h| h.session.is_some()).count() as i64;
+            if let Err(e) = me.db.controller_alive(&me.cfg.name, &address, started, sessions).await {
+                tracing::warn!(error = %e, "could not say this controller is up (retrying)");
+            }
+            tokio::time::sleep(LEASE_ROUND).await;
+        }
+    });
+    if let Some(relay) = shared.registry.relay().cloned() {
+        shared.spawn(relay_rounds(shared.clone(), relay));
+    }
     // One way down: the signal cancels `stop`; the server stops accepting,
     // agent sessions and operator streams end (their streams end on
     // `stop`), rollout tasks are dropped at their next await (their state

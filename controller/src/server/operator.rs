@@ -90,7 +90,7 @@ impl OperatorService for OperatorApi {
                 apps.sort_by(|a: &convoy_proto::AppState, b| a.app.cmp(&b.app));
                 HostInfo {
                     host: h.name.to_string(),
-                    connected: h.session.is_some(),
+                    connected: h.connected(),
                     labels: h.labels.into_iter().collect(),
                     last_seen_unix_ms: h.last_seen_ms,
                     apps,
@@ -369,6 +369,44 @@ impl OperatorService for OperatorApi {
         }))
     }
 
+    async fn controllers(
+        &self,
+        req: Request<convoy_proto::ControllersRequest>,
+    ) -> Result<Response<convoy_proto::ControllersReply>, Status> {
+        operator(&req, Role::Viewer, "list controllers")?;
+        let db = &self.shared.db;
+        let leases = db.leases().await.map_err(internal)?;
+        let controllers = db
+            .controllers()
+            .await
+            .map_err(internal)?
+            .into_iter()
+            .map(|c| convoy_proto::ControllerInfo {
+                leases: leases
+                    .iter()
+                    .filter(|l| l.owner == c.name)
+                    .map(|l| convoy_proto::LeaseInfo {
+                        rollout_id: l.rollout.clone(),
+                        epoch: l.epoch,
+                        renewed_ago_ms: crate::db::LEASE_TTL_MS - l.expires_in_ms,
+                        expires_in_ms: l.expires_in_ms,
+                    })
+                    .collect(),
+                up: c.seen_ago_ms < super::relay::CONTROLLER_DOWN_MS,
+                name: c.name,
+                address: c.address,
+                started_at_unix_ms: c.started_at_ms,
+                seen_ago_ms: c.seen_ago_ms,
+                sessions: c.sessions,
+            })
+            .collect();
+        Ok(Response::new(convoy_proto::ControllersReply {
+            controllers,
+            answered_by: self.shared.cfg.name.clone(),
+            database: db.engine_name().into(),
+        }))
+    }
+
     async fn releases(&self, req: Request<ReleasesRequest>) -> Result<Response<ReleasesReply>, Status> {
         operator(&req, Role::Viewer, "list releases")?;
         let app = arg("app", AppName::new(req.into_inner().app))?;
@@ -496,6 +534,12 @@ impl OperatorService for OperatorApi {
             }
         };
         let (digest, size) = self.shared.artifacts.commit(inc).await.map_err(internal)?;
+        // Every controller can serve it before anyone can deploy it.
+        self.shared
+            .db
+            .share_artifact(&digest, &self.shared.artifacts.path(&digest))
+            .await
+            .map_err(internal)?;
         let added = self
             .shared
             .db
@@ -643,7 +687,7 @@ impl OperatorService for OperatorApi {
             .into_iter()
             .map(|h| HostStatus {
                 host: h.name.to_string(),
-                connected: h.session.is_some(),
+                connected: h.connected(),
                 labels: h.labels.clone().into_iter().collect(),
                 app: h.apps.get(&app).map(Into::into),
                 last_seen_unix_ms: h.last_seen_ms,

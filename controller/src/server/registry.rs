@@ -40,6 +40,8 @@ pub struct HostEntry {
     pub last_seen_ms: i64,
     /// The agent protocol revision its hello said.
     pub protocol: u32,
+    /// The controller holding its session, when another one does.
+    pub via: Option<String>,
 }
 
 /// Someone waiting for an operation's end, and the command that started
@@ -65,6 +67,8 @@ pub struct Registry {
     next_session: AtomicU64,
     /// Artifact bytes streamed to each host since the controller started.
     sent: Mutex<HashMap<HostName, u64>>,
+    /// Other controllers on the same database (PostgreSQL only).
+    relay: std::sync::OnceLock<std::sync::Arc<super::relay::Relay>>,
 }
 
 /// A pre-flight asked of a host, and who waits for its answer.
@@ -74,6 +78,53 @@ type PreflightAsked = (HostName, oneshot::Sender<Vec<PreflightCheck>>);
 const PREFLIGHT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl Registry {
+    /// Works with other controllers through `relay` from now on.
+    pub fn set_relay(&self, relay: std::sync::Arc<super::relay::Relay>) {
+        let _ = self.relay.set(relay);
+    }
+
+    pub fn relay(&self) -> Option<&std::sync::Arc<super::relay::Relay>> {
+        self.relay.get()
+    }
+
+    fn changed(&self, host: &HostName) {
+        if let Some(r) = self.relay() {
+            r.mark_dirty(host);
+        }
+    }
+
+    /// The id of `host`'s session here, if it has one.
+    pub fn session_of(&self, host: &HostName) -> Option<u64> {
+        self.hosts
+            .lock()
+            .unwrap()
+            .get(host)
+            .and_then(|h| h.session.as_ref().map(|(id, _)| *id))
+    }
+
+    /// Sends `msg` down `host`'s session `session`, if it is still the one.
+    pub async fn send_on(&self, host: &HostName, session: u64, msg: ControllerMessage) {
+        let tx = self.hosts.lock().unwrap().get(host).and_then(|h| match &h.session {
+            Some((id, tx)) if *id == session => Some(tx.clone()),
+            _ => None,
+        });
+        if let Some(tx) = tx {
+            let _ = tx.send(Ok(msg)).await;
+        }
+    }
+
+    /// What this controller publishes of a host it knows.
+    pub fn published(&self, host: &HostName) -> Option<super::relay::Published> {
+        self.hosts.lock().unwrap().get(host).map(|h| {
+            (
+                h.labels.clone(),
+                h.apps.values().cloned().collect(),
+                h.protocol,
+                h.session.is_some(),
+            )
+        })
+    }
+
     /// Counts artifact bytes streamed to a host.
     pub fn count_sent(&self, host: &HostName, bytes: u64) {
         *self.sent.lock().unwrap().entry(host.clone()).or_default() += bytes;
@@ -96,8 +147,10 @@ impl Registry {
             session: Some((id, tx)),
             last_seen_ms: now_unix_ms(),
             protocol,
+            via: None,
         };
         let replaced = self.hosts.lock().unwrap().insert(name.clone(), entry);
+        self.changed(name);
         // A new session that replaces a live one is still one host.
         if replaced.is_none_or(|old| old.session.is_none()) {
             crate::metrics::get().connected_hosts.inc();
@@ -112,6 +165,7 @@ impl Registry {
                 crate::metrics::get().connected_hosts.dec();
             }
         }
+        self.changed(name);
     }
 
     /// Ends `name`'s session, telling the agent why; returns whether it had one.
@@ -129,30 +183,63 @@ impl Registry {
 
     /// Updates what a host says it runs.
     pub fn update_apps(&self, name: &HostName, apps: Vec<AppStatus>) {
+        let mut changed = false;
         if let Some(h) = self.hosts.lock().unwrap().get_mut(name) {
             for a in apps {
+                changed |= h.apps.get(&a.app) != Some(&a);
                 h.apps.insert(a.app.clone(), a);
             }
             h.last_seen_ms = now_unix_ms();
         }
+        if changed {
+            self.changed(name);
+        }
     }
 
     /// Hands a host's pre-flight answer to whoever asked it for one.
-    pub fn deliver_preflight(&self, host: &HostName, op_id: &str, checks: Vec<PreflightCheck>) {
+    /// `false` when nobody here asked (another controller may have).
+    pub fn deliver_preflight(&self, host: &HostName, op_id: &str, checks: Vec<PreflightCheck>) -> bool {
         let mut asked = self.preflights.lock().unwrap();
         match asked.get(op_id) {
             Some((h, _)) if h == host => {
                 if let Some((_, tx)) = asked.remove(op_id) {
                     let _ = tx.send(checks);
                 }
+                true
             }
-            Some(_) => tracing::warn!(%host, %op_id, "pre-flight answer for another host's check ignored"),
-            None => tracing::info!(%host, %op_id, "pre-flight answer nobody waits for"),
+            Some(_) => {
+                tracing::warn!(%host, %op_id, "pre-flight answer for another host's check ignored");
+                true
+            }
+            None => false,
         }
     }
 
+    /// Every host: those with a session here, and those other controllers
+    /// hold (`via`).
     pub fn hosts(&self) -> Vec<HostEntry> {
-        self.hosts.lock().unwrap().values().cloned().collect()
+        let local = self.hosts.lock().unwrap().clone();
+        let mut all = local.clone();
+        if let Some(r) = self.relay() {
+            for (name, h) in r.remote() {
+                if local.get(&name).is_some_and(|l| l.session.is_some()) {
+                    continue;
+                }
+                all.insert(name.clone(), remote_entry(name, h));
+            }
+        }
+        all.into_values().collect()
+    }
+
+    fn entry(&self, name: &HostName) -> Option<HostEntry> {
+        let local = self.hosts.lock().unwrap().get(name).cloned();
+        if local.as_ref().is_some_and(|l| l.session.is_some()) {
+            return local;
+        }
+        match self.relay().and_then(|r| r.remote_host(name)) {
+            Some(h) if h.connected || local.is_none() => Some(remote_entry(name.clone(), h)),
+            _ => local,
+        }
     }
 
     pub fn command_tx(&self, name: &HostName) -> Option<CommandTx> {
@@ -211,15 +298,37 @@ impl Registry {
         }
     }
 
-    /// Passes a progress event to its operation's waiter, if it has room.
-    pub fn deliver_event(&self, host: &HostName, ev: StepEvent) {
+    /// Passes a progress event to its operation's waiter, if it has room;
+    /// `false` when nobody here waits for the operation.
+    pub fn deliver_event(&self, host: &HostName, ev: StepEvent) -> bool {
         let Some(op) = Self::owned_by(host, &ev.op_id) else {
-            return;
+            return true;
         };
-        if let Some(w) = self.waiters.lock().unwrap().get(&op) {
-            if w.events.try_send(ev).is_err() {
-                tracing::debug!(%host, %op, "waiter's event backlog is full; event dropped");
+        match self.waiters.lock().unwrap().get(&op) {
+            Some(w) => {
+                if w.events.try_send(ev).is_err() {
+                    tracing::debug!(%host, %op, "waiter's event backlog is full; event dropped");
+                }
+                true
             }
+            None => false,
+        }
+    }
+
+    /// Whether a rollout here waits for `op_id`'s result from `host`.
+    pub fn awaits(&self, host: &HostName, op_id: &str) -> Delivery {
+        let Some(op) = Self::owned_by(host, op_id) else {
+            return Delivery::Refused;
+        };
+        match self
+            .waiters
+            .lock()
+            .unwrap()
+            .get(&op)
+            .is_some_and(|w| w.result.is_some())
+        {
+            true => Delivery::Delivered,
+            false => Delivery::NotAwaited,
         }
     }
 
@@ -252,9 +361,26 @@ impl HostEntry {
             name: self.name.clone(),
             labels: self.labels.clone(),
             apps: self.apps.clone(),
-            connected: self.session.is_some(),
+            connected: self.connected(),
             protocol: self.protocol,
         }
+    }
+
+    /// Connected here, or to another controller that is up.
+    pub fn connected(&self) -> bool {
+        self.session.is_some() || self.via.is_some()
+    }
+}
+
+fn remote_entry(name: HostName, h: super::relay::RemoteHost) -> HostEntry {
+    HostEntry {
+        name,
+        labels: h.labels,
+        apps: h.apps.into_iter().map(|a| (a.app.clone(), a)).collect(),
+        session: None,
+        last_seen_ms: now_unix_ms(),
+        protocol: h.protocol,
+        via: h.connected.then_some(h.controller),
     }
 }
 
@@ -264,15 +390,15 @@ impl Fleet for Registry {
     }
 
     fn hosts(&self) -> Vec<FleetHost> {
-        self.hosts.lock().unwrap().values().map(HostEntry::fleet_host).collect()
+        Registry::hosts(self).iter().map(HostEntry::fleet_host).collect()
     }
 
     fn host(&self, name: &HostName) -> Option<FleetHost> {
-        self.hosts.lock().unwrap().get(name).map(HostEntry::fleet_host)
+        self.entry(name).as_ref().map(HostEntry::fleet_host)
     }
 
     fn connected(&self, host: &HostName) -> bool {
-        self.command_tx(host).is_some()
+        self.entry(host).is_some_and(|h| h.connected())
     }
 
     fn dispatch<'a>(&'a self, op: &'a OpId, command: Command) -> BoxFuture<'a, OpWait> {
@@ -285,10 +411,20 @@ impl Fleet for Registry {
             };
             let msg = ControllerMessage { body: Some(body) };
             let wait = self.wait_for(op, msg.clone());
+            // With other controllers, the command is also left for
+            // whichever holds the host's session, now or later.
+            if let Some(r) = self.relay() {
+                if let Err(e) = r.leave("command", &op.to_string(), op.host(), &msg).await {
+                    tracing::warn!(%op, error = %e, "could not leave the command for other controllers");
+                }
+            }
             // A host that is away gets the command again when it comes
             // back (`pending_for`), so a failed send is not an error.
-            if let Some(tx) = self.command_tx(op.host()) {
-                let _ = tx.send(Ok(msg)).await;
+            if let Some(session) = self.session_of(op.host()) {
+                if let Some(r) = self.relay() {
+                    r.mark_sent(session, &op.to_string());
+                }
+                self.send_on(op.host(), session, msg).await;
             }
             wait
         })
@@ -304,9 +440,11 @@ impl Fleet for Registry {
         cmd: PreflightCommand,
     ) -> BoxFuture<'a, Result<Vec<PreflightCheck>, String>> {
         Box::pin(async move {
-            let tx = self
-                .command_tx(host)
-                .ok_or_else(|| format!("{host} is not connected"))?;
+            let local = self.command_tx(host);
+            let relay = self.relay().filter(|_| local.is_none());
+            if local.is_none() && (relay.is_none() || !Fleet::connected(self, host)) {
+                return Err(format!("{host} is not connected"));
+            }
             let (answer_tx, answer) = oneshot::channel();
             let id = cmd.op_id.clone();
             self.preflights
@@ -316,7 +454,11 @@ impl Fleet for Registry {
             let msg = ControllerMessage {
                 body: Some(controller_message::Body::Preflight((&cmd).into())),
             };
-            let sent = tx.send(Ok(msg)).await.is_ok();
+            let sent = match (local, relay) {
+                (Some(tx), _) => tx.send(Ok(msg)).await.is_ok(),
+                (None, Some(r)) => r.leave("preflight", &id, host, &msg).await.is_ok(),
+                (None, None) => false,
+            };
             let r = match sent {
                 false => Err(format!("{host} went away before it was asked")),
                 true => match tokio::time::timeout(PREFLIGHT_TIMEOUT, answer).await {

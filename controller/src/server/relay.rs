@@ -1,0 +1,367 @@
+//! Several controllers, one fleet: each host's session is held by one
+//! controller, each running rollout is driven by one (its lease owner),
+//! and they are often not the same. What crosses between them goes through
+//! the database's `relay` table:
+//!
+//! - `command` and `preflight` rows, written by the controller that asks,
+//!   for a host: whichever controller holds the host's session sends them
+//!   down it (again on each new session, until answered: a host that moves
+//!   to another controller still gets them);
+//! - `result` and `event` rows, written by the session holder for the
+//!   rollout's lease owner, and `preflight_answer` rows for the asker.
+//!
+//! Each controller also publishes its hosts (`host_sessions`) and that it
+//! is up (`controllers`), and reads the others' hosts, so every controller
+//! sees the whole fleet. A round runs every `ROUND`.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use convoy_common::ops::{AppStatus, OpId, OpReport, PreflightCheck, StepEvent};
+use convoy_common::HostName;
+use convoy_proto::ControllerMessage;
+use prost::Message;
+
+use crate::db::{Db, DbError};
+use crate::params;
+
+/// How often a controller looks for what other controllers left for it.
+pub const ROUND: Duration = Duration::from_millis(200);
+
+/// A controller not seen for this long is down: its hosts count as
+/// disconnected.
+pub const CONTROLLER_DOWN_MS: i64 = 10_000;
+
+/// A host as another controller published it.
+#[derive(Debug, Clone)]
+pub struct RemoteHost {
+    pub controller: String,
+    pub labels: BTreeMap<String, String>,
+    pub apps: Vec<AppStatus>,
+    pub protocol: u32,
+    pub connected: bool,
+}
+
+pub struct Relay {
+    pub db: Arc<Db>,
+    pub me: String,
+    /// Hosts whose published state is stale.
+    dirty: Mutex<HashSet<HostName>>,
+    /// (session, op id) of every command sent down a session, so a round
+    /// does not send it twice on the same session.
+    sent: Mutex<HashSet<(u64, String)>>,
+    /// Hosts other controllers hold, as last read.
+    remote: Mutex<BTreeMap<HostName, RemoteHost>>,
+}
+
+/// What a controller publishes of one of its hosts: labels, apps, agent
+/// protocol, connected.
+pub type Published = (BTreeMap<String, String>, Vec<AppStatus>, u32, bool);
+
+/// What the relay gives the local side to do.
+pub enum Inbound {
+    Result(HostName, Box<OpReport>),
+    Event(HostName, StepEvent),
+    PreflightAnswer(HostName, String, Vec<PreflightCheck>),
+}
+
+impl Relay {
+    pub fn new(db: Arc<Db>) -> Relay {
+        let me = db.owner().to_owned();
+        Relay {
+            db,
+            me,
+            dirty: Mutex::default(),
+            sent: Mutex::default(),
+            remote: Mutex::default(),
+        }
+    }
+
+    pub fn mark_dirty(&self, host: &HostName) {
+        self.dirty.lock().unwrap().insert(host.clone());
+    }
+
+    pub fn mark_sent(&self, session: u64, op_id: &str) {
+        self.sent.lock().unwrap().insert((session, op_id.to_owned()));
+    }
+
+    pub fn remote(&self) -> BTreeMap<HostName, RemoteHost> {
+        self.remote.lock().unwrap().clone()
+    }
+
+    pub fn remote_host(&self, host: &HostName) -> Option<RemoteHost> {
+        self.remote.lock().unwrap().get(host).cloned()
+    }
+
+    /// Leaves a command (or pre-flight) for `host`, for whichever
+    /// controller holds its session.
+    pub async fn leave(
+        &self,
+        kind: &str,
+        op_id: &str,
+        host: &HostName,
+        msg: &ControllerMessage,
+    ) -> Result<(), DbError> {
+        self.db
+            .execute(
+                "INSERT INTO relay (kind, op_id, host, target, payload, at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    kind,
+                    op_id,
+                    host.as_str(),
+                    &self.me,
+                    msg.encode_to_vec(),
+                    convoy_common::ops::now_unix_ms()
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// A host answered `op_id`: its command is no longer pending anywhere.
+    pub async fn answered(&self, op_id: &str) -> Result<(), DbError> {
+        self.db
+            .execute(
+                "DELETE FROM relay WHERE kind = 'command' AND op_id = ?1",
+                params![op_id],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// The controller driving `op`'s rollout, when it is another one.
+    async fn owner_elsewhere(&self, op: &OpId) -> Result<Option<String>, DbError> {
+        let owner: Option<String> = self
+            .db
+            .query_opt("SELECT owner FROM leases WHERE rollout_id = ?1", params![op.rollout()])
+            .await?
+            .map(|r| r.get(0))
+            .transpose()?;
+        Ok(owner.filter(|o| *o != self.me))
+    }
+
+    /// Sends a result nobody here waits for to the controller driving its
+    /// rollout; `false` when no other controller drives it.
+    pub async fn forward_result(&self, host: &HostName, r: &OpReport) -> Result<bool, DbError> {
+        let Ok(op) = OpId::parse(&r.op_id) else {
+            return Ok(false);
+        };
+        let Some(owner) = self.owner_elsewhere(&op).await? else {
+            return Ok(false);
+        };
+        self.send_to(
+            &owner,
+            "result",
+            &r.op_id,
+            host,
+            serde_json::to_vec(r).expect("a report serialises"),
+        )
+        .await?;
+        Ok(true)
+    }
+
+    /// Sends a progress event to the controller driving its rollout.
+    pub async fn forward_event(&self, host: &HostName, e: &StepEvent) -> Result<(), DbError> {
+        let Ok(op) = OpId::parse(&e.op_id) else { return Ok(()) };
+        if let Some(owner) = self.owner_elsewhere(&op).await? {
+            self.send_to(
+                &owner,
+                "event",
+                &e.op_id,
+                host,
+                serde_json::to_vec(e).expect("an event serialises"),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Sends a pre-flight answer to the controller that asked for it.
+    pub async fn forward_preflight(
+        &self,
+        host: &HostName,
+        op_id: &str,
+        checks: &[PreflightCheck],
+    ) -> Result<(), DbError> {
+        let asker: Option<String> = self
+            .db
+            .query_opt(
+                "SELECT target FROM relay WHERE kind = 'preflight' AND op_id = ?1 AND host = ?2",
+                params![op_id, host.as_str()],
+            )
+            .await?
+            .map(|r| r.get(0))
+            .transpose()?;
+        self.db
+            .execute(
+                "DELETE FROM relay WHERE kind = 'preflight' AND op_id = ?1 AND host = ?2",
+                params![op_id, host.as_str()],
+            )
+            .await?;
+        if let Some(asker) = asker.filter(|a| *a != self.me) {
+            let body = serde_json::to_vec(checks).expect("checks serialise");
+            self.send_to(&asker, "preflight_answer", op_id, host, body).await?;
+        }
+        Ok(())
+    }
+
+    async fn send_to(
+        &self,
+        target: &str,
+        kind: &str,
+        op_id: &str,
+        host: &HostName,
+        payload: Vec<u8>,
+    ) -> Result<(), DbError> {
+        self.db
+            .execute(
+                "INSERT INTO relay (kind, op_id, host, target, payload, at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    kind,
+                    op_id,
+                    host.as_str(),
+                    target,
+                    payload,
+                    convoy_common::ops::now_unix_ms()
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Publishes the hosts whose state changed: `local` gives a host's
+    /// state here (labels, apps, protocol, connected).
+    pub async fn publish(&self, local: impl Fn(&HostName) -> Option<Published>) -> Result<(), DbError> {
+        let dirty: Vec<HostName> = self.dirty.lock().unwrap().drain().collect();
+        for (i, host) in dirty.iter().enumerate() {
+            let Some((labels, apps, protocol, connected)) = local(host) else {
+                continue;
+            };
+            let written = self
+                .db
+                .execute(
+                    "INSERT INTO host_sessions (host, controller, labels, apps, protocol, connected, seen_at_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                     ON CONFLICT (host) DO UPDATE SET controller = ?2, labels = ?3, apps = ?4, protocol = ?5,
+                         connected = ?6, seen_at_ms = ?7
+                     WHERE host_sessions.controller = ?2 OR ?6 = 1",
+                    params![
+                        host.as_str(),
+                        &self.me,
+                        serde_json::to_string(&labels).expect("labels serialise"),
+                        serde_json::to_string(&apps).expect("apps serialise"),
+                        protocol,
+                        connected,
+                        convoy_common::ops::now_unix_ms()
+                    ],
+                )
+                .await;
+            if let Err(e) = written {
+                // Published at the next round.
+                let mut d = self.dirty.lock().unwrap();
+                d.extend(dirty[i..].iter().cloned());
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the hosts other controllers hold.
+    pub async fn refresh_remote(&self) -> Result<(), DbError> {
+        let rows = self
+            .db
+            .query(
+                "SELECT s.host, s.controller, s.labels, s.apps, s.protocol, s.connected, c.seen_at_ms
+                 FROM host_sessions s LEFT JOIN controllers c ON c.name = s.controller
+                 WHERE s.controller <> ?1",
+                params![&self.me],
+            )
+            .await?;
+        let now = convoy_common::ops::now_unix_ms();
+        let mut remote = BTreeMap::new();
+        for r in rows {
+            let Ok(host) = HostName::new(r.get::<String>(0)?) else {
+                continue;
+            };
+            let seen: Option<i64> = r.get(6)?;
+            remote.insert(
+                host,
+                RemoteHost {
+                    controller: r.get(1)?,
+                    labels: serde_json::from_str(&r.get::<String>(2)?).unwrap_or_default(),
+                    apps: serde_json::from_str(&r.get::<String>(3)?).unwrap_or_default(),
+                    protocol: r.get::<i64>(4)? as u32,
+                    connected: r.get::<bool>(5)? && seen.is_some_and(|s| now - s < CONTROLLER_DOWN_MS),
+                },
+            );
+        }
+        *self.remote.lock().unwrap() = remote;
+        Ok(())
+    }
+
+    /// Commands and pre-flights left for hosts this controller holds, not
+    /// yet sent on their current session: (session, op id, host, message).
+    pub async fn outbound(
+        &self,
+        session_of: impl Fn(&HostName) -> Option<u64>,
+    ) -> Result<Vec<(u64, String, HostName, ControllerMessage)>, DbError> {
+        let rows = self
+            .db
+            .query(
+                "SELECT r.op_id, r.host, r.payload FROM relay r
+                 JOIN host_sessions s ON s.host = r.host AND s.controller = ?1 AND s.connected = 1
+                 WHERE r.kind IN ('command', 'preflight') ORDER BY r.id",
+                params![&self.me],
+            )
+            .await?;
+        let mut out = Vec::new();
+        let mut sent = self.sent.lock().unwrap();
+        for r in rows {
+            let (op_id, host): (String, String) = (r.get(0)?, r.get(1)?);
+            let Ok(host) = HostName::new(host) else { continue };
+            let Some(session) = session_of(&host) else { continue };
+            if !sent.insert((session, op_id.clone())) {
+                continue;
+            }
+            let payload: Vec<u8> = r.get(2)?;
+            match ControllerMessage::decode(payload.as_slice()) {
+                Ok(msg) => out.push((session, op_id, host, msg)),
+                Err(e) => tracing::warn!(%op_id, error = %e, "unreadable relayed command dropped"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Results, events and pre-flight answers other controllers left for
+    /// this one, taken (each once).
+    pub async fn inbound(&self) -> Result<Vec<Inbound>, DbError> {
+        let mut tx = self.db.begin().await?;
+        let rows = tx
+            .query(
+                "SELECT id, kind, op_id, host, payload FROM relay
+                 WHERE target = ?1 AND kind IN ('result', 'event', 'preflight_answer') ORDER BY id",
+                params![&self.me],
+            )
+            .await?;
+        let mut out = Vec::new();
+        for r in &rows {
+            let (id, kind, op_id, host, payload): (i64, String, String, String, Vec<u8>) =
+                (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?);
+            tx.execute("DELETE FROM relay WHERE id = ?1", params![id]).await?;
+            let Ok(host) = HostName::new(host) else { continue };
+            let item = match kind.as_str() {
+                "result" => serde_json::from_slice(&payload)
+                    .ok()
+                    .map(|r| Inbound::Result(host, Box::new(r))),
+                "event" => serde_json::from_slice(&payload).ok().map(|e| Inbound::Event(host, e)),
+                _ => serde_json::from_slice(&payload)
+                    .ok()
+                    .map(|c| Inbound::PreflightAnswer(host, op_id, c)),
+            };
+            out.extend(item);
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+}

@@ -1,0 +1,127 @@
+//! Several controllers on one PostgreSQL, one fleet: a rollout driven by
+//! one controller while the hosts' sessions are held by others, and taken
+//! over when its controller dies.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use convoy_tests::testbed::{line_feed, rollout_id, wait_line};
+use convoy_tests::Testbed;
+
+/// host_sessions as (controller, connected hosts).
+fn spread(bed: &Testbed) -> Result<Vec<(String, usize)>> {
+    let pg = bed.postgres.as_ref().expect("on PostgreSQL");
+    let out = pg.psql(
+        "convoy",
+        "SELECT controller, count(*) FROM host_sessions WHERE connected = 1 GROUP BY controller ORDER BY controller",
+    )?;
+    Ok(out
+        .lines()
+        .filter_map(|l| l.split_once('|'))
+        .map(|(c, n)| (c.to_owned(), n.trim().parse().unwrap_or(0)))
+        .collect())
+}
+
+fn eventually(what: &str, limit: Duration, mut f: impl FnMut() -> Result<bool>) -> Result<()> {
+    let start = Instant::now();
+    while !f()? {
+        anyhow::ensure!(start.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
+}
+
+#[test]
+fn the_controller_driving_a_rollout_is_killed_and_another_finishes_it() -> Result<()> {
+    let mut bed = Testbed::boot_cluster(6, 3)?;
+    // The agents spread over the three controllers.
+    let spread_ok = eventually("six sessions over three controllers", Duration::from_secs(30), || {
+        let s = spread(&bed)?;
+        Ok(s.len() == 3 && s.iter().map(|(_, n)| n).sum::<usize>() == 6)
+    });
+    if let Err(e) = spread_ok {
+        for c in 0..3 {
+            eprintln!(
+                "── c{} ──\n{}",
+                c + 1,
+                bed.controller_log_at(c)
+                    .lines()
+                    .rev()
+                    .take(15)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+        }
+        anyhow::bail!("{e}: {:?}", spread(&bed)?);
+    }
+    bed.push_demo("1.0.0", "healthy")?;
+    bed.deploy_everywhere("1.0.0")?;
+    bed.push_demo("2.0.0", "healthy")?;
+
+    // Started on c1 alone, one host at a time; most hosts are held by c2, c3.
+    let c1 = bed.controller_urls()[0].clone();
+    let mut child = bed.convoy_spawn_at(&c1, &["deploy", "demo", "2.0.0", "--env", "staging"])?;
+    let lines = line_feed(&mut child);
+    let mut seen = Vec::new();
+    let id = rollout_id(&wait_line(&lines, "rollout ", &mut seen)?);
+    wait_line(&lines, "-- batch 1/", &mut seen)?;
+    let first = wait_line(&lines, "=> succeeded", &mut seen)?;
+    let first_host = first.split(['[', ']']).nth(1).expect("a host in the line").to_owned();
+    let i = bed
+        .hosts
+        .iter()
+        .position(|h| h.name == first_host)
+        .expect("a host of the bed");
+    let invocation = bed.hosts[i].unit_property("demo.service", "InvocationID")?;
+
+    // c1 dies (SIGKILL) after its first batch.
+    bed.kill_controller_at(0);
+    let killed = Instant::now();
+    let _ = child.wait();
+    eventually(
+        "another controller takes the rollout over",
+        Duration::from_secs(30),
+        || Ok((1..3).any(|c| bed.controller_log_at(c).contains("resuming a rollout"))),
+    )?;
+    let takeover = killed.elapsed();
+    eprintln!("takeover {:.1}s after the owner was killed", takeover.as_secs_f64());
+    assert!(
+        takeover < Duration::from_secs(13),
+        "taken over within the lease (10 s) and one lease round (2 s): {takeover:?}"
+    );
+
+    // The CLI, with every controller in its list, keeps working.
+    let mut state = String::new();
+    eventually("the rollout finishes", Duration::from_secs(180), || {
+        let h = bed.history(&["--rollout", &id])?;
+        state = h["rollouts"][0]["state"].as_str().unwrap_or("").to_owned();
+        Ok(state != "running")
+    })?;
+    assert_eq!(state, "succeeded");
+    assert_eq!(bed.serving(), ["2.0.0"; 6], "no host skipped");
+    // No host activated twice.
+    for h in &bed.hosts {
+        let journal = h.exec_ok(&["journalctl", "--no-pager", "-u", "convoy-agent"])?;
+        assert_eq!(journal.matches("1.0.0 -> 2.0.0").count(), 1, "{}:\n{journal}", h.name);
+    }
+    assert_eq!(
+        bed.hosts[i].unit_property("demo.service", "InvocationID")?,
+        invocation,
+        "{first_host} was not restarted again"
+    );
+    // c1's agents reconnected elsewhere.
+    eventually("every host connected to c2 or c3", Duration::from_secs(30), || {
+        let s = spread(&bed)?;
+        Ok(s.iter().all(|(c, _)| c != "c1") && s.iter().map(|(_, n)| n).sum::<usize>() == 6)
+    })?;
+    // The history is complete: one activation result per host.
+    let pg = bed.postgres.as_ref().unwrap();
+    let n = pg.psql(
+        "convoy",
+        &format!(
+            "SELECT count(DISTINCT host) FROM rollout_hosts WHERE rollout_id = '{id}' AND op_id LIKE '%:activate:%'"
+        ),
+    )?;
+    assert_eq!(n.trim(), "6");
+    Ok(())
+}
