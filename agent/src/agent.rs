@@ -28,6 +28,8 @@ pub struct Agent {
     /// The name the controller knows this host by (from its welcome; the
     /// config's `name` until then), for logs.
     pub host: Mutex<String>,
+    /// The lease epoch of each rollout, to refuse a controller that lost one.
+    pub epochs: crate::epochs::Epochs,
 }
 
 impl Agent {
@@ -41,6 +43,7 @@ impl Agent {
         trusted_keys: Vec<convoy_common::signing::PublicKey>,
     ) -> Self {
         Self {
+            epochs: crate::epochs::Epochs::open(store.root()),
             reporter: Reporter::new(store.clone()),
             ops: Arc::new(OpLocks::new(store.clone())),
             host: Mutex::new(host),

@@ -7,6 +7,7 @@ mod backup;
 mod config;
 mod crash;
 mod enroll;
+mod epochs;
 mod fetch;
 mod health;
 mod hooks;

@@ -105,6 +105,16 @@ pub async fn run(agent: Arc<Agent>, current: Arc<Current>, endpoint: impl Fn(usi
     }
 }
 
+/// The operation a command is for (not pre-flights: they change nothing).
+fn command_op(m: &convoy_proto::ControllerMessage) -> Option<&str> {
+    match &m.body {
+        Some(controller_message::Body::Activate(a)) | Some(controller_message::Body::Stage(a)) => Some(&a.op_id),
+        Some(controller_message::Body::Rollback(r)) => Some(&r.op_id),
+        Some(controller_message::Body::Promote(p)) => Some(&p.op_id),
+        _ => None,
+    }
+}
+
 fn msg(body: agent_message::Body) -> AgentMessage {
     AgentMessage { body: Some(body) }
 }
@@ -153,6 +163,19 @@ async fn session(agent: &Arc<Agent>, endpoint: &Endpoint) -> anyhow::Result<()> 
                 anyhow::bail!("a result could not be sent on this session; reconnecting to repeat it in the hello")
             }
         };
+        // A command from a controller that lost its rollout to another.
+        if let Some(op_id) = command_op(&m) {
+            let rollout = convoy_common::ops::rollout_of(op_id);
+            if let Err(newer) = agent.epochs.admit(rollout, m.epoch) {
+                tracing::warn!(
+                    %op_id,
+                    epoch = m.epoch,
+                    newer,
+                    "refused a command from a controller that no longer drives its rollout"
+                );
+                continue;
+            }
+        }
         match m.body {
             Some(controller_message::Body::Welcome(w)) => {
                 tracing::info!(host = %w.host, "connected to controller");

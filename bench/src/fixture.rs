@@ -17,9 +17,26 @@ pub struct Controller {
 
 impl Controller {
     pub fn start(port: u16) -> anyhow::Result<Self> {
+        Self::start_with(port, "", None)
+    }
+
+    /// A controller named `name` on the PostgreSQL at `database`; with
+    /// `first`, sharing its CA, identities, apps and configuration key.
+    pub fn start_in_cluster(port: u16, name: &str, database: &str, first: Option<&Controller>) -> anyhow::Result<Self> {
+        let key = first
+            .map(|f| format!("config_key = \"{}/data/config.key\"\n", f.dir.path().display()))
+            .unwrap_or_default();
+        let extra = format!("name = \"{name}\"\ndatabase = \"{database}\"\n{key}");
+        Self::start_with(port, &extra, first.map(|f| f.dir.path()))
+    }
+
+    fn start_with(port: u16, extra: &str, shared: Option<&Path>) -> anyhow::Result<Self> {
         let bins = convoy_tests::testbed::bin_dir();
         let dir = tempfile::Builder::new().prefix("convoy-bench-").tempdir()?;
         let d = dir.path();
+        if let Some(from) = shared {
+            std::os::unix::fs::symlink(from.join("pki"), d.join("pki"))?;
+        }
         let pki = d.join("pki");
         let convoy = |args: &[&str]| -> anyhow::Result<()> {
             let out = Command::new(bins.join("convoy")).args(args).output()?;
@@ -29,19 +46,21 @@ impl Controller {
             Ok(())
         };
         let p = pki.to_str().unwrap();
-        convoy(&["pki", "init", "--dir", p])?;
-        convoy(&[
-            "pki",
-            "issue",
-            "controller",
-            "controller",
-            "--dir",
-            p,
-            "--san",
-            "127.0.0.1",
-        ])?;
-        convoy(&["pki", "issue", "operator", "op", "--dir", p])?;
-        convoy(&["pki", "issue", "agent", "bench", "--dir", p])?;
+        if shared.is_none() {
+            convoy(&["pki", "init", "--dir", p])?;
+            convoy(&[
+                "pki",
+                "issue",
+                "controller",
+                "controller",
+                "--dir",
+                p,
+                "--san",
+                "127.0.0.1",
+            ])?;
+            convoy(&["pki", "issue", "operator", "op", "--dir", p])?;
+            convoy(&["pki", "issue", "agent", "bench", "--dir", p])?;
+        }
         std::fs::create_dir_all(d.join("apps"))?;
         std::fs::copy(
             Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/testbed/demo.toml"),
@@ -50,7 +69,7 @@ impl Controller {
         std::fs::write(
             d.join("controller.toml"),
             format!(
-                "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{d}/data\"\napps_dir = \"{d}/apps\"\n\
+                "{extra}listen = \"127.0.0.1:{port}\"\ndata_dir = \"{d}/data\"\napps_dir = \"{d}/apps\"\n\
                  ca = \"{p}/ca.pem\"\ncert = \"{p}/controller.pem\"\nkey = \"{p}/controller.key\"\n",
                 d = d.display()
             ),

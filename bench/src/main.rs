@@ -38,10 +38,14 @@ enum Cmd {
         #[arg(long, value_delimiter = ',', default_values_t = ["small".to_owned(), "large".to_owned()])]
         cases: Vec<String>,
     },
-    /// Idle agent sessions held by one controller.
+    /// Idle agent sessions held by one controller; with `--controllers
+    /// N`, by N controllers on one PostgreSQL (one run of the largest
+    /// `--sessions`, e.g. `--controllers 3 --sessions 30000`).
     Scale {
         #[arg(long, value_delimiter = ',', default_values_t = [1000, 10000])]
         sessions: Vec<usize>,
+        #[arg(long, default_value_t = 1)]
+        controllers: usize,
     },
     /// On booted test hosts: per-host overhead, rollback latency, fan-out.
     Hosts {
@@ -89,6 +93,11 @@ fn main() -> anyhow::Result<()> {
             },
             Cmd::Scale {
                 sessions: vec![1000, 10000],
+                controllers: 1,
+            },
+            Cmd::Scale {
+                sessions: vec![30000],
+                controllers: 3,
             },
         ],
         c => vec![c],
@@ -97,7 +106,14 @@ fn main() -> anyhow::Result<()> {
         let section = match c {
             Cmd::Stream { size } => stream::run(size, args.runs)?,
             Cmd::Unpack { size, cases } => unpack::run(size, &cases, args.runs)?,
-            Cmd::Scale { sessions } => scale::run(&sessions, args.runs)?,
+            Cmd::Scale {
+                sessions,
+                controllers: 1,
+            } => scale::run(&sessions, args.runs)?,
+            Cmd::Scale { sessions, controllers } => {
+                let n = sessions.iter().copied().max().unwrap_or(30000);
+                scale::run_cluster(n, controllers, args.runs)?
+            }
             Cmd::Hosts {
                 fanout_size,
                 fanout_hosts,

@@ -75,6 +75,145 @@ async fn agent(port: u16, ca: String, cert: String, key: String) -> anyhow::Resu
     Ok(())
 }
 
+/// Connects `ids` as agents, agent i to `ports[i % ports.len()]`, 64 at a
+/// time; returns how many failed to connect.
+fn connect_all(rt: &tokio::runtime::Runtime, ports: &[u16], ca: &str, ids: Vec<(String, String, String)>) -> usize {
+    rt.block_on(async {
+        let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(64));
+        let mut tasks = Vec::new();
+        for (i, (_, cert, key)) in ids.into_iter().enumerate() {
+            let (ca, gate, port) = (ca.to_owned(), gate.clone(), ports[i % ports.len()]);
+            tasks.push(tokio::spawn(async move {
+                let _p = gate.acquire().await;
+                agent(port, ca, cert, key).await
+            }));
+        }
+        let mut failures = 0;
+        for t in tasks {
+            if !matches!(t.await, Ok(Ok(()))) {
+                failures += 1;
+            }
+        }
+        failures
+    })
+}
+
+/// Several controllers on one PostgreSQL holding `n` idle sessions
+/// between them: their memory per session, `convoy hosts` over all
+/// through one of them, and the database's load while the agents
+/// heartbeat.
+pub fn run_cluster(n: usize, controllers: usize, runs: usize) -> anyhow::Result<Section> {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let pg = convoy_nspawn::postgres::Postgres::start()?;
+    pg.create_database("convoy")?;
+    let url = pg.url("convoy");
+    let first = Controller::start_in_cluster(19443, "c1", &url, None)?;
+    let mut ctls = vec![];
+    for i in 1..controllers {
+        ctls.push(Controller::start_in_cluster(
+            19443 + i as u16,
+            &format!("c{}", i + 1),
+            &url,
+            Some(&first),
+        )?);
+    }
+    ctls.insert(0, first);
+    eprintln!("scale: {n} sessions over {controllers} controllers: making certificates");
+    let ids = identities(&ctls[0], n)?;
+    let ca = std::fs::read_to_string(ctls[0].pki().join("ca.pem"))?;
+    std::thread::sleep(Duration::from_secs(2));
+    let rss0: u64 = ctls.iter().map(|c| c.usage().0).sum();
+    eprintln!("scale: {n} sessions over {controllers} controllers: connecting");
+    let t = Instant::now();
+    let ports: Vec<u16> = ctls.iter().map(|c| c.port).collect();
+    let failures = connect_all(&rt, &ports, &ca, ids);
+    let connect_secs = t.elapsed().as_secs_f64();
+    // Every controller sees every host (its own and the others').
+    let start = Instant::now();
+    let mut held = connected(&ctls[0])?;
+    while held < n && start.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_secs(1));
+        held = connected(&ctls[0])?;
+    }
+    std::thread::sleep(Duration::from_secs(5));
+    let rss1: u64 = ctls.iter().map(|c| c.usage().0).sum();
+    let cpu0: Duration = ctls.iter().map(|c| c.usage().1).sum();
+    let stats = |pg: &convoy_nspawn::postgres::Postgres| -> anyhow::Result<(f64, f64)> {
+        let row = pg.psql(
+            "convoy",
+            "SELECT xact_commit + xact_rollback, tup_inserted + tup_updated + tup_deleted FROM pg_stat_database WHERE datname = 'convoy'",
+        )?;
+        let (a, b) = row.trim().split_once('|').context("pg_stat_database")?;
+        Ok((a.parse()?, b.parse()?))
+    };
+    let (x0, w0) = stats(&pg)?;
+    let window = Duration::from_secs(30);
+    std::thread::sleep(window);
+    let (x1, w1) = stats(&pg)?;
+    let cpu1: Duration = ctls.iter().map(|c| c.usage().1).sum();
+    let cpu = (cpu1 - cpu0).as_secs_f64() / window.as_secs_f64() * 100.0;
+    let mut lat = Vec::new();
+    for _ in 0..runs.max(3) {
+        let t = Instant::now();
+        ctls[0].convoy(&["hosts", "--output", "json"]).context("convoy hosts")?;
+        lat.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    let per = (rss1.saturating_sub(rss0)) as f64 / n as f64 / 1024.0;
+    let (xps, wps) = ((x1 - x0) / window.as_secs_f64(), (w1 - w0) / window.as_secs_f64());
+    eprintln!(
+        "scale: {n} over {controllers}: held {held}, {per:.1} KiB/session, {cpu:.1}% CPU, hosts {:.0} ms, db {xps:.0} tx/s, {wps:.0} rows/s",
+        median(lat.clone())
+    );
+    let row = vec![
+        format!("{n} over {controllers}"),
+        format!(
+            "{held}{}",
+            if failures > 0 {
+                format!(" ({failures} failed to connect)")
+            } else {
+                String::new()
+            }
+        ),
+        format!("{connect_secs:.1} s"),
+        format!(
+            "{:.0} MiB → {:.0} MiB",
+            rss0 as f64 / 1048576.0,
+            rss1 as f64 / 1048576.0
+        ),
+        format!("{per:.1} KiB"),
+        format!("{cpu:.1}% of a core"),
+        format!("{:.0} ms", median(lat)),
+        format!("{xps:.1} transactions/s, {wps:.1} rows written/s"),
+    ];
+    drop(ctls);
+    rt.shutdown_timeout(Duration::from_secs(1));
+    Ok(Section {
+        key: "scale-cluster",
+        title: "6b. Several controllers: idle agent sessions on one PostgreSQL".into(),
+        command: format!("scripts/bench scale --controllers {controllers} --sessions {n} --runs {runs}"),
+        header: vec![
+            "sessions",
+            "seen by one controller",
+            "connect all",
+            "controllers' RSS (sum)",
+            "per idle session",
+            "controllers' CPU with heartbeats (10 s)",
+            "`convoy hosts` over all, through one",
+            "database load while idle",
+        ],
+        rows: vec![row],
+        notes: vec![
+            "Each session is a real agent session as in section 6, agent i on controller i mod 3; the \
+             controllers share a PostgreSQL 15 cluster on loopback (Debian's package, fsync off as the \
+             throwaway test cluster runs). RSS and CPU are summed over the controllers; the database's load \
+             is from `pg_stat_database` over the 30 s idle window: the controllers' rounds (leases and \
+             liveness every 2 s, the relay every 200 ms, other controllers' hosts every second), and nothing \
+             per heartbeat: a heartbeat that changes nothing writes nothing."
+                .into(),
+        ],
+    })
+}
+
 fn connected(ctl: &Controller) -> anyhow::Result<usize> {
     let v: serde_json::Value = serde_json::from_str(&ctl.convoy(&["hosts", "--output", "json"])?)?;
     Ok(v["hosts"]
@@ -96,25 +235,7 @@ pub fn run(sessions: &[usize], runs: usize) -> anyhow::Result<Section> {
         let (rss0, _) = ctl.usage();
         eprintln!("scale: {n} sessions: connecting");
         let t = Instant::now();
-        let port = ctl.port;
-        let failures = rt.block_on(async {
-            let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(64));
-            let mut tasks = Vec::new();
-            for (_, cert, key) in ids {
-                let (ca, gate) = (ca.clone(), gate.clone());
-                tasks.push(tokio::spawn(async move {
-                    let _p = gate.acquire().await;
-                    agent(port, ca, cert, key).await
-                }));
-            }
-            let mut failures = 0;
-            for t in tasks {
-                if !matches!(t.await, Ok(Ok(()))) {
-                    failures += 1;
-                }
-            }
-            failures
-        });
+        let failures = connect_all(&rt, &[ctl.port], &ca, ids);
         let connect_secs = t.elapsed().as_secs_f64();
         // Let every hello land, then measure idle.
         let start = Instant::now();

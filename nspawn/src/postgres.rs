@@ -195,6 +195,11 @@ impl Postgres {
         self.start_server()
     }
 
+    /// Starts a stopped server again, on the same port and data.
+    pub fn start_again(&mut self) -> Result<()> {
+        self.start_server()
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }

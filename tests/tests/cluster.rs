@@ -84,6 +84,19 @@ fn the_controller_driving_a_rollout_is_killed_and_another_finishes_it() -> Resul
         || Ok((1..3).any(|c| bed.controller_log_at(c).contains("resuming a rollout"))),
     )?;
     let takeover = killed.elapsed();
+    let taker = (1..3)
+        .find(|c| bed.controller_log_at(*c).contains("resuming a rollout"))
+        .expect("a controller took it");
+    let line = bed
+        .controller_log_at(taker)
+        .lines()
+        .find(|l| l.contains("resuming a rollout"))
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        line.contains("epoch=2"),
+        "the takeover raised the lease's epoch: {line}"
+    );
     eprintln!("takeover {:.1}s after the owner was killed", takeover.as_secs_f64());
     assert!(
         takeover < Duration::from_secs(13),
@@ -114,6 +127,19 @@ fn the_controller_driving_a_rollout_is_killed_and_another_finishes_it() -> Resul
         let s = spread(&bed)?;
         Ok(s.iter().all(|(c, _)| c != "c1") && s.iter().map(|(_, n)| n).sum::<usize>() == 6)
     })?;
+    // `convoy controllers` tells it: c1 down, the sessions on c2 and c3.
+    eventually("convoy controllers shows c1 down", Duration::from_secs(30), || {
+        let out = bed.convoy(&["controllers", "--output", "json"])?;
+        let v: serde_json::Value = serde_json::from_str(&out.stdout)?;
+        let cs = v["controllers"].as_array().cloned().unwrap_or_default();
+        let c1_down = cs.iter().any(|c| c["name"] == "c1" && c["up"] == false);
+        let sessions: i64 = cs
+            .iter()
+            .filter(|c| c["up"] == true)
+            .filter_map(|c| c["sessions"].as_i64())
+            .sum();
+        Ok(c1_down && sessions == 6 && v["database"] == "postgres")
+    })?;
     // The history is complete: one activation result per host.
     let pg = bed.postgres.as_ref().unwrap();
     let n = pg.psql(
@@ -123,5 +149,46 @@ fn the_controller_driving_a_rollout_is_killed_and_another_finishes_it() -> Resul
         ),
     )?;
     assert_eq!(n.trim(), "6");
+    Ok(())
+}
+
+/// The database restarts in the middle of a rollout: the controller keeps
+/// its sessions, the rollout waits at its next write and goes on when the
+/// database is back, and nothing it did goes unrecorded.
+#[test]
+fn postgres_restarted_mid_rollout_the_rollout_waits_and_goes_on() -> Result<()> {
+    let mut bed = Testbed::boot_on_postgres(3)?;
+    bed.push_demo("1.0.0", "healthy")?;
+    bed.deploy_everywhere("1.0.0")?;
+    bed.push_demo("2.0.0", "healthy")?;
+    let mut child = bed.convoy_spawn(&["deploy", "demo", "2.0.0", "--env", "staging"])?;
+    let lines = line_feed(&mut child);
+    let mut seen = Vec::new();
+    let id = rollout_id(&wait_line(&lines, "rollout ", &mut seen)?);
+    wait_line(&lines, "-- batch 1/", &mut seen)?;
+    wait_line(&lines, "=> succeeded", &mut seen)?;
+    // Down for five seconds (less than a lease), then back.
+    bed.postgres.as_mut().unwrap().stop()?;
+    std::thread::sleep(Duration::from_secs(5));
+    bed.postgres.as_mut().unwrap().start_again()?;
+    let status = child.wait()?;
+    assert_eq!(status.code(), Some(0), "{seen:?}");
+    let h = bed.history(&["--rollout", &id])?;
+    assert_eq!(h["rollouts"][0]["state"], "succeeded");
+    assert_eq!(bed.serving(), ["2.0.0"; 3]);
+    let pg = bed.postgres.as_ref().unwrap();
+    let n = pg.psql(
+        "convoy",
+        &format!(
+            "SELECT count(DISTINCT host) FROM rollout_hosts WHERE rollout_id = '{id}' AND op_id LIKE '%:activate:%'"
+        ),
+    )?;
+    assert_eq!(n.trim(), "3", "every host's result recorded");
+    let log = bed.controller_log();
+    assert!(
+        log.contains("the rollout waits for the database"),
+        "the outage was met:\n{log}"
+    );
+    assert!(log.contains("database reachable again"), "{log}");
     Ok(())
 }

@@ -78,6 +78,11 @@ impl Db {
         self.fences.lock().unwrap().insert(rollout.to_owned(), epoch);
     }
 
+    /// The epoch this controller holds `rollout`'s lease at, if it does.
+    pub fn epoch_of(&self, rollout: &str) -> Option<i64> {
+        self.fences.lock().unwrap().get(rollout).copied()
+    }
+
     /// Forgets a rollout this controller no longer drives.
     pub fn let_go(&self, rollout: &str) {
         self.fences.lock().unwrap().remove(rollout);

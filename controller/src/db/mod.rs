@@ -182,6 +182,9 @@ impl DbError {
     /// driver's display says only "db error").
     pub(crate) fn postgres(e: tokio_postgres::Error) -> DbError {
         match e.as_db_error() {
+            // Connection exceptions (08) and operator intervention (57:
+            // the server shutting down, restarting): the database is away.
+            Some(db) if matches!(&db.code().code()[..2], "08" | "57") => DbError::Unavailable(db.message().to_owned()),
             Some(db) => DbError::Postgres(match db.detail() {
                 Some(d) => format!("{} ({d})", db.message()),
                 None => db.message().to_owned(),
@@ -445,6 +448,15 @@ impl Db {
         )
         .await?;
         Ok(())
+    }
+
+    /// Every revocation: (host, revoked at unix ms).
+    pub async fn revocations(&self) -> Result<Vec<(String, i64)>, DbError> {
+        self.query("SELECT host, revoked_at_ms FROM revoked_hosts", &[])
+            .await?
+            .iter()
+            .map(|r| Ok((r.get(0)?, r.get(1)?)))
+            .collect()
     }
 
     /// When `host` was last revoked: its certificates issued until then are refused.

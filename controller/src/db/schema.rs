@@ -138,6 +138,7 @@ CREATE TABLE controllers (
 CREATE TABLE host_sessions (
     host TEXT PRIMARY KEY, controller TEXT NOT NULL, labels TEXT NOT NULL, apps TEXT NOT NULL,
     protocol BIGINT NOT NULL, connected BIGINT NOT NULL, seen_at_ms BIGINT NOT NULL);
+CREATE INDEX host_sessions_by_time ON host_sessions (seen_at_ms);
 CREATE TABLE relay (
     id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     kind TEXT NOT NULL, op_id TEXT NOT NULL, host TEXT NOT NULL, target TEXT NOT NULL,

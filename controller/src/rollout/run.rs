@@ -225,9 +225,11 @@ impl Rollout {
         };
         let state = done.verdict.state();
         crate::metrics::get().rollout(self.kind.name(), state);
-        if let Err(e) = engine.store.finish_rollout(&self.id, state, &done.reason).await {
-            tracing::error!(rollout = %self.id, error = %e, "could not record rollout end");
-        }
+        let reason = done.reason.clone();
+        persist(&self.id, "the rollout's end", || {
+            engine.store.finish_rollout(&self.id, state, &reason)
+        })
+        .await;
         engine.release_slot(&self.app, &self.env);
         engine.live.lock().unwrap().remove(&self.id);
         tracing::info!(rollout = %self.id, state, reason = %done.reason, "rollout finished");
@@ -281,9 +283,10 @@ impl Rollout {
 
     /// Records a state an operator sees in history while the rollout waits.
     async fn set_state(&self, engine: &Engine, state: &str) {
-        if let Err(e) = engine.store.set_rollout_state(&self.id, state).await {
-            tracing::error!(rollout = %self.id, state, error = %e, "could not record rollout state");
-        }
+        persist(&self.id, "the rollout's state", || {
+            engine.store.set_rollout_state(&self.id, state)
+        })
+        .await;
     }
 
     /// Before a batch: waits while paused, awaiting approval or
@@ -1052,9 +1055,10 @@ impl Rollout {
             self.record_event(engine, host, ev).await;
         }
         crate::metrics::get().host_result(r.outcome);
-        if let Err(e) = engine.store.record_host_result(&self.id, host, &r).await {
-            tracing::error!(error = %e, "could not record host result");
-        }
+        persist(&self.id, "a host's result", || {
+            engine.store.record_host_result(&self.id, host, &r)
+        })
+        .await;
         let outcome = HostOutcome::from(&r);
         self.emit(EventBody::Result {
             host: host.clone(),
@@ -1136,13 +1140,46 @@ impl Rollout {
     }
 
     async fn record_event(&self, engine: &Engine, host: &HostName, ev: StepEvent) {
-        if let Err(e) = engine.store.record_event(&self.id, host, &ev).await {
-            tracing::error!(error = %e, "could not record event");
-        }
+        persist(&self.id, "an event", || engine.store.record_event(&self.id, host, &ev)).await;
         self.emit(EventBody::Host {
             host: host.clone(),
             event: ev,
         });
+    }
+}
+
+/// Writes a rollout's record, waiting while the database is unreachable
+/// (a restart, a failover): the rollout holds at this write and goes on
+/// when it is back, so nothing it did goes unrecorded. Other failures
+/// (a lost lease among them) are logged and not retried.
+async fn persist<'a, F, Fut>(rollout: &str, what: &str, write: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = super::store::Result<()>> + 'a,
+{
+    let mut waited = false;
+    let mut delay = std::time::Duration::from_millis(200);
+    loop {
+        match write().await {
+            Ok(()) => {
+                if waited {
+                    tracing::warn!(%rollout, "database reachable again; {what} recorded, the rollout goes on");
+                }
+                return;
+            }
+            Err(e) if e.is_transient() => {
+                if !waited {
+                    tracing::warn!(%rollout, error = %e, "cannot record {what}: the rollout waits for the database");
+                }
+                waited = true;
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(std::time::Duration::from_secs(5));
+            }
+            Err(e) => {
+                tracing::error!(%rollout, error = %e, "could not record {what}");
+                return;
+            }
+        }
     }
 }
 

@@ -22,6 +22,14 @@ impl From<crate::db::DbError> for StoreError {
 }
 
 impl StoreError {
+    /// Whether the database could not be reached (worth waiting for).
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self.0.downcast_ref::<crate::db::DbError>(),
+            Some(crate::db::DbError::Unavailable(_))
+        )
+    }
+
     /// Whether the store refused because another controller runs a
     /// rollout there.
     pub fn is_busy(&self) -> bool {

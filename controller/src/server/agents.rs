@@ -87,6 +87,13 @@ impl AgentService for AgentApi {
     async fn session(&self, req: Request<Streaming<AgentMessage>>) -> Result<Response<Self::SessionStream>, Status> {
         let id = super::enroll::agent_peer(&self.shared, &req).await?;
         let host = id.name;
+        // When the certificate became valid: a revocation through any
+        // controller ends sessions of certificates from before it.
+        let not_before_ms = req
+            .peer_certs()
+            .and_then(|c| c.first().map(|d| d.to_vec()))
+            .and_then(|der| convoy_common::identity::validity_secs(&der).ok())
+            .map_or(0, |(nb, _)| nb * 1000);
         let mut inbound = req.into_inner();
         let first = tokio::time::timeout(Duration::from_secs(10), inbound.message())
             .await
@@ -113,12 +120,14 @@ impl AgentService for AgentApi {
         let (tx, rx) = mpsc::channel(64);
         let registry = self.shared.registry.clone();
         let session = registry.connect(&host, labels.clone(), apps, hello.protocol, tx.clone());
+        registry.set_not_before(&host, session, not_before_ms);
         tracing::info!(%host, ?labels, agent_version = %hello.agent_version, protocol = hello.protocol, "agent connected");
         let welcome = ControllerMessage {
             body: Some(controller_message::Body::Welcome(Welcome {
                 host: host.to_string(),
                 heartbeat_secs: HEARTBEAT_SECS,
             })),
+            epoch: 0,
         };
         tx.send(Ok(welcome))
             .await

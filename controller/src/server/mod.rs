@@ -208,6 +208,7 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'sta
     let stop = CancellationToken::new();
     let db = Arc::new(db);
     let registry = Arc::new(registry::Registry::default());
+    registry.set_db(db.clone());
     if matches!(cfg.database, crate::config::Database::Postgres(_)) {
         registry.set_relay(Arc::new(relay::Relay::new(db.clone())));
     }
@@ -271,6 +272,11 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'sta
     shared.spawn(async move {
         loop {
             engine.keep_leases().await;
+            // Revocations through another controller end sessions here too.
+            match me.db.revocations().await {
+                Ok(revoked) => me.registry.kick_revoked(&revoked),
+                Err(e) => tracing::warn!(error = %e, "could not read revocations (retrying)"),
+            }
             // Freezes set through another controller hold here too.
             if let Err(e) = engine.load_freezes().await {
                 tracing::warn!(error = %e, "could not read the freezes (retrying)");

@@ -42,6 +42,8 @@ pub struct HostEntry {
     pub protocol: u32,
     /// The controller holding its session, when another one does.
     pub via: Option<String>,
+    /// When the certificate of its session here became valid (unix ms).
+    pub not_before_ms: i64,
 }
 
 /// Someone waiting for an operation's end, and the command that started
@@ -69,6 +71,8 @@ pub struct Registry {
     sent: Mutex<HashMap<HostName, u64>>,
     /// Other controllers on the same database (PostgreSQL only).
     relay: std::sync::OnceLock<std::sync::Arc<super::relay::Relay>>,
+    /// The store, for the lease epochs commands carry.
+    db: std::sync::OnceLock<std::sync::Arc<crate::db::Db>>,
 }
 
 /// A pre-flight asked of a host, and who waits for its answer.
@@ -81,6 +85,11 @@ impl Registry {
     /// Works with other controllers through `relay` from now on.
     pub fn set_relay(&self, relay: std::sync::Arc<super::relay::Relay>) {
         let _ = self.relay.set(relay);
+    }
+
+    /// Takes lease epochs for commands from `db`.
+    pub fn set_db(&self, db: std::sync::Arc<crate::db::Db>) {
+        let _ = self.db.set(db);
     }
 
     pub fn relay(&self) -> Option<&std::sync::Arc<super::relay::Relay>> {
@@ -148,6 +157,7 @@ impl Registry {
             last_seen_ms: now_unix_ms(),
             protocol,
             via: None,
+            not_before_ms: 0,
         };
         let replaced = self.hosts.lock().unwrap().insert(name.clone(), entry);
         self.changed(name);
@@ -166,6 +176,35 @@ impl Registry {
             }
         }
         self.changed(name);
+    }
+
+    /// Records when the certificate of `name`'s session `session` became valid.
+    pub fn set_not_before(&self, name: &HostName, session: u64, not_before_ms: i64) {
+        if let Some(h) = self.hosts.lock().unwrap().get_mut(name) {
+            if h.session.as_ref().map(|(id, _)| *id) == Some(session) {
+                h.not_before_ms = not_before_ms;
+            }
+        }
+    }
+
+    /// Ends the sessions here whose certificates were revoked (through
+    /// any controller): `revoked` is (host, revoked at unix ms).
+    pub fn kick_revoked(&self, revoked: &[(String, i64)]) {
+        let stale: Vec<HostName> = {
+            let hosts = self.hosts.lock().unwrap();
+            revoked
+                .iter()
+                .filter_map(|(h, at)| {
+                    let e = hosts.get(&HostName::new(h.as_str()).ok()?)?;
+                    (e.session.is_some() && e.not_before_ms <= *at).then(|| e.name.clone())
+                })
+                .collect()
+        };
+        for h in stale {
+            if self.kick(&h, "this host's certificate was revoked") {
+                tracing::warn!(host = %h, "session of a revoked certificate ended");
+            }
+        }
     }
 
     /// Ends `name`'s session, telling the agent why; returns whether it had one.
@@ -381,6 +420,7 @@ fn remote_entry(name: HostName, h: super::relay::RemoteHost) -> HostEntry {
         last_seen_ms: now_unix_ms(),
         protocol: h.protocol,
         via: h.connected.then_some(h.controller),
+        not_before_ms: 0,
     }
 }
 
@@ -409,7 +449,13 @@ impl Fleet for Registry {
                 Command::Rollback(c) => controller_message::Body::Rollback(c.into()),
                 Command::Promote(c) => controller_message::Body::Promote(c.into()),
             };
-            let msg = ControllerMessage { body: Some(body) };
+            // The epoch this controller holds the rollout's lease at:
+            // agents refuse it once another controller took over.
+            let epoch = self.db.get().and_then(|db| db.epoch_of(op.rollout())).unwrap_or(0);
+            let msg = ControllerMessage {
+                body: Some(body),
+                epoch: epoch as u64,
+            };
             let wait = self.wait_for(op, msg.clone());
             // With other controllers, the command is also left for
             // whichever holds the host's session, now or later.
@@ -453,6 +499,7 @@ impl Fleet for Registry {
                 .insert(id.clone(), (host.clone(), answer_tx));
             let msg = ControllerMessage {
                 body: Some(controller_message::Body::Preflight((&cmd).into())),
+                epoch: 0,
             };
             let sent = match (local, relay) {
                 (Some(tx), _) => tx.send(Ok(msg)).await.is_ok(),
@@ -525,7 +572,7 @@ mod tests {
     async fn a_result_arrives_however_many_events_came_before_it() {
         let reg = Registry::default();
         let op = OpId::new("r1", OpKind::Activate, &host("web1"));
-        let mut wait = reg.wait_for(&op, ControllerMessage { body: None });
+        let mut wait = reg.wait_for(&op, ControllerMessage { body: None, epoch: 0 });
         // A waiter that reads nothing while a host floods it with events.
         for n in 0..EVENT_BACKLOG * 4 {
             reg.deliver_event(&host("web1"), event(&op, n));
@@ -552,7 +599,7 @@ mod tests {
     async fn a_host_cannot_answer_for_another_hosts_operation() {
         let reg = Registry::default();
         let theirs = OpId::new("r1", OpKind::Activate, &host("eu-web1"));
-        let mut wait = reg.wait_for(&theirs, ControllerMessage { body: None });
+        let mut wait = reg.wait_for(&theirs, ControllerMessage { body: None, epoch: 0 });
         let mut forged = report(&theirs);
         assert_eq!(reg.deliver_result(&host("web1"), forged.clone()), Delivery::Refused);
         // Ids in the old ROLLOUT-HOST form are not ones a rollout makes.
@@ -592,7 +639,7 @@ mod tests {
         let reg = Registry::default();
         let op = OpId::new("r1", OpKind::Activate, &host("web1"));
         // Delivered just before the waiter gives up: still in its hands.
-        let mut wait = reg.wait_for(&op, ControllerMessage { body: None });
+        let mut wait = reg.wait_for(&op, ControllerMessage { body: None, epoch: 0 });
         assert_eq!(reg.deliver_result(&host("web1"), report(&op)), Delivery::Delivered);
         Registry::forget(&reg, &op);
         assert!(wait.result.try_recv().is_ok(), "kept for the rollout");

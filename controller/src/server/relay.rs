@@ -51,8 +51,13 @@ pub struct Relay {
     /// (session, op id) of every command sent down a session, so a round
     /// does not send it twice on the same session.
     sent: Mutex<HashSet<(u64, String)>>,
-    /// Hosts other controllers hold, as last read.
+    /// Hosts other controllers hold, as published (`connected` as they
+    /// said it), read incrementally.
     remote: Mutex<BTreeMap<HostName, RemoteHost>>,
+    /// Controllers seen up at the last read.
+    up: Mutex<HashSet<String>>,
+    /// Publication time (unix ms) the next read starts from.
+    read_from: Mutex<i64>,
 }
 
 /// What a controller publishes of one of its hosts: labels, apps, agent
@@ -75,6 +80,8 @@ impl Relay {
             dirty: Mutex::default(),
             sent: Mutex::default(),
             remote: Mutex::default(),
+            up: Mutex::default(),
+            read_from: Mutex::new(0),
         }
     }
 
@@ -86,12 +93,26 @@ impl Relay {
         self.sent.lock().unwrap().insert((session, op_id.to_owned()));
     }
 
+    /// Hosts other controllers hold; connected when their controller is up.
     pub fn remote(&self) -> BTreeMap<HostName, RemoteHost> {
-        self.remote.lock().unwrap().clone()
+        let up = self.up.lock().unwrap();
+        self.remote
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, h)| (k.clone(), self.as_seen(h, &up)))
+            .collect()
     }
 
     pub fn remote_host(&self, host: &HostName) -> Option<RemoteHost> {
-        self.remote.lock().unwrap().get(host).cloned()
+        let up = self.up.lock().unwrap();
+        self.remote.lock().unwrap().get(host).map(|h| self.as_seen(h, &up))
+    }
+
+    fn as_seen(&self, h: &RemoteHost, up: &HashSet<String>) -> RemoteHost {
+        let mut h = h.clone();
+        h.connected &= up.contains(&h.controller);
+        h
     }
 
     /// Leaves a command (or pre-flight) for `host`, for whichever
@@ -267,36 +288,52 @@ impl Relay {
         Ok(())
     }
 
-    /// Reads the hosts other controllers hold.
+    /// Reads which controllers are up, and the hosts other controllers
+    /// published since the last read.
     pub async fn refresh_remote(&self) -> Result<(), DbError> {
+        let up: HashSet<String> = self
+            .db
+            .controllers()
+            .await?
+            .into_iter()
+            .filter(|c| c.seen_ago_ms < CONTROLLER_DOWN_MS)
+            .map(|c| c.name)
+            .collect();
+        *self.up.lock().unwrap() = up;
+        // Publications overlap reads by a margin: a row written just as
+        // the last read ran is read again, never missed.
+        let from = *self.read_from.lock().unwrap();
+        let now = convoy_common::ops::now_unix_ms();
         let rows = self
             .db
             .query(
-                "SELECT s.host, s.controller, s.labels, s.apps, s.protocol, s.connected, c.seen_at_ms
-                 FROM host_sessions s LEFT JOIN controllers c ON c.name = s.controller
-                 WHERE s.controller <> ?1",
-                params![&self.me],
+                "SELECT host, controller, labels, apps, protocol, connected FROM host_sessions
+                 WHERE seen_at_ms >= ?1",
+                params![from - 5_000],
             )
             .await?;
-        let now = convoy_common::ops::now_unix_ms();
-        let mut remote = BTreeMap::new();
+        let mut remote = self.remote.lock().unwrap();
         for r in rows {
             let Ok(host) = HostName::new(r.get::<String>(0)?) else {
                 continue;
             };
-            let seen: Option<i64> = r.get(6)?;
+            let controller: String = r.get(1)?;
+            if controller == self.me {
+                remote.remove(&host);
+                continue;
+            }
             remote.insert(
                 host,
                 RemoteHost {
-                    controller: r.get(1)?,
+                    controller,
                     labels: serde_json::from_str(&r.get::<String>(2)?).unwrap_or_default(),
                     apps: serde_json::from_str(&r.get::<String>(3)?).unwrap_or_default(),
                     protocol: r.get::<i64>(4)? as u32,
-                    connected: r.get::<bool>(5)? && seen.is_some_and(|s| now - s < CONTROLLER_DOWN_MS),
+                    connected: r.get::<bool>(5)?,
                 },
             );
         }
-        *self.remote.lock().unwrap() = remote;
+        *self.read_from.lock().unwrap() = now;
         Ok(())
     }
 
