@@ -57,6 +57,18 @@ enum Cmd {
     },
     /// Everything above with its defaults.
     All,
+    /// (Used by `scale --controllers`: one process of agents.)
+    #[command(hide = true)]
+    Agents {
+        #[arg(long)]
+        pki: std::path::PathBuf,
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        first: usize,
+        #[arg(long)]
+        count: usize,
+    },
 }
 
 pub fn parse_size(s: &str) -> Result<u64, String> {
@@ -80,6 +92,15 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     anyhow::ensure!(args.runs >= 1, "--runs must be at least 1");
+    if let Cmd::Agents {
+        pki,
+        port,
+        first,
+        count,
+    } = &args.cmd
+    {
+        return scale::agents(pki, *port, *first, *count);
+    }
     let cmds = match args.cmd {
         Cmd::All => vec![
             Cmd::Stream { size: 1 << 30 },
@@ -118,7 +139,7 @@ fn main() -> anyhow::Result<()> {
                 fanout_size,
                 fanout_hosts,
             } => testbed::run(fanout_size, fanout_hosts, args.runs)?,
-            Cmd::All => unreachable!(),
+            Cmd::All | Cmd::Agents { .. } => unreachable!(),
         };
         println!("{}", section.markdown());
         report::write(&section)?;

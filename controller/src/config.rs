@@ -266,6 +266,47 @@ key = "/k"
     }
 
     #[test]
+    fn database_settings_are_checked_and_named() {
+        let base = "listen = \"127.0.0.1:1\"\ndata_dir = \"/d\"\napps_dir = \"/a\"\nca = \"/c\"\ncert = \"/c\"\nkey = \"/k\"\n";
+        let ok = Config::parse("c.toml", base).unwrap();
+        assert!(matches!(&ok.database, Database::Sqlite(p) if p == std::path::Path::new("/d/convoy.db")));
+        assert!(ok.name.ends_with("-1"), "host name and port: {}", ok.name);
+        let pg = Config::parse(
+            "c.toml",
+            &format!("{base}name = \"ctl-a\"\ndatabase = \"postgres://convoy:pw@db:5432/convoy?sslmode=require\"\ndatabase_pool = 4\n"),
+        )
+        .unwrap();
+        assert!(matches!(&pg.database, Database::Postgres(o) if o.pool == 4));
+        assert_eq!(pg.name, "ctl-a");
+        for (extra, named) in [
+            (
+                "database = \"mysql://db/convoy\"",
+                "c.toml: database: must be a postgres:// URL",
+            ),
+            (
+                "database = \"postgres://db/convoy?sslmode=sometimes\"",
+                "c.toml: database: not a usable postgres:// URL",
+            ),
+            ("database_ca = \"/ca.pem\"", "c.toml: database_ca: set database"),
+            (
+                "database = \"postgres://db/c\"\ndatabase_cert = \"/c.pem\"",
+                "c.toml: database_cert and database_key go together",
+            ),
+            (
+                "database = \"postgres://db/c\"\ndatabase_pool = 0",
+                "c.toml: database_pool: 0 is out of range",
+            ),
+            ("name = \"a b\"", "c.toml: name:"),
+        ] {
+            let e = Config::parse("c.toml", &format!("{base}{extra}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with(named), "{extra}: {e}");
+            assert!(!e.contains("pw"), "no password in errors: {e}");
+        }
+    }
+
+    #[test]
     fn prestage_parallel_is_bounded() {
         let base = "listen = \"127.0.0.1:1\"\ndata_dir = \"/d\"\napps_dir = \"/a\"\nca = \"/c\"\ncert = \"/c\"\nkey = \"/k\"\n";
         assert_eq!(Config::parse("c.toml", base).unwrap().prestage_parallel, 16);

@@ -762,6 +762,19 @@ impl Testbed {
             .spawn()?)
     }
 
+    /// Runs the `convoy` CLI against the controller at `url` only, as
+    /// another identity than the operator's.
+    pub fn convoy_at_as(&self, url: &str, cert: &Path, key: &Path, args: &[&str]) -> Result<CliOutput> {
+        let mut all = vec!["--cert", cert.to_str().unwrap(), "--key", key.to_str().unwrap()];
+        all.extend_from_slice(args);
+        let out = self.convoy_spawn_at(url, &all)?.wait_with_output()?;
+        Ok(CliOutput {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
+    }
+
     /// Starts the `convoy` CLI as the operator without waiting for it.
     pub fn convoy_spawn(&self, args: &[&str]) -> Result<Child> {
         let mut cmd = Command::new(self.bins.join("convoy"));

@@ -149,6 +149,45 @@ fn the_controller_driving_a_rollout_is_killed_and_another_finishes_it() -> Resul
         ),
     )?;
     assert_eq!(n.trim(), "6");
+
+    // A revocation through one controller ends the host's session on the
+    // controller that holds it.
+    let pki = bed.dir.path().join("pki");
+    bed.convoy_ok(&[
+        "pki",
+        "issue",
+        "operator",
+        "root",
+        "--role",
+        "admin",
+        "--dir",
+        pki.to_str().unwrap(),
+    ])?;
+    let held = pg.psql(
+        "convoy",
+        "SELECT host, controller FROM host_sessions WHERE connected = 1 ORDER BY host LIMIT 1",
+    )?;
+    let (host, holder) = held.trim().split_once('|').expect("a connected host");
+    let other = if holder == "c2" { 2 } else { 1 };
+    let url = bed.controller_urls()[other].clone();
+    let out = bed.convoy_at_as(
+        &url,
+        &pki.join("root.pem"),
+        &pki.join("root.key"),
+        &["hosts", "revoke", host],
+    )?;
+    assert_eq!(out.code, 0, "{out:?}");
+    let revoked = Instant::now();
+    let holder_at = if holder == "c2" { 1 } else { 2 };
+    eventually("the holder ends the revoked session", Duration::from_secs(10), || {
+        Ok(bed
+            .controller_log_at(holder_at)
+            .contains("session of a revoked certificate ended"))
+    })?;
+    eprintln!(
+        "revocation took effect on the holder {:.1}s after",
+        revoked.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
