@@ -25,6 +25,8 @@ pub struct Postgres {
     /// (uid, gid) of the `postgres` user when running as root.
     user: Option<(u32, u32)>,
     server: Option<Child>,
+    /// Serves TLS with this certificate and key (files in `dir`).
+    tls: bool,
 }
 
 /// The newest installed PostgreSQL's programs.
@@ -63,6 +65,16 @@ impl Postgres {
     /// Initialises a cluster and starts its server; returns once it
     /// accepts connections.
     pub fn start() -> Result<Postgres> {
+        Self::start_with(None)
+    }
+
+    /// Like `start`, serving TLS (as well as plain connections) with a
+    /// server certificate and key (PEM).
+    pub fn start_tls(cert_pem: &str, key_pem: &str) -> Result<Postgres> {
+        Self::start_with(Some((cert_pem, key_pem)))
+    }
+
+    fn start_with(tls: Option<(&str, &str)>) -> Result<Postgres> {
         let bin = bin_dir()?;
         let user = postgres_user()?;
         let nanos = SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos();
@@ -77,7 +89,18 @@ impl Postgres {
             port: free_port()?,
             user,
             server: None,
+            tls: tls.is_some(),
         };
+        if let Some((cert, key)) = tls {
+            for (name, pem) in [("server.crt", cert), ("server.key", key)] {
+                let path = pg.dir.join(name);
+                std::fs::write(&path, pem)?;
+                std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+                if let Some((uid, gid)) = user {
+                    std::os::unix::fs::chown(&path, Some(uid), Some(gid))?;
+                }
+            }
+        }
         run_ok(
             pg.as_user(Command::new(pg.bin.join("initdb")))
                 .args(["-U", "convoy", "--auth=trust", "--no-sync", "-E", "UTF8", "-D"])
@@ -101,12 +124,19 @@ impl Postgres {
 
     fn start_server(&mut self) -> Result<()> {
         let postgres = self.bin.join("postgres");
+        let tls = match self.tls {
+            true => format!(
+                "-c ssl=on -c ssl_cert_file='{d}/server.crt' -c ssl_key_file='{d}/server.key'",
+                d = self.dir.display()
+            ),
+            false => String::new(),
+        };
         // The shell waits on its stdin, which only this process holds: at
         // `stop` it reads "keep" and stops the server; at our exit it reads
         // nothing, stops the server and removes the cluster.
         let script = format!(
             "'{postgres}' -D '{data}' -p {port} -k '{dir}' -c listen_addresses=127.0.0.1 \
-             -c max_connections=300 -c fsync=off -c synchronous_commit=off -c full_page_writes=off \
+             -c max_connections=300 -c fsync=off -c synchronous_commit=off -c full_page_writes=off {tls} \
              >>'{dir}/server.log' 2>&1 & pid=$!; read x; kill -INT $pid; wait $pid; \
              [ \"$x\" = keep ] || rm -rf '{dir}'",
             postgres = postgres.display(),

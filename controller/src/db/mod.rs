@@ -1628,6 +1628,49 @@ mod tests {
         );
     }
 
+    /// A CA and a certificate it signed for 127.0.0.1: (CA PEM, cert PEM, key PEM).
+    fn server_identity() -> (String, String, String) {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca.distinguished_name.push(rcgen::DnType::CommonName, "db CA");
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_cert.pem(), ca_key).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).unwrap();
+        p.distinguished_name.push(rcgen::DnType::CommonName, "db");
+        let cert = p.signed_by(&key, &issuer).unwrap();
+        (ca_cert.pem(), cert.pem(), key.serialize_pem())
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn postgres_over_tls_verifies_the_servers_certificate() {
+        let (ca, cert, key) = server_identity();
+        let pg = convoy_nspawn::postgres::Postgres::start_tls(&cert, &key).unwrap();
+        pg.create_database("tls").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.pem"), &ca).unwrap();
+        std::fs::write(dir.path().join("other.pem"), server_identity().0).unwrap();
+        let url = format!("postgres://convoy@127.0.0.1:{}/tls?sslmode=require", pg.port());
+        let with = |ca: Option<&str>| PostgresOptions {
+            ca: ca.map(|c| dir.path().join(c)),
+            ..testing::options(&url)
+        };
+        let (db, _) = Db::connect(&with(Some("ca.pem")), "a")
+            .await
+            .expect("verified by its CA");
+        let row = db
+            .query_opt("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(row.get::<bool>(0).unwrap(), "the session is encrypted");
+        for ca in [Some("other.pem"), None] {
+            let e = Db::connect(&with(ca), "a").await.err().expect("refused").to_string();
+            assert!(e.contains("certificate"), "{ca:?}: {e}");
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread")]
     async fn an_unreachable_postgres_is_named() {
         let o = testing::options("postgres://convoy@127.0.0.1:1/x?sslmode=disable&connect_timeout=2");
