@@ -68,6 +68,15 @@ async fn relay_rounds(shared: Arc<Shared>, relay: Arc<relay::Relay>) {
     let mut round: u64 = 0;
     loop {
         let registry = &shared.registry;
+        // Hourly: what lay in the relay for a day was for a host or a
+        // controller that is gone (a rollout waits far less: host_timeout).
+        if round.is_multiple_of(18_000) {
+            match relay.sweep(24 * 3600 * 1000).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(rows = n, "relay rows nobody took in a day removed"),
+                Err(e) => tracing::warn!(error = %e, "could not sweep the relay"),
+            }
+        }
         if round.is_multiple_of(5) {
             if let Err(e) = relay.refresh_remote().await {
                 tracing::warn!(error = %e, "could not read other controllers' hosts (retrying)");

@@ -140,6 +140,18 @@ impl Relay {
         Ok(())
     }
 
+    /// Forgets what was left and never taken: commands for hosts that never
+    /// came back, answers for a controller that is gone. Returns the rows
+    /// removed.
+    pub async fn sweep(&self, older_than_ms: i64) -> Result<u64, DbError> {
+        self.db
+            .execute(
+                "DELETE FROM relay WHERE at_ms < ?1",
+                params![convoy_common::ops::now_unix_ms() - older_than_ms],
+            )
+            .await
+    }
+
     /// A host answered `op_id`: its command is no longer pending anywhere.
     pub async fn answered(&self, op_id: &str) -> Result<(), DbError> {
         self.db
@@ -400,5 +412,125 @@ impl Relay {
         }
         tx.commit().await?;
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use convoy_common::ops::{AppStatus, EventKind, Health, OpKind, Outcome, Step};
+    use convoy_common::{AppName, Version};
+
+    fn host(s: &str) -> HostName {
+        HostName::new(s).unwrap()
+    }
+
+    fn status(app: &AppName) -> AppStatus {
+        AppStatus {
+            app: app.clone(),
+            current: None,
+            previous: None,
+            last_known_good: None,
+            releases: vec![],
+            health: Health::Unknown,
+            health_reason: String::new(),
+            inflight_op: None,
+            config_revision: None,
+            slots: vec![],
+        }
+    }
+
+    /// Two controllers on one database: a (driving rollout r1) and b
+    /// (holding web1's session).
+    #[tokio::test(flavor = "multi_thread")]
+    async fn commands_go_to_the_session_holder_and_results_to_the_lease_owner() {
+        let pg = crate::db::testing::postgres();
+        pg.create_database("relay").unwrap();
+        let o = crate::db::testing::options(&pg.url("relay"));
+        let a = Relay::new(Arc::new(Db::connect(&o, "a").await.unwrap().0));
+        let b = Relay::new(Arc::new(Db::connect(&o, "b").await.unwrap().0));
+        let app = AppName::new("demo").unwrap();
+        a.db.start_rollout(&crate::db::NewRollout {
+            id: "r1",
+            app: &app,
+            version: "1.0.0",
+            env: "staging",
+            kind: "deploy",
+            strategy: "rolling",
+            hotfix_reason: "",
+            operator: "operator:alice",
+            plan: "{}",
+        })
+        .await
+        .unwrap();
+        for r in [&a, &b] {
+            r.db.controller_alive(&r.me, "127.0.0.1:1", 0, 1).await.unwrap();
+        }
+        // b publishes web1 as connected; a sees it.
+        b.mark_dirty(&host("web1"));
+        b.publish(|_| Some((BTreeMap::new(), vec![status(&app)], 1, true)))
+            .await
+            .unwrap();
+        a.refresh_remote().await.unwrap();
+        let seen = a.remote_host(&host("web1")).expect("a sees web1");
+        assert!(seen.connected && seen.controller == "b");
+        // a leaves a command; b sends it once per session.
+        let op = OpId::new("r1", OpKind::Activate, &host("web1"));
+        let msg = ControllerMessage { body: None, epoch: 1 };
+        a.leave("command", &op.to_string(), &host("web1"), &msg).await.unwrap();
+        let out = b.outbound(|_| Some(7)).await.unwrap();
+        assert_eq!(out.len(), 1);
+        assert_eq!(
+            (out[0].0, out[0].1.as_str(), out[0].3.epoch),
+            (7, op.to_string().as_str(), 1)
+        );
+        assert!(
+            b.outbound(|_| Some(7)).await.unwrap().is_empty(),
+            "sent once on this session"
+        );
+        assert_eq!(
+            b.outbound(|_| Some(8)).await.unwrap().len(),
+            1,
+            "again on a new session"
+        );
+        // The host answers on b: the result goes to a, the lease owner.
+        let event = StepEvent {
+            op_id: op.to_string(),
+            app: app.clone(),
+            step: Step::Stage,
+            kind: EventKind::Info,
+            message: "fetching".into(),
+            at_unix_ms: 1,
+        };
+        b.forward_event(&host("web1"), &event).await.unwrap();
+        let report = OpReport {
+            op_id: op.to_string(),
+            app: app.clone(),
+            version: Version::new("1.0.0").unwrap(),
+            outcome: Outcome::Succeeded,
+            reason: String::new(),
+            restore_detail: String::new(),
+            state: status(&app),
+        };
+        assert!(b.forward_result(&host("web1"), &report).await.unwrap());
+        b.answered(&op.to_string()).await.unwrap();
+        assert!(
+            b.outbound(|_| Some(9)).await.unwrap().is_empty(),
+            "answered: no longer pending"
+        );
+        assert!(b.inbound().await.unwrap().is_empty(), "nothing for b");
+        let got = a.inbound().await.unwrap();
+        assert!(
+            matches!(&got[..], [Inbound::Event(_, e), Inbound::Result(_, r)] if e.message == "fetching" && r.op_id == op.to_string())
+        );
+        assert!(a.inbound().await.unwrap().is_empty(), "taken once");
+        // a's own rollout: nothing to forward.
+        assert!(!a.forward_result(&host("web1"), &report).await.unwrap());
+        // Left and never taken: swept after the given age.
+        a.leave("command", "r2:activate:web9", &host("web9"), &msg)
+            .await
+            .unwrap();
+        assert_eq!(a.sweep(3_600_000).await.unwrap(), 0);
+        assert_eq!(a.sweep(-1_000).await.unwrap(), 1);
     }
 }
