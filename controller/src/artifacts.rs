@@ -55,7 +55,10 @@ impl Artifacts {
     /// will (every entry checked, the gzip stream read to its verified
     /// end), then removes the scratch tree. Returns what the archive holds
     /// and the unit files in its `systemd/` folder.
-    pub async fn check(&self, inc: &Incoming, limits: archive::Limits) -> Result<Checked, archive::ArchiveError> {
+    pub async fn check(&self, inc: &mut Incoming, limits: archive::Limits) -> Result<Checked, archive::ArchiveError> {
+        // tokio's File hands writes to a thread of its own: until flushed,
+        // the last of them may not be in the file the unpacker opens.
+        inc.file.flush().await.map_err(archive::ArchiveError::Corrupt)?;
         let scratch = self.dir.join(format!("{}.check", uuid::Uuid::new_v4()));
         let file = inc.tmp.clone();
         tokio::task::spawn_blocking(move || {
@@ -182,4 +185,29 @@ fn unit_files(dir: &std::path::Path) -> Vec<String> {
         .collect();
     units.sort();
     units
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An upload is checked right after its last write: the check must see
+    /// every byte (tokio's File writes on a thread of its own).
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_check_right_after_the_last_write_sees_the_whole_upload() {
+        let d = tempfile::tempdir().unwrap();
+        let tree = d.path().join("tree");
+        std::fs::create_dir_all(tree.join("bin")).unwrap();
+        std::fs::write(tree.join("bin/app"), b"#!/bin/sh\n").unwrap();
+        let mut archive = Vec::new();
+        archive::pack_dir(&tree, &mut archive).unwrap();
+        let store = Artifacts::open(&d.path().join("data")).unwrap();
+        for _ in 0..200 {
+            let mut inc = store.begin().await.unwrap();
+            inc.write(&archive).await.unwrap();
+            let checked = store.check(&mut inc, archive::Limits::default()).await;
+            assert!(checked.is_ok(), "{:?}", checked.err().map(|e| e.to_string()));
+            inc.abort().await;
+        }
+    }
 }

@@ -512,7 +512,7 @@ impl OperatorService for OperatorApi {
         }
         // A corrupt or unsafe build is refused here, before any host sees it.
         let limits = convoy_common::archive::Limits::of(&spec.install, inc.size());
-        let checked = match self.shared.artifacts.check(&inc, limits).await {
+        let checked = match self.shared.artifacts.check(&mut inc, limits).await {
             Ok(c) => c,
             Err(e) => {
                 inc.abort().await;
