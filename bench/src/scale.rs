@@ -188,27 +188,9 @@ pub fn run_cluster(n: usize, controllers: usize, runs: usize) -> anyhow::Result<
         "scale: {n} over {controllers}: held {held}, {per:.1} KiB/session, {cpu:.1}% CPU, hosts {:.0} ms, db {xps:.0} tx/s, {wps:.0} rows/s",
         median(lat.clone())
     );
-    let row = vec![
-        format!("{n} over {controllers}"),
-        format!(
-            "{held}{}",
-            if failures > 0 {
-                format!(" ({failures} failed to connect)")
-            } else {
-                String::new()
-            }
-        ),
-        format!("{connect_secs:.1} s"),
-        format!(
-            "{:.0} MiB → {:.0} MiB",
-            rss0 as f64 / 1048576.0,
-            rss1 as f64 / 1048576.0
-        ),
-        format!("{per:.1} KiB"),
-        format!("{cpu:.1}% of a core"),
-        format!("{:.0} ms", median(lat)),
-        format!("{xps:.1} transactions/s, {wps:.1} rows written/s"),
-    ];
+    let mut row = vec![format!("{n} over {controllers}")];
+    row.extend(cells(held, failures, connect_secs, (rss0, rss1), per, cpu, lat));
+    row.push(format!("{xps:.1} transactions/s, {wps:.1} rows written/s"));
     for (mut child, _) in clients {
         drop(child.stdin.take());
         let _ = child.kill();
@@ -245,6 +227,35 @@ pub fn run_cluster(n: usize, controllers: usize, runs: usize) -> anyhow::Result<
                 .into(),
         ],
     })
+}
+
+/// The cells both scale tables share: held, connect time, RSS before and
+/// after, per session, CPU, `convoy hosts` latency (median).
+fn cells(
+    held: usize,
+    failures: usize,
+    connect_secs: f64,
+    (rss0, rss1): (u64, u64),
+    per_kib: f64,
+    cpu: f64,
+    hosts_ms: Vec<f64>,
+) -> Vec<String> {
+    let failed = match failures {
+        0 => String::new(),
+        f => format!(" ({f} failed to connect)"),
+    };
+    vec![
+        format!("{held}{failed}"),
+        format!("{connect_secs:.1} s"),
+        format!(
+            "{:.0} MiB → {:.0} MiB",
+            rss0 as f64 / 1048576.0,
+            rss1 as f64 / 1048576.0
+        ),
+        format!("{per_kib:.1} KiB"),
+        format!("{cpu:.1}% of a core"),
+        format!("{:.0} ms", median(hosts_ms)),
+    ]
 }
 
 fn connected(ctl: &Controller) -> anyhow::Result<usize> {
@@ -295,26 +306,9 @@ pub fn run(sessions: &[usize], runs: usize) -> anyhow::Result<Section> {
             "scale: {n}: held {held}, {per:.1} KiB/session, {cpu:.1}% CPU, hosts {:.0} ms",
             median(lat.clone())
         );
-        rows.push(vec![
-            n.to_string(),
-            format!(
-                "{held}{}",
-                if failures > 0 {
-                    format!(" ({failures} failed to connect)")
-                } else {
-                    String::new()
-                }
-            ),
-            format!("{connect_secs:.1} s"),
-            format!(
-                "{:.0} MiB → {:.0} MiB",
-                rss0 as f64 / 1048576.0,
-                rss1 as f64 / 1048576.0
-            ),
-            format!("{per:.1} KiB"),
-            format!("{cpu:.1}% of a core"),
-            format!("{:.0} ms", median(lat)),
-        ]);
+        let mut row = vec![n.to_string()];
+        row.extend(cells(held, failures, connect_secs, (rss0, rss1), per, cpu, lat));
+        rows.push(row);
         drop(ctl);
     }
     rt.shutdown_timeout(Duration::from_secs(1));

@@ -10,7 +10,7 @@
 use std::io::Write;
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -209,7 +209,7 @@ impl Postgres {
     }
 
     /// Stops the server (a fast shutdown: sessions are cut, everything
-    /// committed stays); `restart` brings it back on the same port.
+    /// committed stays); `start_again` brings it back on the same port.
     pub fn stop(&mut self) -> Result<()> {
         if let Some(mut child) = self.server.take() {
             if let Some(mut stdin) = child.stdin.take() {
@@ -220,18 +220,9 @@ impl Postgres {
         Ok(())
     }
 
-    pub fn restart(&mut self) -> Result<()> {
-        self.stop()?;
-        self.start_server()
-    }
-
     /// Starts a stopped server again, on the same port and data.
     pub fn start_again(&mut self) -> Result<()> {
         self.start_server()
-    }
-
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 }
 

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use convoy_nspawn::wait_for;
 
 /// Port of the controller on the bridge.
@@ -543,6 +543,17 @@ impl Testbed {
             TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()
         })?;
         Ok(())
+    }
+
+    /// Activation results recorded for rollout `id` in the controllers'
+    /// PostgreSQL (`boot_on_postgres`, `boot_cluster`).
+    pub fn recorded_activations(&self, id: &str) -> Result<usize> {
+        let pg = self.postgres.as_ref().context("booted without PostgreSQL")?;
+        let n = pg.psql(
+            "convoy",
+            &format!("SELECT count(*) FROM rollout_hosts WHERE rollout_id = '{id}' AND op_id LIKE '%:activate:%'"),
+        )?;
+        Ok(n.trim().parse()?)
     }
 
     /// Starts (or restarts) controller `i + 1` of a cluster (1 for c2).

@@ -293,15 +293,11 @@ fn controller_killed_mid_rollout(mut bed: Testbed, after_first_activation: bool)
         log.contains("resuming a rollout interrupted by a controller restart"),
         "{log}"
     );
-    if let Some(pg) = &bed.postgres {
+    if bed.postgres.is_some() {
         // The state really is in PostgreSQL: no SQLite file was made, and
         // the rollout's five activations are recorded there once each.
         assert!(!bed.dir.path().join("controller/data/convoy.db").exists());
-        let n = pg.psql(
-            "convoy",
-            &format!("SELECT count(*) FROM rollout_hosts WHERE rollout_id = '{id}' AND op_id LIKE '%:activate:%'"),
-        )?;
-        assert_eq!(n.trim(), "5", "activations recorded");
+        assert_eq!(bed.recorded_activations(&id)?, 5, "activations recorded");
     }
     Ok(())
 }

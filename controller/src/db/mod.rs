@@ -1548,19 +1548,7 @@ mod tests {
         ];
         for (what, a, b) in pairs {
             let app = AppName::new("demo").unwrap();
-            a.start_rollout(&NewRollout {
-                id: "r1",
-                app: &app,
-                version: "1.0.0",
-                env: "staging",
-                kind: "deploy",
-                strategy: "rolling",
-                hotfix_reason: "",
-                operator: "operator:alice",
-                plan: "{}",
-            })
-            .await
-            .unwrap();
+            a.start_rollout(&testing::deploy("r1", &app, "staging")).await.unwrap();
             assert!(b.takeable().await.unwrap().is_empty(), "{what}: a holds it");
             assert!(a.renew_leases().await.unwrap().is_empty(), "{what}: a renews");
             // a stops renewing; its lease runs out.

@@ -7,7 +7,9 @@ use std::sync::OnceLock;
 
 use convoy_nspawn::postgres::Postgres;
 
-use super::{Db, PostgresOptions};
+use convoy_common::AppName;
+
+use super::{Db, NewRollout, PostgresOptions};
 
 pub fn postgres() -> &'static Postgres {
     static PG: OnceLock<Postgres> = OnceLock::new();
@@ -41,4 +43,19 @@ pub async fn both(name: &str) -> Vec<(&'static str, Db, Option<tempfile::TempDir
         ("sqlite", sqlite, Some(dir)),
         ("postgres", postgres_db(name).await, None),
     ]
+}
+
+/// A deploy of `app` 1.0.0 into `env` by operator:alice, for store tests.
+pub fn deploy<'a>(id: &'a str, app: &'a AppName, env: &'a str) -> NewRollout<'a> {
+    NewRollout {
+        id,
+        app,
+        version: "1.0.0",
+        env,
+        kind: "deploy",
+        strategy: "rolling",
+        hotfix_reason: "",
+        operator: "operator:alice",
+        plan: "{}",
+    }
 }

@@ -290,7 +290,7 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'sta
             if let Err(e) = engine.load_freezes().await {
                 tracing::warn!(error = %e, "could not read the freezes (retrying)");
             }
-            let sessions = me.registry.hosts().iter().filter(|h| h.session.is_some()).count() as i64;
+            let sessions = me.registry.session_count() as i64;
             if let Err(e) = me.db.controller_alive(&me.cfg.name, &address, started, sessions).await {
                 tracing::warn!(error = %e, "could not say this controller is up (retrying)");
             }

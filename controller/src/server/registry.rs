@@ -257,17 +257,26 @@ impl Registry {
     /// Every host: those with a session here, and those other controllers
     /// hold (`via`).
     pub fn hosts(&self) -> Vec<HostEntry> {
-        let local = self.hosts.lock().unwrap().clone();
-        let mut all = local.clone();
+        let mut all = self.hosts.lock().unwrap().clone();
         if let Some(r) = self.relay() {
             for (name, h) in r.remote() {
-                if local.get(&name).is_some_and(|l| l.session.is_some()) {
+                if all.get(&name).is_some_and(|l| l.session.is_some()) {
                     continue;
                 }
                 all.insert(name.clone(), remote_entry(name, h));
             }
         }
         all.into_values().collect()
+    }
+
+    /// Agent sessions this controller holds.
+    pub fn session_count(&self) -> usize {
+        self.hosts
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|h| h.session.is_some())
+            .count()
     }
 
     fn entry(&self, name: &HostName) -> Option<HostEntry> {

@@ -124,20 +124,7 @@ impl Relay {
         host: &HostName,
         msg: &ControllerMessage,
     ) -> Result<(), DbError> {
-        self.db
-            .execute(
-                "INSERT INTO relay (kind, op_id, host, target, payload, at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![
-                    kind,
-                    op_id,
-                    host.as_str(),
-                    &self.me,
-                    msg.encode_to_vec(),
-                    convoy_common::ops::now_unix_ms()
-                ],
-            )
-            .await?;
-        Ok(())
+        self.send_to(&self.me, kind, op_id, host, msg.encode_to_vec()).await
     }
 
     /// Forgets what was left and never taken: commands for hosts that never
@@ -450,19 +437,9 @@ mod tests {
         let a = Relay::new(Arc::new(Db::connect(&o, "a").await.unwrap().0));
         let b = Relay::new(Arc::new(Db::connect(&o, "b").await.unwrap().0));
         let app = AppName::new("demo").unwrap();
-        a.db.start_rollout(&crate::db::NewRollout {
-            id: "r1",
-            app: &app,
-            version: "1.0.0",
-            env: "staging",
-            kind: "deploy",
-            strategy: "rolling",
-            hotfix_reason: "",
-            operator: "operator:alice",
-            plan: "{}",
-        })
-        .await
-        .unwrap();
+        a.db.start_rollout(&crate::db::testing::deploy("r1", &app, "staging"))
+            .await
+            .unwrap();
         for r in [&a, &b] {
             r.db.controller_alive(&r.me, "127.0.0.1:1", 0, 1).await.unwrap();
         }
