@@ -15,6 +15,7 @@ mod rollout;
 mod sandbox;
 mod server;
 mod traffic;
+mod ui;
 mod webhooks;
 
 use std::path::PathBuf;
@@ -157,8 +158,22 @@ enum Cmd {
         rollout: Option<String>,
         #[arg(long, default_value_t = 50)]
         limit: u32,
+        /// Only rollouts into this environment.
+        #[arg(long)]
+        env: Option<String>,
+        /// Only rollouts in this state (running, paused, succeeded, failed,
+        /// rolled_back, cancelled).
+        #[arg(long)]
+        state: Option<String>,
         #[arg(long, value_enum, default_value = "text")]
         output: Output,
+    },
+    /// Serve the dashboard on loopback, speaking to the controller with
+    /// your certificate; prints a link that works once.
+    Ui {
+        /// Address to listen on (loopback only); port 0 picks one.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: std::net::SocketAddr,
     },
     /// Show each host's version and health for an app.
     Status {
@@ -535,16 +550,21 @@ fn main() -> ExitCode {
             pace,
             output,
         } => cli::report(rt.block_on(cli::rollback(&cli.conn, app, env, to, hosts, pace, output))),
+        Cmd::Ui { listen } => cli::report(rt.block_on(ui::serve(&cli.conn, listen))),
         Cmd::History {
             app,
             rollout,
             limit,
+            env,
+            state,
             output,
         } => cli::report(rt.block_on(cli::history(
             &cli.conn,
             app,
             rollout,
             limit,
+            env,
+            state,
             matches!(output, Output::Json),
         ))),
         Cmd::Status { app, output } => {

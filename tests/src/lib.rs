@@ -5,6 +5,7 @@
 //! Everything a `Testbed` starts is stopped when it is dropped, also when a
 //! test panics. See `tests/README.md` and TESTBED.md.
 
+pub mod browser;
 pub mod haproxy;
 pub mod load;
 pub mod prometheus;

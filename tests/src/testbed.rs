@@ -52,23 +52,88 @@ pub fn rootfs() -> PathBuf {
 /// GET http://<addr><path> (HTTP/1.1, one request); `None` when nothing
 /// answers.
 pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    http_request(addr, "GET", path, &[], "").map(|r| (r.status, r.body))
+}
+
+/// What `http_request` read back.
+#[derive(Debug)]
+pub struct HttpReply {
+    pub status: u16,
+    /// The status line and headers, as received.
+    pub head: String,
+    pub body: String,
+}
+
+impl HttpReply {
+    /// The value of the first header named `name` (any case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
+}
+
+/// One HTTP/1.1 request to `addr` (Host: addr unless `headers` name one),
+/// with extra headers and a body; `None` when nothing answers.
+pub fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Option<HttpReply> {
     use std::io::{Read, Write};
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
-        addr.ip()
-    )
-    .ok()?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).ok()?;
-    let status = buf.split_whitespace().nth(1)?.parse().ok()?;
-    let body = buf
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Some((status, body))
+    let mut req = format!("{method} {path} HTTP/1.1\r\nConnection: close\r\n");
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        req.push_str(&format!("Host: {addr}\r\n"));
+    }
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if !body.is_empty() || method == "POST" {
+        req.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes()).ok()?;
+    // Read the head, then as many bytes as Content-Length says (a server
+    // may keep the connection open), or to the end when it says none.
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i;
+        }
+        match s.read(&mut chunk).ok()? {
+            0 => return None,
+            n => buf.extend_from_slice(&chunk[..n]),
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let mut reply = HttpReply {
+        status: head.split_whitespace().nth(1)?.parse().ok()?,
+        head,
+        body: String::new(),
+    };
+    let mut body = buf.split_off(head_end + 4);
+    match reply.header("content-length").and_then(|l| l.parse::<usize>().ok()) {
+        Some(len) => {
+            while body.len() < len {
+                match s.read(&mut chunk).ok()? {
+                    0 => break,
+                    n => body.extend_from_slice(&chunk[..n]),
+                }
+            }
+        }
+        None => {
+            s.read_to_end(&mut body).ok()?;
+        }
+    }
+    reply.body = String::from_utf8_lossy(&body).into_owned();
+    Some(reply)
 }
 
 /// The arguments of `convoy deploy demo VERSION --env staging` as a

@@ -16,6 +16,7 @@ mod follow;
 mod records;
 
 pub use admin::{controllers, create_token, freeze, freezes, keys_generate, push, revoke_host, unfreeze};
+pub use events::to_json as event_json;
 pub use follow::{control, deploy, rollback, watch, DeployArgs, Pace};
 pub use records::{delivery_report, history, hosts, releases, status};
 

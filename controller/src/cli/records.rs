@@ -124,6 +124,8 @@ pub async fn history(
     app: Option<String>,
     rollout: Option<String>,
     limit: u32,
+    env: Option<String>,
+    state: Option<String>,
     json: bool,
 ) -> Result<(), Failure> {
     if app.is_none() && rollout.is_none() {
@@ -135,6 +137,8 @@ pub async fn history(
             app: app.unwrap_or_default(),
             rollout_id: rollout.unwrap_or_default(),
             limit,
+            environment: env.unwrap_or_default(),
+            state: state.unwrap_or_default(),
         })
         .await?
         .into_inner();
@@ -358,7 +362,7 @@ struct HostEntryJson {
 
 pub async fn hosts(conn: &Conn, json: bool) -> Result<(), Failure> {
     let mut client = conn.connect().await?;
-    let reply = client.hosts(convoy_proto::HostsRequest {}).await?.into_inner();
+    let reply = client.hosts(convoy_proto::HostsRequest::default()).await?.into_inner();
     let out = HostsJson {
         hosts: reply
             .hosts
@@ -485,6 +489,7 @@ pub async fn delivery_report(conn: &Conn, app: String, since: std::time::Duratio
         .report(convoy_proto::ReportRequest {
             app: app.clone(),
             since_secs: since.as_secs(),
+            bucket_secs: 0,
         })
         .await?
         .into_inner();

@@ -660,25 +660,61 @@ impl Db {
     }
 
     /// Delivery figures for `app` from its finished rollouts since `since_ms`.
-    pub async fn report(&self, app: &AppName, since_ms: i64, now_ms: i64) -> Result<Report, DbError> {
-        let rows = self
-            .query(
-                "SELECT environment, kind, state, finished_at_ms FROM rollouts
+    /// What the delivery report counts: the rollouts of `app` that ended
+    /// since `since_ms`, as (environment, kind, state, finished_at_ms),
+    /// oldest first.
+    pub async fn report_rows(&self, app: &AppName, since_ms: i64) -> Result<Vec<ReportRow>, DbError> {
+        self.query(
+            "SELECT environment, kind, state, finished_at_ms FROM rollouts
                  WHERE app = ?1 AND finished_at_ms IS NOT NULL AND finished_at_ms >= ?2 ORDER BY finished_at_ms",
-                params![app.as_str(), since_ms],
-            )
-            .await?
-            .iter()
-            .map(|r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
-            .collect::<Result<Vec<(String, String, String, i64)>, DbError>>()?;
-        Ok(Report::from_rows(&rows, since_ms, now_ms))
+            params![app.as_str(), since_ms],
+        )
+        .await?
+        .iter()
+        .map(|r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .collect()
+    }
+
+    #[cfg(test)]
+    pub async fn report(&self, app: &AppName, since_ms: i64, now_ms: i64) -> Result<Report, DbError> {
+        Ok(Report::from_rows(
+            &self.report_rows(app, since_ms).await?,
+            since_ms,
+            now_ms,
+        ))
     }
 
     /// Rollouts of `app`, newest first.
-    pub async fn history(&self, app: &AppName, limit: u32) -> Result<Vec<RolloutRow>, DbError> {
+    pub async fn history(&self, app: &AppName, filter: &HistoryFilter, limit: u32) -> Result<Vec<RolloutRow>, DbError> {
         self.query(
-            &format!("SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE app = ?1 ORDER BY started_at_ms DESC, rowid DESC LIMIT ?2"),
-            params![app.as_str(), limit],
+            &format!(
+                "SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE app = ?1
+                 AND (CAST(?2 AS TEXT) IS NULL OR environment = ?2) AND (CAST(?3 AS TEXT) IS NULL OR state = ?3)
+                 ORDER BY started_at_ms DESC, rowid DESC LIMIT ?4"
+            ),
+            params![
+                app.as_str(),
+                filter.environment.as_deref(),
+                filter.state.as_deref(),
+                limit
+            ],
+        )
+        .await?
+        .iter()
+        .map(rollout_row)
+        .collect()
+    }
+
+    /// The newest rollout of each app into each environment.
+    pub async fn last_rollouts(&self) -> Result<Vec<RolloutRow>, DbError> {
+        self.query(
+            &format!(
+                "SELECT {ROLLOUT_COLUMNS} FROM rollouts r WHERE NOT EXISTS (
+                   SELECT 1 FROM rollouts n WHERE n.app = r.app AND n.environment = r.environment
+                   AND (n.started_at_ms > r.started_at_ms OR (n.started_at_ms = r.started_at_ms AND n.rowid > r.rowid)))
+                 ORDER BY app, environment"
+            ),
+            params![],
         )
         .await?
         .iter()
@@ -996,9 +1032,44 @@ pub struct Report {
     pub restores_measured: u32,
 }
 
+/// A rollout as the delivery report counts it: (environment, kind, state,
+/// finished_at_ms).
+pub type ReportRow = (String, String, String, i64);
+
+/// Which rollouts `history` answers, besides the app.
+#[derive(Debug, Default)]
+pub struct HistoryFilter {
+    pub environment: Option<String>,
+    pub state: Option<String>,
+}
+
 impl Report {
+    /// The report of each `bucket_ms` from `since_ms` on, with its start:
+    /// a failed deploy's restore is looked for after it in all of `rows`.
+    pub fn buckets(rows: &[ReportRow], since_ms: i64, now_ms: i64, bucket_ms: i64) -> Vec<(i64, Report)> {
+        let mut out = Vec::new();
+        let mut start = since_ms;
+        while start < now_ms {
+            let end = (start + bucket_ms).min(now_ms);
+            let first = rows.partition_point(|r| r.3 < start);
+            let last = rows.partition_point(|r| r.3 < end);
+            let mut rep = Report::from_rows(&rows[first..last], start, end);
+            let restores: Vec<f64> = rows[first..last]
+                .iter()
+                .filter(|r| r.1 == "deploy" && (r.2 == "failed" || r.2 == "rolled_back"))
+                .filter_map(|f| restore_secs(&rows[first..], f))
+                .collect();
+            rep.restores_measured = restores.len() as u32;
+            rep.mean_time_to_restore_secs =
+                (!restores.is_empty()).then(|| restores.iter().sum::<f64>() / restores.len() as f64);
+            out.push((start, rep));
+            start = end;
+        }
+        out
+    }
+
     /// `rows`: (environment, kind, state, finished_at_ms), oldest first.
-    pub fn from_rows(rows: &[(String, String, String, i64)], since_ms: i64, now_ms: i64) -> Report {
+    pub fn from_rows(rows: &[ReportRow], since_ms: i64, now_ms: i64) -> Report {
         let deploys: Vec<_> = rows.iter().filter(|r| r.1 == "deploy").collect();
         let succeeded = deploys.iter().filter(|r| r.2 == "succeeded").count() as u32;
         let failed = deploys
@@ -1008,9 +1079,7 @@ impl Report {
         let days = ((now_ms - since_ms).max(1) as f64) / 86_400_000.0;
         let mut restores = Vec::new();
         for f in deploys.iter().filter(|r| r.2 != "succeeded") {
-            if let Some(next) = rows.iter().find(|r| r.0 == f.0 && r.2 == "succeeded" && r.3 >= f.3) {
-                restores.push((next.3 - f.3) as f64 / 1000.0);
-            }
+            restores.extend(restore_secs(rows, f));
         }
         Report {
             deploys: succeeded + failed,
@@ -1022,6 +1091,14 @@ impl Report {
             restores_measured: restores.len() as u32,
         }
     }
+}
+
+/// How long after the failed rollout `f` its environment next had a
+/// successful one, if it had.
+fn restore_secs(rows: &[ReportRow], f: &ReportRow) -> Option<f64> {
+    rows.iter()
+        .find(|r| r.0 == f.0 && r.2 == "succeeded" && r.3 >= f.3)
+        .map(|next| (next.3 - f.3) as f64 / 1000.0)
 }
 
 /// A rollout about to start.
@@ -1437,8 +1514,45 @@ mod tests {
             );
             assert!(row.finished_at_ms.is_some(), "{what}");
             assert_eq!(db.running_rollouts().await.unwrap().len(), 1, "{what}");
-            let ids: Vec<String> = db.history(&app, 10).await.unwrap().into_iter().map(|r| r.id).collect();
+            let ids: Vec<String> = db
+                .history(&app, &Default::default(), 10)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|r| r.id)
+                .collect();
             assert_eq!(ids.len(), 2, "{what}");
+            let only = |environment: Option<&str>, state: Option<&str>| HistoryFilter {
+                environment: environment.map(str::to_owned),
+                state: state.map(str::to_owned),
+            };
+            for (filter, want) in [
+                (only(Some("staging"), None), vec!["r1"]),
+                (only(None, Some("running")), vec!["r2"]),
+                (only(Some("staging"), Some("running")), vec![]),
+            ] {
+                let got: Vec<String> = db
+                    .history(&app, &filter, 10)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(|r| r.id)
+                    .collect();
+                assert_eq!(got, want, "{what}: {filter:?}");
+            }
+            db.start_rollout(&testing::deploy("r3", &app, "staging")).await.unwrap();
+            let last: Vec<(String, String)> = db
+                .last_rollouts()
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|r| (r.env, r.id))
+                .collect();
+            assert_eq!(
+                last,
+                [("production".into(), "r2".into()), ("staging".into(), "r3".into())],
+                "{what}: the newest of each environment"
+            );
             assert!(db.completed_in(&app, &v1, "staging").await.unwrap(), "{what}");
             assert!(!db.completed_in(&app, &v1, "production").await.unwrap(), "{what}");
             assert_eq!(
@@ -1500,6 +1614,25 @@ mod tests {
             (empty.change_failure_rate, empty.mean_time_to_restore_secs),
             (None, None)
         );
+    }
+
+    #[test]
+    fn report_buckets_count_each_day_and_find_restores_after_it() {
+        const DAY: i64 = 86_400;
+        let rows = [
+            row("prod", "deploy", "succeeded", 100),
+            row("prod", "deploy", "failed", DAY - 10),
+            row("prod", "deploy", "succeeded", DAY + 50), // restores 60 s after, the next day
+            row("prod", "deploy", "rolled_back", 2 * DAY + 5),
+        ];
+        let b = Report::buckets(&rows, 0, 3 * DAY * 1000, DAY * 1000);
+        let starts: Vec<i64> = b.iter().map(|(s, _)| *s).collect();
+        assert_eq!(starts, [0, DAY * 1000, 2 * DAY * 1000]);
+        let figures: Vec<(u32, u32, Option<f64>)> = b
+            .iter()
+            .map(|(_, r)| (r.deploys, r.failed_deploys, r.mean_time_to_restore_secs))
+            .collect();
+        assert_eq!(figures, [(2, 1, Some(60.0)), (1, 0, None), (1, 1, None)]);
     }
 
     #[tokio::test(flavor = "multi_thread")]

@@ -42,7 +42,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use control::{Action, Control};
-use events::{Event, Plan, PlannedBatch};
+use events::{Event, EventBody, Plan, PlannedBatch};
 use fleet::{Fleet, FleetHost};
 use order::{DeployOrder, RollbackOrder, Vanish};
 use run::{Head, Kind, Rollout, SavedPlan};
@@ -103,6 +103,9 @@ struct Live {
     control: watch::Sender<Control>,
     /// Ends the rollout's task where it is (its lease was lost).
     stop: CancellationToken,
+    /// What it was planned to do, for those who start watching late (none
+    /// for a resumed rollout).
+    plan: Option<Plan>,
 }
 
 pub struct Engine {
@@ -719,6 +722,7 @@ impl Engine {
                 events: rollout.tx.clone(),
                 control: rollout.control.clone(),
                 stop: stop.clone(),
+                plan: plan.clone(),
             },
         );
         let (store, id) = (self.store.clone(), rollout.id.clone());
@@ -783,6 +787,16 @@ impl Engine {
             }
         }
         Ok(applied.reply)
+    }
+
+    /// A running rollout's plan, as it was sent when it started.
+    pub fn plan_of(&self, id: &str) -> Option<Event> {
+        let live = self.live.lock().unwrap();
+        let plan = live.get(id)?.plan.clone()?;
+        Some(Event {
+            rollout_id: id.to_owned(),
+            body: EventBody::Plan(plan),
+        })
     }
 
     /// A running rollout's event stream, from now until it ends.

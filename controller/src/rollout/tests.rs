@@ -1210,7 +1210,7 @@ async fn a_dry_run_decides_what_the_deploy_then_does_and_changes_nothing() {
     assert_eq!(dry.preflight.len(), 4);
     assert!(b.fleet.sent().is_empty(), "no host was sent anything");
     assert!(
-        b.db.history(&app(), 10).await.unwrap().is_empty(),
+        b.db.history(&app(), &Default::default(), 10).await.unwrap().is_empty(),
         "no rollout recorded"
     );
     // The real deploy plans the same batches.
@@ -1241,7 +1241,7 @@ async fn a_dry_run_decides_what_the_deploy_then_does_and_changes_nothing() {
     let dry = b.engine.dry_run("operator:alice", &o).await.unwrap();
     assert!(!dry.would_start());
     assert!(matches!(&dry.verdicts[0], ("freeze and windows", Err(e)) if e.contains("incident")));
-    assert_eq!(b.db.history(&app(), 10).await.unwrap().len(), 1);
+    assert_eq!(b.db.history(&app(), &Default::default(), 10).await.unwrap().len(), 1);
 }
 
 #[tokio::test(start_paused = true)]

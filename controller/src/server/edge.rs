@@ -196,6 +196,26 @@ impl From<&Event> for RolloutEvent {
     }
 }
 
+impl From<crate::db::RolloutRow> for convoy_proto::RolloutRecord {
+    fn from(row: crate::db::RolloutRow) -> Self {
+        convoy_proto::RolloutRecord {
+            id: row.id,
+            app: row.app,
+            version: row.version,
+            environment: row.env,
+            kind: row.kind,
+            strategy: row.strategy,
+            operator: row.operator,
+            state: row.state,
+            reason: row.reason,
+            hotfix_reason: row.hotfix_reason,
+            started_at_unix_ms: row.started_at_ms,
+            finished_at_unix_ms: row.finished_at_ms.unwrap_or(0),
+            approved_by: row.approved_by,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

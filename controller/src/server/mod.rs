@@ -5,6 +5,7 @@
 mod agents;
 mod edge;
 mod enroll;
+mod fleet_view;
 mod operator;
 mod registry;
 mod relay;

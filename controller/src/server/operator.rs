@@ -66,8 +66,32 @@ impl OperatorService for OperatorApi {
         let app = arg("app", AppName::new(r.app))?;
         let now = convoy_common::ops::now_unix_ms();
         let since = now - (r.since_secs.min(10 * 365 * 86_400) as i64) * 1000;
-        let rep = self.shared.db.report(&app, since, now).await.map_err(internal)?;
+        let rows = self.shared.db.report_rows(&app, since).await.map_err(internal)?;
+        let rep = crate::db::Report::from_rows(&rows, since, now);
+        let buckets = match r.bucket_secs {
+            0 => vec![],
+            b => {
+                let b = (b.max(3600) as i64) * 1000;
+                if (now - since) / b > 1000 {
+                    return Err(Status::invalid_argument(format!(
+                        "bucket_secs: {} buckets of {} s in the window; at most 1000",
+                        (now - since) / b,
+                        b / 1000
+                    )));
+                }
+                crate::db::Report::buckets(&rows, since, now, b)
+                    .into_iter()
+                    .map(|(start, rep)| convoy_proto::ReportBucket {
+                        start_unix_ms: start,
+                        deploys: rep.deploys,
+                        failed_deploys: rep.failed_deploys,
+                        mean_time_to_restore_secs: rep.mean_time_to_restore_secs,
+                    })
+                    .collect()
+            }
+        };
         Ok(Response::new(ReportReply {
+            buckets,
             deploys: rep.deploys,
             failed_deploys: rep.failed_deploys,
             deploys_per_day: rep.deploys_per_day,
@@ -80,11 +104,28 @@ impl OperatorService for OperatorApi {
 
     async fn hosts(&self, req: Request<HostsRequest>) -> Result<Response<HostsReply>, Status> {
         operator(&req, Role::Viewer, "list hosts")?;
-        let hosts = self
+        let r = req.into_inner();
+        let mut matching: Vec<_> = self
             .shared
             .registry
             .hosts()
             .into_iter()
+            .filter(|h| {
+                r.filter.is_empty()
+                    || h.name.as_str().contains(&r.filter)
+                    || h.labels.values().any(|v| v.contains(&r.filter))
+            })
+            .collect();
+        matching.sort_by(|a, b| a.name.cmp(&b.name));
+        let total = matching.len() as u32;
+        let limit = match r.limit {
+            0 => usize::MAX,
+            n => n as usize,
+        };
+        let hosts = matching
+            .into_iter()
+            .skip(r.offset as usize)
+            .take(limit)
             .map(|h| {
                 let mut apps: Vec<_> = h.apps.values().map(Into::into).collect();
                 apps.sort_by(|a: &convoy_proto::AppState, b| a.app.cmp(&b.app));
@@ -97,7 +138,7 @@ impl OperatorService for OperatorApi {
                 }
             })
             .collect();
-        Ok(Response::new(HostsReply { hosts }))
+        Ok(Response::new(HostsReply { hosts, total }))
     }
 
     async fn create_enroll_token(
@@ -449,8 +490,13 @@ impl OperatorService for OperatorApi {
 
     async fn watch(&self, req: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
         operator(&req, Role::Viewer, "watch rollouts")?;
-        let rx = self.shared.engine.watch(&req.into_inner().rollout_id).await?;
-        Ok(Response::new(event_stream(&self.shared, rx)))
+        let id = req.into_inner().rollout_id;
+        let rx = self.shared.engine.watch(&id).await?;
+        // The plan first, as `deploy` sees it, then what happens from now.
+        let plan = self.shared.engine.plan_of(&id).map(|e| Ok((&e).into()));
+        Ok(Response::new(Box::pin(
+            tokio_stream::iter(plan).chain(event_stream(&self.shared, rx)),
+        )))
     }
 
     async fn push_release(&self, req: Request<Streaming<PushRequest>>) -> Result<Response<PushReply>, Status> {
@@ -610,21 +656,7 @@ impl OperatorService for OperatorApi {
         operator(&req, Role::Viewer, "read history")?;
         let r = req.into_inner();
         let db = &self.shared.db;
-        let record = |row: crate::db::RolloutRow| RolloutRecord {
-            id: row.id,
-            app: row.app,
-            version: row.version,
-            environment: row.env,
-            kind: row.kind,
-            strategy: row.strategy,
-            operator: row.operator,
-            state: row.state,
-            reason: row.reason,
-            hotfix_reason: row.hotfix_reason,
-            started_at_unix_ms: row.started_at_ms,
-            finished_at_unix_ms: row.finished_at_ms.unwrap_or(0),
-            approved_by: row.approved_by,
-        };
+        let record = RolloutRecord::from;
         if !r.rollout_id.is_empty() {
             let row = db
                 .rollout(&r.rollout_id)
@@ -662,8 +694,29 @@ impl OperatorService for OperatorApi {
         }
         let app = arg("app", AppName::new(r.app))?;
         let limit = if r.limit == 0 { 50 } else { r.limit.min(1000) };
+        const STATES: [&str; 8] = [
+            "running",
+            "paused",
+            "awaiting_approval",
+            "awaiting_promotion",
+            "succeeded",
+            "failed",
+            "rolled_back",
+            "cancelled",
+        ];
+        if !r.state.is_empty() && !STATES.contains(&r.state.as_str()) {
+            return Err(Status::invalid_argument(format!(
+                "state: no rollout state {:?} (one of {})",
+                r.state,
+                STATES.join(", ")
+            )));
+        }
+        let filter = crate::db::HistoryFilter {
+            environment: Some(r.environment).filter(|e| !e.is_empty()),
+            state: Some(r.state).filter(|s| !s.is_empty()),
+        };
         let rollouts = db
-            .history(&app, limit)
+            .history(&app, &filter, limit)
             .await
             .map_err(internal)?
             .into_iter()
@@ -694,6 +747,16 @@ impl OperatorService for OperatorApi {
             })
             .collect();
         Ok(Response::new(StatusReply { hosts }))
+    }
+
+    async fn fleet(
+        &self,
+        req: Request<convoy_proto::FleetRequest>,
+    ) -> Result<Response<convoy_proto::FleetReply>, Status> {
+        operator(&req, Role::Viewer, "read the fleet")?;
+        let hosts = self.shared.registry.hosts();
+        let last = self.shared.db.last_rollouts().await.map_err(internal)?;
+        Ok(Response::new(super::fleet_view::fleet(&hosts, last)))
     }
 }
 
