@@ -106,17 +106,22 @@ impl Controller {
         self.dir.path().join("pki")
     }
 
-    /// Runs the CLI as the operator; returns stdout.
-    pub fn convoy(&self, args: &[&str]) -> anyhow::Result<String> {
+    /// The CLI as the operator, not yet started.
+    pub fn convoy_command(&self, args: &[&str]) -> Command {
         let pki = self.pki();
-        let out = Command::new(self.bins.join("convoy"))
-            .args(args)
+        let mut cmd = Command::new(self.bins.join("convoy"));
+        cmd.args(args)
             .env("CONVOY_CONTROLLER", format!("https://127.0.0.1:{}", self.port))
             .env("CONVOY_SERVER_NAME", "controller")
             .env("CONVOY_CA", pki.join("ca.pem"))
             .env("CONVOY_CERT", pki.join("op.pem"))
-            .env("CONVOY_KEY", pki.join("op.key"))
-            .output()?;
+            .env("CONVOY_KEY", pki.join("op.key"));
+        cmd
+    }
+
+    /// Runs the CLI as the operator; returns stdout.
+    pub fn convoy(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = self.convoy_command(args).output()?;
         if !out.status.success() {
             bail!("convoy {args:?}: {}", String::from_utf8_lossy(&out.stderr));
         }

@@ -5,6 +5,7 @@
 //! Run with `scripts/bench` (release build, raised file limit, openssh and
 //! rsync for the comparison); `scripts/bench stream --size 256MiB` runs one.
 
+mod dashboard;
 mod fixture;
 mod report;
 mod scale;
@@ -46,6 +47,11 @@ enum Cmd {
         sessions: Vec<usize>,
         #[arg(long, default_value_t = 1)]
         controllers: usize,
+    },
+    /// `convoy ui` answering its pages with this many hosts registered.
+    Dashboard {
+        #[arg(long, default_value_t = 10000)]
+        hosts: usize,
     },
     /// On booted test hosts: per-host overhead, rollback latency, fan-out.
     Hosts {
@@ -120,12 +126,14 @@ fn main() -> anyhow::Result<()> {
                 sessions: vec![30000],
                 controllers: 3,
             },
+            Cmd::Dashboard { hosts: 10000 },
         ],
         c => vec![c],
     };
     for c in cmds {
         let section = match c {
             Cmd::Stream { size } => stream::run(size, args.runs)?,
+            Cmd::Dashboard { hosts } => dashboard::run(hosts, args.runs)?,
             Cmd::Unpack { size, cases } => unpack::run(size, &cases, args.runs)?,
             Cmd::Scale {
                 sessions,

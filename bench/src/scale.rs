@@ -15,7 +15,7 @@ use crate::fixture::Controller;
 use crate::report::{median, Section};
 
 /// Agent identities signed by the controller's CA, made in memory.
-fn identities(ctl: &Controller, n: usize) -> anyhow::Result<Vec<(String, String, String)>> {
+pub fn identities(ctl: &Controller, n: usize) -> anyhow::Result<Vec<(String, String, String)>> {
     identities_from(&ctl.pki(), 0, n)
 }
 
@@ -39,9 +39,50 @@ fn identities_from(pki: &std::path::Path, first: usize, n: usize) -> anyhow::Res
         .collect()
 }
 
+/// What a bench agent says it runs: nothing, or (for the dashboard's
+/// figures) three apps, in one of three environments by its number.
+#[derive(Clone, Copy)]
+pub enum Holding {
+    Nothing,
+    Apps,
+}
+
+fn hello(i: usize, holding: Holding) -> Hello {
+    let envs = ["development", "staging", "production"];
+    let (env, apps) = match holding {
+        Holding::Nothing => ("staging", vec![]),
+        Holding::Apps => (
+            envs[i % 3],
+            ["web", "api", "worker"]
+                .iter()
+                .map(|app| convoy_proto::AppState {
+                    app: (*app).into(),
+                    // One host in 50 is still on the previous release.
+                    current: if i.is_multiple_of(50) { "1.4.0" } else { "1.5.0" }.into(),
+                    previous: "1.4.0".into(),
+                    releases: vec!["1.4.0".into(), "1.5.0".into()],
+                    health: if i.is_multiple_of(97) {
+                        convoy_proto::Health::Unhealthy
+                    } else {
+                        convoy_proto::Health::Healthy
+                    } as i32,
+                    ..Default::default()
+                })
+                .collect(),
+        ),
+    };
+    Hello {
+        labels: [("env".to_owned(), env.to_owned())].into(),
+        apps,
+        agent_version: "bench".into(),
+        recent_results: vec![],
+        protocol: convoy_common::ops::PROTOCOL,
+    }
+}
+
 /// One agent: connect, hello, heartbeat every 10 s (as agents do) until
 /// the process ends.
-async fn agent(port: u16, ca: String, cert: String, key: String) -> anyhow::Result<()> {
+async fn agent(port: u16, ca: String, cert: String, key: String, hello: Hello) -> anyhow::Result<()> {
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(ca))
         .identity(Identity::from_pem(cert, key))
@@ -52,14 +93,8 @@ async fn agent(port: u16, ca: String, cert: String, key: String) -> anyhow::Resu
         .await?;
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     let msg = |body| AgentMessage { body: Some(body) };
-    tx.send(msg(agent_message::Body::Hello(Hello {
-        labels: [("env".to_owned(), "staging".to_owned())].into(),
-        apps: vec![],
-        agent_version: "bench".into(),
-        recent_results: vec![],
-        protocol: convoy_common::ops::PROTOCOL,
-    })))
-    .await?;
+    let apps = hello.apps.clone();
+    tx.send(msg(agent_message::Body::Hello(hello))).await?;
     let mut inbound = AgentServiceClient::new(channel)
         .session(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await?
@@ -68,7 +103,7 @@ async fn agent(port: u16, ca: String, cert: String, key: String) -> anyhow::Resu
         loop {
             tokio::time::sleep(Duration::from_secs(10)).await;
             if tx
-                .send(msg(agent_message::Body::Heartbeat(Heartbeat { apps: vec![] })))
+                .send(msg(agent_message::Body::Heartbeat(Heartbeat { apps: apps.clone() })))
                 .await
                 .is_err()
             {
@@ -82,7 +117,13 @@ async fn agent(port: u16, ca: String, cert: String, key: String) -> anyhow::Resu
 
 /// Connects `ids` as agents, agent i to `ports[i % ports.len()]`, 64 at a
 /// time; returns how many failed to connect.
-fn connect_all(rt: &tokio::runtime::Runtime, ports: &[u16], ca: &str, ids: Vec<(String, String, String)>) -> usize {
+pub fn connect_all(
+    rt: &tokio::runtime::Runtime,
+    ports: &[u16],
+    ca: &str,
+    ids: Vec<(String, String, String)>,
+    holding: Holding,
+) -> usize {
     rt.block_on(async {
         let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(64));
         let mut tasks = Vec::new();
@@ -90,7 +131,7 @@ fn connect_all(rt: &tokio::runtime::Runtime, ports: &[u16], ca: &str, ids: Vec<(
             let (ca, gate, port) = (ca.to_owned(), gate.clone(), ports[i % ports.len()]);
             tasks.push(tokio::spawn(async move {
                 let _p = gate.acquire().await;
-                agent(port, ca, cert, key).await
+                agent(port, ca, cert, key, hello(i, holding)).await
             }));
         }
         let mut failures = 0;
@@ -258,7 +299,7 @@ fn cells(
     ]
 }
 
-fn connected(ctl: &Controller) -> anyhow::Result<usize> {
+pub fn connected(ctl: &Controller) -> anyhow::Result<usize> {
     let v: serde_json::Value = serde_json::from_str(&ctl.convoy(&["hosts", "--output", "json"])?)?;
     Ok(v["hosts"]
         .as_array()
@@ -279,7 +320,7 @@ pub fn run(sessions: &[usize], runs: usize) -> anyhow::Result<Section> {
         let (rss0, _) = ctl.usage();
         eprintln!("scale: {n} sessions: connecting");
         let t = Instant::now();
-        let failures = connect_all(&rt, &[ctl.port], &ca, ids);
+        let failures = connect_all(&rt, &[ctl.port], &ca, ids, Holding::Nothing);
         let connect_secs = t.elapsed().as_secs_f64();
         // Let every hello land, then measure idle.
         let start = Instant::now();
@@ -351,7 +392,7 @@ pub fn agents(pki: &std::path::Path, port: u16, first: usize, count: usize) -> a
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let ids = identities_from(pki, first, count)?;
     let ca = std::fs::read_to_string(pki.join("ca.pem"))?;
-    let failures = connect_all(&rt, &[port], &ca, ids);
+    let failures = connect_all(&rt, &[port], &ca, ids, Holding::Nothing);
     println!("failed {failures}");
     let mut line = String::new();
     let _ = std::io::stdin().read_line(&mut line);
