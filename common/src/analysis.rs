@@ -104,6 +104,10 @@ pub struct Measurement {
     pub judgement: Judgement,
     /// Why it failed or was inconclusive, or what it was compared with.
     pub reason: String,
+    /// The bounds the value was judged against: the spec's `max` (or
+    /// `max_ratio_to_baseline` times the baseline, when lower) and `min`.
+    pub max: Option<f64>,
+    pub min: Option<f64>,
 }
 
 /// The placeholders a query may use.

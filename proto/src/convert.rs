@@ -668,6 +668,8 @@ impl From<&Measurement> for pb::Measurement {
             verdict: m.judgement.as_str().into(),
             reason: m.reason.clone(),
             at_unix_ms: m.at_ms,
+            max: m.max,
+            min: m.min,
         }
     }
 }

@@ -192,6 +192,10 @@ fn latency_is_judged_against_the_baseline_and_a_lost_prometheus_fails_closed() -
         failed[0]["baseline"].as_f64().unwrap(),
     );
     assert!(value > 2.0 * baseline, "{value} vs {baseline}");
+    // The bound it failed: twice the baseline (never below the floor's).
+    let max = failed[0]["max"].as_f64().unwrap();
+    assert!((max - 2.0 * baseline.max(0.005)).abs() < 1e-9, "{max} vs {baseline}");
+    assert!(value > max, "{value} vs {max}");
 
     // Control case: +10 ms stays within twice the baseline.
     bed.push_demo_release("2.1.0", &format!("{BASE}\nextra_latency = \"10ms\""))?;

@@ -58,6 +58,9 @@ pub(super) struct MeasurementJson {
     verdict: String,
     reason: String,
     at_unix_ms: i64,
+    /// The highest and lowest values that pass (null: no such bound).
+    max: Option<f64>,
+    min: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -107,6 +110,8 @@ impl From<convoy_proto::Measurement> for MeasurementJson {
             verdict: m.verdict,
             reason: m.reason,
             at_unix_ms: m.at_unix_ms,
+            max: m.max,
+            min: m.min,
         }
     }
 }

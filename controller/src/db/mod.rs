@@ -850,8 +850,9 @@ impl Db {
         let hosts: Vec<&str> = m.hosts.iter().map(|h| h.as_str()).collect();
         self.fenced_execute(
             rollout,
-            "INSERT INTO measurements (rollout_id, metric, hosts, query, value, baseline, verdict, reason, at_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            "INSERT INTO measurements (rollout_id, metric, hosts, query, value, baseline, verdict, reason, at_ms,
+                                       max_bound, min_bound)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
             params![
                 rollout,
                 &m.metric,
@@ -861,7 +862,9 @@ impl Db {
                 m.baseline,
                 m.judgement.as_str(),
                 &m.reason,
-                m.at_ms
+                m.at_ms,
+                m.max,
+                m.min
             ],
         )
         .await?;
@@ -870,8 +873,8 @@ impl Db {
 
     pub async fn measurements(&self, rollout: &str) -> Result<Vec<Measurement>, DbError> {
         self.query(
-            "SELECT metric, hosts, query, value, baseline, verdict, reason, at_ms FROM measurements
-             WHERE rollout_id = ?1 ORDER BY id",
+            "SELECT metric, hosts, query, value, baseline, verdict, reason, at_ms, max_bound, min_bound
+             FROM measurements WHERE rollout_id = ?1 ORDER BY id",
             params![rollout],
         )
         .await?
@@ -892,6 +895,8 @@ impl Db {
                 judgement: Judgement::parse(&verdict).unwrap_or(Judgement::Fail),
                 reason: r.get(6)?,
                 at_ms: r.get(7)?,
+                max: r.get(8)?,
+                min: r.get(9)?,
             })
         })
         .collect()
@@ -1499,10 +1504,13 @@ mod tests {
                 judgement: Judgement::Pass,
                 reason: "r".into(),
                 at_ms: 9,
+                max: Some(0.5),
+                min: None,
             };
             db.record_measurement("r1", &m).await.unwrap();
             let got = db.measurements("r1").await.unwrap();
             assert_eq!((got[0].value, got[0].baseline), (None, Some(0.25)), "{what}");
+            assert_eq!((got[0].max, got[0].min), (Some(0.5), None), "{what}");
             db.approve("r1", "operator:carol").await.unwrap();
             db.set_rollout_state("r1", "paused").await.unwrap();
             assert_eq!(db.rollout("r1").await.unwrap().unwrap().state, "paused");

@@ -124,7 +124,15 @@ pub(super) const MIGRATIONS: &[Migration] = &[
             )
         },
     },
+    Migration {
+        what: "the bounds each metric gate measurement was judged against",
+        apply: |tx| tx.execute_batch(BOUNDS_10),
+    },
 ];
+
+/// Written once for both engines (SQLite reads DOUBLE PRECISION as REAL).
+const BOUNDS_10: &str = "ALTER TABLE measurements ADD COLUMN max_bound DOUBLE PRECISION; \
+                         ALTER TABLE measurements ADD COLUMN min_bound DOUBLE PRECISION;";
 
 /// What several controllers on one database share (SQLite has them too,
 /// for its one controller's leases). Written in PostgreSQL's spelling;
@@ -244,6 +252,10 @@ const POSTGRES: &[(&str, &[&str])] = &[
     (
         "rollout leases, controllers, host sessions, the relay between controllers, shared artifacts",
         &[CLUSTER_9, ONE_RUNNING],
+    ),
+    (
+        "the bounds each metric gate measurement was judged against",
+        &[BOUNDS_10],
     ),
 ];
 

@@ -123,6 +123,8 @@ impl Analyzer {
                 baseline: None,
                 judgement: Judgement::Before,
                 reason: "every target before the rollout".into(),
+                max: None,
+                min: None,
             });
         }
         Ok(out)
@@ -228,7 +230,10 @@ impl Analyzer {
                 }
             };
         }
-        self.measurement(&m.name, &sides.moved, query, Some(value), baseline, judgement, reason)
+        let mut out = self.measurement(&m.name, &sides.moved, query, Some(value), baseline, judgement, reason);
+        out.max = upper_bound(m, baseline);
+        out.min = m.min;
+        out
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -251,7 +256,23 @@ impl Analyzer {
             baseline,
             judgement,
             reason,
+            max: None,
+            min: None,
         }
+    }
+}
+
+/// The highest value of `m` that passes, given the baseline it was
+/// compared with: `max`, or `max_ratio_to_baseline` times the baseline
+/// (never below its floor), whichever is lower.
+fn upper_bound(m: &Metric, baseline: Option<f64>) -> Option<f64> {
+    let ratio = m
+        .max_ratio_to_baseline
+        .zip(baseline)
+        .map(|(limit, b)| limit * b.max(m.baseline_floor));
+    match (m.max, ratio) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }
 
@@ -601,6 +622,8 @@ mod tests {
             baseline: None,
             judgement: Judgement::Fail,
             reason: "1 is above the maximum 0.05".into(),
+            max: Some(0.05),
+            min: None,
         }];
         let mut t = Tally::default();
         assert_eq!(t.add(&s, &fail), (RoundVerdict::Fail, None));

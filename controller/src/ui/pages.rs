@@ -410,7 +410,11 @@ pub fn gates(ms: &[convoy_proto::Measurement]) -> Markup {
                 figcaption {
                     (metric) ": "
                     @if let Some(last) = points.last() {
-                        (last.verdict) @if !last.reason.is_empty() { " — " (last.reason) }
+                        (last.verdict)
+                        @if let Some(v) = last.value { ", " (v) }
+                        @if let Some(b) = last.max { " (at most " (b) ")" }
+                        @if let Some(b) = last.min { " (at least " (b) ")" }
+                        @if !last.reason.is_empty() { " — " (last.reason) }
                     }
                 }
             }
