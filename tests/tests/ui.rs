@@ -117,6 +117,14 @@ fn the_dashboard_shows_a_rollout_live_and_lets_only_deployers_act() -> Result<()
     bed.push_demo("1.0.0", "healthy")?;
     bed.deploy_everywhere("1.0.0")?;
     bed.push_demo("2.0.0", "healthy")?;
+    // It serves on loopback only, and says so.
+    let out = bed.convoy(&["ui", "--listen", "0.0.0.0:0"])?;
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(
+        out.stderr
+            .contains("--listen 0.0.0.0:0: the dashboard listens on loopback only"),
+        "{out:?}"
+    );
     let ui = start_ui(&bed, &[])?;
 
     // Nothing without the token; a wrong token is no better.

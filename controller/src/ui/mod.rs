@@ -102,12 +102,12 @@ pub async fn serve(conn: &Conn, listen: SocketAddr) -> Result<(), Failure> {
         ui.role.as_str(),
         ui.operator
     );
-    axum::serve(listener, router(ui))
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await
-        .map_err(|e| Failure::new(exit::FAILED, format!("dashboard: {e}")))
+    // Ctrl-C ends it at once: a page following a rollout holds its
+    // event stream open, which a graceful stop would wait for.
+    tokio::select! {
+        r = axum::serve(listener, router(ui)) => r.map_err(|e| Failure::new(exit::FAILED, format!("dashboard: {e}"))),
+        _ = tokio::signal::ctrl_c() => Ok(()),
+    }
 }
 
 fn operator_identity(cert: &std::path::Path) -> Result<convoy_common::identity::PeerIdentity, Failure> {
