@@ -66,12 +66,20 @@ impl OperatorService for OperatorApi {
         let app = arg("app", AppName::new(r.app))?;
         let now = convoy_common::ops::now_unix_ms();
         let since = now - (r.since_secs.min(10 * 365 * 86_400) as i64) * 1000;
-        let rows = self.shared.db.report_rows(&app, since).await.map_err(internal)?;
-        let rep = crate::db::Report::from_rows(&rows, since, now);
+        // Buckets start at a multiple of their length (a day's at 00:00
+        // UTC), so the first may begin before the window.
+        let bucket_ms = (r.bucket_secs.clamp(1, 366 * 86_400).max(3600) as i64) * 1000;
+        let first = match r.bucket_secs {
+            0 => since,
+            _ => since - since.rem_euclid(bucket_ms),
+        };
+        let rows = self.shared.db.report_rows(&app, first).await.map_err(internal)?;
+        let in_window: Vec<_> = rows.iter().filter(|r| r.3 >= since).cloned().collect();
+        let rep = crate::db::Report::from_rows(&in_window, since, now);
         let buckets = match r.bucket_secs {
             0 => vec![],
-            b => {
-                let b = (b.max(3600) as i64) * 1000;
+            _ => {
+                let b = bucket_ms;
                 if (now - since) / b > 1000 {
                     return Err(Status::invalid_argument(format!(
                         "bucket_secs: {} buckets of {} s in the window; at most 1000",
@@ -79,7 +87,7 @@ impl OperatorService for OperatorApi {
                         b / 1000
                     )));
                 }
-                crate::db::Report::buckets(&rows, since, now, b)
+                crate::db::Report::buckets(&rows, first, now, b)
                     .into_iter()
                     .map(|(start, rep)| convoy_proto::ReportBucket {
                         start_unix_ms: start,

@@ -483,3 +483,140 @@ async fn script() -> Response {
     )
         .into_response()
 }
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use tower::ServiceExt;
+
+    use super::*;
+
+    const AUTHORITY: &str = "127.0.0.1:4000";
+
+    /// A dashboard whose controller is never reached: these requests are
+    /// all decided before a call would be made.
+    fn ui(role: Role) -> Shared {
+        let channel = tonic::transport::Endpoint::from_static("http://127.0.0.1:9").connect_lazy();
+        Arc::new(Ui {
+            client: OperatorServiceClient::new(channel),
+            operator: "alice".into(),
+            role,
+            token: Mutex::new(Some("t0ken".into())),
+            session: "s3ssion".into(),
+            csrf: "csrf".into(),
+            authority: AUTHORITY.into(),
+        })
+    }
+
+    async fn send(ui: &Shared, req: axum::http::Request<Body>) -> (StatusCode, HeaderMap, String) {
+        let res = router(ui.clone()).oneshot(req).await.unwrap();
+        let (parts, body) = res.into_parts();
+        let bytes = http_body_util::BodyExt::collect(body).await.unwrap().to_bytes();
+        (
+            parts.status,
+            parts.headers,
+            String::from_utf8_lossy(&bytes).into_owned(),
+        )
+    }
+
+    fn get(path: &str, host: &str, cookie: Option<&str>) -> axum::http::Request<Body> {
+        let mut b = axum::http::Request::get(path).header(header::HOST, host);
+        if let Some(c) = cookie {
+            b = b.header(header::COOKIE, c);
+        }
+        b.body(Body::empty()).unwrap()
+    }
+
+    fn post(path: &str, cookie: &str, origin: &str, form: &str) -> axum::http::Request<Body> {
+        axum::http::Request::post(path)
+            .header(header::HOST, AUTHORITY)
+            .header(header::COOKIE, cookie)
+            .header(header::ORIGIN, origin)
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .body(Body::from(form.to_owned()))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_token_works_once_and_becomes_a_session_cookie() {
+        let ui = ui(Role::Deployer);
+        let (code, _, body) = send(&ui, get("/assets/style.css", AUTHORITY, None)).await;
+        assert_eq!(code, StatusCode::UNAUTHORIZED, "{body}");
+        assert!(body.contains("open the link `convoy ui` printed"), "{body}");
+        let (code, _, _) = send(&ui, get("/?token=wrong", AUTHORITY, None)).await;
+        assert_eq!(code, StatusCode::UNAUTHORIZED);
+        // The token under another Host name is refused before it is spent.
+        let (code, _, _) = send(&ui, get("/?token=t0ken", "evil.example:4000", None)).await;
+        assert_eq!(code, StatusCode::MISDIRECTED_REQUEST);
+        let (code, headers, _) = send(&ui, get("/hosts?token=t0ken", AUTHORITY, None)).await;
+        assert_eq!(code, StatusCode::SEE_OTHER);
+        assert_eq!(
+            headers[header::LOCATION],
+            "/hosts",
+            "the token is left out of the address"
+        );
+        assert_eq!(
+            headers[header::SET_COOKIE],
+            "convoy_ui=s3ssion; HttpOnly; SameSite=Strict; Path=/"
+        );
+        let (code, _, _) = send(&ui, get("/?token=t0ken", AUTHORITY, None)).await;
+        assert_eq!(code, StatusCode::UNAUTHORIZED, "spent");
+        let (code, headers, body) =
+            send(&ui, get("/assets/style.css", AUTHORITY, Some("a=1; convoy_ui=s3ssion"))).await;
+        assert_eq!(code, StatusCode::OK);
+        assert!(body.contains("convoy dashboard"));
+        assert_eq!(headers[header::CACHE_CONTROL], "no-store");
+        let (code, _, _) = send(
+            &ui,
+            get("/assets/style.css", "localhost:4000", Some("convoy_ui=s3ssion")),
+        )
+        .await;
+        assert_eq!(code, StatusCode::OK, "localhost names the same address");
+        let (code, _, _) = send(&ui, get("/assets/style.css", AUTHORITY, Some("convoy_ui=s3ssioN"))).await;
+        assert_eq!(code, StatusCode::UNAUTHORIZED, "another session");
+    }
+
+    #[tokio::test]
+    async fn actions_need_the_forms_secret_the_pages_origin_and_a_deployer() {
+        let deployer = ui(Role::Deployer);
+        let cookie = "convoy_ui=s3ssion";
+        for (origin, form, why) in [
+            ("http://evil.example", "action=pause&csrf=csrf", "another site"),
+            ("http://127.0.0.1:4000", "action=pause&csrf=nope", "a wrong secret"),
+        ] {
+            let (code, _, body) = send(&deployer, post("/rollouts/r1/control", cookie, origin, form)).await;
+            assert_eq!(code, StatusCode::FORBIDDEN, "{why}: {body}");
+            assert!(body.contains("did not come from the dashboard"), "{body}");
+        }
+        let (code, _, body) = send(
+            &deployer,
+            post(
+                "/rollouts/r1/control",
+                cookie,
+                "http://127.0.0.1:4000",
+                "action=explode&csrf=csrf",
+            ),
+        )
+        .await;
+        assert_eq!(code, StatusCode::BAD_REQUEST, "{body}");
+        assert!(body.contains("no action &quot;explode&quot;"), "{body}");
+        let viewer = ui(Role::Viewer);
+        let (code, _, body) = send(
+            &viewer,
+            post(
+                "/rollouts/r1/control",
+                cookie,
+                "http://127.0.0.1:4000",
+                "action=abort&csrf=csrf",
+            ),
+        )
+        .await;
+        assert_eq!(code, StatusCode::FORBIDDEN, "{body}");
+        assert!(
+            body.contains("alice is a viewer: only a deployer or an admin may abort"),
+            "{body}"
+        );
+        let (code, _, _) = send(&viewer, get("/rollouts/r1/confirm/abort", AUTHORITY, Some(cookie))).await;
+        assert_eq!(code, StatusCode::FORBIDDEN);
+    }
+}
