@@ -161,8 +161,9 @@ enum Cmd {
         /// Only rollouts into this environment.
         #[arg(long)]
         env: Option<String>,
-        /// Only rollouts in this state (running, paused, succeeded, failed,
-        /// rolled_back, cancelled).
+        /// Only rollouts in this state (running, paused, awaiting_approval,
+        /// awaiting_promotion, frozen, succeeded, failed, rolled_back,
+        /// cancelled).
         #[arg(long)]
         state: Option<String>,
         #[arg(long, value_enum, default_value = "text")]

@@ -702,8 +702,9 @@ impl OperatorService for OperatorApi {
         }
         let app = arg("app", AppName::new(r.app))?;
         let limit = if r.limit == 0 { 50 } else { r.limit.min(1000) };
-        const STATES: [&str; 8] = [
+        const STATES: [&str; 9] = [
             "running",
+            "frozen",
             "paused",
             "awaiting_approval",
             "awaiting_promotion",

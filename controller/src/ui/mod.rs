@@ -383,11 +383,14 @@ async fn rollout_gates(State(ui): State<Shared>, Path(id): Path<String>) -> Page
 
 /// The rollout's events as they happen (server-sent events): each is the
 /// JSON object `--output json` prints, named by its `type`. A rollout that
-/// is not running sends `ended` and the stream closes.
+/// has ended sends `ended`; one this controller cannot follow (another
+/// controller drives it) sends `unavailable` with the reason; then the
+/// stream closes.
 async fn rollout_events(
     State(ui): State<Shared>,
     Path(id): Path<String>,
 ) -> Sse<impl Stream<Item = Result<SseEvent, std::convert::Infallible>>> {
+    let id_again = id.clone();
     let watched = ui.client().watch(convoy_proto::WatchRequest { rollout_id: id }).await;
     let events: futures::stream::BoxStream<'static, SseEvent> = match watched {
         Ok(stream) => stream
@@ -401,12 +404,20 @@ async fn rollout_events(
                 SseEvent::default().event("ended").data("{}")
             }))
             .boxed(),
-        Err(s) => futures::stream::once(async move {
-            SseEvent::default()
-                .event("ended")
-                .data(serde_json::json!({"message": s.message()}).to_string())
-        })
-        .boxed(),
+        Err(s) => {
+            let state = one_rollout(&ui, &id_again)
+                .await
+                .ok()
+                .and_then(|r| r.rollouts.into_iter().next())
+                .map(|r| r.state)
+                .unwrap_or_default();
+            let kind = match pages::LIVE_STATES.contains(&state.as_str()) {
+                true => "unavailable",
+                false => "ended",
+            };
+            let data = serde_json::json!({"message": s.message(), "state": state}).to_string();
+            futures::stream::once(async move { SseEvent::default().event(kind).data(data) }).boxed()
+        }
     };
     Sse::new(events.map(Ok)).keep_alive(KeepAlive::default())
 }

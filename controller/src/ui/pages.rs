@@ -238,6 +238,9 @@ pub fn history(ui: &Ui, apps: &[String], app: &str, env: &str, st: &str, rollout
         "",
         "running",
         "paused",
+        "awaiting_approval",
+        "awaiting_promotion",
+        "frozen",
         "succeeded",
         "failed",
         "rolled_back",
@@ -305,7 +308,7 @@ fn record(reply: &HistoryReply) -> Option<&RolloutRecord> {
     reply.rollouts.first()
 }
 
-const LIVE_STATES: [&str; 4] = ["running", "paused", "awaiting_approval", "awaiting_promotion"];
+pub const LIVE_STATES: [&str; 5] = ["running", "paused", "awaiting_approval", "awaiting_promotion", "frozen"];
 
 pub fn rollout(ui: &Ui, reply: &HistoryReply) -> Markup {
     let Some(r) = record(reply) else {

@@ -107,6 +107,13 @@
     document.querySelectorAll(".actions").forEach((a) => a.closest("section").remove());
     note("rollout " + verdict + (d.reason ? ": " + d.reason : ""));
   });
+  source.addEventListener("unavailable", (m) => {
+    // Driven by another controller: its events do not pass through this one.
+    source.close();
+    const d = JSON.parse(m.data);
+    document.getElementById("verdict").textContent =
+      "Not followed live (" + d.message + "); reload for its latest state.";
+  });
   source.addEventListener("ended", () => {
     source.close();
     if (!document.getElementById("verdict").textContent) {
