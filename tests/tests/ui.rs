@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use convoy_tests::browser::Browser;
-use convoy_tests::testbed::{http_get, http_request, line_feed, wait_line, HttpReply};
+use convoy_tests::testbed::{canary_deploy, http_get, http_request, line_feed, wait_line, HttpReply};
 use convoy_tests::Testbed;
 
 /// A running `convoy ui`: its address and its one-time token.
@@ -152,21 +152,9 @@ fn the_dashboard_shows_a_rollout_live_and_lets_only_deployers_act() -> Result<()
     );
 
     // A canary in three stages with a bake after each but the last.
-    let mut deploy = bed.convoy_spawn(&[
-        "deploy",
-        "demo",
-        "2.0.0",
-        "--env",
-        "staging",
-        "--strategy",
-        "canary",
-        "--stages",
-        "1,2,100%",
-        "--bake",
-        "3s",
-        "--output",
-        "json",
-    ])?;
+    let mut args = canary_deploy("2.0.0", "1,2,100%", "3s");
+    args.extend(["--output", "json"]);
+    let mut deploy = bed.convoy_spawn(&args)?;
     let events = line_feed(&mut deploy);
     let plan: serde_json::Value = serde_json::from_str(&wait_line(&events, "\"plan\"", &mut vec![])?)?;
     let id = plan["rollout_id"].as_str().context("rollout id")?.to_owned();

@@ -599,29 +599,12 @@ mod tests {
             assert_eq!(code, StatusCode::FORBIDDEN, "{why}: {body}");
             assert!(body.contains("did not come from the dashboard"), "{body}");
         }
-        let (code, _, body) = send(
-            &deployer,
-            post(
-                "/rollouts/r1/control",
-                cookie,
-                "http://127.0.0.1:4000",
-                "action=explode&csrf=csrf",
-            ),
-        )
-        .await;
+        let own = |form| post("/rollouts/r1/control", cookie, "http://127.0.0.1:4000", form);
+        let (code, _, body) = send(&deployer, own("action=explode&csrf=csrf")).await;
         assert_eq!(code, StatusCode::BAD_REQUEST, "{body}");
         assert!(body.contains("no action &quot;explode&quot;"), "{body}");
         let viewer = ui(Role::Viewer);
-        let (code, _, body) = send(
-            &viewer,
-            post(
-                "/rollouts/r1/control",
-                cookie,
-                "http://127.0.0.1:4000",
-                "action=abort&csrf=csrf",
-            ),
-        )
-        .await;
+        let (code, _, body) = send(&viewer, own("action=abort&csrf=csrf")).await;
         assert_eq!(code, StatusCode::FORBIDDEN, "{body}");
         assert!(
             body.contains("alice is a viewer: only a deployer or an admin may abort"),
