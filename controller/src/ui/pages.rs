@@ -73,7 +73,8 @@ fn when(ms: i64) -> String {
 fn state(s: &str) -> Markup {
     let symbol = match s {
         "succeeded" => "✓",
-        "failed" | "rolled_back" => "✗",
+        "rolled_back" | "refused" => "✗",
+        s if s.starts_with("failed") => "✗",
         "running" => "▶",
         "paused" | "awaiting_approval" | "awaiting_promotion" => "⏸",
         _ => "•",
@@ -367,10 +368,13 @@ pub fn rollout(ui: &Ui, reply: &HistoryReply) -> Markup {
 /// Each host's latest step and outcome (also fetched alone when the live
 /// view reconnects).
 pub fn rollout_hosts(reply: &HistoryReply) -> Markup {
-    let mut hosts: Vec<&str> = reply.hosts.iter().map(|h| h.host.as_str()).collect();
-    for e in &reply.events {
-        if !e.host.is_empty() && !hosts.contains(&e.host.as_str()) {
-            hosts.push(&e.host);
+    // A host has a record per operation (pre-staging, then its switch):
+    // one row each, in the order they first appear.
+    let mut hosts: Vec<&str> = Vec::new();
+    let named = reply.hosts.iter().map(|h| h.host.as_str());
+    for h in named.chain(reply.events.iter().map(|e| e.host.as_str())) {
+        if !h.is_empty() && !hosts.contains(&h) {
+            hosts.push(h);
         }
     }
     html! {
@@ -448,4 +452,60 @@ pub fn confirm(ui: &Ui, reply: &HistoryReply, action: &str) -> Markup {
         }
     };
     layout(Some(ui), &format!("Confirm: {action}"), "", body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_host_with_several_operations_has_one_row() {
+        let record = |host: &str, op: &str| convoy_proto::HostRecord {
+            host: host.into(),
+            op_id: format!("r1:{op}:{host}"),
+            outcome: "succeeded".into(),
+            ..Default::default()
+        };
+        let reply = HistoryReply {
+            hosts: vec![
+                record("web1", "stage"),
+                record("web2", "stage"),
+                record("web1", "activate"),
+            ],
+            events: vec![convoy_proto::EventRecord {
+                host: "web2".into(),
+                step: "switch".into(),
+                kind: "started".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let html = rollout_hosts(&reply).into_string();
+        assert_eq!(html.matches("data-host=\"web1\"").count(), 1, "{html}");
+        assert_eq!(html.matches("data-host=\"web2\"").count(), 1, "{html}");
+        // web2 was only pre-staged: its outcome is not yet known.
+        let web2 = html.split("data-host=\"web2\"").nth(1).unwrap();
+        assert!(
+            web2.contains("in progress") && web2.contains("switch started"),
+            "{html}"
+        );
+    }
+
+    #[test]
+    fn states_are_words_with_a_symbol_not_colour_alone() {
+        for (s, symbol, word) in [
+            ("succeeded", "✓", "succeeded"),
+            ("failed_restored", "✗", "failed restored"),
+            ("rolled_back", "✗", "rolled back"),
+            ("refused", "✗", "refused"),
+            ("paused", "⏸", "paused"),
+        ] {
+            let html = state(s).into_string();
+            assert!(html.contains(symbol) && html.contains(word), "{s}: {html}");
+            assert!(
+                html.contains("aria-hidden=\"true\""),
+                "the symbol is not read out twice: {html}"
+            );
+        }
+    }
 }

@@ -11,11 +11,11 @@
     return el;
   };
   const stateWord = (s) => {
-    const symbol = { succeeded: "✓", failed: "✗", rolled_back: "✗", restored: "✗" }[s] || "•";
+    const symbol = s === "succeeded" ? "✓" : /^(failed|rolled_back|refused)/.test(s) ? "✗" : "•";
     const span = text("span", "", "state state-" + s);
     const hidden = text("span", symbol + " ");
     hidden.setAttribute("aria-hidden", "true");
-    span.append(hidden, s.replace("_", " "));
+    span.append(hidden, s.replaceAll("_", " "));
     return span;
   };
 
@@ -57,9 +57,25 @@
   };
 
   const source = new EventSource("/rollouts/" + encodeURIComponent(id) + "/events");
-  // What happened before this page connected is read from history.
-  source.onopen = () => refresh("/rollouts/" + encodeURIComponent(id) + "/hosts", hostsBox);
-  source.addEventListener("plan", (m) => {
+  // What happened before this page connected is read from history; events
+  // that arrive meanwhile wait, then apply on top of it in order.
+  let waiting = null;
+  source.onopen = async () => {
+    waiting = [];
+    try {
+      await refresh("/rollouts/" + encodeURIComponent(id) + "/hosts", hostsBox);
+    } finally {
+      const queued = waiting;
+      waiting = null;
+      queued.forEach((apply) => apply());
+    }
+  };
+  const on = (name, apply) =>
+    source.addEventListener(name, (m) => {
+      if (waiting) waiting.push(() => apply(m));
+      else apply(m);
+    });
+  on("plan", (m) => {
     const p = JSON.parse(m.data);
     const box = document.getElementById("plan");
     box.replaceChildren(text("p", p.strategy + ", " + p.hosts.length + " hosts, " + p.failure_budget + " failures tolerated"));
@@ -74,8 +90,8 @@
     if (p.skipped_hosts.length) box.append(text("p", "Left out (not connected): " + p.skipped_hosts.join(", ")));
     p.hosts.forEach(row);
   });
-  source.addEventListener("note", (m) => note(JSON.parse(m.data).message));
-  source.addEventListener("host_event", (m) => {
+  on("note", (m) => note(JSON.parse(m.data).message));
+  on("host_event", (m) => {
     const e = JSON.parse(m.data);
     const tr = row(e.host);
     tr.querySelector(".step").textContent = e.step + " " + e.kind;
@@ -83,7 +99,7 @@
     tr.querySelector(".detail").textContent = e.message;
     note(e.host + " " + e.step + " " + e.kind + (e.message ? ": " + e.message : ""));
   });
-  source.addEventListener("host_result", (m) => {
+  on("host_result", (m) => {
     const r = JSON.parse(m.data);
     const tr = row(r.host);
     if (/:(stage|preflight):/.test(r.op_id)) {
@@ -95,9 +111,9 @@
     tr.querySelector(".detail").textContent = r.reason;
     note(r.host + " " + r.outcome + (r.reason ? ": " + r.reason : ""));
   });
-  source.addEventListener("measurement", () =>
+  on("measurement", () =>
     refresh("/rollouts/" + encodeURIComponent(id) + "/gates", document.getElementById("gates")));
-  source.addEventListener("done", (m) => {
+  on("done", (m) => {
     const d = JSON.parse(m.data);
     const verdict = d.succeeded ? "succeeded" : d.rolled_back_hosts.length ? "rolled_back" : "failed";
     const v = document.getElementById("verdict");
@@ -107,14 +123,14 @@
     document.querySelectorAll(".actions").forEach((a) => a.closest("section").remove());
     note("rollout " + verdict + (d.reason ? ": " + d.reason : ""));
   });
-  source.addEventListener("unavailable", (m) => {
+  on("unavailable", (m) => {
     // Driven by another controller: its events do not pass through this one.
     source.close();
     const d = JSON.parse(m.data);
     document.getElementById("verdict").textContent =
       "Not followed live (" + d.message + "); reload for its latest state.";
   });
-  source.addEventListener("ended", () => {
+  on("ended", () => {
     source.close();
     if (!document.getElementById("verdict").textContent) {
       // It ended while this page was away: history has its verdict.
