@@ -151,8 +151,9 @@ fn the_dashboard_shows_a_rollout_live_and_lets_only_deployers_act() -> Result<()
         Some(401)
     );
 
-    // A canary in three stages with a bake after each but the last.
-    let mut args = canary_deploy("2.0.0", "1,2,100%", "3s");
+    // A canary in three stages with a bake after each but the last, long
+    // enough for the pause below to land before the second stage.
+    let mut args = canary_deploy("2.0.0", "1,2,100%", "10s");
     args.extend(["--output", "json"]);
     let mut deploy = bed.convoy_spawn(&args)?;
     let events = line_feed(&mut deploy);
