@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use convoy_common::ops::{AppStatus, EventKind, Health, OpReport, Step, StepEvent};
+use convoy_common::ops::{EventKind, OpReport, Step, StepEvent};
 use convoy_common::AppName;
 use convoy_proto::{agent_message, AgentMessage};
 use tokio::sync::mpsc;
@@ -164,21 +164,6 @@ impl OpLocks {
     }
 }
 
-pub fn empty_status(app: &AppName) -> AppStatus {
-    AppStatus {
-        app: app.clone(),
-        current: None,
-        previous: None,
-        last_known_good: None,
-        releases: vec![],
-        health: Health::Unknown,
-        health_reason: String::new(),
-        inflight_op: None,
-        config_revision: None,
-        slots: vec![],
-    }
-}
-
 /// Sends events and results to the controller session, when there is one.
 /// Events are best effort: a full session queue drops them. A result is
 /// never lost: it is journaled on disk first and repeated in every hello,
@@ -249,6 +234,7 @@ impl Reporter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use convoy_common::ops::AppStatus;
 
     fn report(op_id: &str) -> OpReport {
         let app = AppName::new("demo").unwrap();
@@ -259,7 +245,7 @@ mod tests {
             outcome: convoy_common::ops::Outcome::Succeeded,
             reason: String::new(),
             restore_detail: String::new(),
-            state: empty_status(&app),
+            state: AppStatus::empty(&app),
         }
     }
 

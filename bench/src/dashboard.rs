@@ -4,12 +4,11 @@
 //! listing the same fleet, and what `convoy ui` costs in memory.
 
 use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use convoy_tests::testbed::http_request;
+use convoy_tests::testbed::{dashboard_link, http_request};
 
 use crate::fixture::{proc_usage, Controller};
 use crate::report::{median, Section};
@@ -40,15 +39,7 @@ pub fn run(n: usize, runs: usize) -> anyhow::Result<Section> {
         .spawn()?;
     let mut line = String::new();
     BufReader::new(ui.stdout.take().context("stdout")?).read_line(&mut line)?;
-    let url = line
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .context("the URL")?;
-    let (addr, token) = url
-        .trim_start_matches("http://")
-        .split_once("/?token=")
-        .context("a token")?;
-    let addr: SocketAddr = addr.parse()?;
+    let (addr, token) = dashboard_link(&line).context("convoy ui's link")?;
     let (rss_idle, _) = proc_usage(ui.id());
     let first = http_request(addr, "GET", &format!("/?token={token}"), &[], "").context("convoy ui answers")?;
     let cookie = first

@@ -127,6 +127,24 @@ pub struct AppStatus {
     pub slots: Vec<crate::slots::SlotStatus>,
 }
 
+impl AppStatus {
+    /// An app of which nothing is installed or known yet.
+    pub fn empty(app: &AppName) -> Self {
+        AppStatus {
+            app: app.clone(),
+            current: None,
+            previous: None,
+            last_known_good: None,
+            releases: vec![],
+            health: Health::Unknown,
+            health_reason: String::new(),
+            inflight_op: None,
+            config_revision: None,
+            slots: vec![],
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EventKind {

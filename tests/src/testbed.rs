@@ -55,6 +55,14 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     http_request(addr, "GET", path, &[], "").map(|r| (r.status, r.body))
 }
 
+/// The address and one-time token in the line `convoy ui` prints first
+/// (`convoy ui: http://127.0.0.1:PORT/?token=T`).
+pub fn dashboard_link(line: &str) -> Option<(SocketAddr, String)> {
+    let url = line.split_whitespace().find(|w| w.starts_with("http://"))?;
+    let (addr, token) = url.trim_start_matches("http://").split_once("/?token=")?;
+    Some((addr.parse().ok()?, token.to_owned()))
+}
+
 /// What `http_request` read back.
 #[derive(Debug)]
 pub struct HttpReply {

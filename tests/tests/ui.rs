@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use convoy_tests::browser::Browser;
-use convoy_tests::testbed::{canary_deploy, http_get, http_request, line_feed, wait_line, HttpReply};
+use convoy_tests::testbed::{canary_deploy, dashboard_link, http_get, http_request, line_feed, wait_line, HttpReply};
 use convoy_tests::Testbed;
 
 /// A running `convoy ui`: its address and its one-time token.
@@ -30,19 +30,8 @@ fn start_ui(bed: &Testbed, identity: &[&str]) -> Result<Ui> {
     let mut child = bed.convoy_spawn(&args)?;
     let lines = line_feed(&mut child);
     let line = wait_line(&lines, "http://", &mut vec![])?;
-    let url = line
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .context("a URL")?;
-    let (addr, token) = url
-        .trim_start_matches("http://")
-        .split_once("/?token=")
-        .context("URL with a token")?;
-    Ok(Ui {
-        child,
-        addr: addr.parse()?,
-        token: token.to_owned(),
-    })
+    let (addr, token) = dashboard_link(&line).context("a URL with a token")?;
+    Ok(Ui { child, addr, token })
 }
 
 impl Ui {
@@ -68,6 +57,17 @@ fn screenshots() -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/screenshots");
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+/// An action form posted for rollout `id` as `cookie`'s session, not by
+/// the dashboard's page (from `origin`, if given).
+fn post_action(addr: SocketAddr, id: &str, cookie: &str, origin: Option<&str>, form: &str) -> Result<HttpReply> {
+    let mut headers = vec![
+        ("Cookie", cookie),
+        ("Content-Type", "application/x-www-form-urlencoded"),
+    ];
+    headers.extend(origin.map(|o| ("Origin", o)));
+    http_request(addr, "POST", &format!("/rollouts/{id}/control"), &headers, form).context("the dashboard answers")
 }
 
 /// The secret the dashboard's action forms carry.
@@ -211,17 +211,7 @@ fn the_dashboard_shows_a_rollout_live_and_lets_only_deployers_act() -> Result<()
     )?;
     assert_eq!(confirm.status, 403, "{confirm:?}");
     for action in ["resume", "abort"] {
-        let forged = http_request(
-            viewer.addr,
-            "POST",
-            &format!("/rollouts/{id}/control"),
-            &[
-                ("Cookie", &cookie),
-                ("Content-Type", "application/x-www-form-urlencoded"),
-            ],
-            &format!("action={action}&csrf={csrf}"),
-        )
-        .context("answer")?;
+        let forged = post_action(viewer.addr, &id, &cookie, None, &format!("action={action}&csrf={csrf}"))?;
         assert_eq!(forged.status, 403, "{forged:?}");
         assert!(
             forged.body.contains("only a deployer or an admin may"),
@@ -245,18 +235,13 @@ fn the_dashboard_shows_a_rollout_live_and_lets_only_deployers_act() -> Result<()
         ("http://attacker.example".to_owned(), ui_csrf(&browser)?),
         (ui.url(""), "0".repeat(32)),
     ] {
-        let forged = http_request(
+        let forged = post_action(
             ui.addr,
-            "POST",
-            &format!("/rollouts/{id}/control"),
-            &[
-                ("Cookie", &session),
-                ("Origin", &origin),
-                ("Content-Type", "application/x-www-form-urlencoded"),
-            ],
+            &id,
+            &session,
+            Some(&origin),
             &format!("action=resume&csrf={secret}"),
-        )
-        .context("answer")?;
+        )?;
         assert_eq!(forged.status, 403, "from {origin}: {forged:?}");
         assert!(
             forged.body.contains("did not come from the dashboard"),

@@ -21,7 +21,9 @@ use std::sync::Arc;
 
 use convoy_common::archive::{self, Limits};
 use convoy_common::fsutil;
-use convoy_common::ops::{ActivateCommand, EventKind, Health, OpReport, Outcome, RollbackCommand, Step, StepEvent};
+use convoy_common::ops::{
+    ActivateCommand, AppStatus, EventKind, Health, OpReport, Outcome, RollbackCommand, Step, StepEvent,
+};
 use convoy_common::spec::{HookPoint, InstallSpec};
 use convoy_common::{AppName, Version};
 use tonic::transport::Channel;
@@ -494,7 +496,7 @@ pub fn refusal(
     version: Option<Version>,
     reason: String,
 ) -> OpReport {
-    let state = store.status(app).unwrap_or_else(|_| crate::agent::empty_status(app));
+    let state = store.status(app).unwrap_or_else(|_| AppStatus::empty(app));
     OpReport {
         op_id: op_id.to_owned(),
         app: app.clone(),
@@ -539,16 +541,13 @@ fn finish(
         outcome,
         reason,
         restore_detail: detail,
-        state: crate::agent::empty_status(app),
+        state: AppStatus::empty(app),
     };
     j.last_op = Some(report.clone());
     if let Err(e) = agent.store.save_journal(app, &j) {
         tracing::error!(%app, error = %e, "could not save journal");
     }
-    report.state = agent
-        .store
-        .status(app)
-        .unwrap_or_else(|_| crate::agent::empty_status(app));
+    report.state = agent.store.status(app).unwrap_or_else(|_| AppStatus::empty(app));
     agent.reporter.result(&report);
     report
 }

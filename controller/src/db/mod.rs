@@ -1443,15 +1443,8 @@ mod tests {
             assert!(!db.digest_known(&Digest::of_bytes(b"b")).await.unwrap(), "{what}");
             for (id, started, env) in [("r1", 0, "staging"), ("r2", 1, "production")] {
                 db.start_rollout(&NewRollout {
-                    id,
-                    app: &app,
-                    version: "1.0.0",
-                    env,
-                    kind: "deploy",
-                    strategy: "rolling",
-                    hotfix_reason: "",
-                    operator: "operator:alice",
                     plan: &format!("{{\"n\":{started}}}"),
+                    ..testing::deploy(id, &app, env)
                 })
                 .await
                 .unwrap();
@@ -1475,16 +1468,9 @@ mod tests {
                 reason: String::new(),
                 restore_detail: String::new(),
                 state: convoy_common::ops::AppStatus {
-                    app: app.clone(),
                     current: Some(v1.clone()),
-                    previous: None,
-                    last_known_good: None,
-                    releases: vec![],
                     health: convoy_common::ops::Health::Healthy,
-                    health_reason: String::new(),
-                    inflight_op: None,
-                    config_revision: None,
-                    slots: vec![],
+                    ..convoy_common::ops::AppStatus::empty(&app)
                 },
             };
             db.record_host_result("r1", &host, &report).await.unwrap();

@@ -69,6 +69,22 @@ pub enum Verdict {
     Cancelled,
 }
 
+/// The states a running rollout is in, as the store and history show them.
+pub const LIVE_STATES: [&str; 5] = ["running", "paused", "awaiting_approval", "awaiting_promotion", "frozen"];
+/// Every state a rollout can be in: the live ones, then how it ended
+/// (`Verdict::state`).
+pub const STATES: [&str; 9] = [
+    "running",
+    "paused",
+    "awaiting_approval",
+    "awaiting_promotion",
+    "frozen",
+    "succeeded",
+    "failed",
+    "rolled_back",
+    "cancelled",
+];
+
 impl Verdict {
     /// The state the store and history show.
     pub fn state(self) -> &'static str {

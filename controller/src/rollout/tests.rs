@@ -66,16 +66,9 @@ fn app() -> AppName {
 
 fn status(current: Option<&str>) -> AppStatus {
     AppStatus {
-        app: app(),
         current: current.map(|v| Version::new(v).unwrap()),
-        previous: None,
-        last_known_good: None,
-        releases: vec![],
         health: Health::Healthy,
-        health_reason: String::new(),
-        inflight_op: None,
-        config_revision: None,
-        slots: vec![],
+        ..AppStatus::empty(&app())
     }
 }
 

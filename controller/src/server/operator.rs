@@ -68,36 +68,32 @@ impl OperatorService for OperatorApi {
         let since = now - (r.since_secs.min(10 * 365 * 86_400) as i64) * 1000;
         // Buckets start at a multiple of their length (a day's at 00:00
         // UTC), so the first may begin before the window.
-        let bucket_ms = (r.bucket_secs.clamp(1, 366 * 86_400).max(3600) as i64) * 1000;
-        let first = match r.bucket_secs {
-            0 => since,
-            _ => since - since.rem_euclid(bucket_ms),
+        let bucket_ms = match r.bucket_secs {
+            0 => None,
+            b => Some((b.clamp(3600, 366 * 86_400) as i64) * 1000),
         };
+        if let Some(b) = bucket_ms.filter(|b| (now - since) / b > 1000) {
+            return Err(Status::invalid_argument(format!(
+                "bucket_secs: {} buckets of {} s in the window; at most 1000",
+                (now - since) / b,
+                b / 1000
+            )));
+        }
+        let first = bucket_ms.map_or(since, |b| since - since.rem_euclid(b));
         let rows = self.shared.db.report_rows(&app, first).await.map_err(internal)?;
         let in_window: Vec<_> = rows.iter().filter(|r| r.3 >= since).cloned().collect();
         let rep = crate::db::Report::from_rows(&in_window, since, now);
-        let buckets = match r.bucket_secs {
-            0 => vec![],
-            _ => {
-                let b = bucket_ms;
-                if (now - since) / b > 1000 {
-                    return Err(Status::invalid_argument(format!(
-                        "bucket_secs: {} buckets of {} s in the window; at most 1000",
-                        (now - since) / b,
-                        b / 1000
-                    )));
-                }
-                crate::db::Report::buckets(&rows, first, now, b)
-                    .into_iter()
-                    .map(|(start, rep)| convoy_proto::ReportBucket {
-                        start_unix_ms: start,
-                        deploys: rep.deploys,
-                        failed_deploys: rep.failed_deploys,
-                        mean_time_to_restore_secs: rep.mean_time_to_restore_secs,
-                    })
-                    .collect()
-            }
-        };
+        let buckets = bucket_ms.map_or_else(Vec::new, |b| {
+            crate::db::Report::buckets(&rows, first, now, b)
+                .into_iter()
+                .map(|(start, rep)| convoy_proto::ReportBucket {
+                    start_unix_ms: start,
+                    deploys: rep.deploys,
+                    failed_deploys: rep.failed_deploys,
+                    mean_time_to_restore_secs: rep.mean_time_to_restore_secs,
+                })
+                .collect()
+        });
         Ok(Response::new(ReportReply {
             buckets,
             deploys: rep.deploys,
@@ -702,17 +698,7 @@ impl OperatorService for OperatorApi {
         }
         let app = arg("app", AppName::new(r.app))?;
         let limit = if r.limit == 0 { 50 } else { r.limit.min(1000) };
-        const STATES: [&str; 9] = [
-            "running",
-            "frozen",
-            "paused",
-            "awaiting_approval",
-            "awaiting_promotion",
-            "succeeded",
-            "failed",
-            "rolled_back",
-            "cancelled",
-        ];
+        use crate::rollout::events::STATES;
         if !r.state.is_empty() && !STATES.contains(&r.state.as_str()) {
             return Err(Status::invalid_argument(format!(
                 "state: no rollout state {:?} (one of {})",

@@ -535,7 +535,7 @@ impl Fleet for Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use convoy_common::ops::{EventKind, Health, OpKind, Outcome, Step};
+    use convoy_common::ops::{EventKind, OpKind, Outcome, Step};
     use convoy_common::Version;
 
     fn host(s: &str) -> HostName {
@@ -551,18 +551,7 @@ mod tests {
             outcome: Outcome::Succeeded,
             reason: String::new(),
             restore_detail: String::new(),
-            state: AppStatus {
-                app,
-                current: None,
-                previous: None,
-                last_known_good: None,
-                releases: vec![],
-                health: Health::Unknown,
-                health_reason: String::new(),
-                inflight_op: None,
-                config_revision: None,
-                slots: vec![],
-            },
+            state: AppStatus::empty(&app),
         }
     }
 

@@ -405,26 +405,11 @@ impl Relay {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use convoy_common::ops::{AppStatus, EventKind, Health, OpKind, Outcome, Step};
+    use convoy_common::ops::{AppStatus, EventKind, OpKind, Outcome, Step};
     use convoy_common::{AppName, Version};
 
     fn host(s: &str) -> HostName {
         HostName::new(s).unwrap()
-    }
-
-    fn status(app: &AppName) -> AppStatus {
-        AppStatus {
-            app: app.clone(),
-            current: None,
-            previous: None,
-            last_known_good: None,
-            releases: vec![],
-            health: Health::Unknown,
-            health_reason: String::new(),
-            inflight_op: None,
-            config_revision: None,
-            slots: vec![],
-        }
     }
 
     /// Two controllers on one database: a (driving rollout r1) and b
@@ -445,7 +430,7 @@ mod tests {
         }
         // b publishes web1 as connected; a sees it.
         b.mark_dirty(&host("web1"));
-        b.publish(|_| Some((BTreeMap::new(), vec![status(&app)], 1, true)))
+        b.publish(|_| Some((BTreeMap::new(), vec![AppStatus::empty(&app)], 1, true)))
             .await
             .unwrap();
         a.refresh_remote().await.unwrap();
@@ -487,7 +472,7 @@ mod tests {
             outcome: Outcome::Succeeded,
             reason: String::new(),
             restore_detail: String::new(),
-            state: status(&app),
+            state: AppStatus::empty(&app),
         };
         assert!(b.forward_result(&host("web1"), &report).await.unwrap());
         b.answered(&op.to_string()).await.unwrap();

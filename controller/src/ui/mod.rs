@@ -411,7 +411,7 @@ async fn rollout_events(
                 .and_then(|r| r.rollouts.into_iter().next())
                 .map(|r| r.state)
                 .unwrap_or_default();
-            let kind = match pages::LIVE_STATES.contains(&state.as_str()) {
+            let kind = match crate::rollout::events::LIVE_STATES.contains(&state.as_str()) {
                 true => "unavailable",
                 false => "ended",
             };

@@ -8,6 +8,7 @@ use convoy_proto::{FleetCell, FleetReply, HistoryReply, HostsReply, ReportReply,
 use maud::{html, Markup, DOCTYPE};
 
 use super::{chart, Ui, ACTIONS, HOSTS_PER_PAGE};
+use crate::rollout::events::{LIVE_STATES, STATES};
 
 /// Environments in promotion order first, the others after by name.
 const ENV_ORDER: [&str; 3] = ["development", "staging", "production"];
@@ -235,18 +236,7 @@ fn app_picker(apps: &[String], app: &str) -> Markup {
 }
 
 pub fn history(ui: &Ui, apps: &[String], app: &str, env: &str, st: &str, rollouts: &[RolloutRecord]) -> Markup {
-    let states = [
-        "",
-        "running",
-        "paused",
-        "awaiting_approval",
-        "awaiting_promotion",
-        "frozen",
-        "succeeded",
-        "failed",
-        "rolled_back",
-        "cancelled",
-    ];
+    let states = std::iter::once("").chain(STATES);
     let body = html! {
         form.filters method="get" action="/history" {
             (app_picker(apps, app))
@@ -308,8 +298,6 @@ pub fn report(ui: &Ui, apps: &[String], app: &str, days: u32, r: Option<&ReportR
 fn record(reply: &HistoryReply) -> Option<&RolloutRecord> {
     reply.rollouts.first()
 }
-
-pub const LIVE_STATES: [&str; 5] = ["running", "paused", "awaiting_approval", "awaiting_promotion", "frozen"];
 
 pub fn rollout(ui: &Ui, reply: &HistoryReply) -> Markup {
     let Some(r) = record(reply) else {
