@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // instead of copying each chunk into a new vector.
     tonic_prost_build::configure()
         .bytes(".convoy.v1.Chunk.data")
+        .bytes(".convoy.v1.ContentPiece.data")
         .compile_fds(fds)?;
     Ok(())
 }

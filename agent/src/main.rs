@@ -6,6 +6,7 @@ mod agent;
 mod backup;
 mod config;
 mod crash;
+mod delta;
 mod enroll;
 mod epochs;
 mod fetch;

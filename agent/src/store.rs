@@ -292,6 +292,7 @@ impl Store {
             let path = dirs.release(&v);
             fs::remove_dir_all(&path).map_err(io_at(&path))?;
             let _ = fs::remove_file(dirs.meta_file(&v));
+            let _ = fs::remove_file(dirs.meta.join(format!("{v}.manifest")));
             removed.push(v);
         }
         if !removed.is_empty() {

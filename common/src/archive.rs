@@ -17,6 +17,9 @@ use std::path::{Component, Path, PathBuf};
 use flate2::bufread::GzDecoder;
 use tar::EntryType;
 
+use crate::digest::Hasher;
+use crate::manifest::{Manifest, ManifestEntry};
+
 /// Bounds on what one archive may contain.
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -48,6 +51,17 @@ impl Default for Limits {
 }
 
 impl Limits {
+    /// No bounds: for making the manifest of an archive whose bounds are
+    /// checked elsewhere (at push, against the app's spec).
+    pub fn unbounded() -> Self {
+        Limits {
+            max_entries: u64::MAX,
+            max_total_bytes: u64::MAX,
+            allow_setid: true,
+            max_ratio: None,
+        }
+    }
+
     /// The limits an app's spec sets, for an artifact of `compressed` bytes.
     pub fn of(spec: &crate::spec::InstallSpec, compressed: u64) -> Self {
         Limits {
@@ -102,16 +116,24 @@ pub enum ArchiveError {
     BadTrailer(#[source] io::Error),
     #[error("archive has data after the tar end-of-archive marker ({0}); a release archive ends there")]
     TrailingData(&'static str),
+    #[error("entry {entry:?}: its content is not what the manifest says (expected {expected}, got {got})")]
+    ContentMismatch {
+        entry: String,
+        expected: String,
+        got: String,
+    },
     #[error("destination {0:?} already exists")]
     DestinationExists(PathBuf),
 }
 
 /// What an extraction produced.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq)]
 pub struct UnpackStats {
     pub entries: u64,
     pub files: u64,
     pub bytes: u64,
+    /// Every entry, in archive order, with the sha256 of each file.
+    pub manifest: Manifest,
 }
 
 /// Turns an archive path into a clean relative path, or says why not.
@@ -200,16 +222,29 @@ pub fn unpack(reader: impl Read, dest: &Path, limits: &Limits) -> Result<UnpackS
             })
         }
     }
+    let (stats, dir_modes) = read(reader, Some(dest), limits)?;
+    set_dir_modes(dir_modes)?;
+    Ok(stats)
+}
+
+/// Reads a whole archive as `unpack` does, every rule checked and the
+/// compressed stream read to its verified end, writing nothing: what it
+/// holds and its manifest. The CLI signs this manifest at push.
+pub fn manifest_of(reader: impl Read, limits: &Limits) -> Result<UnpackStats, ArchiveError> {
+    read(reader, None, limits).map(|(stats, _)| stats)
+}
+
+fn read(reader: impl Read, dest: Option<&Path>, limits: &Limits) -> Result<(UnpackStats, Vec<DirMode>), ArchiveError> {
     // Our own buffer under the decoder, so that what follows the
     // compressed stream can be read once the stream ends.
     let mut buffered = io::BufReader::with_capacity(1 << 16, reader);
     let head = io::BufRead::fill_buf(&mut buffered).map_err(ArchiveError::Corrupt)?;
-    let (stats, dir_modes) = match Compression::sniff(head) {
+    match Compression::sniff(head) {
         Some(Compression::Gzip) => {
             let mut archive = tar::Archive::new(GzDecoder::new(buffered));
             let done = entries(&mut archive, dest, limits)?;
             check_end(archive.into_inner(), Compression::Gzip, |gz| gz.into_inner())?;
-            done
+            Ok(done)
         }
         Some(Compression::Zstd) => {
             // One frame: whatever follows it is trailing data, not a
@@ -220,67 +255,83 @@ pub fn unpack(reader: impl Read, dest: &Path, limits: &Limits) -> Result<UnpackS
             let mut archive = tar::Archive::new(zst);
             let done = entries(&mut archive, dest, limits)?;
             check_end(archive.into_inner(), Compression::Zstd, |z| z.finish())?;
-            done
+            Ok(done)
         }
-        None => {
-            return Err(ArchiveError::Corrupt(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "it starts with neither the gzip nor the zstd magic bytes",
-            )))
-        }
-    };
-    // Directory modes last, so a read-only directory does not stop us
-    // writing its children.
-    for (dir, mode) in dir_modes.into_iter().rev() {
-        fs::set_permissions(&dir, fs::Permissions::from_mode(mode)).map_err(|source| ArchiveError::Io {
-            entry: dir.display().to_string(),
-            source,
-        })?;
+        None => Err(ArchiveError::Corrupt(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "it starts with neither the gzip nor the zstd magic bytes",
+        ))),
     }
-    Ok(stats)
 }
 
 /// A directory and the mode it gets once its children are written.
-type DirMode = (PathBuf, u32);
+pub(crate) type DirMode = (PathBuf, u32);
 
-/// Extracts every entry of `archive` into `dest`, checking each.
-fn entries<R: Read>(
-    archive: &mut tar::Archive<R>,
-    dest: &Path,
-    limits: &Limits,
-) -> Result<(UnpackStats, Vec<DirMode>), ArchiveError> {
-    let mut kinds: HashMap<PathBuf, Kind> = HashMap::new();
-    let mut dir_modes: Vec<DirMode> = Vec::new();
-    let mut stats = UnpackStats::default();
+/// What an entry claims to be, as far as the rules care.
+pub(crate) enum Claim<'a> {
+    Dir,
+    /// A regular file of this many bytes.
+    File(u64),
+    Symlink(&'a Path),
+    HardLink(&'a Path),
+    Special(&'static str),
+}
 
-    for entry in archive.entries().map_err(ArchiveError::Corrupt)? {
-        let mut entry = entry.map_err(ArchiveError::Corrupt)?;
-        let raw = entry.path().map_err(ArchiveError::Corrupt)?.into_owned();
+/// An entry that passed the rules: its clean path, the ancestors to
+/// create before it (in order), and for a hard link the file it links to.
+pub(crate) struct Admitted {
+    pub rel: PathBuf,
+    pub new_dirs: Vec<PathBuf>,
+    pub link_to: Option<PathBuf>,
+}
+
+/// The rules every entry of a release tree must pass, whether it comes
+/// from an archive or from a manifest: relative clean paths, no
+/// duplicates, every ancestor a directory of the tree (never a symlink
+/// or a file), links inside the root, no device or FIFO nodes, no
+/// setuid/setgid unless allowed, bounded counts, sizes and ratio. Checks
+/// only; the caller makes what it admits.
+pub(crate) struct Checker<'l> {
+    limits: &'l Limits,
+    kinds: HashMap<PathBuf, Kind>,
+    pub stats: UnpackStats,
+}
+
+impl<'l> Checker<'l> {
+    pub fn new(limits: &'l Limits) -> Self {
+        Checker {
+            limits,
+            kinds: HashMap::new(),
+            stats: UnpackStats::default(),
+        }
+    }
+
+    /// Checks one entry; `Ok(None)` for the root directory itself.
+    pub fn admit(&mut self, raw: &Path, claim: Claim<'_>, mode: u32) -> Result<Option<Admitted>, ArchiveError> {
         let name = raw.display().to_string();
-        let rel = clean_path(&raw)?;
-        let etype = entry.header().entry_type();
-
-        stats.entries += 1;
-        if stats.entries > limits.max_entries {
+        let rel = clean_path(raw)?;
+        self.stats.entries += 1;
+        if self.stats.entries > self.limits.max_entries {
             return Err(ArchiveError::TooManyEntries {
-                limit: limits.max_entries,
+                limit: self.limits.max_entries,
             });
         }
         if rel.as_os_str().is_empty() {
-            // "./" itself: the root, which we created.
-            if etype == EntryType::Directory {
-                continue;
+            // "./" itself: the root, which the caller created.
+            if matches!(claim, Claim::Dir) {
+                return Ok(None);
             }
             return Err(ArchiveError::EmptyPath { entry: name });
         }
-        if kinds.contains_key(&rel) {
+        if self.kinds.contains_key(&rel) {
             return Err(ArchiveError::Duplicate { entry: name });
         }
-        // Every ancestor must be a directory this archive created (or be
-        // created now); never a symlink, never a file.
+        // Every ancestor must be a directory of this tree (or be created
+        // now); never a symlink, never a file.
+        let mut new_dirs = Vec::new();
         let ancestors: Vec<&Path> = rel.ancestors().skip(1).filter(|a| !a.as_os_str().is_empty()).collect();
         for a in ancestors.iter().rev() {
-            match kinds.get(*a) {
+            match self.kinds.get(*a) {
                 Some(Kind::Dir) => {}
                 Some(Kind::Symlink) => {
                     return Err(ArchiveError::ThroughSymlink {
@@ -295,42 +346,26 @@ fn entries<R: Read>(
                     })
                 }
                 None => {
-                    let p = dest.join(a);
-                    fs::create_dir(&p).map_err(|source| ArchiveError::Io {
-                        entry: name.clone(),
-                        source,
-                    })?;
-                    kinds.insert(a.to_path_buf(), Kind::Dir);
+                    self.kinds.insert(a.to_path_buf(), Kind::Dir);
+                    new_dirs.push(a.to_path_buf());
                 }
             }
         }
-
-        let mode = entry.header().mode().map_err(ArchiveError::Corrupt)? & 0o7777;
-        if mode & 0o6000 != 0 && !limits.allow_setid && etype != EntryType::Symlink {
+        if mode & 0o6000 != 0 && !self.limits.allow_setid && !matches!(claim, Claim::Symlink(_)) {
             return Err(ArchiveError::SetId { entry: name, mode });
         }
-        let target = dest.join(&rel);
-        let io_err = |source| ArchiveError::Io {
-            entry: name.clone(),
-            source,
-        };
-
-        match etype {
-            EntryType::Directory => {
-                fs::create_dir(&target).map_err(io_err)?;
-                dir_modes.push((target, mode));
-                kinds.insert(rel, Kind::Dir);
-            }
-            EntryType::Regular | EntryType::Continuous => {
-                let declared = entry.header().size().map_err(ArchiveError::Corrupt)?;
-                let total = stats.bytes.saturating_add(declared);
-                if total > limits.max_total_bytes {
+        let mut link_to = None;
+        let kind = match claim {
+            Claim::Dir => Kind::Dir,
+            Claim::File(declared) => {
+                let total = self.stats.bytes.saturating_add(declared);
+                if total > self.limits.max_total_bytes {
                     return Err(ArchiveError::TooLarge {
-                        limit: limits.max_total_bytes,
+                        limit: self.limits.max_total_bytes,
                         entry: name,
                     });
                 }
-                if let Some(r) = limits.max_ratio {
+                if let Some(r) = self.limits.max_ratio {
                     if total > r.compressed.max(1).saturating_mul(u64::from(r.max)) {
                         return Err(ArchiveError::TooHighRatio {
                             ratio: r.max,
@@ -339,64 +374,169 @@ fn entries<R: Read>(
                         });
                     }
                 }
-                let mut f = OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .custom_flags(nix::libc::O_NOFOLLOW)
-                    .open(&target)
-                    .map_err(io_err)?;
-                let written = copy_bounded(&mut entry, &mut f).map_err(io_err)?;
-                stats.bytes += written;
-                f.set_permissions(fs::Permissions::from_mode(mode)).map_err(io_err)?;
-                stats.files += 1;
-                kinds.insert(rel, Kind::File);
+                self.stats.bytes = total;
+                self.stats.files += 1;
+                Kind::File
             }
-            EntryType::Symlink => {
-                let link = entry
-                    .link_name()
-                    .map_err(ArchiveError::Corrupt)?
-                    .ok_or_else(|| ArchiveError::EmptyPath { entry: name.clone() })?
-                    .into_owned();
-                if resolve_inside(&rel, &link).is_none() {
+            Claim::Symlink(target) => {
+                if resolve_inside(&rel, target).is_none() {
                     return Err(ArchiveError::LinkEscapes {
                         entry: name,
-                        target: link.display().to_string(),
+                        target: target.display().to_string(),
                     });
                 }
-                std::os::unix::fs::symlink(&link, &target).map_err(io_err)?;
-                kinds.insert(rel, Kind::Symlink);
+                Kind::Symlink
             }
-            EntryType::Link => {
-                let link = entry
+            Claim::HardLink(target) => {
+                let bad = || ArchiveError::BadHardLink {
+                    entry: name.clone(),
+                    target: target.display().to_string(),
+                };
+                let target_rel = clean_path(target).map_err(|_| bad())?;
+                if self.kinds.get(&target_rel) != Some(&Kind::File) {
+                    return Err(bad());
+                }
+                link_to = Some(target_rel);
+                self.stats.files += 1;
+                Kind::File
+            }
+            Claim::Special(kind) => return Err(ArchiveError::SpecialFile { entry: name, kind }),
+        };
+        self.kinds.insert(rel.clone(), kind);
+        Ok(Some(Admitted { rel, new_dirs, link_to }))
+    }
+}
+
+/// Creates the directories an admitted entry needs above it.
+pub(crate) fn make_dirs(dest: &Path, a: &Admitted, name: &str) -> Result<(), ArchiveError> {
+    for d in &a.new_dirs {
+        fs::create_dir(dest.join(d)).map_err(|source| ArchiveError::Io {
+            entry: name.to_owned(),
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+/// Sets directory modes, deepest last-made first, so a read-only directory
+/// does not stop the writing of its children.
+pub(crate) fn set_dir_modes(dir_modes: Vec<DirMode>) -> Result<(), ArchiveError> {
+    for (dir, mode) in dir_modes.into_iter().rev() {
+        fs::set_permissions(&dir, fs::Permissions::from_mode(mode)).map_err(|source| ArchiveError::Io {
+            entry: dir.display().to_string(),
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+/// Checks every entry of `archive` and, with a `dest`, extracts it there;
+/// either way hashes every file into the manifest.
+fn entries<R: Read>(
+    archive: &mut tar::Archive<R>,
+    dest: Option<&Path>,
+    limits: &Limits,
+) -> Result<(UnpackStats, Vec<DirMode>), ArchiveError> {
+    let mut check = Checker::new(limits);
+    let mut dir_modes: Vec<DirMode> = Vec::new();
+    let mut manifest = Manifest {
+        format: crate::manifest::FORMAT,
+        entries: Vec::new(),
+    };
+
+    for entry in archive.entries().map_err(ArchiveError::Corrupt)? {
+        let mut entry = entry.map_err(ArchiveError::Corrupt)?;
+        let raw = entry.path().map_err(ArchiveError::Corrupt)?.into_owned();
+        let name = raw.display().to_string();
+        let etype = entry.header().entry_type();
+        let mode = entry.header().mode().map_err(ArchiveError::Corrupt)? & 0o7777;
+        let link = match etype {
+            EntryType::Symlink | EntryType::Link => Some(
+                entry
                     .link_name()
                     .map_err(ArchiveError::Corrupt)?
                     .ok_or_else(|| ArchiveError::EmptyPath { entry: name.clone() })?
-                    .into_owned();
-                let bad = || ArchiveError::BadHardLink {
-                    entry: name.clone(),
-                    target: link.display().to_string(),
-                };
-                let link_rel = clean_path(&link).map_err(|_| bad())?;
-                if kinds.get(&link_rel) != Some(&Kind::File) {
-                    return Err(bad());
+                    .into_owned(),
+            ),
+            _ => None,
+        };
+        let claim = match etype {
+            EntryType::Directory => Claim::Dir,
+            EntryType::Regular | EntryType::Continuous => {
+                Claim::File(entry.header().size().map_err(ArchiveError::Corrupt)?)
+            }
+            EntryType::Symlink => Claim::Symlink(link.as_deref().expect("read above")),
+            EntryType::Link => Claim::HardLink(link.as_deref().expect("read above")),
+            EntryType::Char => Claim::Special("character device"),
+            EntryType::Block => Claim::Special("block device"),
+            EntryType::Fifo => Claim::Special("FIFO"),
+            _ => Claim::Special("unsupported"),
+        };
+        let Some(admitted) = check.admit(&raw, claim, mode)? else {
+            continue;
+        };
+        let io_err = |source| ArchiveError::Io {
+            entry: name.clone(),
+            source,
+        };
+        if let Some(dest) = dest {
+            make_dirs(dest, &admitted, &name)?;
+        }
+        let target = dest.map(|d| d.join(&admitted.rel));
+        match etype {
+            EntryType::Directory => {
+                if let Some(target) = target {
+                    fs::create_dir(&target).map_err(io_err)?;
+                    dir_modes.push((target, mode));
                 }
-                fs::hard_link(dest.join(&link_rel), &target).map_err(io_err)?;
-                stats.files += 1;
-                kinds.insert(rel, Kind::File);
+                manifest.entries.push(ManifestEntry::dir(&admitted.rel, mode));
             }
-            other => {
-                let kind = match other {
-                    EntryType::Char => "character device",
-                    EntryType::Block => "block device",
-                    EntryType::Fifo => "FIFO",
-                    _ => "unsupported",
+            EntryType::Regular | EntryType::Continuous => {
+                let mut hasher = Hasher::new();
+                let written = match target {
+                    Some(target) => {
+                        let mut f = create_file(&target).map_err(io_err)?;
+                        let n = copy_hashing(&mut entry, &mut f, &mut hasher).map_err(io_err)?;
+                        f.set_permissions(fs::Permissions::from_mode(mode)).map_err(io_err)?;
+                        n
+                    }
+                    None => copy_hashing(&mut entry, &mut io::sink(), &mut hasher).map_err(io_err)?,
                 };
-                return Err(ArchiveError::SpecialFile { entry: name, kind });
+                manifest
+                    .entries
+                    .push(ManifestEntry::file(&admitted.rel, mode, written, hasher.finish()));
             }
+            EntryType::Symlink => {
+                let link = link.expect("a symlink has a target");
+                if let Some(target) = target {
+                    std::os::unix::fs::symlink(&link, &target).map_err(io_err)?;
+                }
+                manifest.entries.push(ManifestEntry::symlink(&admitted.rel, &link));
+            }
+            EntryType::Link => {
+                let to = admitted.link_to.as_ref().expect("admitted hard links name their file");
+                if let Some(target) = target {
+                    fs::hard_link(dest.expect("with a target").join(to), &target).map_err(io_err)?;
+                }
+                manifest.entries.push(ManifestEntry::hardlink(&admitted.rel, to));
+            }
+            _ => unreachable!("special entries are refused by the checker"),
         }
     }
+    let mut stats = check.stats;
+    stats.manifest = manifest;
     Ok((stats, dir_modes))
+}
+
+/// A new file that was not there, never through a link, private until its
+/// mode is set.
+pub fn create_file(target: &Path) -> io::Result<fs::File> {
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(target)
 }
 
 /// After the tar end-of-archive marker: reads the compressed stream to its
@@ -435,7 +575,8 @@ fn check_end<D: Read, B: io::BufRead>(
     }
 }
 
-fn copy_bounded(from: &mut impl Read, to: &mut impl Write) -> io::Result<u64> {
+/// Copies `from` to `to`, hashing what passes; returns the byte count.
+pub fn copy_hashing(from: &mut impl Read, to: &mut impl Write, hasher: &mut Hasher) -> io::Result<u64> {
     let mut buf = vec![0u8; 128 * 1024];
     let mut total = 0u64;
     loop {
@@ -443,6 +584,7 @@ fn copy_bounded(from: &mut impl Read, to: &mut impl Write) -> io::Result<u64> {
         if n == 0 {
             return Ok(total);
         }
+        hasher.update(&buf[..n]);
         to.write_all(&buf[..n])?;
         total += n as u64;
     }

@@ -15,6 +15,7 @@ pub mod digest;
 pub mod fsutil;
 pub mod http;
 pub mod identity;
+pub mod manifest;
 pub mod names;
 pub mod observe;
 pub mod ops;

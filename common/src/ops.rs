@@ -18,8 +18,13 @@ pub struct ActivateCommand {
     pub version: Version,
     pub digest: Digest,
     pub size: u64,
-    /// ed25519 over app, version and digest, when the release was signed.
+    /// ed25519 over app, version, digest and manifest, when the release
+    /// was signed.
     pub signature: Option<Vec<u8>>,
+    /// The sha256 of the release's manifest, when the controller has one:
+    /// a host that holds some of its contents stages from it (delta).
+    #[serde(default)]
+    pub manifest: Option<Digest>,
     /// The environment's configuration rendered for this release: written
     /// into the staged tree before the switch. Never stored (it may hold
     /// secrets): the controller renders it when it sends the command.

@@ -1,9 +1,13 @@
 //! Artifact signatures (ed25519).
 //!
-//! A signature covers the app, the version and the sha256 digest together,
-//! so a signed artifact cannot be replayed as another app or version. The
-//! agent checks it against keys in its own configuration; the controller
-//! only carries it.
+//! A signature covers the app, the version, the artifact's sha256 and the
+//! sha256 of its manifest together, so a signed artifact cannot be
+//! replayed as another app or version, and a host that builds the release
+//! from its manifest (delta staging) gets no content the signer did not
+//! sign. Signatures made before manifests existed cover the first three
+//! only; they still verify, for the whole artifact only. The agent checks
+//! signatures against keys in its own configuration; the controller only
+//! carries them.
 
 use std::io::Read;
 use std::path::Path;
@@ -23,9 +27,30 @@ pub enum SigningError {
     BadSignature(usize),
 }
 
-/// The bytes a signature covers.
-pub fn message(app: &AppName, version: &Version, digest: &Digest) -> Vec<u8> {
-    format!("convoy-artifact-v1\n{app}\n{version}\n{}\n", digest.to_hex()).into_bytes()
+/// The bytes a signature covers: with a manifest (v2), or without (v1,
+/// signatures made before manifests existed).
+pub fn message(app: &AppName, version: &Version, digest: &Digest, manifest: Option<&Digest>) -> Vec<u8> {
+    match manifest {
+        Some(m) => format!(
+            "convoy-artifact-v2\n{app}\n{version}\n{}\n{}\n",
+            digest.to_hex(),
+            m.to_hex()
+        ),
+        None => format!("convoy-artifact-v1\n{app}\n{version}\n{}\n", digest.to_hex()),
+    }
+    .into_bytes()
+}
+
+/// What a verified signature vouches for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Covers {
+    /// This host trusts no keys: the sha256 the controller gave is all.
+    NoKeys,
+    /// The artifact only (a v1 signature): the manifest is not vouched
+    /// for, so the release must be staged from the whole artifact.
+    Artifact,
+    /// The artifact and its manifest.
+    ArtifactAndManifest,
 }
 
 /// A trusted public key, written as `ed25519:<64 hex digits>`.
@@ -84,28 +109,38 @@ impl PrivateKey {
         PublicKey(self.0.verifying_key())
     }
 
-    pub fn sign(&self, app: &AppName, version: &Version, digest: &Digest) -> Vec<u8> {
-        self.0.sign(&message(app, version, digest)).to_bytes().to_vec()
+    /// Signs an artifact and its manifest.
+    pub fn sign(&self, app: &AppName, version: &Version, digest: &Digest, manifest: &Digest) -> Vec<u8> {
+        self.sign_message(&message(app, version, digest, Some(manifest)))
+    }
+
+    pub fn sign_message(&self, msg: &[u8]) -> Vec<u8> {
+        self.0.sign(msg).to_bytes().to_vec()
     }
 }
 
 /// Checks `signature` when `trusted` is not empty; with no trusted keys
-/// every artifact is accepted (its sha256 is still checked).
+/// every artifact is accepted (its sha256 is still checked). A signature
+/// over the artifact and `manifest` covers both; one over the artifact
+/// alone (v1) covers only it.
 pub fn verify(
     trusted: &[PublicKey],
     app: &AppName,
     version: &Version,
     digest: &Digest,
+    manifest: Option<&Digest>,
     signature: Option<&[u8]>,
-) -> Result<(), SigningError> {
+) -> Result<Covers, SigningError> {
     if trusted.is_empty() {
-        return Ok(());
+        return Ok(Covers::NoKeys);
     }
     let sig = signature.ok_or(SigningError::Unsigned(trusted.len()))?;
     let sig = Signature::from_slice(sig).map_err(|_| SigningError::BadSignature(trusted.len()))?;
-    let msg = message(app, version, digest);
-    if trusted.iter().any(|k| k.0.verify(&msg, &sig).is_ok()) {
-        Ok(())
+    let verifies = |msg: Vec<u8>| trusted.iter().any(|k| k.0.verify(&msg, &sig).is_ok());
+    if manifest.is_some_and(|m| verifies(message(app, version, digest, Some(m)))) {
+        Ok(Covers::ArtifactAndManifest)
+    } else if verifies(message(app, version, digest, None)) {
+        Ok(Covers::Artifact)
     } else {
         Err(SigningError::BadSignature(trusted.len()))
     }
@@ -116,7 +151,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn signatures_bind_app_version_and_digest() {
+    fn signatures_bind_app_version_digest_and_manifest() {
         let key = PrivateKey::generate().unwrap();
         let other = PrivateKey::generate().unwrap();
         let trusted = [key.public()];
@@ -126,24 +161,30 @@ mod tests {
             Version::new("2").unwrap(),
         );
         let d = Digest::of_bytes(b"artifact");
-        let sig = key.sign(&app, &v1, &d);
-        verify(&trusted, &app, &v1, &d, Some(&sig)).unwrap();
-        // Replayed under another version, over other bytes, or by another key.
-        assert!(verify(&trusted, &app, &v2, &d, Some(&sig)).is_err());
-        assert!(verify(&trusted, &app, &v1, &Digest::of_bytes(b"evil"), Some(&sig)).is_err());
-        let forged = other.sign(&app, &v1, &d);
+        let m = Digest::of_bytes(b"manifest");
+        let sig = key.sign(&app, &v1, &d, &m);
+        let check = |v: &Version, d: &Digest, m: Option<&Digest>, s: Option<&[u8]>| verify(&trusted, &app, v, d, m, s);
+        assert_eq!(
+            check(&v1, &d, Some(&m), Some(&sig)).unwrap(),
+            Covers::ArtifactAndManifest
+        );
+        // Replayed under another version, over other bytes, with another
+        // manifest or none, or by another key.
+        assert!(check(&v2, &d, Some(&m), Some(&sig)).is_err());
+        assert!(check(&v1, &Digest::of_bytes(b"evil"), Some(&m), Some(&sig)).is_err());
+        assert!(check(&v1, &d, Some(&Digest::of_bytes(b"smuggled")), Some(&sig)).is_err());
+        assert!(check(&v1, &d, None, Some(&sig)).is_err());
+        let forged = other.sign(&app, &v1, &d, &m);
         assert!(matches!(
-            verify(&trusted, &app, &v1, &d, Some(&forged)),
+            check(&v1, &d, Some(&m), Some(&forged)),
             Err(SigningError::BadSignature(1))
         ));
-        assert!(matches!(
-            verify(&trusted, &app, &v1, &d, None),
-            Err(SigningError::Unsigned(1))
-        ));
-        assert!(
-            verify(&[], &app, &v1, &d, None).is_ok(),
-            "no trusted keys: signatures optional"
-        );
+        assert!(matches!(check(&v1, &d, Some(&m), None), Err(SigningError::Unsigned(1))));
+        // A signature made before manifests (v1) vouches for the artifact only.
+        let old = key.sign_message(&message(&app, &v1, &d, None));
+        assert_eq!(check(&v1, &d, Some(&m), Some(&old)).unwrap(), Covers::Artifact);
+        assert_eq!(check(&v1, &d, None, Some(&old)).unwrap(), Covers::Artifact);
+        assert_eq!(verify(&[], &app, &v1, &d, None, None).unwrap(), Covers::NoKeys);
         // Keys round-trip through their text forms.
         assert_eq!(PublicKey::parse(&key.public().to_string()).unwrap(), key.public());
         assert!(PublicKey::parse("ed25519:zz").is_err());

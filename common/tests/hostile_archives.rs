@@ -7,7 +7,11 @@
 use std::fs;
 use std::io::Write;
 
+use std::collections::HashMap;
+
 use convoy_common::archive::{unpack, Limits};
+use convoy_common::manifest::{self, kind, Manifest, ManifestEntry};
+use convoy_common::Digest;
 use flate2::write::GzEncoder;
 use tar::{EntryType, Header};
 
@@ -174,11 +178,127 @@ fn zstd(data: &[u8]) -> Vec<u8> {
     z.finish().unwrap()
 }
 
-/// Each hostile tree is refused the same way, gzip- or zstd-compressed.
+/// Each hostile tree is refused the same way, gzip- or zstd-compressed,
+/// and as a manifest (its twin: the same entries, each file by sha256).
 fn check_entries(case: &str, entries: Vec<E>, expect: &str) {
     let tar = tar_bytes(&entries);
     check(case, gzip(&tar), Limits::default(), expect);
     check(&format!("{case} (zstd)"), zstd(&tar), Limits::default(), expect);
+    // A manifest has no kind for devices or FIFOs: its twin of one is an
+    // entry of a kind this host does not know.
+    let special = entries
+        .iter()
+        .any(|e| matches!(e.kind, EntryType::Char | EntryType::Block | EntryType::Fifo));
+    let expect = if special {
+        "unknown entries are not allowed"
+    } else {
+        expect
+    };
+    check_manifest(
+        &format!("{case} (manifest)"),
+        &twin(&entries),
+        Limits::default(),
+        expect,
+    );
+}
+
+/// The manifest twin of a raw entry list: GNU long names and PAX headers
+/// apply to the entry after them, as a tar reader applies them.
+fn twin(entries: &[E]) -> Twin {
+    let mut out = Vec::new();
+    let mut contents = HashMap::new();
+    let (mut name, mut link): (Option<Vec<u8>>, Option<Vec<u8>>) = (None, None);
+    for e in entries {
+        match e.kind {
+            EntryType::GNULongName => {
+                name = Some(e.data.iter().copied().take_while(|b| *b != 0).collect());
+                continue;
+            }
+            EntryType::XHeader => {
+                let rec = String::from_utf8(e.data.clone()).unwrap();
+                let (_, kv) = rec.trim_end().split_once(' ').unwrap();
+                let (k, v) = kv.split_once('=').unwrap();
+                match k {
+                    "path" => name = Some(v.into()),
+                    "linkpath" => link = Some(v.into()),
+                    _ => {}
+                }
+                continue;
+            }
+            _ => {}
+        }
+        let kind = match e.kind {
+            EntryType::Directory => kind::DIR,
+            EntryType::Regular => kind::FILE,
+            EntryType::Symlink => kind::SYMLINK,
+            EntryType::Link => kind::HARDLINK,
+            _ => 99,
+        };
+        out.push(ManifestEntry {
+            path: name.take().unwrap_or_else(|| e.name.clone()),
+            kind,
+            mode: e.mode,
+            size: e.data.len() as u64,
+            sha256: if kind == kind::FILE {
+                let sha = Digest::of_bytes(&e.data).as_bytes().to_vec();
+                contents.insert(sha.clone(), e.data.clone());
+                sha
+            } else {
+                vec![]
+            },
+            link: link.take().unwrap_or_else(|| e.link.clone()),
+        });
+    }
+    Twin {
+        manifest: Manifest {
+            format: convoy_common::manifest::FORMAT,
+            entries: out,
+        },
+        contents,
+    }
+}
+
+/// A manifest and the contents its files name.
+struct Twin {
+    manifest: Manifest,
+    contents: HashMap<Vec<u8>, Vec<u8>>,
+}
+
+/// Builds `m` as delta staging does, each file's bytes coming from
+/// `content` (by sha256), and checks the error and that nothing escaped.
+fn check_manifest_with(
+    case: &str,
+    m: &Manifest,
+    limits: Limits,
+    content: &dyn Fn(&ManifestEntry) -> Vec<u8>,
+    expect: &str,
+) {
+    let sandbox = tempfile::tempdir().unwrap();
+    let dest = sandbox.path().join("staging").join("release");
+    fs::create_dir_all(dest.parent().unwrap()).unwrap();
+    let built = manifest::apply(m, &dest, &limits, |e, at| {
+        let data = content(e);
+        let mut f = convoy_common::archive::create_file(at)?;
+        f.write_all(&data)?;
+        Ok((data.len() as u64, Digest::of_bytes(&data)))
+    });
+    let err = match built {
+        Ok(stats) => panic!("{case}: hostile manifest was accepted ({stats:?})"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains(expect), "{case}: error {err:?} should contain {expect:?}");
+    let top: Vec<_> = fs::read_dir(sandbox.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(top, vec!["staging"], "{case}: wrote outside staging");
+    println!("| {case} | `{err}` |");
+}
+
+/// Each file's content is what its entry's sha256 was made from.
+fn check_manifest(case: &str, t: &Twin, limits: Limits, expect: &str) {
+    let honest = |e: &ManifestEntry| t.contents.get(&e.sha256).cloned().unwrap_or_default();
+    check_manifest_with(case, &t.manifest, limits, &honest, expect);
 }
 
 #[test]
@@ -296,24 +416,29 @@ fn hostile_corpus_is_refused() {
     );
 
     let many: Vec<E> = (0..11).map(|i| file(&format!("f{i}"), "x")).collect();
+    let ten = || Limits {
+        max_entries: 10,
+        ..Limits::default()
+    };
     check(
         "too many entries",
         gzip(&tar_bytes(&many)),
-        Limits {
-            max_entries: 10,
-            ..Limits::default()
-        },
+        ten(),
         "more than 10 entries",
     );
-    check(
-        "too large",
-        gzip(&tar_bytes(&[file("big", &"x".repeat(5000))])),
-        Limits {
-            max_total_bytes: 4096,
-            ..Limits::default()
-        },
-        "more than 4096 bytes",
+    check_manifest(
+        "too many entries (manifest)",
+        &twin(&many),
+        ten(),
+        "more than 10 entries",
     );
+    let big = [file("big", &"x".repeat(5000))];
+    let small = || Limits {
+        max_total_bytes: 4096,
+        ..Limits::default()
+    };
+    check("too large", gzip(&tar_bytes(&big)), small(), "more than 4096 bytes");
+    check_manifest("too large (manifest)", &twin(&big), small(), "more than 4096 bytes");
     check(
         "neither gzip nor zstd (a zip)",
         b"PK\x03\x04 this is a zip".to_vec(),
@@ -511,4 +636,108 @@ fn links_inside_the_release_are_fine() {
     assert_eq!(stats.files, 2);
     assert_eq!(fs::read(dest.join("h")).unwrap(), b"data");
     assert_eq!(fs::read(dest.join("cur")).unwrap(), b"data");
+}
+
+/// What only a manifest can lie about: a file's bytes (tampered content,
+/// a wrong size), its own encoding, its format, its length; and the
+/// ratio bound, which holds for a manifest against its artifact's size.
+#[test]
+fn manifests_that_lie_are_refused() {
+    use convoy_common::archive::Ratio;
+    println!("| case | error |\n| --- | --- |");
+    let t = twin(&[dir("bin/"), file("bin/app", "#!/bin/sh\necho ok\n")]);
+    check_manifest_with(
+        "tampered content",
+        &t.manifest,
+        Limits::default(),
+        &|_| b"#!/bin/sh\nrm -rf /\n".to_vec(),
+        "its content is not what the manifest says",
+    );
+    let mut short = t.manifest.clone();
+    short.entries[1].size -= 1;
+    check_manifest(
+        "size that does not match the content",
+        &Twin {
+            manifest: short,
+            contents: t.contents.clone(),
+        },
+        Limits::default(),
+        "its content is not what the manifest says",
+    );
+    let mut no_sha = t.manifest.clone();
+    no_sha.entries[1].sha256.clear();
+    check_manifest(
+        "file without a sha256",
+        &Twin {
+            manifest: no_sha,
+            contents: t.contents.clone(),
+        },
+        Limits::default(),
+        "a file entry without a sha256",
+    );
+    let zeros = twin(&[file("zeros", &"\0".repeat(1 << 20))]);
+    let ratio = Limits {
+        max_ratio: Some(Ratio {
+            max: 100,
+            compressed: 1000,
+        }),
+        ..Limits::default()
+    };
+    check_manifest(
+        "expands over 100x its artifact",
+        &zeros,
+        ratio,
+        "more than 100 times its",
+    );
+
+    let bytes = t.manifest.encode();
+    let err = Manifest::decode(&bytes[..bytes.len() - 3], 100)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("manifest is corrupt"), "{err}");
+    println!("| truncated manifest | `{err}` |");
+    let mut future = t.manifest.clone();
+    future.format = 2;
+    let err = Manifest::decode(&future.encode(), 100).unwrap_err().to_string();
+    assert!(err.contains("format 2 is not one this host reads"), "{err}");
+    println!("| unknown format | `{err}` |");
+    let err = Manifest::decode(&bytes, 1).unwrap_err().to_string();
+    assert!(err.contains("more than 1 entries"), "{err}");
+    println!("| more entries than the host allows | `{err}` |");
+
+    // Control case: the honest manifest builds the tree a full unpack makes.
+    let entries = || {
+        vec![
+            dir("a/"),
+            file("a/f", "data"),
+            symlink("cur", "a/f"),
+            hardlink("h", "a/f"),
+            symlink("a/up", "../cur"),
+        ]
+    };
+    let sandbox = tempfile::tempdir().unwrap();
+    let (full, delta) = (sandbox.path().join("full"), sandbox.path().join("delta"));
+    let unpacked = unpack(&gzip(&tar_bytes(&entries()))[..], &full, &Limits::default()).unwrap();
+    let t = twin(&entries());
+    assert_eq!(unpacked.manifest.digest(), {
+        let mut m = t.manifest.clone();
+        // The archive's manifest names clean paths.
+        m.entries[0].path = b"a".to_vec();
+        // A hard link has the mode of the file it names.
+        m.entries[3].mode = 0;
+        m.digest()
+    });
+    manifest::apply(&t.manifest, &delta, &Limits::default(), |e, at| {
+        let data = &t.contents[&e.sha256];
+        convoy_common::archive::create_file(at)?.write_all(data)?;
+        Ok((data.len() as u64, Digest::of_bytes(data)))
+    })
+    .unwrap();
+    for p in ["a/f", "h", "cur"] {
+        assert_eq!(fs::read(full.join(p)).unwrap(), fs::read(delta.join(p)).unwrap(), "{p}");
+    }
+    assert_eq!(
+        fs::read_link(delta.join("a/up")).unwrap(),
+        std::path::Path::new("../cur")
+    );
 }

@@ -1,6 +1,13 @@
 //! Content-addressed artifact storage: `<data_dir>/artifacts/<sha256>`.
 //! A blob is written under a temporary name while it is hashed and renamed
 //! to its digest only once complete, so a stored name always matches.
+//!
+//! Beside each artifact, for delta staging: its manifest
+//! (`artifacts/<sha256>.manifest`) and every file content it holds,
+//! zstd-compressed once and served as is to every host that lacks it
+//! (`contents/<ab>/<sha256>.zst`, shared by all releases). Both are made
+//! from the artifact when it is pushed, and again from the artifact alone
+//! when a controller lacks them (one that did not take the push).
 
 use std::path::{Path, PathBuf};
 
@@ -10,6 +17,9 @@ use tokio::io::AsyncWriteExt;
 
 pub struct Artifacts {
     dir: PathBuf,
+    contents: PathBuf,
+    /// One manifest made at a time (each is a pass over a whole artifact).
+    making: tokio::sync::Mutex<()>,
 }
 
 /// A blob being received.
@@ -24,6 +34,8 @@ impl Artifacts {
     pub fn open(data_dir: &Path) -> std::io::Result<Self> {
         let dir = data_dir.join("artifacts");
         std::fs::create_dir_all(&dir)?;
+        let contents = data_dir.join("contents");
+        std::fs::create_dir_all(&contents)?;
         // Leftovers of interrupted uploads and checks.
         for e in std::fs::read_dir(&dir)?.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
@@ -33,7 +45,71 @@ impl Artifacts {
                 let _ = std::fs::remove_dir_all(e.path());
             }
         }
-        Ok(Self { dir })
+        Ok(Self {
+            dir,
+            contents,
+            making: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// Where a file content is kept, zstd-compressed.
+    pub fn content_path(&self, d: &Digest) -> PathBuf {
+        let hex = d.to_hex();
+        self.contents.join(&hex[..2]).join(format!("{hex}.zst"))
+    }
+
+    fn manifest_path(&self, artifact: &Digest) -> PathBuf {
+        self.dir.join(format!("{}.manifest", artifact.to_hex()))
+    }
+
+    /// The manifest of a stored artifact (its bytes and sha256), made now
+    /// with its contents if this controller has none yet; `None` when the
+    /// artifact is not here.
+    pub async fn manifest(&self, artifact: &Digest) -> std::io::Result<Option<(Vec<u8>, Digest)>> {
+        let path = self.manifest_path(artifact);
+        if let Ok(bytes) = tokio::fs::read(&path).await {
+            let d = Digest::of_bytes(&bytes);
+            return Ok(Some((bytes, d)));
+        }
+        let source = self.path(artifact);
+        if !source.exists() {
+            return Ok(None);
+        }
+        let _one = self.making.lock().await;
+        if let Ok(bytes) = tokio::fs::read(&path).await {
+            let d = Digest::of_bytes(&bytes);
+            return Ok(Some((bytes, d)));
+        }
+        let scratch = self.dir.join(format!("{}.check", uuid::Uuid::new_v4()));
+        let contents = self.contents.clone();
+        let made = tokio::task::spawn_blocking(move || -> std::io::Result<archive::UnpackStats> {
+            std::fs::create_dir(&scratch)?;
+            let r = std::fs::File::open(&source).and_then(|f| {
+                let tree = scratch.join("tree");
+                let stats = archive::unpack(
+                    std::io::BufReader::with_capacity(1 << 20, f),
+                    &tree,
+                    &archive::Limits::unbounded(),
+                )
+                .map_err(std::io::Error::other)?;
+                store_contents(&contents, &tree, &stats.manifest)?;
+                Ok(stats)
+            });
+            let _ = std::fs::remove_dir_all(&scratch);
+            r
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        let d = self.keep_manifest(artifact, &made.manifest)?;
+        tracing::info!(%artifact, manifest = %d, "manifest and contents made from the artifact");
+        Ok(Some((made.manifest.encode(), d)))
+    }
+
+    /// Writes an artifact's manifest; returns its sha256.
+    pub fn keep_manifest(&self, artifact: &Digest, m: &convoy_common::manifest::Manifest) -> std::io::Result<Digest> {
+        let bytes = m.encode();
+        fsutil::write_atomic(&self.manifest_path(artifact), &bytes, 0o644)?;
+        Ok(Digest::of_bytes(&bytes))
     }
 
     pub fn path(&self, digest: &Digest) -> PathBuf {
@@ -61,6 +137,7 @@ impl Artifacts {
         inc.file.flush().await.map_err(archive::ArchiveError::Corrupt)?;
         let scratch = self.dir.join(format!("{}.check", uuid::Uuid::new_v4()));
         let file = inc.tmp.clone();
+        let contents = self.contents.clone();
         tokio::task::spawn_blocking(move || {
             let r = std::fs::create_dir(&scratch)
                 .and_then(|()| std::fs::File::open(&file))
@@ -72,10 +149,14 @@ impl Artifacts {
                         &limits,
                     )
                 })
-                .map(|stats| Checked {
-                    stats,
-                    units: unit_files(&scratch.join("tree/systemd")),
-                    config: declared_config(&scratch.join("tree")),
+                .and_then(|stats| {
+                    store_contents(&contents, &scratch.join("tree"), &stats.manifest)
+                        .map_err(archive::ArchiveError::Corrupt)?;
+                    Ok(Checked {
+                        units: unit_files(&scratch.join("tree/systemd")),
+                        config: declared_config(&scratch.join("tree")),
+                        stats,
+                    })
                 });
             let _ = std::fs::remove_dir_all(&scratch);
             r
@@ -143,6 +224,40 @@ impl Incoming {
     pub async fn abort(self) {
         let _ = tokio::fs::remove_file(&self.tmp).await;
     }
+}
+
+/// Compresses each file content of `tree` that `contents` lacks, once.
+fn store_contents(contents: &Path, tree: &Path, m: &convoy_common::manifest::Manifest) -> std::io::Result<()> {
+    let mut done = std::collections::HashSet::new();
+    for e in &m.entries {
+        let Some(d) = e.content() else { continue };
+        if !done.insert(d) {
+            continue;
+        }
+        let hex = d.to_hex();
+        let dir = contents.join(&hex[..2]);
+        let path = dir.join(format!("{hex}.zst"));
+        if path.exists() {
+            continue;
+        }
+        std::fs::create_dir_all(&dir)?;
+        let tmp = dir.join(format!("{hex}.{}.tmp", uuid::Uuid::new_v4()));
+        let r = (|| {
+            let mut from = std::fs::File::open(tree.join(e.path()))?;
+            let mut z = zstd::stream::write::Encoder::new(std::fs::File::create(&tmp)?, 3)?;
+            z.include_checksum(true)?;
+            std::io::copy(&mut from, &mut z)?;
+            z.finish()?;
+            std::fs::rename(&tmp, &path)
+        })();
+        if r.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        r?;
+    }
+    // One syncfs makes them all durable before the release is recorded.
+    let d = std::fs::File::open(contents)?;
+    nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&d)).map_err(std::io::Error::from)
 }
 
 /// What a pushed archive holds, read while it is checked.

@@ -206,6 +206,7 @@ impl From<&ActivateCommand> for pb::Activate {
             digest: c.digest.to_hex(),
             size: c.size,
             signature: c.signature.clone().unwrap_or_default(),
+            manifest_digest: c.manifest.map(|m| m.to_hex()).unwrap_or_default(),
             config: c.config.as_ref().map(|r| pb::Config {
                 revision: r.revision,
                 files: r
@@ -236,6 +237,10 @@ impl TryFrom<pb::Activate> for ActivateCommand {
             digest: Digest::parse(&a.digest).map_err(|e| bad(T, "digest", e))?,
             size: a.size,
             signature: Some(a.signature).filter(|s| !s.is_empty()),
+            manifest: match a.manifest_digest.as_str() {
+                "" => None,
+                m => Some(Digest::parse(m).map_err(|e| bad(T, "manifest_digest", e))?),
+            },
             config: match a.config {
                 None => None,
                 Some(c) => {
@@ -628,10 +633,14 @@ command = ["bin/check"]
             digest: Digest::of_bytes(b"x"),
             size: 42,
             signature: Some(vec![7; 64]),
+            manifest: Some(Digest::of_bytes(b"m")),
             config: None,
         };
         let wire = pb::Activate::from(&cmd);
         assert_eq!(ActivateCommand::try_from(wire).unwrap(), cmd);
+        let mut wire = pb::Activate::from(&cmd);
+        wire.manifest_digest = "not hex".into();
+        assert_eq!(ActivateCommand::try_from(wire).unwrap_err().field, "manifest_digest");
     }
 
     #[test]
@@ -643,6 +652,7 @@ command = ["bin/check"]
             digest: Digest::of_bytes(b"x"),
             size: 42,
             signature: None,
+            manifest: None,
             config: None,
         };
         let mut wire = pb::Activate::from(&cmd);

@@ -32,7 +32,7 @@ use crate::agent::Agent;
 use crate::crash::crash_point;
 use crate::fetch::{self, FetchError};
 use crate::store::{AppDirs, Inflight, Journal, Phase, ReleaseMeta};
-use crate::{backup, health, hooks, switch, units};
+use crate::{backup, delta, health, hooks, switch, units};
 
 mod configure;
 mod restore;
@@ -333,6 +333,7 @@ pub fn rollback_command(store: &crate::store::Store, cmd: &RollbackCommand) -> R
         digest: meta.digest,
         size: meta.size,
         signature: None,
+        manifest: None,
         config: None,
     })
 }

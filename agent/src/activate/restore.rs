@@ -177,6 +177,7 @@ async fn recover_one(agent: &Agent, app: AppName, mut j: Journal, inflight: Infl
         digest: convoy_common::Digest::of_bytes(b""),
         size: 0,
         signature: None,
+        manifest: None,
         config: None,
     };
     let reason = format!(

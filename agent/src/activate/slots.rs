@@ -382,6 +382,7 @@ pub async fn promote(agent: Arc<Agent>, cmd: PromoteCommand) -> OpReport {
         digest: convoy_common::Digest::of_bytes(b""),
         size: 0,
         signature: None,
+        manifest: None,
         config: None,
     };
     let report = finish(&agent, &like, j.clone(), Outcome::Succeeded, String::new(), said);

@@ -72,6 +72,11 @@ pub(super) async fn stage(
             )),
         };
     }
+    if let Some(manifest) = cmd.manifest {
+        if let Some(done) = stage_delta(agent, channel, cmd, dirs, manifest).await? {
+            return Ok(done);
+        }
+    }
     let part = dirs.staging.join(format!("{}.part", cmd.digest));
     // The archive is unpacked on its own thread while its bytes arrive,
     // into staging: nothing is renamed into `releases/` before the digest
@@ -120,7 +125,8 @@ pub(super) async fn stage(
     // whether someone this host trusts made the artifact. Checked before
     // anything unpacked is used, whatever the controller claims.
     let sig = cmd.signature.as_deref();
-    if let Err(e) = convoy_common::signing::verify(&agent.trusted_keys, app, &cmd.version, &cmd.digest, sig) {
+    let manifest = cmd.manifest.as_ref();
+    if let Err(e) = convoy_common::signing::verify(&agent.trusted_keys, app, &cmd.version, &cmd.digest, manifest, sig) {
         let _ = fs::remove_dir_all(&unpack_dir);
         let _ = fs::remove_file(&part);
         return Err(e.to_string());
@@ -146,6 +152,7 @@ pub(super) async fn stage(
             },
         )
         .map_err(|e| e.to_string())?;
+    keep_manifest(dirs, &cmd.version, &stats.manifest)?;
     fs::rename(&unpack_dir, &release).map_err(|e| format!("moving release into place: {e}"))?;
     fsutil::fsync_dir(&dirs.releases).map_err(|e| e.to_string())?;
     let _ = fs::remove_file(&part);
@@ -155,12 +162,158 @@ pub(super) async fn stage(
     ))
 }
 
+/// Keeps a staged release's manifest: the index of what this host holds.
+fn keep_manifest(dirs: &AppDirs, v: &Version, m: &convoy_common::manifest::Manifest) -> Result<(), String> {
+    let path = delta::manifest_path(dirs, v);
+    fsutil::write_atomic(&path, &m.encode(), 0o600).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Stages the release from its manifest when this host holds some of its
+/// contents and the manifest is vouched for (signed with the artifact,
+/// or no keys trusted); `Ok(None)`: stage from the whole artifact.
+async fn stage_delta(
+    agent: &Agent,
+    channel: &Channel,
+    cmd: &ActivateCommand,
+    dirs: &AppDirs,
+    manifest: convoy_common::Digest,
+) -> Result<Option<String>, String> {
+    use convoy_common::signing::{verify, Covers};
+    let app = &cmd.spec.app;
+    let sig = cmd.signature.as_deref();
+    let covers = verify(
+        &agent.trusted_keys,
+        app,
+        &cmd.version,
+        &cmd.digest,
+        Some(&manifest),
+        sig,
+    )
+    .map_err(|e| e.to_string())?;
+    if covers == Covers::Artifact {
+        tracing::info!(%app, version = %cmd.version, "signed before manifests: staging the whole artifact");
+        return Ok(None);
+    }
+    let index = {
+        let (spec, dirs) = (cmd.spec.clone(), dirs.clone());
+        tokio::task::spawn_blocking(move || delta::Index::of(&spec, &dirs))
+            .await
+            .map_err(|e| format!("index task: {e}"))?
+    };
+    if index.is_empty() {
+        return Ok(None);
+    }
+    let limits = Limits::of(&cmd.spec, cmd.size);
+    let (m, manifest_bytes) = delta::fetch_manifest(channel.clone(), cmd.digest, manifest, limits.max_entries).await?;
+    let plan = delta::Plan::new(m, &index);
+    if plan.reused.0 == 0 {
+        tracing::info!(%app, version = %cmd.version, "nothing in common with the releases here: staging the whole artifact");
+        return Ok(None);
+    }
+    let contents = delta::contents_dir(dirs, &cmd.version);
+    let fetched = delta::fetch_contents(channel.clone(), cmd.digest, &plan.missing, &contents).await?;
+    crash_point("after-fetch");
+    let unpack_dir = dirs.staging.join(format!("{}.unpack", cmd.version));
+    let _ = fs::remove_dir_all(&unpack_dir);
+    // Contents a kept file held when it was indexed, changed since.
+    let refetched = Arc::new(std::sync::Mutex::new((0usize, 0u64)));
+    let built = {
+        let (dir, version, contents, counter) = (
+            unpack_dir.clone(),
+            cmd.version.clone(),
+            contents.clone(),
+            refetched.clone(),
+        );
+        let (channel, artifact, runtime) = (channel.clone(), cmd.digest, tokio::runtime::Handle::current());
+        tokio::task::spawn_blocking(move || -> Result<(archive::UnpackStats, delta::Plan), String> {
+            let refetch = |d, size| {
+                let f = runtime.block_on(delta::fetch_contents(
+                    channel.clone(),
+                    artifact,
+                    &[(d, size)],
+                    &contents,
+                ))?;
+                let mut c = counter.lock().unwrap();
+                c.0 += 1;
+                c.1 += f.wire;
+                Ok(())
+            };
+            let stats = delta::build(&plan, &dir, &limits, &index, &contents, refetch)?;
+            switch::write_marker(&dir, &version).map_err(|e| format!("writing release marker: {e}"))?;
+            let d = fs::File::open(&dir).map_err(|e| e.to_string())?;
+            nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&d)).map_err(|e| format!("syncfs: {e}"))?;
+            Ok((stats, plan))
+        })
+        .await
+        .map_err(|e| format!("delta build task: {e}"))
+        .and_then(|r| r)
+    };
+    let (stats, plan) = match built {
+        Ok(b) => b,
+        Err(e) => {
+            let _ = fs::remove_dir_all(&unpack_dir);
+            let _ = fs::remove_dir_all(&contents);
+            return Err(e);
+        }
+    };
+    let (refetched, refetched_wire) = *refetched.lock().unwrap();
+    crash_point("after-unpack");
+    agent
+        .store
+        .write_release_meta(
+            app,
+            &cmd.version,
+            &ReleaseMeta {
+                digest: cmd.digest,
+                size: cmd.size,
+                config_revision: None,
+            },
+        )
+        .map_err(|e| e.to_string())?;
+    keep_manifest(dirs, &cmd.version, &plan.manifest)?;
+    fs::rename(&unpack_dir, dirs.release(&cmd.version)).map_err(|e| format!("moving release into place: {e}"))?;
+    fsutil::fsync_dir(&dirs.releases).map_err(|e| e.to_string())?;
+    let _ = fs::remove_dir_all(&contents);
+    let (already, already_bytes) = fetched.already;
+    let mut notes = String::new();
+    if already > 0 {
+        notes.push_str(&format!(", {already} already here from an interrupted try"));
+    }
+    if refetched > 0 {
+        notes.push_str(&format!(", {refetched} fetched again (changed here since)"));
+    }
+    Ok(Some(format!(
+        "{} verified by delta: {} of {} contents reused ({} bytes); {} fetched ({} bytes of file data, {} bytes over the wire with the manifest){notes}; {} files / {} bytes built",
+        cmd.version,
+        plan.reused.0,
+        plan.reused.0 + plan.missing.len(),
+        plan.reused.1,
+        plan.missing.len() - already,
+        plan.missing_bytes() - already_bytes,
+        fetched.wire + refetched_wire + manifest_bytes,
+        stats.files,
+        stats.bytes
+    )))
+}
+
 /// Removes half-unpacked trees and half-written backups; keeps partial
-/// downloads so they resume.
+/// downloads and fetched contents of releases not staged yet, so they
+/// resume.
 pub(super) fn clean_staging(dirs: &AppDirs) {
     for e in fs::read_dir(&dirs.staging).into_iter().flatten().flatten() {
         let p = e.path();
         if p.extension().is_some_and(|x| x == "part") {
+            continue;
+        }
+        let staged = |v: &str| Version::new(v).is_ok_and(|v| dirs.release(&v).exists());
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.strip_suffix(".contents").is_some_and(|v| !staged(v)) {
+            // Half-written contents are not named by their sha256 yet.
+            for c in fs::read_dir(&p).into_iter().flatten().flatten() {
+                if c.path().extension().is_some_and(|x| x == "tmp") {
+                    let _ = fs::remove_file(c.path());
+                }
+            }
             continue;
         }
         let _ = if p.is_dir() {

@@ -20,7 +20,7 @@ pub async fn push(
         .transpose()
         .map_err(|e| Failure::new(exit::USAGE, e.to_string()))?;
     // Streamed from the file, never held in memory whole: one pass to
-    // hash it when it is signed, one to send it.
+    // hash it and make its manifest when it is signed, one to send it.
     let unreadable = |e: std::io::Error| Failure::new(exit::USAGE, format!("{}: {e}", file.display()));
     let mut f = std::fs::File::open(&file).map_err(unreadable)?;
     let size = f.metadata().map_err(unreadable)?.len();
@@ -36,13 +36,18 @@ pub async fn push(
         ));
     }
     std::io::Seek::rewind(&mut f).map_err(unreadable)?;
-    let signature = match key {
+    let (signature, manifest_digest) = match key {
         Some(k) => {
-            let digest = convoy_common::Digest::of_reader(&mut f).map_err(unreadable)?;
+            let (digest, manifest) = digest_and_manifest(&mut f).map_err(|e| {
+                Failure::new(
+                    exit::USAGE,
+                    format!("{}: not a sound release archive: {e}", file.display()),
+                )
+            })?;
             std::io::Seek::rewind(&mut f).map_err(unreadable)?;
-            k.sign(&app_name, &ver, &digest)
+            (k.sign(&app_name, &ver, &digest, &manifest), manifest.to_hex())
         }
-        None => Vec::new(),
+        None => (Vec::new(), String::new()),
     };
     let signed = !signature.is_empty();
     let mut client = conn.connect().await?;
@@ -52,6 +57,7 @@ pub async fn push(
             version: version.clone(),
             size,
             signature,
+            manifest_digest,
         })),
     };
     // A read error ends the stream early (the controller then refuses the
@@ -89,6 +95,32 @@ pub async fn push(
         );
     }
     Ok(())
+}
+
+/// The artifact's sha256 and its manifest's, in one read: the bytes are
+/// hashed as the manifest reader takes them.
+fn digest_and_manifest(f: &mut std::fs::File) -> Result<(convoy_common::Digest, convoy_common::Digest), String> {
+    struct Hashing<'a, R> {
+        inner: R,
+        hasher: &'a mut convoy_common::digest::Hasher,
+    }
+    impl<R: std::io::Read> std::io::Read for Hashing<'_, R> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = self.inner.read(buf)?;
+            self.hasher.update(&buf[..n]);
+            Ok(n)
+        }
+    }
+    let mut hasher = convoy_common::digest::Hasher::new();
+    // Every rule is checked by the controller against the app's limits;
+    // here the manifest is only made.
+    let limits = convoy_common::archive::Limits::unbounded();
+    let reader = Hashing {
+        inner: std::io::BufReader::with_capacity(1 << 20, f),
+        hasher: &mut hasher,
+    };
+    let stats = convoy_common::archive::manifest_of(reader, &limits).map_err(|e| e.to_string())?;
+    Ok((hasher.finish(), stats.manifest.digest()))
 }
 
 /// `convoy keys generate`: an ed25519 key pair for signing releases.

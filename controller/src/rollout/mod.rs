@@ -420,6 +420,8 @@ impl Engine {
             digest: release.digest,
             size: release.size,
             signature: release.signature.clone(),
+            // Filled in as the command goes to a host.
+            manifest: None,
             config: None,
         };
         // The configuration the release declares must fit before anything moves.

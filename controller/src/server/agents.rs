@@ -8,7 +8,10 @@ use std::time::Duration;
 use convoy_common::ops::{AppStatus, EventKind, OpReport, Step, StepEvent};
 use convoy_common::{Digest, HostName};
 use convoy_proto::agent_service_server::AgentService;
-use convoy_proto::{agent_message, controller_message, AgentMessage, Chunk, ControllerMessage, FetchRequest, Welcome};
+use convoy_proto::{
+    agent_message, controller_message, AgentMessage, Chunk, ContentPiece, ContentsRequest, ControllerMessage,
+    FetchRequest, ManifestRequest, Welcome,
+};
 use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -83,6 +86,120 @@ fn cut_stream() -> bool {
 impl AgentService for AgentApi {
     type SessionStream = BoxStream<ControllerMessage>;
     type FetchArtifactStream = BoxStream<Chunk>;
+    type FetchManifestStream = BoxStream<Chunk>;
+    type FetchContentsStream = BoxStream<ContentPiece>;
+
+    async fn fetch_manifest(
+        &self,
+        req: Request<ManifestRequest>,
+    ) -> Result<Response<Self::FetchManifestStream>, Status> {
+        let id = super::enroll::agent_peer(&self.shared, &req).await?;
+        let artifact =
+            Digest::parse(&req.into_inner().artifact).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let (bytes, _) = self.manifest_of(&artifact).await?;
+        let packed = zstd::bulk::compress(&bytes, 3).map_err(super::internal)?;
+        let total = packed.len() as u64;
+        crate::metrics::get().bytes_streamed.inc_by(total);
+        self.shared.registry.count_sent(&id.name, total);
+        let chunks: Vec<Result<Chunk, Status>> = packed
+            .chunks(convoy_proto::CHUNK_SIZE)
+            .enumerate()
+            .map(|(i, c)| {
+                Ok(Chunk {
+                    offset: (i * convoy_proto::CHUNK_SIZE) as u64,
+                    data: c.to_vec().into(),
+                    total_size: total,
+                })
+            })
+            .collect();
+        Ok(Response::new(Box::pin(futures::stream::iter(chunks))))
+    }
+
+    async fn fetch_contents(
+        &self,
+        req: Request<ContentsRequest>,
+    ) -> Result<Response<Self::FetchContentsStream>, Status> {
+        let id = super::enroll::agent_peer(&self.shared, &req).await?;
+        let r = req.into_inner();
+        let artifact = Digest::parse(&r.artifact).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if r.sha256.len() > MAX_CONTENTS {
+            return Err(Status::invalid_argument(format!(
+                "{} contents asked for at once; at most {MAX_CONTENTS}",
+                r.sha256.len()
+            )));
+        }
+        let (bytes, _) = self.manifest_of(&artifact).await?;
+        let manifest = convoy_common::manifest::Manifest::decode(&bytes, u64::MAX).map_err(super::internal)?;
+        let held: std::collections::HashSet<Digest> = manifest.contents().into_iter().map(|(d, _)| d).collect();
+        let mut wanted = Vec::with_capacity(r.sha256.len());
+        for (i, raw) in r.sha256.iter().enumerate() {
+            let d = <[u8; 32]>::try_from(&raw[..])
+                .map(Digest::from_bytes)
+                .ok()
+                .filter(|d| held.contains(d))
+                .ok_or_else(|| {
+                    Status::invalid_argument(format!(
+                        "sha256[{i}] ({}) is not a content of artifact {artifact}",
+                        hex::encode(raw)
+                    ))
+                })?;
+            wanted.push(self.shared.artifacts.content_path(&d));
+        }
+        tracing::info!(host = %id.name, %artifact, contents = wanted.len(), "streaming contents");
+        // Read on a thread of its own, a piece at a time: the client's
+        // flow control paces the reads.
+        let (tx, rx) = mpsc::channel::<Result<ContentPiece, Status>>(4);
+        let (shared, host) = (self.shared.clone(), id.name.clone());
+        tokio::task::spawn_blocking(move || {
+            use std::io::Read;
+            for (index, path) in wanted.iter().enumerate() {
+                if index > 0 && cut_stream() {
+                    let _ = tx.blocking_send(Err(Status::unavailable("stream cut by the fetch-cut failpoint")));
+                    return;
+                }
+                let mut f = match std::fs::File::open(path) {
+                    Ok(f) => f,
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(Status::internal(format!("content {}: {e}", path.display()))));
+                        return;
+                    }
+                };
+                let mut buf = vec![0u8; convoy_proto::CHUNK_SIZE];
+                let mut next = match f.read(&mut buf) {
+                    Ok(n) => buf[..n].to_vec(),
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(Status::internal(format!("content {}: {e}", path.display()))));
+                        return;
+                    }
+                };
+                loop {
+                    let n = match f.read(&mut buf) {
+                        Ok(n) => n,
+                        Err(e) => {
+                            let _ = tx.blocking_send(Err(Status::internal(format!("content {}: {e}", path.display()))));
+                            return;
+                        }
+                    };
+                    let data = std::mem::replace(&mut next, buf[..n].to_vec());
+                    let len = data.len() as u64;
+                    let piece = ContentPiece {
+                        index: index as u32,
+                        data: data.into(),
+                        end: n == 0,
+                    };
+                    if tx.blocking_send(Ok(piece)).is_err() {
+                        return;
+                    }
+                    crate::metrics::get().bytes_streamed.inc_by(len);
+                    shared.registry.count_sent(&host, len);
+                    if n == 0 {
+                        break;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
 
     async fn session(&self, req: Request<Streaming<AgentMessage>>) -> Result<Response<Self::SessionStream>, Status> {
         let id = super::enroll::agent_peer(&self.shared, &req).await?;
@@ -228,18 +345,7 @@ impl AgentService for AgentApi {
         let id = super::enroll::agent_peer(&self.shared, &req).await?;
         let r = req.into_inner();
         let digest = Digest::parse(&r.digest).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        if !self.shared.db.digest_known(&digest).await.map_err(super::internal)? {
-            return Err(Status::not_found(format!("no artifact with sha256 {digest}")));
-        }
-        let path = self.shared.artifacts.path(&digest);
-        if !path.exists() && self.shared.registry.relay().is_some() {
-            // Pushed through another controller.
-            self.shared
-                .artifacts
-                .fetch_shared(&self.shared.db, &digest)
-                .await
-                .map_err(super::internal)?;
-        }
+        let path = self.local_artifact(&digest).await?;
         let file = std::fs::File::open(&path).map_err(|e| Status::not_found(format!("artifact {digest}: {e}")))?;
         let total = file.metadata().map_err(super::internal)?.len();
         if r.offset > total {
@@ -296,6 +402,39 @@ impl AgentService for AgentApi {
             }
         });
         Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+/// Contents one request may ask for.
+const MAX_CONTENTS: usize = 10_000;
+
+impl AgentApi {
+    /// The path of a known artifact on this controller, copied from the
+    /// shared store first when it was pushed through another controller.
+    async fn local_artifact(&self, digest: &Digest) -> Result<std::path::PathBuf, Status> {
+        if !self.shared.db.digest_known(digest).await.map_err(super::internal)? {
+            return Err(Status::not_found(format!("no artifact with sha256 {digest}")));
+        }
+        let path = self.shared.artifacts.path(digest);
+        if !path.exists() && self.shared.registry.relay().is_some() {
+            self.shared
+                .artifacts
+                .fetch_shared(&self.shared.db, digest)
+                .await
+                .map_err(super::internal)?;
+        }
+        Ok(path)
+    }
+
+    /// A known artifact's manifest (bytes, sha256).
+    async fn manifest_of(&self, artifact: &Digest) -> Result<(Vec<u8>, Digest), Status> {
+        self.local_artifact(artifact).await?;
+        self.shared
+            .artifacts
+            .manifest(artifact)
+            .await
+            .map_err(super::internal)?
+            .ok_or_else(|| Status::not_found(format!("no artifact with sha256 {artifact} on this controller")))
     }
 }
 

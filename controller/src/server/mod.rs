@@ -34,7 +34,7 @@ use crate::rollout::{Engine, EngineConfig, Refused};
 pub struct Shared {
     pub cfg: Config,
     pub db: Arc<Db>,
-    pub artifacts: Artifacts,
+    pub artifacts: Arc<Artifacts>,
     pub registry: Arc<registry::Registry>,
     pub engine: Arc<Engine>,
     /// Configuration revisions and secrets.
@@ -185,7 +185,7 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'sta
         crate::config::Database::Postgres(o) => Db::connect(o, &cfg.name).await?.0,
     };
     tracing::info!(controller = %cfg.name, database = db.engine_name(), "store open");
-    let artifacts = Artifacts::open(&cfg.data_dir)?;
+    let artifacts = Arc::new(Artifacts::open(&cfg.data_dir)?);
     let ca = convoy_common::identity::read_cert_pem(&cfg.ca)?;
     let cert = convoy_common::identity::read_cert_pem(&cfg.cert)?;
     let key = convoy_common::identity::read_key_pem(&cfg.key)?;
@@ -219,6 +219,7 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'sta
     let db = Arc::new(db);
     let registry = Arc::new(registry::Registry::default());
     registry.set_db(db.clone());
+    registry.set_artifacts(artifacts.clone());
     if matches!(cfg.database, crate::config::Database::Postgres(_)) {
         registry.set_relay(Arc::new(relay::Relay::new(db.clone())));
     }

@@ -572,6 +572,16 @@ impl OperatorService for OperatorApi {
                 )));
             }
         };
+        // A signature covers the manifest the signer made: it must be the
+        // one hosts will be given.
+        let manifest = checked.stats.manifest.digest();
+        if !header.manifest_digest.is_empty() && header.manifest_digest != manifest.to_hex() {
+            inc.abort().await;
+            return Err(Status::invalid_argument(format!(
+                "{app} {version} refused, nothing was stored: the signature covers manifest sha256 {}, but this controller makes sha256 {manifest} from the archive (are the CLI and the controller the same convoy version?)",
+                header.manifest_digest
+            )));
+        }
         let (contents, units) = (checked.stats, checked.units);
         let config = match checked.config {
             Ok(c) => c,
@@ -584,6 +594,10 @@ impl OperatorService for OperatorApi {
             }
         };
         let (digest, size) = self.shared.artifacts.commit(inc).await.map_err(internal)?;
+        self.shared
+            .artifacts
+            .keep_manifest(&digest, &contents.manifest)
+            .map_err(internal)?;
         // Every controller can serve it before anyone can deploy it.
         self.shared
             .db

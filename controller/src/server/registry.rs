@@ -8,7 +8,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use convoy_common::ops::{now_unix_ms, AppStatus, OpId, OpReport, PreflightCheck, PreflightCommand, StepEvent};
+use convoy_common::ops::{
+    now_unix_ms, ActivateCommand, AppStatus, OpId, OpReport, PreflightCheck, PreflightCommand, StepEvent,
+};
 use convoy_common::{AppName, HostName};
 use convoy_proto::{controller_message, ControllerMessage};
 use futures::future::BoxFuture;
@@ -73,6 +75,8 @@ pub struct Registry {
     relay: std::sync::OnceLock<std::sync::Arc<super::relay::Relay>>,
     /// The store, for the lease epochs commands carry.
     db: std::sync::OnceLock<std::sync::Arc<crate::db::Db>>,
+    /// Artifacts, for the manifest digest staging commands carry.
+    artifacts: std::sync::OnceLock<std::sync::Arc<crate::artifacts::Artifacts>>,
 }
 
 /// A pre-flight asked of a host, and who waits for its answer.
@@ -88,6 +92,27 @@ impl Registry {
     }
 
     /// Takes lease epochs for commands from `db`.
+    pub fn set_artifacts(&self, a: std::sync::Arc<crate::artifacts::Artifacts>) {
+        let _ = self.artifacts.set(a);
+    }
+
+    /// `c` with its release's manifest digest, so the host can stage by
+    /// delta (the manifest is made now if this controller has none yet;
+    /// without one the host stages the whole artifact).
+    async fn with_manifest(&self, c: &ActivateCommand) -> ActivateCommand {
+        let mut c = c.clone();
+        if let (None, Some(a)) = (c.manifest, self.artifacts.get()) {
+            match a.manifest(&c.digest).await {
+                Ok(Some((_, d))) => c.manifest = Some(d),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(digest = %c.digest, error = %e, "no manifest for the release; hosts stage the whole artifact")
+                }
+            }
+        }
+        c
+    }
+
     pub fn set_db(&self, db: std::sync::Arc<crate::db::Db>) {
         let _ = self.db.set(db);
     }
@@ -453,8 +478,8 @@ impl Fleet for Registry {
     fn dispatch<'a>(&'a self, op: &'a OpId, command: Command) -> BoxFuture<'a, OpWait> {
         Box::pin(async move {
             let body = match &command {
-                Command::Stage(c) => controller_message::Body::Stage(c.into()),
-                Command::Activate(c) => controller_message::Body::Activate(c.into()),
+                Command::Stage(c) => controller_message::Body::Stage((&self.with_manifest(c).await).into()),
+                Command::Activate(c) => controller_message::Body::Activate((&self.with_manifest(c).await).into()),
                 Command::Rollback(c) => controller_message::Body::Rollback(c.into()),
                 Command::Promote(c) => controller_message::Body::Promote(c.into()),
             };

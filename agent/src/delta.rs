@@ -1,0 +1,475 @@
+//! Delta staging: building a release from its manifest out of contents
+//! this host already holds, fetching only the rest.
+//!
+//! The index is the manifests of the releases this host keeps
+//! (`meta/<version>.manifest`, written when each was staged): sha256 →
+//! the files that held it. A reused file is copied into the new tree,
+//! never hard-linked: a release's files are writable (by root, often by
+//! the app), and through a shared inode a write to the live release would
+//! change a kept one, the one a rollback goes back to. The copy is a
+//! reflink (FICLONE) where the file system has them (btrfs, XFS): the
+//! blocks are shared until either side writes, which the file system then
+//! copies. Elsewhere it is a plain copy.
+//!
+//! Every file of the new tree is hashed as it is written (or, after a
+//! reflink, read back) and must match the manifest: a kept release whose
+//! file was changed in place is simply not used for that content, which
+//! is then fetched. Fetched contents land in `staging/<version>.contents/`
+//! under their sha256, each checked before it is named, so a cut transfer
+//! or a killed agent resumes with what is there.
+
+use std::collections::{HashMap, HashSet};
+use std::fs;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+use convoy_common::archive::{self, Limits};
+use convoy_common::digest::Hasher;
+use convoy_common::manifest::Manifest;
+use convoy_common::spec::InstallSpec;
+use convoy_common::{Digest, Version};
+use convoy_proto::agent_service_client::AgentServiceClient;
+use convoy_proto::{ContentsRequest, ManifestRequest};
+use tokio::sync::mpsc;
+use tokio::time::timeout;
+use tonic::transport::Channel;
+
+use crate::crash::crash_point;
+use crate::store::AppDirs;
+use crate::switch;
+
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+const ATTEMPTS: u32 = 5;
+/// Contents asked for in one request (the controller's bound).
+const BATCH: usize = 10_000;
+/// The largest compressed manifest accepted.
+const MAX_MANIFEST: usize = 256 << 20;
+
+/// Where a release's manifest is kept on this host.
+pub fn manifest_path(dirs: &AppDirs, v: &Version) -> PathBuf {
+    dirs.meta.join(format!("{v}.manifest"))
+}
+
+/// Where fetched contents for `v` wait until its tree is built.
+pub fn contents_dir(dirs: &AppDirs, v: &Version) -> PathBuf {
+    dirs.staging.join(format!("{v}.contents"))
+}
+
+/// The contents this host holds in its kept releases.
+#[derive(Default)]
+pub struct Index {
+    by_sha: HashMap<Digest, Vec<PathBuf>>,
+}
+
+impl Index {
+    /// Reads the manifest of every release this host keeps.
+    pub fn of(spec: &InstallSpec, dirs: &AppDirs) -> Index {
+        let mut index = Index::default();
+        for e in fs::read_dir(&dirs.meta).into_iter().flatten().flatten() {
+            let name = e.file_name();
+            let Some(v) = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(".manifest"))
+                .and_then(|n| Version::new(n).ok())
+            else {
+                continue;
+            };
+            let tree = switch::tree_of(spec, dirs, &v);
+            let Ok(bytes) = fs::read(e.path()) else { continue };
+            let Ok(m) = Manifest::decode(&bytes, u64::MAX) else {
+                continue;
+            };
+            if !tree.is_dir() {
+                continue;
+            }
+            for entry in &m.entries {
+                // Only paths inside the tree; what they hold is checked
+                // when it is used.
+                let rel = entry.path();
+                let inside = rel
+                    .components()
+                    .all(|c| matches!(c, std::path::Component::Normal(_) | std::path::Component::CurDir));
+                if let (Some(d), true) = (entry.content(), inside) {
+                    index.by_sha.entry(d).or_default().push(tree.join(rel));
+                }
+            }
+        }
+        index
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_sha.is_empty()
+    }
+
+    fn holds(&self, d: &Digest) -> bool {
+        self.by_sha.contains_key(d)
+    }
+
+    fn sources(&self, d: &Digest) -> &[PathBuf] {
+        self.by_sha.get(d).map_or(&[], Vec::as_slice)
+    }
+}
+
+/// What a delta stage needs: the manifest, and which contents to fetch.
+pub struct Plan {
+    pub manifest: Manifest,
+    pub missing: Vec<(Digest, u64)>,
+    pub reused: (usize, u64),
+}
+
+impl Plan {
+    pub fn new(manifest: Manifest, index: &Index) -> Plan {
+        let (mut missing, mut reused) = (Vec::new(), (0, 0));
+        for (d, size) in manifest.contents() {
+            if index.holds(&d) {
+                reused.0 += 1;
+                reused.1 += size;
+            } else {
+                missing.push((d, size));
+            }
+        }
+        Plan {
+            manifest,
+            missing,
+            reused,
+        }
+    }
+
+    pub fn missing_bytes(&self) -> u64 {
+        self.missing.iter().map(|(_, s)| s).sum()
+    }
+}
+
+/// Fetches the manifest of `artifact` and checks it is `expected`.
+/// Returns it and the bytes that travelled.
+pub async fn fetch_manifest(
+    channel: Channel,
+    artifact: Digest,
+    expected: Digest,
+    max_entries: u64,
+) -> Result<(Manifest, u64), String> {
+    let mut client = AgentServiceClient::new(channel);
+    let mut backoff = convoy_common::backoff::Backoff::new(Duration::from_millis(400), Duration::from_secs(10));
+    let mut last = String::new();
+    for attempt in 1..=ATTEMPTS {
+        let got: Result<Vec<u8>, String> = async {
+            let mut stream = client
+                .fetch_manifest(ManifestRequest {
+                    artifact: artifact.to_hex(),
+                })
+                .await
+                .map_err(|s| format!("{}: {}", s.code(), s.message()))?
+                .into_inner();
+            let mut data = Vec::new();
+            loop {
+                let next = timeout(IDLE_TIMEOUT, stream.message())
+                    .await
+                    .map_err(|_| format!("no data for {IDLE_TIMEOUT:?}"))?
+                    .map_err(|s| format!("{}: {}", s.code(), s.message()))?;
+                let Some(chunk) = next else { break };
+                if chunk.total_size as usize > MAX_MANIFEST || chunk.offset != data.len() as u64 {
+                    return Err(format!(
+                        "manifest chunk at {} of {} bytes is out of order or over {MAX_MANIFEST} bytes",
+                        chunk.offset, chunk.total_size
+                    ));
+                }
+                data.extend_from_slice(&chunk.data);
+            }
+            Ok(data)
+        }
+        .await;
+        match got {
+            Ok(compressed) => {
+                let n = compressed.len() as u64;
+                let bound = max_entries.saturating_mul(4096).min(1 << 30);
+                let mut bytes = Vec::new();
+                zstd::stream::read::Decoder::new(&compressed[..])
+                    .and_then(|d| d.take(bound + 1).read_to_end(&mut bytes))
+                    .map_err(|e| format!("manifest is corrupt: {e}"))?;
+                if bytes.len() as u64 > bound {
+                    return Err(format!("manifest expands past {bound} bytes"));
+                }
+                let actual = Digest::of_bytes(&bytes);
+                if actual != expected {
+                    return Err(format!(
+                        "manifest refused: its sha256 is {actual}, the release's is {expected}"
+                    ));
+                }
+                let m = Manifest::decode(&bytes, max_entries).map_err(|e| e.to_string())?;
+                return Ok((m, n));
+            }
+            Err(e) => {
+                tracing::warn!(attempt, error = %e, "manifest fetch interrupted; will retry");
+                last = e;
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+        }
+    }
+    Err(format!(
+        "fetch of the manifest failed after {ATTEMPTS} attempts; last error: {last}"
+    ))
+}
+
+/// One content being written: decompressed, hashed, bounded by its size.
+struct Landing {
+    dir: PathBuf,
+    current: Option<(usize, zstd::stream::write::Decoder<'static, Bounded>)>,
+    wanted: Vec<(Digest, u64)>,
+    landed: usize,
+}
+
+/// A file that takes at most `left` bytes, hashing them.
+struct Bounded {
+    file: fs::File,
+    hasher: Hasher,
+    left: u64,
+    written: u64,
+}
+
+impl Write for Bounded {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if buf.len() as u64 > self.left {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "content is longer than the manifest says",
+            ));
+        }
+        self.file.write_all(buf)?;
+        self.hasher.update(buf);
+        self.left -= buf.len() as u64;
+        self.written += buf.len() as u64;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Why a content transfer stopped: worth another try, or not.
+enum Stop {
+    Retry(String),
+    Refused(String),
+}
+
+impl Landing {
+    fn piece(&mut self, index: usize, data: &[u8], end: bool) -> Result<(), Stop> {
+        let (digest, size) = *self
+            .wanted
+            .get(index)
+            .ok_or_else(|| Stop::Refused(format!("content #{index} was not asked for")))?;
+        let tmp = self.dir.join(format!("{}.tmp", digest.to_hex()));
+        if self.current.as_ref().is_none_or(|(i, _)| *i != index) {
+            let file = fs::File::create(&tmp).map_err(|e| Stop::Refused(format!("{}: {e}", tmp.display())))?;
+            let sink = Bounded {
+                file,
+                hasher: Hasher::new(),
+                left: size,
+                written: 0,
+            };
+            let dec = zstd::stream::write::Decoder::new(sink).map_err(|e| Stop::Refused(e.to_string()))?;
+            self.current = Some((index, dec));
+        }
+        let (_, dec) = self.current.as_mut().expect("set above");
+        dec.write_all(data)
+            .map_err(|e| Stop::Refused(format!("content sha256 {digest}: {e}")))?;
+        if end {
+            let (_, mut dec) = self.current.take().expect("set above");
+            dec.flush()
+                .map_err(|e| Stop::Refused(format!("content sha256 {digest}: {e}")))?;
+            let sink = dec.into_inner();
+            let actual = sink.hasher.finish();
+            if actual != digest || sink.written != size {
+                let _ = fs::remove_file(&tmp);
+                return Err(Stop::Refused(format!(
+                    "content refused: the controller sent {} bytes with sha256 {actual} for sha256 {digest} ({size} bytes)",
+                    sink.written
+                )));
+            }
+            fs::rename(&tmp, self.dir.join(digest.to_hex()))
+                .map_err(|e| Stop::Refused(format!("{}: {e}", tmp.display())))?;
+            self.landed += 1;
+            crash_point("delta-content-landed");
+        }
+        Ok(())
+    }
+}
+
+/// What a content fetch did.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Fetched {
+    /// Bytes that travelled (compressed).
+    pub wire: u64,
+    /// Contents already here from an interrupted try, and their size.
+    pub already: (usize, u64),
+}
+
+/// Fetches `wanted` contents of `artifact` into `dir`, skipping those
+/// already there; a cut transfer is asked again for what is still
+/// missing.
+pub async fn fetch_contents(
+    channel: Channel,
+    artifact: Digest,
+    wanted: &[(Digest, u64)],
+    dir: &Path,
+) -> Result<Fetched, String> {
+    fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let present = |d: &Digest| dir.join(d.to_hex()).exists();
+    let here: Vec<u64> = wanted.iter().filter(|(d, _)| present(d)).map(|(_, s)| *s).collect();
+    let already = (here.len(), here.iter().sum());
+    let mut client = AgentServiceClient::new(channel);
+    let mut backoff = convoy_common::backoff::Backoff::new(Duration::from_millis(400), Duration::from_secs(10));
+    let mut fetched = 0u64;
+    let mut last = String::new();
+    for attempt in 1..=ATTEMPTS {
+        let missing: Vec<(Digest, u64)> = wanted.iter().filter(|(d, _)| !present(d)).copied().collect();
+        if missing.is_empty() {
+            return Ok(Fetched { wire: fetched, already });
+        }
+        let mut result = Ok(());
+        for batch in missing.chunks(BATCH) {
+            result = fetch_batch(&mut client, artifact, batch, dir, &mut fetched).await;
+            if result.is_err() {
+                break;
+            }
+        }
+        match result {
+            Ok(()) => {}
+            Err(Stop::Refused(e)) => return Err(e),
+            Err(Stop::Retry(e)) => {
+                tracing::warn!(attempt, error = %e, "content fetch interrupted; will resume");
+                last = e;
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+        }
+    }
+    if wanted.iter().all(|(d, _)| present(d)) {
+        return Ok(Fetched { wire: fetched, already });
+    }
+    Err(format!(
+        "fetch of contents failed after {ATTEMPTS} attempts; last error: {last}"
+    ))
+}
+
+async fn fetch_batch(
+    client: &mut AgentServiceClient<Channel>,
+    artifact: Digest,
+    batch: &[(Digest, u64)],
+    dir: &Path,
+    fetched: &mut u64,
+) -> Result<(), Stop> {
+    let status = |s: tonic::Status| Stop::Retry(format!("{}: {}", s.code(), s.message()));
+    let mut stream = client
+        .fetch_contents(ContentsRequest {
+            artifact: artifact.to_hex(),
+            sha256: batch.iter().map(|(d, _)| d.as_bytes().to_vec()).collect(),
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    // Pieces go to a thread of their own that decompresses, hashes and
+    // writes them while the next ones arrive.
+    let (tx, mut rx) = mpsc::channel::<(usize, Bytes, bool)>(16);
+    let mut landing = Landing {
+        dir: dir.to_owned(),
+        current: None,
+        wanted: batch.to_vec(),
+        landed: 0,
+    };
+    let writer = tokio::task::spawn_blocking(move || -> Result<usize, Stop> {
+        while let Some((i, data, end)) = rx.blocking_recv() {
+            landing.piece(i, &data, end)?;
+        }
+        Ok(landing.landed)
+    });
+    let received: Result<(), Stop> = async {
+        loop {
+            let next = timeout(IDLE_TIMEOUT, stream.message())
+                .await
+                .map_err(|_| Stop::Retry(format!("no data for {IDLE_TIMEOUT:?}")))?
+                .map_err(status)?;
+            let Some(piece) = next else { return Ok(()) };
+            *fetched += piece.data.len() as u64;
+            if tx.send((piece.index as usize, piece.data, piece.end)).await.is_err() {
+                return Ok(()); // the writer stopped; its error says why
+            }
+        }
+    }
+    .await;
+    drop(tx);
+    let written = writer
+        .await
+        .map_err(|e| Stop::Refused(format!("content writer: {e}")))?;
+    received?;
+    match written? {
+        n if n == batch.len() => Ok(()),
+        n => Err(Stop::Retry(format!(
+            "stream ended after {n} of {} contents",
+            batch.len()
+        ))),
+    }
+}
+
+/// Copies `src` to a new file at `dst` (a reflink where the file system
+/// can), returning what `dst` holds: its length and sha256. `None` when
+/// `src` is not a regular file of `size` bytes (the caller tries another
+/// source).
+pub fn copy_verified(src: &Path, dst: &Path, size: u64) -> io::Result<Option<(u64, Digest)>> {
+    let from = match fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(src)
+    {
+        Ok(f) => f,
+        Err(_) => return Ok(None),
+    };
+    let meta = from.metadata()?;
+    if !meta.is_file() || meta.len() != size {
+        return Ok(None);
+    }
+    let mut hasher = Hasher::new();
+    // A reflink makes `dst` itself (new, never through a link) or nothing.
+    let n = if reflink_copy::reflink_file_to_path(&from, dst).is_ok() {
+        hasher.update_from(fs::File::open(dst)?)?
+    } else {
+        let mut to = archive::create_file(dst)?;
+        archive::copy_hashing(&mut &from, &mut to, &mut hasher)?
+    };
+    Ok(Some((n, hasher.finish())))
+}
+
+/// Builds the tree of `plan` in `dest`: every file from the fetched
+/// contents in `fetched` or from the index, verified; a content no source
+/// holds any more (a kept file changed since) is fetched with `refetch`.
+pub fn build(
+    plan: &Plan,
+    dest: &Path,
+    limits: &Limits,
+    index: &Index,
+    fetched: &Path,
+    mut refetch: impl FnMut(Digest, u64) -> Result<(), String>,
+) -> Result<convoy_common::archive::UnpackStats, String> {
+    let fetched_set: HashSet<Digest> = plan.missing.iter().map(|(d, _)| *d).collect();
+    convoy_common::manifest::apply(&plan.manifest, dest, limits, |e, at| {
+        let d = e.content().expect("files have a sha256");
+        let here = fetched.join(d.to_hex());
+        let mut sources: Vec<&Path> = Vec::new();
+        if fetched_set.contains(&d) {
+            sources.push(&here);
+        }
+        sources.extend(index.sources(&d).iter().map(PathBuf::as_path));
+        for src in sources {
+            match copy_verified(src, at, e.size)? {
+                Some((n, got)) if n == e.size && got == d => return Ok((n, got)),
+                Some(_) => fs::remove_file(at)?,
+                None => {}
+            }
+        }
+        // Changed in place since it was indexed: fetch it after all.
+        refetch(d, e.size).map_err(io::Error::other)?;
+        copy_verified(&here, at, e.size)?.ok_or_else(|| io::Error::other("a fetched content vanished"))
+    })
+    .map_err(|e| format!("the release does not build from its manifest: {e}"))
+}
