@@ -473,3 +473,55 @@ pub fn build(
     })
     .map_err(|e| format!("the release does not build from its manifest: {e}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    /// A kept release whose file changed in place since it was indexed:
+    /// that copy is not used, the content is fetched; the other file is
+    /// copied, never linked.
+    #[test]
+    fn a_kept_file_changed_in_place_is_fetched_not_reused() {
+        let d = tempfile::tempdir().unwrap();
+        let (old, fetched) = (d.path().join("old"), d.path().join("fetched"));
+        fs::create_dir_all(&old).unwrap();
+        fs::create_dir_all(&fetched).unwrap();
+        fs::write(old.join("same"), b"unchanged").unwrap();
+        fs::write(old.join("edited"), b"original").unwrap();
+        let mut src = Vec::new();
+        let tree = d.path().join("src");
+        fs::create_dir_all(&tree).unwrap();
+        fs::write(tree.join("same"), b"unchanged").unwrap();
+        fs::write(tree.join("edited"), b"original").unwrap();
+        archive::pack_dir(&tree, &mut src).unwrap();
+        let manifest = archive::manifest_of(&src[..], &Limits::default()).unwrap().manifest;
+        let mut index = Index::default();
+        for e in &manifest.entries {
+            if let Some(c) = e.content() {
+                index.by_sha.entry(c).or_default().push(old.join(e.path()));
+            }
+        }
+        // Written to after it was indexed.
+        fs::write(old.join("edited"), b"tampered").unwrap();
+        let plan = Plan::new(manifest, &index);
+        assert!(plan.missing.is_empty(), "everything looked held");
+        let mut asked = Vec::new();
+        let dest = d.path().join("new");
+        build(&plan, &dest, &Limits::default(), &index, &fetched, |sha, _| {
+            asked.push(sha);
+            fs::write(fetched.join(sha.to_hex()), b"original").map_err(|e| e.to_string())
+        })
+        .unwrap();
+        assert_eq!(asked, vec![Digest::of_bytes(b"original")]);
+        assert_eq!(fs::read(dest.join("edited")).unwrap(), b"original");
+        assert_eq!(fs::read(dest.join("same")).unwrap(), b"unchanged");
+        let (a, b) = (
+            fs::metadata(old.join("same")).unwrap(),
+            fs::metadata(dest.join("same")).unwrap(),
+        );
+        assert_ne!(a.ino(), b.ino(), "a copy, not a link");
+        assert_eq!(b.nlink(), 1);
+    }
+}

@@ -6,6 +6,7 @@
 //! rsync for the comparison); `scripts/bench stream --size 256MiB` runs one.
 
 mod dashboard;
+mod delta;
 mod fixture;
 mod report;
 mod scale;
@@ -60,6 +61,18 @@ enum Cmd {
         fanout_size: u64,
         #[arg(long, default_value_t = 10)]
         fanout_hosts: usize,
+    },
+    /// How releases travel: a delta update vs rsync, a whole stage of
+    /// tar.zst vs tar.gz vs scp + tar, and the controller's egress at
+    /// fan-out.
+    Delta {
+        #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+        size: u64,
+        #[arg(long, default_value_t = 10)]
+        fanout_hosts: usize,
+        /// Tree size for the fan-out (each host keeps two releases).
+        #[arg(long, default_value = "128MiB", value_parser = parse_size)]
+        fanout_size: u64,
     },
     /// Everything above with its defaults.
     All,
@@ -127,6 +140,11 @@ fn main() -> anyhow::Result<()> {
                 controllers: 3,
             },
             Cmd::Dashboard { hosts: 10000 },
+            Cmd::Delta {
+                size: 1 << 30,
+                fanout_hosts: 10,
+                fanout_size: 128 << 20,
+            },
         ],
         c => vec![c],
     };
@@ -147,6 +165,11 @@ fn main() -> anyhow::Result<()> {
                 fanout_size,
                 fanout_hosts,
             } => testbed::run(fanout_size, fanout_hosts, args.runs)?,
+            Cmd::Delta {
+                size,
+                fanout_hosts,
+                fanout_size,
+            } => delta::run(size, fanout_hosts, fanout_size, args.runs)?,
             Cmd::All | Cmd::Agents { .. } => unreachable!(),
         };
         println!("{}", section.markdown());

@@ -134,14 +134,14 @@ fn remote(p: &Path) -> String {
 }
 
 /// An sshd of its own on 127.0.0.1, with throwaway keys.
-struct Sshd {
+pub(crate) struct Sshd {
     child: Child,
     port: u16,
     key: std::path::PathBuf,
 }
 
 impl Sshd {
-    fn start(dir: &Path) -> anyhow::Result<Self> {
+    pub(crate) fn start(dir: &Path) -> anyhow::Result<Self> {
         let port = 12222;
         let s = dir.join("ssh");
         std::fs::create_dir_all(&s)?;
@@ -185,7 +185,7 @@ impl Sshd {
         })
     }
 
-    fn opts(&self, port_flag: &str) -> Vec<String> {
+    pub(crate) fn opts(&self, port_flag: &str) -> Vec<String> {
         vec![
             "-q".into(),
             port_flag.into(),

@@ -13,7 +13,7 @@ use crate::fixture;
 use crate::report::{median, Section};
 
 /// The step events of a rollout: (host, step, kind, at_ms), in order.
-fn events(bed: &Testbed, id: &str) -> anyhow::Result<Vec<(String, String, String, i64)>> {
+pub(crate) fn events(bed: &Testbed, id: &str) -> anyhow::Result<Vec<(String, String, String, i64)>> {
     let v: serde_json::Value =
         serde_json::from_str(&bed.convoy_ok(&["history", "--rollout", id, "--output", "json"])?)?;
     Ok(v["events"]
@@ -32,7 +32,7 @@ fn events(bed: &Testbed, id: &str) -> anyhow::Result<Vec<(String, String, String
 }
 
 /// When `host` last had `step` end as `kind` (or start, for "started").
-fn at(ev: &[(String, String, String, i64)], host: &str, step: &str, kind: &str, last: bool) -> Option<i64> {
+pub(crate) fn at(ev: &[(String, String, String, i64)], host: &str, step: &str, kind: &str, last: bool) -> Option<i64> {
     let mut it = ev
         .iter()
         .filter(|e| e.0 == host && e.1 == step && e.2 == kind)

@@ -9,8 +9,11 @@
 //! sizes, ratio) and checks each file's bytes against its sha256 and
 //! size before the tree may be used.
 //!
-//! The encoding is protobuf, written by this module only, so the same
-//! archive always gives the same bytes and the same digest.
+//! The encoding is this module's own, one way to write each manifest, so
+//! the same archive always gives the same bytes and the same digest:
+//! `convoy-manifest\0`, the format (u32), the entry count (u64), then per
+//! entry its kind and mode (u32 each), size (u64), and sha256, path and
+//! link as length-prefixed (u32) bytes; integers little-endian.
 
 use std::ffi::OsStr;
 use std::fs;
@@ -34,31 +37,23 @@ pub mod kind {
     pub const HARDLINK: u32 = 4;
 }
 
-#[derive(Clone, PartialEq, prost::Message)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Manifest {
-    #[prost(uint32, tag = "1")]
     pub format: u32,
-    #[prost(message, repeated, tag = "2")]
     pub entries: Vec<ManifestEntry>,
 }
 
-#[derive(Clone, PartialEq, prost::Message)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ManifestEntry {
     /// The entry's path in the tree, as the archive spells it.
-    #[prost(bytes = "vec", tag = "1")]
     pub path: Vec<u8>,
-    #[prost(uint32, tag = "2")]
     pub kind: u32,
-    #[prost(uint32, tag = "3")]
     pub mode: u32,
     /// Files: the content's length.
-    #[prost(uint64, tag = "4")]
     pub size: u64,
     /// Files: the content's sha256.
-    #[prost(bytes = "vec", tag = "5")]
     pub sha256: Vec<u8>,
     /// Symlinks: the target; hard links: the file they name.
-    #[prost(bytes = "vec", tag = "6")]
     pub link: Vec<u8>,
 }
 
@@ -124,23 +119,72 @@ pub enum ManifestError {
     TooManyEntries(u64),
 }
 
+const MAGIC: &[u8] = b"convoy-manifest\0";
+
+/// The longest path or link target a manifest may name.
+const MAX_NAME: usize = 64 << 10;
+
 impl Manifest {
     /// The canonical bytes, which the digest (and a signature) covers.
     pub fn encode(&self) -> Vec<u8> {
-        prost::Message::encode_to_vec(self)
+        let mut out = Vec::with_capacity(MAGIC.len() + 12 + self.entries.len() * 96);
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&self.format.to_le_bytes());
+        out.extend_from_slice(&(self.entries.len() as u64).to_le_bytes());
+        for e in &self.entries {
+            out.extend_from_slice(&e.kind.to_le_bytes());
+            out.extend_from_slice(&e.mode.to_le_bytes());
+            out.extend_from_slice(&e.size.to_le_bytes());
+            for bytes in [&e.sha256, &e.path, &e.link] {
+                out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+                out.extend_from_slice(bytes);
+            }
+        }
+        out
     }
 
     /// Decodes `bytes` as read from a controller; bounded by `max_entries`
-    /// before any entry is used.
+    /// before any entry is read.
     pub fn decode(bytes: &[u8], max_entries: u64) -> Result<Manifest, ManifestError> {
-        let m: Manifest = prost::Message::decode(bytes).map_err(|e| ManifestError::Corrupt(e.to_string()))?;
-        if m.format != FORMAT {
-            return Err(ManifestError::Format(m.format));
+        let mut r = Reader { rest: bytes, at: 0 };
+        if r.take(MAGIC.len())? != MAGIC {
+            return Err(ManifestError::Corrupt("it does not start as a convoy manifest".into()));
         }
-        if m.entries.len() as u64 > max_entries {
+        let format = r.u32()?;
+        if format != FORMAT {
+            return Err(ManifestError::Format(format));
+        }
+        let count = r.u64()?;
+        if count > max_entries {
             return Err(ManifestError::TooManyEntries(max_entries));
         }
-        Ok(m)
+        let mut entries = Vec::with_capacity(count.min(1 << 16) as usize);
+        for _ in 0..count {
+            let (kind, mode, size) = (r.u32()?, r.u32()?, r.u64()?);
+            let sha256 = r.bytes()?;
+            if !(sha256.is_empty() || sha256.len() == 32) {
+                return Err(ManifestError::Corrupt(format!(
+                    "a sha256 of {} bytes at byte {}",
+                    sha256.len(),
+                    r.at
+                )));
+            }
+            entries.push(ManifestEntry {
+                kind,
+                mode,
+                size,
+                sha256,
+                path: r.bytes()?,
+                link: r.bytes()?,
+            });
+        }
+        if !r.rest.is_empty() {
+            return Err(ManifestError::Corrupt(format!(
+                "{} bytes after the last entry",
+                r.rest.len()
+            )));
+        }
+        Ok(Manifest { format, entries })
     }
 
     pub fn digest(&self) -> Digest {
@@ -164,6 +208,43 @@ impl Manifest {
             .filter(|e| e.kind == kind::FILE)
             .map(|e| e.size)
             .sum()
+    }
+}
+
+/// Reads a manifest's bytes, failing (with the offset) where they end early.
+struct Reader<'a> {
+    rest: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], ManifestError> {
+        if self.rest.len() < n {
+            return Err(ManifestError::Corrupt(format!(
+                "it ends at byte {} where {n} more were expected",
+                self.at + self.rest.len()
+            )));
+        }
+        let (head, tail) = self.rest.split_at(n);
+        self.rest = tail;
+        self.at += n;
+        Ok(head)
+    }
+    fn u32(&mut self) -> Result<u32, ManifestError> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+    }
+    fn u64(&mut self) -> Result<u64, ManifestError> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+    }
+    fn bytes(&mut self) -> Result<Vec<u8>, ManifestError> {
+        let n = self.u32()? as usize;
+        if n > MAX_NAME {
+            return Err(ManifestError::Corrupt(format!(
+                "a name of {n} bytes at byte {} (at most {MAX_NAME})",
+                self.at
+            )));
+        }
+        Ok(self.take(n)?.to_vec())
     }
 }
 

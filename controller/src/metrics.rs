@@ -17,6 +17,8 @@ pub struct Metrics {
     steps: Family<Labels, Histogram>,
     pub connected_hosts: Gauge,
     pub bytes_streamed: Counter,
+    /// What staging one release cost the controller, per host.
+    pub stage_egress: Histogram,
     pub registry: Arc<Mutex<Registry>>,
 }
 
@@ -31,6 +33,8 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     let steps = Family::<Labels, Histogram>::new_with_constructor(step_buckets as fn() -> Histogram);
     let connected_hosts = Gauge::default();
     let bytes_streamed = Counter::default();
+    // 1 KiB to 16 GiB.
+    let stage_egress = Histogram::new(exponential_buckets(1024.0, 4.0, 13));
     let mut registry = Registry::default();
     registry.register(
         "convoy_rollouts",
@@ -57,12 +61,18 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "Artifact bytes sent to agents",
         bytes_streamed.clone(),
     );
+    registry.register(
+        "convoy_stage_egress_bytes",
+        "Bytes the controller sent one host to pre-stage one release: the whole artifact, or a delta's manifest and missing contents",
+        stage_egress.clone(),
+    );
     Metrics {
         rollouts,
         host_results,
         steps,
         connected_hosts,
         bytes_streamed,
+        stage_egress,
         registry: Arc::new(Mutex::new(registry)),
     }
 });

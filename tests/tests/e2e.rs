@@ -40,16 +40,33 @@ fn scenario_a_rolling_v1_then_v2() -> Result<()> {
     // Pre-staged everywhere first, then host by host: host1 commits
     // before host2 switches.
     let staged = out.find("-- pre-staged on 3 host(s)").expect("pre-staging");
-    // The controller's egress: the whole artifact to each host, once.
-    let size = std::fs::metadata(bed.dir.path().join("demo-2.0.0.tar.gz"))?.len();
-    let each = format!("{:.1} MiB", size as f64 / (1 << 20) as f64);
-    let total = format!("{:.1} MiB", (3 * size) as f64 / (1 << 20) as f64);
+    // The controller's egress: what each host lacks, once. The hosts hold
+    // 1.0.0, whose binary 2.0.0 shares; only its release.toml differs.
+    let size = std::fs::metadata(bed.dir.path().join("demo-2.0.0.tar.gz"))?.len() as f64 / (1 << 20) as f64;
+    let line = out
+        .lines()
+        .find(|l| l.contains("-- pre-staged on 3 host(s); the controller sent them"))
+        .unwrap_or_else(|| panic!("no egress line:\n{out}"));
+    let each: f64 = line
+        .rsplit_once('(')
+        .and_then(|(_, r)| r.strip_suffix(" each)"))
+        .and_then(|n| match n.split_once(' ') {
+            Some((v, "MiB")) => v.parse().ok(),
+            Some((v, "KiB")) => v.parse::<f64>().ok().map(|k| k / 1024.0),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("{line}"));
     assert!(
-        out.contains(&format!(
-            "-- pre-staged on 3 host(s); the controller sent them {total} ({each} each)"
-        )),
-        "{out}"
+        each < size / 10.0,
+        "{each} MiB per host for a {size:.1} MiB artifact: {line}"
     );
+    for h in ["host1", "host2", "host3"] {
+        assert!(
+            out.lines()
+                .any(|l| l.contains(&format!("[{h}] stage")) && l.contains("verified by delta")),
+            "{h} did not stage by delta:\n{out}"
+        );
+    }
     let h1_commit = out.find("[host1] commit").expect("host1 commit");
     let h2_switch = out.find("[host2] switch").expect("host2 switch");
     assert!(staged < h1_commit && h1_commit < h2_switch, "not host by host:\n{out}");

@@ -12,9 +12,9 @@ use super::*;
 
 /// Stages the release of `base` (fetch, verify, unpack) and, when `cmd`
 /// carries a configuration, the tree of that release and revision: a
-/// copy of the release's tree (hard links: releases are never written
-/// to, and a rendered file replaces its link instead of writing through
-/// it) with the rendered files in it.
+/// copy of the release's tree (reflinks where the file system has them,
+/// plain copies elsewhere; never hard links, so a write to one tree
+/// cannot change another, see `delta`) with the rendered files in it.
 pub(super) async fn stage_tree(
     agent: &Agent,
     channel: &Channel,
@@ -50,7 +50,8 @@ pub(super) async fn stage_tree(
     Ok(format!("{staged}; {wrote}"))
 }
 
-/// Copies a tree: directories made, files hard-linked, links copied.
+/// Copies a tree: directories made, files copied (reflinks where the file
+/// system has them), links copied.
 fn clone_tree(from: &Path, to: &Path) -> std::io::Result<()> {
     fs::create_dir(to)?;
     fs::set_permissions(to, fs::metadata(from)?.permissions())?;
@@ -63,7 +64,7 @@ fn clone_tree(from: &Path, to: &Path) -> std::io::Result<()> {
         } else if t.is_symlink() {
             std::os::unix::fs::symlink(fs::read_link(&src)?, &dst)?;
         } else {
-            fs::hard_link(&src, &dst)?;
+            reflink_copy::reflink_or_copy(&src, &dst)?;
         }
     }
     Ok(())

@@ -488,6 +488,11 @@ impl Rollout {
             .map(|(h, before)| engine.fleet.bytes_sent(h).saturating_sub(*before))
             .collect();
         let total: u64 = sent.iter().sum();
+        for (h, bytes) in self.targets.iter().zip(&sent) {
+            if !halt.failed.iter().any(|(f, _)| f == h) {
+                crate::metrics::get().stage_egress.observe(*bytes as f64);
+            }
+        }
         let egress = match (sent.iter().min(), sent.iter().max()) {
             (Some(lo), Some(hi)) if total > 0 && lo == hi => {
                 format!("; the controller sent them {} ({} each)", mib(total), mib(*lo))
@@ -1215,6 +1220,11 @@ fn verdict(r: Result<HostOutcome, String>) -> Result<(), String> {
 }
 
 /// Bytes as MiB with one decimal.
+/// Bytes in MiB, or KiB below one MiB (a delta is often that small).
 fn mib(bytes: u64) -> String {
-    format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
+    if bytes < 1 << 20 {
+        format!("{:.1} KiB", bytes as f64 / 1024.0)
+    } else {
+        format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
+    }
 }
