@@ -14,13 +14,19 @@
 //! Every file of the new tree is hashed as it is written (or, after a
 //! reflink, read back) and must match the manifest: a kept release whose
 //! file was changed in place is simply not used for that content, which
-//! is then fetched. Fetched contents land in `staging/<version>.contents/`
+//! is then fetched. The one exception is a kept file provably untouched
+//! since it was itself verified: each release's stamps
+//! (`meta/<version>.stamps`) record every file's inode, size, mtime and
+//! ctime as they were when its tree was verified, and a source whose
+//! `fstat` still says exactly that is copied without hashing it again
+//! (any write moves ctime, which no program can set back). Fetched contents land in `staging/<version>.contents/`
 //! under their sha256, each checked before it is named, so a cut transfer
 //! or a killed agent resumes with what is there.
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io::{self, Read, Write};
+use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -34,14 +40,12 @@ use convoy_common::{Digest, Version};
 use convoy_proto::agent_service_client::AgentServiceClient;
 use convoy_proto::{ContentsRequest, ManifestRequest};
 use tokio::sync::mpsc;
-use tokio::time::timeout;
 use tonic::transport::Channel;
 
 use crate::crash::crash_point;
 use crate::store::AppDirs;
 use crate::switch;
 
-const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 const ATTEMPTS: u32 = 5;
 /// Contents asked for in one request (the controller's bound).
 const BATCH: usize = 10_000;
@@ -58,10 +62,100 @@ pub fn contents_dir(dirs: &AppDirs, v: &Version) -> PathBuf {
     dirs.staging.join(format!("{v}.contents"))
 }
 
+/// Where a release's stamps are kept on this host.
+pub fn stamps_path(dirs: &AppDirs, v: &Version) -> PathBuf {
+    dirs.meta.join(format!("{v}.stamps"))
+}
+
+/// What `fstat` says of a file: enough to tell that it was not written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    ino: u64,
+    size: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+impl Stamp {
+    fn of(m: &fs::Metadata) -> Stamp {
+        use std::os::unix::fs::MetadataExt;
+        let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
+        Stamp {
+            ino: m.ino(),
+            size: m.size(),
+            mtime_ns: ns(m.mtime(), m.mtime_nsec()),
+            ctime_ns: ns(m.ctime(), m.ctime_nsec()),
+        }
+    }
+}
+
+/// A stamp taken this close to its file's last change cannot show a
+/// later write in the same clock tick: such a file is hashed when used
+/// (git's "racily clean" entries, the same way).
+const RACY_NS: i128 = 100_000_000;
+
+/// The stamps of a verified tree's files: a first line with the time they
+/// were taken, then one line per file entry:
+/// `<path hex> <ino> <size> <mtime ns> <ctime ns>`.
+pub fn stamps(tree: &Path, manifest: &Manifest) -> io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(io::Error::other)?;
+    writeln!(out, "taken {}", now.as_nanos())?;
+    for e in manifest.entries.iter().filter(|e| e.content().is_some()) {
+        let s = Stamp::of(&fs::symlink_metadata(tree.join(e.path()))?);
+        writeln!(
+            out,
+            "{} {} {} {} {}",
+            hex::encode(&e.path),
+            s.ino,
+            s.size,
+            s.mtime_ns,
+            s.ctime_ns
+        )?;
+    }
+    Ok(out)
+}
+
+/// The stamps that can vouch for their files: those taken well after the
+/// file's last change.
+fn read_stamps(path: &Path) -> HashMap<PathBuf, Stamp> {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let mut lines = text.lines();
+    let Some(taken) = lines
+        .next()
+        .and_then(|l| l.strip_prefix("taken "))
+        .and_then(|t| t.parse::<i128>().ok())
+    else {
+        return HashMap::new();
+    };
+    lines
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            let [p, ino, size, m, c] = f[..] else { return None };
+            let path = PathBuf::from(std::ffi::OsString::from_vec(hex::decode(p).ok()?));
+            let stamp = Stamp {
+                ino: ino.parse().ok()?,
+                size: size.parse().ok()?,
+                mtime_ns: m.parse().ok()?,
+                ctime_ns: c.parse().ok()?,
+            };
+            (stamp.ctime_ns + RACY_NS < taken).then_some((path, stamp))
+        })
+        .collect()
+}
+
+/// A file that held a content when its release was verified.
+pub struct Source {
+    path: PathBuf,
+    stamp: Option<Stamp>,
+}
+
 /// The contents this host holds in its kept releases.
 #[derive(Default)]
 pub struct Index {
-    by_sha: HashMap<Digest, Vec<PathBuf>>,
+    by_sha: HashMap<Digest, Vec<Source>>,
 }
 
 impl Index {
@@ -78,6 +172,7 @@ impl Index {
                 continue;
             };
             let tree = switch::tree_of(spec, dirs, &v);
+            let stamps = read_stamps(&stamps_path(dirs, &v));
             let Ok(bytes) = fs::read(e.path()) else { continue };
             let Ok(m) = Manifest::decode(&bytes, u64::MAX) else {
                 continue;
@@ -93,7 +188,10 @@ impl Index {
                     .components()
                     .all(|c| matches!(c, std::path::Component::Normal(_) | std::path::Component::CurDir));
                 if let (Some(d), true) = (entry.content(), inside) {
-                    index.by_sha.entry(d).or_default().push(tree.join(rel));
+                    index.by_sha.entry(d).or_default().push(Source {
+                        path: tree.join(rel),
+                        stamp: stamps.get(rel).copied(),
+                    });
                 }
             }
         }
@@ -108,7 +206,7 @@ impl Index {
         self.by_sha.contains_key(d)
     }
 
-    fn sources(&self, d: &Digest) -> &[PathBuf] {
+    fn sources(&self, d: &Digest) -> &[Source] {
         self.by_sha.get(d).map_or(&[], Vec::as_slice)
     }
 }
@@ -165,11 +263,9 @@ pub async fn fetch_manifest(
                 .into_inner();
             let mut data = Vec::new();
             loop {
-                let next = timeout(IDLE_TIMEOUT, stream.message())
-                    .await
-                    .map_err(|_| format!("no data for {IDLE_TIMEOUT:?}"))?
-                    .map_err(|s| format!("{}: {}", s.code(), s.message()))?;
-                let Some(chunk) = next else { break };
+                let Some(chunk) = crate::fetch::next_within(&mut stream).await? else {
+                    break;
+                };
                 if chunk.total_size as usize > MAX_MANIFEST || chunk.offset != data.len() as u64 {
                     return Err(format!(
                         "manifest chunk at {} of {} bytes is out of order or over {MAX_MANIFEST} bytes",
@@ -386,11 +482,9 @@ async fn fetch_batch(
     });
     let received: Result<(), Stop> = async {
         loop {
-            let next = timeout(IDLE_TIMEOUT, stream.message())
-                .await
-                .map_err(|_| Stop::Retry(format!("no data for {IDLE_TIMEOUT:?}")))?
-                .map_err(status)?;
-            let Some(piece) = next else { return Ok(()) };
+            let Some(piece) = crate::fetch::next_within(&mut stream).await.map_err(Stop::Retry)? else {
+                return Ok(());
+            };
             *fetched += piece.data.len() as u64;
             if tx.send((piece.index as usize, piece.data, piece.end)).await.is_err() {
                 return Ok(()); // the writer stopped; its error says why
@@ -412,32 +506,72 @@ async fn fetch_batch(
     }
 }
 
-/// Copies `src` to a new file at `dst` (a reflink where the file system
-/// can), returning what `dst` holds: its length and sha256. `None` when
-/// `src` is not a regular file of `size` bytes (the caller tries another
-/// source).
-pub fn copy_verified(src: &Path, dst: &Path, size: u64) -> io::Result<Option<(u64, Digest)>> {
-    let from = match fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
-        .open(src)
-    {
-        Ok(f) => f,
-        Err(_) => return Ok(None),
-    };
-    let meta = from.metadata()?;
-    if !meta.is_file() || meta.len() != size {
-        return Ok(None);
+/// How to copy files into a new tree. Reflinks are tried until the file
+/// system refuses one (then never again in this build: a refused reflink
+/// costs a file made and removed).
+pub struct Copier {
+    reflinks: std::sync::atomic::AtomicBool,
+}
+
+impl Default for Copier {
+    fn default() -> Self {
+        Copier {
+            reflinks: std::sync::atomic::AtomicBool::new(true),
+        }
     }
-    let mut hasher = Hasher::new();
-    // A reflink makes `dst` itself (new, never through a link) or nothing.
-    let n = if reflink_copy::reflink_file_to_path(&from, dst).is_ok() {
-        hasher.update_from(fs::File::open(dst)?)?
-    } else {
-        let mut to = archive::create_file(dst)?;
-        archive::copy_hashing(&mut &from, &mut to, &mut hasher)?
-    };
-    Ok(Some((n, hasher.finish())))
+}
+
+impl Copier {
+    /// Copies `src` to a new file at `dst` (a reflink where the file
+    /// system can), returning what `dst` holds: its length and sha256.
+    /// `None` when `src` is not a regular file of `size` bytes (the caller
+    /// tries another source). When `src` still has the `stamp` it had when
+    /// it was verified to hold `content`, it is copied without hashing.
+    pub fn copy(
+        &self,
+        src: &Path,
+        dst: &Path,
+        size: u64,
+        verified: Option<(Stamp, Digest)>,
+    ) -> io::Result<Option<(u64, Digest)>> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut from = match fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+            .open(src)
+        {
+            Ok(f) => f,
+            Err(_) => return Ok(None),
+        };
+        let meta = from.metadata()?;
+        if !meta.is_file() || meta.len() != size {
+            return Ok(None);
+        }
+        let untouched = verified.filter(|(stamp, _)| *stamp == Stamp::of(&meta)).map(|(_, d)| d);
+        // A reflink makes `dst` itself (new, never through a link) or nothing.
+        let reflinked = self.reflinks.load(Relaxed) && {
+            let done = reflink_copy::reflink_file_to_path(&from, dst).is_ok();
+            if !done {
+                self.reflinks.store(false, Relaxed);
+            }
+            done
+        };
+        if let Some(content) = untouched {
+            if !reflinked {
+                // copy_file_range: the kernel copies, nothing passes through here.
+                io::copy(&mut from, &mut archive::create_file(dst)?)?;
+            }
+            return Ok(Some((size, content)));
+        }
+        let mut hasher = Hasher::new();
+        let n = if reflinked {
+            hasher.update_from(fs::File::open(dst)?)?
+        } else {
+            let mut to = archive::create_file(dst)?;
+            archive::copy_hashing(&mut from, &mut to, &mut hasher)?
+        };
+        Ok(Some((n, hasher.finish())))
+    }
 }
 
 /// Builds the tree of `plan` in `dest`: every file from the fetched
@@ -452,16 +586,18 @@ pub fn build(
     mut refetch: impl FnMut(Digest, u64) -> Result<(), String>,
 ) -> Result<convoy_common::archive::UnpackStats, String> {
     let fetched_set: HashSet<Digest> = plan.missing.iter().map(|(d, _)| *d).collect();
+    let copier = Copier::default();
     convoy_common::manifest::apply(&plan.manifest, dest, limits, |e, at| {
         let d = e.content().expect("files have a sha256");
         let here = fetched.join(d.to_hex());
-        let mut sources: Vec<&Path> = Vec::new();
         if fetched_set.contains(&d) {
-            sources.push(&here);
+            // Checked against its sha256 as it landed; checked again here.
+            if let Some(got) = copier.copy(&here, at, e.size, None)? {
+                return Ok(got);
+            }
         }
-        sources.extend(index.sources(&d).iter().map(PathBuf::as_path));
-        for src in sources {
-            match copy_verified(src, at, e.size)? {
+        for src in index.sources(&d) {
+            match copier.copy(&src.path, at, e.size, src.stamp.map(|s| (s, d)))? {
                 Some((n, got)) if n == e.size && got == d => return Ok((n, got)),
                 Some(_) => fs::remove_file(at)?,
                 None => {}
@@ -469,7 +605,9 @@ pub fn build(
         }
         // Changed in place since it was indexed: fetch it after all.
         refetch(d, e.size).map_err(io::Error::other)?;
-        copy_verified(&here, at, e.size)?.ok_or_else(|| io::Error::other("a fetched content vanished"))
+        copier
+            .copy(&here, at, e.size, None)?
+            .ok_or_else(|| io::Error::other("a fetched content vanished"))
     })
     .map_err(|e| format!("the release does not build from its manifest: {e}"))
 }
@@ -497,13 +635,21 @@ mod tests {
         fs::write(tree.join("edited"), b"original").unwrap();
         archive::pack_dir(&tree, &mut src).unwrap();
         let manifest = archive::manifest_of(&src[..], &Limits::default()).unwrap().manifest;
+        // Stamped now: each file was written moments ago, so no stamp may
+        // vouch for it (a write in the same clock tick would not show).
+        let stamps_file = d.path().join("stamps");
+        fs::write(&stamps_file, stamps(&old, &manifest).unwrap()).unwrap();
+        let vouched = read_stamps(&stamps_file);
+        assert!(vouched.is_empty(), "racy stamps vouch for nothing: {vouched:?}");
         let mut index = Index::default();
         for e in &manifest.entries {
             if let Some(c) = e.content() {
-                index.by_sha.entry(c).or_default().push(old.join(e.path()));
+                let path = old.join(e.path());
+                let stamp = vouched.get(e.path()).copied();
+                index.by_sha.entry(c).or_default().push(Source { path, stamp });
             }
         }
-        // Written to after it was indexed.
+        // Written to after it was indexed, keeping its size.
         fs::write(old.join("edited"), b"tampered").unwrap();
         let plan = Plan::new(manifest, &index);
         assert!(plan.missing.is_empty(), "everything looked held");
@@ -523,5 +669,49 @@ mod tests {
         );
         assert_ne!(a.ino(), b.ino(), "a copy, not a link");
         assert_eq!(b.nlink(), 1);
+    }
+
+    /// A stamp taken well after its file's last change vouches for it
+    /// while `fstat` agrees; any write since makes it vouch for nothing.
+    #[test]
+    fn a_stamp_vouches_only_for_an_unwritten_file() {
+        let d = tempfile::tempdir().unwrap();
+        let tree = d.path().join("tree");
+        fs::create_dir_all(&tree).unwrap();
+        fs::write(tree.join("f"), b"content").unwrap();
+        let sha = Digest::of_bytes(b"content");
+        let manifest = Manifest {
+            format: convoy_common::manifest::FORMAT,
+            entries: vec![convoy_common::manifest::ManifestEntry::file(
+                Path::new("f"),
+                0o644,
+                7,
+                sha,
+            )],
+        };
+        // As if taken a second later than it was.
+        let text = String::from_utf8(stamps(&tree, &manifest).unwrap()).unwrap();
+        let (first, rest) = text.split_once('\n').unwrap();
+        let taken: i128 = first.strip_prefix("taken ").unwrap().parse().unwrap();
+        let file = d.path().join("stamps");
+        fs::write(&file, format!("taken {}\n{rest}", taken + 1_000_000_000)).unwrap();
+        let stamp = read_stamps(&file)[Path::new("f")];
+        let copier = Copier::default();
+        let got = copier
+            .copy(&tree.join("f"), &d.path().join("a"), 7, Some((stamp, sha)))
+            .unwrap();
+        assert_eq!(got, Some((7, sha)));
+        assert_eq!(fs::read(d.path().join("a")).unwrap(), b"content");
+        // Written since (same size), once the file system's clock has
+        // moved past the stamp: its ctime moved, so it is hashed.
+        let probe = d.path().join("probe");
+        while fs::write(&probe, b"").is_ok() && Stamp::of(&fs::metadata(&probe).unwrap()).ctime_ns <= stamp.ctime_ns {
+            std::thread::yield_now();
+        }
+        fs::write(tree.join("f"), b"CONTENT").unwrap();
+        let got = copier
+            .copy(&tree.join("f"), &d.path().join("b"), 7, Some((stamp, sha)))
+            .unwrap();
+        assert_eq!(got, Some((7, Digest::of_bytes(b"CONTENT"))));
     }
 }

@@ -214,6 +214,15 @@ impl Read for Following {
     }
 }
 
+/// The next message of a download, or why there is none: the stream
+/// failed, or stalled for `IDLE_TIMEOUT`.
+pub async fn next_within<T>(stream: &mut tonic::Streaming<T>) -> Result<Option<T>, String> {
+    timeout(IDLE_TIMEOUT, stream.message())
+        .await
+        .map_err(|_| format!("no data for {IDLE_TIMEOUT:?}"))?
+        .map_err(|s| format!("{}: {}", s.code(), s.message()))
+}
+
 /// Downloads `digest` into `part` (appending to what is there) and verifies
 /// it. Returns the number of bytes fetched in this call.
 pub async fn fetch(
@@ -251,11 +260,9 @@ pub async fn fetch(
                 .map_err(|s| format!("{}: {}", s.code(), s.message()))?
                 .into_inner();
             loop {
-                let next = timeout(IDLE_TIMEOUT, stream.message())
-                    .await
-                    .map_err(|_| format!("no data for {IDLE_TIMEOUT:?}"))?
-                    .map_err(|s| format!("{}: {}", s.code(), s.message()))?;
-                let Some(chunk) = next else { break };
+                let Some(chunk) = next_within(&mut stream).await? else {
+                    break;
+                };
                 if chunk.total_size != size {
                     return Err(format!("size changed: {} != {size}", chunk.total_size));
                 }

@@ -293,6 +293,7 @@ impl Store {
             fs::remove_dir_all(&path).map_err(io_at(&path))?;
             let _ = fs::remove_file(dirs.meta_file(&v));
             let _ = fs::remove_file(dirs.meta.join(format!("{v}.manifest")));
+            let _ = fs::remove_file(dirs.meta.join(format!("{v}.stamps")));
             removed.push(v);
         }
         if !removed.is_empty() {

@@ -140,21 +140,7 @@ pub(super) async fn stage(
         }
     };
     crash_point("after-unpack");
-    agent
-        .store
-        .write_release_meta(
-            app,
-            &cmd.version,
-            &ReleaseMeta {
-                digest: cmd.digest,
-                size: cmd.size,
-                config_revision: None,
-            },
-        )
-        .map_err(|e| e.to_string())?;
-    keep_manifest(dirs, &cmd.version, &stats.manifest)?;
-    fs::rename(&unpack_dir, &release).map_err(|e| format!("moving release into place: {e}"))?;
-    fsutil::fsync_dir(&dirs.releases).map_err(|e| e.to_string())?;
+    commit_staged(agent, cmd, dirs, &unpack_dir, &stats.manifest)?;
     let _ = fs::remove_file(&part);
     Ok(format!(
         "{} verified ({fetched} bytes fetched), {} files / {} bytes unpacked",
@@ -162,10 +148,38 @@ pub(super) async fn stage(
     ))
 }
 
-/// Keeps a staged release's manifest: the index of what this host holds.
-fn keep_manifest(dirs: &AppDirs, v: &Version, m: &convoy_common::manifest::Manifest) -> Result<(), String> {
-    let path = delta::manifest_path(dirs, v);
-    fsutil::write_atomic(&path, &m.encode(), 0o600).map_err(|e| format!("{}: {e}", path.display()))
+/// Moves a verified tree into `releases/`, with its record and its
+/// manifest (the index of what this host holds).
+fn commit_staged(
+    agent: &Agent,
+    cmd: &ActivateCommand,
+    dirs: &AppDirs,
+    tree: &Path,
+    manifest: &convoy_common::manifest::Manifest,
+) -> Result<(), String> {
+    let meta = ReleaseMeta {
+        digest: cmd.digest,
+        size: cmd.size,
+        config_revision: None,
+    };
+    agent
+        .store
+        .write_release_meta(&cmd.spec.app, &cmd.version, &meta)
+        .map_err(|e| e.to_string())?;
+    let path = delta::manifest_path(dirs, &cmd.version);
+    fsutil::write_atomic(&path, &manifest.encode(), 0o600).map_err(|e| format!("{}: {e}", path.display()))?;
+    let release = dirs.release(&cmd.version);
+    fs::rename(tree, &release).map_err(|e| format!("moving release into place: {e}"))?;
+    fsutil::fsync_dir(&dirs.releases).map_err(|e| e.to_string())?;
+    // What its files look like now, verified: the next delta copies
+    // those still alike without hashing them again. Only a shortcut, so
+    // a failure here fails nothing.
+    let stamped = delta::stamps(&release, manifest)
+        .and_then(|s| fsutil::write_atomic(&delta::stamps_path(dirs, &cmd.version), &s, 0o600));
+    if let Err(e) = stamped {
+        tracing::warn!(version = %cmd.version, error = %e, "no stamps for this release; the next delta hashes its files");
+    }
+    Ok(())
 }
 
 /// Stages the release from its manifest when this host holds some of its
@@ -258,21 +272,7 @@ async fn stage_delta(
     };
     let (refetched, refetched_wire) = *refetched.lock().unwrap();
     crash_point("after-unpack");
-    agent
-        .store
-        .write_release_meta(
-            app,
-            &cmd.version,
-            &ReleaseMeta {
-                digest: cmd.digest,
-                size: cmd.size,
-                config_revision: None,
-            },
-        )
-        .map_err(|e| e.to_string())?;
-    keep_manifest(dirs, &cmd.version, &plan.manifest)?;
-    fs::rename(&unpack_dir, dirs.release(&cmd.version)).map_err(|e| format!("moving release into place: {e}"))?;
-    fsutil::fsync_dir(&dirs.releases).map_err(|e| e.to_string())?;
+    commit_staged(agent, cmd, dirs, &unpack_dir, &plan.manifest)?;
     let _ = fs::remove_dir_all(&contents);
     let (already, already_bytes) = fetched.already;
     let mut notes = String::new();
