@@ -347,8 +347,8 @@ pub fn run(size: u64, fanout_hosts: usize, fanout_size: u64, runs: usize) -> any
          over the deploy: the manifest and the missing contents, zstd-compressed, without TLS and HTTP/2 \
          framing; rsync's are its `Total bytes sent` (file list, checksums' answers and literal data, \
          uncompressed, without ssh framing). convoy's time is the agent's stage step (its own events): \
-         manifest, contents, every file of the new tree copied from the kept release and hashed against \
-         the manifest, then one syncfs. rsync updates the previous tree in place, writing only the changed \
+         manifest, contents, every file of the new tree copied from the kept release (hashed against the \
+         manifest, unless its stamps show it untouched since it was verified), then one syncfs. rsync updates the previous tree in place, writing only the changed \
          files and fsyncing nothing; `--fsync` fsyncs each file it writes. convoy builds a new, independent \
          tree beside the live one (the previous release stays whole for a rollback), so on a file system \
          without reflinks it writes the whole tree again: here in RAM (test-bed hosts keep their files \
