@@ -402,6 +402,24 @@ pub struct Fetched {
     pub already: (usize, u64),
 }
 
+/// Why contents could not be fetched.
+#[derive(Debug)]
+pub enum ContentsError {
+    /// The transfer kept breaking: what landed is kept for the next try.
+    GaveUp(String),
+    /// Refused content, or this host could not write it (a full disk):
+    /// another try would not help.
+    Refused(String),
+}
+
+impl std::fmt::Display for ContentsError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ContentsError::GaveUp(e) | ContentsError::Refused(e) => f.write_str(e),
+        }
+    }
+}
+
 /// Fetches `wanted` contents of `artifact` into `dir`, skipping those
 /// already there; a cut transfer is asked again for what is still
 /// missing.
@@ -410,8 +428,8 @@ pub async fn fetch_contents(
     artifact: Digest,
     wanted: &[(Digest, u64)],
     dir: &Path,
-) -> Result<Fetched, String> {
-    fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+) -> Result<Fetched, ContentsError> {
+    fs::create_dir_all(dir).map_err(|e| ContentsError::Refused(format!("{}: {e}", dir.display())))?;
     let present = |d: &Digest| dir.join(d.to_hex()).exists();
     let here: Vec<u64> = wanted.iter().filter(|(d, _)| present(d)).map(|(_, s)| *s).collect();
     let already = (here.len(), here.iter().sum());
@@ -433,7 +451,7 @@ pub async fn fetch_contents(
         }
         match result {
             Ok(()) => {}
-            Err(Stop::Refused(e)) => return Err(e),
+            Err(Stop::Refused(e)) => return Err(ContentsError::Refused(e)),
             Err(Stop::Retry(e)) => {
                 tracing::warn!(attempt, error = %e, "content fetch interrupted; will resume");
                 last = e;
@@ -444,9 +462,9 @@ pub async fn fetch_contents(
     if wanted.iter().all(|(d, _)| present(d)) {
         return Ok(Fetched { wire: fetched, already });
     }
-    Err(format!(
+    Err(ContentsError::GaveUp(format!(
         "fetch of contents failed after {ATTEMPTS} attempts; last error: {last}"
-    ))
+    )))
 }
 
 async fn fetch_batch(

@@ -3,7 +3,8 @@
 //! to its digest only once complete, so a stored name always matches.
 //!
 //! Beside each artifact, for delta staging: its manifest
-//! (`artifacts/<sha256>.manifest`) and every file content it holds,
+//! (`artifacts/<sha256>.manifest`; compressed as hosts fetch it,
+//! `artifacts/<manifest's sha256>.manifest.zst`) and every file content it holds,
 //! zstd-compressed once and served as is to every host that lacks it
 //! (`contents/<ab>/<sha256>.zst`, shared by all releases). Both are made
 //! from the artifact when it is pushed, and again from the artifact alone
@@ -114,6 +115,18 @@ impl Artifacts {
 
     pub fn path(&self, digest: &Digest) -> PathBuf {
         self.dir.join(digest.to_hex())
+    }
+
+    /// A manifest as hosts fetch it, zstd-compressed: made once, kept
+    /// under the manifest's own sha256, served as is to every host.
+    pub async fn manifest_packed(&self, manifest: &Digest, bytes: &[u8]) -> std::io::Result<Vec<u8>> {
+        let path = self.dir.join(format!("{}.manifest.zst", manifest.to_hex()));
+        if let Ok(packed) = tokio::fs::read(&path).await {
+            return Ok(packed);
+        }
+        let packed = zstd::bulk::compress(bytes, 3)?;
+        fsutil::write_atomic(&path, &packed, 0o644)?;
+        Ok(packed)
     }
 
     pub async fn begin(&self) -> std::io::Result<Incoming> {

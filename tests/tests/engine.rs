@@ -220,18 +220,20 @@ fn hooks_backups_unit_files_and_retention() -> Result<()> {
 }
 
 /// An interrupted fetch resumes at its offset; an artifact whose bytes do
-/// not match its digest is refused before anything is unpacked.
+/// not match its digest is refused before anything is unpacked (the whole
+/// artifact: a host stages by delta only from a manifest).
 #[test]
 fn transfers_resume_and_tampered_artifacts_are_refused() -> Result<()> {
     let mut bed = Testbed::boot(1)?;
-    bed.push_demo("1.0.0", "healthy")?;
-    bed.convoy_ok(&["deploy", "demo", "1.0.0", "--env", "staging"])?;
-
-    // The controller cuts the next artifact stream after its first chunk.
+    // The controller cuts the first artifact stream after its first
+    // chunk; the host holds nothing yet, so it fetches the whole artifact.
     bed.kill_controller();
     bed.controller_env = vec![("FAILPOINTS".into(), "fetch-cut=1*return".into())];
     bed.start_controller()?;
     bed.wait_connected(1)?;
+    bed.push_demo("1.0.0", "healthy")?;
+    bed.convoy_ok(&["deploy", "demo", "1.0.0", "--env", "staging"])?;
+    assert_eq!(bed.hosts[0].serving().as_deref(), Some("1.0.0"));
     bed.push_demo("2.0.0", "healthy")?;
     bed.convoy_ok(&["deploy", "demo", "2.0.0", "--env", "staging"])?;
     assert_eq!(bed.hosts[0].serving().as_deref(), Some("2.0.0"));
@@ -264,6 +266,10 @@ fn transfers_resume_and_tampered_artifacts_are_refused() -> Result<()> {
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0xff;
     std::fs::write(&path, &bytes)?;
+    // Its manifest lost too: the controller makes it again from the stored
+    // bytes, which fail their own check, so the host is sent the whole
+    // artifact and refuses it by its digest.
+    std::fs::remove_file(bed.artifact_path(&format!("{digest}.manifest")))?;
     let out = bed.convoy(&["deploy", "demo", "3.0.0", "--env", "staging"])?;
     assert_eq!(out.code, 4, "{out:?}");
     assert!(

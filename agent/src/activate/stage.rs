@@ -225,7 +225,17 @@ async fn stage_delta(
         return Ok(None);
     }
     let contents = delta::contents_dir(dirs, &cmd.version);
-    let fetched = delta::fetch_contents(channel.clone(), cmd.digest, &plan.missing, &contents).await?;
+    let fetched = match delta::fetch_contents(channel.clone(), cmd.digest, &plan.missing, &contents).await {
+        Ok(f) => f,
+        // A broken transfer keeps what landed, so the next try resumes;
+        // anything else (a full disk, refused content) leaves staging clean.
+        Err(e) => {
+            if matches!(e, delta::ContentsError::Refused(_)) {
+                let _ = fs::remove_dir_all(&contents);
+            }
+            return Err(e.to_string());
+        }
+    };
     crash_point("after-fetch");
     let unpack_dir = dirs.staging.join(format!("{}.unpack", cmd.version));
     let _ = fs::remove_dir_all(&unpack_dir);
@@ -241,12 +251,14 @@ async fn stage_delta(
         let (channel, artifact, runtime) = (channel.clone(), cmd.digest, tokio::runtime::Handle::current());
         tokio::task::spawn_blocking(move || -> Result<(archive::UnpackStats, delta::Plan), String> {
             let refetch = |d, size| {
-                let f = runtime.block_on(delta::fetch_contents(
-                    channel.clone(),
-                    artifact,
-                    &[(d, size)],
-                    &contents,
-                ))?;
+                let f = runtime
+                    .block_on(delta::fetch_contents(
+                        channel.clone(),
+                        artifact,
+                        &[(d, size)],
+                        &contents,
+                    ))
+                    .map_err(|e| e.to_string())?;
                 let mut c = counter.lock().unwrap();
                 c.0 += 1;
                 c.1 += f.wire;

@@ -96,8 +96,13 @@ impl AgentService for AgentApi {
         let id = super::enroll::agent_peer(&self.shared, &req).await?;
         let artifact =
             Digest::parse(&req.into_inner().artifact).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let (bytes, _) = self.manifest_of(&artifact).await?;
-        let packed = zstd::bulk::compress(&bytes, 3).map_err(super::internal)?;
+        let (bytes, digest) = self.manifest_of(&artifact).await?;
+        let packed = self
+            .shared
+            .artifacts
+            .manifest_packed(&digest, &bytes)
+            .await
+            .map_err(super::internal)?;
         let total = packed.len() as u64;
         crate::metrics::get().bytes_streamed.inc_by(total);
         self.shared.registry.count_sent(&id.name, total);
