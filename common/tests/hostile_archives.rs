@@ -6,10 +6,11 @@
 
 use std::fs;
 use std::io::Write;
+use std::path::Path;
 
 use std::collections::HashMap;
 
-use convoy_common::archive::{unpack, Limits};
+use convoy_common::archive::{unpack, ArchiveError, Limits, UnpackStats};
 use convoy_common::manifest::{self, kind, Manifest, ManifestEntry};
 use convoy_common::Digest;
 use flate2::write::GzEncoder;
@@ -149,21 +150,27 @@ fn check(case: &str, archive: Vec<u8>, limits: Limits, expect: &str) {
     let sandbox = tempfile::tempdir().unwrap();
     let dest = sandbox.path().join("staging").join("release");
     fs::create_dir_all(dest.parent().unwrap()).unwrap();
-    let err = match unpack(&archive[..], &dest, &limits) {
-        Ok(stats) => panic!("{case}: hostile archive was accepted ({stats:?})"),
+    refused(
+        case,
+        "archive",
+        unpack(&archive[..], &dest, &limits),
+        sandbox.path(),
+        expect,
+    );
+}
+
+/// Checks that a hostile archive or manifest was refused with `expect`
+/// and wrote nothing outside `staging/release` in `sandbox`.
+fn refused(case: &str, what: &str, built: Result<UnpackStats, ArchiveError>, sandbox: &Path, expect: &str) {
+    let err = match built {
+        Ok(stats) => panic!("{case}: hostile {what} was accepted ({stats:?})"),
         Err(e) => e.to_string(),
     };
     assert!(err.contains(expect), "{case}: error {err:?} should contain {expect:?}");
     // Nothing beside the destination, in the sandbox.
-    let top: Vec<_> = fs::read_dir(sandbox.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
-    assert_eq!(top, vec!["staging"], "{case}: wrote outside staging");
-    let staging: Vec<_> = fs::read_dir(sandbox.path().join("staging"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
+    let names = |dir: &Path| -> Vec<_> { fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name()).collect() };
+    assert_eq!(names(sandbox), vec!["staging"], "{case}: wrote outside staging");
+    let staging = names(&sandbox.join("staging"));
     assert!(
         staging.iter().all(|n| n == "release"),
         "{case}: wrote beside the release dir: {staging:?}"
@@ -282,17 +289,7 @@ fn check_manifest_with(
         f.write_all(&data)?;
         Ok((data.len() as u64, Digest::of_bytes(&data)))
     });
-    let err = match built {
-        Ok(stats) => panic!("{case}: hostile manifest was accepted ({stats:?})"),
-        Err(e) => e.to_string(),
-    };
-    assert!(err.contains(expect), "{case}: error {err:?} should contain {expect:?}");
-    let top: Vec<_> = fs::read_dir(sandbox.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
-    assert_eq!(top, vec!["staging"], "{case}: wrote outside staging");
-    println!("| {case} | `{err}` |");
+    refused(case, "manifest", built, sandbox.path(), expect);
 }
 
 /// Each file's content is what its entry's sha256 was made from.
@@ -736,8 +733,5 @@ fn manifests_that_lie_are_refused() {
     for p in ["a/f", "h", "cur"] {
         assert_eq!(fs::read(full.join(p)).unwrap(), fs::read(delta.join(p)).unwrap(), "{p}");
     }
-    assert_eq!(
-        fs::read_link(delta.join("a/up")).unwrap(),
-        std::path::Path::new("../cur")
-    );
+    assert_eq!(fs::read_link(delta.join("a/up")).unwrap(), Path::new("../cur"));
 }
