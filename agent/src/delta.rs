@@ -261,20 +261,33 @@ pub async fn fetch_manifest(
                 .await
                 .map_err(|s| format!("{}: {}", s.code(), s.message()))?
                 .into_inner();
-            let mut data = Vec::new();
+            let (mut data, mut total) = (Vec::new(), None);
             loop {
                 let Some(chunk) = crate::fetch::next_within(&mut stream).await? else {
                     break;
                 };
-                if chunk.total_size as usize > MAX_MANIFEST || chunk.offset != data.len() as u64 {
+                if chunk.total_size as usize > MAX_MANIFEST
+                    || chunk.offset != data.len() as u64
+                    || total.is_some_and(|t| t != chunk.total_size)
+                {
                     return Err(format!(
                         "manifest chunk at {} of {} bytes is out of order or over {MAX_MANIFEST} bytes",
                         chunk.offset, chunk.total_size
                     ));
                 }
+                total = Some(chunk.total_size);
                 data.extend_from_slice(&chunk.data);
             }
-            Ok(data)
+            // A stream cut short can end without an error: only a whole
+            // manifest is judged.
+            match total {
+                Some(t) if t == data.len() as u64 => Ok(data),
+                _ => Err(format!(
+                    "manifest stream ended at {} of {} bytes",
+                    data.len(),
+                    total.map_or("?".into(), |t| t.to_string())
+                )),
+            }
         }
         .await;
         match got {

@@ -109,7 +109,7 @@ impl Artifacts {
     /// Writes an artifact's manifest; returns its sha256.
     pub fn keep_manifest(&self, artifact: &Digest, m: &convoy_common::manifest::Manifest) -> std::io::Result<Digest> {
         let bytes = m.encode();
-        fsutil::write_atomic(&self.manifest_path(artifact), &bytes, 0o644)?;
+        self.write_new(&self.manifest_path(artifact), &bytes)?;
         Ok(Digest::of_bytes(&bytes))
     }
 
@@ -125,8 +125,24 @@ impl Artifacts {
             return Ok(packed);
         }
         let packed = zstd::bulk::compress(bytes, 3)?;
-        fsutil::write_atomic(&path, &packed, 0o644)?;
+        self.write_new(&path, &packed)?;
         Ok(packed)
+    }
+
+    /// Writes `data` at `path` through a temporary file of its own, so
+    /// that hosts asking at once each write whole files and one of them
+    /// (all alike) stays.
+    fn write_new(&self, path: &Path, data: &[u8]) -> std::io::Result<()> {
+        use std::io::Write;
+        let tmp = self.dir.join(format!("{}.upload", uuid::Uuid::new_v4()));
+        let r = std::fs::File::create(&tmp)
+            .and_then(|mut f| f.write_all(data).and_then(|()| f.sync_all()))
+            .and_then(|()| std::fs::rename(&tmp, path));
+        if r.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        r?;
+        fsutil::fsync_dir(&self.dir)
     }
 
     pub async fn begin(&self) -> std::io::Result<Incoming> {
