@@ -19,9 +19,11 @@
 //! (`meta/<version>.stamps`) record every file's inode, size, mtime and
 //! ctime as they were when its tree was verified, and a source whose
 //! `fstat` still says exactly that is copied without hashing it again
-//! (any write moves ctime, which no program can set back). Fetched contents land in `staging/<version>.contents/`
-//! under their sha256, each checked before it is named, so a cut transfer
-//! or a killed agent resumes with what is there.
+//! (any write moves ctime, which no program can set back).
+//!
+//! Fetched contents land in `staging/<version>.contents/` under their
+//! sha256, each checked before it is named, so a cut transfer or a
+//! killed agent resumes with what is there.
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
@@ -29,7 +31,6 @@ use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use bytes::Bytes;
 use convoy_common::archive::{self, Limits};
@@ -43,10 +44,10 @@ use tokio::sync::mpsc;
 use tonic::transport::Channel;
 
 use crate::crash::crash_point;
+use crate::fetch::{self, ATTEMPTS};
 use crate::store::AppDirs;
 use crate::switch;
 
-const ATTEMPTS: u32 = 5;
 /// Contents asked for in one request (the controller's bound).
 const BATCH: usize = 10_000;
 /// The largest compressed manifest accepted.
@@ -250,7 +251,7 @@ pub async fn fetch_manifest(
     max_entries: u64,
 ) -> Result<(Manifest, u64), String> {
     let mut client = AgentServiceClient::new(channel);
-    let mut backoff = convoy_common::backoff::Backoff::new(Duration::from_millis(400), Duration::from_secs(10));
+    let mut backoff = fetch::retry_backoff();
     let mut last = String::new();
     for attempt in 1..=ATTEMPTS {
         let got: Result<Vec<u8>, String> = async {
@@ -259,11 +260,11 @@ pub async fn fetch_manifest(
                     artifact: artifact.to_hex(),
                 })
                 .await
-                .map_err(|s| format!("{}: {}", s.code(), s.message()))?
+                .map_err(|s| fetch::status_text(&s))?
                 .into_inner();
             let (mut data, mut total) = (Vec::new(), None);
             loop {
-                let Some(chunk) = crate::fetch::next_within(&mut stream).await? else {
+                let Some(chunk) = fetch::next_within(&mut stream).await? else {
                     break;
                 };
                 if chunk.total_size as usize > MAX_MANIFEST
@@ -447,7 +448,7 @@ pub async fn fetch_contents(
     let here: Vec<u64> = wanted.iter().filter(|(d, _)| present(d)).map(|(_, s)| *s).collect();
     let already = (here.len(), here.iter().sum());
     let mut client = AgentServiceClient::new(channel);
-    let mut backoff = convoy_common::backoff::Backoff::new(Duration::from_millis(400), Duration::from_secs(10));
+    let mut backoff = fetch::retry_backoff();
     let mut fetched = 0u64;
     let mut last = String::new();
     for attempt in 1..=ATTEMPTS {
@@ -487,14 +488,13 @@ async fn fetch_batch(
     dir: &Path,
     fetched: &mut u64,
 ) -> Result<(), Stop> {
-    let status = |s: tonic::Status| Stop::Retry(format!("{}: {}", s.code(), s.message()));
     let mut stream = client
         .fetch_contents(ContentsRequest {
             artifact: artifact.to_hex(),
             sha256: batch.iter().map(|(d, _)| d.as_bytes().to_vec()).collect(),
         })
         .await
-        .map_err(status)?
+        .map_err(|s| Stop::Retry(fetch::status_text(&s)))?
         .into_inner();
     // Pieces go to a thread of their own that decompresses, hashes and
     // writes them while the next ones arrive.
@@ -513,7 +513,7 @@ async fn fetch_batch(
     });
     let received: Result<(), Stop> = async {
         loop {
-            let Some(piece) = crate::fetch::next_within(&mut stream).await.map_err(Stop::Retry)? else {
+            let Some(piece) = fetch::next_within(&mut stream).await.map_err(Stop::Retry)? else {
                 return Ok(());
             };
             *fetched += piece.data.len() as u64;
@@ -541,13 +541,13 @@ async fn fetch_batch(
 /// system refuses one (then never again in this build: a refused reflink
 /// costs a file made and removed).
 pub struct Copier {
-    reflinks: std::sync::atomic::AtomicBool,
+    reflinks: std::cell::Cell<bool>,
 }
 
 impl Default for Copier {
     fn default() -> Self {
         Copier {
-            reflinks: std::sync::atomic::AtomicBool::new(true),
+            reflinks: std::cell::Cell::new(true),
         }
     }
 }
@@ -565,7 +565,6 @@ impl Copier {
         size: u64,
         verified: Option<(Stamp, Digest)>,
     ) -> io::Result<Option<(u64, Digest)>> {
-        use std::sync::atomic::Ordering::Relaxed;
         let mut from = match fs::OpenOptions::new()
             .read(true)
             .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
@@ -580,11 +579,9 @@ impl Copier {
         }
         let untouched = verified.filter(|(stamp, _)| *stamp == Stamp::of(&meta)).map(|(_, d)| d);
         // A reflink makes `dst` itself (new, never through a link) or nothing.
-        let reflinked = self.reflinks.load(Relaxed) && {
+        let reflinked = self.reflinks.get() && {
             let done = reflink_copy::reflink_file_to_path(&from, dst).is_ok();
-            if !done {
-                self.reflinks.store(false, Relaxed);
-            }
+            self.reflinks.set(done);
             done
         };
         if let Some(content) = untouched {

@@ -22,7 +22,8 @@ use tonic::transport::Channel;
 
 /// Longest wait for the next chunk before the transfer counts as stalled.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-const ATTEMPTS: u32 = 5;
+/// Tries of one download before it gives up (each resumes the last).
+pub const ATTEMPTS: u32 = 5;
 /// Chunks received but not yet written (each up to `CHUNK_SIZE`): enough to
 /// keep the writer busy while the network catches up, small enough to
 /// stay a few MiB.
@@ -220,7 +221,17 @@ pub async fn next_within<T>(stream: &mut tonic::Streaming<T>) -> Result<Option<T
     timeout(IDLE_TIMEOUT, stream.message())
         .await
         .map_err(|_| format!("no data for {IDLE_TIMEOUT:?}"))?
-        .map_err(|s| format!("{}: {}", s.code(), s.message()))
+        .map_err(|s| status_text(&s))
+}
+
+/// A failed call, as a retry's log and a give-up's reason say it.
+pub fn status_text(s: &tonic::Status) -> String {
+    format!("{}: {}", s.code(), s.message())
+}
+
+/// The pause between tries of a download.
+pub fn retry_backoff() -> convoy_common::backoff::Backoff {
+    convoy_common::backoff::Backoff::new(Duration::from_millis(400), Duration::from_secs(10))
 }
 
 /// Downloads `digest` into `part` (appending to what is there) and verifies
@@ -240,7 +251,7 @@ pub async fn fetch(
     let mut fetched = 0u64;
     let owned = part.to_owned();
     let mut staged = joined(tokio::task::spawn_blocking(move || Staged::open(&owned, size)).await).map_err(io_err)?;
-    let mut backoff = convoy_common::backoff::Backoff::new(Duration::from_millis(400), Duration::from_secs(10));
+    let mut backoff = retry_backoff();
     for attempt in 1..=ATTEMPTS {
         if staged.len == size {
             break;
@@ -257,7 +268,7 @@ pub async fn fetch(
                     offset,
                 })
                 .await
-                .map_err(|s| format!("{}: {}", s.code(), s.message()))?
+                .map_err(|s| status_text(&s))?
                 .into_inner();
             loop {
                 let Some(chunk) = next_within(&mut stream).await? else {

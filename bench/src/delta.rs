@@ -157,6 +157,17 @@ fn disk_secs(dir: &Path) -> anyhow::Result<f64> {
     Ok(secs)
 }
 
+/// `rsync` of `tree` into `dest`, which first gets a copy of `prev`
+/// (untimed, written back); `dest` is removed again.
+fn rsync_over(ssh: &Sshd, prev: &Path, tree: &Path, dest: &Path, extra: &[&str]) -> anyhow::Result<(f64, u64)> {
+    let _ = std::fs::remove_dir_all(dest);
+    fixture::run(Command::new("cp").arg("-a").arg(prev).arg(dest))?;
+    fixture::run(&mut Command::new("sync"))?;
+    let r = rsync(ssh, tree, dest, extra);
+    std::fs::remove_dir_all(dest)?;
+    r
+}
+
 fn mib(b: u64) -> String {
     format!("{:.1} MiB", b as f64 / (1 << 20) as f64)
 }
@@ -241,32 +252,14 @@ pub fn run(size: u64, fanout_hosts: usize, fanout_size: u64, runs: usize) -> any
         c_secs.push(secs);
         c_bytes.push(sent as f64);
         said = line;
-        // rsync: the previous tree copied (untimed), then updated.
-        let dest = shm.path().join("rsync-dest");
-        let _ = std::fs::remove_dir_all(&dest);
-        fixture::run(
-            Command::new("cp")
-                .arg("-a")
-                .arg(dir.join(format!("tree-{}", r - 1)))
-                .arg(&dest),
-        )?;
-        fixture::run(&mut Command::new("sync"))?;
-        let (secs, sent) = rsync(&ssh, &tree, &dest, &[])?;
+        // rsync into a copy of the previous tree; then the same with
+        // --fsync, durable before it returns as convoy's stage is.
+        let prev = dir.join(format!("tree-{}", r - 1));
+        let (secs, sent) = rsync_over(&ssh, &prev, &tree, &shm.path().join("rsync-dest"), &[])?;
         r_secs.push(secs);
         r_bytes.push(sent as f64);
-        // The same with --fsync: durable before it returns, as convoy's is.
-        let dest2 = shm.path().join("rsync-dest-2");
-        fixture::run(
-            Command::new("cp")
-                .arg("-a")
-                .arg(dir.join(format!("tree-{}", r - 1)))
-                .arg(&dest2),
-        )?;
-        fixture::run(&mut Command::new("sync"))?;
-        let (secs, _) = rsync(&ssh, &tree, &dest2, &["--fsync"])?;
+        let (secs, _) = rsync_over(&ssh, &prev, &tree, &shm.path().join("rsync-dest"), &["--fsync"])?;
         f_secs.push(secs);
-        std::fs::remove_dir_all(&dest)?;
-        std::fs::remove_dir_all(&dest2)?;
         if r >= 2 {
             std::fs::remove_dir_all(dir.join(format!("tree-{}", r - 2)))?;
         }

@@ -268,11 +268,6 @@ pub fn apply(
         io::ErrorKind::AlreadyExists => ArchiveError::DestinationExists(dest.to_owned()),
         _ => io_at(dest)(e),
     })?;
-    if manifest.entries.len() as u64 > limits.max_entries {
-        return Err(ArchiveError::TooManyEntries {
-            limit: limits.max_entries,
-        });
-    }
     let mut check = archive::Checker::new(limits);
     let mut dir_modes = Vec::new();
     for e in &manifest.entries {

@@ -55,8 +55,7 @@ impl Artifacts {
 
     /// Where a file content is kept, zstd-compressed.
     pub fn content_path(&self, d: &Digest) -> PathBuf {
-        let hex = d.to_hex();
-        self.contents.join(&hex[..2]).join(format!("{hex}.zst"))
+        content_file(&self.contents, d)
     }
 
     fn manifest_path(&self, artifact: &Digest) -> PathBuf {
@@ -68,39 +67,30 @@ impl Artifacts {
     /// artifact is not here.
     pub async fn manifest(&self, artifact: &Digest) -> std::io::Result<Option<(Vec<u8>, Digest)>> {
         let path = self.manifest_path(artifact);
-        if let Ok(bytes) = tokio::fs::read(&path).await {
+        let kept = || async {
+            let bytes = tokio::fs::read(&path).await.ok()?;
             let d = Digest::of_bytes(&bytes);
-            return Ok(Some((bytes, d)));
+            Some((bytes, d))
+        };
+        if let Some(m) = kept().await {
+            return Ok(Some(m));
         }
         let source = self.path(artifact);
         if !source.exists() {
             return Ok(None);
         }
+        // Made by another caller while this one waited?
         let _one = self.making.lock().await;
-        if let Ok(bytes) = tokio::fs::read(&path).await {
-            let d = Digest::of_bytes(&bytes);
-            return Ok(Some((bytes, d)));
+        if let Some(m) = kept().await {
+            return Ok(Some(m));
         }
-        let scratch = self.dir.join(format!("{}.check", uuid::Uuid::new_v4()));
-        let contents = self.contents.clone();
-        let made = tokio::task::spawn_blocking(move || -> std::io::Result<archive::UnpackStats> {
-            std::fs::create_dir(&scratch)?;
-            let r = std::fs::File::open(&source).and_then(|f| {
-                let tree = scratch.join("tree");
-                let stats = archive::unpack(
-                    std::io::BufReader::with_capacity(1 << 20, f),
-                    &tree,
-                    &archive::Limits::unbounded(),
-                )
+        let (scratch, contents) = (self.scratch(), self.contents.clone());
+        let limits = archive::Limits::unbounded();
+        let made =
+            tokio::task::spawn_blocking(move || unpack_and_store(&source, &scratch, &limits, &contents, |_, s| s))
+                .await
+                .map_err(std::io::Error::other)?
                 .map_err(std::io::Error::other)?;
-                store_contents(&contents, &tree, &stats.manifest)?;
-                Ok(stats)
-            });
-            let _ = std::fs::remove_dir_all(&scratch);
-            r
-        })
-        .await
-        .map_err(std::io::Error::other)??;
         let d = self.keep_manifest(artifact, &made.manifest)?;
         tracing::info!(%artifact, manifest = %d, "manifest and contents made from the artifact");
         Ok(Some((made.manifest.encode(), d)))
@@ -115,6 +105,11 @@ impl Artifacts {
 
     pub fn path(&self, digest: &Digest) -> PathBuf {
         self.dir.join(digest.to_hex())
+    }
+
+    /// A scratch directory name of its own (removed again at open).
+    fn scratch(&self) -> PathBuf {
+        self.dir.join(format!("{}.check", uuid::Uuid::new_v4()))
     }
 
     /// A manifest as hosts fetch it, zstd-compressed: made once, kept
@@ -164,31 +159,13 @@ impl Artifacts {
         // tokio's File hands writes to a thread of its own: until flushed,
         // the last of them may not be in the file the unpacker opens.
         inc.file.flush().await.map_err(archive::ArchiveError::Corrupt)?;
-        let scratch = self.dir.join(format!("{}.check", uuid::Uuid::new_v4()));
-        let file = inc.tmp.clone();
-        let contents = self.contents.clone();
+        let (scratch, file, contents) = (self.scratch(), inc.tmp.clone(), self.contents.clone());
         tokio::task::spawn_blocking(move || {
-            let r = std::fs::create_dir(&scratch)
-                .and_then(|()| std::fs::File::open(&file))
-                .map_err(archive::ArchiveError::Corrupt)
-                .and_then(|f| {
-                    archive::unpack(
-                        std::io::BufReader::with_capacity(1 << 20, f),
-                        &scratch.join("tree"),
-                        &limits,
-                    )
-                })
-                .and_then(|stats| {
-                    store_contents(&contents, &scratch.join("tree"), &stats.manifest)
-                        .map_err(archive::ArchiveError::Corrupt)?;
-                    Ok(Checked {
-                        units: unit_files(&scratch.join("tree/systemd")),
-                        config: declared_config(&scratch.join("tree")),
-                        stats,
-                    })
-                });
-            let _ = std::fs::remove_dir_all(&scratch);
-            r
+            unpack_and_store(&file, &scratch, &limits, &contents, |tree, stats| Checked {
+                units: unit_files(&tree.join("systemd")),
+                config: declared_config(tree),
+                stats,
+            })
         })
         .await
         .unwrap_or_else(|e| Err(archive::ArchiveError::Corrupt(std::io::Error::other(e))))
@@ -255,22 +232,47 @@ impl Incoming {
     }
 }
 
+/// Unpacks `archive` into `scratch/tree` exactly as a host will, keeps
+/// each file content `contents` lacks, and reads what `then` wants from
+/// the tree before the scratch directory goes.
+fn unpack_and_store<T>(
+    archive: &Path,
+    scratch: &Path,
+    limits: &archive::Limits,
+    contents: &Path,
+    then: impl FnOnce(&Path, archive::UnpackStats) -> T,
+) -> Result<T, archive::ArchiveError> {
+    let tree = scratch.join("tree");
+    let r = std::fs::create_dir(scratch)
+        .and_then(|()| std::fs::File::open(archive))
+        .map_err(archive::ArchiveError::Corrupt)
+        .and_then(|f| archive::unpack(std::io::BufReader::with_capacity(1 << 20, f), &tree, limits))
+        .and_then(|stats| {
+            store_contents(contents, &tree, &stats.manifest).map_err(archive::ArchiveError::Corrupt)?;
+            Ok(then(&tree, stats))
+        });
+    let _ = std::fs::remove_dir_all(scratch);
+    r
+}
+
+/// Where the content `d` is kept under `root`.
+fn content_file(root: &Path, d: &Digest) -> PathBuf {
+    let hex = d.to_hex();
+    root.join(&hex[..2]).join(format!("{hex}.zst"))
+}
+
 /// Compresses each file content of `tree` that `contents` lacks, once.
 fn store_contents(contents: &Path, tree: &Path, m: &convoy_common::manifest::Manifest) -> std::io::Result<()> {
     let mut done = std::collections::HashSet::new();
     for e in &m.entries {
         let Some(d) = e.content() else { continue };
-        if !done.insert(d) {
+        let path = content_file(contents, &d);
+        if !done.insert(d) || path.exists() {
             continue;
         }
-        let hex = d.to_hex();
-        let dir = contents.join(&hex[..2]);
-        let path = dir.join(format!("{hex}.zst"));
-        if path.exists() {
-            continue;
-        }
-        std::fs::create_dir_all(&dir)?;
-        let tmp = dir.join(format!("{hex}.{}.tmp", uuid::Uuid::new_v4()));
+        let dir = path.parent().expect("a content file is in a directory");
+        std::fs::create_dir_all(dir)?;
+        let tmp = dir.join(format!("{}.{}.tmp", d.to_hex(), uuid::Uuid::new_v4()));
         let r = (|| {
             let mut from = std::fs::File::open(tree.join(e.path()))?;
             let mut z = zstd::stream::write::Encoder::new(std::fs::File::create(&tmp)?, 3)?;
@@ -285,8 +287,7 @@ fn store_contents(contents: &Path, tree: &Path, m: &convoy_common::manifest::Man
         r?;
     }
     // One syncfs makes them all durable before the release is recorded.
-    let d = std::fs::File::open(contents)?;
-    nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&d)).map_err(std::io::Error::from)
+    fsutil::sync_filesystem(contents)
 }
 
 /// What a pushed archive holds, read while it is checked.

@@ -95,10 +95,7 @@ pub(super) async fn stage(
         tokio::task::spawn_blocking(move || -> Result<archive::UnpackStats, String> {
             let stats = archive::unpack(io::BufReader::with_capacity(1 << 20, reader), &dir, &limits)
                 .map_err(|e| format!("unsafe or corrupt archive: {e}"))?;
-            switch::write_marker(&dir, &version).map_err(|e| format!("writing release marker: {e}"))?;
-            // One syncfs makes the whole tree durable before it becomes visible.
-            let d = fs::File::open(&dir).map_err(|e| e.to_string())?;
-            nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&d)).map_err(|e| format!("syncfs: {e}"))?;
+            seal(&dir, &version)?;
             Ok(stats)
         })
     };
@@ -146,6 +143,13 @@ pub(super) async fn stage(
         "{} verified ({fetched} bytes fetched), {} files / {} bytes unpacked",
         cmd.version, stats.files, stats.bytes
     ))
+}
+
+/// Marks a staged tree with its version, then makes the whole tree
+/// durable with one syncfs before it may become visible.
+fn seal(tree: &Path, v: &Version) -> Result<(), String> {
+    switch::write_marker(tree, v).map_err(|e| format!("writing release marker: {e}"))?;
+    fsutil::sync_filesystem(tree).map_err(|e| format!("syncfs: {e}"))
 }
 
 /// Moves a verified tree into `releases/`, with its record and its
@@ -265,9 +269,7 @@ async fn stage_delta(
                 Ok(())
             };
             let stats = delta::build(&plan, &dir, &limits, &index, &contents, refetch)?;
-            switch::write_marker(&dir, &version).map_err(|e| format!("writing release marker: {e}"))?;
-            let d = fs::File::open(&dir).map_err(|e| e.to_string())?;
-            nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&d)).map_err(|e| format!("syncfs: {e}"))?;
+            seal(&dir, &version)?;
             Ok((stats, plan))
         })
         .await

@@ -104,7 +104,6 @@ impl AgentService for AgentApi {
             .await
             .map_err(super::internal)?;
         let total = packed.len() as u64;
-        crate::metrics::get().bytes_streamed.inc_by(total);
         self.shared.registry.count_sent(&id.name, total);
         let chunks: Vec<Result<Chunk, Status>> = packed
             .chunks(convoy_proto::CHUNK_SIZE)
@@ -156,51 +155,8 @@ impl AgentService for AgentApi {
         let (tx, rx) = mpsc::channel::<Result<ContentPiece, Status>>(4);
         let (shared, host) = (self.shared.clone(), id.name.clone());
         tokio::task::spawn_blocking(move || {
-            use std::io::Read;
-            for (index, path) in wanted.iter().enumerate() {
-                if index > 0 && cut_stream() {
-                    let _ = tx.blocking_send(Err(Status::unavailable("stream cut by the fetch-cut failpoint")));
-                    return;
-                }
-                let mut f = match std::fs::File::open(path) {
-                    Ok(f) => f,
-                    Err(e) => {
-                        let _ = tx.blocking_send(Err(Status::internal(format!("content {}: {e}", path.display()))));
-                        return;
-                    }
-                };
-                let mut buf = vec![0u8; convoy_proto::CHUNK_SIZE];
-                let mut next = match f.read(&mut buf) {
-                    Ok(n) => buf[..n].to_vec(),
-                    Err(e) => {
-                        let _ = tx.blocking_send(Err(Status::internal(format!("content {}: {e}", path.display()))));
-                        return;
-                    }
-                };
-                loop {
-                    let n = match f.read(&mut buf) {
-                        Ok(n) => n,
-                        Err(e) => {
-                            let _ = tx.blocking_send(Err(Status::internal(format!("content {}: {e}", path.display()))));
-                            return;
-                        }
-                    };
-                    let data = std::mem::replace(&mut next, buf[..n].to_vec());
-                    let len = data.len() as u64;
-                    let piece = ContentPiece {
-                        index: index as u32,
-                        data: data.into(),
-                        end: n == 0,
-                    };
-                    if tx.blocking_send(Ok(piece)).is_err() {
-                        return;
-                    }
-                    crate::metrics::get().bytes_streamed.inc_by(len);
-                    shared.registry.count_sent(&host, len);
-                    if n == 0 {
-                        break;
-                    }
-                }
+            if let Err(e) = stream_contents(&wanted, &tx, |n| shared.registry.count_sent(&host, n)) {
+                let _ = tx.blocking_send(Err(e));
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -391,7 +347,6 @@ impl AgentService for AgentApi {
                     Ok(buf) => {
                         // Counted as read for the stream; HTTP/2 flow control
                         // keeps at most a window of it unsent.
-                        crate::metrics::get().bytes_streamed.inc_by(want as u64);
                         shared.registry.count_sent(&host, want as u64);
                         Some((
                             Ok(Chunk {
@@ -412,6 +367,45 @@ impl AgentService for AgentApi {
 
 /// Contents one request may ask for.
 const MAX_CONTENTS: usize = 10_000;
+
+/// Sends each content file as pieces of its index, a piece read ahead so
+/// the last one says it ends; counts each piece sent. Stops quietly when
+/// the host hangs up; a read error is returned for the caller to send.
+fn stream_contents(
+    paths: &[std::path::PathBuf],
+    tx: &mpsc::Sender<Result<ContentPiece, Status>>,
+    sent: impl Fn(u64),
+) -> Result<(), Status> {
+    use std::io::Read;
+    for (index, path) in paths.iter().enumerate() {
+        if index > 0 && cut_stream() {
+            return Err(Status::unavailable("stream cut by the fetch-cut failpoint"));
+        }
+        let failed = |e: std::io::Error| Status::internal(format!("content {}: {e}", path.display()));
+        let mut f = std::fs::File::open(path).map_err(failed)?;
+        let mut buf = vec![0u8; convoy_proto::CHUNK_SIZE];
+        let n = f.read(&mut buf).map_err(failed)?;
+        let mut next = buf[..n].to_vec();
+        loop {
+            let n = f.read(&mut buf).map_err(failed)?;
+            let data = std::mem::replace(&mut next, buf[..n].to_vec());
+            let len = data.len() as u64;
+            let piece = ContentPiece {
+                index: index as u32,
+                data: data.into(),
+                end: n == 0,
+            };
+            if tx.blocking_send(Ok(piece)).is_err() {
+                return Ok(());
+            }
+            sent(len);
+            if n == 0 {
+                break;
+            }
+        }
+    }
+    Ok(())
+}
 
 impl AgentApi {
     /// The path of a known artifact on this controller, copied from the

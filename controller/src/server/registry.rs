@@ -160,7 +160,10 @@ impl Registry {
     }
 
     /// Counts artifact bytes streamed to a host.
+    /// Counts bytes streamed to `host` (artifacts, manifests, contents),
+    /// for its egress and the controller's metric.
     pub fn count_sent(&self, host: &HostName, bytes: u64) {
+        crate::metrics::get().bytes_streamed.inc_by(bytes);
         *self.sent.lock().unwrap().entry(host.clone()).or_default() += bytes;
     }
 
