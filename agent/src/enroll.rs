@@ -146,7 +146,7 @@ async fn renew(cfg: &Config, endpoint: &impl Fn() -> anyhow::Result<Endpoint>) -
     let csr = rcgen::CertificateParams::new(Vec::<String>::new())?
         .serialize_request(&key)?
         .pem()?;
-    let channel = endpoint()?.connect().await?;
+    let channel = convoy_proto::connect(&endpoint()?).await?;
     let reply = AgentServiceClient::new(channel)
         .renew(CsrRequest { csr_pem: csr })
         .await

@@ -154,7 +154,7 @@ async fn fetch_to(cfg: &config::Config, digest: &str, size: u64, out: &std::path
         anyhow::bail!("{} exists; fetch writes a new file", out.display());
     }
     let started = std::time::Instant::now();
-    let channel = session::endpoint(cfg)?.connect().await?;
+    let channel = convoy_proto::connect(&session::endpoint(cfg)?).await?;
     let fetched = fetch::fetch(channel, digest, size, out, |_, _| {}).await?;
     let secs = started.elapsed().as_secs_f64();
     println!(

@@ -120,7 +120,7 @@ fn msg(body: agent_message::Body) -> AgentMessage {
 }
 
 async fn session(agent: &Arc<Agent>, endpoint: &Endpoint) -> anyhow::Result<()> {
-    let channel = endpoint.connect().await?;
+    let channel = convoy_proto::connect(endpoint).await?;
     let mut client = AgentServiceClient::new(channel.clone());
     let (tx, rx) = mpsc::channel::<AgentMessage>(1024);
     let hello = Hello {

@@ -665,6 +665,23 @@ impl Testbed {
         }
     }
 
+    /// Sends controller `i + 1` (0: c1) a signal by name (`STOP`, `CONT`):
+    /// a paused process, as a frozen VM or a long GC pause would leave it.
+    pub fn signal_controller_at(&self, i: usize, signal: &str) -> Result<()> {
+        let child = if i == 0 {
+            self.controller.as_ref()
+        } else {
+            self.others[i - 1].as_ref()
+        };
+        let pid = child.context("that controller is not running")?.id();
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()?;
+        anyhow::ensure!(status.success(), "kill -{signal} {pid}: {status}");
+        Ok(())
+    }
+
     /// Controller `i + 1`'s log (0: c1).
     pub fn controller_log_at(&self, i: usize) -> String {
         let dir = match i {
@@ -767,11 +784,25 @@ impl Testbed {
     /// An agent whose first attempts failed retries at most every 15 s
     /// (plus jitter), so the wait spans several of its attempts.
     pub fn wait_connected(&self, n: usize) -> Result<()> {
+        // Through each controller: with several, every one of them must
+        // see every host (its own sessions and those the others published)
+        // before a test deploys through any.
+        let urls = self.controller_urls();
         wait_for("all agents to connect", Duration::from_secs(60), || {
-            let out = self.convoy(&["status", "demo", "--output", "json"]).ok()?;
-            let v: serde_json::Value = serde_json::from_str(&out.stdout).ok()?;
-            let connected = v["hosts"].as_array()?.iter().filter(|h| h["connected"] == true).count();
-            (connected == n).then_some(())
+            urls.iter()
+                .all(|url| {
+                    let seen = || -> Option<usize> {
+                        let out = self
+                            .convoy_spawn_at(url, &["status", "demo", "--output", "json"])
+                            .ok()?
+                            .wait_with_output()
+                            .ok()?;
+                        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+                        Some(v["hosts"].as_array()?.iter().filter(|h| h["connected"] == true).count())
+                    };
+                    seen() == Some(n)
+                })
+                .then_some(())
         })
         .inspect_err(|_| self.dump_diagnostics())
     }

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use convoy_tests::testbed::{line_feed, rollout_id, wait_line};
+use convoy_tests::testbed::{canary_deploy, line_feed, rollout_id, wait_line};
 use convoy_tests::Testbed;
 
 /// host_sessions as (controller, connected hosts).
@@ -180,6 +180,94 @@ fn the_controller_driving_a_rollout_is_killed_and_another_finishes_it() -> Resul
         "revocation took effect on the holder {:.1}s after",
         revoked.elapsed().as_secs_f64()
     );
+    Ok(())
+}
+
+/// A controller paused past its lease (a frozen VM, a long GC pause)
+/// loses its rollout to another, which finishes it. When it runs again it
+/// acts on the rollout no more: it sends no command and records nothing,
+/// however far its own timers ran while it was stopped.
+#[test]
+fn a_controller_paused_past_its_lease_acts_on_the_rollout_no_more() -> Result<()> {
+    let bed = Testbed::boot_cluster(4, 2)?;
+    eventually("four sessions over two controllers", Duration::from_secs(30), || {
+        let s = spread(&bed)?;
+        Ok(s.len() == 2 && s.iter().map(|(_, n)| n).sum::<usize>() == 4)
+    })?;
+    bed.push_demo("1.0.0", "healthy")?;
+    bed.deploy_everywhere("1.0.0")?;
+    bed.push_demo("2.0.0", "healthy")?;
+
+    // A canary on c1: one host, then a bake that c1 is stopped in.
+    let c1 = bed.controller_urls()[0].clone();
+    let mut child = bed.convoy_spawn_at(&c1, &canary_deploy("2.0.0", "1,100%", "20s"))?;
+    let lines = line_feed(&mut child);
+    let mut seen = Vec::new();
+    let id = rollout_id(&wait_line(&lines, "rollout ", &mut seen)?);
+    wait_line(&lines, "=> succeeded", &mut seen)?;
+    bed.signal_controller_at(0, "STOP")?;
+    let stopped = Instant::now();
+
+    eventually("c2 takes the rollout over", Duration::from_secs(30), || {
+        Ok(bed.controller_log_at(1).contains("resuming a rollout"))
+    })?;
+    eprintln!("taken over {:.1}s after c1 stopped", stopped.elapsed().as_secs_f64());
+    let mut state = String::new();
+    eventually("c2 finishes the rollout", Duration::from_secs(180), || {
+        let h = bed.history(&["--rollout", &id])?;
+        state = h["rollouts"][0]["state"].as_str().unwrap_or("").to_owned();
+        Ok(state != "running")
+    })?;
+    assert_eq!(state, "succeeded");
+    assert_eq!(bed.serving(), ["2.0.0"; 4]);
+    let invocations = |bed: &Testbed| -> Result<Vec<String>> {
+        bed.hosts
+            .iter()
+            .map(|h| h.unit_property("demo.service", "InvocationID"))
+            .collect()
+    };
+    let before = invocations(&bed)?;
+    // c1's bake ended while it was stopped: running again, its rollout
+    // would go on to the next stage at once, were it not fenced.
+    assert!(stopped.elapsed() > Duration::from_secs(20), "c1's bake is over");
+    let rows = |bed: &Testbed| -> Result<String> {
+        bed.postgres.as_ref().unwrap().psql(
+            "convoy",
+            &format!(
+                "SELECT (SELECT count(*) FROM events WHERE rollout_id = '{id}'), \
+                 (SELECT count(*) FROM rollout_hosts WHERE rollout_id = '{id}')"
+            ),
+        )
+    };
+    let rows_before = rows(&bed)?;
+
+    bed.signal_controller_at(0, "CONT")?;
+    eventually("c1 learns it lost the rollout", Duration::from_secs(20), || {
+        Ok(bed
+            .controller_log_at(0)
+            .contains("another controller took this rollout over"))
+    })?;
+    let _ = child.kill();
+    let _ = child.wait();
+    // Every host was activated once, by whichever controller drove it.
+    for h in &bed.hosts {
+        let journal = h.exec_ok(&["journalctl", "--no-pager", "-u", "convoy-agent"])?;
+        assert_eq!(journal.matches("1.0.0 -> 2.0.0").count(), 1, "{}:\n{journal}", h.name);
+    }
+    assert_eq!(invocations(&bed)?, before, "no host restarted after c1 came back");
+    assert_eq!(bed.recorded_activations(&id)?, 4);
+    let h = bed.history(&["--rollout", &id])?;
+    assert_eq!(h["rollouts"][0]["state"], "succeeded", "c1 recorded no end of its own");
+    assert_eq!(rows(&bed)?, rows_before, "c1 recorded no event and no result");
+    let log = bed.controller_log_at(0);
+    assert!(
+        !log.contains(&format!("rollout finished rollout={id}")),
+        "c1 never ended the rollout:\n{log}"
+    );
+    // The hosts c1 held before it stopped are all connected again.
+    eventually("every host connected", Duration::from_secs(40), || {
+        Ok(spread(&bed)?.iter().map(|(_, n)| n).sum::<usize>() == 4)
+    })?;
     Ok(())
 }
 

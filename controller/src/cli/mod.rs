@@ -162,8 +162,13 @@ impl Conn {
                 .map_err(|e| Failure::new(exit::USAGE, format!("--controller {u:?}: {e}")))?
                 .tls_config(tls.clone())
                 .map_err(|e| Failure::new(exit::USAGE, format!("TLS: {e}")))?
-                .connect_timeout(Duration::from_secs(5));
-            match endpoint.connect().await {
+                .connect_timeout(Duration::from_secs(5))
+                // A controller that stops answering mid-call (paused, cut
+                // off) ends the call instead of holding the CLI forever.
+                .http2_keep_alive_interval(Duration::from_secs(10))
+                .keep_alive_timeout(Duration::from_secs(10))
+                .keep_alive_while_idle(true);
+            match convoy_proto::connect(&endpoint).await {
                 Ok(c) => {
                     channel = Some(c);
                     break;

@@ -40,6 +40,17 @@ pub struct ControllerRow {
     pub sessions: i64,
 }
 
+/// The lease this controller took for a rollout it drives. Once it
+/// learns another controller took the rollout over it stops renewing
+/// (`held` false) but keeps the epoch until the rollout's task has
+/// ended, so whatever that task still tries is fenced at the old epoch:
+/// refused by the database and by any agent that saw the new one.
+#[derive(Debug, Clone, Copy)]
+pub struct Fence {
+    epoch: i64,
+    held: bool,
+}
+
 /// A rollout that may be taken over: its lease epoch (`None`: it has no
 /// lease, e.g. it was started by a convoy before leases).
 pub type Takeable = (String, Option<i64>);
@@ -50,7 +61,7 @@ impl Db {
     /// PostgreSQL the lease row stays locked until the transaction ends,
     /// so no takeover can slip between the check and the write.
     pub(super) async fn fence(&self, conn: &mut Conn, rollout: &str) -> Result<(), DbError> {
-        let Some(epoch) = self.fences.lock().unwrap().get(rollout).copied() else {
+        let Some(Fence { epoch, .. }) = self.fences.lock().unwrap().get(rollout).copied() else {
             return Ok(());
         };
         let lock = if conn.is_postgres() { " FOR SHARE" } else { "" };
@@ -75,15 +86,31 @@ impl Db {
     /// Remembers that this controller drives `rollout` under `epoch`:
     /// its writes for the rollout are fenced from now on.
     pub fn hold(&self, rollout: &str, epoch: i64) {
-        self.fences.lock().unwrap().insert(rollout.to_owned(), epoch);
+        self.fences
+            .lock()
+            .unwrap()
+            .insert(rollout.to_owned(), Fence { epoch, held: true });
     }
 
-    /// The epoch this controller holds `rollout`'s lease at, if it does.
+    /// The epoch this controller took `rollout`'s lease at, while its
+    /// task for the rollout lives (also after the lease was lost).
     pub fn epoch_of(&self, rollout: &str) -> Option<i64> {
-        self.fences.lock().unwrap().get(rollout).copied()
+        self.fences.lock().unwrap().get(rollout).map(|f| f.epoch)
     }
 
-    /// Forgets a rollout this controller no longer drives.
+    /// Checks that this controller still holds `rollout`'s lease (`Ok`
+    /// for a rollout it does not drive): `Fenced` once another
+    /// controller took it over. Asked before each command is sent.
+    pub async fn check_lease(&self, rollout: &str) -> Result<(), DbError> {
+        if !self.fences.lock().unwrap().contains_key(rollout) {
+            return Ok(());
+        }
+        let mut conn = self.conn().await?;
+        self.fence(&mut conn, rollout).await
+    }
+
+    /// Forgets a rollout whose task ended (finished, or stopped after
+    /// its lease was lost).
     pub fn let_go(&self, rollout: &str) {
         self.fences.lock().unwrap().remove(rollout);
     }
@@ -94,12 +121,14 @@ impl Db {
             .lock()
             .unwrap()
             .iter()
-            .map(|(k, v)| (k.clone(), *v))
+            .filter(|(_, f)| f.held)
+            .map(|(k, f)| (k.clone(), f.epoch))
             .collect()
     }
 
     /// Renews the leases this controller holds; returns those it no
-    /// longer holds (taken over), which it stops fencing.
+    /// longer holds (taken over). It stops renewing those, and fences
+    /// them at their old epoch until their task ends (`let_go`).
     pub async fn renew_leases(&self) -> Result<Vec<String>, DbError> {
         let (owner, ttl_ms) = (self.owner.as_str(), super::LEASE_TTL_MS);
         let mut lost = Vec::new();
@@ -115,7 +144,9 @@ impl Db {
                 )
                 .await?;
             if n == 0 {
-                self.let_go(&rollout);
+                if let Some(f) = self.fences.lock().unwrap().get_mut(&rollout) {
+                    f.held = false;
+                }
                 lost.push(rollout);
             }
         }

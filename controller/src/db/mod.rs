@@ -30,9 +30,10 @@ pub struct Db {
     engine: sql::Engine,
     /// This controller's name: the owner of the leases it takes.
     owner: String,
-    /// Rollouts this controller drives → the lease epoch it holds;
-    /// their writes are fenced (`cluster::fence`).
-    fences: std::sync::Mutex<std::collections::HashMap<String, i64>>,
+    /// Rollouts this controller drives, or drove until it learnt another
+    /// took them over, → the lease epoch it took; their writes are
+    /// fenced (`cluster::fence`).
+    fences: std::sync::Mutex<std::collections::HashMap<String, cluster::Fence>>,
 }
 
 /// Where a PostgreSQL store is and how to reach it (`database` and the
@@ -1697,6 +1698,19 @@ mod tests {
                 "{what}: {e}"
             );
             assert_eq!(a.renew_leases().await.unwrap(), ["r1"], "{what}: a learns it lost r1");
+            // Until a's task for r1 ends, what it still tries is fenced at
+            // epoch 1: its writes, its lease check, its commands' epoch.
+            assert!(a.held().is_empty(), "{what}: a no longer renews r1");
+            assert_eq!(a.epoch_of("r1"), Some(1), "{what}");
+            let e = a.set_rollout_state("r1", "paused").await;
+            assert!(matches!(e, Err(DbError::Fenced { .. })), "{what}: still refused: {e:?}");
+            assert!(
+                matches!(a.check_lease("r1").await, Err(DbError::Fenced { .. })),
+                "{what}"
+            );
+            assert!(b.check_lease("r1").await.is_ok(), "{what}: b holds it");
+            a.let_go("r1");
+            assert_eq!(a.epoch_of("r1"), None, "{what}");
             assert_eq!(b.rollout("r1").await.unwrap().unwrap().state, "running", "{what}");
             b.finish_rollout("r1", "succeeded", "").await.unwrap();
             assert!(b.held().is_empty() && b.leases().await.unwrap().is_empty(), "{what}");

@@ -226,7 +226,7 @@ impl Rollout {
         let state = done.verdict.state();
         crate::metrics::get().rollout(self.kind.name(), state);
         let reason = done.reason.clone();
-        persist(&self.id, "the rollout's end", || {
+        persist(&engine, &self.id, "record the rollout's end", || {
             engine.store.finish_rollout(&self.id, state, &reason)
         })
         .await;
@@ -283,7 +283,7 @@ impl Rollout {
 
     /// Records a state an operator sees in history while the rollout waits.
     async fn set_state(&self, engine: &Engine, state: &str) {
-        persist(&self.id, "the rollout's state", || {
+        persist(engine, &self.id, "record the rollout's state", || {
             engine.store.set_rollout_state(&self.id, state)
         })
         .await;
@@ -1034,6 +1034,12 @@ impl Rollout {
         if let Some(done) = self.recorded.get(op) {
             return Ok(done.clone());
         }
+        // Nothing is sent for a rollout another controller took over (a
+        // controller paused past its lease comes back here).
+        persist(engine, &self.id, "check the rollout's lease before a command", || {
+            engine.store.check_lease(&self.id)
+        })
+        .await;
         let OpWait { mut events, mut result } = engine.fleet.dispatch(op, command).await;
         let ended = self.wait_op(engine, op, &mut events, &mut result).await;
         // No result reaches this operation's waiter after this: one that
@@ -1060,7 +1066,7 @@ impl Rollout {
             self.record_event(engine, host, ev).await;
         }
         crate::metrics::get().host_result(r.outcome);
-        persist(&self.id, "a host's result", || {
+        persist(engine, &self.id, "record a host's result", || {
             engine.store.record_host_result(&self.id, host, &r)
         })
         .await;
@@ -1145,7 +1151,10 @@ impl Rollout {
     }
 
     async fn record_event(&self, engine: &Engine, host: &HostName, ev: StepEvent) {
-        persist(&self.id, "an event", || engine.store.record_event(&self.id, host, &ev)).await;
+        persist(engine, &self.id, "record an event", || {
+            engine.store.record_event(&self.id, host, &ev)
+        })
+        .await;
         self.emit(EventBody::Host {
             host: host.clone(),
             event: ev,
@@ -1153,11 +1162,13 @@ impl Rollout {
     }
 }
 
-/// Writes a rollout's record, waiting while the database is unreachable
-/// (a restart, a failover): the rollout holds at this write and goes on
-/// when it is back, so nothing it did goes unrecorded. Other failures
-/// (a lost lease among them) are logged and not retried.
-async fn persist<'a, F, Fut>(rollout: &str, what: &str, write: F)
+/// Writes a rollout's record (or checks its lease), waiting while the
+/// database is unreachable (a restart, a failover): the rollout holds at
+/// this step and goes on when it is back, so nothing it did goes
+/// unrecorded. A write refused because another controller took the
+/// rollout over stops the rollout's task right here: this controller
+/// acts on it no more. Other failures are logged and not retried.
+async fn persist<'a, F, Fut>(engine: &Engine, rollout: &str, what: &str, write: F)
 where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = super::store::Result<()>> + 'a,
@@ -1168,20 +1179,28 @@ where
         match write().await {
             Ok(()) => {
                 if waited {
-                    tracing::warn!(%rollout, "database reachable again; {what} recorded, the rollout goes on");
+                    tracing::warn!(%rollout, "database reachable again; the rollout goes on ({what})");
                 }
                 return;
             }
             Err(e) if e.is_transient() => {
                 if !waited {
-                    tracing::warn!(%rollout, error = %e, "cannot record {what}: the rollout waits for the database");
+                    tracing::warn!(%rollout, error = %e, "cannot {what}: the rollout waits for the database");
                 }
                 waited = true;
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(std::time::Duration::from_secs(5));
             }
+            Err(e) if e.is_fenced() => {
+                tracing::warn!(%rollout, error = %e, "could not {what}");
+                if engine.lost(rollout) {
+                    // The task is cancelled: it ends at this await.
+                    std::future::pending::<()>().await;
+                }
+                return;
+            }
             Err(e) => {
-                tracing::error!(%rollout, error = %e, "could not record {what}");
+                tracing::error!(%rollout, error = %e, "could not {what}");
                 return;
             }
         }

@@ -30,6 +30,15 @@ impl StoreError {
         )
     }
 
+    /// Whether another controller took the rollout over: this controller
+    /// must not act on it any more.
+    pub fn is_fenced(&self) -> bool {
+        matches!(
+            self.0.downcast_ref::<crate::db::DbError>(),
+            Some(crate::db::DbError::Fenced { .. })
+        )
+    }
+
     /// Whether the store refused because another controller runs a
     /// rollout there.
     pub fn is_busy(&self) -> bool {
@@ -77,7 +86,10 @@ pub trait RolloutStore: Send + Sync {
     async fn takeable(&self) -> Result<Vec<crate::db::Takeable>>;
     /// Takes a rollout's lease over; the new epoch when won.
     async fn take_over(&self, id: &str, seen: Option<i64>) -> Result<Option<i64>>;
-    /// Stops fencing a rollout this controller stopped driving.
+    /// Whether this controller still holds the lease of a rollout it
+    /// drives (`Fenced` once another took it over).
+    async fn check_lease(&self, id: &str) -> Result<()>;
+    /// Stops fencing a rollout whose task ended.
     fn let_go(&self, id: &str);
 }
 
@@ -148,6 +160,9 @@ impl RolloutStore for crate::db::Db {
     }
     async fn take_over(&self, id: &str, seen: Option<i64>) -> Result<Option<i64>> {
         Ok(crate::db::Db::take_over(self, id, seen).await?)
+    }
+    async fn check_lease(&self, id: &str) -> Result<()> {
+        Ok(crate::db::Db::check_lease(self, id).await?)
     }
     fn let_go(&self, id: &str) {
         crate::db::Db::let_go(self, id)

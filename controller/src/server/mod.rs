@@ -79,7 +79,7 @@ async fn relay_rounds(shared: Arc<Shared>, relay: Arc<relay::Relay>) {
             }
         }
         if round.is_multiple_of(5) {
-            if let Err(e) = relay.refresh_remote().await {
+            if let Err(e) = relay.refresh_remote(|h| registry.session_of(h).is_some()).await {
                 tracing::warn!(error = %e, "could not read other controllers' hosts (retrying)");
             }
         }

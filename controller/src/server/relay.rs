@@ -288,8 +288,13 @@ impl Relay {
     }
 
     /// Reads which controllers are up, and the hosts other controllers
-    /// published since the last read.
-    pub async fn refresh_remote(&self) -> Result<(), DbError> {
+    /// published since the last read. A host `held_here` (its session is
+    /// live on this controller) that another controller published is
+    /// published again at the next round: a controller that was paused
+    /// publishes, when it runs again, sessions its hosts have since left
+    /// for another; the live session's controller takes the row back, so
+    /// the last word is the live session's.
+    pub async fn refresh_remote(&self, held_here: impl Fn(&HostName) -> bool) -> Result<(), DbError> {
         let up: HashSet<String> = self
             .db
             .controllers()
@@ -319,6 +324,11 @@ impl Relay {
             let controller: String = r.get(1)?;
             if controller == self.me {
                 remote.remove(&host);
+                continue;
+            }
+            if held_here(&host) {
+                remote.remove(&host);
+                self.mark_dirty(&host);
                 continue;
             }
             remote.insert(
@@ -412,6 +422,49 @@ mod tests {
         HostName::new(s).unwrap()
     }
 
+    /// A controller paused while it held web1 publishes web1 again when
+    /// it runs, after web1 moved to b: b, whose session is live, takes the
+    /// row back at its next round; without its session there it would not.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn the_live_sessions_controller_has_the_last_word_on_a_host() {
+        let pg = crate::db::testing::postgres();
+        pg.create_database("reclaim").unwrap();
+        let o = crate::db::testing::options(&pg.url("reclaim"));
+        let a = Relay::new(Arc::new(Db::connect(&o, "a").await.unwrap().0));
+        let b = Relay::new(Arc::new(Db::connect(&o, "b").await.unwrap().0));
+        let app = AppName::new("demo").unwrap();
+        let state = |connected| Some((BTreeMap::new(), vec![AppStatus::empty(&app)], 1, connected));
+        let owner = || async {
+            pg.psql(
+                "reclaim",
+                "SELECT controller, connected FROM host_sessions WHERE host = 'web1'",
+            )
+            .unwrap()
+            .trim()
+            .to_owned()
+        };
+        b.mark_dirty(&host("web1"));
+        b.publish(|_| state(true)).await.unwrap();
+        // a runs again: first its stale session's publication, then its end.
+        a.mark_dirty(&host("web1"));
+        a.publish(|_| state(true)).await.unwrap();
+        a.mark_dirty(&host("web1"));
+        a.publish(|_| state(false)).await.unwrap();
+        assert_eq!(owner().await, "a|0", "web1 looks gone, though its session on b lives");
+        // Control: a controller without web1's session leaves the row be.
+        b.refresh_remote(|_| false).await.unwrap();
+        b.publish(|_| state(true)).await.unwrap();
+        assert_eq!(owner().await, "a|0");
+        // b holds web1's session: it publishes web1 again.
+        b.refresh_remote(|h| h == &host("web1")).await.unwrap();
+        assert!(
+            b.remote_host(&host("web1")).is_none(),
+            "b's own host is not remote to it"
+        );
+        b.publish(|_| state(true)).await.unwrap();
+        assert_eq!(owner().await, "b|1");
+    }
+
     /// Two controllers on one database: a (driving rollout r1) and b
     /// (holding web1's session).
     #[tokio::test(flavor = "multi_thread")]
@@ -433,7 +486,7 @@ mod tests {
         b.publish(|_| Some((BTreeMap::new(), vec![AppStatus::empty(&app)], 1, true)))
             .await
             .unwrap();
-        a.refresh_remote().await.unwrap();
+        a.refresh_remote(|_| false).await.unwrap();
         let seen = a.remote_host(&host("web1")).expect("a sees web1");
         assert!(seen.connected && seen.controller == "b");
         // a leaves a command; b sends it once per session.
