@@ -55,11 +55,17 @@ fn the_controller_driving_a_rollout_is_killed_and_another_finishes_it() -> Resul
         anyhow::bail!("{e}: {:?}", spread(&bed)?);
     }
     bed.push_demo("1.0.0", "healthy")?;
-    bed.deploy_everywhere("1.0.0")?;
+    // A rolling deploy started on c1 alone, one host at a time, while
+    // c2 and c3 hold sessions of the hosts too (spread above), succeeds.
+    let c1 = bed.controller_urls()[0].clone();
+    let out = bed
+        .convoy_spawn_at(&c1, &["deploy", "demo", "1.0.0", "--env", "staging"])?
+        .wait_with_output()?;
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(bed.serving(), ["1.0.0"; 6]);
     bed.push_demo("2.0.0", "healthy")?;
 
-    // Started on c1 alone, one host at a time; most hosts are held by c2, c3.
-    let c1 = bed.controller_urls()[0].clone();
+    // 2.0.0 the same way; c1 is killed after its first batch.
     let mut child = bed.convoy_spawn_at(&c1, &["deploy", "demo", "2.0.0", "--env", "staging"])?;
     let lines = line_feed(&mut child);
     let mut seen = Vec::new();
@@ -212,6 +218,18 @@ fn a_controller_paused_past_its_lease_acts_on_the_rollout_no_more() -> Result<()
         Ok(bed.controller_log_at(1).contains("resuming a rollout"))
     })?;
     eprintln!("taken over {:.1}s after c1 stopped", stopped.elapsed().as_secs_f64());
+    // c1's kernel still completes TCP: the CLI gives up on its silence
+    // within the handshake bound and names it (with the list, it goes on
+    // to c2: every `history` below may try c1 first).
+    let asked = Instant::now();
+    let out = bed.convoy_spawn_at(&c1, &["hosts"])?.wait_with_output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "unreachable: {stderr}");
+    assert!(stderr.contains("no answer within 10s"), "{stderr}");
+    eprintln!(
+        "the CLI gave up on the stopped c1 after {:.1}s",
+        asked.elapsed().as_secs_f64()
+    );
     let mut state = String::new();
     eventually("c2 finishes the rollout", Duration::from_secs(180), || {
         let h = bed.history(&["--rollout", &id])?;
