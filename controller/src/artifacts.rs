@@ -172,10 +172,22 @@ impl Artifacts {
     }
 
     /// Completes an upload: fsync, then rename to the digest.
-    pub async fn commit(&self, mut inc: Incoming) -> std::io::Result<(Digest, u64)> {
+    pub async fn commit(&self, inc: Incoming) -> std::io::Result<(Digest, u64)> {
+        self.commit_as(inc, None).await
+    }
+
+    /// Completes an upload that must have sha256 `expect` (when given):
+    /// anything else is removed before it is named, never stored.
+    async fn commit_as(&self, mut inc: Incoming, expect: Option<&Digest>) -> std::io::Result<(Digest, u64)> {
         inc.file.flush().await?;
         inc.file.sync_all().await?;
         let digest = inc.hasher.finish();
+        if let Some(expect) = expect.filter(|e| **e != digest) {
+            let _ = tokio::fs::remove_file(&inc.tmp).await;
+            return Err(std::io::Error::other(format!(
+                "the artifact shared as sha256 {expect} has sha256 {digest}; not used"
+            )));
+        }
         tokio::fs::rename(&inc.tmp, self.path(&digest)).await?;
         fsutil::fsync_dir(&self.dir)?;
         Ok((digest, inc.size))
@@ -204,13 +216,7 @@ impl Artifacts {
             inc.abort().await;
             return Ok(false);
         }
-        let (got, _) = self.commit(inc).await?;
-        if got != *digest {
-            let _ = tokio::fs::remove_file(self.path(&got)).await;
-            return Err(std::io::Error::other(format!(
-                "the artifact shared as sha256 {digest} has sha256 {got}; not used"
-            )));
-        }
+        self.commit_as(inc, Some(digest)).await?;
         tracing::info!(%digest, "artifact copied from the shared store");
         Ok(true)
     }
@@ -354,5 +360,41 @@ mod tests {
             assert!(checked.is_ok(), "{:?}", checked.err().map(|e| e.to_string()));
             inc.abort().await;
         }
+    }
+
+    /// A controller copies an artifact another shared through PostgreSQL,
+    /// checking its sha256: a tampered chunk is refused and nothing of it
+    /// is kept under any name.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn an_artifact_shared_through_the_database_is_copied_only_when_its_digest_matches() {
+        let pg = crate::db::testing::postgres();
+        pg.create_database("shared").unwrap();
+        let o = crate::db::testing::options(&pg.url("shared"));
+        let db = crate::db::Db::connect(&o, "a").await.unwrap().0;
+        let d = tempfile::tempdir().unwrap();
+        let bytes: Vec<u8> = (0..9u32 << 20).map(|i| (i % 251) as u8).collect();
+        let file = d.path().join("a.tar.gz");
+        std::fs::write(&file, &bytes).unwrap();
+        let digest = Digest::of_bytes(&bytes);
+        db.share_artifact(&digest, &file).await.unwrap();
+        let files = |p: &Path| std::fs::read_dir(p).unwrap().count();
+
+        let b = Artifacts::open(&d.path().join("b")).unwrap();
+        assert!(b.fetch_shared(&db, &digest).await.unwrap(), "copied");
+        assert_eq!(std::fs::read(b.path(&digest)).unwrap(), bytes);
+        // Control: an artifact the database does not hold.
+        let c = Artifacts::open(&d.path().join("c")).unwrap();
+        let before = files(&d.path().join("c"));
+        assert!(!c.fetch_shared(&db, &Digest::of_bytes(b"other")).await.unwrap());
+        // One byte changed in the second chunk.
+        pg.psql(
+            "shared",
+            "UPDATE artifact_chunks SET data = overlay(data placing '\\x00'::bytea from 7 for 1) WHERE n = 1",
+        )
+        .unwrap();
+        let e = c.fetch_shared(&db, &digest).await.unwrap_err().to_string();
+        assert!(e.contains(&format!("shared as sha256 {digest} has sha256")), "{e}");
+        assert!(!c.path(&digest).exists());
+        assert_eq!(files(&d.path().join("c")), before, "nothing kept: {e}");
     }
 }
