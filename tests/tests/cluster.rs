@@ -31,6 +31,27 @@ fn eventually(what: &str, limit: Duration, mut f: impl FnMut() -> Result<bool>) 
     Ok(())
 }
 
+/// Waits, asking through the CLI's list of controllers, until rollout
+/// `id` is no longer running; its state then.
+fn end_state(bed: &Testbed, id: &str) -> Result<String> {
+    let mut state = String::new();
+    eventually("the rollout finishes", Duration::from_secs(180), || {
+        let h = bed.history(&["--rollout", id])?;
+        state = h["rollouts"][0]["state"].as_str().unwrap_or("").to_owned();
+        Ok(state != "running")
+    })?;
+    Ok(state)
+}
+
+/// Every host's agent switched 1.0.0 to 2.0.0 exactly once.
+fn activated_once(bed: &Testbed) -> Result<()> {
+    for h in &bed.hosts {
+        let journal = h.exec_ok(&["journalctl", "--no-pager", "-u", "convoy-agent"])?;
+        assert_eq!(journal.matches("1.0.0 -> 2.0.0").count(), 1, "{}:\n{journal}", h.name);
+    }
+    Ok(())
+}
+
 #[test]
 fn the_controller_driving_a_rollout_is_killed_and_another_finishes_it() -> Result<()> {
     let mut bed = Testbed::boot_cluster(6, 3)?;
@@ -108,19 +129,9 @@ fn the_controller_driving_a_rollout_is_killed_and_another_finishes_it() -> Resul
     eprintln!("takeover {:.1}s after the owner was killed", takeover.as_secs_f64());
 
     // The CLI, with every controller in its list, keeps working.
-    let mut state = String::new();
-    eventually("the rollout finishes", Duration::from_secs(180), || {
-        let h = bed.history(&["--rollout", &id])?;
-        state = h["rollouts"][0]["state"].as_str().unwrap_or("").to_owned();
-        Ok(state != "running")
-    })?;
-    assert_eq!(state, "succeeded");
+    assert_eq!(end_state(&bed, &id)?, "succeeded");
     assert_eq!(bed.serving(), ["2.0.0"; 6], "no host skipped");
-    // No host activated twice.
-    for h in &bed.hosts {
-        let journal = h.exec_ok(&["journalctl", "--no-pager", "-u", "convoy-agent"])?;
-        assert_eq!(journal.matches("1.0.0 -> 2.0.0").count(), 1, "{}:\n{journal}", h.name);
-    }
+    activated_once(&bed)?;
     assert_eq!(
         bed.hosts[i].unit_property("demo.service", "InvocationID")?,
         invocation,
@@ -230,13 +241,7 @@ fn a_controller_paused_past_its_lease_acts_on_the_rollout_no_more() -> Result<()
         "the CLI gave up on the stopped c1 after {:.1}s",
         asked.elapsed().as_secs_f64()
     );
-    let mut state = String::new();
-    eventually("c2 finishes the rollout", Duration::from_secs(180), || {
-        let h = bed.history(&["--rollout", &id])?;
-        state = h["rollouts"][0]["state"].as_str().unwrap_or("").to_owned();
-        Ok(state != "running")
-    })?;
-    assert_eq!(state, "succeeded");
+    assert_eq!(end_state(&bed, &id)?, "succeeded", "c2 finished it");
     assert_eq!(bed.serving(), ["2.0.0"; 4]);
     let invocations = |bed: &Testbed| -> Result<Vec<String>> {
         bed.hosts
@@ -268,10 +273,7 @@ fn a_controller_paused_past_its_lease_acts_on_the_rollout_no_more() -> Result<()
     let _ = child.kill();
     let _ = child.wait();
     // Every host was activated once, by whichever controller drove it.
-    for h in &bed.hosts {
-        let journal = h.exec_ok(&["journalctl", "--no-pager", "-u", "convoy-agent"])?;
-        assert_eq!(journal.matches("1.0.0 -> 2.0.0").count(), 1, "{}:\n{journal}", h.name);
-    }
+    activated_once(&bed)?;
     assert_eq!(invocations(&bed)?, before, "no host restarted after c1 came back");
     assert_eq!(bed.recorded_activations(&id)?, 4);
     let h = bed.history(&["--rollout", &id])?;
