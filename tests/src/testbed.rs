@@ -1045,6 +1045,45 @@ impl Testbed {
         fs::read_to_string(self.dir.path().join("controller/controller.log")).unwrap_or_default()
     }
 
+    /// Points host `h`'s agent (0-based) at a config under
+    /// /var/lib/convoy-tls (the test bed's /etc/convoy is read-only) that
+    /// enrolls as `name` with `token` through controller `c + 1` (0: c1),
+    /// and restarts it without waiting for it (some enrollments are meant
+    /// to fail).
+    pub fn enroll_config(&self, h: usize, name: &str, token: &str, fingerprint: &str, c: usize) -> Result<()> {
+        let config = format!(
+            "name = \"{name}\"\ncontroller = \"{url}\"\nserver_name = \"controller\"\n\
+             ca = \"/var/lib/convoy-tls/ca.pem\"\ncert = \"/var/lib/convoy-tls/agent.pem\"\nkey = \"/var/lib/convoy-tls/agent.key\"\n\
+             enroll_token = \"{token}\"\nca_fingerprint = \"{fingerprint}\"\nunit_timeout = \"30s\"\n\n[labels]\nenv = \"production\"\n",
+            url = self.controller_urls()[c]
+        );
+        let host = &self.hosts[h];
+        host.exec_ok(&["systemctl", "stop", "convoy-agent"])?;
+        host.exec_ok(&[
+            "sh",
+            "-c",
+            &format!(
+                "rm -rf /var/lib/convoy-tls && mkdir -p /var/lib/convoy-tls /etc/systemd/system/convoy-agent.service.d && \
+                 umask 077 && printf '%s' '{config}' > /var/lib/convoy-tls/agent.toml && \
+                 printf '[Service]\\nExecStart=\\nExecStart=/usr/bin/convoy-agent --config /var/lib/convoy-tls/agent.toml\\n' \
+                   > /etc/systemd/system/convoy-agent.service.d/enroll.conf && systemctl daemon-reload"
+            ),
+        ])?;
+        host.exec_ok(&["systemctl", "start", "--no-block", "convoy-agent"])?;
+        Ok(())
+    }
+
+    /// Puts `lines` at the top of controller `i + 1`'s controller.toml
+    /// (1: c2) and restarts it.
+    pub fn reconfigure_other_controller(&mut self, i: usize, lines: &str) -> Result<()> {
+        let conf = self.dir.path().join(format!("controller{}/controller.toml", i + 1));
+        let text = fs::read_to_string(&conf)?;
+        fs::write(&conf, format!("{lines}\n{text}"))?;
+        self.kill_controller_at(i);
+        self.start_other_controller(i)?;
+        self.wait_connected(self.hosts.len())
+    }
+
     /// Puts `lines` at the top of controller.toml, restarts the controller
     /// and waits until every host is connected again.
     pub fn reconfigure_controller(&mut self, lines: &str) -> Result<()> {

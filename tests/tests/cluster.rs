@@ -324,3 +324,79 @@ fn postgres_restarted_mid_rollout_the_rollout_waits_and_goes_on() -> Result<()> 
     assert!(log.contains("database reachable again"), "{log}");
     Ok(())
 }
+
+/// Enrollment and renewal through any controller: a token made through
+/// c1 enrolls a host at c2, and c2 renews its certificate (every
+/// controller has the same CA key); c1 sees the host, and refuses the
+/// spent token.
+#[test]
+fn a_token_made_through_one_controller_enrolls_a_host_through_another() -> Result<()> {
+    let mut bed = Testbed::boot_cluster(2, 2)?;
+    let pki = bed.dir.path().join("pki");
+    // Certificates signed by a controller live 30 s, so renewal is seen.
+    let lines = format!("ca_key = \"{}/ca.key\"\nagent_cert_validity = \"30s\"", pki.display());
+    bed.reconfigure_controller(&lines)?;
+    bed.reconfigure_other_controller(1, &lines)?;
+    let pki_s = pki.to_str().unwrap();
+    bed.convoy_ok(&["pki", "issue", "operator", "root", "--role", "admin", "--dir", pki_s])?;
+    let (c1, c2) = (bed.controller_urls()[0].clone(), bed.controller_urls()[1].clone());
+    let as_root = |url: &str, args: &[&str]| bed.convoy_at_as(url, &pki.join("root.pem"), &pki.join("root.key"), args);
+    let out = as_root(
+        &c1,
+        &[
+            "enroll",
+            "create-token",
+            "--labels",
+            "env=staging",
+            "--ttl",
+            "10m",
+            "--output",
+            "json",
+        ],
+    )?;
+    assert_eq!(out.code, 0, "{out:?}");
+    let v: serde_json::Value = serde_json::from_str(&out.stdout)?;
+    let (token, fingerprint) = (
+        v["token"].as_str().unwrap_or(""),
+        v["ca_fingerprint"].as_str().unwrap_or(""),
+    );
+
+    bed.enroll_config(1, "web9", token, fingerprint, 1)?;
+    let connected_at = |url: &str| -> Result<bool> {
+        let out = bed
+            .convoy_spawn_at(url, &["hosts", "--output", "json"])?
+            .wait_with_output()?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        Ok(v["hosts"]
+            .as_array()
+            .is_some_and(|hs| hs.iter().any(|h| h["host"] == "web9" && h["connected"] == true)))
+    };
+    eventually("web9 enrolled at c2 and seen by c1", Duration::from_secs(60), || {
+        Ok(connected_at(&c2)? && connected_at(&c1)?)
+    })?;
+    assert!(bed.controller_log_at(1).contains("host enrolled"), "c2 enrolled it");
+    assert!(!bed.controller_log_at(0).contains("host enrolled"), "c1 did not");
+
+    // c2 renews the 30 s certificate before it expires.
+    let host = &bed.hosts[1];
+    let first = host.exec_ok(&["cat", "/var/lib/convoy-tls/agent.pem"])?;
+    eventually("the certificate renewed", Duration::from_secs(40), || {
+        Ok(host.exec_ok(&["cat", "/var/lib/convoy-tls/agent.pem"])? != first)
+    })?;
+    assert!(bed.controller_log_at(1).contains("certificate renewed"));
+    assert!(connected_at(&c1)?, "still connected after its renewal");
+
+    // The token was spent through c2: c1 refuses it.
+    bed.enroll_config(0, "web10", token, fingerprint, 0)?;
+    eventually("c1 refuses the spent token", Duration::from_secs(60), || {
+        Ok(bed
+            .controller_log_at(0)
+            .lines()
+            .any(|l| l.contains("enrollment refused") && l.contains("already used (by web9")))
+    })?;
+    assert!(
+        !bed.controller_log_at(0).contains("host enrolled"),
+        "web10 was not enrolled"
+    );
+    Ok(())
+}

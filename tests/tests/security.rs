@@ -231,32 +231,6 @@ fn certificates_are_authorised_by_kind_and_role() -> Result<()> {
     Ok(())
 }
 
-/// Points host `h`'s agent at a config under /var/lib/convoy-tls (the
-/// test bed's /etc/convoy is read-only) and restarts it.
-fn enroll_config(bed: &Testbed, h: usize, name: &str, token: &str, fingerprint: &str) -> Result<()> {
-    let config = format!(
-        "name = \"{name}\"\ncontroller = \"https://{}:7443\"\nserver_name = \"controller\"\n\
-         ca = \"/var/lib/convoy-tls/ca.pem\"\ncert = \"/var/lib/convoy-tls/agent.pem\"\nkey = \"/var/lib/convoy-tls/agent.key\"\n\
-         enroll_token = \"{token}\"\nca_fingerprint = \"{fingerprint}\"\nunit_timeout = \"30s\"\n\n[labels]\nenv = \"production\"\n",
-        bed.controller_ip()
-    );
-    let host = &bed.hosts[h];
-    host.exec_ok(&["systemctl", "stop", "convoy-agent"])?;
-    host.exec_ok(&[
-        "sh",
-        "-c",
-        &format!(
-            "rm -rf /var/lib/convoy-tls && mkdir -p /var/lib/convoy-tls /etc/systemd/system/convoy-agent.service.d && \
-             umask 077 && printf '%s' '{config}' > /var/lib/convoy-tls/agent.toml && \
-             printf '[Service]\\nExecStart=\\nExecStart=/usr/bin/convoy-agent --config /var/lib/convoy-tls/agent.toml\\n' \
-               > /etc/systemd/system/convoy-agent.service.d/enroll.conf && systemctl daemon-reload"
-        ),
-    ])?;
-    // Without waiting for READY: some of these enrollments are meant to fail.
-    host.exec_ok(&["systemctl", "start", "--no-block", "convoy-agent"])?;
-    Ok(())
-}
-
 fn token_of(out: &str) -> String {
     let v: serde_json::Value = serde_json::from_str(out).unwrap_or_default();
     v["token"].as_str().unwrap_or_default().to_owned()
@@ -325,7 +299,7 @@ fn enrollment(mut bed: Testbed) -> Result<()> {
     // A wrong fingerprint: the agent refuses the controller before it
     // sends the token.
     let wrong = format!("sha256:{}", "0".repeat(64));
-    enroll_config(&bed, 1, "web9", &token, &wrong)?;
+    bed.enroll_config(1, "web9", &token, &wrong, 0)?;
     let refused = || {
         bed.hosts[1]
             .exec_ok(&["journalctl", "--no-pager", "-u", "convoy-agent"])
@@ -348,7 +322,7 @@ fn enrollment(mut bed: Testbed) -> Result<()> {
     );
 
     // The right one: enrolled as web9 with the token's labels.
-    enroll_config(&bed, 1, "web9", &token, &fingerprint)?;
+    bed.enroll_config(1, "web9", &token, &fingerprint, 0)?;
     bed.wait_host_connected("web9")?;
     assert_eq!(
         bed.controller_log().matches("host enrolled").count(),
@@ -435,7 +409,7 @@ fn enrollment(mut bed: Testbed) -> Result<()> {
 
     // Enrolling again (a token for that name) readmits it.
     let (token, _) = create(&["--name", "web9"])?;
-    enroll_config(&bed, 1, "web9", &token, &fingerprint)?;
+    bed.enroll_config(1, "web9", &token, &fingerprint, 0)?;
     bed.wait_host_connected("web9")?;
 
     // No secret in logs or in JSON: no token, no private key.
