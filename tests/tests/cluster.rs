@@ -400,3 +400,54 @@ fn a_token_made_through_one_controller_enrolls_a_host_through_another() -> Resul
     );
     Ok(())
 }
+
+/// Operators may use any controller: a canary driven by c1 waits for
+/// promotion, and c2 passes on a refused approval (with its exit code) and
+/// the promotion, after which c1 finishes the rollout; `watch` through c2
+/// names the controller to watch it through.
+#[test]
+fn an_operator_controls_a_rollout_through_a_controller_that_does_not_drive_it() -> Result<()> {
+    let bed = Testbed::boot_cluster(2, 2)?;
+    bed.push_demo("1.0.0", "healthy")?;
+    bed.deploy_everywhere("1.0.0")?;
+    bed.push_demo("2.0.0", "healthy")?;
+    let (c1, c2) = (bed.controller_urls()[0].clone(), bed.controller_urls()[1].clone());
+    let mut args = canary_deploy("2.0.0", "1,100%", "0s");
+    args.extend(["--promote", "manual"]);
+    let mut child = bed.convoy_spawn_at(&c1, &args)?;
+    let lines = line_feed(&mut child);
+    let mut seen = Vec::new();
+    let id = rollout_id(&wait_line(&lines, "rollout ", &mut seen)?);
+    wait_line(&lines, "waiting for `convoy promote", &mut seen)?;
+    let at_c2 = |args: &[&str]| -> Result<(Option<i32>, String, String)> {
+        let out = bed.convoy_spawn_at(&c2, args)?.wait_with_output()?;
+        Ok((
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    };
+    // Refused by c1's rollout, as c1 would refuse it: exit 4, its words.
+    let (code, _, stderr) = at_c2(&["approve", &id])?;
+    assert_eq!(code, Some(4), "{stderr}");
+    assert!(stderr.contains("approval"), "{stderr}");
+    let (code, _, stderr) = at_c2(&["watch", &id])?;
+    assert_eq!(code, Some(4), "{stderr}");
+    assert!(
+        stderr.contains(&format!("rollout {id} is driven by controller c1")),
+        "{stderr}"
+    );
+    // Control: before promotion only the canary moved.
+    assert_eq!(bed.serving().iter().filter(|v| *v == "2.0.0").count(), 1);
+    let (code, stdout, stderr) = at_c2(&["promote", &id])?;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("stage 1 promoted"), "{stdout}");
+    let status = child.wait()?;
+    seen.extend(lines.try_iter());
+    assert!(status.success(), "{}", seen.join("\n"));
+    assert_eq!(bed.serving(), ["2.0.0"; 2]);
+    assert!(bed
+        .controller_log_at(0)
+        .contains("control action relayed from another controller"));
+    Ok(())
+}

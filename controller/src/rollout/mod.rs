@@ -791,6 +791,11 @@ impl Engine {
         Ok(applied.reply)
     }
 
+    /// Whether this controller drives rollout `id` now.
+    pub fn drives(&self, id: &str) -> bool {
+        self.live.lock().unwrap().contains_key(id)
+    }
+
     /// A running rollout's plan, as it was sent when it started.
     pub fn plan_of(&self, id: &str) -> Option<Event> {
         let live = self.live.lock().unwrap();

@@ -107,12 +107,37 @@ async fn relay_rounds(shared: Arc<Shared>, relay: Arc<relay::Relay>) {
                         relay::Inbound::PreflightAnswer(host, op_id, checks) => {
                             registry.deliver_preflight(&host, &op_id, checks);
                         }
+                        relay::Inbound::Control(key, ask) => {
+                            let (shared, relay) = (shared.clone(), relay.clone());
+                            tokio::spawn(async move { answer_control(&shared, &relay, &key, ask).await });
+                        }
                     }
                 }
             }
             Err(e) => tracing::warn!(error = %e, "could not read what other controllers left for this one"),
         }
         tokio::time::sleep(relay::ROUND).await;
+    }
+}
+
+/// Applies an operator's control action another controller took for a
+/// rollout this one drives (the asker checked the operator's role), and
+/// sends the answer back.
+async fn answer_control(shared: &Shared, relay: &relay::Relay, key: &str, ask: relay::ControlAsk) {
+    let answer = match ask.action.parse::<crate::rollout::control::Action>() {
+        Ok(action) => shared
+            .engine
+            .control(&ask.rollout, action, &ask.who)
+            .await
+            .map_err(Status::from),
+        Err(e) => Err(Status::invalid_argument(e)),
+    };
+    tracing::info!(rollout = %ask.rollout, by = %ask.who, action = %ask.action, asker = %ask.asker, "control action relayed from another controller");
+    if let Err(e) = relay
+        .answer_control(&ask.asker, key, &relay::ControlAnswer::of(answer))
+        .await
+    {
+        tracing::warn!(rollout = %ask.rollout, error = %e, "could not answer a relayed control action");
     }
 }
 

@@ -484,6 +484,20 @@ impl OperatorService for OperatorApi {
         )?;
         let r = req.into_inner();
         let action: Action = r.action.parse().map_err(Status::invalid_argument)?;
+        // A rollout another controller drives: the action goes to it.
+        if !self.shared.engine.drives(&r.rollout_id) {
+            if let Some(relay) = self.shared.registry.relay() {
+                if let Some(owner) = relay.owner_elsewhere(&r.rollout_id).await.map_err(internal)? {
+                    let answer = relay
+                        .ask_control(&owner, &r.rollout_id, &r.action, &id.to_string())
+                        .await
+                        .map_err(internal)?;
+                    return Ok(Response::new(ControlReply {
+                        state: answer.into_result()?,
+                    }));
+                }
+            }
+        }
         let state = self
             .shared
             .engine
@@ -495,6 +509,24 @@ impl OperatorService for OperatorApi {
     async fn watch(&self, req: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
         operator(&req, Role::Viewer, "watch rollouts")?;
         let id = req.into_inner().rollout_id;
+        // Events reach only the controller that drives the rollout.
+        if !self.shared.engine.drives(&id) {
+            if let Some(relay) = self.shared.registry.relay() {
+                if let Some(owner) = relay.owner_elsewhere(&id).await.map_err(internal)? {
+                    let address = relay
+                        .db
+                        .controllers()
+                        .await
+                        .map_err(internal)?
+                        .into_iter()
+                        .find(|c| c.name == owner)
+                        .map_or_else(|| "address unknown".to_owned(), |c| c.address);
+                    return Err(Status::failed_precondition(format!(
+                        "rollout {id} is driven by controller {owner} ({address}); watch it through that controller"
+                    )));
+                }
+            }
+        }
         let rx = self.shared.engine.watch(&id).await?;
         // The plan first, as `deploy` sees it, then what happens from now.
         let plan = self.shared.engine.plan_of(&id).map(|e| Ok((&e).into()));

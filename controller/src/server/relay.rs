@@ -8,13 +8,17 @@
 //!   down it (again on each new session, until answered: a host that moves
 //!   to another controller still gets them);
 //! - `result` and `event` rows, written by the session holder for the
-//!   rollout's lease owner, and `preflight_answer` rows for the asker.
+//!   rollout's lease owner, and `preflight_answer` rows for the asker;
+//! - `control` rows (an operator's pause, resume, abort, approve or
+//!   promote, taken by a controller that does not drive the rollout) for
+//!   the lease owner, and `control_reply` rows back to the asker.
 //!
 //! Each controller also publishes its hosts (`host_sessions`) and that it
 //! is up (`controllers`), and reads the others' hosts, so every controller
 //! sees the whole fleet. A round runs every `ROUND`.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -32,6 +36,51 @@ pub const ROUND: Duration = Duration::from_millis(200);
 /// A controller not seen for this long is down: its hosts count as
 /// disconnected.
 pub const CONTROLLER_DOWN_MS: i64 = 10_000;
+
+/// How long an operator's control action waits for the controller that
+/// drives the rollout to answer it.
+pub const CONTROL_WAIT: Duration = Duration::from_secs(10);
+
+/// An operator's control action for the controller driving the rollout.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ControlAsk {
+    /// The controller waiting for the answer.
+    pub asker: String,
+    pub rollout: String,
+    pub action: String,
+    /// The operator, as the asking controller verified them.
+    pub who: String,
+}
+
+/// The answer to a `ControlAsk`: a gRPC status code (0: done, `message`
+/// is the rollout's state) and its message.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ControlAnswer {
+    pub code: i32,
+    pub message: String,
+}
+
+impl ControlAnswer {
+    pub fn of(r: Result<String, tonic::Status>) -> Self {
+        match r {
+            Ok(state) => ControlAnswer {
+                code: 0,
+                message: state,
+            },
+            Err(s) => ControlAnswer {
+                code: s.code() as i32,
+                message: s.message().to_owned(),
+            },
+        }
+    }
+
+    pub fn into_result(self) -> Result<String, tonic::Status> {
+        match self.code {
+            0 => Ok(self.message),
+            c => Err(tonic::Status::new(tonic::Code::from_i32(c), self.message)),
+        }
+    }
+}
 
 /// A host as another controller published it.
 #[derive(Debug, Clone)]
@@ -58,6 +107,9 @@ pub struct Relay {
     up: Mutex<HashSet<String>>,
     /// Publication time (unix ms) the next read starts from.
     read_from: Mutex<i64>,
+    /// Control actions sent to other controllers, waiting for their reply.
+    asked: Mutex<HashMap<String, tokio::sync::oneshot::Sender<ControlAnswer>>>,
+    asks: AtomicU64,
 }
 
 /// What a controller publishes of one of its hosts: labels, apps, agent
@@ -69,6 +121,8 @@ pub enum Inbound {
     Result(HostName, Box<OpReport>),
     Event(HostName, StepEvent),
     PreflightAnswer(HostName, String, Vec<PreflightCheck>),
+    /// A control action to apply here, with the key its reply goes under.
+    Control(String, ControlAsk),
 }
 
 impl Relay {
@@ -82,6 +136,8 @@ impl Relay {
             remote: Mutex::default(),
             up: Mutex::default(),
             read_from: Mutex::new(0),
+            asked: Mutex::default(),
+            asks: AtomicU64::new(0),
         }
     }
 
@@ -124,7 +180,8 @@ impl Relay {
         host: &HostName,
         msg: &ControllerMessage,
     ) -> Result<(), DbError> {
-        self.send_to(&self.me, kind, op_id, host, msg.encode_to_vec()).await
+        self.send_to(&self.me, kind, op_id, host.as_str(), msg.encode_to_vec())
+            .await
     }
 
     /// Forgets what was left and never taken: commands for hosts that never
@@ -150,11 +207,11 @@ impl Relay {
         Ok(())
     }
 
-    /// The controller driving `op`'s rollout, when it is another one.
-    async fn owner_elsewhere(&self, op: &OpId) -> Result<Option<String>, DbError> {
+    /// The controller driving `rollout`, when it is another one.
+    pub async fn owner_elsewhere(&self, rollout: &str) -> Result<Option<String>, DbError> {
         let owner: Option<String> = self
             .db
-            .query_opt("SELECT owner FROM leases WHERE rollout_id = ?1", params![op.rollout()])
+            .query_opt("SELECT owner FROM leases WHERE rollout_id = ?1", params![rollout])
             .await?
             .map(|r| r.get(0))
             .transpose()?;
@@ -167,14 +224,14 @@ impl Relay {
         let Ok(op) = OpId::parse(&r.op_id) else {
             return Ok(false);
         };
-        let Some(owner) = self.owner_elsewhere(&op).await? else {
+        let Some(owner) = self.owner_elsewhere(op.rollout()).await? else {
             return Ok(false);
         };
         self.send_to(
             &owner,
             "result",
             &r.op_id,
-            host,
+            host.as_str(),
             serde_json::to_vec(r).expect("a report serialises"),
         )
         .await?;
@@ -184,12 +241,12 @@ impl Relay {
     /// Sends a progress event to the controller driving its rollout.
     pub async fn forward_event(&self, host: &HostName, e: &StepEvent) -> Result<(), DbError> {
         let Ok(op) = OpId::parse(&e.op_id) else { return Ok(()) };
-        if let Some(owner) = self.owner_elsewhere(&op).await? {
+        if let Some(owner) = self.owner_elsewhere(op.rollout()).await? {
             self.send_to(
                 &owner,
                 "event",
                 &e.op_id,
-                host,
+                host.as_str(),
                 serde_json::to_vec(e).expect("an event serialises"),
             )
             .await?;
@@ -221,33 +278,80 @@ impl Relay {
             .await?;
         if let Some(asker) = asker.filter(|a| *a != self.me) {
             let body = serde_json::to_vec(checks).expect("checks serialise");
-            self.send_to(&asker, "preflight_answer", op_id, host, body).await?;
+            self.send_to(&asker, "preflight_answer", op_id, host.as_str(), body)
+                .await?;
         }
         Ok(())
     }
 
+    /// Leaves a row of `kind` for controller `target`; `host` is empty for
+    /// rows about no host (control actions).
     async fn send_to(
         &self,
         target: &str,
         kind: &str,
         op_id: &str,
-        host: &HostName,
+        host: &str,
         payload: Vec<u8>,
     ) -> Result<(), DbError> {
         self.db
             .execute(
                 "INSERT INTO relay (kind, op_id, host, target, payload, at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![
-                    kind,
-                    op_id,
-                    host.as_str(),
-                    target,
-                    payload,
-                    convoy_common::ops::now_unix_ms()
-                ],
+                params![kind, op_id, host, target, payload, convoy_common::ops::now_unix_ms()],
             )
             .await?;
         Ok(())
+    }
+
+    /// Asks controller `owner`, which drives `rollout`, to apply an
+    /// operator's control action, and waits up to `CONTROL_WAIT` for its
+    /// answer.
+    pub async fn ask_control(
+        &self,
+        owner: &str,
+        rollout: &str,
+        action: &str,
+        who: &str,
+    ) -> Result<ControlAnswer, DbError> {
+        let key = format!(
+            "{}-{}-{}",
+            self.me,
+            std::process::id(),
+            self.asks.fetch_add(1, Ordering::Relaxed)
+        );
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.asked.lock().unwrap().insert(key.clone(), tx);
+        let ask = ControlAsk {
+            asker: self.me.clone(),
+            rollout: rollout.to_owned(),
+            action: action.to_owned(),
+            who: who.to_owned(),
+        };
+        let body = serde_json::to_vec(&ask).expect("an ask serialises");
+        let sent = self.send_to(owner, "control", &key, "", body).await;
+        let answer = match sent {
+            Ok(()) => tokio::time::timeout(CONTROL_WAIT, rx).await.ok().and_then(Result::ok),
+            Err(e) => {
+                self.asked.lock().unwrap().remove(&key);
+                return Err(e);
+            }
+        };
+        self.asked.lock().unwrap().remove(&key);
+        Ok(answer.unwrap_or_else(|| ControlAnswer {
+            code: tonic::Code::Unavailable as i32,
+            message: format!(
+                "rollout {rollout} is driven by controller {owner}, which did not answer within {}s; \
+                 try again, or through that controller",
+                CONTROL_WAIT.as_secs()
+            ),
+        }))
+    }
+
+    /// Sends the answer to a control action back to the controller that
+    /// asked under `key`.
+    pub async fn answer_control(&self, asker: &str, key: &str, answer: &ControlAnswer) -> Result<(), DbError> {
+        let body = serde_json::to_vec(answer).expect("an answer serialises");
+        self.send_to(asker, "control_reply", key, "", body).await
     }
 
     /// Publishes the hosts whose state changed: `local` gives a host's
@@ -379,14 +483,16 @@ impl Relay {
         Ok(out)
     }
 
-    /// Results, events and pre-flight answers other controllers left for
-    /// this one, taken (each once).
+    /// Results, events, pre-flight answers and control actions other
+    /// controllers left for this one, taken (each once); replies to this
+    /// one's control actions go straight to their waiters.
     pub async fn inbound(&self) -> Result<Vec<Inbound>, DbError> {
         let mut tx = self.db.begin().await?;
         let rows = tx
             .query(
                 "SELECT id, kind, op_id, host, payload FROM relay
-                 WHERE target = ?1 AND kind IN ('result', 'event', 'preflight_answer') ORDER BY id",
+                 WHERE target = ?1 AND kind IN ('result', 'event', 'preflight_answer', 'control', 'control_reply')
+                 ORDER BY id",
                 params![&self.me],
             )
             .await?;
@@ -395,6 +501,24 @@ impl Relay {
             let (id, kind, op_id, host, payload): (i64, String, String, String, Vec<u8>) =
                 (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?);
             tx.execute("DELETE FROM relay WHERE id = ?1", params![id]).await?;
+            match kind.as_str() {
+                "control" => {
+                    out.extend(
+                        serde_json::from_slice(&payload)
+                            .ok()
+                            .map(|a| Inbound::Control(op_id, a)),
+                    );
+                    continue;
+                }
+                "control_reply" => {
+                    let waiter = self.asked.lock().unwrap().remove(&op_id);
+                    if let (Some(w), Ok(answer)) = (waiter, serde_json::from_slice(&payload)) {
+                        let _ = w.send(answer);
+                    }
+                    continue;
+                }
+                _ => {}
+            }
             let Ok(host) = HostName::new(host) else { continue };
             let item = match kind.as_str() {
                 "result" => serde_json::from_slice(&payload)
@@ -420,6 +544,43 @@ mod tests {
 
     fn host(s: &str) -> HostName {
         HostName::new(s).unwrap()
+    }
+
+    /// An operator's action taken by controller a, which does not drive the rollout
+    /// reaches b, which does, and b's answer (here a refusal, with its
+    /// code) comes back to the waiting a.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_control_action_goes_to_the_rollouts_driver_and_its_answer_comes_back() {
+        let pg = crate::db::testing::postgres();
+        pg.create_database("control").unwrap();
+        let o = crate::db::testing::options(&pg.url("control"));
+        let a = Arc::new(Relay::new(Arc::new(Db::connect(&o, "a").await.unwrap().0)));
+        let b = Relay::new(Arc::new(Db::connect(&o, "b").await.unwrap().0));
+        let asking = a.clone();
+        let ask = tokio::spawn(async move { asking.ask_control("b", "r1", "approve", "operator alice").await });
+        let (key, got) = loop {
+            let items = b.inbound().await.unwrap();
+            if let Some(Inbound::Control(key, got)) = items.into_iter().next() {
+                break (key, got);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_eq!(
+            (&*got.asker, &*got.rollout, &*got.action, &*got.who),
+            ("a", "r1", "approve", "operator alice")
+        );
+        let refusal = tonic::Status::failed_precondition("rollout r1 needs no approval");
+        b.answer_control(&got.asker, &key, &ControlAnswer::of(Err(refusal)))
+            .await
+            .unwrap();
+        while !ask.is_finished() {
+            assert!(a.inbound().await.unwrap().is_empty(), "the reply goes to its waiter");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let e = ask.await.unwrap().unwrap().into_result().unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+        assert_eq!(e.message(), "rollout r1 needs no approval");
+        assert!(a.asked.lock().unwrap().is_empty());
     }
 
     /// A controller paused while it held web1 publishes web1 again when
