@@ -270,8 +270,18 @@ fn a_controller_paused_past_its_lease_acts_on_the_rollout_no_more() -> Result<()
             .controller_log_at(0)
             .contains("another controller took this rollout over"))
     })?;
-    let _ = child.kill();
-    let _ = child.wait();
+    // The deploy's CLI, following c1, saw its connection go silent and
+    // said so (exit 5) instead of waiting forever.
+    let mut ended = None;
+    let waited = eventually("the deploy's CLI ends", Duration::from_secs(30), || {
+        ended = child.try_wait()?;
+        Ok(ended.is_some())
+    });
+    if waited.is_err() {
+        let _ = child.kill();
+    }
+    waited?;
+    assert_eq!(ended.and_then(|s| s.code()), Some(5), "{}", seen.join("\n"));
     // Every host was activated once, by whichever controller drove it.
     activated_once(&bed)?;
     assert_eq!(invocations(&bed)?, before, "no host restarted after c1 came back");

@@ -314,7 +314,14 @@ async fn show(
     }
     Err(Failure::new(
         exit::UNREACHABLE,
-        "the controller closed the stream before the rollout finished; the rollout goes on, check `convoy status`",
+        match rollout.is_empty() {
+            true => "the controller closed the stream before the rollout started; check `convoy history`".to_owned(),
+            false => format!(
+                "the controller closed the stream before rollout {rollout} finished (it is stopping, or another \
+                 controller took the rollout over: see `convoy controllers`); the rollout goes on: read it with \
+                 `convoy history --rollout {rollout}`"
+            ),
+        },
     ))
 }
 
