@@ -615,7 +615,7 @@ pub fn build(
 ) -> Result<convoy_common::archive::UnpackStats, String> {
     let fetched_set: HashSet<Digest> = plan.missing.iter().map(|(d, _)| *d).collect();
     let copier = Copier::default();
-    convoy_common::manifest::apply(&plan.manifest, dest, limits, |e, at| {
+    convoy_common::archive::apply_manifest(&plan.manifest, dest, limits, |e, at| {
         let d = e.content().expect("files have a sha256");
         let here = fetched.join(d.to_hex());
         if fetched_set.contains(&d) {

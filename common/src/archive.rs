@@ -9,16 +9,18 @@
 //! file or link is never opened or followed.
 
 use std::collections::{HashMap, HashSet};
+use std::ffi::OsStr;
 use std::fs::{self, OpenOptions};
 use std::io::{self, Read, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
 use flate2::bufread::GzDecoder;
 use tar::EntryType;
 
-use crate::digest::Hasher;
-use crate::manifest::{Manifest, ManifestEntry};
+use crate::digest::{Digest, Hasher};
+use crate::manifest::{kind as mkind, Manifest, ManifestEntry};
 
 /// Bounds on what one archive may contain.
 #[derive(Debug, Clone)]
@@ -265,10 +267,10 @@ fn read(reader: impl Read, dest: Option<&Path>, limits: &Limits) -> Result<(Unpa
 }
 
 /// A directory and the mode it gets once its children are written.
-pub(crate) type DirMode = (PathBuf, u32);
+type DirMode = (PathBuf, u32);
 
 /// What an entry claims to be, as far as the rules care.
-pub(crate) enum Claim<'a> {
+enum Claim<'a> {
     Dir,
     /// A regular file of this many bytes.
     File(u64),
@@ -279,7 +281,7 @@ pub(crate) enum Claim<'a> {
 
 /// An entry that passed the rules: its clean path, the ancestors to
 /// create before it (in order), and for a hard link the file it links to.
-pub(crate) struct Admitted {
+struct Admitted {
     pub rel: PathBuf,
     pub new_dirs: Vec<PathBuf>,
     pub link_to: Option<PathBuf>,
@@ -291,7 +293,7 @@ pub(crate) struct Admitted {
 /// or a file), links inside the root, no device or FIFO nodes, no
 /// setuid/setgid unless allowed, bounded counts, sizes and ratio. Checks
 /// only; the caller makes what it admits.
-pub(crate) struct Checker<'l> {
+struct Checker<'l> {
     limits: &'l Limits,
     kinds: HashMap<PathBuf, Kind>,
     pub stats: UnpackStats,
@@ -408,7 +410,7 @@ impl<'l> Checker<'l> {
 }
 
 /// Creates the directories an admitted entry needs above it.
-pub(crate) fn make_dirs(dest: &Path, a: &Admitted, name: &str) -> Result<(), ArchiveError> {
+fn make_dirs(dest: &Path, a: &Admitted, name: &str) -> Result<(), ArchiveError> {
     for d in &a.new_dirs {
         fs::create_dir(dest.join(d)).map_err(|source| ArchiveError::Io {
             entry: name.to_owned(),
@@ -420,7 +422,7 @@ pub(crate) fn make_dirs(dest: &Path, a: &Admitted, name: &str) -> Result<(), Arc
 
 /// Sets directory modes, deepest last-made first, so a read-only directory
 /// does not stop the writing of its children.
-pub(crate) fn set_dir_modes(dir_modes: Vec<DirMode>) -> Result<(), ArchiveError> {
+fn set_dir_modes(dir_modes: Vec<DirMode>) -> Result<(), ArchiveError> {
     for (dir, mode) in dir_modes.into_iter().rev() {
         fs::set_permissions(&dir, fs::Permissions::from_mode(mode)).map_err(|source| ArchiveError::Io {
             entry: dir.display().to_string(),
@@ -634,6 +636,86 @@ pub fn list_tree(root: &Path) -> io::Result<HashSet<PathBuf>> {
         }
     }
     Ok(out)
+}
+
+/// Builds the tree `manifest` describes in `dest`, which must not exist
+/// yet. Every entry passes the archive's rules first, as an archive's
+/// entries do. For each file,
+/// `fill` creates it at the path given (with `create_file`: new,
+/// never through a link) holding the entry's content, and returns the
+/// length and sha256 of what it wrote; a file whose bytes differ from the
+/// manifest fails the build. On error the caller removes `dest`.
+pub fn apply_manifest(
+    manifest: &Manifest,
+    dest: &Path,
+    limits: &Limits,
+    mut fill: impl FnMut(&ManifestEntry, &Path) -> io::Result<(u64, Digest)>,
+) -> Result<UnpackStats, ArchiveError> {
+    let io_at = |entry: &Path| {
+        let entry = entry.display().to_string();
+        move |source| ArchiveError::Io { entry, source }
+    };
+    fs::create_dir(dest).map_err(|e| match e.kind() {
+        io::ErrorKind::AlreadyExists => ArchiveError::DestinationExists(dest.to_owned()),
+        _ => io_at(dest)(e),
+    })?;
+    let mut check = Checker::new(limits);
+    let mut dir_modes = Vec::new();
+    for e in &manifest.entries {
+        let raw = e.path();
+        let name = raw.display().to_string();
+        let mode = e.mode & 0o7777;
+        let link = Path::new(OsStr::from_bytes(&e.link));
+        let claim = match e.kind {
+            mkind::DIR => Claim::Dir,
+            mkind::FILE => {
+                if e.content().is_none() {
+                    return Err(ArchiveError::Io {
+                        entry: name,
+                        source: io::Error::new(io::ErrorKind::InvalidData, "a file entry without a sha256"),
+                    });
+                }
+                Claim::File(e.size)
+            }
+            mkind::SYMLINK if !e.link.is_empty() => Claim::Symlink(link),
+            mkind::HARDLINK => Claim::HardLink(link),
+            mkind::SYMLINK => return Err(ArchiveError::EmptyPath { entry: name }),
+            _ => Claim::Special("unknown"),
+        };
+        let Some(admitted) = check.admit(raw, claim, mode)? else {
+            continue;
+        };
+        make_dirs(dest, &admitted, &name)?;
+        let target = dest.join(&admitted.rel);
+        match e.kind {
+            mkind::DIR => {
+                fs::create_dir(&target).map_err(io_at(raw))?;
+                dir_modes.push((target, mode));
+            }
+            mkind::FILE => {
+                let (size, sha) = fill(e, &target).map_err(io_at(raw))?;
+                let expected = e.content().expect("checked above");
+                if size != e.size || sha != expected {
+                    return Err(ArchiveError::ContentMismatch {
+                        entry: name,
+                        expected: format!("{} bytes, sha256 {expected}", e.size),
+                        got: format!("{size} bytes, sha256 {sha}"),
+                    });
+                }
+                fs::set_permissions(&target, fs::Permissions::from_mode(mode)).map_err(io_at(raw))?;
+            }
+            mkind::SYMLINK => std::os::unix::fs::symlink(link, &target).map_err(io_at(raw))?,
+            mkind::HARDLINK => {
+                let to = admitted.link_to.as_ref().expect("admitted hard links name their file");
+                fs::hard_link(dest.join(to), &target).map_err(io_at(raw))?;
+            }
+            _ => unreachable!("other kinds are refused by the checker"),
+        }
+    }
+    set_dir_modes(dir_modes)?;
+    let mut stats = check.stats;
+    stats.manifest = manifest.clone();
+    Ok(stats)
 }
 
 #[cfg(test)]

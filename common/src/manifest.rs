@@ -4,7 +4,7 @@
 //! of the contents already builds the release from the manifest: it
 //! reuses what it has and fetches the rest by sha256 (delta staging).
 //!
-//! A manifest obeys the same rules as an archive: `apply` admits each
+//! A manifest obeys the same rules as an archive: `archive::apply_manifest` admits each
 //! entry through the archive's checker (paths, links, modes, counts,
 //! sizes, ratio) and checks each file's bytes against its sha256 and
 //! size before the tree may be used.
@@ -16,13 +16,9 @@
 //! link as length-prefixed (u32) bytes; integers little-endian.
 
 use std::ffi::OsStr;
-use std::fs;
-use std::io;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use crate::archive::{self, ArchiveError, Claim, Limits, UnpackStats};
 use crate::digest::Digest;
 
 /// The manifest format this build writes and reads.
@@ -248,88 +244,11 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Builds the tree `manifest` describes in `dest`, which must not exist
-/// yet. Every entry passes the archive's rules first. For each file,
-/// `fill` creates it at the path given (with `archive::create_file`: new,
-/// never through a link) holding the entry's content, and returns the
-/// length and sha256 of what it wrote; a file whose bytes differ from the
-/// manifest fails the build. On error the caller removes `dest`.
-pub fn apply(
-    manifest: &Manifest,
-    dest: &Path,
-    limits: &Limits,
-    mut fill: impl FnMut(&ManifestEntry, &Path) -> io::Result<(u64, Digest)>,
-) -> Result<UnpackStats, ArchiveError> {
-    let io_at = |entry: &Path| {
-        let entry = entry.display().to_string();
-        move |source| ArchiveError::Io { entry, source }
-    };
-    fs::create_dir(dest).map_err(|e| match e.kind() {
-        io::ErrorKind::AlreadyExists => ArchiveError::DestinationExists(dest.to_owned()),
-        _ => io_at(dest)(e),
-    })?;
-    let mut check = archive::Checker::new(limits);
-    let mut dir_modes = Vec::new();
-    for e in &manifest.entries {
-        let raw = e.path();
-        let name = raw.display().to_string();
-        let mode = e.mode & 0o7777;
-        let link = Path::new(OsStr::from_bytes(&e.link));
-        let claim = match e.kind {
-            kind::DIR => Claim::Dir,
-            kind::FILE => {
-                if e.content().is_none() {
-                    return Err(ArchiveError::Io {
-                        entry: name,
-                        source: io::Error::new(io::ErrorKind::InvalidData, "a file entry without a sha256"),
-                    });
-                }
-                Claim::File(e.size)
-            }
-            kind::SYMLINK if !e.link.is_empty() => Claim::Symlink(link),
-            kind::HARDLINK => Claim::HardLink(link),
-            kind::SYMLINK => return Err(ArchiveError::EmptyPath { entry: name }),
-            _ => Claim::Special("unknown"),
-        };
-        let Some(admitted) = check.admit(raw, claim, mode)? else {
-            continue;
-        };
-        archive::make_dirs(dest, &admitted, &name)?;
-        let target = dest.join(&admitted.rel);
-        match e.kind {
-            kind::DIR => {
-                fs::create_dir(&target).map_err(io_at(raw))?;
-                dir_modes.push((target, mode));
-            }
-            kind::FILE => {
-                let (size, sha) = fill(e, &target).map_err(io_at(raw))?;
-                let expected = e.content().expect("checked above");
-                if size != e.size || sha != expected {
-                    return Err(ArchiveError::ContentMismatch {
-                        entry: name,
-                        expected: format!("{} bytes, sha256 {expected}", e.size),
-                        got: format!("{size} bytes, sha256 {sha}"),
-                    });
-                }
-                fs::set_permissions(&target, fs::Permissions::from_mode(mode)).map_err(io_at(raw))?;
-            }
-            kind::SYMLINK => std::os::unix::fs::symlink(link, &target).map_err(io_at(raw))?,
-            kind::HARDLINK => {
-                let to = admitted.link_to.as_ref().expect("admitted hard links name their file");
-                fs::hard_link(dest.join(to), &target).map_err(io_at(raw))?;
-            }
-            _ => unreachable!("other kinds are refused by the checker"),
-        }
-    }
-    archive::set_dir_modes(dir_modes)?;
-    let mut stats = check.stats;
-    stats.manifest = manifest.clone();
-    Ok(stats)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::archive::{self, Limits};
+    use std::fs;
 
     #[test]
     fn the_same_archive_gives_the_same_manifest_bytes() {

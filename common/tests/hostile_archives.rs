@@ -10,8 +10,8 @@ use std::path::Path;
 
 use std::collections::HashMap;
 
-use convoy_common::archive::{unpack, ArchiveError, Limits, UnpackStats};
-use convoy_common::manifest::{self, kind, Manifest, ManifestEntry};
+use convoy_common::archive::{self, unpack, ArchiveError, Limits, UnpackStats};
+use convoy_common::manifest::{kind, Manifest, ManifestEntry};
 use convoy_common::Digest;
 use flate2::write::GzEncoder;
 use tar::{EntryType, Header};
@@ -283,7 +283,7 @@ fn check_manifest_with(
     let sandbox = tempfile::tempdir().unwrap();
     let dest = sandbox.path().join("staging").join("release");
     fs::create_dir_all(dest.parent().unwrap()).unwrap();
-    let built = manifest::apply(m, &dest, &limits, |e, at| {
+    let built = archive::apply_manifest(m, &dest, &limits, |e, at| {
         let data = content(e);
         let mut f = convoy_common::archive::create_file(at)?;
         f.write_all(&data)?;
@@ -724,7 +724,7 @@ fn manifests_that_lie_are_refused() {
         m.entries[3].mode = 0;
         m.digest()
     });
-    manifest::apply(&t.manifest, &delta, &Limits::default(), |e, at| {
+    archive::apply_manifest(&t.manifest, &delta, &Limits::default(), |e, at| {
         let data = &t.contents[&e.sha256];
         convoy_common::archive::create_file(at)?.write_all(data)?;
         Ok((data.len() as u64, Digest::of_bytes(data)))
