@@ -150,7 +150,7 @@ pub async fn show(conn: &Conn, app: String, env: String, revision: Option<u64>, 
         super::records::when(head.at_unix_ms),
         head.change
     );
-    super::records::print_table(
+    super::render::print_table(
         &["KEY", "FOR", "VALUE"],
         reply.entries.into_iter().map(|e| {
             let v = if e.secret {
@@ -193,7 +193,7 @@ pub async fn history(conn: &Conn, app: String, env: String, json: bool) -> Resul
         super::print_json(&rows);
         return Ok(());
     }
-    super::records::print_table(
+    super::render::print_table(
         &["REVISION", "BY", "AT", "CHANGE"],
         rows.into_iter().map(|r| {
             vec![
@@ -279,7 +279,7 @@ pub async fn diff(conn: &Conn, app: String, envs: Vec<String>, json: bool) -> Re
         (true, true, _) => "(secret)".to_owned(),
         (true, false, v) => v.clone().unwrap_or_default(),
     };
-    super::records::print_table(
+    super::render::print_table(
         &["KEY", "STATE", from.as_str(), to.as_str()],
         differ.iter().map(|e| {
             let (key, whom) = scoped(&e.key);

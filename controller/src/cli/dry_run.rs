@@ -2,7 +2,7 @@
 
 use serde::Serialize;
 
-use super::records::MeasurementJson;
+use super::render::MeasurementJson;
 use super::{exit, Failure};
 
 #[derive(Serialize)]
@@ -40,8 +40,8 @@ struct HostPreflightJson {
 
 pub fn print(title: &str, reply: convoy_proto::DeployPlanReply, json: bool) -> Result<(), Failure> {
     let plan = reply.plan.unwrap_or_default();
-    let gate_lines: Vec<String> = reply.gates.iter().map(super::follow::measurement_line).collect();
-    let table = super::follow::preflight_table(&convoy_proto::PreflightReport {
+    let gate_lines: Vec<String> = reply.gates.iter().map(super::render::measurement_line).collect();
+    let table = super::render::preflight_table(&convoy_proto::PreflightReport {
         hosts: reply.preflight.clone(),
     });
     let out = PlanJson {

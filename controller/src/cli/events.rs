@@ -75,7 +75,7 @@ pub fn to_json(ev: &convoy_proto::RolloutEvent) -> Option<Value> {
             })
         }
         Body::Measurement(m) => {
-            let mut v = serde_json::to_value(super::records::MeasurementJson::from(m.clone())).ok()?;
+            let mut v = serde_json::to_value(super::render::MeasurementJson::from(m.clone())).ok()?;
             v["type"] = json!("measurement");
             v["rollout_id"] = json!(id);
             v

@@ -2,6 +2,7 @@
 
 use convoy_proto::{rollout_event, ControlRequest, DeployRequest, RollbackRequest, WatchRequest};
 
+use super::render::{measurement_line, preflight_table};
 use super::{exit, parse_label, Conn, Failure};
 
 /// `convoy deploy` options.
@@ -323,35 +324,4 @@ async fn show(
             ),
         },
     ))
-}
-
-/// One metric gate measurement, as `deploy`, `watch` and `history` show it.
-pub(super) fn measurement_line(m: &convoy_proto::Measurement) -> String {
-    let value = |v: Option<f64>| {
-        v.map_or("no data".to_owned(), |v| {
-            format!("{}", (v * 10_000.0).round() / 10_000.0)
-        })
-    };
-    let mut s = format!("  [gate] {} {}: {}", m.metric, m.verdict, value(m.value));
-    if m.baseline.is_some() {
-        s.push_str(&format!(" (baseline {})", value(m.baseline)));
-    }
-    if !m.reason.is_empty() {
-        s.push_str(&format!(" - {}", m.reason));
-    }
-    s
-}
-
-/// The failed pre-flight checks, host by host.
-pub(super) fn preflight_table(p: &convoy_proto::PreflightReport) -> String {
-    let rows = p.hosts.iter().flat_map(|h| {
-        h.checks
-            .iter()
-            .filter(|c| !c.passed)
-            .map(|c| vec![h.host.clone(), c.name.clone(), c.detail.clone()])
-    });
-    format!(
-        "pre-flight failed:\n{}",
-        super::records::table(&["HOST", "CHECK", "DETAIL"], rows)
-    )
 }

@@ -14,6 +14,7 @@ mod dry_run;
 mod events;
 mod follow;
 mod records;
+mod render;
 
 pub use admin::{controllers, create_token, freeze, freezes, keys_generate, push, revoke_host, unfreeze};
 pub use events::to_json as event_json;

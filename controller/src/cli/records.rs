@@ -4,31 +4,8 @@ use convoy_common::ops::AppStatus;
 use convoy_proto::{HistoryRequest, StatusRequest};
 use serde::Serialize;
 
+use super::render::{print_table, MeasurementJson};
 use super::{exit, Conn, Failure};
-
-/// Prints a table for a terminal: each column as wide as its longest
-/// value, so a long value never pushes the next column out of line.
-pub(super) fn print_table(header: &[&str], rows: impl IntoIterator<Item = Vec<String>>) {
-    println!("{}", table(header, rows));
-}
-
-pub(super) fn table(header: &[&str], rows: impl IntoIterator<Item = Vec<String>>) -> String {
-    let mut t = comfy_table::Table::new();
-    t.load_preset(comfy_table::presets::NOTHING)
-        .set_content_arrangement(comfy_table::ContentArrangement::Disabled)
-        .set_header(header.iter().copied());
-    for r in rows {
-        t.add_row(r);
-    }
-    // No borders: two spaces after each cell separate the columns.
-    for c in t.column_iter_mut() {
-        c.set_padding((0, 2));
-    }
-    t.lines()
-        .map(|l| l.trim_end().to_owned())
-        .collect::<Vec<_>>()
-        .join("\n")
-}
 
 fn yes_no(b: bool) -> String {
     if b { "yes" } else { "no" }.to_owned()
@@ -44,23 +21,6 @@ struct HistoryJson {
     events: Vec<EventJson>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     measurements: Vec<MeasurementJson>,
-}
-
-/// One metric gate measurement.
-#[derive(Serialize)]
-pub(super) struct MeasurementJson {
-    metric: String,
-    hosts: Vec<String>,
-    query: String,
-    value: Option<f64>,
-    baseline: Option<f64>,
-    /// pass, fail, inconclusive, or before (a value before the rollout)
-    verdict: String,
-    reason: String,
-    at_unix_ms: i64,
-    /// The highest and lowest values that pass (null: no such bound).
-    max: Option<f64>,
-    min: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -99,23 +59,6 @@ struct EventJson {
     at_unix_ms: i64,
 }
 
-impl From<convoy_proto::Measurement> for MeasurementJson {
-    fn from(m: convoy_proto::Measurement) -> Self {
-        MeasurementJson {
-            metric: m.metric,
-            hosts: m.hosts,
-            query: m.query,
-            value: m.value,
-            baseline: m.baseline,
-            verdict: m.verdict,
-            reason: m.reason,
-            at_unix_ms: m.at_unix_ms,
-            max: m.max,
-            min: m.min,
-        }
-    }
-}
-
 pub(super) fn when(ms: i64) -> String {
     if ms <= 0 {
         return "-".into();
@@ -147,7 +90,7 @@ pub async fn history(
         })
         .await?
         .into_inner();
-    let measurement_lines: Vec<String> = reply.measurements.iter().map(super::follow::measurement_line).collect();
+    let measurement_lines: Vec<String> = reply.measurements.iter().map(super::render::measurement_line).collect();
     let out = HistoryJson {
         measurements: reply.measurements.into_iter().map(Into::into).collect(),
         rollouts: reply
@@ -531,29 +474,4 @@ pub async fn delivery_report(conn: &Conn, app: String, since: std::time::Duratio
         None => println!("  mean time to restore: - (no restored failure)"),
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn long_values_do_not_shift_the_next_column() {
-        let t = super::table(
-            &["HOST", "OPERATOR", "REASON"],
-            [
-                vec!["web1".into(), "operator alice (deployer)".into(), "ok".into()],
-                vec![
-                    "a-very-long-host-name.eu-west.example".into(),
-                    "operator bob (admin)".into(),
-                    "failed".into(),
-                ],
-            ],
-        );
-        let lines: Vec<&str> = t.lines().collect();
-        assert_eq!(lines.len(), 3, "{t}");
-        let col = |l: &str, v: &str| l.find(v).unwrap_or_else(|| panic!("{v} in {l:?}"));
-        assert_eq!(col(lines[0], "OPERATOR"), col(lines[1], "operator alice"), "{t}");
-        assert_eq!(col(lines[1], "operator alice"), col(lines[2], "operator bob"), "{t}");
-        assert_eq!(col(lines[0], "REASON"), col(lines[2], "failed"), "{t}");
-        assert!(lines[0].starts_with("HOST "), "{t}");
-    }
 }
