@@ -631,7 +631,7 @@ impl Testbed {
 
     /// Starts (or restarts) controller `i + 1` of a cluster (1 for c2).
     pub fn start_other_controller(&mut self, i: usize) -> Result<()> {
-        let dir = self.dir.path().join(format!("controller{}", i + 1));
+        let dir = self.controller_dir(i);
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -654,26 +654,28 @@ impl Testbed {
 
     /// Kills controller `i + 1` of a cluster with SIGKILL (0: c1).
     pub fn kill_controller_at(&mut self, i: usize) {
-        let child = if i == 0 {
-            self.controller.take()
-        } else {
-            self.others[i - 1].take()
-        };
-        if let Some(mut c) = child {
+        if let Some(mut c) = self.controller_child(i).take() {
             let _ = c.kill();
             let _ = c.wait();
         }
     }
 
+    /// Controller `i + 1`'s process (0: c1), while it runs.
+    fn controller_child(&mut self, i: usize) -> &mut Option<Child> {
+        match i {
+            0 => &mut self.controller,
+            i => &mut self.others[i - 1],
+        }
+    }
+
     /// Sends controller `i + 1` (0: c1) a signal by name (`STOP`, `CONT`):
     /// a paused process, as a frozen VM or a long GC pause would leave it.
-    pub fn signal_controller_at(&self, i: usize, signal: &str) -> Result<()> {
-        let child = if i == 0 {
-            self.controller.as_ref()
-        } else {
-            self.others[i - 1].as_ref()
-        };
-        let pid = child.context("that controller is not running")?.id();
+    pub fn signal_controller_at(&mut self, i: usize, signal: &str) -> Result<()> {
+        let pid = self
+            .controller_child(i)
+            .as_ref()
+            .context("that controller is not running")?
+            .id();
         let status = Command::new("kill")
             .arg(format!("-{signal}"))
             .arg(pid.to_string())
@@ -684,11 +686,15 @@ impl Testbed {
 
     /// Controller `i + 1`'s log (0: c1).
     pub fn controller_log_at(&self, i: usize) -> String {
-        let dir = match i {
+        fs::read_to_string(self.controller_dir(i).join("controller.log")).unwrap_or_default()
+    }
+
+    /// Controller `i + 1`'s directory (0: c1): its config, log and data.
+    fn controller_dir(&self, i: usize) -> PathBuf {
+        self.dir.path().join(match i {
             0 => "controller".to_owned(),
             i => format!("controller{}", i + 1),
-        };
-        fs::read_to_string(self.dir.path().join(dir).join("controller.log")).unwrap_or_default()
+        })
     }
 
     /// Every controller's URL, in order.
@@ -1073,34 +1079,28 @@ impl Testbed {
         Ok(())
     }
 
-    /// Puts `lines` at the top of controller `i + 1`'s controller.toml
-    /// (1: c2) and restarts it.
-    pub fn reconfigure_other_controller(&mut self, i: usize, lines: &str) -> Result<()> {
-        let conf = self.dir.path().join(format!("controller{}/controller.toml", i + 1));
-        let text = fs::read_to_string(&conf)?;
-        fs::write(&conf, format!("{lines}\n{text}"))?;
-        self.kill_controller_at(i);
-        self.start_other_controller(i)?;
-        self.wait_connected(self.hosts.len())
-    }
-
     /// Puts `lines` at the top of controller.toml, restarts the controller
     /// and waits until every host is connected again.
     pub fn reconfigure_controller(&mut self, lines: &str) -> Result<()> {
-        let conf = self.dir.path().join("controller/controller.toml");
+        self.reconfigure_controller_at(0, lines)
+    }
+
+    /// The same for controller `i + 1` of a cluster (0: c1).
+    pub fn reconfigure_controller_at(&mut self, i: usize, lines: &str) -> Result<()> {
+        let conf = self.controller_dir(i).join("controller.toml");
         let text = fs::read_to_string(&conf)?;
         fs::write(&conf, format!("{lines}\n{text}"))?;
-        self.kill_controller();
-        self.start_controller()?;
+        self.kill_controller_at(i);
+        match i {
+            0 => self.start_controller()?,
+            i => self.start_other_controller(i)?,
+        }
         self.wait_connected(self.hosts.len())
     }
 
     /// Kills the controller (SIGKILL) and waits for it.
     pub fn kill_controller(&mut self) {
-        if let Some(mut c) = self.controller.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.kill_controller_at(0)
     }
 
     fn dump_diagnostics(&self) {

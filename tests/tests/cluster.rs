@@ -206,7 +206,7 @@ fn the_controller_driving_a_rollout_is_killed_and_another_finishes_it() -> Resul
 /// however far its own timers ran while it was stopped.
 #[test]
 fn a_controller_paused_past_its_lease_acts_on_the_rollout_no_more() -> Result<()> {
-    let bed = Testbed::boot_cluster(4, 2)?;
+    let mut bed = Testbed::boot_cluster(4, 2)?;
     eventually("four sessions over two controllers", Duration::from_secs(30), || {
         let s = spread(&bed)?;
         Ok(s.len() == 2 && s.iter().map(|(_, n)| n).sum::<usize>() == 4)
@@ -346,7 +346,7 @@ fn a_token_made_through_one_controller_enrolls_a_host_through_another() -> Resul
     // Certificates signed by a controller live 30 s, so renewal is seen.
     let lines = format!("ca_key = \"{}/ca.key\"\nagent_cert_validity = \"30s\"", pki.display());
     bed.reconfigure_controller(&lines)?;
-    bed.reconfigure_other_controller(1, &lines)?;
+    bed.reconfigure_controller_at(1, &lines)?;
     let pki_s = pki.to_str().unwrap();
     bed.convoy_ok(&["pki", "issue", "operator", "root", "--role", "admin", "--dir", pki_s])?;
     let (c1, c2) = (bed.controller_urls()[0].clone(), bed.controller_urls()[1].clone());

@@ -485,18 +485,14 @@ impl OperatorService for OperatorApi {
         let r = req.into_inner();
         let action: Action = r.action.parse().map_err(Status::invalid_argument)?;
         // A rollout another controller drives: the action goes to it.
-        if !self.shared.engine.drives(&r.rollout_id) {
-            if let Some(relay) = self.shared.registry.relay() {
-                if let Some(owner) = relay.owner_elsewhere(&r.rollout_id).await.map_err(internal)? {
-                    let answer = relay
-                        .ask_control(&owner, &r.rollout_id, &r.action, &id.to_string())
-                        .await
-                        .map_err(internal)?;
-                    return Ok(Response::new(ControlReply {
-                        state: answer.into_result()?,
-                    }));
-                }
-            }
+        if let Some((relay, owner)) = self.driven_elsewhere(&r.rollout_id).await? {
+            let answer = relay
+                .ask_control(&owner, &r.rollout_id, &r.action, &id.to_string())
+                .await
+                .map_err(internal)?;
+            return Ok(Response::new(ControlReply {
+                state: answer.into_result()?,
+            }));
         }
         let state = self
             .shared
@@ -510,22 +506,18 @@ impl OperatorService for OperatorApi {
         operator(&req, Role::Viewer, "watch rollouts")?;
         let id = req.into_inner().rollout_id;
         // Events reach only the controller that drives the rollout.
-        if !self.shared.engine.drives(&id) {
-            if let Some(relay) = self.shared.registry.relay() {
-                if let Some(owner) = relay.owner_elsewhere(&id).await.map_err(internal)? {
-                    let address = relay
-                        .db
-                        .controllers()
-                        .await
-                        .map_err(internal)?
-                        .into_iter()
-                        .find(|c| c.name == owner)
-                        .map_or_else(|| "address unknown".to_owned(), |c| c.address);
-                    return Err(Status::failed_precondition(format!(
-                        "rollout {id} is driven by controller {owner} ({address}); watch it through that controller"
-                    )));
-                }
-            }
+        if let Some((relay, owner)) = self.driven_elsewhere(&id).await? {
+            let address = relay
+                .db
+                .controllers()
+                .await
+                .map_err(internal)?
+                .into_iter()
+                .find(|c| c.name == owner)
+                .map_or_else(|| "address unknown".to_owned(), |c| c.address);
+            return Err(Status::failed_precondition(format!(
+                "rollout {id} is driven by controller {owner} ({address}); watch it through that controller"
+            )));
         }
         let rx = self.shared.engine.watch(&id).await?;
         // The plan first, as `deploy` sees it, then what happens from now.
@@ -831,6 +823,22 @@ fn config_status(e: crate::appconfig::ConfigError) -> Status {
 }
 
 impl OperatorApi {
+    /// The relay and the controller that drives rollout `id`, when it is
+    /// running and driven by another controller than this one.
+    async fn driven_elsewhere(&self, id: &str) -> Result<Option<(&Arc<super::relay::Relay>, String)>, Status> {
+        if self.shared.engine.drives(id) {
+            return Ok(None);
+        }
+        let Some(relay) = self.shared.registry.relay() else {
+            return Ok(None);
+        };
+        Ok(relay
+            .owner_elsewhere(id)
+            .await
+            .map_err(internal)?
+            .map(|owner| (relay, owner)))
+    }
+
     /// An app with a spec, and one of its environments.
     fn config_env(&self, app: &str, env: &str) -> Result<convoy_common::AppName, Status> {
         let app = convoy_common::AppName::new(app.to_owned()).map_err(|e| Status::invalid_argument(e.to_string()))?;

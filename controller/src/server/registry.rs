@@ -159,7 +159,6 @@ impl Registry {
         })
     }
 
-    /// Counts artifact bytes streamed to a host.
     /// Counts bytes streamed to `host` (artifacts, manifests, contents),
     /// for its egress and the controller's metric.
     pub fn count_sent(&self, host: &HostName, bytes: u64) {

@@ -331,12 +331,10 @@ impl Relay {
         let sent = self.send_to(owner, "control", &key, "", body).await;
         let answer = match sent {
             Ok(()) => tokio::time::timeout(CONTROL_WAIT, rx).await.ok().and_then(Result::ok),
-            Err(e) => {
-                self.asked.lock().unwrap().remove(&key);
-                return Err(e);
-            }
+            Err(_) => None,
         };
         self.asked.lock().unwrap().remove(&key);
+        sent?;
         Ok(answer.unwrap_or_else(|| ControlAnswer {
             code: tonic::Code::Unavailable as i32,
             message: format!(
