@@ -59,14 +59,14 @@ impl Engine {
     }
 
     /// Stops driving a rollout another controller took over: its task
-    /// ends where it is, recording nothing more. Whether it had a task.
-    pub(super) fn lost(&self, id: &str) -> bool {
+    /// ends where it is, recording nothing more.
+    pub(super) fn lost(&self, id: &str) {
         let live = self.live.lock().unwrap().remove(id);
         self.running.lock().unwrap().retain(|_, r| r != id);
-        let Some(l) = live else { return false };
-        l.stop.cancel();
-        tracing::warn!(rollout = %id, "another controller took this rollout over; this controller stopped driving it");
-        true
+        if let Some(l) = live {
+            l.stop.cancel();
+            tracing::warn!(rollout = %id, "another controller took this rollout over; this controller stopped driving it");
+        }
     }
 
     /// Goes on with rollout `id`, whose lease this controller just took at

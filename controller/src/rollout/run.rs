@@ -1193,11 +1193,10 @@ where
             }
             Err(e) if e.is_fenced() => {
                 tracing::warn!(%rollout, error = %e, "could not {what}");
-                if engine.lost(rollout) {
-                    // The task is cancelled: it ends at this await.
-                    std::future::pending::<()>().await;
-                }
-                return;
+                // The task is cancelled (now, or already by the lease
+                // round): it ends at this await, before any further step.
+                engine.lost(rollout);
+                std::future::pending::<()>().await;
             }
             Err(e) => {
                 tracing::error!(%rollout, error = %e, "could not {what}");
