@@ -221,12 +221,20 @@ fn a_controller_paused_past_its_lease_acts_on_the_rollout_no_more() -> Result<()
     let lines = line_feed(&mut child);
     let mut seen = Vec::new();
     let id = rollout_id(&wait_line(&lines, "rollout ", &mut seen)?);
+    // The canary's host, not a pre-staging result, which reads alike.
+    wait_line(&lines, "-- batch 1/", &mut seen)?;
     wait_line(&lines, "=> succeeded", &mut seen)?;
     bed.signal_controller_at(0, "STOP")?;
     let stopped = Instant::now();
 
     eventually("c2 takes the rollout over", Duration::from_secs(30), || {
         Ok(bed.controller_log_at(1).contains("resuming a rollout"))
+    })
+    .inspect_err(|_| {
+        for c in 0..2 {
+            eprintln!("── c{} ──\n{}", c + 1, bed.controller_log_at(c));
+        }
+        eprintln!("── deploy ──\n{}", seen.join("\n"));
     })?;
     eprintln!("taken over {:.1}s after c1 stopped", stopped.elapsed().as_secs_f64());
     // c1's kernel still completes TCP: the CLI gives up on its silence
