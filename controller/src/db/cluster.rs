@@ -165,8 +165,8 @@ impl Db {
                 &format!(
                     "SELECT r.id, l.owner, l.epoch, l.expires_at_ms - {now} FROM rollouts r
                      LEFT JOIN leases l ON l.rollout_id = r.id
-                     WHERE r.state IN ('running', 'paused', 'awaiting_approval', 'awaiting_promotion')
-                     ORDER BY r.started_at_ms"
+                     WHERE r.state IN ({}) ORDER BY r.started_at_ms",
+                    super::live_states_sql()
                 ),
                 &[],
             )

@@ -26,6 +26,15 @@ pub use sql::{Conn, Row, Tx, Value};
 /// stops renewing loses its rollouts to another this long after.
 pub const LEASE_TTL_MS: i64 = 10_000;
 
+/// The states of a rollout that has not ended: the controller holding its
+/// lease drives it, and another takes it over when that one stops.
+pub const LIVE_STATES: [&str; 5] = ["running", "paused", "awaiting_approval", "awaiting_promotion", "frozen"];
+
+/// `LIVE_STATES` as an SQL list, for `state IN (...)`.
+fn live_states_sql() -> String {
+    LIVE_STATES.map(|s| format!("'{s}'")).join(", ")
+}
+
 pub struct Db {
     engine: sql::Engine,
     /// This controller's name: the owner of the leases it takes.
@@ -650,7 +659,8 @@ impl Db {
     pub async fn running_rollouts(&self) -> Result<Vec<(RolloutRow, String)>, DbError> {
         self.query(
             &format!(
-                "SELECT {ROLLOUT_COLUMNS}, plan FROM rollouts WHERE state IN ('running', 'paused', 'awaiting_approval', 'awaiting_promotion') ORDER BY started_at_ms"
+                "SELECT {ROLLOUT_COLUMNS}, plan FROM rollouts WHERE state IN ({}) ORDER BY started_at_ms",
+                live_states_sql()
             ),
             &[],
         )

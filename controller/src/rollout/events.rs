@@ -69,8 +69,7 @@ pub enum Verdict {
     Cancelled,
 }
 
-/// The states a running rollout is in, as the store and history show them.
-pub const LIVE_STATES: [&str; 5] = ["running", "paused", "awaiting_approval", "awaiting_promotion", "frozen"];
+pub use crate::db::LIVE_STATES;
 /// Every state a rollout can be in: the live ones, then how it ended
 /// (`Verdict::state`).
 pub const STATES: [&str; 9] = [

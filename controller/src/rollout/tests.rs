@@ -888,6 +888,48 @@ async fn paused_and_awaiting_approval_rollouts_survive_a_controller_restart() {
     assert_eq!(b.db.rollout(&id).await.unwrap().unwrap().approved_by, "operator:carol");
 }
 
+/// A rollout held by a freeze is as alive as a paused one: a controller
+/// that starts (or takes its lease over) drives it on once the freeze
+/// lifts. It used to be left "frozen" for ever.
+#[tokio::test(start_paused = true)]
+async fn a_rollout_held_by_a_freeze_survives_a_controller_restart() {
+    let b = bed(&WEB4[..2], "").await;
+    b.fleet.answer("web1", OpKind::Activate, Answer::Hold);
+    let rx = b.engine.start_deploy("operator:alice", order()).await.unwrap();
+    let id = rx_id(&b, &rx).await;
+    while b.fleet.sent_of(OpKind::Activate).is_empty() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    b.engine
+        .freeze("operator:root", "staging", "incident 4711", None)
+        .await
+        .unwrap();
+    b.fleet.release("web1", OpKind::Activate);
+    wait_state(&b.db, &id, "frozen").await;
+    b.stop.cancel();
+    drop(rx);
+    while !b.db.held().is_empty() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let fleet = TestFleet::with_hosts(&WEB4[..2]);
+    let engine = engine_on(&b.dir, fleet.clone(), b.db.clone(), CancellationToken::new(), None);
+    // As a controller starts: the freezes first, then the leases.
+    engine.load_freezes().await.unwrap();
+    engine.keep_leases().await;
+    let rx = engine.watch(&id).await.expect("a frozen rollout is resumed");
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(b.db.rollout(&id).await.unwrap().unwrap().state, "frozen");
+    assert!(fleet.sent().is_empty(), "nothing moves while frozen");
+    engine.unfreeze("operator:root", "staging").await.unwrap();
+    let (_, done) = finish(rx).await;
+    assert_eq!(done.verdict, Verdict::Succeeded);
+    assert_eq!(
+        fleet.sent_of(OpKind::Activate),
+        ["web2"],
+        "web1's activation is not sent again"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn one_rollout_at_a_time_per_app_and_environment() {
     let b = bed(&WEB4[..1], "").await;
