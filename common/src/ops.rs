@@ -148,6 +148,13 @@ impl AppStatus {
             slots: vec![],
         }
     }
+
+    /// Whether this tells nothing about the app: a result that carries no
+    /// state (an older agent's answer to a repeated command) is not news
+    /// that the host holds nothing.
+    pub fn says_nothing(&self) -> bool {
+        *self == AppStatus::empty(&self.app)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

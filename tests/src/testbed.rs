@@ -235,10 +235,20 @@ impl Host {
     /// Restarts the agent with the failpoint `name` armed (see
     /// agent/src/crash.rs), or with none.
     pub fn set_failpoint(&self, name: Option<&str>) -> Result<()> {
+        self.arm_failpoints(name.map(|n| format!("{n}=return")))
+    }
+
+    /// `set_failpoint` with the `fail` crate's action for the point, e.g.
+    /// `1*off->return` to pass it once and kill the agent the second time.
+    pub fn set_failpoint_action(&self, name: &str, action: &str) -> Result<()> {
+        self.arm_failpoints(Some(format!("{name}={action}")))
+    }
+
+    fn arm_failpoints(&self, failpoints: Option<String>) -> Result<()> {
         let dropin = "/run/systemd/system/convoy-agent.service.d";
-        let script = match name {
-            Some(n) => format!(
-                "mkdir -p {dropin} && printf '[Service]\\nEnvironment=FAILPOINTS={n}=return\\n' > {dropin}/failpoint.conf"
+        let script = match failpoints {
+            Some(f) => format!(
+                "mkdir -p {dropin} && printf '[Service]\\nEnvironment=\"FAILPOINTS={f}\"\\n' > {dropin}/failpoint.conf"
             ),
             None => format!("rm -f {dropin}/failpoint.conf"),
         };
@@ -1104,7 +1114,7 @@ impl Testbed {
     }
 
     fn dump_diagnostics(&self) {
-        eprintln!("──── controller log ────\n{}", tail(&self.controller_log(), 80));
+        eprintln!("──── controller log ────\n{}", tail(&self.controller_log(), 200));
         if let Some(p) = &self.prometheus {
             eprintln!("──── prometheus log ────\n{}", tail(&p.log(), 20));
         }
@@ -1113,7 +1123,7 @@ impl Testbed {
                 "journalctl",
                 "--no-pager",
                 "-n",
-                "60",
+                "150",
                 "-u",
                 "convoy-agent",
                 "-u",

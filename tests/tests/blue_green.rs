@@ -502,3 +502,35 @@ fn kill_agent_at_random_instants_during_blue_green_deploys() -> Result<()> {
     assert!(injections >= 20);
     Ok(())
 }
+
+/// The agent killed after it journaled a slot's readiness and before it
+/// reported it: when the agent is back, the controller sends the command
+/// again, the agent answers from its journal with the slots as they are,
+/// and traffic switches to the ready slot. (An answer without the app's
+/// state once failed such a host: "reports no slot ready".)
+#[test]
+fn an_agent_killed_between_journaling_and_reporting_a_ready_slot_still_switches() -> Result<()> {
+    let bed = Testbed::boot(1)?;
+    let haproxy = bed.start_haproxy_slots(BLUE, GREEN)?;
+    bed.set_spec(&spec(&haproxy.api.to_string(), "10m"))?;
+    bed.push_demo_release("1.0.0", SERVICE)?;
+    bed.deploy_everywhere("1.0.0")?;
+    bed.push_demo_release("2.0.0", SERVICE)?;
+    let h = &bed.hosts[0];
+    assert_eq!(check_one_live(&bed, &haproxy, h)?, "blue 1.0.0");
+    // The first result journaled is pre-staging's, the second the slot's.
+    h.set_failpoint_action("result-journaled", "1*off->return")?;
+    bed.wait_host_connected(&h.name)?;
+    let out = bed.convoy(&["deploy", "demo", "2.0.0", "--env", "staging"])?;
+    assert!(h.failpoint_fired("result-journaled"), "{}", out.stdout);
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    assert!(
+        bed.controller_log()
+            .contains("re-sending a command the host has not answered"),
+        "the agent was killed before it reported: the command went again"
+    );
+    let again = h.exec_ok(&["journalctl", "--no-pager", "-u", "convoy-agent"])?;
+    assert!(again.contains("operation already done; reporting its result again"));
+    assert_eq!(check_one_live(&bed, &haproxy, h)?, "green 2.0.0");
+    h.set_failpoint(None)
+}

@@ -342,8 +342,14 @@ pub fn rollback_command(store: &crate::store::Store, cmd: &RollbackCommand) -> R
 /// its restart): report what happened again, without doing it again.
 fn answer_again(agent: &Agent, last: &OpReport) -> OpReport {
     tracing::info!(op_id = %last.op_id, "operation already done; reporting its result again");
-    agent.reporter.result(last);
-    last.clone()
+    // The journal keeps the result without the app's state (the journal
+    // is that state): the answer says how the app is now. An answer with
+    // no state would tell the controller the host holds nothing, no slot
+    // included, and a blue-green switch would find no ready slot.
+    let mut report = last.clone();
+    report.state = agent.store.status(&last.app).unwrap_or(report.state);
+    agent.reporter.result(&report);
+    report
 }
 
 /// What a failure before the switch leaves running.
@@ -548,6 +554,9 @@ fn finish(
     if let Err(e) = agent.store.save_journal(app, &j) {
         tracing::error!(%app, error = %e, "could not save journal");
     }
+    // Done and journaled, not yet reported: killed here, the agent answers
+    // the controller's repeated command from the journal (`answer_again`).
+    crash_point("result-journaled");
     report.state = agent.store.status(app).unwrap_or_else(|_| AppStatus::empty(app));
     agent.reporter.result(&report);
     report

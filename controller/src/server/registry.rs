@@ -251,7 +251,7 @@ impl Registry {
     pub fn update_apps(&self, name: &HostName, apps: Vec<AppStatus>) {
         let mut changed = false;
         if let Some(h) = self.hosts.lock().unwrap().get_mut(name) {
-            for a in apps {
+            for a in apps.into_iter().filter(|a| !a.says_nothing()) {
                 changed |= h.apps.get(&a.app) != Some(&a);
                 h.apps.insert(a.app.clone(), a);
             }
@@ -657,6 +657,20 @@ mod tests {
             apps.values().next().unwrap().current.as_ref().unwrap().as_str(),
             "2.0.0"
         );
+    }
+
+    #[tokio::test]
+    async fn a_result_without_the_apps_state_leaves_what_is_known() {
+        let reg = Registry::default();
+        let (tx, _rx) = mpsc::channel(1);
+        let op = OpId::new("r1", OpKind::Activate, &host("web1"));
+        let mut known = report(&op).state;
+        known.current = Some(Version::new("2.0.0").unwrap());
+        reg.connect(&host("web1"), BTreeMap::new(), vec![known.clone()], 1, tx);
+        let silent = AppStatus::empty(&known.app);
+        assert!(silent.says_nothing() && !known.says_nothing());
+        reg.update_apps(&host("web1"), vec![silent]);
+        assert_eq!(reg.hosts()[0].apps[&known.app], known);
     }
 
     #[tokio::test]
