@@ -26,6 +26,13 @@ pub use sql::{Conn, Row, Tx, Value};
 /// stops renewing loses its rollouts to another this long after.
 pub const LEASE_TTL_MS: i64 = 10_000;
 
+/// How long PostgreSQL keeps a transaction whose controller stopped
+/// talking in the middle of it (paused, or cut off): after this the
+/// server rolls it back and frees its locks, the lease row's among them,
+/// so a takeover never waits on a controller that is not running.
+/// Transactions here last milliseconds.
+pub const IDLE_IN_TRANSACTION: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The states of a rollout that has not ended: the controller holding its
 /// lease drives it, and another takes it over when that one stops.
 pub const LIVE_STATES: [&str; 5] = ["running", "paused", "awaiting_approval", "awaiting_promotion", "frozen"];
@@ -194,7 +201,15 @@ impl DbError {
         match e.as_db_error() {
             // Connection exceptions (08) and operator intervention (57:
             // the server shutting down, restarting): the database is away.
-            Some(db) if matches!(&db.code().code()[..2], "08" | "57") => DbError::Unavailable(db.message().to_owned()),
+            // A transaction the server ended after `IDLE_IN_TRANSACTION`
+            // (this controller was stopped in it) is rolled back: it is
+            // retried whole, as after a restart.
+            Some(db)
+                if matches!(&db.code().code()[..2], "08" | "57")
+                    || *db.code() == tokio_postgres::error::SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT =>
+            {
+                DbError::Unavailable(db.message().to_owned())
+            }
             Some(db) => DbError::Postgres(match db.detail() {
                 Some(d) => format!("{} ({d})", db.message()),
                 None => db.message().to_owned(),
@@ -1725,6 +1740,43 @@ mod tests {
             b.finish_rollout("r1", "succeeded", "").await.unwrap();
             assert!(b.held().is_empty() && b.leases().await.unwrap().is_empty(), "{what}");
         }
+    }
+
+    /// A controller stopped (SIGSTOP, a VM paused) in the middle of a
+    /// fenced write holds the lease row's lock: its transaction is ended
+    /// by the database after `IDLE_IN_TRANSACTION`, so the takeover goes
+    /// through instead of waiting for it for ever, and the stopped
+    /// controller's write fails when it runs again.
+    #[tokio::test]
+    async fn a_controller_stopped_inside_a_transaction_does_not_hold_its_lease_hostage() {
+        let pg = testing::postgres();
+        pg.create_database("hostage").unwrap();
+        let o = testing::options(&pg.url("hostage"));
+        let (a, b) = (
+            Db::connect(&o, "a").await.unwrap().0,
+            Db::connect(&o, "b").await.unwrap().0,
+        );
+        let app = AppName::new("demo").unwrap();
+        a.start_rollout(&testing::deploy("r1", &app, "staging")).await.unwrap();
+        // a's write has locked the lease row; then a stops.
+        let mut stopped = a.begin().await.unwrap();
+        a.fence(&mut stopped, "r1").await.unwrap();
+        let expired = "UPDATE leases SET expires_at_ms = 0 WHERE rollout_id = 'r1'";
+        let started = std::time::Instant::now();
+        // Without the bound, this waits as long as a is stopped.
+        tokio::time::timeout(IDLE_IN_TRANSACTION * 3, b.execute(expired, &[]))
+            .await
+            .expect("the stopped transaction is ended")
+            .unwrap();
+        assert!(started.elapsed() >= IDLE_IN_TRANSACTION / 2);
+        assert_eq!(b.take_over("r1", Some(1)).await.unwrap(), Some(2));
+        // a runs again: its transaction is gone, and its write with it.
+        let e = stopped
+            .execute("UPDATE rollouts SET state = 'paused' WHERE id = 'r1'", &[])
+            .await
+            .unwrap_err();
+        assert!(matches!(e, DbError::Unavailable(_)), "a write to retry: {e}");
+        assert_eq!(b.rollout("r1").await.unwrap().unwrap().state, "running");
     }
 
     #[tokio::test(flavor = "multi_thread")]

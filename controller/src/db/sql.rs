@@ -394,8 +394,18 @@ impl Conn {
     pub async fn begin(mut self) -> Result<Tx, DbError> {
         // SQLite: take the write lock now, so that a read-then-write
         // transaction cannot fail halfway on another writer.
-        let begin = if self.is_postgres() { "BEGIN" } else { "BEGIN IMMEDIATE" };
-        self.batch(begin).await?;
+        // PostgreSQL: the bound on a stopped controller's transaction
+        // (`IDLE_IN_TRANSACTION`); SET LOCAL lasts the transaction only, so
+        // it holds behind transaction-pooling proxies too.
+        let begin = if self.is_postgres() {
+            format!(
+                "BEGIN; SET LOCAL idle_in_transaction_session_timeout = {}",
+                super::IDLE_IN_TRANSACTION.as_millis()
+            )
+        } else {
+            "BEGIN IMMEDIATE".to_owned()
+        };
+        self.batch(&begin).await?;
         Ok(Tx { conn: Some(self) })
     }
 }
