@@ -694,6 +694,16 @@ impl Testbed {
         Ok(())
     }
 
+    /// Whether controller `i + 1` (0: c1) is stopped (SIGSTOP).
+    pub fn controller_is_stopped(&mut self, i: usize) -> bool {
+        let Some(pid) = self.controller_child(i).as_ref().map(Child::id) else {
+            return false;
+        };
+        // /proc/PID/stat: "PID (comm) STATE ..."; T is stopped.
+        fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|s| s.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('T')))
+    }
+
     /// Controller `i + 1`'s log (0: c1).
     pub fn controller_log_at(&self, i: usize) -> String {
         fs::read_to_string(self.controller_dir(i).join("controller.log")).unwrap_or_default()

@@ -204,6 +204,76 @@ fn the_controller_driving_a_rollout_is_killed_and_another_finishes_it() -> Resul
 /// loses its rollout to another, which finishes it. When it runs again it
 /// acts on the rollout no more: it sends no command and records nothing,
 /// however far its own timers ran while it was stopped.
+/// What rollout `id` has recorded: (events, host results).
+fn recorded_rows(bed: &Testbed, id: &str) -> Result<String> {
+    bed.postgres.as_ref().expect("on PostgreSQL").psql(
+        "convoy",
+        &format!(
+            "SELECT (SELECT count(*) FROM events WHERE rollout_id = '{id}'), \
+             (SELECT count(*) FROM rollout_hosts WHERE rollout_id = '{id}')"
+        ),
+    )
+}
+
+/// A controller stopped in the middle of a write for its rollout holds
+/// the lease row's lock (`FOR SHARE`). The database ends that transaction
+/// after 5 s, so another controller takes the rollout over within the
+/// lease bound all the same; when the stopped one runs again, its write is
+/// refused and it drives the rollout no more. (Without the bound the
+/// takeover waited for as long as the controller was stopped.)
+#[test]
+fn a_controller_stopped_inside_a_write_does_not_hold_up_the_takeover() -> Result<()> {
+    let mut bed = Testbed::boot_cluster(3, 2)?;
+    bed.push_demo("1.0.0", "healthy")?;
+    bed.deploy_everywhere("1.0.0")?;
+    bed.push_demo("2.0.0", "healthy")?;
+    // c1 again, now stopping itself in its first write for a rollout.
+    bed.controller_env
+        .push(("FAILPOINTS".into(), "stop-in-write=1*return".into()));
+    bed.reconfigure_controller_at(0, "")?;
+    let c1 = bed.controller_urls()[0].clone();
+    let mut child = bed.convoy_spawn_at(&c1, &["deploy", "demo", "2.0.0", "--env", "staging"])?;
+    eventually("c1 stops inside a write", Duration::from_secs(60), || {
+        Ok(bed.controller_is_stopped(0))
+    })?;
+    let stopped = Instant::now();
+    let pg = bed.postgres.as_ref().expect("on PostgreSQL");
+    let id = pg.psql("convoy", "SELECT id FROM rollouts WHERE version = '2.0.0'")?;
+    let id = id.trim().to_owned();
+    let open = pg.psql(
+        "convoy",
+        "SELECT count(DISTINCT pid) FROM pg_locks l JOIN pg_stat_activity a USING (pid) \
+         WHERE a.state = 'idle in transaction' AND l.relation = 'leases'::regclass",
+    )?;
+    // Its other writes in flight stopped with it: one transaction or more.
+    assert!(open.trim().parse::<u32>()? >= 1, "c1's transaction holds the lease row");
+
+    eventually("c2 takes the rollout over", Duration::from_secs(30), || {
+        Ok(bed.controller_log_at(1).contains("resuming a rollout"))
+    })?;
+    eprintln!(
+        "taken over {:.1}s after c1 stopped inside a write",
+        stopped.elapsed().as_secs_f64()
+    );
+    assert_eq!(end_state(&bed, &id)?, "succeeded", "c2 finished it");
+    assert_eq!(bed.serving(), ["2.0.0"; 3]);
+    let rows_before = recorded_rows(&bed, &id)?;
+
+    bed.signal_controller_at(0, "CONT")?;
+    eventually("c1 learns it lost the rollout", Duration::from_secs(30), || {
+        Ok(bed
+            .controller_log_at(0)
+            .contains("another controller took this rollout over"))
+    })?;
+    activated_once(&bed)?;
+    assert_eq!(recorded_rows(&bed, &id)?, rows_before, "c1 recorded nothing more");
+    let h = bed.history(&["--rollout", &id])?;
+    assert_eq!(h["rollouts"][0]["state"], "succeeded");
+    let _ = child.kill();
+    let _ = child.wait();
+    Ok(())
+}
+
 #[test]
 fn a_controller_paused_past_its_lease_acts_on_the_rollout_no_more() -> Result<()> {
     let mut bed = Testbed::boot_cluster(4, 2)?;
@@ -261,16 +331,7 @@ fn a_controller_paused_past_its_lease_acts_on_the_rollout_no_more() -> Result<()
     // c1's bake ended while it was stopped: running again, its rollout
     // would go on to the next stage at once, were it not fenced.
     assert!(stopped.elapsed() > Duration::from_secs(20), "c1's bake is over");
-    let rows = |bed: &Testbed| -> Result<String> {
-        bed.postgres.as_ref().unwrap().psql(
-            "convoy",
-            &format!(
-                "SELECT (SELECT count(*) FROM events WHERE rollout_id = '{id}'), \
-                 (SELECT count(*) FROM rollout_hosts WHERE rollout_id = '{id}')"
-            ),
-        )
-    };
-    let rows_before = rows(&bed)?;
+    let rows_before = recorded_rows(&bed, &id)?;
 
     bed.signal_controller_at(0, "CONT")?;
     eventually("c1 learns it lost the rollout", Duration::from_secs(20), || {
@@ -296,7 +357,11 @@ fn a_controller_paused_past_its_lease_acts_on_the_rollout_no_more() -> Result<()
     assert_eq!(bed.recorded_activations(&id)?, 4);
     let h = bed.history(&["--rollout", &id])?;
     assert_eq!(h["rollouts"][0]["state"], "succeeded", "c1 recorded no end of its own");
-    assert_eq!(rows(&bed)?, rows_before, "c1 recorded no event and no result");
+    assert_eq!(
+        recorded_rows(&bed, &id)?,
+        rows_before,
+        "c1 recorded no event and no result"
+    );
     let log = bed.controller_log_at(0);
     assert!(
         !log.contains(&format!("rollout finished rollout={id}")),

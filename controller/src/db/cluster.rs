@@ -55,6 +55,16 @@ pub struct Fence {
 /// lease, e.g. it was started by a convoy before leases).
 pub type Takeable = (String, Option<i64>);
 
+/// Test builds only: `FAILPOINTS=stop-in-write=1*return` stops this
+/// controller (SIGSTOP, as a frozen VM) in its first fenced write, with
+/// the lease row locked, to prove that no takeover waits for it.
+pub(super) fn stop_in_write() {
+    fail::fail_point!("stop-in-write", |_| {
+        tracing::warn!("failpoint: stopping the controller inside a write");
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGSTOP);
+    });
+}
+
 impl Db {
     /// Checks, inside `conn`'s transaction, that this controller still
     /// holds `rollout`'s lease at the epoch it took it with; on

@@ -316,6 +316,7 @@ impl Db {
         }
         let mut tx = self.begin().await?;
         self.fence(&mut tx, rollout).await?;
+        cluster::stop_in_write();
         let n = tx.execute(sql, params).await?;
         tx.commit().await?;
         Ok(n)
