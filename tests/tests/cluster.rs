@@ -215,6 +215,17 @@ fn recorded_rows(bed: &Testbed, id: &str) -> Result<String> {
     )
 }
 
+/// c1, stopped, runs again and learns that another controller took its
+/// rollout over.
+fn c1_runs_again_and_lets_go(bed: &mut Testbed) -> Result<()> {
+    bed.signal_controller_at(0, "CONT")?;
+    eventually("c1 learns it lost the rollout", Duration::from_secs(30), || {
+        Ok(bed
+            .controller_log_at(0)
+            .contains("another controller took this rollout over"))
+    })
+}
+
 /// A controller stopped in the middle of a write for its rollout holds
 /// the lease row's lock (`FOR SHARE`). The database ends that transaction
 /// after 5 s, so another controller takes the rollout over within the
@@ -259,12 +270,7 @@ fn a_controller_stopped_inside_a_write_does_not_hold_up_the_takeover() -> Result
     assert_eq!(bed.serving(), ["2.0.0"; 3]);
     let rows_before = recorded_rows(&bed, &id)?;
 
-    bed.signal_controller_at(0, "CONT")?;
-    eventually("c1 learns it lost the rollout", Duration::from_secs(30), || {
-        Ok(bed
-            .controller_log_at(0)
-            .contains("another controller took this rollout over"))
-    })?;
+    c1_runs_again_and_lets_go(&mut bed)?;
     activated_once(&bed)?;
     assert_eq!(recorded_rows(&bed, &id)?, rows_before, "c1 recorded nothing more");
     let h = bed.history(&["--rollout", &id])?;
@@ -333,12 +339,7 @@ fn a_controller_paused_past_its_lease_acts_on_the_rollout_no_more() -> Result<()
     assert!(stopped.elapsed() > Duration::from_secs(20), "c1's bake is over");
     let rows_before = recorded_rows(&bed, &id)?;
 
-    bed.signal_controller_at(0, "CONT")?;
-    eventually("c1 learns it lost the rollout", Duration::from_secs(20), || {
-        Ok(bed
-            .controller_log_at(0)
-            .contains("another controller took this rollout over"))
-    })?;
+    c1_runs_again_and_lets_go(&mut bed)?;
     // The deploy's CLI, following c1, saw its connection go silent and
     // said so (exit 5) instead of waiting forever.
     let mut ended = None;

@@ -562,6 +562,48 @@ async fn aborting_a_rollout_awaiting_approval_cancels_it_and_is_no_failed_change
     );
 }
 
+/// The controller of `b` stops and a new one starts on the same store
+/// with `hosts`, reading the freezes and then the leases as a starting
+/// controller does: it resumes rollout `id`. Its fleet, engine, and the
+/// resumed rollout's events.
+async fn restarted(
+    b: &Bed,
+    rx: broadcast::Receiver<Event>,
+    hosts: &[(&str, &[(&str, &str)])],
+    id: &str,
+) -> (Arc<TestFleet>, Arc<Engine>, broadcast::Receiver<Event>) {
+    b.stop.cancel();
+    drop(rx);
+    // Its rollout tasks end and let their leases' fences go.
+    while !b.db.held().is_empty() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let fleet = TestFleet::with_hosts(hosts);
+    let engine = engine_on(&b.dir, fleet.clone(), b.db.clone(), CancellationToken::new(), None);
+    engine.load_freezes().await.unwrap();
+    engine.keep_leases().await;
+    let rx = engine.watch(id).await.expect("resumed");
+    (fleet, engine, rx)
+}
+
+/// A deploy on two hosts whose first activation is under way when
+/// staging freezes: it waits, frozen, before its second batch.
+async fn frozen_mid_deploy(b: &Bed) -> (broadcast::Receiver<Event>, String) {
+    b.fleet.answer("web1", OpKind::Activate, Answer::Hold);
+    let rx = b.engine.start_deploy("operator:alice", order()).await.unwrap();
+    let id = rx_id(b, &rx).await;
+    while b.fleet.sent_of(OpKind::Activate).is_empty() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    b.engine
+        .freeze("operator:root", "staging", "incident 4711", None)
+        .await
+        .unwrap();
+    b.fleet.release("web1", OpKind::Activate);
+    wait_state(&b.db, &id, "frozen").await;
+    (rx, id)
+}
+
 async fn rx_id(b: &Bed, _rx: &broadcast::Receiver<Event>) -> String {
     b.db.running_rollouts()
         .await
@@ -830,16 +872,7 @@ async fn paused_and_awaiting_approval_rollouts_survive_a_controller_restart() {
     b.fleet.release("web1", OpKind::Activate);
     wait_state(&b.db, &id, "paused").await;
     // The controller stops; a new one on the same store resumes.
-    b.stop.cancel();
-    drop(rx);
-    // Its rollout tasks end and let their leases' fences go.
-    while !b.db.held().is_empty() {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let fleet = TestFleet::with_hosts(&WEB4[..2]);
-    let engine = engine_on(&b.dir, fleet.clone(), b.db.clone(), CancellationToken::new(), None);
-    engine.keep_leases().await;
-    let rx = engine.watch(&id).await.expect("resumed");
+    let (fleet, engine, rx) = restarted(&b, rx, &WEB4[..2], &id).await;
     tokio::time::sleep(Duration::from_secs(30)).await;
     assert_eq!(
         b.db.rollout(&id).await.unwrap().unwrap().state,
@@ -861,16 +894,7 @@ async fn paused_and_awaiting_approval_rollouts_survive_a_controller_restart() {
     let rx = b.engine.start_deploy("operator:alice", order()).await.unwrap();
     let id = rx_id(&b, &rx).await;
     wait_state(&b.db, &id, "awaiting_approval").await;
-    b.stop.cancel();
-    drop(rx);
-    // Its rollout tasks end and let their leases' fences go.
-    while !b.db.held().is_empty() {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let fleet = TestFleet::with_hosts(&WEB4[..1]);
-    let engine = engine_on(&b.dir, fleet.clone(), b.db.clone(), CancellationToken::new(), None);
-    engine.keep_leases().await;
-    let rx = engine.watch(&id).await.expect("resumed");
+    let (fleet, engine, rx) = restarted(&b, rx, &WEB4[..1], &id).await;
     tokio::time::sleep(Duration::from_secs(30)).await;
     assert_eq!(b.db.rollout(&id).await.unwrap().unwrap().state, "awaiting_approval");
     assert!(fleet.sent().is_empty());
@@ -894,29 +918,8 @@ async fn paused_and_awaiting_approval_rollouts_survive_a_controller_restart() {
 #[tokio::test(start_paused = true)]
 async fn a_rollout_held_by_a_freeze_survives_a_controller_restart() {
     let b = bed(&WEB4[..2], "").await;
-    b.fleet.answer("web1", OpKind::Activate, Answer::Hold);
-    let rx = b.engine.start_deploy("operator:alice", order()).await.unwrap();
-    let id = rx_id(&b, &rx).await;
-    while b.fleet.sent_of(OpKind::Activate).is_empty() {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    b.engine
-        .freeze("operator:root", "staging", "incident 4711", None)
-        .await
-        .unwrap();
-    b.fleet.release("web1", OpKind::Activate);
-    wait_state(&b.db, &id, "frozen").await;
-    b.stop.cancel();
-    drop(rx);
-    while !b.db.held().is_empty() {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let fleet = TestFleet::with_hosts(&WEB4[..2]);
-    let engine = engine_on(&b.dir, fleet.clone(), b.db.clone(), CancellationToken::new(), None);
-    // As a controller starts: the freezes first, then the leases.
-    engine.load_freezes().await.unwrap();
-    engine.keep_leases().await;
-    let rx = engine.watch(&id).await.expect("a frozen rollout is resumed");
+    let (rx, id) = frozen_mid_deploy(&b).await;
+    let (fleet, engine, rx) = restarted(&b, rx, &WEB4[..2], &id).await;
     tokio::time::sleep(Duration::from_secs(30)).await;
     assert_eq!(b.db.rollout(&id).await.unwrap().unwrap().state, "frozen");
     assert!(fleet.sent().is_empty(), "nothing moves while frozen");
@@ -1055,18 +1058,7 @@ async fn a_rollout_refused_at_pre_staging_changed_nothing() {
 async fn a_freeze_refuses_new_deploys_and_holds_running_ones_before_their_next_batch() {
     let b = bed(&[("web1", &[]), ("web2", &[]), ("web3", &[("env", "production")])], "").await;
     // A running rollout: web1's activation is under way when staging freezes.
-    b.fleet.answer("web1", OpKind::Activate, Answer::Hold);
-    let rx = b.engine.start_deploy("operator:alice", order()).await.unwrap();
-    let id = rx_id(&b, &rx).await;
-    while b.fleet.sent_of(OpKind::Activate).is_empty() {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    b.engine
-        .freeze("operator:root", "staging", "incident 4711", None)
-        .await
-        .unwrap();
-    b.fleet.release("web1", OpKind::Activate);
-    wait_state(&b.db, &id, "frozen").await;
+    let (rx, _) = frozen_mid_deploy(&b).await;
     tokio::time::sleep(Duration::from_secs(60)).await;
     assert_eq!(
         b.fleet.sent_of(OpKind::Activate),
