@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use convoy_tests::{Host, Testbed};
 
-/// Every step boundary of an activation (agent/src/activate.rs).
-const ACTIVATION_POINTS: [&str; 9] = [
+/// Every step boundary of an activation (agent/src/activate/), and the
+/// instant after its result is journaled and before it is reported.
+const ACTIVATION_POINTS: [&str; 10] = [
     "stage-begin",
     "after-fetch",
     "after-unpack",
@@ -22,7 +23,11 @@ const ACTIVATION_POINTS: [&str; 9] = [
     "after-restart",
     "after-check",
     "after-commit",
+    RESULT_JOURNALED,
 ];
+/// Reached by every result; pre-staging's comes first, so this point is
+/// armed to let one pass and kill at the activation's.
+const RESULT_JOURNALED: &str = "result-journaled";
 /// Step boundaries of a restore; reached by deploying an unhealthy release.
 const RESTORE_POINTS: [&str; 2] = ["restore-begin", "restore-after-switch"];
 const RANDOM_KILLS_PER_HOST: u64 = 6;
@@ -133,6 +138,7 @@ fn run_case(bed: &Testbed, host: &Host, env: &str, case: usize, kill: Kill) -> R
     let restore_case = matches!(kill, Kill::At(p) if RESTORE_POINTS.contains(&p));
     let target = if restore_case { BAD.to_owned() } else { fresh(case) };
     match kill {
+        Kill::At(RESULT_JOURNALED) => host.set_failpoint_action(RESULT_JOURNALED, "1*off->return")?,
         Kill::At(point) => host.set_failpoint(Some(point))?,
         Kill::AfterMs(_) => host.set_failpoint(None)?,
     }
