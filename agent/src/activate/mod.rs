@@ -347,7 +347,7 @@ fn answer_again(agent: &Agent, last: &OpReport) -> OpReport {
     // no state would tell the controller the host holds nothing, no slot
     // included, and a blue-green switch would find no ready slot.
     let mut report = last.clone();
-    report.state = agent.store.status(&last.app).unwrap_or(report.state);
+    report.state = state_now(&agent.store, &last.app);
     agent.reporter.result(&report);
     report
 }
@@ -503,7 +503,7 @@ pub fn refusal(
     version: Option<Version>,
     reason: String,
 ) -> OpReport {
-    let state = store.status(app).unwrap_or_else(|_| AppStatus::empty(app));
+    let state = state_now(store, app);
     OpReport {
         op_id: op_id.to_owned(),
         app: app.clone(),
@@ -557,7 +557,13 @@ fn finish(
     // Done and journaled, not yet reported: killed here, the agent answers
     // the controller's repeated command from the journal (`answer_again`).
     crash_point("result-journaled");
-    report.state = agent.store.status(app).unwrap_or_else(|_| AppStatus::empty(app));
+    report.state = state_now(&agent.store, app);
     agent.reporter.result(&report);
     report
+}
+
+/// The app's state as it is now, for a result: every result tells the
+/// controller what the host holds (empty if the journal cannot be read).
+fn state_now(store: &crate::store::Store, app: &AppName) -> AppStatus {
+    store.status(app).unwrap_or_else(|_| AppStatus::empty(app))
 }
