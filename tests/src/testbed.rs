@@ -301,7 +301,8 @@ pub struct Testbed {
     pub subnet: u8,
     pub hosts: Vec<Host>,
     controller: Option<Child>,
-    /// Extra environment for the controller process (e.g. FAILPOINTS).
+    /// Extra environment for the controller process (e.g. FAILPOINTS); c1
+    /// alone in a cluster.
     pub controller_env: Vec<(String, String)>,
     agent_extra: String,
     bins: PathBuf,
@@ -477,7 +478,7 @@ impl Testbed {
         self.convoy_ok(&["pki", "issue", "operator", "operator", "--dir", pki.to_str().unwrap()])?;
 
         // Controller
-        let cdir = self.dir.path().join("controller");
+        let cdir = self.controller_dir(0);
         fs::create_dir_all(cdir.join("apps"))?;
         // The environments in use come first, so the first needs no promotion.
         for e in (1..=n)
@@ -511,7 +512,7 @@ impl Testbed {
                 cdir.display()
             ));
             for i in 1..self.controllers {
-                let other = self.dir.path().join(format!("controller{}", i + 1));
+                let other = self.controller_dir(i);
                 fs::create_dir_all(&other)?;
                 fs::write(
                     other.join("controller.toml"),
@@ -535,9 +536,8 @@ impl Testbed {
                 p = pki.display()
             ),
         )?;
-        self.start_controller()?;
-        for i in 1..self.controllers {
-            self.start_other_controller(i)?;
+        for i in 0..self.controllers {
+            self.start_controller_at(i)?;
         }
 
         for i in 1..=n {
@@ -568,7 +568,7 @@ impl Testbed {
                 false => format!("{l}\n"),
             })
             .collect();
-        fs::write(self.dir.path().join("controller/apps/demo.toml"), spec)?;
+        fs::write(self.controller_dir(0).join("apps/demo.toml"), spec)?;
         Ok(())
     }
 
@@ -606,26 +606,7 @@ impl Testbed {
 
     /// Starts (or restarts) the controller process.
     pub fn start_controller(&mut self) -> Result<()> {
-        let cdir = self.dir.path().join("controller");
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(cdir.join("controller.log"))?;
-        let child = Command::new(self.bins.join("convoy"))
-            .args(["serve", "--config"])
-            .arg(cdir.join("controller.toml"))
-            .env("CONVOY_LOG", "info")
-            .envs(self.controller_env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()?;
-        self.controller = Some(child);
-        let addr = SocketAddr::from((self.controller_ip(), CONTROLLER_PORT));
-        wait_for("the controller to listen", Duration::from_secs(20), || {
-            TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()
-        })?;
-        Ok(())
+        self.start_controller_at(0)
     }
 
     /// Activation results recorded for rollout `id` in the controllers'
@@ -639,26 +620,31 @@ impl Testbed {
         Ok(n.trim().parse()?)
     }
 
-    /// Starts (or restarts) controller `i + 1` of a cluster (1 for c2).
-    pub fn start_other_controller(&mut self, i: usize) -> Result<()> {
+    /// Starts (or restarts) controller `i + 1` of a cluster (0: c1, the
+    /// controller of a bed with one) and waits until it listens.
+    pub fn start_controller_at(&mut self, i: usize) -> Result<()> {
         let dir = self.controller_dir(i);
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(dir.join("controller.log"))?;
+        let env = if i == 0 { &self.controller_env[..] } else { &[] };
         let child = Command::new(self.bins.join("convoy"))
             .args(["serve", "--config"])
             .arg(dir.join("controller.toml"))
             .env("CONVOY_LOG", "info")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()?;
-        self.others[i - 1] = Some(child);
+        *self.controller_child(i) = Some(child);
         let addr = SocketAddr::from((self.controller_ip(), CONTROLLER_PORT + i as u16));
-        wait_for("a controller to listen", Duration::from_secs(20), || {
-            TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()
-        })?;
+        wait_for(
+            &format!("controller c{} to listen", i + 1),
+            Duration::from_secs(20),
+            || TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok(),
+        )?;
         Ok(())
     }
 
@@ -1014,7 +1000,7 @@ impl Testbed {
 
     /// The controller's artifact store.
     pub fn artifact_path(&self, digest: &str) -> PathBuf {
-        self.dir.path().join("controller/data/artifacts").join(digest)
+        self.controller_dir(0).join("data/artifacts").join(digest)
     }
 
     /// `convoy history ARGS --output json`, parsed.
@@ -1068,7 +1054,7 @@ impl Testbed {
     }
 
     pub fn controller_log(&self) -> String {
-        fs::read_to_string(self.dir.path().join("controller/controller.log")).unwrap_or_default()
+        self.controller_log_at(0)
     }
 
     /// Points host `h`'s agent (0-based) at a config under
@@ -1111,10 +1097,7 @@ impl Testbed {
         let text = fs::read_to_string(&conf)?;
         fs::write(&conf, format!("{lines}\n{text}"))?;
         self.kill_controller_at(i);
-        match i {
-            0 => self.start_controller()?,
-            i => self.start_other_controller(i)?,
-        }
+        self.start_controller_at(i)?;
         self.wait_connected(self.hosts.len())
     }
 
