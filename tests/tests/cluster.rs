@@ -200,10 +200,6 @@ fn the_controller_driving_a_rollout_is_killed_and_another_finishes_it() -> Resul
     Ok(())
 }
 
-/// A controller paused past its lease (a frozen VM, a long GC pause)
-/// loses its rollout to another, which finishes it. When it runs again it
-/// acts on the rollout no more: it sends no command and records nothing,
-/// however far its own timers ran while it was stopped.
 /// What rollout `id` has recorded: (events, host results).
 fn recorded_rows(bed: &Testbed, id: &str) -> Result<String> {
     bed.postgres.as_ref().expect("on PostgreSQL").psql(
@@ -280,6 +276,10 @@ fn a_controller_stopped_inside_a_write_does_not_hold_up_the_takeover() -> Result
     Ok(())
 }
 
+/// A controller paused past its lease (a frozen VM, a long GC pause)
+/// loses its rollout to another, which finishes it. When it runs again it
+/// acts on the rollout no more: it sends no command and records nothing,
+/// however far its own timers ran while it was stopped.
 #[test]
 fn a_controller_paused_past_its_lease_acts_on_the_rollout_no_more() -> Result<()> {
     let mut bed = Testbed::boot_cluster(4, 2)?;
